@@ -1,0 +1,157 @@
+"""Load TOML / YAML / JSON config files into the typed dataclasses, with errors a person can act on.
+
+Every problem becomes one line ``<file>: <key.path>: <what was expected>``; all problems of a
+file are reported together. YAML is read with a safe loader only (configs are data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from pydantic import TypeAdapter, ValidationError
+
+from .schema import RUN_CONFIGS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(Exception):
+    """A config could not be loaded; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``5e-6`` as a float (YAML 1.1 wants ``5.0e-6``).
+
+    The seed configs write learning rates as ``5e-6``; plain PyYAML would hand the
+    strict schema a string and the user a confusing type error.
+    """
+
+
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$|" r"^[-+]?[0-9][0-9_]*\.[0-9_]*$|^[-+]?\.[0-9_]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML, YAML or JSON file into a dict; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"{path}: config file not found"])
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            data = yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - _SafeLoader derives from SafeLoader
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError([f"{path}: unknown config format '{suffix}'; expected .toml, .yaml, .yml or .json"])
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+        detail = " ".join(str(exc).split())
+        raise ConfigError([f"{path}: not valid {suffix[1:].upper()}: {detail}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}"])
+    return data
+
+
+def detect_trainer(data: Mapping[str, Any]) -> str:
+    """Guess the trainer from the sections present (the original configs carry no trainer key)."""
+    if "sft_training" in data:
+        return "sft"
+    if "beta_dpo" in data:
+        return "beta_dpo"
+    if "risk_test" in data or "beta_update" in data:
+        return "dynamic_beta_dpo"
+    return "dpo"
+
+
+def _field_names(cls) -> list[str]:
+    """Keys accepted by a config dataclass, by the names a file uses (aliases included)."""
+    names = []
+    for name, info in getattr(cls, "__pydantic_fields__", {}).items():
+        names.append(info.alias or name)
+    return names
+
+
+def _class_at(cls, loc: tuple) -> Any:
+    """The dataclass that holds the key at ``loc`` (for 'did you mean' suggestions)."""
+    for part in loc[:-1]:
+        fields = getattr(cls, "__pydantic_fields__", {})
+        info = next((f for n, f in fields.items() if (f.alias or n) == part), None)
+        if info is None:
+            return None
+        annotation = info.annotation
+        for candidate in (annotation, *typing.get_args(annotation)):
+            if dataclasses.is_dataclass(candidate):
+                cls = candidate
+                break
+        else:
+            return None
+    return cls
+
+
+def _describe(error: dict, root_cls) -> str:
+    loc = tuple(str(p) for p in error["loc"])
+    key = ".".join(loc) if loc else "<top level>"
+    kind = error["type"]
+    value = error.get("input")
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        holder = _class_at(root_cls, loc)
+        valid = _field_names(holder) if holder else []
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else (f"; valid keys: {', '.join(sorted(valid))}" if valid else "")
+        return f"{key}: unknown key{hint}"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    message = error["msg"]
+    if kind == "value_error":
+        message = message.removeprefix("Value error, ")
+        return f"{key}: {message}"
+    expected = message.removeprefix("Input should be ")
+    shown = repr(value) if not isinstance(value, (dict, list)) else "a " + ("table" if isinstance(value, dict) else "list")
+    return f"{key}: expected {expected}, got {shown} ({type(value).__name__})"
+
+
+def validate_mapping(data: Mapping[str, Any], trainer: str, source: str = "<config>"):
+    """Validate a dict against the trainer's schema; raise ConfigError listing every problem."""
+    if trainer not in RUN_CONFIGS:
+        raise ConfigError([f"{source}: unknown trainer '{trainer}'; expected one of {', '.join(RUN_CONFIGS)}"])
+    cls = RUN_CONFIGS[trainer]
+    try:
+        # JSON mode: strict scalars (no "16" -> 16) while nested sections may be plain tables.
+        return TypeAdapter(cls).validate_json(json.dumps(dict(data), default=str))
+    except ValidationError as exc:
+        problems = [f"{source}: {_describe(err, cls)}" for err in exc.errors()]
+        raise ConfigError(problems) from None
+
+
+def load_config(path: str | Path, trainer: str | None = None):
+    """Load and validate a trainer config file; ``trainer`` is detected from its sections if None."""
+    data = read_mapping(path)
+    return validate_mapping(data, trainer or detect_trainer(data), source=str(path))
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    """Plain-data form of a config, with the file's key names (``lambda``, not ``lambda_``)."""
+    return TypeAdapter(type(cfg)).dump_python(cfg, by_alias=True, mode="json")

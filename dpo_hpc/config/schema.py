@@ -1,0 +1,239 @@
+"""Typed configuration: one dataclass per section, with the original framework's keys.
+
+A trainer config file has the sections its trainer needs:
+
+- ``sft``: ``policy_name``, ``precision``, ``dataset``, ``sft_training``, ``deepspeed``.
+- ``dpo`` (fixed beta): ``policy_name``, ``ref_name``, ``precision``, ``dataset``, ``dpo_training``, ``deepspeed``.
+- ``dynamic_beta_dpo``: the DPO sections plus ``risk_test`` and ``beta_update``.
+- ``beta_dpo``: the DPO sections plus ``beta_dpo``.
+
+Every dataclass forbids unknown keys and is validated strictly (no silent coercion of
+``"16"`` to ``16``), so a misspelled or mistyped key is an error, never a default.
+No torch here: configs load on a login node in milliseconds.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.dataclasses import dataclass
+
+_STRICT = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(config=_STRICT, kw_only=True)
+class DatasetConfig:
+    dataset_name: str
+    """Hub dataset name (e.g. ``Anthropic/hh-rlhf``) or a local path: a JSON/JSONL/parquet file,
+    a folder of such files, or a folder written by ``Dataset.save_to_disk``."""
+    subset: str = "train"
+    """Split expression passed to ``datasets`` (``train``, ``train[:30%]``, ``test``)."""
+    val_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    """Fraction of the loaded rows held out for validation (0 disables evaluation)."""
+    seed: int = 42
+    """Seed of the train/validation split."""
+    max_length: int = Field(512, ge=8)
+    """Longest tokenized sequence (BOS + prompt + completion + EOS)."""
+    max_prompt_length: int = Field(256, ge=1)
+    """Prompts longer than this keep their last ``max_prompt_length`` tokens."""
+
+    @model_validator(mode="after")
+    def _prompt_shorter_than_sequence(self):
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be smaller than "
+                f"max_length ({self.max_length}) so that a completion fits"
+            )
+        return self
+
+
+@dataclass(config=_STRICT, kw_only=True)
+class DeepSpeedConfig:
+    zero_stage: int = Field(0, ge=0, le=3)
+    """ZeRO stage (0 = plain data parallel, 1 = optimizer states, 2 = + gradients, 3 = + parameters)."""
+    config_file: Optional[str] = None
+    """Optional DeepSpeed JSON config merged over the generated one; values ``"auto"`` are filled
+    from this file, explicit values that contradict it are an error."""
+
+
+@dataclass(config=_STRICT, kw_only=True)
+class TrainingConfig:
+    """Optimisation settings shared by every trainer."""
+
+    learning_rate: float = Field(gt=0.0)
+    """Peak learning rate of AdamW."""
+    batch_size: int = Field(ge=1)
+    """Micro-batch size per process (rows for SFT, preference pairs for DPO)."""
+    save_dir: str
+    """Run directory: resolved config, data report, TensorBoard events, checkpoints, final model."""
+    epochs: int = Field(1, ge=1)
+    """Passes over the training split (``max_steps`` overrides it)."""
+    max_steps: Optional[int] = Field(None, ge=1)
+    """Stop after this many optimizer steps."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step; global batch = batch_size x this x world size."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
+    """Decay after warmup: constant, linear to 0, or cosine to 0."""
+    warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear learning-rate warmup from 0."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW decoupled weight decay."""
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_epsilon: float = Field(1e-8, gt=0.0)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    """Gradient clipping threshold on the global norm (0 disables clipping)."""
+    seed: int = 42
+    """Seed of model-side randomness and of the data order."""
+    logging_steps: int = Field(10, ge=1)
+    """Print a progress line every this many optimizer steps (TensorBoard gets every step)."""
+    eval_steps: int = Field(0, ge=0)
+    """Evaluate every this many optimizer steps (0: only at the end)."""
+    eval_batch_size: Optional[int] = Field(None, ge=1)
+    """Micro-batch size for evaluation (defaults to batch_size)."""
+    save_steps: int = Field(0, ge=0)
+    """Write a resumable checkpoint every this many optimizer steps (0: none before the end)."""
+    save_total_limit: int = Field(2, ge=1)
+    """Checkpoints kept; older ones are removed only after a newer one is complete."""
+
+
+@dataclass(config=_STRICT, kw_only=True)
+class SFTTrainingConfig(TrainingConfig):
+    assistant_turns: Literal["all", "last"] = "all"
+    """Which assistant turns of a transcript carry the loss."""
+
+
+@dataclass(config=_STRICT, kw_only=True)
+class DPOTrainingConfig(TrainingConfig):
+    beta: Optional[float] = Field(None, gt=0.0)
+    """Fixed beta of plain DPO (default 0.1). Dynamic-Beta DPO and Beta-DPO take beta_0 from
+    their own sections instead, and refuse this key."""
+
+
+@dataclass(config=_STRICT, kw_only=True)
+class RiskTestConfig:
+    delta: float = Field(0.1, gt=0.0, lt=1.0)
+    """Target tail probability: tau tracks the (1 - delta)-quantile of the margins."""
+    lambda_: float = Field(0.1, gt=0.0, le=1.0, alias="lambda")
+    """EMA weight of the newest batch quantile in tau."""
+    beta_warmup: int = Field(120, ge=1)
+    """Updates spent collecting margins before tau_0 is fixed; beta is constant meanwhile."""
+
+
+@dataclass(config=_STRICT, kw_only=True)
+class BetaUpdateConfig:
+    beta_0: float = Field(0.1, gt=0.0)
+    """Initial beta."""
+    alpha: float = Field(0.005, ge=0.0)
+    """Largest change of log(beta) per update."""
+    gamma: float = Field(2.0, gt=0.0)
+    """Gain inside tanh."""
+    beta_min: float = Field(0.0, ge=0.0)
+    beta_max: float = Field(2.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _beta_0_within_bounds(self):
+        if not self.beta_min <= self.beta_0 <= self.beta_max:
+            raise ValueError(
+                f"need beta_min <= beta_0 <= beta_max, got {self.beta_min} <= {self.beta_0} <= {self.beta_max}"
+            )
+        return self
+
+
+@dataclass(config=_STRICT, kw_only=True)
+class BetaDPOSectionConfig:
+    beta_0: float = Field(0.1, gt=0.0)
+    """Base beta."""
+    m: float = Field(0.9, ge=0.0, lt=1.0)
+    """EMA momentum of the gap mean and standard deviation."""
+    rho: float = Field(0.8, gt=0.0, le=1.0)
+    """Keep ratio of the Gaussian-weighted data filter."""
+    alpha: float = Field(0.6, ge=0.0)
+    """Scale of the batch-level beta adjustment."""
+    min_beta: float = Field(0.001, gt=0.0)
+    """Lower clamp of the batch beta."""
+
+
+@dataclass(config=_STRICT, kw_only=True)
+class SFTRunConfig:
+    """``train-sft`` / ``dpo-hpc train sft``."""
+
+    policy_name: str
+    """Hub id or local folder of the model to fine-tune."""
+    dataset: DatasetConfig
+    sft_training: SFTTrainingConfig
+    precision: Precision = "fp32"
+    """Training precision: fp32, bf16 (mixed, CPU and GPU) or fp16 (GPU only)."""
+    tokenizer_name: Optional[str] = None
+    """Tokenizer to load (defaults to policy_name)."""
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+
+    @property
+    def training(self) -> SFTTrainingConfig:
+        return self.sft_training
+
+
+@dataclass(config=_STRICT, kw_only=True)
+class DPORunConfig:
+    """``dpo-hpc train dpo``: DPO with a fixed beta."""
+
+    policy_name: str
+    """Hub id or local folder of the policy (usually the SFT result)."""
+    dataset: DatasetConfig
+    dpo_training: DPOTrainingConfig
+    ref_name: Optional[str] = None
+    """Frozen reference model (defaults to policy_name)."""
+    precision: Precision = "fp32"
+    """Training precision: fp32, bf16 (mixed, CPU and GPU) or fp16 (GPU only)."""
+    tokenizer_name: Optional[str] = None
+    """Tokenizer to load (defaults to policy_name)."""
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+
+    @property
+    def training(self) -> DPOTrainingConfig:
+        return self.dpo_training
+
+    @property
+    def beta(self) -> float:
+        return 0.1 if self.dpo_training.beta is None else self.dpo_training.beta
+
+
+def _refuse_fixed_beta(cfg, section: str):
+    if cfg.dpo_training.beta is not None:
+        raise ValueError(f"dpo_training.beta is for plain DPO; this trainer takes its initial beta from {section}.beta_0")
+    return cfg
+
+
+@dataclass(config=_STRICT, kw_only=True)
+class DynamicBetaDPORunConfig(DPORunConfig):
+    """``train-dpo`` / ``dpo-hpc train dynamic-beta-dpo``: beta steered by the margin risk test."""
+
+    risk_test: RiskTestConfig = Field(default_factory=RiskTestConfig)
+    beta_update: BetaUpdateConfig = Field(default_factory=BetaUpdateConfig)
+
+    @model_validator(mode="after")
+    def _no_fixed_beta(self):
+        return _refuse_fixed_beta(self, "beta_update")
+
+
+@dataclass(config=_STRICT, kw_only=True)
+class BetaDPORunConfig(DPORunConfig):
+    """``train-beta-dpo`` / ``dpo-hpc train beta-dpo``: per-batch beta and Gaussian data filtering."""
+
+    beta_dpo: BetaDPOSectionConfig = Field(default_factory=BetaDPOSectionConfig)
+
+    @model_validator(mode="after")
+    def _no_fixed_beta(self):
+        return _refuse_fixed_beta(self, "beta_dpo")
+
+
+RUN_CONFIGS = {
+    "sft": SFTRunConfig,
+    "dpo": DPORunConfig,
+    "dynamic_beta_dpo": DynamicBetaDPORunConfig,
+    "beta_dpo": BetaDPORunConfig,
+}
+"""Trainer name -> its config dataclass."""

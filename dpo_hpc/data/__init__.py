@@ -1,0 +1,1 @@
+"""Data: HH parsing, the verifiable task, tokenization, collation and loading."""

@@ -1,0 +1,143 @@
+"""Anthropic HH transcripts -> prompt/chosen/rejected pairs and SFT conversations (pure strings).
+
+A transcript is ``"\\n\\nHuman: ...\\n\\nAssistant: ...(\\n\\nHuman: ...\\n\\nAssistant: ...)*"``.
+The prompt is everything up to and including the LAST ``"\\n\\nAssistant:"``; a response keeps its
+leading space, which gives a clean token boundary after the colon. Rows that cannot be used are
+not silently lost: each parser returns a drop reason that the loader counts and reports.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+HUMAN = "\n\nHuman:"
+ASSISTANT = "\n\nAssistant:"
+_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+# Drop reasons, in the order the report lists them.
+MISSING_FIELD = "missing_field"
+NOT_STRING = "not_string"
+NO_ASSISTANT_TURN = "no_assistant_turn"
+PROMPT_MISMATCH = "rejected_prompt_mismatch"
+EMPTY_PROMPT = "empty_prompt"
+EMPTY_RESPONSE = "empty_response"
+IDENTICAL_RESPONSES = "identical_responses"
+TOO_LONG = "too_long_after_truncation"
+DROP_REASONS = (
+    MISSING_FIELD, NOT_STRING, NO_ASSISTANT_TURN, PROMPT_MISMATCH,
+    EMPTY_PROMPT, EMPTY_RESPONSE, IDENTICAL_RESPONSES, TOO_LONG,
+)
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # "human" or "assistant"
+    text: str  # as in the transcript: the assistant's text keeps its leading space
+
+
+def normalize_newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def split_prompt(transcript: str) -> Optional[tuple[str, str]]:
+    """(prompt ending in '\\n\\nAssistant:', response) or None if there is no assistant turn."""
+    cut = transcript.rfind(ASSISTANT)
+    if cut < 0:
+        return None
+    end = cut + len(ASSISTANT)
+    return transcript[:end], transcript[end:]
+
+
+def _check_strings(row: dict[str, Any], keys: tuple[str, ...]) -> Optional[str]:
+    for key in keys:
+        if row.get(key) is None:
+            return MISSING_FIELD
+    for key in keys:
+        if not isinstance(row[key], str):
+            return NOT_STRING
+    return None
+
+
+def parse_preference_row(row: dict[str, Any]) -> tuple[Optional[PreferencePair], Optional[str]]:
+    """One dataset row -> (pair, None) or (None, drop reason).
+
+    Accepts HH rows (full ``chosen``/``rejected`` transcripts) and rows that already carry a
+    ``prompt`` with ``chosen``/``rejected`` completions.
+    """
+    if "prompt" in row and row["prompt"] is not None:
+        problem = _check_strings(row, ("prompt", "chosen", "rejected"))
+        if problem:
+            return None, problem
+        prompt = normalize_newlines(row["prompt"])
+        chosen, rejected = normalize_newlines(row["chosen"]), normalize_newlines(row["rejected"])
+    else:
+        problem = _check_strings(row, ("chosen", "rejected"))
+        if problem:
+            return None, problem
+        chosen_text, rejected_text = normalize_newlines(row["chosen"]), normalize_newlines(row["rejected"])
+        split = split_prompt(chosen_text)
+        if split is None:
+            return None, NO_ASSISTANT_TURN
+        prompt, chosen = split
+        if not rejected_text.startswith(prompt):
+            return None, PROMPT_MISMATCH
+        rejected = rejected_text[len(prompt):]
+    if not prompt.strip():
+        return None, EMPTY_PROMPT
+    if not chosen.strip() or not rejected.strip():
+        return None, EMPTY_RESPONSE
+    if chosen == rejected:
+        return None, IDENTICAL_RESPONSES
+    return PreferencePair(prompt, chosen, rejected), None
+
+
+def parse_turns(transcript: str) -> list[Turn]:
+    """Split a transcript into turns; text before the first marker is ignored."""
+    transcript = normalize_newlines(transcript)
+    marks = list(_TURN.finditer(transcript))
+    turns = []
+    for i, mark in enumerate(marks):
+        end = marks[i + 1].start() if i + 1 < len(marks) else len(transcript)
+        turns.append(Turn(mark.group(1).lower(), transcript[mark.end():end]))
+    return turns
+
+
+def render_turns(turns: list[Turn]) -> str:
+    """Inverse of parse_turns for well-formed transcripts (HH's plain-text template)."""
+    return "".join((HUMAN if t.role == "human" else ASSISTANT) + t.text for t in turns)
+
+
+def parse_sft_row(row: dict[str, Any]) -> tuple[Optional[list[Turn]], Optional[str]]:
+    """A row's chosen conversation -> (turns ending in an assistant reply, None) or (None, reason).
+
+    Rows with ``prompt``/``chosen`` columns become prompt turns plus the chosen reply.
+    """
+    if "prompt" in row and row["prompt"] is not None:
+        problem = _check_strings(row, ("prompt", "chosen"))
+        if problem:
+            return None, problem
+        text = normalize_newlines(row["prompt"]) + normalize_newlines(row["chosen"])
+    else:
+        problem = _check_strings(row, ("chosen",))
+        if problem:
+            return None, problem
+        text = row["chosen"]
+    turns = parse_turns(text)
+    while turns and turns[-1].role != "assistant":
+        turns.pop()  # a trailing human turn has no reply to learn
+    if not turns:
+        return None, NO_ASSISTANT_TURN
+    if not any(t.role == "human" and t.text.strip() for t in turns):
+        return None, EMPTY_PROMPT
+    if not turns[-1].text.strip():
+        return None, EMPTY_RESPONSE
+    return turns, None

@@ -1,0 +1,104 @@
+"""Process-group setup for one process, torchrun, the deepspeed launcher or srun.
+
+Rank and world size come from RANK/WORLD_SIZE (torchrun, deepspeed) or SLURM_PROCID/SLURM_NTASKS
+(srun); a lone process gets a private loopback rendezvous. CPU uses gloo, CUDA nccl.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _export_env() -> DistEnv:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", rank))
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", 0))
+        env.setdefault("MASTER_ADDR", "127.0.0.1")  # the HPC layer sets the first node of the job
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 40000))
+    else:
+        rank, world, local = 0, 1, 0
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world), str(local)
+    return DistEnv(rank, local, world)
+
+
+def _skip_cpu_shm_build() -> None:
+    """DeepSpeed JIT-compiles a shared-memory allreduce op (~100 s of g++) on first CPU use.
+
+    It only speeds up CPU allreduce, which is not where CPU runs spend time. Set
+    DPO_HPC_DS_SHM=1 to keep it. ``deepspeed.comm.torch`` must be patched through sys.modules:
+    the attribute of that name on ``deepspeed.comm`` is the torch package.
+    """
+    if os.environ.get("DPO_HPC_DS_SHM") == "1":
+        return
+    import deepspeed.comm.torch  # noqa: F401
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def init_distributed() -> DistEnv:
+    """Initialise torch.distributed through DeepSpeed (idempotent); call on every rank."""
+    import torch
+
+    dist_env = _export_env()
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _skip_cpu_shm_build()
+    import deepspeed
+
+    if use_cuda:
+        torch.cuda.set_device(dist_env.local_rank)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+    return dist_env
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    """In-place SUM across ranks (no-op without a process group); returns the tensor."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def shutdown() -> None:
+    """Tear the process group down; avoids an abort at exit seen with gloo + ZeRO-3."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

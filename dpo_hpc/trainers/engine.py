@@ -1,0 +1,202 @@
+"""Models and the DeepSpeed engine: precision, ZeRO stage, AdamW, LR schedule, clipping."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..config import ConfigError, DeepSpeedConfig, TrainingConfig
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def check_precision(precision: str) -> None:
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError([f"precision: fp16 needs a CUDA GPU (none found); use fp32 or bf16 on CPU"])
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if not tokenizer.is_fast:
+        raise ValueError(f"tokenizer '{name}' is not a fast tokenizer; offsets for loss masks need one")
+    return tokenizer
+
+
+def load_causal_lm(name: str, precision: str, trainable: bool):
+    """A causal LM with dropout off (margins at step 0 must be exactly 0, spec pitfall P5)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32 if trainable else _DTYPES[precision])
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for attr in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(model.config, attr):
+            setattr(model.config, attr, 0.0)
+    model.config.use_cache = False
+    if not trainable:
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate at optimizer step s (0-based)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(1.0, progress)
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def deepspeed_config(
+    training: TrainingConfig, ds: DeepSpeedConfig, precision: str, world_size: int, source: str = "<config>"
+) -> dict[str, Any]:
+    """The DeepSpeed JSON config: generated from ours, merged with ``deepspeed.config_file``."""
+    generated: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": training.batch_size,
+        "gradient_accumulation_steps": training.gradient_accumulation_steps,
+        "train_batch_size": training.batch_size * training.gradient_accumulation_steps * world_size,
+        "gradient_clipping": training.max_grad_norm,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # our own progress lines replace DeepSpeed's
+        "wall_clock_breakdown": False,
+    }
+    if ds.config_file is None:
+        return generated
+    path = Path(ds.config_file)
+    if not path.is_file():
+        raise ConfigError([f"{source}: deepspeed.config_file: file not found: {path}"])
+    try:
+        user = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError([f"{path}: not valid JSON: {exc}"]) from None
+    problems: list[str] = []
+
+    def merge(ours: dict, theirs: dict, prefix: str) -> dict:
+        out = dict(ours)
+        for key, value in theirs.items():
+            if value == "auto":
+                continue
+            if isinstance(value, dict) and isinstance(ours.get(key), dict):
+                out[key] = merge(ours[key], value, f"{prefix}{key}.")
+            elif key in ours and ours[key] != value and not isinstance(ours[key], dict):
+                problems.append(
+                    f"{path}: {prefix}{key} = {value!r} contradicts the trainer config ({ours[key]!r}); "
+                    f"set it to \"auto\" or change the trainer config"
+                )
+            else:
+                out[key] = value
+        return out
+
+    merged = merge(generated, user, "")
+    for forbidden in ("optimizer", "scheduler"):
+        if forbidden in user:
+            problems.append(f"{path}: '{forbidden}' is set by dpo-hpc from the trainer config; remove it")
+    if problems:
+        raise ConfigError(problems)
+    return merged
+
+
+def build_engine(model, training: TrainingConfig, ds_cfg: dict, total_steps: int):
+    """DeepSpeed engine with AdamW (decay on matrices only) and the warmup + decay schedule."""
+    import deepspeed
+
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": training.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=training.learning_rate,
+        betas=(training.adam_beta1, training.adam_beta2),
+        eps=training.adam_epsilon,
+        foreach=False,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(training.lr_scheduler, training.warmup_steps, total_steps)
+    )
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
+    )
+    return engine, optimizer, scheduler
+
+
+def unclipped_grad_norm(engine) -> Optional[float]:
+    """Global gradient norm before clipping, for the one case DeepSpeed does not record it
+    (ZeRO-0 without mixed precision clips with torch and drops the norm). Call after the last
+    backward of an optimizer step and before its ``engine.step()``; gradients are reduced by then.
+    """
+    if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return None
+    grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return torch.stack(grads).norm().item() if grads else 0.0
+
+
+def prepare_reference(ref_model, ds_cfg: dict):
+    """Frozen reference: partitioned by DeepSpeed under ZeRO-3, otherwise a plain module on the device."""
+    if ds_cfg["zero_optimization"]["stage"] == 3:
+        import deepspeed
+
+        inference_cfg = {
+            "train_micro_batch_size_per_gpu": ds_cfg["train_micro_batch_size_per_gpu"],
+            "zero_optimization": {"stage": 3},
+            "bf16": ds_cfg["bf16"],
+            "fp16": ds_cfg["fp16"],
+        }
+        ref_engine, *_ = deepspeed.initialize(model=ref_model, config=inference_cfg)
+        ref_engine.eval()
+        return ref_engine
+    return ref_model.to(device())
+
+
+def save_final_model(engine, tokenizer, out_dir: Path, is_main: bool) -> None:
+    """save_pretrained model + tokenizer into out_dir (every rank calls: ZeRO-3 gathers weights).
+
+    Files are written aside and renamed in, so a crash never leaves a half-written model.
+    """
+    import os
+    import shutil
+
+    from ..fsutil import fsync_tree
+
+    if engine.zero_optimization_stage() == 3:
+        state_dict = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state_dict = engine.module.state_dict()
+    if not is_main:
+        return
+    staging = out_dir / ".final-model.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    module = engine.module
+    module.config.use_cache = True
+    module.save_pretrained(staging, state_dict={k: v.detach().cpu() for k, v in state_dict.items()})
+    tokenizer.save_pretrained(staging)
+    fsync_tree(staging)
+    for name in sorted(os.listdir(staging)):
+        os.replace(staging / name, out_dir / name)
+    staging.rmdir()
