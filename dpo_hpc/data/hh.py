@@ -91,7 +91,7 @@ def parse_preference_row(row: dict[str, Any]) -> tuple[Optional[PreferencePair],
         if not rejected_text.startswith(prompt):
             return None, PROMPT_MISMATCH
         rejected = rejected_text[len(prompt):]
-    if not prompt.strip():
+    if not _TURN.sub("", prompt).strip():
         return None, EMPTY_PROMPT
     if not chosen.strip() or not rejected.strip():
         return None, EMPTY_RESPONSE

@@ -30,7 +30,7 @@ def load_tokenizer(name: str):
 
     tokenizer = AutoTokenizer.from_pretrained(name)
     if not tokenizer.is_fast:
-        raise ValueError(f"tokenizer '{name}' is not a fast tokenizer; offsets for loss masks need one")
+        raise ConfigError([f"tokenizer '{name}' is not a fast tokenizer; SFT loss masks need its offsets"])
     return tokenizer
 
 

@@ -17,7 +17,7 @@ import torch
 
 from ..checkpoint import CheckpointError, CheckpointManager
 from ..config import to_dict
-from ..data.loading import eval_batch_indices, global_batch_indices, load_splits, report_lines, write_report
+from ..data.loading import DataError, eval_batch_indices, global_batch_indices, load_splits, report_lines, write_report
 from ..data.tokenize import SpecialTokens
 from ..run_dir import RunDir, config_hash
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
@@ -167,7 +167,7 @@ def train(cfg, trainer: str, log: Optional[Callable[[str], None]] = None) -> dic
     steps_per_epoch = len(train_set) // global_batch
     total_steps = training.max_steps or training.epochs * steps_per_epoch
     if steps_per_epoch == 0:
-        raise ValueError(f"the training split has {len(train_set)} rows, fewer than one global batch ({global_batch})")
+        raise DataError(f"the training split has {len(train_set)} rows, fewer than one global batch ({global_batch})")
     engine, _, scheduler = build_engine(model, training, ds_cfg, total_steps)
     dev = device()
 
@@ -190,8 +190,8 @@ def train(cfg, trainer: str, log: Optional[Callable[[str], None]] = None) -> dic
     if dist_env.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step drops events a preempted attempt wrote after its last checkpoint
-        writer = SummaryWriter(str(run.tensorboard), purge_step=start_step if start_step else None)
+        # Steps after the checkpoint are logged again; purge what an interrupted attempt wrote for them.
+        writer = SummaryWriter(str(run.tensorboard), purge_step=start_step + 1 if start_step else None)
     eval_batch = training.eval_batch_size or training.batch_size
     ckpt_state = {"config": to_dict(cfg), "trainer": trainer, "global_batch": global_batch}
     say(f"[{trainer}] {total_steps} steps of {global_batch} "

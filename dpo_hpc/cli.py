@@ -1,0 +1,170 @@
+"""Command lines: ``dpo-hpc`` and the original per-trainer commands.
+
+Only argument parsing and exit codes live here. Exit codes: 0 success, 2 bad input (config,
+data, usage; one line per problem, no traceback), 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from .config import RUN_CONFIGS, ConfigError, detect_trainer, read_mapping, to_dict, validate_mapping
+
+# CLI spelling -> schema name. `train-dpo` is the original framework's Dynamic-Beta DPO command.
+TRAINERS = {"sft": "sft", "dpo": "dpo", "dynamic-beta-dpo": "dynamic_beta_dpo", "beta-dpo": "beta_dpo"}
+
+
+def _parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise ConfigError([f"--set {text}: expected KEY.PATH=VALUE"])
+    key, raw = text.split("=", 1)
+    from .config.loader import tomllib
+
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word is a string
+    return key.strip().split("."), value
+
+
+def load_with_overrides(path: str, trainer: Optional[str], overrides: Sequence[str]):
+    data = read_mapping(path)
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"--set {text}: {key} is not a section"])
+        node[keys[-1]] = value
+    detected = detect_trainer(data)
+    try:
+        return validate_mapping(data, trainer or detected, source=path)
+    except ConfigError as exc:
+        if trainer and trainer != detected:
+            exc.problems.append(f"{path}: note: this file's sections look like a '{detected}' config, not '{trainer}'")
+        raise
+
+
+def _run_training(config: str, trainer: str, overrides: Sequence[str]) -> int:
+    cfg = load_with_overrides(config, trainer, overrides)
+    from .trainers.loop import shutdown, train
+
+    train(cfg, trainer)
+    shutdown()
+    return 0
+
+
+def _cmd_train(args) -> int:
+    return _run_training(args.config, TRAINERS[args.trainer], args.set)
+
+
+def _cmd_validate(args) -> int:
+    trainer = TRAINERS[args.trainer] if args.trainer else None
+    cfg = load_with_overrides(args.config, trainer, args.set)
+    resolved = {"trainer": trainer or detect_trainer(read_mapping(args.config)), **to_dict(cfg)}
+    print(json.dumps(resolved, indent=2))
+    print(f"{args.config}: valid", file=sys.stderr)
+    return 0
+
+
+def _cmd_make_tiny_model(args) -> int:
+    from .tiny_model import make_tiny_model
+
+    out = make_tiny_model(args.dir, seed=args.seed, hidden_size=args.hidden_size, num_layers=args.layers)
+    print(f"tiny model and tokenizer written to {out} (use policy_name = \"{out}\")")
+    return 0
+
+
+def _cmd_make_data(args) -> int:
+    from .data.verifiable import write_dataset
+
+    paths = write_dataset(args.dir, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
+                          label_noise=args.label_noise)
+    print(f"reversal preference data written: {paths['train']} (train, HH format), {paths['test']} (held-out prompts)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpo-hpc", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_args(p):
+        p.add_argument("--config", "-c", required=True, help="trainer config file (.toml, .yaml, .json)")
+        p.add_argument("--set", "-s", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="override a config value (TOML syntax), e.g. --set dpo_training.max_steps=10")
+
+    p = sub.add_parser("train", help="train with one trainer")
+    p.add_argument("trainer", choices=list(TRAINERS))
+    config_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("validate", help="print the resolved config, or every error in it")
+    p.add_argument("config")
+    p.add_argument("--trainer", choices=list(TRAINERS), help="schema to check against (default: from the sections)")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("make-tiny-model", help="write a tiny random Llama + byte tokenizer (offline)")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden-size", type=int, default=192)
+    p.add_argument("--layers", type=int, default=4)
+    p.set_defaults(func=_cmd_make_tiny_model)
+
+    p = sub.add_parser("make-data", help="write the verifiable reversal preference dataset")
+    p.add_argument("dir")
+    p.add_argument("--n-train", type=int, default=4000)
+    p.add_argument("--n-test", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label-noise", type=float, default=0.0, help="fraction of pairs with chosen/rejected swapped")
+    p.set_defaults(func=_cmd_make_data)
+    return parser
+
+
+def _guarded(func, *args) -> int:
+    from .checkpoint import CheckpointError
+    from .data.loading import DataError
+
+    try:
+        return func(*args)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except (DataError, CheckpointError, NotImplementedError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return _guarded(args.func, args)
+
+
+def _legacy(trainer: str, argv: Optional[Sequence[str]]) -> int:
+    parser = argparse.ArgumentParser(prog=f"train-{trainer.replace('_', '-')}")
+    parser.add_argument("--config", "-c", required=True)
+    parser.add_argument("--set", "-s", action="append", default=[], metavar="KEY.PATH=VALUE")
+    args = parser.parse_args(argv)
+    return _guarded(_run_training, args.config, trainer, args.set)
+
+
+def train_sft_main(argv: Optional[Sequence[str]] = None) -> int:
+    return _legacy("sft", argv)
+
+
+def train_dpo_main(argv: Optional[Sequence[str]] = None) -> int:
+    """The original ``train-dpo``: Dynamic-Beta DPO."""
+    return _legacy("dynamic_beta_dpo", argv)
+
+
+def train_beta_dpo_main(argv: Optional[Sequence[str]] = None) -> int:
+    return _legacy("beta_dpo", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

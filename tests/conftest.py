@@ -1,0 +1,54 @@
+"""Shared fixtures: an offline micro model and generated preference data (built once per session)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def hf_cache(tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("hf_datasets_cache")
+    os.environ["HF_DATASETS_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def micro_model(tmp_path_factory) -> Path:
+    """A 2-layer, width-64 Llama with the byte tokenizer: fast enough for many training tests."""
+    from dpo_hpc.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("micro_model"), seed=0, hidden_size=64, num_layers=2,
+                           num_heads=4, intermediate_size=128, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="session")
+def reverse_data(tmp_path_factory, hf_cache) -> Path:
+    from dpo_hpc.data.verifiable import write_dataset
+
+    out = tmp_path_factory.mktemp("reverse_data")
+    write_dataset(out, n_train=256, n_test=32, seed=0, label_noise=0.0)
+    return out / "train.jsonl"
+
+
+def run_config(tmp_path: Path, model: Path, data: Path, section: str, **training) -> dict:
+    """A small trainer config dict for the micro model."""
+    base = {
+        "policy_name": str(model),
+        "precision": "fp32",
+        "dataset": {"dataset_name": str(data), "val_ratio": 0.1, "max_length": 96, "max_prompt_length": 64},
+        section: {"learning_rate": 1e-3, "batch_size": 8, "max_steps": 4, "save_dir": str(tmp_path / "run"),
+                  "logging_steps": 1, **training},
+    }
+    return base

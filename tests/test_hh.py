@@ -1,0 +1,78 @@
+"""HH transcript parsing: prompt split, multi-turn, and every drop reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpo_hpc.data import hh
+from dpo_hpc.data.hh import PreferencePair, Turn, parse_preference_row, parse_sft_row, parse_turns, render_turns
+
+P = "\n\nHuman: Hi there\n\nAssistant:"
+
+
+def test_single_turn_split_keeps_leading_space():
+    pair, reason = parse_preference_row({"chosen": P + " Hello!", "rejected": P + " Go away."})
+    assert reason is None
+    assert pair == PreferencePair(P, " Hello!", " Go away.")
+
+
+def test_multi_turn_prompt_ends_at_last_assistant_marker():
+    history = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"
+    pair, _ = parse_preference_row({"chosen": history + " d", "rejected": history + " e"})
+    assert pair.prompt == history and (pair.chosen, pair.rejected) == (" d", " e")
+
+
+def test_crlf_is_normalised():
+    pair, reason = parse_preference_row({"chosen": "\r\n\r\nHuman: x\r\n\r\nAssistant: y", "rejected": "\n\nHuman: x\n\nAssistant: z"})
+    assert reason is None and pair.prompt == "\n\nHuman: x\n\nAssistant:"
+
+
+def test_explicit_prompt_rows_are_accepted():
+    pair, reason = parse_preference_row({"prompt": P, "chosen": " a", "rejected": " b"})
+    assert reason is None and pair == PreferencePair(P, " a", " b")
+
+
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        ({"chosen": P + " a"}, hh.MISSING_FIELD),
+        ({"chosen": None, "rejected": P + " a"}, hh.MISSING_FIELD),
+        ({"chosen": P + " a", "rejected": 5}, hh.NOT_STRING),
+        ({"chosen": ["x"], "rejected": P + " a"}, hh.NOT_STRING),
+        ({"chosen": "\n\nHuman: no reply here", "rejected": "\n\nHuman: no reply here"}, hh.NO_ASSISTANT_TURN),
+        ({"chosen": P + " a", "rejected": "\n\nHuman: other\n\nAssistant: b"}, hh.PROMPT_MISMATCH),
+        ({"chosen": "\n\nAssistant: a", "rejected": "\n\nAssistant: b"}, hh.EMPTY_PROMPT),
+        ({"chosen": P + "   ", "rejected": P + " b"}, hh.EMPTY_RESPONSE),
+        ({"chosen": P + " a", "rejected": P}, hh.EMPTY_RESPONSE),
+        ({"chosen": P + " same", "rejected": P + " same"}, hh.IDENTICAL_RESPONSES),
+        ({"prompt": P, "chosen": " a", "rejected": None}, hh.MISSING_FIELD),
+    ],
+)
+def test_malformed_rows_get_a_reason(row, reason):
+    assert parse_preference_row(row) == (None, reason)
+
+
+def test_turns_round_trip():
+    text = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d"
+    turns = parse_turns(text)
+    assert [t.role for t in turns] == ["human", "assistant", "human", "assistant"]
+    assert turns[1] == Turn("assistant", " b") and render_turns(turns) == text
+
+
+def test_sft_row_drops_trailing_human_turn():
+    turns, reason = parse_sft_row({"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c"})
+    assert reason is None and [t.role for t in turns] == ["human", "assistant"]
+
+
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        ({"chosen": "\n\nHuman: only a question"}, hh.NO_ASSISTANT_TURN),
+        ({"chosen": "\n\nAssistant: hello"}, hh.EMPTY_PROMPT),
+        ({"chosen": "\n\nHuman: q\n\nAssistant:  "}, hh.EMPTY_RESPONSE),
+        ({"chosen": 7}, hh.NOT_STRING),
+        ({}, hh.MISSING_FIELD),
+    ],
+)
+def test_sft_drop_reasons(row, reason):
+    assert parse_sft_row(row) == (None, reason)
