@@ -220,3 +220,10 @@ def test_cli_wrong_trainer_for_file_says_so():
                              "--config", str(SEED / "config_dpo.yaml")], capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "look like a 'dynamic_beta_dpo' config, not 'sft'" in result.stderr
+
+
+def test_readme_configuration_reference_matches_the_schema():
+    from dpo_hpc.config.reference import splice
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert splice(readme) == readme, "regenerate: python -m dpo_hpc.config.reference --write README.md"

@@ -82,8 +82,11 @@ class TrainingConfig:
     weight_decay: float = Field(0.0, ge=0.0)
     """AdamW decoupled weight decay."""
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    """AdamW first-moment decay."""
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    """AdamW second-moment decay."""
     adam_epsilon: float = Field(1e-8, gt=0.0)
+    """AdamW denominator epsilon."""
     max_grad_norm: float = Field(1.0, ge=0.0)
     """Gradient clipping threshold on the global norm (0 disables clipping)."""
     seed: int = 42
@@ -132,7 +135,9 @@ class BetaUpdateConfig:
     gamma: float = Field(2.0, gt=0.0)
     """Gain inside tanh."""
     beta_min: float = Field(0.0, ge=0.0)
+    """Lower clip of beta."""
     beta_max: float = Field(2.0, gt=0.0)
+    """Upper clip of beta."""
 
     @model_validator(mode="after")
     def _beta_0_within_bounds(self):
