@@ -43,7 +43,7 @@ class SplitReport:
         return f"{self.kept}/{self.rows} rows kept; dropped: {drops}" + (f"; {notes}" if notes else "")
 
 
-def _slice(ds, spec: str, source: str):
+def _slice(ds, spec: str):
     """Apply a split spec such as ``train[:30%]`` to an in-memory split (for save_to_disk folders)."""
     import datasets
 
@@ -66,8 +66,7 @@ def load_raw(cfg: DatasetConfig, source: str = "dataset.dataset_name"):
             builder = _FILE_BUILDERS.get(path.suffix.lower())
             if builder is None:
                 raise DataError(f"{source}: {path}: unsupported file type; expected one of {', '.join(_FILE_BUILDERS)}")
-            split = subset if subset.startswith("train") else None
-            if split is None:
+            if subset.split("[", 1)[0] != "train":
                 raise DataError(f"{source}: {path} is a single file, so its only split is 'train'; got subset '{subset}'")
             return datasets.load_dataset(builder, data_files={"train": str(path)}, split=subset)
         if path.is_dir():
@@ -78,7 +77,7 @@ def load_raw(cfg: DatasetConfig, source: str = "dataset.dataset_name"):
                     if split_name not in loaded:
                         raise DataError(f"{source}: {path} has splits {sorted(loaded)}; subset asks for '{split_name}'")
                     loaded = loaded[split_name]
-                return _slice(loaded, subset, str(path))
+                return _slice(loaded, subset)
             return datasets.load_dataset(str(path), split=subset)
         if name.startswith((".", "/", "~")) or name.endswith(tuple(_FILE_BUILDERS)):
             raise DataError(f"{source}: local path '{name}' does not exist")

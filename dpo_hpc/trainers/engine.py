@@ -22,7 +22,7 @@ def device() -> torch.device:
 
 def check_precision(precision: str) -> None:
     if precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError([f"precision: fp16 needs a CUDA GPU (none found); use fp32 or bf16 on CPU"])
+        raise ConfigError(["precision: fp16 needs a CUDA GPU (none found); use fp32 or bf16 on CPU"])
 
 
 def load_tokenizer(name: str):
