@@ -88,8 +88,14 @@ def _cmd_make_data(args) -> int:
     return 0
 
 
+def _accept_launcher_rank(parser: argparse.ArgumentParser) -> None:
+    """The deepspeed launcher passes --local_rank=N (and sets LOCAL_RANK, which is what we read)."""
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo-hpc", description=__doc__.splitlines()[0])
+    _accept_launcher_rank(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def config_args(p):
@@ -147,6 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _legacy(trainer: str, argv: Optional[Sequence[str]]) -> int:
     parser = argparse.ArgumentParser(prog=f"train-{trainer.replace('_', '-')}")
+    _accept_launcher_rank(parser)
     parser.add_argument("--config", "-c", required=True)
     parser.add_argument("--set", "-s", action="append", default=[], metavar="KEY.PATH=VALUE")
     args = parser.parse_args(argv)

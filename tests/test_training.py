@@ -213,3 +213,18 @@ def test_train_sft_runs_the_seed_config(tmp_path, micro_model, reverse_data):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "sft_model" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "sft_model" / "config.resolved.json").read_text())["precision"] == "bf16"
+
+
+@pytest.mark.multiproc
+def test_deepspeed_launcher_runs_two_ranks(tmp_path, micro_model):
+    """`deepspeed --module dpo_hpc ...` passes --local_rank=N; the CLI accepts it."""
+    data = small_data(tmp_path, 24)
+    raw = run_config(tmp_path, micro_model, data, "dpo_training", max_steps=2, batch_size=4)
+    result = subprocess.run(
+        [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "dpo_hpc",
+         "train", "dpo", "--config", str(write_config(tmp_path, raw))],
+        capture_output=True, text=True, env=clean_env(OMP_NUM_THREADS="1"), cwd=REPO, timeout=300,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    manifest = json.loads((Path(raw["dpo_training"]["save_dir"]) / "run_manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["status"] == "completed"
