@@ -140,18 +140,32 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.02)
 
 
-def test_killed_run_resumes_to_identical_weights_and_skips_a_corrupt_checkpoint(tmp_path, micro_model):
+ALGORITHM_SECTIONS = {
+    "dpo": {},
+    "dynamic_beta_dpo": {"risk_test": {"beta_warmup": 2}, "beta_update": {"alpha": 0.05}},
+    "beta_dpo": {"beta_dpo": {"rho": 0.75}},
+}
+CLI_NAME = {"dpo": "dpo", "dynamic_beta_dpo": "dynamic-beta-dpo", "beta_dpo": "beta-dpo"}
+
+
+def dpo_config(tmp_path, model, data, trainer, **training):
+    return {**run_config(tmp_path, model, data, "dpo_training", **training), **ALGORITHM_SECTIONS[trainer]}
+
+
+@pytest.mark.parametrize("trainer", ["dpo", "dynamic_beta_dpo", "beta_dpo"])
+def test_killed_run_resumes_to_identical_weights_and_skips_a_corrupt_checkpoint(tmp_path, micro_model, trainer):
     data = small_data(tmp_path, 40)
     common = dict(max_steps=14, batch_size=4, gradient_accumulation_steps=2, learning_rate=2e-3, save_steps=1,
                   save_total_limit=3, warmup_steps=2)
-    straight = run_config(tmp_path / "a", micro_model, data, "dpo_training", **common)
-    resumed = run_config(tmp_path / "b", micro_model, data, "dpo_training", **common)
-    result = run_cli(["train", "dpo", "--config", str(write_config(tmp_path, straight, "a.yaml"))])
+    straight = dpo_config(tmp_path / "a", micro_model, data, trainer, **common)
+    resumed = dpo_config(tmp_path / "b", micro_model, data, trainer, **common)
+    name = CLI_NAME[trainer]
+    result = run_cli(["train", name, "--config", str(write_config(tmp_path, straight, "a.yaml"))])
     assert result.returncode == 0, result.stderr[-3000:]
 
     config_b = write_config(tmp_path, resumed, "b.yaml")
     run_b = Path(resumed["dpo_training"]["save_dir"])
-    proc = subprocess.Popen([sys.executable, "-m", "dpo_hpc", "train", "dpo", "--config", str(config_b)],
+    proc = subprocess.Popen([sys.executable, "-m", "dpo_hpc", "train", name, "--config", str(config_b)],
                             cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     _wait_for(run_b / "checkpoints" / "step_00000005", proc)
     proc.send_signal(signal.SIGKILL)
@@ -162,7 +176,7 @@ def test_killed_run_resumes_to_identical_weights_and_skips_a_corrupt_checkpoint(
     victim = next(p for p in sorted((newest / "engine").iterdir()) if p.suffix == ".pt")
     victim.write_bytes(victim.read_bytes()[:-10] + b"corrupted!")  # same size, wrong checksum
 
-    result = run_cli(["train", "dpo", "--config", str(config_b)])
+    result = run_cli(["train", name, "--config", str(config_b)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"checkpoint {newest} is not usable ({victim.relative_to(newest)} checksum mismatch)" in result.stdout
     assert "resumed from" in result.stdout
@@ -171,21 +185,27 @@ def test_killed_run_resumes_to_identical_weights_and_skips_a_corrupt_checkpoint(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged"
     logged = scalars(run_b / "tensorboard")
     assert [s for s, _ in logged["loss"]] == list(range(1, 15))  # each step once, despite the restart
-    straight_losses = [v for _, v in scalars(Path(straight["dpo_training"]["save_dir"]) / "tensorboard")["loss"]]
-    assert [v for _, v in logged["loss"]] == straight_losses
+    straight_logged = scalars(Path(straight["dpo_training"]["save_dir"]) / "tensorboard")
+    for tag in ("loss", "dpo/beta", "risk/tau", "beta_dpo/beta_used", "beta_dpo/M0", "beta_dpo/kept"):
+        if tag in straight_logged:
+            assert [v for _, v in logged[tag]] == [v for _, v in straight_logged[tag]], tag
+    if trainer == "dynamic_beta_dpo":
+        assert len({v for _, v in logged["dpo/beta"]}) > 3  # beta really moved, and resumed where it was
 
 
 @pytest.mark.multiproc
 def test_two_ranks_under_torchrun_match_one_rank_with_accumulation(tmp_path, micro_model):
+    """Dynamic-Beta DPO: 2 ranks x GA 1 (ZeRO-3) gives the beta trajectory and weights of 1 rank x GA 2."""
     data = small_data(tmp_path, 24)
-    common = dict(max_steps=3, batch_size=4, learning_rate=2e-3)
-    one = run_config(tmp_path / "one", micro_model, data, "dpo_training", gradient_accumulation_steps=2, **common)
-    two = run_config(tmp_path / "two", micro_model, data, "dpo_training", gradient_accumulation_steps=1, **common)
+    common = dict(max_steps=5, batch_size=4, learning_rate=2e-3)
+    algo = {"risk_test": {"beta_warmup": 1}, "beta_update": {"alpha": 0.05}}
+    one = {**run_config(tmp_path / "one", micro_model, data, "dpo_training", gradient_accumulation_steps=2, **common), **algo}
+    two = {**run_config(tmp_path / "two", micro_model, data, "dpo_training", gradient_accumulation_steps=1, **common), **algo}
     two["deepspeed"] = {"zero_stage": 3}
-    result = run_cli(["train", "dpo", "--config", str(write_config(tmp_path, one, "one.yaml"))])
+    result = run_cli(["train", "dynamic-beta-dpo", "--config", str(write_config(tmp_path, one, "one.yaml"))])
     assert result.returncode == 0, result.stderr[-3000:]
     result = subprocess.run(
-        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "dpo_hpc", "train", "dpo",
+        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "dpo_hpc", "train", "dynamic-beta-dpo",
          "--config", str(write_config(tmp_path, two, "two.yaml"))],
         capture_output=True, text=True, env=clean_env(OMP_NUM_THREADS="1"), cwd=REPO, timeout=300,
     )
@@ -196,9 +216,11 @@ def test_two_ranks_under_torchrun_match_one_rank_with_accumulation(tmp_path, mic
     b = load_file(Path(two["dpo_training"]["save_dir"]) / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
-    loss_one = [v for _, v in scalars(Path(one["dpo_training"]["save_dir"]) / "tensorboard")["loss"]]
-    loss_two = [v for _, v in scalars(Path(two["dpo_training"]["save_dir"]) / "tensorboard")["loss"]]
-    assert loss_one == pytest.approx(loss_two, abs=1e-5)
+    logged_one = scalars(Path(one["dpo_training"]["save_dir"]) / "tensorboard")
+    logged_two = scalars(Path(two["dpo_training"]["save_dir"]) / "tensorboard")
+    assert [v for _, v in logged_one["loss"]] == pytest.approx([v for _, v in logged_two["loss"]], abs=1e-5)
+    beta_one, beta_two = [v for _, v in logged_one["dpo/beta"]], [v for _, v in logged_two["dpo/beta"]]
+    assert beta_one == pytest.approx(beta_two, rel=1e-6) and len(set(beta_one)) > 2
 
 
 def test_train_sft_runs_the_seed_config(tmp_path, micro_model, reverse_data):
@@ -228,3 +250,33 @@ def test_deepspeed_launcher_runs_two_ranks(tmp_path, micro_model):
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     manifest = json.loads((Path(raw["dpo_training"]["save_dir"]) / "run_manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["status"] == "completed"
+
+
+@pytest.mark.parametrize("command, seed_file, names", [
+    ("train-dpo", "config_dpo.yaml", {"dpo/beta", "risk/tau", "risk/p_hat", "risk/u_k", "risk/s_k", "risk/fail",
+                                      "risk/warmup"}),
+    ("train-beta-dpo", "config_beta_dpo.yaml", {"beta_dpo/beta_used", "beta_dpo/M0", "beta_dpo/sigma",
+                                                "beta_dpo/gap_mean", "beta_dpo/gap_selected_mean", "beta_dpo/kept",
+                                                "beta_dpo/keep_ratio"}),
+])
+def test_original_commands_run_the_seed_configs(tmp_path, micro_model, reverse_data, command, seed_file, names):
+    seed_cfg = REPO / "experiments" / "seed" / seed_file
+    result = subprocess.run(
+        [str(BIN / command), "--config", str(seed_cfg), "--set", f'policy_name="{micro_model}"',
+         "--set", f'ref_name="{micro_model}"', "--set", f'dataset.dataset_name="{reverse_data}"',
+         "--set", "dpo_training.max_steps=4", "--set", "dpo_training.batch_size=4", "--set", "dpo_training.learning_rate=1e-3",
+         "--set", f'dpo_training.save_dir="{tmp_path / "out"}"', "--set", "risk_test.beta_warmup=2"
+         if command == "train-dpo" else "beta_dpo.rho=0.5"],
+        capture_output=True, text=True, env=clean_env(), cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = scalars(tmp_path / "out" / "tensorboard")
+    assert names | TRAIN_SCALARS | DPO_SCALARS <= set(logged)
+    if command == "train-dpo":
+        after_warmup = {"risk/p_hat", "risk/u_k", "risk/s_k", "risk/fail"}
+        assert all(len(logged[n]) == (2 if n in after_warmup else 4) for n in names)  # one per optimizer step
+        assert [v for _, v in logged["risk/warmup"]] == [1.0, 1.0, 0.0, 0.0]
+        assert [v for _, v in logged["dpo/beta"]][:2] == pytest.approx([0.1, 0.1])
+    else:
+        assert all(len(logged[n]) == 4 for n in names)
+        assert {v for _, v in logged["beta_dpo/kept"]} == {2.0}

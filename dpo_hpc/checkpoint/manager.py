@@ -101,10 +101,11 @@ class CheckpointManager:
         return None
 
     # ----- save -----------------------------------------------------------------------------
-    def save(self, engine, step: int, state: dict[str, Any]) -> Path:
+    def save(self, engine, step: int, state: dict[str, Any], rank_state: dict[str, Any] | None = None) -> Path:
         """Write and publish checkpoint ``step``. Every rank calls this (ZeRO saves are collective).
 
-        ``state`` is JSON-able trainer state shared by all ranks; each rank's RNG is added here.
+        ``state`` is JSON-able trainer state shared by all ranks; ``rank_state`` (numbers and
+        tensors, e.g. algorithm controllers) is stored per rank next to that rank's RNG.
         """
         name = f"step_{step:08d}"
         tmp = self.root / f".tmp-{name}"
@@ -117,8 +118,8 @@ class CheckpointManager:
             tmp.mkdir()
         barrier()
         engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
-        (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(rng_state(), tmp / "rng" / f"rank_{self.dist.rank:05d}.pt")
+        (tmp / "ranks").mkdir(exist_ok=True)
+        torch.save({"rng": rng_state(), "state": rank_state or {}}, tmp / "ranks" / f"rank_{self.dist.rank:05d}.pt")
         barrier()
         if self.dist.is_main:
             atomic_write_json(tmp / "trainer_state.json", {**state, "step": step, "world_size": self.dist.world_size})
@@ -140,15 +141,18 @@ class CheckpointManager:
         return final
 
     # ----- load -----------------------------------------------------------------------------
-    def load(self, engine, path: Path) -> dict[str, Any]:
-        """Restore engine (weights, optimizer, scheduler) and this rank's RNG; return trainer state."""
+    def load(self, engine, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restore engine (weights, optimizer, scheduler) and this rank's RNG; return the shared
+        trainer state and this rank's ``rank_state`` (rank 0's when the world size changed)."""
         state = json.loads((path / "trainer_state.json").read_text())
         load_path, _ = engine.load_checkpoint(
             str(path), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load the engine state from {path}")
-        rng_file = path / "rng" / f"rank_{self.dist.rank:05d}.pt"
-        if state["world_size"] == self.dist.world_size and rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=True))
-        return state
+        same_world = state["world_size"] == self.dist.world_size
+        rank_file = path / "ranks" / f"rank_{self.dist.rank if same_world else 0:05d}.pt"
+        saved = torch.load(rank_file, weights_only=True)
+        if same_world:
+            set_rng_state(saved["rng"])
+        return state, saved["state"]

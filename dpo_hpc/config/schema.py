@@ -124,6 +124,14 @@ class RiskTestConfig:
     """EMA weight of the newest batch quantile in tau."""
     beta_warmup: int = Field(120, ge=1)
     """Updates spent collecting margins before tau_0 is fixed; beta is constant meanwhile."""
+    risk_stat: Literal["z", "hoeffding"] = "z"
+    """Deviation statistic: z = (p_hat - delta) / sqrt(delta (1 - delta) / n), or the early Hoeffding variant."""
+    hoeffding_eps0: float = Field(0.05, gt=0.0, lt=1.0)
+    """Confidence parameter of the Hoeffding variant."""
+    update_granularity: Literal["optimizer_step", "micro_batch"] = "optimizer_step"
+    """One update per optimizer step over all its micro-batches, or one per micro-batch (original framework)."""
+    scope: Literal["global", "local"] = "global"
+    """Margins of every rank (same beta everywhere), or each rank's own (original framework)."""
 
 
 @dataclass(config=_STRICT, kw_only=True)
@@ -160,6 +168,10 @@ class BetaDPOSectionConfig:
     """Scale of the batch-level beta adjustment."""
     min_beta: float = Field(0.001, gt=0.0)
     """Lower clamp of the batch beta."""
+    ema_init: Literal["first_batch", "zeros"] = "first_batch"
+    """Start mu/sigma at the first batch's statistics (original framework) or at 0 (official code)."""
+    std: Literal["population", "unbiased"] = "population"
+    """Standard deviation estimator of the gaps (the official code uses unbiased)."""
 
 
 @dataclass(config=_STRICT, kw_only=True)

@@ -102,3 +102,20 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def all_gather_cat(tensor):
+    """Concatenate a 1-D tensor from every rank, in rank order (collective; equal sizes required)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    size = torch.tensor([tensor.numel()], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    if len({int(s) for s in sizes}) != 1:
+        raise RuntimeError(f"ranks hold different batch sizes {[int(s) for s in sizes]}; global statistics need equal ones")
+    parts = [torch.empty_like(tensor) for _ in sizes]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)

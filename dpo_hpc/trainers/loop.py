@@ -32,7 +32,8 @@ from .engine import (
     save_final_model,
     unclipped_grad_norm,
 )
-from .objectives import DPOObjective, Objective, SFTObjective, Stats
+from ..controllers import BetaDPOConfig, BetaDPOController, DynamicBetaController, DynamicBetaDPOConfig
+from .objectives import BetaDPOObjective, DPOObjective, DynamicBetaDPOObjective, Objective, SFTObjective, Stats
 
 # Keys that may change between a checkpoint and its resumption (they do not alter the math).
 _RESUMABLE_CHANGES = {"max_steps", "epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
@@ -82,6 +83,9 @@ def _progress_line(trainer: str, step: int, total: int, metrics: dict[str, float
     if "rewards/accuracies" in metrics:
         parts.append(f"acc {metrics['rewards/accuracies']:.3f}")
         parts.append(f"margin {metrics['rewards/margins']:.4f}")
+    for name, label in (("dpo/beta", "beta"), ("beta_dpo/beta_used", "beta")):
+        if name in metrics:
+            parts.append(f"{label} {metrics[name]:.4f}")
     parts.append(f"lr {metrics['learning_rate']:.2e}")
     if "grad_norm" in metrics:
         parts.append(f"grad_norm {metrics['grad_norm']:.3f}")
@@ -102,16 +106,36 @@ def _config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return changed
 
 
-def build_objective(cfg, trainer: str, tokenizer, ds_cfg: dict) -> Objective:
+def dynamic_beta_config(cfg) -> DynamicBetaDPOConfig:
+    """The file's risk_test / beta_update sections as the controller's config."""
+    risk, update = cfg.risk_test, cfg.beta_update
+    return DynamicBetaDPOConfig(
+        beta_0=update.beta_0, delta=risk.delta, momentum=risk.lambda_, warmup_steps=risk.beta_warmup,
+        alpha=update.alpha, gamma=update.gamma, beta_min=update.beta_min, beta_max=update.beta_max,
+        risk_stat=risk.risk_stat, hoeffding_eps0=risk.hoeffding_eps0,
+        update_granularity=risk.update_granularity, scope=risk.scope,
+    )
+
+
+def beta_dpo_config(cfg) -> BetaDPOConfig:
+    section = cfg.beta_dpo
+    return BetaDPOConfig(beta_0=section.beta_0, m=section.m, rho=section.rho, alpha=section.alpha,
+                         min_beta=section.min_beta, ema_init=section.ema_init, std=section.std,
+                         seed=cfg.training.seed)
+
+
+def build_objective(cfg, trainer: str, tokenizer, ds_cfg: dict, dist_env: DistEnv) -> Objective:
     pad_id = SpecialTokens.of(tokenizer).pad_id
     if trainer == "sft":
         return SFTObjective(pad_id)
+    reference = prepare_reference(load_causal_lm(cfg.ref_name or cfg.policy_name, cfg.precision, False), ds_cfg)
     if trainer == "dpo":
-        reference = prepare_reference(load_causal_lm(cfg.ref_name or cfg.policy_name, cfg.precision, False), ds_cfg)
         return DPOObjective(reference, cfg.beta, pad_id)
-    raise NotImplementedError(
-        f"the '{trainer}' trainer is not available in this version of dpo-hpc; use 'sft' or 'dpo'"
-    )
+    if trainer == "dynamic_beta_dpo":
+        return DynamicBetaDPOObjective(reference, DynamicBetaController(dynamic_beta_config(cfg)), pad_id)
+    if trainer == "beta_dpo":
+        return BetaDPOObjective(reference, BetaDPOController(beta_dpo_config(cfg)), pad_id, dist_env)
+    raise NotImplementedError(f"unknown trainer '{trainer}'")
 
 
 def evaluate(engine, objective: Objective, val_set: list, batch_size: int, dist_env: DistEnv) -> dict[str, float]:
@@ -153,7 +177,7 @@ def train(cfg, trainer: str, log: Optional[Callable[[str], None]] = None) -> dic
     tokenizer = load_tokenizer(cfg.tokenizer_name or cfg.policy_name)
     model = load_causal_lm(cfg.policy_name, cfg.precision, trainable=True)
     ds_cfg = deepspeed_config(training, cfg.deepspeed, cfg.precision, dist_env.world_size)
-    objective = build_objective(cfg, trainer, tokenizer, ds_cfg)
+    objective = build_objective(cfg, trainer, tokenizer, ds_cfg, dist_env)
 
     train_set, val_set, report = load_splits(
         cfg.dataset, tokenizer, objective.data_kind, getattr(training, "assistant_turns", "all")
@@ -183,7 +207,9 @@ def train(cfg, trainer: str, log: Optional[Callable[[str], None]] = None) -> dic
         if changes:
             raise CheckpointError(f"{latest} was written with a different config; refusing to resume: "
                                   + "; ".join(changes))
-        start_step = checkpoints.load(engine, latest)["step"]
+        state, rank_state = checkpoints.load(engine, latest)
+        start_step = state["step"]
+        objective.load_state_dict(rank_state)
         say(f"[{trainer}] resumed from {latest} at step {start_step}/{total_steps}")
 
     writer = None
@@ -226,6 +252,7 @@ def train(cfg, trainer: str, log: Optional[Callable[[str], None]] = None) -> dic
             sums.add(stats)
             tokens += batch["attention_mask"].sum()
         metrics = sums.reduce(dev)
+        metrics.update(objective.after_step())
         elapsed = time.perf_counter() - step_start
         metrics["learning_rate"] = learning_rate
         metrics["tokens_per_sec"] = all_reduce_sum(tokens).item() / elapsed
@@ -247,7 +274,7 @@ def train(cfg, trainer: str, log: Optional[Callable[[str], None]] = None) -> dic
             eval_metrics = evaluate(engine, objective, val_set, eval_batch, dist_env)
             _log_eval(writer, say, trainer, eval_metrics, done)
         if training.save_steps and done % training.save_steps == 0 and done < total_steps:
-            path = checkpoints.save(engine, done, ckpt_state)
+            path = checkpoints.save(engine, done, ckpt_state, objective.state_dict())
             say(f"[{trainer}] checkpoint {path}")
 
     # ---- final eval and model -------------------------------------------------------------

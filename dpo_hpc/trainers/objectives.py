@@ -12,8 +12,11 @@ from typing import Protocol
 
 import torch
 
+from ..controllers import BetaDPOController, DynamicBetaController
 from ..data.collate import collate_conversations, collate_pairs
 from ..losses import dpo_sigmoid_loss, margins, preference_metrics, sequence_logps, split_chosen_rejected, token_logps
+from ..losses.beta_dpo import keep_count
+from .distributed import DistEnv, all_gather_cat
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # metric -> (sum, count)
 
@@ -30,12 +33,31 @@ class Objective(Protocol):
 
     def eval_stats(self, engine, batch: dict[str, torch.Tensor]) -> Stats: ...
 
+    def after_step(self) -> dict[str, float]:
+        """Called once per optimizer step on every rank after its micro-batches; returns values to
+        log that are already global (identical on every rank)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class _Stateless:
+    def after_step(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 def _forward_logits(model, batch):
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-class SFTObjective:
+class SFTObjective(_Stateless):
     """Next-token NLL on assistant tokens, averaged over the loss tokens of the global batch."""
 
     data_kind = "sft"
@@ -64,7 +86,7 @@ class SFTObjective:
             return self._stats(engine, batch)[1]
 
 
-class DPOObjective:
+class DPOObjective(_Stateless):
     """Sigmoid DPO with a fixed beta; one policy and one reference forward over chosen+rejected."""
 
     data_kind = "preference"
@@ -86,10 +108,10 @@ class DPOObjective:
             ref = sequence_logps(_forward_logits(self.reference, batch), batch["input_ids"], batch["loss_mask"])
         return (*split_chosen_rejected(policy), *split_chosen_rejected(ref))
 
-    def _stats(self, logps, losses) -> Stats:
+    def _stats(self, logps, losses, beta=None, loss_count=None) -> Stats:
         pairs = torch.tensor(float(losses.shape[0]))
-        per_pair = preference_metrics(*logps, beta=self.beta)
-        stats = {"loss": (losses.detach().sum(), pairs)}
+        per_pair = preference_metrics(*logps, beta=self.beta if beta is None else beta)
+        stats = {"loss": (losses.detach().sum(), pairs if loss_count is None else loss_count)}
         stats.update({name: (values.sum(), pairs) for name, values in per_pair.items()})
         return stats
 
@@ -102,3 +124,81 @@ class DPOObjective:
         with torch.no_grad():
             logps = self._logps(engine, batch)
             return self._stats(logps, dpo_sigmoid_loss(margins(*logps), self.beta))
+
+
+class DynamicBetaDPOObjective(DPOObjective):
+    """DPO whose beta the risk-test controller steers. The loss of a step uses the beta in force
+    at its start; the controller then updates once on the margins of every micro-batch of the
+    step from every rank (or per micro-batch / per rank in the original framework's mode)."""
+
+    def __init__(self, reference, controller: DynamicBetaController, pad_id: int):
+        super().__init__(reference, controller.beta, pad_id)
+        self.controller = controller
+        self._pending: list[torch.Tensor] = []
+        self._last: dict[str, float] = {}
+
+    def _update(self, local_margins: torch.Tensor) -> None:
+        gathered = all_gather_cat(local_margins) if self.controller.cfg.scope == "global" else local_margins
+        self._last = self.controller.update(gathered)
+        self.beta = self.controller.beta
+
+    def loss_and_stats(self, engine, batch):
+        logps = self._logps(engine, batch)
+        margin = margins(*logps)
+        losses = dpo_sigmoid_loss(margin, self.beta)
+        stats = self._stats(logps, losses)
+        if self.controller.cfg.update_granularity == "micro_batch":
+            self._update(margin.detach().float())
+        else:
+            self._pending.append(margin.detach().float())
+        return losses.sum(), stats
+
+    def after_step(self):
+        if self._pending:
+            self._update(torch.cat(self._pending))
+            self._pending = []
+        return dict(self._last)
+
+    def state_dict(self):
+        return {"dynamic_beta": self.controller.state_dict()}
+
+    def load_state_dict(self, state):
+        self.controller.load_state_dict(state["dynamic_beta"])
+        self.beta = self.controller.beta
+
+
+class BetaDPOObjective(DPOObjective):
+    """Beta-DPO: per micro-batch, the gaps of the global micro-batch (all ranks) update mu/sigma,
+    a Gaussian-weighted sample of k = floor(rho N) rows is kept (the same draw on every rank), and
+    the loss over the kept rows uses the batch beta. Evaluation keeps every row and uses beta_0."""
+
+    def __init__(self, reference, controller: BetaDPOController, pad_id: int, dist_env: DistEnv):
+        super().__init__(reference, controller.cfg.beta_0, pad_id)
+        self.controller = controller
+        self.dist = dist_env
+        self._records: list[dict[str, float]] = []
+
+    def units(self, batch):
+        # k rows are kept per global micro-batch; each rank counts its share so the sum over ranks is k.
+        pairs = batch["input_ids"].shape[0] // 2
+        return torch.tensor(keep_count(pairs * self.dist.world_size, self.controller.cfg.rho) / self.dist.world_size)
+
+    def loss_and_stats(self, engine, batch):
+        logps = self._logps(engine, batch)
+        margin = margins(*logps)
+        mask, beta, record = self.controller.select(all_gather_cat(margin.detach().float()), train=True)
+        pairs = margin.shape[0]
+        local = mask[self.dist.rank * pairs:(self.dist.rank + 1) * pairs].to(margin.device, margin.dtype)
+        losses = dpo_sigmoid_loss(margin, beta) * local
+        self._records.append(record)
+        return losses.sum(), self._stats(logps, losses, beta=beta, loss_count=local.sum())
+
+    def after_step(self):
+        records, self._records = self._records, []
+        return {name: sum(r[name] for r in records) / len(records) for name in records[0]} if records else {}
+
+    def state_dict(self):
+        return {"beta_dpo": self.controller.state_dict()}
+
+    def load_state_dict(self, state):
+        self.controller.load_state_dict(state["beta_dpo"])
