@@ -125,10 +125,24 @@ def _check_columns(ds, required: tuple[str, ...], name: str):
         )
 
 
-def load_splits(cfg: DatasetConfig, tokenizer, kind: str, assistant_turns: str = "all") -> tuple[list, list, dict]:
-    """Train and validation examples for ``kind`` ('sft' or 'preference') plus the data report."""
-    raw = load_raw(cfg)
-    _check_columns(raw, ("chosen",) if kind == "sft" else ("chosen", "rejected"), cfg.dataset_name)
+def _as_dataset(rows):
+    import datasets
+
+    return rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(list(rows))
+
+
+def load_splits(
+    cfg: DatasetConfig, tokenizer, kind: str, assistant_turns: str = "all", train_rows=None, eval_rows=None
+) -> tuple[list, list, dict]:
+    """Train and validation examples for ``kind`` ('sft' or 'preference') plus the data report.
+
+    Rows come from ``dataset_name``/``subset``, or from ``train_rows`` (a ``datasets.Dataset`` or a
+    list of dicts, as the Python API passes them); ``eval_rows``, if given, is the validation
+    split instead of a ``val_ratio`` share of the training rows.
+    """
+    raw = load_raw(cfg) if train_rows is None else _as_dataset(train_rows)
+    required = ("chosen",) if kind == "sft" else ("chosen", "rejected")
+    _check_columns(raw, required, cfg.dataset_name)
     special = SpecialTokens.of(tokenizer)
     if kind == "sft":
         parse = parse_sft_row
@@ -141,9 +155,14 @@ def load_splits(cfg: DatasetConfig, tokenizer, kind: str, assistant_turns: str =
         def encode(pair, notes):
             return tokenize_pair(tokenizer, pair, special, cfg.max_length, cfg.max_prompt_length, notes)
 
-    train_idx, val_idx = split_indices(len(raw), cfg.val_ratio, cfg.seed)
-    train, train_report = _process(raw.select(train_idx), parse, encode, cfg.dataset_name, "train")
-    val, val_report = _process(raw.select(val_idx), parse, encode, cfg.dataset_name, "validation")
+    if eval_rows is None:
+        train_idx, val_idx = split_indices(len(raw), cfg.val_ratio, cfg.seed)
+        train_raw, val_raw = raw.select(train_idx), raw.select(val_idx)
+    else:
+        train_raw, val_raw = raw, _as_dataset(eval_rows)
+        _check_columns(val_raw, required, f"{cfg.dataset_name} (eval)")
+    train, train_report = _process(train_raw, parse, encode, cfg.dataset_name, "train")
+    val, val_report = _process(val_raw, parse, encode, cfg.dataset_name, "validation")
     report = {
         "dataset_name": cfg.dataset_name,
         "subset": cfg.subset,

@@ -34,11 +34,16 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def load_causal_lm(name: str, precision: str, trainable: bool):
-    """A causal LM with dropout off (margins at step 0 must be exactly 0, spec pitfall P5)."""
+def load_causal_lm(name_or_model, precision: str, trainable: bool):
+    """A causal LM (loaded by name, or a model passed in) with dropout off (margins at step 0 must
+    be exactly 0, spec pitfall P5); a reference is frozen, in eval mode and in ``precision``."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32 if trainable else _DTYPES[precision])
+    dtype = torch.float32 if trainable else _DTYPES[precision]
+    if isinstance(name_or_model, str):
+        model = AutoModelForCausalLM.from_pretrained(name_or_model, dtype=dtype)
+    else:
+        model = name_or_model.to(dtype)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

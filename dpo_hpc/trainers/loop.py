@@ -124,11 +124,12 @@ def beta_dpo_config(cfg) -> BetaDPOConfig:
                          seed=cfg.training.seed)
 
 
-def build_objective(cfg, trainer: str, tokenizer, ds_cfg: dict, dist_env: DistEnv) -> Objective:
+def build_objective(cfg, trainer: str, tokenizer, ds_cfg: dict, dist_env: DistEnv, ref_model=None) -> Objective:
     pad_id = SpecialTokens.of(tokenizer).pad_id
     if trainer == "sft":
         return SFTObjective(pad_id)
-    reference = prepare_reference(load_causal_lm(cfg.ref_name or cfg.policy_name, cfg.precision, False), ds_cfg)
+    ref_source = ref_model if ref_model is not None else (cfg.ref_name or cfg.policy_name)
+    reference = prepare_reference(load_causal_lm(ref_source, cfg.precision, False), ds_cfg)
     if trainer == "dpo":
         return DPOObjective(reference, cfg.beta, pad_id)
     if trainer == "dynamic_beta_dpo":
@@ -151,8 +152,22 @@ def evaluate(engine, objective: Objective, val_set: list, batch_size: int, dist_
     return sums.reduce(dev)
 
 
-def train(cfg, trainer: str, log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
-    """Run (or resume, or skip if already completed) one training run; returns its summary."""
+def train(
+    cfg,
+    trainer: str,
+    log: Optional[Callable[[str], None]] = None,
+    *,
+    model=None,
+    ref_model=None,
+    tokenizer=None,
+    train_rows=None,
+    eval_rows=None,
+) -> dict[str, Any]:
+    """Run (or resume, or skip if already completed) one training run; returns its summary.
+
+    The models, tokenizer and data are loaded from the config's names unless passed in (the
+    Python API passes in-memory objects).
+    """
     dist_env = init_distributed()
     say = (log or (lambda msg: print(msg, flush=True))) if dist_env.is_main else (lambda msg: None)
     training = cfg.training
@@ -174,13 +189,14 @@ def train(cfg, trainer: str, log: Optional[Callable[[str], None]] = None) -> dic
     manifest = run.start(cfg, trainer, dist_env.world_size) if dist_env.is_main else {}
     barrier()
     started = time.time()
-    tokenizer = load_tokenizer(cfg.tokenizer_name or cfg.policy_name)
-    model = load_causal_lm(cfg.policy_name, cfg.precision, trainable=True)
+    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_name or cfg.policy_name)
+    model = load_causal_lm(model if model is not None else cfg.policy_name, cfg.precision, trainable=True)
     ds_cfg = deepspeed_config(training, cfg.deepspeed, cfg.precision, dist_env.world_size)
-    objective = build_objective(cfg, trainer, tokenizer, ds_cfg, dist_env)
+    objective = build_objective(cfg, trainer, tokenizer, ds_cfg, dist_env, ref_model)
 
     train_set, val_set, report = load_splits(
-        cfg.dataset, tokenizer, objective.data_kind, getattr(training, "assistant_turns", "all")
+        cfg.dataset, tokenizer, objective.data_kind, getattr(training, "assistant_turns", "all"),
+        train_rows=train_rows, eval_rows=eval_rows,
     )
     for line in report_lines(report):
         say(line)
