@@ -93,6 +93,20 @@ def _accept_launcher_rank(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
+def _cmd_evaluate(args) -> int:
+    from .evaluate import evaluate
+
+    result = evaluate(args.model, args.data, baseline=args.baseline, limit=args.limit,
+                      max_new_tokens=args.max_new_tokens)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        from .fsutil import atomic_write_bytes
+
+        atomic_write_bytes(args.out, (text + "\n").encode())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo-hpc", description=__doc__.splitlines()[0])
     _accept_launcher_rank(parser)
@@ -128,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label-noise", type=float, default=0.0, help="fraction of pairs with chosen/rejected swapped")
     p.set_defaults(func=_cmd_make_data)
+
+    p = sub.add_parser("evaluate", help="greedy answers on held-out verifiable prompts, scored exactly")
+    p.add_argument("model", help="model folder (save_pretrained)")
+    p.add_argument("--data", required=True, help="test.jsonl written by make-data")
+    p.add_argument("--baseline", help="second model folder: report its accuracy and the win rate against it")
+    p.add_argument("--limit", type=int, help="first N prompts only")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--out", help="also write the JSON result here")
+    p.set_defaults(func=_cmd_evaluate)
     return parser
 
 
