@@ -110,6 +110,12 @@ def test_dpo_lowers_loss_with_zero2_and_accumulation(tmp_path, micro_model):
     assert TRAIN_SCALARS | DPO_SCALARS <= set(logged)
     assert {f"eval/{name}" for name in DPO_SCALARS | {"loss"}} <= set(logged)
     assert [s for s, _ in logged["eval/loss"]] == [3, 6]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(raw["dpo_training"]["save_dir"]) / "tensorboard"), size_guidance={"histograms": 0})
+    acc.Reload()
+    margins = acc.Histograms("margins")
+    assert [h.step for h in margins] == list(range(1, 7)) and margins[-1].histogram_value.num == 8  # 4 x GA 2
     losses = [v for _, v in logged["loss"]]
     assert losses[0] == pytest.approx(0.693147, abs=1e-4)  # policy == reference at step 1
     assert logged["rewards/accuracies"][0][1] == 0.0  # ties are not accurate (strict >)

@@ -269,6 +269,7 @@ def train(
             tokens += batch["attention_mask"].sum()
         metrics = sums.reduce(dev)
         metrics.update(objective.after_step())
+        histograms = objective.histograms()
         elapsed = time.perf_counter() - step_start
         metrics["learning_rate"] = learning_rate
         metrics["tokens_per_sec"] = all_reduce_sum(tokens).item() / elapsed
@@ -282,6 +283,9 @@ def train(
         if writer is not None:
             for name, value in metrics.items():
                 writer.add_scalar(name, value, done)
+            for name, values in histograms.items():
+                if values.numel():
+                    writer.add_histogram(name, values.double().cpu(), done)
         if done % training.logging_steps == 0 or done == total_steps or steps_done == 1:
             mean_step = (time.perf_counter() - loop_start) / steps_done
             say(_progress_line(trainer, done, total_steps, metrics, elapsed, mean_step * (total_steps - done)))

@@ -46,6 +46,9 @@ class _Stateless:
     def after_step(self) -> dict[str, float]:
         return {}
 
+    def histograms(self) -> dict[str, torch.Tensor]:
+        return {}
+
     def state_dict(self) -> dict:
         return {}
 
@@ -95,6 +98,13 @@ class DPOObjective(_Stateless):
         self.reference = reference
         self.beta = beta
         self.pad_id = pad_id
+        self._step_margins: list[torch.Tensor] = []
+
+    def histograms(self):
+        """The margins of the last optimizer step from every rank (collective: every rank calls)."""
+        local = torch.cat(self._step_margins) if self._step_margins else torch.zeros(0)
+        self._step_margins = []
+        return {"margins": all_gather_cat(local)}
 
     def collate(self, examples):
         return collate_pairs(examples, self.pad_id)
@@ -117,7 +127,9 @@ class DPOObjective(_Stateless):
 
     def loss_and_stats(self, engine, batch):
         logps = self._logps(engine, batch)
-        losses = dpo_sigmoid_loss(margins(*logps), self.beta)
+        margin = margins(*logps)
+        self._step_margins.append(margin.detach().float())
+        losses = dpo_sigmoid_loss(margin, self.beta)
         return losses.sum(), self._stats(logps, losses)
 
     def eval_stats(self, engine, batch):
@@ -145,6 +157,7 @@ class DynamicBetaDPOObjective(DPOObjective):
     def loss_and_stats(self, engine, batch):
         logps = self._logps(engine, batch)
         margin = margins(*logps)
+        self._step_margins.append(margin.detach().float())
         losses = dpo_sigmoid_loss(margin, self.beta)
         stats = self._stats(logps, losses)
         if self.controller.cfg.update_granularity == "micro_batch":
@@ -186,6 +199,7 @@ class BetaDPOObjective(DPOObjective):
     def loss_and_stats(self, engine, batch):
         logps = self._logps(engine, batch)
         margin = margins(*logps)
+        self._step_margins.append(margin.detach().float())
         mask, beta, record = self.controller.select(all_gather_cat(margin.detach().float()), train=True)
         pairs = margin.shape[0]
         local = mask[self.dist.rank * pairs:(self.dist.rank + 1) * pairs].to(margin.device, margin.dtype)
