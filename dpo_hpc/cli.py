@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from .config import RUN_CONFIGS, ConfigError, detect_trainer, read_mapping, to_dict, validate_mapping
+from .config import ConfigError, detect_trainer, read_mapping, to_dict, validate_mapping
 
 # CLI spelling -> schema name. `train-dpo` is the original framework's Dynamic-Beta DPO command.
 TRAINERS = {"sft": "sft", "dpo": "dpo", "dynamic-beta-dpo": "dynamic_beta_dpo", "beta-dpo": "beta_dpo"}
@@ -31,6 +31,7 @@ def _parse_override(text: str) -> tuple[list[str], object]:
 
 
 def load_with_overrides(path: str, trainer: Optional[str], overrides: Sequence[str]):
+    """The validated config (trainer given, or detected from the sections after overrides)."""
     data = read_mapping(path)
     for text in overrides:
         keys, value = _parse_override(text)
@@ -42,7 +43,7 @@ def load_with_overrides(path: str, trainer: Optional[str], overrides: Sequence[s
         node[keys[-1]] = value
     detected = detect_trainer(data)
     try:
-        return validate_mapping(data, trainer or detected, source=path)
+        return validate_mapping(data, trainer or detected, source=path), trainer or detected
     except ConfigError as exc:
         if trainer and trainer != detected:
             exc.problems.append(f"{path}: note: this file's sections look like a '{detected}' config, not '{trainer}'")
@@ -50,7 +51,7 @@ def load_with_overrides(path: str, trainer: Optional[str], overrides: Sequence[s
 
 
 def _run_training(config: str, trainer: str, overrides: Sequence[str]) -> int:
-    cfg = load_with_overrides(config, trainer, overrides)
+    cfg, _ = load_with_overrides(config, trainer, overrides)
     from .trainers.loop import shutdown, train
 
     train(cfg, trainer)
@@ -64,8 +65,8 @@ def _cmd_train(args) -> int:
 
 def _cmd_validate(args) -> int:
     trainer = TRAINERS[args.trainer] if args.trainer else None
-    cfg = load_with_overrides(args.config, trainer, args.set)
-    resolved = {"trainer": trainer or detect_trainer(read_mapping(args.config)), **to_dict(cfg)}
+    cfg, trainer = load_with_overrides(args.config, trainer, args.set)
+    resolved = {"trainer": trainer, **to_dict(cfg)}
     print(json.dumps(resolved, indent=2))
     print(f"{args.config}: valid", file=sys.stderr)
     return 0

@@ -161,9 +161,10 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 
 def test_overrides_use_toml_values(tmp_path):
-    cfg = load_with_overrides(str(SEED / "config_sft.yaml"), None,
+    cfg, trainer = load_with_overrides(str(SEED / "config_sft.yaml"), None,
                               ["sft_training.max_steps=3", "policy_name=some/model", "precision=\"fp32\""])
     assert (cfg.sft_training.max_steps, cfg.policy_name, cfg.precision) == (3, "some/model", "fp32")
+    assert trainer == "sft"
 
 
 def test_deepspeed_json_merge_fills_auto_and_refuses_contradictions(tmp_path):

@@ -37,6 +37,9 @@ class Objective(Protocol):
         """Called once per optimizer step on every rank after its micro-batches; returns values to
         log that are already global (identical on every rank)."""
 
+    def histograms(self) -> dict[str, torch.Tensor]:
+        """Called once per optimizer step on every rank after ``after_step``; tensors to log as histograms."""
+
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
@@ -118,6 +121,13 @@ class DPOObjective(_Stateless):
             ref = sequence_logps(_forward_logits(self.reference, batch), batch["input_ids"], batch["loss_mask"])
         return (*split_chosen_rejected(policy), *split_chosen_rejected(ref))
 
+    def _train_forward(self, engine, batch):
+        """Log-probs and margins of a training micro-batch; the detached margins are kept for the step."""
+        logps = self._logps(engine, batch)
+        margin = margins(*logps)
+        self._step_margins.append(margin.detach().float())
+        return logps, margin
+
     def _stats(self, logps, losses, beta=None, loss_count=None) -> Stats:
         pairs = torch.tensor(float(losses.shape[0]))
         per_pair = preference_metrics(*logps, beta=self.beta if beta is None else beta)
@@ -126,9 +136,7 @@ class DPOObjective(_Stateless):
         return stats
 
     def loss_and_stats(self, engine, batch):
-        logps = self._logps(engine, batch)
-        margin = margins(*logps)
-        self._step_margins.append(margin.detach().float())
+        logps, margin = self._train_forward(engine, batch)
         losses = dpo_sigmoid_loss(margin, self.beta)
         return losses.sum(), self._stats(logps, losses)
 
@@ -146,7 +154,6 @@ class DynamicBetaDPOObjective(DPOObjective):
     def __init__(self, reference, controller: DynamicBetaController, pad_id: int):
         super().__init__(reference, controller.beta, pad_id)
         self.controller = controller
-        self._pending: list[torch.Tensor] = []
         self._last: dict[str, float] = {}
 
     def _update(self, local_margins: torch.Tensor) -> None:
@@ -155,21 +162,17 @@ class DynamicBetaDPOObjective(DPOObjective):
         self.beta = self.controller.beta
 
     def loss_and_stats(self, engine, batch):
-        logps = self._logps(engine, batch)
-        margin = margins(*logps)
-        self._step_margins.append(margin.detach().float())
+        logps, margin = self._train_forward(engine, batch)
         losses = dpo_sigmoid_loss(margin, self.beta)
         stats = self._stats(logps, losses)
         if self.controller.cfg.update_granularity == "micro_batch":
-            self._update(margin.detach().float())
-        else:
-            self._pending.append(margin.detach().float())
+            self._update(self._step_margins[-1])
         return losses.sum(), stats
 
     def after_step(self):
-        if self._pending:
-            self._update(torch.cat(self._pending))
-            self._pending = []
+        # The step's margins stay recorded until histograms() takes them.
+        if self.controller.cfg.update_granularity == "optimizer_step" and self._step_margins:
+            self._update(torch.cat(self._step_margins))
         return dict(self._last)
 
     def state_dict(self):
@@ -197,10 +200,8 @@ class BetaDPOObjective(DPOObjective):
         return torch.tensor(keep_count(pairs * self.dist.world_size, self.controller.cfg.rho) / self.dist.world_size)
 
     def loss_and_stats(self, engine, batch):
-        logps = self._logps(engine, batch)
-        margin = margins(*logps)
-        self._step_margins.append(margin.detach().float())
-        mask, beta, record = self.controller.select(all_gather_cat(margin.detach().float()), train=True)
+        logps, margin = self._train_forward(engine, batch)
+        mask, beta, record = self.controller.select(all_gather_cat(self._step_margins[-1]), train=True)
         pairs = margin.shape[0]
         local = mask[self.dist.rank * pairs:(self.dist.rank + 1) * pairs].to(margin.device, margin.dtype)
         losses = dpo_sigmoid_loss(margin, beta) * local
