@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -52,10 +53,10 @@ def load_with_overrides(path: str, trainer: Optional[str], overrides: Sequence[s
 
 def _run_training(config: str, trainer: str, overrides: Sequence[str]) -> int:
     cfg, _ = load_with_overrides(config, trainer, overrides)
-    from .trainers.loop import shutdown, train
+    from .hpc.task import train_and_requeue
 
-    train(cfg, trainer)
-    shutdown()
+    # Under sbatch with --signal=USR2@LEAD (see hpc/train.sbatch), a stop signal checkpoints and requeues.
+    train_and_requeue(cfg, trainer, int(os.environ.get("DPO_HPC_MAX_REQUEUES", "10")), config)
     return 0
 
 
@@ -81,10 +82,12 @@ def _cmd_make_tiny_model(args) -> int:
 
 
 def _cmd_make_data(args) -> int:
-    from .data.verifiable import write_dataset
+    from .data.verifiable import TaskSpec, write_dataset
 
+    if not 0.0 <= args.multi_turn_ratio <= 1.0:
+        raise SystemExit(f"make-data: --multi-turn-ratio must lie in [0, 1], got {args.multi_turn_ratio}")
     paths = write_dataset(args.dir, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
-                          label_noise=args.label_noise)
+                          label_noise=args.label_noise, spec=TaskSpec(multi_turn_ratio=args.multi_turn_ratio))
     print(f"reversal preference data written: {paths['train']} (train, HH format), {paths['test']} (held-out prompts)")
     return 0
 
@@ -142,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-test", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label-noise", type=float, default=0.0, help="fraction of pairs with chosen/rejected swapped")
+    p.add_argument("--multi-turn-ratio", type=float, default=0.2,
+                   help="fraction of rows with one solved exchange before the asked one")
     p.set_defaults(func=_cmd_make_data)
 
     p = sub.add_parser("evaluate", help="greedy answers on held-out verifiable prompts, scored exactly")

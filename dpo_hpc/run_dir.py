@@ -5,7 +5,9 @@
     <save_dir>/
       config.resolved.json   the validated config with every default filled in
       data_report.json       rows kept and dropped per split, by reason
-      run_manifest.json      provenance and status (running / completed)
+      run_manifest.json      provenance and status (running / preempted / completed)
+      progress.json          latest step and metrics (what ``dpo_hpc.status`` shows)
+      requeues.jsonl         one line per requeue after a stop signal (Slurm array tasks)
       tensorboard/           event files
       checkpoints/step_*/    resumable training state (see dpo_hpc.checkpoint)
       config.json, model.safetensors, tokenizer files   the final model (save_pretrained)
@@ -28,6 +30,7 @@ from .config import to_dict
 from .fsutil import atomic_write_json
 
 MANIFEST = "run_manifest.json"
+PROGRESS = "progress.json"
 _LIBRARIES = ("torch", "transformers", "datasets", "deepspeed", "tokenizers", "submitit", "tensorboard", "numpy")
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT", "SLURM_JOB_NODELIST")
 
@@ -105,6 +108,25 @@ class RunDir:
         }
         atomic_write_json(self.manifest_path, manifest)
         return manifest
+
+    @property
+    def progress_path(self) -> Path:
+        return self.root / PROGRESS
+
+    def read_progress(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.progress_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def write_progress(self, step: int, total_steps: int, train: dict[str, float], eval: dict[str, float]) -> None:
+        """The latest step and metrics, for ``dpo_hpc.status`` (cheaper than reading TensorBoard)."""
+        atomic_write_json(self.progress_path, {"step": step, "total_steps": total_steps, "time": time.time(),
+                                               "train": train, "eval": eval})
+
+    def mark(self, manifest: dict[str, Any], status: str, **extra: Any) -> None:
+        manifest.update(extra, status=status, stop_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        atomic_write_json(self.manifest_path, manifest)
 
     def finish(self, manifest: dict[str, Any], **extra: Any) -> None:
         manifest.update(extra, status="completed", end_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from dpo_hpc.data.verifiable import write_dataset
-from dpo_hpc.evaluate import greedy_answers, load_test_prompts, win_rate
+from dpo_hpc.evaluate import answer_logps, greedy_answers, load_test_prompts, load_test_rows, win_rate
 
 
 def test_batched_greedy_equals_one_at_a_time(micro_model):
@@ -42,3 +42,33 @@ def test_evaluate_cli_reports_accuracy_and_win_rate(tmp_path, micro_model):
     data = json.loads(out.read_text())
     assert data["prompts"] == 6 and 0.0 <= data["accuracy"] <= 1.0
     assert data["win_rate_vs_baseline"] == 0.5  # a model against itself ties everywhere
+    assert data["answer_logp"] < 0 and data["answer_logp_change_vs_baseline"] == 0.0
+
+
+def test_answer_logps_equal_one_sequence_scored_by_hand(micro_model):
+    """Batched, padded scoring equals the naive sum of log-softmax over the answer and EOS tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(micro_model)
+    tok = AutoTokenizer.from_pretrained(micro_model)
+    prompts = ["\n\nHuman: Reverse: ab\n\nAssistant:", "\n\nHuman: Reverse: abcdefg\n\nAssistant:"]
+    answers = [" ba", " gfedcba"]
+    batched = answer_logps(model, tok, prompts, answers)
+    for prompt, answer, got in zip(prompts, answers, batched):
+        prompt_ids = [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
+        target = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = torch.tensor([prompt_ids + target])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+        expected = sum(logprobs[len(prompt_ids) - 1 + i, t].item() for i, t in enumerate(target))
+        assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_rows_without_answers_give_prompts_only(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{"prompt": "b", "answer": " x"}\n')
+    assert load_test_rows(path) == (["a", "b"], None)
+    path.write_text('{"answer": " x"}\n')
+    with pytest.raises(ValueError, match="prompts.jsonl:1: expected a 'prompt' string"):
+        load_test_rows(path)

@@ -96,12 +96,17 @@ def _field_names(cls) -> list[str]:
 
 def _class_at(cls, loc: tuple) -> Any:
     """The dataclass that holds the key at ``loc`` (for 'did you mean' suggestions)."""
+    keyed = False  # the previous part was a dict[str, Section]: this part is a free key (a stage name)
     for part in loc[:-1]:
+        if keyed:
+            keyed = False
+            continue
         fields = getattr(cls, "__pydantic_fields__", {})
         info = next((f for n, f in fields.items() if (f.alias or n) == part), None)
         if info is None:
             return None
         annotation = info.annotation
+        keyed = typing.get_origin(annotation) is dict
         for candidate in (annotation, *typing.get_args(annotation)):
             if dataclasses.is_dataclass(candidate):
                 cls = candidate
@@ -137,7 +142,11 @@ def validate_mapping(data: Mapping[str, Any], trainer: str, source: str = "<conf
     """Validate a dict against the trainer's schema; raise ConfigError listing every problem."""
     if trainer not in RUN_CONFIGS:
         raise ConfigError([f"{source}: unknown trainer '{trainer}'; expected one of {', '.join(RUN_CONFIGS)}"])
-    cls = RUN_CONFIGS[trainer]
+    return validate_as(RUN_CONFIGS[trainer], data, source)
+
+
+def validate_as(cls, data: Mapping[str, Any], source: str = "<config>"):
+    """Validate a dict against any of the strict config dataclasses; raise ConfigError listing every problem."""
     try:
         # JSON mode: strict scalars (no "16" -> 16) while nested sections may be plain tables.
         return TypeAdapter(cls).validate_json(json.dumps(dict(data), default=str))

@@ -12,6 +12,7 @@ import typing
 
 import annotated_types as at
 
+from ..experiment import schema as E
 from . import schema as S
 
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
@@ -26,6 +27,12 @@ _SECTIONS = [
     ("`[risk_test]` (dynamic_beta_dpo)", S.RiskTestConfig, "risk_test.", None),
     ("`[beta_update]` (dynamic_beta_dpo)", S.BetaUpdateConfig, "beta_update.", None),
     ("`[beta_dpo]` (beta_dpo)", S.BetaDPOSectionConfig, "beta_dpo.", None),
+    ("Experiment file: `[experiment]`", E.ExperimentSection, "experiment.", None),
+    ("Experiment file: `[stages.NAME]`", E.StageConfig, "", None),
+    ("Experiment file: `[slurm]` and `[stages.NAME.slurm]`", E.SlurmConfig, "", None),
+    ("Experiment file: `[slurm.container]`", E.ContainerConfig, "container.", None),
+    ("Experiment file: `[prepare.tiny_model]`", E.TinyModelAsset, "", None),
+    ("Experiment file: `[prepare.reversal_data]`", E.ReversalDataAsset, "", None),
 ]
 _BOUNDS = ((at.Gt, "gt", ">"), (at.Ge, "ge", ">="), (at.Lt, "lt", "<"), (at.Le, "le", "<="))
 

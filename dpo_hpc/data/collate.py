@@ -14,7 +14,7 @@ import torch
 from .tokenize import TokenizedConversation, TokenizedPair
 
 
-def _pad(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+def pad_rows(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -35,9 +35,9 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torc
             completion = getattr(pair, side)
             rows.append(pair.prompt_ids + completion)
             masks.append([0] * len(pair.prompt_ids) + [1] * len(completion))
-    return _pad(rows, masks, pad_id)
+    return pad_rows(rows, masks, pad_id)
 
 
 def collate_conversations(convs: Sequence[TokenizedConversation], pad_id: int) -> dict[str, torch.Tensor]:
     """-> input_ids, attention_mask, loss_mask of shape (B, T)."""
-    return _pad([c.input_ids for c in convs], [c.loss_mask for c in convs], pad_id)
+    return pad_rows([c.input_ids for c in convs], [c.loss_mask for c in convs], pad_id)

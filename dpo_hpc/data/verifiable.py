@@ -114,17 +114,18 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
 
 
 def write_dataset(
-    out_dir: str | Path, n_train: int = 4000, n_test: int = 500, seed: int = 0, label_noise: float = 0.0
+    out_dir: str | Path, n_train: int = 4000, n_test: int = 500, seed: int = 0, label_noise: float = 0.0,
+    spec: TaskSpec = TaskSpec(),
 ) -> dict[str, Path]:
     """Write ``train.jsonl`` (HH preference rows), ``test.jsonl`` (prompts + answers) and ``task.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train, test = generate(n_train, n_test, seed=seed, label_noise=label_noise)
+    train, test = generate(n_train, n_test, seed=seed, label_noise=label_noise, spec=spec)
     paths = {"train": out / "train.jsonl", "test": out / "test.jsonl", "task": out / "task.json"}
     write_jsonl(train, paths["train"])
     write_jsonl(test, paths["test"])
     meta = {"task": TASK, "n_train": n_train, "n_test": n_test, "seed": seed, "label_noise": label_noise,
-            "flipped": sum(r["label_flipped"] for r in train)}
+            "multi_turn_ratio": spec.multi_turn_ratio, "flipped": sum(r["label_flipped"] for r in train)}
     paths["task"].write_text(json.dumps(meta, indent=2) + "\n")
     return paths
 

@@ -1,7 +1,7 @@
 """Process-group setup for one process, torchrun, the deepspeed launcher or srun.
 
 Rank and world size come from RANK/WORLD_SIZE (torchrun, deepspeed) or SLURM_PROCID/SLURM_NTASKS
-(srun); a lone process gets a private loopback rendezvous. CPU uses gloo, CUDA nccl.
+(srun); a lone process gets an in-memory rendezvous. CPU uses gloo, CUDA nccl.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def _export_env() -> DistEnv:
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 40000))
     else:
         rank, world, local = 0, 1, 0
+        # DeepSpeed wants these set; a lone process rendezvouses in memory (see init_distributed).
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", str(_free_port()))
     env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world), str(local)
@@ -74,8 +75,13 @@ def init_distributed() -> DistEnv:
 
     if use_cuda:
         torch.cuda.set_device(dist_env.local_rank)
+    backend = "nccl" if use_cuda else "gloo"
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+        if dist_env.world_size == 1:
+            # An in-memory store: no TCP port to race other jobs for (a free port picked, released
+            # and re-bound can be taken in between, seen as EADDRINUSE with jobs sharing a node).
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return dist_env
 
 

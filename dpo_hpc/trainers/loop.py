@@ -34,6 +34,7 @@ from .engine import (
 )
 from ..controllers import BetaDPOConfig, BetaDPOController, DynamicBetaController, DynamicBetaDPOConfig
 from .objectives import BetaDPOObjective, DPOObjective, DynamicBetaDPOObjective, Objective, SFTObjective, Stats
+from .preemption import StopSignal
 
 # Keys that may change between a checkpoint and its resumption (they do not alter the math).
 _RESUMABLE_CHANGES = {"max_steps", "epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
@@ -162,8 +163,10 @@ def train(
     tokenizer=None,
     train_rows=None,
     eval_rows=None,
+    stop: Optional[StopSignal] = None,
 ) -> dict[str, Any]:
-    """Run (or resume, or skip if already completed) one training run; returns its summary.
+    """Run (or resume, or skip if already completed) one training run; returns its summary, whose
+    ``status`` is ``completed``, or ``preempted`` when ``stop`` fired (a checkpoint was written).
 
     The models, tokenizer and data are loaded from the config's names unless passed in (the
     Python API passes in-memory objects).
@@ -293,9 +296,22 @@ def train(
         if val_set and training.eval_steps and done % training.eval_steps == 0 and done < total_steps:
             eval_metrics = evaluate(engine, objective, val_set, eval_batch, dist_env)
             _log_eval(writer, say, trainer, eval_metrics, done)
-        if training.save_steps and done % training.save_steps == 0 and done < total_steps:
+        saved_now = training.save_steps and done % training.save_steps == 0 and done < total_steps
+        if saved_now:
             path = checkpoints.save(engine, done, ckpt_state, objective.state_dict())
             say(f"[{trainer}] checkpoint {path}")
+        if dist_env.is_main and (done % training.logging_steps == 0 or done == total_steps):
+            run.write_progress(step=done, total_steps=total_steps, train=metrics, eval=eval_metrics)
+        if stop is not None and done < total_steps and stop.agreed(dist_env.world_size, dev):
+            if not saved_now:
+                path = checkpoints.save(engine, done, ckpt_state, objective.state_dict())
+            say(f"[{trainer}] stop signal: checkpoint {path} at step {done}/{total_steps}; exiting to be resumed")
+            if dist_env.is_main:
+                writer.close()
+                run.write_progress(step=done, total_steps=total_steps, train=metrics, eval=eval_metrics)
+                run.mark(manifest, "preempted", step=done, checkpoint=str(path))
+            barrier()
+            return {"status": "preempted", "step": done, "total_steps": total_steps, "checkpoint": str(path)}
 
     # ---- final eval and model -------------------------------------------------------------
     if val_set:
@@ -303,6 +319,7 @@ def train(
         _log_eval(writer, say, trainer, eval_metrics, total_steps)
     save_final_model(engine, tokenizer, run.root, dist_env.is_main)
     summary = {
+        "status": "completed",
         "final_step": total_steps,
         "train_seconds": round(time.time() - started, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -310,6 +327,8 @@ def train(
     }
     if dist_env.is_main:
         writer.close()
+        run.write_progress(step=total_steps, total_steps=total_steps, train=metrics if total_steps > start_step else {},
+                           eval=eval_metrics)
         run.finish(manifest, **summary)
         say(f"[{trainer}] done in {summary['train_seconds']:.0f} s; model: {run.root}; "
             f"TensorBoard: tensorboard --logdir {run.tensorboard}")

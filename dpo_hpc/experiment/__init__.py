@@ -1,0 +1,22 @@
+"""Experiment files: the schema, strict loading, and the pure expansion into runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import read_mapping, validate_as
+from .expand import Plan, Run, expand, run_id_for, stage_order
+from .schema import SLURM_DEFAULTS, ExperimentConfig, SlurmConfig, StageConfig, time_to_minutes
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment TOML; every problem is one line naming the file and key."""
+    return validate_as(ExperimentConfig, read_mapping(path), source=str(path))
+
+
+def load_plan(path: str | Path, cwd: str | Path = ".") -> Plan:
+    return expand(load_experiment(path), path, cwd)
+
+
+__all__ = ["SLURM_DEFAULTS", "ExperimentConfig", "Plan", "Run", "SlurmConfig", "StageConfig", "expand",
+           "load_experiment", "load_plan", "run_id_for", "stage_order", "time_to_minutes"]

@@ -1,0 +1,198 @@
+"""The experiment file: one TOML that declares stages (trainer + config + parameter grid), how
+they chain, and how Slurm runs them. Strict like the trainer configs: unknown keys, wrong types
+and out-of-range values are errors naming the key.
+
+    [experiment]            name, output root, seed
+    [prepare]               offline assets made on the submit host (tiny model, reversal data)
+    [slurm]                 sbatch defaults for every stage (partition, time, GPUs, container ...)
+    [stages.NAME]           trainer, config_file and/or inline [stages.NAME.config], from, pairing
+    [stages.NAME.slurm]     per-stage overrides of [slurm]
+    [stages.NAME.grid]      "dotted.config.key" = [values ...], expanded as a cartesian product
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+from pydantic.dataclasses import dataclass
+
+from ..config.schema import _STRICT, RUN_CONFIGS
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_TIME = re.compile(r"^(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)$|^(\d+)$")
+
+
+def time_to_minutes(value: str) -> int:
+    """Slurm time ("MM", "HH:MM:SS", "D-HH:MM:SS", "MM:SS") in whole minutes, rounded up."""
+    match = _TIME.match(value)
+    if not match:
+        raise ValueError(f"expected a Slurm time like '90', '01:30:00' or '1-00:00:00', got {value!r}")
+    days, hours, minutes, seconds, only_minutes = match.groups()
+    if only_minutes is not None:
+        return int(only_minutes)
+    if hours is None and days is None:  # "MM:SS"
+        hours, minutes, seconds = "0", minutes, seconds
+    total_s = ((int(days or 0) * 24 + int(hours or 0)) * 60 + int(minutes)) * 60 + int(seconds)
+    return max(1, -(-total_s // 60))
+
+
+@dataclass(config=_STRICT, kw_only=True)
+class ExperimentSection:
+    name: str = Field(pattern=_NAME)
+    """Experiment name; runs live under ``<output_root>/<name>/<stage>/<run-id>/``."""
+    output_root: str = "runs"
+    """Folder for every run of the experiment (relative paths: from the directory of submission)."""
+    seed: Optional[int] = None
+    """If set, the training seed of every run that does not set its own (``*_training.seed``)."""
+
+
+@dataclass(config=_STRICT, kw_only=True)
+class TinyModelAsset:
+    dir: str
+    """Where ``dpo-hpc make-tiny-model`` writes the random-init tiny Llama and its tokenizer."""
+    seed: int = 0
+    """Seed of the random initialisation."""
+
+
+@dataclass(config=_STRICT, kw_only=True)
+class ReversalDataAsset:
+    dir: str
+    """Where ``dpo-hpc make-data`` writes train.jsonl / test.jsonl of the verifiable reversal task."""
+    n_train: int = Field(4000, ge=1)
+    """Preference pairs in train.jsonl."""
+    n_test: int = Field(500, ge=0)
+    """Held-out prompts with answers in test.jsonl (for ``dpo-hpc evaluate``)."""
+    seed: int = 0
+    """Seed of the words, mistakes and flips."""
+    label_noise: float = Field(0.0, ge=0.0, le=1.0)
+    """Fraction of pairs with chosen and rejected swapped."""
+    multi_turn_ratio: float = Field(0.2, ge=0.0, le=1.0)
+    """Fraction of rows with one solved exchange before the asked one."""
+
+
+@dataclass(config=_STRICT, kw_only=True)
+class PrepareSection:
+    """Offline assets created on the submit host before anything is submitted (skipped if present)."""
+
+    tiny_model: Optional[TinyModelAsset] = None
+    reversal_data: Optional[ReversalDataAsset] = None
+
+
+@dataclass(config=_STRICT, kw_only=True)
+class ContainerConfig:
+    image: str
+    """Apptainer/Singularity image (``.sif``); each rank runs ``apptainer exec --nv IMAGE python ...``."""
+    runtime: Literal["apptainer", "singularity"] = "apptainer"
+    """The container command."""
+    binds: list[str] = Field(default_factory=list)
+    """``--bind`` specs (``/scratch`` or ``/host/path:/container/path``); the output root is always bound."""
+    nv: bool = True
+    """Pass ``--nv`` (GPU driver libraries into the container)."""
+    exec_args: list[str] = Field(default_factory=list)
+    """Further ``apptainer exec`` arguments (e.g. ``--cleanenv``)."""
+
+
+@dataclass(config=_STRICT, kw_only=True)
+class SlurmConfig:
+    """sbatch settings. Every key is optional; per-stage tables override the experiment's."""
+
+    partition: Optional[str] = None
+    """``--partition`` (default: the cluster's default partition)."""
+    account: Optional[str] = None
+    """``--account`` to charge."""
+    qos: Optional[str] = None
+    """``--qos``."""
+    time: Optional[str] = None
+    """Time limit per array task (``90``, ``04:00:00``, ``1-00:00:00``); default 60 minutes."""
+    nodes: Optional[int] = Field(None, ge=1)
+    """Nodes per array task (default 1)."""
+    gpus_per_node: Optional[int] = Field(None, ge=0)
+    """GPUs per node (default 0)."""
+    ntasks_per_node: Optional[int] = Field(None, ge=1)
+    """Ranks per node, one srun task each (default: gpus_per_node, at least 1)."""
+    cpus_per_task: Optional[int] = Field(None, ge=1)
+    """``--cpus-per-task`` per rank; also the rank's torch thread count."""
+    mem: Optional[str] = Field(None, pattern=r"^\d+[KMGT]?$")
+    """Memory per node, sbatch syntax (``64G``)."""
+    constraint: Optional[str] = None
+    """``--constraint`` (node features, e.g. ``a100``)."""
+    exclude: Optional[str] = None
+    """``--exclude`` nodes."""
+    array_parallelism: Optional[int] = Field(None, ge=1)
+    """At most this many tasks of a stage's array run at once (``--array=0-N%P``; default 64)."""
+    signal_lead_s: Optional[int] = Field(None, ge=10)
+    """``--signal=USR2@LEAD``: warn this long before the time limit; size it for one step plus one checkpoint (default 180)."""
+    max_requeues: Optional[int] = Field(None, ge=0)
+    """Requeues per run after preemption or time limit before giving up (default 10)."""
+    sbatch: Optional[dict[str, str]] = None
+    """Further sbatch options by long name (``{ exclusive = "", mail-type = "END" }``)."""
+    setup: Optional[list[str]] = None
+    """Shell lines run in the batch script before the ranks start (``module load cuda``)."""
+    env: Optional[dict[str, str]] = None
+    """Environment variables exported in the batch script."""
+    container: Optional[ContainerConfig] = None
+    """Run every rank inside an Apptainer/Singularity image (see ``[slurm.container]``)."""
+
+    @field_validator("time")
+    @classmethod
+    def _valid_time(cls, value):
+        if value is not None:
+            time_to_minutes(value)
+        return value
+
+
+SLURM_DEFAULTS = {"time": "60", "nodes": 1, "gpus_per_node": 0, "array_parallelism": 64, "signal_lead_s": 180,
+                  "max_requeues": 10}
+
+
+@dataclass(config=_STRICT, kw_only=True)
+class StageConfig:
+    trainer: Literal["sft", "dpo", "dynamic_beta_dpo", "beta_dpo"]
+    """The trainer every run of the stage uses."""
+    config_file: Optional[str] = None
+    """A trainer config file (TOML/YAML/JSON, the trainer CLIs' format); relative to the experiment file."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    """Trainer config as an inline table, merged over ``config_file`` (same keys and sections)."""
+    from_: Optional[str] = Field(None, alias="from")
+    """Stage whose saved models become this stage's ``policy_name`` and ``ref_name``."""
+    pairing: Literal["cross", "zip"] = "cross"
+    """With ``from``: every parent run x every grid point (cross), or parent i with grid point i (zip)."""
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    """``"section.key" = [values]``; the stage runs once per combination (cartesian product)."""
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @field_validator("grid")
+    @classmethod
+    def _non_empty_axes(cls, grid):
+        for key, values in grid.items():
+            if not values:
+                raise ValueError(f"grid axis '{key}' is empty; give at least one value")
+        return grid
+
+    @model_validator(mode="after")
+    def _has_config(self):
+        if self.trainer not in RUN_CONFIGS:  # pragma: no cover - Literal already checks
+            raise ValueError(f"unknown trainer {self.trainer}")
+        if self.pairing == "zip" and self.from_ is None:
+            raise ValueError("pairing = 'zip' needs 'from'")
+        return self
+
+
+@dataclass(config=_STRICT, kw_only=True)
+class ExperimentConfig:
+    experiment: ExperimentSection
+    stages: dict[str, StageConfig]
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    prepare: PrepareSection = Field(default_factory=PrepareSection)
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_names(cls, stages):
+        if not stages:
+            raise ValueError("declare at least one [stages.NAME] table")
+        for name in stages:
+            if not re.match(_NAME, name):
+                raise ValueError(f"stage name {name!r} must be letters, digits, '_', '-' or '.'")
+        return stages

@@ -1,0 +1,29 @@
+#!/bin/bash
+
+# Parameters
+#SBATCH --array=0-3%4
+#SBATCH --chdir=<REPO>
+#SBATCH --cpus-per-task=8
+#SBATCH --dependency='afterok:<job ids of the sft tasks>'
+#SBATCH --error=<REPO>/runs/hh_llama3_1b/.submit/logs/%A_%a/%A_%a_0_log.err
+#SBATCH --gpus-per-node=4
+#SBATCH --job-name=hh_llama3_1b.dynamic_beta_dpo
+#SBATCH --mem=256G
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=4
+#SBATCH --open-mode=append
+#SBATCH --output=<REPO>/runs/hh_llama3_1b/.submit/logs/%A_%a/%A_%a_0_log.out
+#SBATCH --partition=gpu
+#SBATCH --requeue
+#SBATCH --signal=USR2@300
+#SBATCH --time=480
+#SBATCH --wckey=submitit
+
+# setup
+export HF_DATASETS_OFFLINE=1
+export HF_HUB_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
+
+# command
+export SUBMITIT_EXECUTOR=slurm
+srun --unbuffered --output <REPO>/runs/hh_llama3_1b/.submit/logs/%A_%a/%A_%a_%t_log.out --error <REPO>/runs/hh_llama3_1b/.submit/logs/%A_%a/%A_%a_%t_log.err apptainer exec --nv --bind <REPO>/runs --bind $HOME/.cache/huggingface dpo-hpc.sif python -u -m submitit.core._submit <REPO>/runs/hh_llama3_1b/.submit/logs/%j

@@ -1,0 +1,37 @@
+"""The submit command without Slurm: the same experiment through submitit's local executor,
+stage after stage, with the same idempotence and status as on a cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from test_slurm import DPO, SFT, experiment
+
+
+def run(cwd, module, *args):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_local_executor_runs_the_chain_and_skips_it_afterwards(tmp_path, micro_model, reverse_data):
+    path = experiment(tmp_path, micro_model, reverse_data, SFT + DPO, name="local")
+    first = run(tmp_path, "dpo_hpc.submit", path.name, "--local")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "3 of 3 run(s) done" in first.stdout
+    rows = [json.loads(line) for line in run(tmp_path, "dpo_hpc.status", path.name, "--json").stdout.splitlines()]
+    assert [r["state"] for r in rows] == ["done"] * 3 and all(r["step"] in ("4/4", "3/3") for r in rows)
+    assert all(r["eval acc"] != "-" for r in rows if r["stage"] == "dpo")
+    again = run(tmp_path, "dpo_hpc.submit", path.name, "--local")
+    assert again.returncode == 0 and "nothing to submit" in again.stdout
+
+
+def test_local_failure_stops_the_children_and_is_reported(tmp_path, micro_model, reverse_data):
+    path = experiment(tmp_path, micro_model, tmp_path / "missing.jsonl", SFT + DPO, name="broken")
+    result = run(tmp_path, "dpo_hpc.submit", path.name, "--local")
+    assert result.returncode == 1
+    assert "failed" in result.stdout and "0 of 3 run(s) done" in result.stdout
+    assert result.stdout.count("not run: parent sft-") == 2
+    rows = [json.loads(line) for line in run(tmp_path, "dpo_hpc.status", path.name, "--json").stdout.splitlines()]
+    assert [r["state"] for r in rows] == ["failed", "cancelled", "cancelled"]
+    assert "missing.jsonl" in rows[0]["detail"] and "parent sft-" in rows[1]["detail"]
