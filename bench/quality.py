@@ -11,8 +11,9 @@ to hurt) is the start and the reference of every preference run: the comparison 
 is paired. A seed sets a preference run's train/val split, data order and initialisation
 randomness; the noise levels share prompts and answers and differ only in which pairs are flipped.
 
-Held-out prompts are split in two: ``dev`` (for choosing settings; the settings below were chosen
-on it, with seed 0 only) and ``test`` (reported, never used for choices). Reported per run: exact
+Held-out prompts are split in two: ``dev`` (for choosing settings: only the SFT length was chosen
+on it, with ``--sft-only --split dev``; the preference settings below were fixed in advance) and
+``test`` (reported, never used for choices). Reported per run: exact
 accuracy of greedy answers on ``test``, the win rate against the SFT model, and the change of the
 correct answer's log-prob against the SFT model (negative: preference training made the right
 answer less likely, the failure the verifiable-task probe saw).
@@ -146,18 +147,21 @@ def report(rows: list[dict], split: str) -> str:
     noises = sorted({r["noise"] for r in rows if r["method"] != "sft"})
     sft = next(r for r in rows if r["method"] == "sft")
     seeds = sorted({r["seed"] for r in rows if r["method"] != "sft"})
-    lines = [f"| method | label noise | {split} accuracy | Δ accuracy vs SFT | win rate vs SFT | Δ log p(correct) vs SFT |",
-             "|---|---|---|---|---|---|",
-             f"| SFT (start and reference) | – | {sft['accuracy']:.3f} | – | – | – |"]
+    lines = [f"| method | label noise | {split} accuracy | Δ accuracy vs SFT | win rate vs SFT | "
+             "Δ log p(correct answer) vs SFT | Δ log p chosen / rejected (val pairs) |",
+             "|---|---|---|---|---|---|---|",
+             f"| SFT (start and reference) | – | {sft['accuracy']:.3f} | – | – | – | – |"]
     for method in METHODS:
         for noise in noises:
             group = [r for r in rows if r["method"] == method and r["noise"] == noise]
             if not group:
                 continue
+            chosen = statistics.mean(r["val"]["logps/chosen_change"] for r in group)
+            rejected = statistics.mean(r["val"]["logps/rejected_change"] for r in group)
             lines.append(f"| {method} | {noise:.0%} | {mean_std([r['accuracy'] for r in group])} | "
                          f"{mean_std([r['accuracy'] - sft['accuracy'] for r in group])} | "
                          f"{mean_std([r['win_rate_vs_sft'] for r in group])} | "
-                         f"{mean_std([r['answer_logp_change'] for r in group])} |")
+                         f"{mean_std([r['answer_logp_change'] for r in group])} | {chosen:+.2f} / {rejected:+.2f} |")
     return ("\n".join(lines) + f"\n\nSeeds {seeds}: mean ± sample standard deviation over seeds; "
             f"{sft['prompts']} held-out prompts ({split}).\n")
 

@@ -197,7 +197,8 @@ def run_local(plan: Plan, runs: list[Run], statuses: dict[str, RunStatus]) -> di
         if blocked:
             ledger.record(blocked)
         slurm = stage_slurm(plan, stage)
-        width = max(1, min(slurm["array_parallelism"], os.cpu_count() or 1))
+        # As many runs at once as the CPUs allow at cpus_per_task each (torch threads are capped to it).
+        width = max(1, min(slurm["array_parallelism"], (os.cpu_count() or 1) // (slurm.get("cpus_per_task") or 1)))
         for start in range(0, len(stage_runs), width):
             chunk = stage_runs[start:start + width]
             executor = submitit.LocalExecutor(folder=logs_folder(plan))
@@ -206,6 +207,8 @@ def run_local(plan: Plan, runs: list[Run], statuses: dict[str, RunStatus]) -> di
             jobs = executor.map_array(run_task, [task_row(plan, r) for r in chunk])
             ledger.record([{"run_id": r.run_id, "stage": stage, "job_id": j.job_id, "backend": "local",
                             "submitter_pid": os.getpid()} for r, j in zip(chunk, jobs)])
+            for run, job in zip(chunk, jobs):
+                print(f"[submit]   {run.run_id}: progress in {job.paths.stdout}", flush=True)
             results = []
             for run, job in zip(chunk, jobs):
                 try:

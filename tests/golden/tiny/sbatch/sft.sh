@@ -3,7 +3,7 @@
 # Parameters
 #SBATCH --array=0-0%1
 #SBATCH --chdir=<REPO>
-#SBATCH --cpus-per-task=1
+#SBATCH --cpus-per-task=2
 #SBATCH --error=<REPO>/runs/tiny/.submit/logs/%A_%a/%A_%a_0_log.err
 #SBATCH --job-name=tiny.sft
 #SBATCH --mem=3G
