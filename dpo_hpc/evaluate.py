@@ -1,7 +1,7 @@
 """Ground-truth evaluation on the verifiable task: greedy answers to held-out prompts, scored
 with the task's exact reward; optionally the win rate against a baseline model (e.g. the SFT one).
 
-    dpo-hpc evaluate runs/tiny/dpo --data runs/tiny/data/test.jsonl --baseline runs/tiny/sft
+    dpo-hpc evaluate runs/tiny-single/dpo --data runs/tiny/data/test.jsonl --baseline runs/tiny-single/sft
 
 Prompts use the training convention ([BOS] + prompt, no special tokens added by the tokenizer)
 and are left-padded in batches; generation stops at EOS.
