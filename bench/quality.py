@@ -131,9 +131,26 @@ def evaluate(out: Path, model: Path, baseline: Optional[Path], split: str) -> di
     return json.loads(cache.read_text())
 
 
+def apply_override(text: str) -> None:
+    """``section.key=JSON`` into the DPO settings (unknown keys are caught by the trainer's strict schema)."""
+    key, value = text.split("=", 1)
+    section, name = key.split(".", 1)
+    if section == "dpo_training":
+        DPO_TRAINING[name] = json.loads(value)
+        return
+    targets = [sections[section] for sections in METHOD_SECTIONS.values() if section in sections]
+    if not targets:
+        raise SystemExit(f"--set {text}: no method has a '{section}' section")
+    for target in targets:
+        target[name] = json.loads(value)
+
+
 def final_train_metrics(run_dir: Path) -> dict:
+    """Train time, the final validation metrics, and the beta of the last logged step."""
     manifest = json.loads((run_dir / "run_manifest.json").read_text())
-    return {"train_seconds": manifest.get("train_seconds"), "val": manifest.get("final_eval", {})}
+    last = json.loads((run_dir / "progress.json").read_text())["train"]
+    beta = last.get("dpo/beta", last.get("beta_dpo/beta_used"))
+    return {"train_seconds": manifest.get("train_seconds"), "val": manifest.get("final_eval", {}), "final_beta": beta}
 
 
 def mean_std(values: list[float]) -> str:
@@ -194,13 +211,7 @@ def main() -> None:
         print(report(json.loads(results_path.read_text())["runs"], args.split))
         return
     for override in args.set:
-        key, value = override.split("=", 1)
-        section, name = key.split(".", 1)
-        DPO_TRAINING[name] = json.loads(value) if section == "dpo_training" else DPO_TRAINING.get(name)
-        if section != "dpo_training":
-            for sections in METHOD_SECTIONS.values():
-                if section in sections:
-                    sections[section][name] = json.loads(value)
+        apply_override(override)
 
     started = time.perf_counter()
     prepare_data(out, [0.0, *args.noise], args.n_train, args.n_dev, args.n_test)

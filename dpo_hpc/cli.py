@@ -12,13 +12,13 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .config import ConfigError, detect_trainer, read_mapping, to_dict, validate_mapping
+from .config import ConfigError, detect_trainer, read_mapping, set_dotted, to_dict, validate_mapping
 
 # CLI spelling -> schema name. `train-dpo` is the original framework's Dynamic-Beta DPO command.
 TRAINERS = {"sft": "sft", "dpo": "dpo", "dynamic-beta-dpo": "dynamic_beta_dpo", "beta-dpo": "beta_dpo"}
 
 
-def _parse_override(text: str) -> tuple[list[str], object]:
+def _parse_override(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise ConfigError([f"--set {text}: expected KEY.PATH=VALUE"])
     key, raw = text.split("=", 1)
@@ -28,20 +28,15 @@ def _parse_override(text: str) -> tuple[list[str], object]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw  # a bare word is a string
-    return key.strip().split("."), value
+    return key.strip(), value
 
 
 def load_with_overrides(path: str, trainer: Optional[str], overrides: Sequence[str]):
     """The validated config (trainer given, or detected from the sections after overrides)."""
     data = read_mapping(path)
     for text in overrides:
-        keys, value = _parse_override(text)
-        node = data
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError([f"--set {text}: {key} is not a section"])
-        node[keys[-1]] = value
+        key, value = _parse_override(text)
+        set_dotted(data, key, value, f"--set {text}")
     detected = detect_trainer(data)
     try:
         return validate_mapping(data, trainer or detected, source=path), trainer or detected

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import time
@@ -63,6 +64,27 @@ def _versions() -> dict[str, str]:
     return found
 
 
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def published_checkpoints(root: str | Path) -> list[Path]:
+    """Published checkpoint folders (``step_N``, not ``.tmp-step_N``) under ``root``, newest first.
+    Here rather than in dpo_hpc.checkpoint so that status listings need no torch."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """The file's JSON, or None when it is missing or torn (files written atomically are never torn)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -80,10 +102,7 @@ class RunDir:
         return self.root / MANIFEST
 
     def read_manifest(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.manifest_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+        return _read_json(self.manifest_path)
 
     def start(self, cfg, trainer: str, world_size: int) -> dict[str, Any]:
         """Create the folder, write the resolved config and a 'running' manifest (rank 0 only)."""
@@ -114,10 +133,7 @@ class RunDir:
         return self.root / PROGRESS
 
     def read_progress(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.progress_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+        return _read_json(self.progress_path)
 
     def write_progress(self, step: int, total_steps: int, train: dict[str, float], eval: dict[str, float]) -> None:
         """The latest step and metrics, for ``dpo_hpc.status`` (cheaper than reading TensorBoard)."""

@@ -11,11 +11,12 @@ import argparse
 import json
 import sys
 import time
-from typing import Optional, Sequence
+from collections import Counter
+from typing import Iterable, Optional, Sequence
 
 from .config import ConfigError
 from .experiment import Plan, load_plan
-from .hpc.state import RunStatus, plan_status
+from .hpc.state import ACTIVE_STATES, RunStatus, plan_status
 from .submit import ledger_of
 
 
@@ -37,6 +38,11 @@ def rows(plan: Plan, statuses: dict[str, RunStatus]) -> list[dict]:
     return out
 
 
+def state_counts(states: Iterable[str]) -> str:
+    """'3 done, 1 running' (states in alphabetical order)."""
+    return ", ".join(f"{n} {state}" for state, n in sorted(Counter(states).items()))
+
+
 def table(plan: Plan, statuses: dict[str, RunStatus]) -> str:
     data = rows(plan, statuses)
     columns = ["stage", "run_id", "grid", "job", "state", "step", "checkpoint", "eval acc", "eval margin"]
@@ -46,12 +52,8 @@ def table(plan: Plan, statuses: dict[str, RunStatus]) -> str:
         lines.append("  ".join(str(r[c]).ljust(widths[c]) for c in columns))
         if r["detail"]:
             lines.append(" " * (widths["stage"] + 2) + f"-> {r['detail']}")
-    counts: dict[str, int] = {}
-    for s in statuses.values():
-        counts[s.state] = counts.get(s.state, 0) + 1
     lines.append("")
-    lines.append(", ".join(f"{n} {state}" for state, n in sorted(counts.items())) +
-                 f"; TensorBoard: tensorboard --logdir {plan.root}")
+    lines.append(f"{state_counts(s.state for s in statuses.values())}; TensorBoard: tensorboard --logdir {plan.root}")
     return "\n".join(lines)
 
 
@@ -60,7 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment")
     parser.add_argument("--watch", type=float, nargs="?", const=10.0, metavar="SECONDS",
-                        help="refresh every SECONDS (default 10) until every run is done, failed or cancelled")
+                        help="refresh every SECONDS (default 10) until no run is pending, running or requeued")
     parser.add_argument("--json", action="store_true", help="one JSON object per run instead of the table")
     args = parser.parse_args(argv)
     try:
@@ -77,9 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.watch:
                 print("\033[2J\033[H" + time.strftime("%H:%M:%S"), flush=True)
             print(table(plan, statuses), flush=True)
-        settled = all(s.state in ("done", "failed", "cancelled", "stopped", "not submitted", "interrupted")
-                      for s in statuses.values())
-        if not args.watch or settled:
+        if not args.watch or all(s.state not in ACTIVE_STATES for s in statuses.values()):
             return 0
         time.sleep(args.watch)
 

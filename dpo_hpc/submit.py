@@ -27,7 +27,8 @@ from .config import ConfigError
 from .experiment import Plan, Run, load_plan
 from .fsutil import atomic_write_bytes
 from .hpc.ledger import Ledger
-from .hpc.slurm import SUBMIT_DIR, logs_folder, python_command, render_sbatch, sbatch_parameters, stage_slurm
+from .hpc.slurm import (SUBMIT_DIR, logs_folder, python_command, ranks_per_node, render_sbatch, sbatch_parameters,
+                        stage_slurm)
 from .hpc.state import ACTIVE_STATES, RESUBMITTABLE, RunStatus, error_line, plan_status
 
 
@@ -72,7 +73,7 @@ def print_plan(plan: Plan, statuses: Optional[dict[str, RunStatus]], decisions: 
         runs = plan.stage_runs(stage)
         origin = f", from {cfg.from_} ({cfg.pairing})" if cfg.from_ else ""
         print(f"  stage {stage} [{cfg.trainer}{origin}]: {len(runs)} run(s), one array; time {slurm['time']}, "
-              f"{slurm['nodes']} node(s) x {slurm.get('ntasks_per_node') or max(1, slurm['gpus_per_node'])} rank(s)")
+              f"{slurm['nodes']} node(s) x {ranks_per_node(slurm)} rank(s)")
         for run in runs:
             state = statuses[run.run_id].state if statuses else "-"
             parent = f" <- {run.parent}" if run.parent else ""
@@ -239,18 +240,17 @@ def run_local(plan: Plan, runs: list[Run], statuses: dict[str, RunStatus], poll_
 
 def wait_for(plan: Plan, run_ids: set[str], poll_s: float = 5.0) -> int:
     """Poll until the given runs settle; print the status table; 0 if all are done."""
-    from .status import table
+    from .status import state_counts, table
 
-    settled = {"done", "failed", "cancelled", "stopped", "unknown"}
     last = ""
     while True:
         statuses = plan_status(plan, ledger_of(plan).latest())
         mine = {rid: statuses[rid].state for rid in run_ids}
-        counts = ", ".join(f"{n} {s}" for s, n in sorted({s: list(mine.values()).count(s) for s in mine.values()}.items()))
+        counts = state_counts(mine.values())
         if counts != last:
             print(f"[submit] {time.strftime('%H:%M:%S')} {counts}", flush=True)
             last = counts
-        if all(state in settled for state in mine.values()):
+        if not ACTIVE_STATES.intersection(mine.values()):
             print(table(plan, statuses))
             return 0 if all(state == "done" for state in mine.values()) else 1
         time.sleep(poll_s)
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", default="", metavar="ID,...", help="submit only these run ids")
     parser.add_argument("--local", action="store_true", help="run through the local executor even if sbatch exists")
     parser.add_argument("--wait", action="store_true",
-                        help="with Slurm: wait until every run is done, failed or cancelled, then print the status table")
+                        help="with Slurm: wait until no submitted run is pending, running or requeued, then print the status table")
     return parser
 
 

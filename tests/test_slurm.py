@@ -144,9 +144,14 @@ def test_failed_parent_cancels_its_children(tmp_path, micro_model, reverse_data)
     assert states == {"sft": "failed", "dpo": "cancelled"}, rows
     details = [r["detail"] for r in rows.values() if r["stage"] == "dpo"]
     assert all("parent" in d for d in details)
-    # A resubmission would retry the SFT; its children are submitted with it, still behind afterok.
-    plan = submit(path, "--dry-run").stdout
-    assert "would submit" in plan
+    # A resubmission retries the SFT and its children (still behind afterok); nothing is skipped.
+    from dpo_hpc.experiment import load_plan
+    from dpo_hpc.hpc.state import plan_status
+    from dpo_hpc.submit import decide, ledger_of
+
+    plan = load_plan(path, cwd=tmp_path)
+    statuses = plan_status(plan, ledger_of(plan).latest())
+    assert set(decide(plan, plan.runs, statuses).values()) == {"submit"}
 
 
 def test_stop_signal_checkpoints_requeues_and_resumes_exactly(tmp_path, micro_model, reverse_data):

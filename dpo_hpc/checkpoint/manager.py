@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from ..fsutil import atomic_write_json, fsync_dir, fsync_tree, sha256_file
+from ..run_dir import published_checkpoints
 from ..trainers.distributed import DistEnv, barrier
 
 ENGINE_TAG = "engine"
 MANIFEST = "manifest.json"
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
 _TMP_DIR = re.compile(r"^\.tmp-step_(\d{8})$")
 
 
@@ -68,10 +68,7 @@ class CheckpointManager:
     # ----- listing and verification -------------------------------------------------------
     def published(self) -> list[Path]:
         """Published checkpoint folders, newest first."""
-        if not self.root.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-        return [p for _, p in sorted(found, reverse=True)]
+        return published_checkpoints(self.root)
 
     @staticmethod
     def verify(path: Path) -> Optional[str]:

@@ -1,6 +1,6 @@
 """Configuration: typed sections and strict loading (no torch imported here)."""
 
-from .loader import ConfigError, detect_trainer, load_config, read_mapping, to_dict, validate_as, validate_mapping
+from .loader import ConfigError, detect_trainer, load_config, read_mapping, set_dotted, to_dict, validate_as, validate_mapping
 from .schema import (
     RUN_CONFIGS,
     BetaDPORunConfig,
@@ -21,5 +21,5 @@ __all__ = [
     "RUN_CONFIGS", "BetaDPORunConfig", "BetaDPOSectionConfig", "BetaUpdateConfig", "ConfigError",
     "DatasetConfig", "DeepSpeedConfig", "DPORunConfig", "DPOTrainingConfig", "DynamicBetaDPORunConfig",
     "RiskTestConfig", "SFTRunConfig", "SFTTrainingConfig", "TrainingConfig", "detect_trainer",
-    "load_config", "read_mapping", "to_dict", "validate_as", "validate_mapping",
+    "load_config", "read_mapping", "set_dotted", "to_dict", "validate_as", "validate_mapping",
 ]

@@ -75,6 +75,17 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def set_dotted(data: dict, key: str, value: Any, where: str) -> None:
+    """Set ``section.sub.key`` in nested tables, creating missing sections; ``where`` names the source in errors."""
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError([f"{where}: '{key}': '{part}' is a value, not a section"])
+    node[parts[-1]] = value
+
+
 def detect_trainer(data: Mapping[str, Any]) -> str:
     """Guess the trainer from the sections present (the original configs carry no trainer key)."""
     if "sft_training" in data:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..config import ConfigError, read_mapping, to_dict, validate_mapping
+from ..config import ConfigError, read_mapping, set_dotted, to_dict, validate_mapping
 from .schema import ExperimentConfig, StageConfig
 
 TRAINING_SECTION = {"sft": "sft_training", "dpo": "dpo_training", "dynamic_beta_dpo": "dpo_training",
@@ -86,17 +86,6 @@ def stage_order(exp: ExperimentConfig, source: Path) -> list[str]:
     return order
 
 
-def _set_dotted(config: dict, dotted: str, value: Any, source: Path, where: str) -> None:
-    parts = dotted.split(".")
-    node = config
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            _fail(source, where, f"'{dotted}': '{part}' is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
 def _deep_merge(base: dict, top: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in top.items():
@@ -160,7 +149,7 @@ def expand(exp: ExperimentConfig, source: str | Path, cwd: str | Path) -> Plan:
         for parent, point in pairs:
             config = copy.deepcopy(base)
             for key, value in point.items():
-                _set_dotted(config, key, value, source, f"{where}.grid")
+                set_dotted(config, key, value, f"{source}: {where}.grid")
             if parent is not None:  # replaces the config file's names; an inline ref_name pins another reference
                 config["policy_name"] = str(parent.run_dir)
                 if stage.trainer != "sft":

@@ -11,13 +11,16 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..experiment import Plan, Run
-from ..run_dir import RunDir
+from ..run_dir import RunDir, published_checkpoints
+from .slurm import logs_folder
+from .task import read_requeues
 
 LIVE = {"PENDING": "pending", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
         "SUSPENDED": "running", "STAGE_OUT": "running", "SIGNALING": "running", "RESIZING": "running",
         "REQUEUED": "requeued", "REQUEUE_HOLD": "requeued", "REQUEUE_FED": "requeued"}
 FAILED = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 ACTIVE_STATES = {"pending", "running", "requeued"}
+"""States in which Slurm will still do something for the run; every other state waits for the user."""
 RESUBMITTABLE = {"not submitted", "failed", "cancelled", "stopped", "interrupted", "unknown"}
 
 
@@ -91,7 +94,7 @@ def error_line(text: str) -> str:
 
 def log_error(plan: Plan, job_id: str) -> str:
     """The error that ended a job, from rank 0's stderr in submitit's log folder."""
-    path = plan.root / ".submit" / "logs" / job_id / f"{job_id}_0_log.err"
+    path = logs_folder(plan).parent / job_id / f"{job_id}_0_log.err"
     try:
         return error_line(path.read_text(errors="replace")[-200_000:])
     except OSError:
@@ -112,19 +115,17 @@ def run_status(plan: Plan, run: Run, entry: Optional[dict[str, Any]], slurm: dic
     run_dir = RunDir(run.run_dir)
     manifest = run_dir.read_manifest() or {}
     progress = run_dir.read_progress() or {}
-    checkpoints = sorted(run_dir.checkpoints.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) \
-        if run_dir.checkpoints.is_dir() else []
-    from .task import read_requeues
-
+    checkpoints = published_checkpoints(run_dir.checkpoints)
     status = RunStatus(state="not submitted", job_id=entry.get("job_id") if entry else None,
                        step=progress.get("step"), total_steps=progress.get("total_steps"),
-                       checkpoint=checkpoints[-1].name if checkpoints else None,
-                       eval=progress.get("eval") or manifest.get("final_eval") or {},
+                       checkpoint=checkpoints[0].name if checkpoints else None,
+                       eval=progress.get("eval") or {},
                        requeues=len(read_requeues(run.run_dir)))
     recorded = manifest.get("status")
-    if recorded == "completed":
+    if recorded == "completed":  # the manifest holds the final eval; progress.json the last logged one
         status.state = "done"
         status.step = status.total_steps = manifest.get("final_step", status.step)
+        status.eval = manifest.get("final_eval") or status.eval
         return status
     if entry is None:
         if recorded:

@@ -7,7 +7,6 @@ Rank and world size come from RANK/WORLD_SIZE (torchrun, deepspeed) or SLURM_PRO
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from dataclasses import dataclass
 
@@ -23,12 +22,6 @@ class DistEnv:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _export_env() -> DistEnv:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -41,9 +34,10 @@ def _export_env() -> DistEnv:
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 40000))
     else:
         rank, world, local = 0, 1, 0
-        # DeepSpeed wants these set; a lone process rendezvouses in memory (see init_distributed).
+        # DeepSpeed checks that these exist; nothing binds the port: a lone process rendezvouses
+        # in memory (see init_distributed).
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+        env.setdefault("MASTER_PORT", "29500")
     env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world), str(local)
     return DistEnv(rank, local, world)
 

@@ -292,6 +292,8 @@ def train(
         if done % training.logging_steps == 0 or done == total_steps or steps_done == 1:
             mean_step = (time.perf_counter() - loop_start) / steps_done
             say(_progress_line(trainer, done, total_steps, metrics, elapsed, mean_step * (total_steps - done)))
+            if dist_env.is_main:
+                run.write_progress(step=done, total_steps=total_steps, train=metrics, eval=eval_metrics)
 
         if val_set and training.eval_steps and done % training.eval_steps == 0 and done < total_steps:
             eval_metrics = evaluate(engine, objective, val_set, eval_batch, dist_env)
@@ -300,8 +302,6 @@ def train(
         if saved_now:
             path = checkpoints.save(engine, done, ckpt_state, objective.state_dict())
             say(f"[{trainer}] checkpoint {path}")
-        if dist_env.is_main and (done % training.logging_steps == 0 or done == total_steps):
-            run.write_progress(step=done, total_steps=total_steps, train=metrics, eval=eval_metrics)
         if stop is not None and done < total_steps and stop.agreed(dist_env.world_size, dev):
             if not saved_now:
                 path = checkpoints.save(engine, done, ckpt_state, objective.state_dict())
@@ -327,8 +327,6 @@ def train(
     }
     if dist_env.is_main:
         writer.close()
-        run.write_progress(step=total_steps, total_steps=total_steps, train=metrics if total_steps > start_step else {},
-                           eval=eval_metrics)
         run.finish(manifest, **summary)
         say(f"[{trainer}] done in {summary['train_seconds']:.0f} s; model: {run.root}; "
             f"TensorBoard: tensorboard --logdir {run.tensorboard}")
