@@ -32,11 +32,12 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dpo_hpc.config import DatasetConfig
-    from dpo_hpc.data.loading import global_batch_indices, load_splits
+    from dpo_hpc.data.pipeline import load_splits
+    from dpo_hpc.data.sampler import global_batch_indices
     from dpo_hpc.data.verifiable import TaskSpec, generate, reward, write_jsonl
     from dpo_hpc.evaluate import greedy_answers
     from dpo_hpc.tiny_model import make_tiny_model
-    from dpo_hpc.trainers.objectives import SFTObjective
+    from dpo_hpc.algorithms.objectives import SFTObjective
 
     scratch = Path(tempfile.mkdtemp(prefix="dpo_hpc_curve_"))
     rows, test = generate(4000, args.eval_prompts, seed=0, spec=TaskSpec(multi_turn_ratio=args.multi_turn))

@@ -12,10 +12,12 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .config import ConfigError, detect_trainer, read_mapping, set_dotted, to_dict, validate_mapping
+from pathlib import Path
 
-# CLI spelling -> schema name. `train-dpo` is the original framework's Dynamic-Beta DPO command.
-TRAINERS = {"sft": "sft", "dpo": "dpo", "dynamic-beta-dpo": "dynamic_beta_dpo", "beta-dpo": "beta_dpo"}
+from .config import ALGORITHMS, ConfigError, by_command, detect_trainer, read_mapping, set_dotted, to_dict, validate_mapping
+
+TRAINERS = {algo.command: algo.name for algo in ALGORITHMS.values()}
+"""``dpo-hpc train COMMAND`` -> the algorithm's name (from the registry)."""
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -48,7 +50,7 @@ def load_with_overrides(path: str, trainer: Optional[str], overrides: Sequence[s
 
 def _run_training(config: str, trainer: str, overrides: Sequence[str]) -> int:
     cfg, _ = load_with_overrides(config, trainer, overrides)
-    from .hpc.task import train_and_requeue
+    from .launch.task import train_and_requeue
 
     # Under sbatch with --signal=USR2@LEAD (see hpc/train.sbatch), a stop signal checkpoints and requeues.
     train_and_requeue(cfg, trainer, int(os.environ.get("DPO_HPC_MAX_REQUEUES", "10")), config)
@@ -157,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _guarded(func, *args) -> int:
     from .checkpoint import CheckpointError
-    from .data.loading import DataError
+    from .data import DataError
 
     try:
         return func(*args)
@@ -175,26 +177,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return _guarded(args.func, args)
 
 
-def _legacy(trainer: str, argv: Optional[Sequence[str]]) -> int:
-    parser = argparse.ArgumentParser(prog=f"train-{trainer.replace('_', '-')}")
+def legacy_main(argv: Optional[Sequence[str]] = None, command: Optional[str] = None) -> int:
+    """The original framework's commands (``train-sft``, ``train-dpo``, ``train-beta-dpo``): which
+    trainer runs is the registry's ``legacy_command`` matching the name this was invoked as."""
+    command = command or Path(sys.argv[0]).name
+    trainer = by_command(command).name
+    parser = argparse.ArgumentParser(prog=command)
     _accept_launcher_rank(parser)
     parser.add_argument("--config", "-c", required=True)
     parser.add_argument("--set", "-s", action="append", default=[], metavar="KEY.PATH=VALUE")
     args = parser.parse_args(argv)
     return _guarded(_run_training, args.config, trainer, args.set)
-
-
-def train_sft_main(argv: Optional[Sequence[str]] = None) -> int:
-    return _legacy("sft", argv)
-
-
-def train_dpo_main(argv: Optional[Sequence[str]] = None) -> int:
-    """The original ``train-dpo``: Dynamic-Beta DPO."""
-    return _legacy("dynamic_beta_dpo", argv)
-
-
-def train_beta_dpo_main(argv: Optional[Sequence[str]] = None) -> int:
-    return _legacy("beta_dpo", argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 
 from .data.collate import pad_rows
 from .data.tokenize import SpecialTokens, encode_completion
-from .losses.logprobs import sequence_logps
+from .algorithms.logprobs import sequence_logps
 from .data.verifiable import reward
 
 

@@ -1,11 +1,15 @@
-"""Atomic, verified checkpoints of a DeepSpeed engine plus named pieces of trainer state.
+"""Atomic, verified checkpoints of a DeepSpeed engine plus named pieces of state.
 
-A checkpoint is written into ``checkpoints/.tmp-step_N``, fsynced, given a ``manifest.json``
-(sha256 and size of every file) written last, then published by renaming it to ``step_N``.
-Older checkpoints are removed only after that rename, so a crash at any instant leaves the
-last published checkpoint usable. Loading takes the newest ``step_*`` whose manifest verifies;
-a corrupt one is reported and skipped. This module knows nothing about DPO: trainers hand it a
-dict of plain state (numbers, strings, tensors) and get the same dict back.
+The checkpointer gathers Stateful pieces by name (anything with ``state_dict()`` /
+``load_state_dict()``): *shared* pieces, identical on every rank and JSON-able (the trainer's
+counters and config), and *per-rank* pieces (the objective's controllers; this process's RNG is
+always added). It owns the save interval, so the trainer only says which step it finished.
+
+A checkpoint is written into ``.tmp-step_N``, fsynced, given a ``manifest.json`` (format
+version, sha256 and size of every file) written last, then published by renaming it to
+``step_N``. Older checkpoints are removed only after that rename, so a crash at any instant
+leaves the last published checkpoint usable. Loading takes the newest ``step_*`` whose manifest
+verifies; a corrupt one is reported and skipped. Nothing here knows about DPO.
 """
 
 from __future__ import annotations
@@ -13,143 +17,189 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 import torch
 
 from ..fsutil import atomic_write_json, fsync_dir, fsync_tree, sha256_file
-from ..run_dir import published_checkpoints
-from ..trainers.distributed import DistEnv, barrier
-
-ENGINE_TAG = "engine"
-MANIFEST = "manifest.json"
-_TMP_DIR = re.compile(r"^\.tmp-step_(\d{8})$")
+from ..runtime import DistEnv, barrier
+from . import layout
+from .layout import CheckpointError
 
 
-def rng_state() -> dict[str, Any]:
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class RNGState:
     """This process's RNG states as tensors and plain numbers (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+
+    def state_dict(self) -> dict[str, Any]:
+        np_state = np.random.get_state()
+        state = {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        np_state = state["numpy"]
+        np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                             np_state["has_gauss"], np_state["cached_gaussian"]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np_state = state["numpy"]
-    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+RNG = "rng"
 
 
-class CheckpointError(Exception):
-    pass
+def verify(path: Path) -> Optional[str]:
+    """None if every file listed in the manifest has its recorded size and sha256, else why not."""
+    try:
+        manifest = json.loads((path / layout.MANIFEST).read_text())
+    except FileNotFoundError:
+        return "no manifest"
+    except json.JSONDecodeError as exc:
+        return f"unreadable manifest ({exc})"
+    version = manifest.get("format_version", 1)
+    if version > layout.FORMAT_VERSION:
+        return f"format version {version} is newer than this dpo-hpc reads ({layout.FORMAT_VERSION})"
+    for rel, meta in manifest["files"].items():
+        file = path / rel
+        if not file.is_file():
+            return f"missing {rel}"
+        if file.stat().st_size != meta["size"]:
+            return f"{rel} has {file.stat().st_size} bytes, manifest says {meta['size']}"
+        if sha256_file(file) != meta["sha256"]:
+            return f"{rel} checksum mismatch"
+    return None
 
 
-class CheckpointManager:
-    def __init__(self, root: str | Path, keep: int, dist_env: DistEnv):
+class Checkpointer:
+    def __init__(self, root: str | Path, dist_env: DistEnv, engine, *, interval: int, keep: int,
+                 shared: dict[str, Stateful], per_rank: dict[str, Stateful]):
+        """``interval``: save every this many steps (0: only when asked); ``keep``: published
+        checkpoints kept. ``shared`` pieces must return JSON-able state."""
         self.root = Path(root)
-        self.keep = max(1, keep)
         self.dist = dist_env
+        self.engine = engine
+        self.interval = interval
+        self.keep = max(1, keep)
+        self.shared = shared
+        self.per_rank = {**per_rank, RNG: RNGState()}
+        self.last_saved_step: Optional[int] = None
 
-    # ----- listing and verification -------------------------------------------------------
+    # ----- listing -------------------------------------------------------------------------
     def published(self) -> list[Path]:
         """Published checkpoint folders, newest first."""
-        return published_checkpoints(self.root)
+        return layout.published_checkpoints(self.root)
 
-    @staticmethod
-    def verify(path: Path) -> Optional[str]:
-        """None if every file listed in the manifest has its recorded size and sha256, else why not."""
-        try:
-            manifest = json.loads((path / MANIFEST).read_text())
-        except FileNotFoundError:
-            return "no manifest"
-        except json.JSONDecodeError as exc:
-            return f"unreadable manifest ({exc})"
-        for rel, meta in manifest["files"].items():
-            file = path / rel
-            if not file.is_file():
-                return f"missing {rel}"
-            if file.stat().st_size != meta["size"]:
-                return f"{rel} has {file.stat().st_size} bytes, manifest says {meta['size']}"
-            if sha256_file(file) != meta["sha256"]:
-                return f"{rel} checksum mismatch"
-        return None
-
-    def latest_valid(self, log=print) -> Optional[Path]:
+    def latest_valid(self, log: Callable[[str], None] = print) -> Optional[Path]:
         for path in self.published():
-            problem = self.verify(path)
+            problem = verify(path)
             if problem is None:
                 return path
             log(f"checkpoint {path} is not usable ({problem}); trying an older one")
         return None
 
     # ----- save -----------------------------------------------------------------------------
-    def save(self, engine, step: int, state: dict[str, Any], rank_state: dict[str, Any] | None = None) -> Path:
-        """Write and publish checkpoint ``step``. Every rank calls this (ZeRO saves are collective).
+    def maybe_save(self, step: int, total_steps: int) -> Optional[Path]:
+        """Save if ``step`` is on the interval (the end of the run saves the model instead)."""
+        if self.interval and step % self.interval == 0 and step < total_steps:
+            return self.save(step)
+        return None
 
-        ``state`` is JSON-able trainer state shared by all ranks; ``rank_state`` (numbers and
-        tensors, e.g. algorithm controllers) is stored per rank next to that rank's RNG.
-        """
-        name = f"step_{step:08d}"
-        tmp = self.root / f".tmp-{name}"
-        final = self.root / name
+    def save(self, step: int) -> Path:
+        """Write and publish checkpoint ``step`` (at most once per step). Every rank calls this:
+        ZeRO saves are collective."""
+        final = self.root / layout.step_dir_name(step)
+        if self.last_saved_step == step:
+            return final
+        tmp = self.root / layout.tmp_dir_name(step)
         if self.dist.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.iterdir():
-                if _TMP_DIR.match(stale.name):
+                if layout.is_tmp_dir(stale.name):
                     shutil.rmtree(stale)  # an interrupted save of ours
             tmp.mkdir()
         barrier()
-        engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
-        (tmp / "ranks").mkdir(exist_ok=True)
-        torch.save({"rng": rng_state(), "state": rank_state or {}}, tmp / "ranks" / f"rank_{self.dist.rank:05d}.pt")
+        self.engine.save_checkpoint(str(tmp), tag=layout.ENGINE_TAG, save_latest=False)
+        rank_path = tmp / layout.rank_file(self.dist.rank)
+        rank_path.parent.mkdir(exist_ok=True)
+        torch.save({name: piece.state_dict() for name, piece in self.per_rank.items()}, rank_path)
         barrier()
         if self.dist.is_main:
-            atomic_write_json(tmp / "trainer_state.json", {**state, "step": step, "world_size": self.dist.world_size})
-            fsync_tree(tmp)
-            files = {}
-            for folder, _, names in os.walk(tmp):
-                for file_name in names:
-                    file = Path(folder) / file_name
-                    files[str(file.relative_to(tmp))] = {"size": file.stat().st_size, "sha256": sha256_file(file)}
-            atomic_write_json(tmp / MANIFEST, {"step": step, "files": dict(sorted(files.items()))})
-            if final.exists():  # same step saved before (e.g. a final save after a periodic one)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_dir(self.root)
-            for old in self.published()[self.keep:]:
-                if (old / MANIFEST).exists():
-                    shutil.rmtree(old)
+            self._publish(tmp, final, step)
         barrier()
+        self.last_saved_step = step
         return final
 
+    def _publish(self, tmp: Path, final: Path, step: int) -> None:
+        shared = {name: piece.state_dict() for name, piece in self.shared.items()}
+        atomic_write_json(tmp / layout.SHARED_STATE, {"step": step, "world_size": self.dist.world_size,
+                                                      "pieces": shared})
+        fsync_tree(tmp)
+        files = {}
+        for folder, _, names in os.walk(tmp):
+            for file_name in names:
+                file = Path(folder) / file_name
+                files[str(file.relative_to(tmp))] = {"size": file.stat().st_size, "sha256": sha256_file(file)}
+        atomic_write_json(tmp / layout.MANIFEST, {"format_version": layout.FORMAT_VERSION, "step": step,
+                                                  "files": dict(sorted(files.items()))})
+        if final.exists():  # same step saved by an earlier attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(self.root)
+        for old in self.published()[self.keep:]:
+            if (old / layout.MANIFEST).exists():
+                shutil.rmtree(old)
+
     # ----- load -----------------------------------------------------------------------------
-    def load(self, engine, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Restore engine (weights, optimizer, scheduler) and this rank's RNG; return the shared
-        trainer state and this rank's ``rank_state`` (rank 0's when the world size changed)."""
-        state = json.loads((path / "trainer_state.json").read_text())
-        load_path, _ = engine.load_checkpoint(
-            str(path), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+    def load(self, path: Path) -> int:
+        """Restore every piece from ``path`` and return its step. Shared pieces load first (a
+        piece may refuse the checkpoint before the engine is touched); per-rank pieces come from
+        this rank's file, or rank 0's when the world size changed (the RNG is then left as seeded)."""
+        version = json.loads((path / layout.MANIFEST).read_text()).get("format_version", 1)
+        shared = json.loads((path / layout.SHARED_STATE).read_text())
+        if version == 1:
+            shared = {"step": shared["step"], "world_size": shared["world_size"],
+                      "pieces": {"progress": {k: v for k, v in shared.items() if k != "world_size"}}}
+        for name, piece in self.shared.items():
+            try:
+                piece.load_state_dict(shared["pieces"][name])
+            except CheckpointError as exc:
+                raise CheckpointError(f"{path}: {exc}") from None
+        load_path, _ = self.engine.load_checkpoint(str(path), tag=layout.ENGINE_TAG, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load the engine state from {path}")
-        same_world = state["world_size"] == self.dist.world_size
-        rank_file = path / "ranks" / f"rank_{self.dist.rank if same_world else 0:05d}.pt"
-        saved = torch.load(rank_file, weights_only=True)
-        if same_world:
-            set_rng_state(saved["rng"])
-        return state, saved["state"]
+        same_world = shared["world_size"] == self.dist.world_size
+        saved = torch.load(path / layout.rank_file(self.dist.rank if same_world else 0), weights_only=True)
+        if version == 1:
+            saved = {RNG: saved["rng"], "objective": saved["state"]}
+        if not same_world:
+            saved.pop(RNG)
+        for name, piece in self.per_rank.items():
+            if name in saved:
+                piece.load_state_dict(saved[name])
+        self.last_saved_step = shared["step"]
+        return shared["step"]
+
+    def resume(self, log: Callable[[str], None] = print) -> tuple[int, Optional[Path]]:
+        """Load the newest usable checkpoint: (its step, its path), or (0, None) for a fresh start."""
+        latest = self.latest_valid(log)
+        if latest is None:
+            return 0, None
+        return self.load(latest), latest

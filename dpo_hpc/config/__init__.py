@@ -1,8 +1,10 @@
-"""Configuration: typed sections and strict loading (no torch imported here)."""
+"""Configuration: typed sections, the algorithm registry and strict loading (no torch imported here)."""
 
-from .loader import ConfigError, detect_trainer, load_config, read_mapping, set_dotted, to_dict, validate_as, validate_mapping
+from .errors import ConfigError
+from .loader import detect_trainer, load_config, read_mapping, set_dotted, to_dict, validate_as, validate_mapping
+from .registry import ALGORITHMS, Algorithm, algorithm, by_command
 from .schema import (
-    RUN_CONFIGS,
+    STRICT,
     BetaDPORunConfig,
     BetaDPOSectionConfig,
     BetaUpdateConfig,
@@ -18,8 +20,9 @@ from .schema import (
 )
 
 __all__ = [
-    "RUN_CONFIGS", "BetaDPORunConfig", "BetaDPOSectionConfig", "BetaUpdateConfig", "ConfigError",
-    "DatasetConfig", "DeepSpeedConfig", "DPORunConfig", "DPOTrainingConfig", "DynamicBetaDPORunConfig",
-    "RiskTestConfig", "SFTRunConfig", "SFTTrainingConfig", "TrainingConfig", "detect_trainer",
-    "load_config", "read_mapping", "set_dotted", "to_dict", "validate_as", "validate_mapping",
+    "ALGORITHMS", "STRICT", "Algorithm", "BetaDPORunConfig", "BetaDPOSectionConfig", "BetaUpdateConfig",
+    "ConfigError", "DatasetConfig", "DeepSpeedConfig", "DPORunConfig", "DPOTrainingConfig",
+    "DynamicBetaDPORunConfig", "RiskTestConfig", "SFTRunConfig", "SFTTrainingConfig", "TrainingConfig",
+    "algorithm", "by_command", "detect_trainer", "load_config", "read_mapping", "set_dotted", "to_dict",
+    "validate_as", "validate_mapping",
 ]

@@ -18,20 +18,13 @@ from typing import Any, Mapping
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from .schema import RUN_CONFIGS
+from .errors import ConfigError
+from .registry import ALGORITHMS, algorithm
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
-
-
-class ConfigError(Exception):
-    """A config could not be loaded; ``problems`` holds one line per problem."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
 
 
 class _SafeLoader(yaml.SafeLoader):
@@ -87,13 +80,11 @@ def set_dotted(data: dict, key: str, value: Any, where: str) -> None:
 
 
 def detect_trainer(data: Mapping[str, Any]) -> str:
-    """Guess the trainer from the sections present (the original configs carry no trainer key)."""
-    if "sft_training" in data:
-        return "sft"
-    if "beta_dpo" in data:
-        return "beta_dpo"
-    if "risk_test" in data or "beta_update" in data:
-        return "dynamic_beta_dpo"
+    """The trainer whose own sections the file has (the original configs carry no trainer key);
+    plain DPO, which has no section of its own, when none matches."""
+    for algo in ALGORITHMS.values():
+        if any(section in data for section in algo.marker_sections):
+            return algo.name
     return "dpo"
 
 
@@ -151,9 +142,7 @@ def _describe(error: dict, root_cls) -> str:
 
 def validate_mapping(data: Mapping[str, Any], trainer: str, source: str = "<config>"):
     """Validate a dict against the trainer's schema; raise ConfigError listing every problem."""
-    if trainer not in RUN_CONFIGS:
-        raise ConfigError([f"{source}: unknown trainer '{trainer}'; expected one of {', '.join(RUN_CONFIGS)}"])
-    return validate_as(RUN_CONFIGS[trainer], data, source)
+    return validate_as(algorithm(trainer, source).config, data, source)
 
 
 def validate_as(cls, data: Mapping[str, Any], source: str = "<config>"):

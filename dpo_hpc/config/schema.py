@@ -19,12 +19,13 @@ from typing import Literal, Optional
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 
-_STRICT = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+STRICT = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+"""The pydantic config of every config dataclass: unknown keys and loose types are errors."""
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
-@dataclass(config=_STRICT, kw_only=True)
+@dataclass(config=STRICT, kw_only=True)
 class DatasetConfig:
     dataset_name: str
     """Hub dataset name (e.g. ``Anthropic/hh-rlhf``) or a local path: a JSON/JSONL/parquet file,
@@ -50,7 +51,7 @@ class DatasetConfig:
         return self
 
 
-@dataclass(config=_STRICT, kw_only=True)
+@dataclass(config=STRICT, kw_only=True)
 class DeepSpeedConfig:
     zero_stage: int = Field(0, ge=0, le=3)
     """ZeRO stage (0 = plain data parallel, 1 = optimizer states, 2 = + gradients, 3 = + parameters)."""
@@ -59,7 +60,7 @@ class DeepSpeedConfig:
     from this file, explicit values that contradict it are an error."""
 
 
-@dataclass(config=_STRICT, kw_only=True)
+@dataclass(config=STRICT, kw_only=True)
 class TrainingConfig:
     """Optimisation settings shared by every trainer."""
 
@@ -103,20 +104,20 @@ class TrainingConfig:
     """Checkpoints kept; older ones are removed only after a newer one is complete."""
 
 
-@dataclass(config=_STRICT, kw_only=True)
+@dataclass(config=STRICT, kw_only=True)
 class SFTTrainingConfig(TrainingConfig):
     assistant_turns: Literal["all", "last"] = "all"
     """Which assistant turns of a transcript carry the loss."""
 
 
-@dataclass(config=_STRICT, kw_only=True)
+@dataclass(config=STRICT, kw_only=True)
 class DPOTrainingConfig(TrainingConfig):
     beta: Optional[float] = Field(None, gt=0.0)
     """Fixed beta of plain DPO (default 0.1). Dynamic-Beta DPO and Beta-DPO take beta_0 from
     their own sections instead, and refuse this key."""
 
 
-@dataclass(config=_STRICT, kw_only=True)
+@dataclass(config=STRICT, kw_only=True)
 class RiskTestConfig:
     delta: float = Field(0.1, gt=0.0, lt=1.0)
     """Target tail probability: tau tracks the (1 - delta)-quantile of the margins."""
@@ -134,7 +135,7 @@ class RiskTestConfig:
     """Margins of every rank (same beta everywhere), or each rank's own (original framework)."""
 
 
-@dataclass(config=_STRICT, kw_only=True)
+@dataclass(config=STRICT, kw_only=True)
 class BetaUpdateConfig:
     beta_0: float = Field(0.1, gt=0.0)
     """Initial beta."""
@@ -156,7 +157,7 @@ class BetaUpdateConfig:
         return self
 
 
-@dataclass(config=_STRICT, kw_only=True)
+@dataclass(config=STRICT, kw_only=True)
 class BetaDPOSectionConfig:
     beta_0: float = Field(0.1, gt=0.0)
     """Base beta."""
@@ -174,7 +175,7 @@ class BetaDPOSectionConfig:
     """Standard deviation estimator of the gaps (the official code uses unbiased)."""
 
 
-@dataclass(config=_STRICT, kw_only=True)
+@dataclass(config=STRICT, kw_only=True)
 class SFTRunConfig:
     """``train-sft`` / ``dpo-hpc train sft``."""
 
@@ -193,7 +194,7 @@ class SFTRunConfig:
         return self.sft_training
 
 
-@dataclass(config=_STRICT, kw_only=True)
+@dataclass(config=STRICT, kw_only=True)
 class DPORunConfig:
     """``dpo-hpc train dpo``: DPO with a fixed beta."""
 
@@ -224,7 +225,7 @@ def _refuse_fixed_beta(cfg, section: str):
     return cfg
 
 
-@dataclass(config=_STRICT, kw_only=True)
+@dataclass(config=STRICT, kw_only=True)
 class DynamicBetaDPORunConfig(DPORunConfig):
     """``train-dpo`` / ``dpo-hpc train dynamic-beta-dpo``: beta steered by the margin risk test."""
 
@@ -236,7 +237,7 @@ class DynamicBetaDPORunConfig(DPORunConfig):
         return _refuse_fixed_beta(self, "beta_update")
 
 
-@dataclass(config=_STRICT, kw_only=True)
+@dataclass(config=STRICT, kw_only=True)
 class BetaDPORunConfig(DPORunConfig):
     """``train-beta-dpo`` / ``dpo-hpc train beta-dpo``: per-batch beta and Gaussian data filtering."""
 
@@ -246,11 +247,3 @@ class BetaDPORunConfig(DPORunConfig):
     def _no_fixed_beta(self):
         return _refuse_fixed_beta(self, "beta_dpo")
 
-
-RUN_CONFIGS = {
-    "sft": SFTRunConfig,
-    "dpo": DPORunConfig,
-    "dynamic_beta_dpo": DynamicBetaDPORunConfig,
-    "beta_dpo": BetaDPORunConfig,
-}
-"""Trainer name -> its config dataclass."""

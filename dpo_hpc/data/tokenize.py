@@ -43,12 +43,14 @@ class TokenizedPair:
     prompt_ids: list[int]  # BOS included
     chosen_ids: list[int]
     rejected_ids: list[int]
+    example_id: str = ""  # the source row's content id (set by the pipeline)
 
 
 @dataclass(frozen=True)
 class TokenizedConversation:
     input_ids: list[int]  # BOS included
     loss_mask: list[int]  # 1 on tokens whose prediction is trained (assistant text and final EOS)
+    example_id: str = ""  # the source row's content id (set by the pipeline)
 
 
 def _encode(tokenizer, text: str) -> list[int]:

@@ -18,7 +18,8 @@ from typing import Any, Literal, Optional
 from pydantic import Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
-from ..config.schema import _STRICT, RUN_CONFIGS
+from ..config.registry import TrainerName
+from ..config.schema import STRICT
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 _TIME = re.compile(r"^(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)$|^(\d+)$")
@@ -38,7 +39,7 @@ def time_to_minutes(value: str) -> int:
     return max(1, -(-total_s // 60))
 
 
-@dataclass(config=_STRICT, kw_only=True)
+@dataclass(config=STRICT, kw_only=True)
 class ExperimentSection:
     name: str = Field(pattern=_NAME)
     """Experiment name; runs live under ``<output_root>/<name>/<stage>/<run-id>/``."""
@@ -48,7 +49,7 @@ class ExperimentSection:
     """If set, the training seed of every run that does not set its own (``*_training.seed``)."""
 
 
-@dataclass(config=_STRICT, kw_only=True)
+@dataclass(config=STRICT, kw_only=True)
 class TinyModelAsset:
     dir: str
     """Where ``dpo-hpc make-tiny-model`` writes the random-init tiny Llama and its tokenizer."""
@@ -56,7 +57,7 @@ class TinyModelAsset:
     """Seed of the random initialisation."""
 
 
-@dataclass(config=_STRICT, kw_only=True)
+@dataclass(config=STRICT, kw_only=True)
 class ReversalDataAsset:
     dir: str
     """Where ``dpo-hpc make-data`` writes train.jsonl / test.jsonl of the verifiable reversal task."""
@@ -72,7 +73,7 @@ class ReversalDataAsset:
     """Fraction of rows with one solved exchange before the asked one."""
 
 
-@dataclass(config=_STRICT, kw_only=True)
+@dataclass(config=STRICT, kw_only=True)
 class PrepareSection:
     """Offline assets created on the submit host before anything is submitted (skipped if present)."""
 
@@ -80,7 +81,7 @@ class PrepareSection:
     reversal_data: Optional[ReversalDataAsset] = None
 
 
-@dataclass(config=_STRICT, kw_only=True)
+@dataclass(config=STRICT, kw_only=True)
 class ContainerConfig:
     image: str
     """Apptainer/Singularity image (``.sif``); each rank runs ``apptainer exec --nv IMAGE python ...``."""
@@ -94,45 +95,54 @@ class ContainerConfig:
     """Further ``apptainer exec`` arguments (e.g. ``--cleanenv``)."""
 
 
-@dataclass(config=_STRICT, kw_only=True)
-class SlurmConfig:
-    """sbatch settings. Every key is optional; per-stage tables override the experiment's."""
+def _slurm(default=None, *, to: str, **constraints):
+    """A ``[slurm]`` key and where its value goes (``dpo_hpc.launch.sbatch`` dispatches on it):
+    ``submitit`` (the submitit parameter of the same name), ``submitit:NAME`` (another name),
+    ``env`` / ``setup`` (lines of the batch script), ``sbatch`` (extra ``#SBATCH`` options),
+    ``python`` (the interpreter command of each rank) or ``task`` (the array task's own settings)."""
+    return Field(default, json_schema_extra={"to": to}, **constraints)
 
-    partition: Optional[str] = None
+
+@dataclass(config=STRICT, kw_only=True)
+class SlurmConfig:
+    """sbatch settings. Every key is optional; per-stage tables override the experiment's. Each key
+    declares where it goes (``_slurm(to=...)``), so a new key cannot be validated and then dropped."""
+
+    partition: Optional[str] = _slurm(to="submitit")
     """``--partition`` (default: the cluster's default partition)."""
-    account: Optional[str] = None
+    account: Optional[str] = _slurm(to="submitit")
     """``--account`` to charge."""
-    qos: Optional[str] = None
+    qos: Optional[str] = _slurm(to="submitit")
     """``--qos``."""
-    time: Optional[str] = None
+    time: Optional[str] = _slurm(to="submitit")
     """Time limit per array task (``90``, ``04:00:00``, ``1-00:00:00``); default 60 minutes."""
-    nodes: Optional[int] = Field(None, ge=1)
+    nodes: Optional[int] = _slurm(to="submitit", ge=1)
     """Nodes per array task (default 1)."""
-    gpus_per_node: Optional[int] = Field(None, ge=0)
+    gpus_per_node: Optional[int] = _slurm(to="submitit", ge=0)
     """GPUs per node (default 0)."""
-    ntasks_per_node: Optional[int] = Field(None, ge=1)
+    ntasks_per_node: Optional[int] = _slurm(to="submitit", ge=1)
     """Ranks per node, one srun task each (default: gpus_per_node, at least 1)."""
-    cpus_per_task: Optional[int] = Field(None, ge=1)
+    cpus_per_task: Optional[int] = _slurm(to="submitit", ge=1)
     """``--cpus-per-task`` per rank; also the rank's torch thread count."""
-    mem: Optional[str] = Field(None, pattern=r"^\d+[KMGT]?$")
+    mem: Optional[str] = _slurm(to="submitit", pattern=r"^\d+[KMGT]?$")
     """Memory per node, sbatch syntax (``64G``)."""
-    constraint: Optional[str] = None
+    constraint: Optional[str] = _slurm(to="submitit")
     """``--constraint`` (node features, e.g. ``a100``)."""
-    exclude: Optional[str] = None
+    exclude: Optional[str] = _slurm(to="submitit")
     """``--exclude`` nodes."""
-    array_parallelism: Optional[int] = Field(None, ge=1)
+    array_parallelism: Optional[int] = _slurm(to="submitit", ge=1)
     """At most this many tasks of a stage's array run at once (``--array=0-N%P``; default 64)."""
-    signal_lead_s: Optional[int] = Field(None, ge=10)
+    signal_lead_s: Optional[int] = _slurm(to="submitit:signal_delay_s", ge=10)
     """``--signal=USR2@LEAD``: warn this long before the time limit; size it for one step plus one checkpoint (default 180)."""
-    max_requeues: Optional[int] = Field(None, ge=0)
+    max_requeues: Optional[int] = _slurm(to="task", ge=0)
     """Requeues per run after preemption or time limit before giving up (default 10)."""
-    sbatch: Optional[dict[str, str]] = None
+    sbatch: Optional[dict[str, str]] = _slurm(to="sbatch")
     """Further sbatch options by long name (``{ exclusive = "", mail-type = "END" }``)."""
-    setup: Optional[list[str]] = None
+    setup: Optional[list[str]] = _slurm(to="setup")
     """Shell lines run in the batch script before the ranks start (``module load cuda``)."""
-    env: Optional[dict[str, str]] = None
+    env: Optional[dict[str, str]] = _slurm(to="env")
     """Environment variables exported in the batch script."""
-    container: Optional[ContainerConfig] = None
+    container: Optional[ContainerConfig] = _slurm(to="python")
     """Run every rank inside an Apptainer/Singularity image (see ``[slurm.container]``)."""
 
     @field_validator("time")
@@ -147,9 +157,9 @@ SLURM_DEFAULTS = {"time": "60", "nodes": 1, "gpus_per_node": 0, "array_paralleli
                   "max_requeues": 10}
 
 
-@dataclass(config=_STRICT, kw_only=True)
+@dataclass(config=STRICT, kw_only=True)
 class StageConfig:
-    trainer: Literal["sft", "dpo", "dynamic_beta_dpo", "beta_dpo"]
+    trainer: TrainerName
     """The trainer every run of the stage uses."""
     config_file: Optional[str] = None
     """A trainer config file (TOML/YAML/JSON, the trainer CLIs' format); relative to the experiment file."""
@@ -173,14 +183,12 @@ class StageConfig:
 
     @model_validator(mode="after")
     def _has_config(self):
-        if self.trainer not in RUN_CONFIGS:  # pragma: no cover - Literal already checks
-            raise ValueError(f"unknown trainer {self.trainer}")
         if self.pairing == "zip" and self.from_ is None:
             raise ValueError("pairing = 'zip' needs 'from'")
         return self
 
 
-@dataclass(config=_STRICT, kw_only=True)
+@dataclass(config=STRICT, kw_only=True)
 class ExperimentConfig:
     experiment: ExperimentSection
     stages: dict[str, StageConfig]

@@ -1,12 +1,14 @@
-"""Trainers. The original framework's API (``from src.trainers import ...``) lives here:
-``from dpo_hpc.trainers import DynamicBetaDPOTrainer, DynamicBetaDPOConfig, BetaDPOTrainer, BetaDPOConfig``.
+"""Trainers: the DeepSpeed engine, the Trainer (phases over one run of any registered algorithm),
+metrics, and the original framework's API (``from src.trainers import ...`` there)::
+
+    from dpo_hpc.trainers import DynamicBetaDPOTrainer, DynamicBetaDPOConfig, BetaDPOTrainer, BetaDPOConfig
 
 Imports are lazy so that ``import dpo_hpc.trainers`` stays cheap (no torch/deepspeed until used).
 """
 
-_API = {"DynamicBetaDPOTrainer", "BetaDPOTrainer", "DPOTrainingConfig"}
-_CONTROLLERS = {"DynamicBetaDPOConfig", "BetaDPOConfig"}
-__all__ = sorted(_API | _CONTROLLERS)
+_API = {"DynamicBetaDPOTrainer", "BetaDPOTrainer", "DPOTrainingConfig", "DynamicBetaDPOConfig", "BetaDPOConfig"}
+_TRAINER = {"Trainer", "train"}
+__all__ = sorted(_API | _TRAINER)
 
 
 def __getattr__(name):
@@ -14,8 +16,8 @@ def __getattr__(name):
         from . import api
 
         return getattr(api, name)
-    if name in _CONTROLLERS:
-        from .. import controllers
+    if name in _TRAINER:
+        from . import trainer
 
-        return getattr(controllers, name)
+        return getattr(trainer, name)
     raise AttributeError(f"module 'dpo_hpc.trainers' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The original framework's Python API, on dpo-hpc's DeepSpeed loop.
+"""The original framework's Python API, on dpo-hpc's DeepSpeed trainer.
 
 The original imported ``from src.trainers import ...`` and took TRL ``DPOConfig`` args; here::
 
@@ -14,15 +14,93 @@ Datasets are ``datasets.Dataset`` objects or lists of dicts in HH format (``chos
 transcripts) or with ``prompt``/``chosen``/``rejected``. ``args`` may also be a dict of the
 ``dpo_training`` keys. Everything else (checkpoints, resume, TensorBoard, run manifest) is as
 with the command line, under ``args.save_dir``.
+
+``DynamicBetaDPOConfig`` and ``BetaDPOConfig`` keep the original names, but each of their fields
+is the config file's key under another name: ranges, defaults and checks are declared once, in
+the sections (``[risk_test]``, ``[beta_update]``, ``[beta_dpo]``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from ..config import DatasetConfig, DeepSpeedConfig, DPOTrainingConfig, validate_mapping
-from ..config.loader import to_dict
-from ..controllers import BetaDPOConfig, DynamicBetaDPOConfig
+from ..config import (BetaDPOSectionConfig, BetaUpdateConfig, ConfigError, DatasetConfig, DeepSpeedConfig,
+                      DPOTrainingConfig, RiskTestConfig, to_dict, validate_as, validate_mapping)
+
+
+class _SectionView:
+    """An original-API config object: keyword names mapped onto config-file sections."""
+
+    FIELDS: dict[str, tuple[str, str]] = {}  # original name -> (section, key in the file)
+    SECTIONS: dict[str, type] = {}  # section -> its config dataclass
+    DEFAULTS: dict[str, Any] = {}  # where the original dataclass's default differs from the file's
+    EXTRA: dict[str, Any] = {}  # original fields that are not config keys, with their defaults
+
+    def __init__(self, **values: Any):
+        unknown = sorted(set(values) - set(self.FIELDS) - set(self.EXTRA))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown field(s) {', '.join(unknown)}; "
+                            f"expected {', '.join([*self.FIELDS, *self.EXTRA])}")
+        tables: dict[str, dict[str, Any]] = {section: {} for section in self.SECTIONS}
+        for name, value in {**self.DEFAULTS, **values}.items():
+            if name in self.FIELDS:
+                section, key = self.FIELDS[name]
+                tables[section][key] = value
+        renamed = {f"{section}.{key}": name for name, (section, key) in self.FIELDS.items()}
+        problems = []
+        for section, cls in self.SECTIONS.items():
+            try:
+                setattr(self, section, validate_as(cls, tables[section], source=type(self).__name__))
+            except ConfigError as exc:
+                problems += [_rename(line, section, renamed) for line in exc.problems]
+        if problems:
+            raise ConfigError(problems)
+        self._extra = {**self.EXTRA, **{k: v for k, v in values.items() if k in self.EXTRA}}
+
+    def __getattr__(self, name: str) -> Any:
+        if name in type(self).FIELDS:
+            section, key = self.FIELDS[name]
+            return to_dict(getattr(self, section))[key]
+        if name in type(self).EXTRA:
+            return self.__dict__["_extra"][name]
+        raise AttributeError(name)
+
+    def sections(self) -> dict[str, Any]:
+        """The config-file sections (plain data) these values stand for."""
+        return {section: to_dict(getattr(self, section)) for section in self.SECTIONS}
+
+
+def _rename(line: str, section: str, renamed: dict[str, str]) -> str:
+    """'X: delta: expected ...' -> 'X: delta (risk_test.delta): expected ...' in the original's words."""
+    head, _, rest = line.partition(": ")
+    key, _, message = rest.partition(": ")
+    original = renamed.get(f"{section}.{key}", key)
+    return f"{head}: {original} ({section}.{key}): {message}"
+
+
+class DynamicBetaDPOConfig(_SectionView):
+    """The original ``DynamicBetaDPOConfig``: beta_0, delta, momentum, warmup_steps, alpha, gamma,
+    beta_min, beta_max, risk_stat, hoeffding_eps0, update_granularity, scope."""
+
+    FIELDS = {
+        "beta_0": ("beta_update", "beta_0"), "delta": ("risk_test", "delta"), "momentum": ("risk_test", "lambda"),
+        "warmup_steps": ("risk_test", "beta_warmup"), "alpha": ("beta_update", "alpha"),
+        "gamma": ("beta_update", "gamma"), "beta_min": ("beta_update", "beta_min"),
+        "beta_max": ("beta_update", "beta_max"), "risk_stat": ("risk_test", "risk_stat"),
+        "hoeffding_eps0": ("risk_test", "hoeffding_eps0"), "update_granularity": ("risk_test", "update_granularity"),
+        "scope": ("risk_test", "scope"),
+    }
+    SECTIONS = {"risk_test": RiskTestConfig, "beta_update": BetaUpdateConfig}
+    DEFAULTS = {"momentum": 0.05}  # the original dataclass's default; its YAML (and [risk_test]) use 0.1
+
+
+class BetaDPOConfig(_SectionView):
+    """The original ``BetaDPOConfig``: beta_0, m, rho, alpha, min_beta, ema_init, std, plus the
+    controller's ``eps`` and ``seed``."""
+
+    FIELDS = {name: ("beta_dpo", name) for name in ("beta_0", "m", "rho", "alpha", "min_beta", "ema_init", "std")}
+    SECTIONS = {"beta_dpo": BetaDPOSectionConfig}
+    EXTRA = {"eps": 1e-6, "seed": 0}
 
 
 class _PreferenceTrainer:
@@ -53,7 +131,7 @@ class _PreferenceTrainer:
 
     def train(self) -> dict[str, Any]:
         """Train (or resume from ``args.save_dir``); returns the run summary."""
-        from .loop import train
+        from .trainer import train
 
         return train(self.config, self.trainer_name, model=self.model, ref_model=self.ref_model,
                      tokenizer=self.tokenizer, train_rows=self.train_dataset,
@@ -68,16 +146,9 @@ class DynamicBetaDPOTrainer(_PreferenceTrainer):
     def __init__(self, model, ref_model, args, dynamic_cfg: Optional[DynamicBetaDPOConfig] = None,
                  train_dataset=None, eval_dataset=None, tokenizer=None, processing_class=None,
                  precision: str = "fp32", max_length: int = 512, max_prompt_length: int = 256, zero_stage: int = 0):
-        d = dynamic_cfg or DynamicBetaDPOConfig()
-        sections = {
-            "risk_test": {"delta": d.delta, "lambda": d.momentum, "beta_warmup": d.warmup_steps,
-                          "risk_stat": d.risk_stat, "hoeffding_eps0": d.hoeffding_eps0,
-                          "update_granularity": d.update_granularity, "scope": d.scope},
-            "beta_update": {"beta_0": d.beta_0, "alpha": d.alpha, "gamma": d.gamma, "beta_min": d.beta_min,
-                            "beta_max": d.beta_max},
-        }
         super().__init__(model, ref_model, args, train_dataset, eval_dataset, tokenizer or processing_class,
-                         precision, max_length, max_prompt_length, zero_stage, sections)
+                         precision, max_length, max_prompt_length, zero_stage,
+                         (dynamic_cfg or DynamicBetaDPOConfig()).sections())
 
 
 class BetaDPOTrainer(_PreferenceTrainer):
@@ -88,11 +159,9 @@ class BetaDPOTrainer(_PreferenceTrainer):
     def __init__(self, model, ref_model, args, beta_dpo_cfg: Optional[BetaDPOConfig] = None,
                  train_dataset=None, eval_dataset=None, tokenizer=None, processing_class=None,
                  precision: str = "fp32", max_length: int = 512, max_prompt_length: int = 256, zero_stage: int = 0):
-        b = beta_dpo_cfg or BetaDPOConfig()
-        sections = {"beta_dpo": {"beta_0": b.beta_0, "m": b.m, "rho": b.rho, "alpha": b.alpha, "min_beta": b.min_beta,
-                                 "ema_init": b.ema_init, "std": b.std}}
         super().__init__(model, ref_model, args, train_dataset, eval_dataset, tokenizer or processing_class,
-                         precision, max_length, max_prompt_length, zero_stage, sections)
+                         precision, max_length, max_prompt_length, zero_stage,
+                         (beta_dpo_cfg or BetaDPOConfig()).sections())
 
 
 __all__ = ["BetaDPOConfig", "BetaDPOTrainer", "DPOTrainingConfig", "DynamicBetaDPOConfig", "DynamicBetaDPOTrainer"]

@@ -1,0 +1,176 @@
+"""How a batch becomes a loss: SFT, and one preference objective composed of a pairwise loss and
+a beta policy. The trainer drives these.
+
+An objective returns the SUM of its per-unit losses (tokens for SFT, pairs for DPO) and
+per-metric (sum, count) pairs; the trainer normalises by the global unit count of the optimizer
+step, so the gradient is the same however the global batch is split over ranks and
+accumulation steps.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol
+
+import torch
+
+from ..data.collate import collate_conversations, collate_pairs
+from .beta import BetaPolicy, Collective
+from .logprobs import sequence_logps, token_logps
+from .losses import PAIRWISE_LOSSES, PairwiseLoss
+from .preference import PairLogps, preference_metrics
+
+Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # metric -> (sum, count)
+
+
+class Objective(Protocol):
+    kind: str  # "sft" or "preference": what the data pipeline produces for it
+
+    def collate(self, examples: list) -> dict[str, torch.Tensor]: ...
+
+    def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """How many loss units (tokens or pairs) the batch holds on this rank."""
+
+    def loss_and_stats(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]: ...
+
+    def eval_stats(self, model, batch: dict[str, torch.Tensor]) -> Stats: ...
+
+    def end_step(self) -> dict[str, float]:
+        """Once per optimizer step on every rank after its micro-batches; values to log that are
+        already global (identical on every rank)."""
+
+    def histograms(self) -> dict[str, torch.Tensor]:
+        """Once per optimizer step on every rank after ``end_step``; tensors to log as histograms."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def _forward_logits(model, batch):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+class SFTObjective:
+    """Next-token NLL on assistant tokens, averaged over the loss tokens of the global batch."""
+
+    kind = "sft"
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def collate(self, examples):
+        return collate_conversations(examples, self.pad_id)
+
+    def units(self, batch):
+        return batch["loss_mask"][:, 1:].sum().float()
+
+    def _stats(self, model, batch):
+        logps = token_logps(_forward_logits(model, batch), batch["input_ids"])
+        mask = batch["loss_mask"][:, 1:].float()
+        nll_sum = -(logps * mask).sum()
+        return nll_sum, {"loss": (nll_sum.detach(), mask.sum())}
+
+    def loss_and_stats(self, model, batch):
+        return self._stats(model, batch)
+
+    def eval_stats(self, model, batch):
+        with torch.no_grad():
+            return self._stats(model, batch)[1]
+
+    def end_step(self):
+        return {}
+
+    def histograms(self):
+        return {}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class PreferenceObjective:
+    """One policy and one reference forward over chosen+rejected, a pairwise loss, and a beta
+    policy that chooses the loss's beta (and, for Beta-DPO, which pairs count)."""
+
+    kind = "preference"
+
+    def __init__(self, reference, loss: PairwiseLoss, policy: BetaPolicy, pad_id: int, collective: Collective):
+        self.reference = reference
+        self.loss = loss
+        self.policy = policy
+        self.pad_id = pad_id
+        self.collective = collective
+        self._step_margins: list[torch.Tensor] = []
+
+    def collate(self, examples):
+        return collate_pairs(examples, self.pad_id)
+
+    def units(self, batch):
+        pairs = batch["input_ids"].shape[0] // 2
+        return torch.tensor(self.policy.loss_units(pairs, self.collective.world_size), dtype=torch.float32)
+
+    def _logps(self, model, batch) -> PairLogps:
+        policy = sequence_logps(_forward_logits(model, batch), batch["input_ids"], batch["loss_mask"])
+        with torch.no_grad():
+            ref = sequence_logps(_forward_logits(self.reference, batch), batch["input_ids"], batch["loss_mask"])
+        return PairLogps.of_rows(policy, ref)
+
+    def _stats(self, logps: PairLogps, losses, beta, loss_count=None) -> Stats:
+        pairs = torch.tensor(float(len(logps)))
+        per_pair = preference_metrics(logps.policy_chosen, logps.policy_rejected, logps.ref_chosen,
+                                      logps.ref_rejected, beta=beta)
+        stats = {"loss": (losses.detach().sum(), pairs if loss_count is None else loss_count)}
+        stats.update({name: (values.sum(), pairs) for name, values in per_pair.items()})
+        return stats
+
+    def loss_and_stats(self, model, batch):
+        logps = self._logps(model, batch)
+        margins = logps.margins.detach().float()
+        self._step_margins.append(margins)  # for the policy's end of step and the histogram
+        beta, weights = self.policy.train_beta(margins)
+        losses = self.loss(logps, beta)
+        if weights is None:
+            return losses.sum(), self._stats(logps, losses, beta)
+        weights = weights.to(losses.device, losses.dtype)
+        losses = losses * weights
+        return losses.sum(), self._stats(logps, losses, beta, loss_count=weights.sum())
+
+    def eval_stats(self, model, batch):
+        with torch.no_grad():
+            logps = self._logps(model, batch)
+            beta = self.policy.eval_beta()
+            return self._stats(logps, self.loss(logps, beta), beta)
+
+    def end_step(self):
+        local = torch.cat(self._step_margins) if self._step_margins else torch.zeros(0)
+        return self.policy.end_step(local)
+
+    def histograms(self):
+        """The margins of the last optimizer step from every rank (collective: every rank calls)."""
+        local = torch.cat(self._step_margins) if self._step_margins else torch.zeros(0)
+        self._step_margins = []
+        return {"margins": self.collective.gather(local)}
+
+    def state_dict(self):
+        return self.policy.state_dict()
+
+    def load_state_dict(self, state):
+        self.policy.load_state_dict(state)
+
+
+def resolve(reference: str):
+    """``"package.module:Name"`` -> the object (how the registry names torch-side pieces)."""
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_objective(algorithm, cfg, pad_id: int, collective: Collective, reference=None,
+                    loss: str = "sigmoid") -> Objective:
+    """The objective of a registered algorithm (``dpo_hpc.config.registry``)."""
+    if algorithm.kind == "sft":
+        return SFTObjective(pad_id)
+    policy = resolve(algorithm.beta_policy).from_config(cfg, collective)
+    return PreferenceObjective(reference, PAIRWISE_LOSSES[loss], policy, pad_id, collective)

@@ -1,0 +1,65 @@
+"""Names inside a run's ``checkpoints/`` folder: the one place that knows them. No torch here, so
+status listings on a login node use it too.
+
+::
+
+    checkpoints/
+      step_00000040/            a published checkpoint (renamed in only when complete)
+        manifest.json           format version, step, size and sha256 of every file (written last)
+        trainer_state.json      shared state pieces (JSON), step, world size
+        engine/                 DeepSpeed's engine, optimizer and scheduler state
+        ranks/rank_00000.pt     per-rank state pieces (RNG, objective), tensors and numbers only
+      .tmp-step_00000048/       a save in progress (removed by the next save if it was interrupted)
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+FORMAT_VERSION = 2
+"""Version 1 (no ``format_version`` in the manifest) kept one unnamed objective state per rank;
+it is still read."""
+MANIFEST = "manifest.json"
+SHARED_STATE = "trainer_state.json"
+ENGINE_TAG = "engine"
+RANKS = "ranks"
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+_TMP_DIR = re.compile(r"^\.tmp-step_(\d{8})$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be written or resumed from; the message names it and says why."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def tmp_dir_name(step: int) -> str:
+    return f".tmp-{step_dir_name(step)}"
+
+
+def is_tmp_dir(name: str) -> bool:
+    return _TMP_DIR.match(name) is not None
+
+
+def step_of(path: str | Path) -> Optional[int]:
+    """The step of a published checkpoint folder, None for anything else."""
+    match = _STEP_DIR.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def rank_file(rank: int) -> str:
+    return f"{RANKS}/rank_{rank:05d}.pt"
+
+
+def published_checkpoints(root: str | Path) -> list[Path]:
+    """Published checkpoint folders (``step_N``, not ``.tmp-step_N``) under ``root``, newest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(step, p) for p in root.iterdir() if (step := step_of(p)) is not None and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]

@@ -1,0 +1,135 @@
+"""The run directory: resolved config, data report, manifest, TensorBoard events, checkpoints, model.
+
+::
+
+    <save_dir>/
+      config.resolved.json   the validated config with every default filled in
+      data_report.json       rows kept and dropped per split, by reason
+      run_manifest.json      provenance and status (running / preempted / completed)
+      progress.json          latest step and metrics (what ``dpo_hpc.status`` shows)
+      requeues.jsonl         one line per requeue after a stop signal (Slurm array tasks)
+      tensorboard/           event files
+      checkpoints/step_*/    resumable training state (see dpo_hpc.checkpoint.layout)
+      config.json, model.safetensors, tokenizer files   the final model (save_pretrained)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..config import to_dict
+from ..fsutil import atomic_write_json
+
+MANIFEST = "run_manifest.json"
+PROGRESS = "progress.json"
+_LIBRARIES = ("torch", "transformers", "datasets", "deepspeed", "tokenizers", "submitit", "tensorboard", "numpy")
+_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT", "SLURM_JOB_NODELIST")
+
+
+def config_hash(cfg) -> str:
+    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _git_sha() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in _LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """The file's JSON, or None when it is missing or torn (files written atomically are never torn)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        return _read_json(self.manifest_path)
+
+    def start(self, cfg, trainer: str, world_size: int) -> dict[str, Any]:
+        """Create the folder, write the resolved config and a 'running' manifest (rank 0 only)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.root / "config.resolved.json", {"trainer": trainer, **to_dict(cfg)})
+        previous = self.read_manifest() or {}
+        manifest = {
+            "status": "running",
+            "trainer": trainer,
+            "config_hash": config_hash(cfg),
+            "package_version": __version__,
+            "git_sha": _git_sha(),
+            "libraries": _versions(),
+            "python": platform.python_version(),
+            "seed": cfg.training.seed,
+            "world_size": world_size,
+            "hostname": socket.gethostname(),
+            "slurm": {k: os.environ[k] for k in _SLURM_VARS if k in os.environ},
+            "first_start_time": previous.get("first_start_time", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
+            "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "starts": previous.get("starts", 0) + 1,
+        }
+        atomic_write_json(self.manifest_path, manifest)
+        return manifest
+
+    @property
+    def progress_path(self) -> Path:
+        return self.root / PROGRESS
+
+    def read_progress(self) -> dict[str, Any] | None:
+        return _read_json(self.progress_path)
+
+    def write_progress(self, step: int, total_steps: int, train: dict[str, float], eval: dict[str, float]) -> None:
+        """The latest step and metrics, for ``dpo_hpc.status`` (cheaper than reading TensorBoard)."""
+        atomic_write_json(self.progress_path, {"step": step, "total_steps": total_steps, "time": time.time(),
+                                               "train": train, "eval": eval})
+
+    def mark(self, manifest: dict[str, Any], status: str, **extra: Any) -> None:
+        manifest.update(extra, status=status, stop_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        atomic_write_json(self.manifest_path, manifest)
+
+    def finish(self, manifest: dict[str, Any], **extra: Any) -> None:
+        manifest.update(extra, status="completed", end_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        atomic_write_json(self.manifest_path, manifest)

@@ -1,0 +1,160 @@
+"""Raw rows -> tokenized, keyed examples: split, parse, tokenize, count every drop.
+
+Every example carries ``example_id``, a hash of its source row's content, and every split is an
+``ExampleSet`` that carries its fingerprint (a hash of its rows' ids in order and of the
+tokenization settings): what caches (reference log-probs) and resume checks key on. Dropped rows
+are counted by reason; the report is printed by the trainer and written to the run directory. A
+split with no usable row is an error naming the dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..config import DatasetConfig
+from ..fsutil import atomic_write_json
+from .hh import DROP_REASONS, parse_preference_row, parse_sft_row
+from .sources import DataError, as_dataset, load_raw
+from .tokenize import SpecialTokens, tokenize_conversation, tokenize_pair
+
+
+@dataclass
+class SplitReport:
+    rows: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)  # rows kept but altered (truncated, boundary merge)
+
+    def as_dict(self) -> dict[str, Any]:
+        ordered = {r: self.dropped[r] for r in DROP_REASONS if self.dropped[r]}
+        return {"rows": self.rows, "kept": self.kept, "dropped": ordered, "notes": dict(sorted(self.notes.items()))}
+
+    def line(self) -> str:
+        drops = ", ".join(f"{k}={v}" for k, v in self.as_dict()["dropped"].items()) or "none"
+        notes = ", ".join(f"{k}={v}" for k, v in sorted(self.notes.items()))
+        return f"{self.kept}/{self.rows} rows kept; dropped: {drops}" + (f"; {notes}" if notes else "")
+
+
+class ExampleSet(list):
+    """The tokenized examples of one split, with the split's fingerprint."""
+
+    def __init__(self, examples: list, fingerprint: str):
+        super().__init__(examples)
+        self.fingerprint = fingerprint
+
+
+def row_id(row: dict[str, Any]) -> str:
+    """A stable id of a raw row: the hash of its content (the same row has the same id in any file)."""
+    blob = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def fingerprint(ids: list[str], settings: dict[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for rid in ids:
+        digest.update(rid.encode())
+    return digest.hexdigest()[:16]
+
+
+def split_indices(n: int, val_ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic train/validation index split; at least one validation row when val_ratio > 0."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = 0 if val_ratio == 0 or n < 2 else min(n - 1, max(1, int(round(val_ratio * n))))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def _process(ds, parse: Callable, encode: Callable, name: str, split: str,
+             settings: dict[str, Any]) -> tuple[ExampleSet, SplitReport]:
+    report = SplitReport()
+    examples, ids = [], []
+    for batch in ds.iter(batch_size=1024):
+        keys = list(batch)
+        for values in zip(*(batch[k] for k in keys)):
+            row = dict(zip(keys, values))
+            ids.append(row_id(row))
+            report.rows += 1
+            parsed, reason = parse(row)
+            if parsed is not None:
+                example, reason = encode(parsed, report.notes)
+                if example is not None:
+                    examples.append(dataclasses.replace(example, example_id=ids[-1]))
+                    continue
+            report.dropped[reason] += 1
+    report.kept = len(examples)
+    if report.rows and not examples:
+        raise DataError(f"dataset '{name}' ({split} split): 0 usable rows out of {report.rows}; {report.line()}")
+    return ExampleSet(examples, fingerprint(ids, {**settings, "split": split})), report
+
+
+def _check_columns(ds, required: tuple[str, ...], name: str):
+    columns = set(ds.column_names)
+    if not set(required) <= columns:
+        raise DataError(
+            f"dataset '{name}': expected columns {' and '.join(required)} (HH format) or prompt/chosen/rejected; "
+            f"found {sorted(columns)}"
+        )
+
+
+def load_splits(
+    cfg: DatasetConfig, tokenizer, kind: str, assistant_turns: str = "all", train_rows=None, eval_rows=None
+) -> tuple[ExampleSet, ExampleSet, dict]:
+    """Train and validation examples for ``kind`` ('sft' or 'preference') plus the data report.
+
+    Rows come from ``dataset_name``/``subset``, or from ``train_rows`` (a ``datasets.Dataset`` or a
+    list of dicts, as the Python API passes them); ``eval_rows``, if given, is the validation
+    split instead of a ``val_ratio`` share of the training rows.
+    """
+    raw = load_raw(cfg) if train_rows is None else as_dataset(train_rows)
+    required = ("chosen",) if kind == "sft" else ("chosen", "rejected")
+    _check_columns(raw, required, cfg.dataset_name)
+    special = SpecialTokens.of(tokenizer)
+    settings: dict[str, Any] = {"kind": kind, "max_length": cfg.max_length}
+    if kind == "sft":
+        parse = parse_sft_row
+        settings["assistant_turns"] = assistant_turns
+
+        def encode(turns, notes):
+            return tokenize_conversation(tokenizer, turns, special, cfg.max_length, assistant_turns, notes)
+    else:
+        parse = parse_preference_row
+        settings["max_prompt_length"] = cfg.max_prompt_length
+
+        def encode(pair, notes):
+            return tokenize_pair(tokenizer, pair, special, cfg.max_length, cfg.max_prompt_length, notes)
+
+    if eval_rows is None:
+        train_idx, val_idx = split_indices(len(raw), cfg.val_ratio, cfg.seed)
+        train_raw, val_raw = raw.select(train_idx), raw.select(val_idx)
+    else:
+        train_raw, val_raw = raw, as_dataset(eval_rows)
+        _check_columns(val_raw, required, f"{cfg.dataset_name} (eval)")
+    train, train_report = _process(train_raw, parse, encode, cfg.dataset_name, "train", settings)
+    val, val_report = _process(val_raw, parse, encode, cfg.dataset_name, "validation", settings)
+    report = {
+        "dataset_name": cfg.dataset_name,
+        "subset": cfg.subset,
+        "train": {**train_report.as_dict(), "fingerprint": train.fingerprint},
+        "validation": {**val_report.as_dict(), "fingerprint": val.fingerprint},
+    }
+    return train, val, report
+
+
+def report_lines(report: dict) -> list[str]:
+    lines = []
+    for split in ("train", "validation"):
+        r = SplitReport(report[split]["rows"], report[split]["kept"], Counter(report[split]["dropped"]),
+                        Counter(report[split]["notes"]))
+        lines.append(f"data {split}: {r.line()} (fingerprint {report[split]['fingerprint']})")
+    return lines
+
+
+def write_report(report: dict, path: Path) -> None:
+    atomic_write_json(path, report)

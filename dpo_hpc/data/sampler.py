@@ -1,0 +1,57 @@
+"""The step-indexed sampler: which rows each rank reads at each optimizer step, as a pure
+function of (seed, step). Resuming therefore needs no sampler state, and 1 rank x GA 2 sees the
+same global batch as 2 ranks x GA 1."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .sources import DataError
+
+
+def num_batches(n: int, batch: int) -> int:
+    return math.ceil(n / batch)
+
+
+def steps_per_epoch(n: int, global_batch: int) -> int:
+    """Whole global batches in an epoch of ``n`` rows (the incomplete tail is skipped)."""
+    if n < global_batch:
+        raise DataError(f"the training split has {n} rows, fewer than one global batch ({global_batch})")
+    return n // global_batch
+
+
+def global_batch_indices(
+    n: int, step: int, micro_batch: int, grad_accum: int, world_size: int, rank: int, seed: int
+) -> list[list[int]]:
+    """This rank's micro-batches (``grad_accum`` lists of indices) for optimizer step ``step``.
+
+    The data order is a function of (seed, step) alone: epoch e is a permutation of all rows
+    drawn from ``seed + e``, cut into global batches of micro_batch x grad_accum x world_size
+    (the incomplete tail of an epoch is skipped). Micro-step k on rank r reads rows
+    ``[(k * world_size + r) * micro_batch, ... + micro_batch)`` of the global batch, so the
+    global batch is the same set of rows for 1 rank x 2 accumulation steps and 2 ranks x 1,
+    and resuming at any step needs no saved sampler state.
+    """
+    global_batch = micro_batch * grad_accum * world_size
+    epoch, within = divmod(step, steps_per_epoch(n, global_batch))
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    batch = order[within * global_batch:(within + 1) * global_batch]
+    out = []
+    for k in range(grad_accum):
+        start = (k * world_size + rank) * micro_batch
+        out.append(batch[start:start + micro_batch].tolist())
+    return out
+
+
+def eval_batch_indices(n: int, batch: int, world_size: int, rank: int) -> list[list[int]]:
+    """This rank's evaluation micro-batches; every rank gets the same number (ZeRO-3 forwards are
+    collective), so trailing batches may be empty and are skipped in the sums but still run."""
+    per_round = batch * world_size
+    rounds = num_batches(n, per_round)
+    out = []
+    for b in range(rounds):
+        start = b * per_round + rank * batch
+        out.append(list(range(start, min(start + batch, n))))
+    return out

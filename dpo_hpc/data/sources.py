@@ -1,0 +1,66 @@
+"""Where raw rows come from: a hub dataset name or a local path (JSON/JSONL/parquet/CSV file, a
+folder of such files, a ``save_to_disk`` folder), or rows passed in by the Python API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import DatasetConfig
+
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(Exception):
+    """The dataset cannot be used; the message names it and says what was expected."""
+
+
+def _slice(ds, spec: str):
+    """Apply a split spec such as ``train[:30%]`` to an in-memory split (for save_to_disk folders)."""
+    import datasets
+
+    name = spec.split("[", 1)[0]
+    if "[" not in spec:
+        return ds
+    absolute = datasets.ReadInstruction.from_spec(spec).to_absolute({name: len(ds)})
+    indices = [i for instr in absolute for i in range(instr.from_, instr.to)]
+    return ds.select(indices)
+
+
+def load_raw(cfg: DatasetConfig, source: str = "dataset.dataset_name"):
+    """The raw rows named by ``dataset_name`` / ``subset`` as a ``datasets.Dataset``."""
+    import datasets
+
+    name, subset = cfg.dataset_name, cfg.subset
+    path = Path(name).expanduser()
+    try:
+        if path.is_file():
+            builder = _FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise DataError(f"{source}: {path}: unsupported file type; expected one of {', '.join(_FILE_BUILDERS)}")
+            if subset.split("[", 1)[0] != "train":
+                raise DataError(f"{source}: {path} is a single file, so its only split is 'train'; got subset '{subset}'")
+            return datasets.load_dataset(builder, data_files={"train": str(path)}, split=subset)
+        if path.is_dir():
+            if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+                loaded = datasets.load_from_disk(str(path))
+                if isinstance(loaded, datasets.DatasetDict):
+                    split_name = subset.split("[", 1)[0]
+                    if split_name not in loaded:
+                        raise DataError(f"{source}: {path} has splits {sorted(loaded)}; subset asks for '{split_name}'")
+                    loaded = loaded[split_name]
+                return _slice(loaded, subset)
+            return datasets.load_dataset(str(path), split=subset)
+        if name.startswith((".", "/", "~")) or name.endswith(tuple(_FILE_BUILDERS)):
+            raise DataError(f"{source}: local path '{name}' does not exist")
+        return datasets.load_dataset(name, split=subset)
+    except DataError:
+        raise
+    except Exception as exc:  # datasets raises many types; the user needs the name and the cause
+        detail = " ".join(str(exc).split())[:400]
+        raise DataError(f"{source}: could not load '{name}' (subset '{subset}'): {type(exc).__name__}: {detail}") from exc
+
+
+def as_dataset(rows):
+    import datasets
+
+    return rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(list(rows))

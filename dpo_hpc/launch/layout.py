@@ -1,0 +1,36 @@
+"""Where an experiment's submission files live: the one place that knows these names.
+
+::
+
+    <output_root>/<experiment>/.submit/
+      manifest.jsonl     one line per run: what each array task trains
+      ledger.jsonl       run id -> job id, one line per submission
+      sbatch/<stage>.sh  the array script of each stage
+      logs/<job id>/     submitit's pickles and the tasks' stdout/stderr
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..experiment import Plan
+
+SUBMIT_DIR = ".submit"
+
+
+def submit_dir(plan: Plan) -> Path:
+    return plan.root / SUBMIT_DIR
+
+
+def ledger_path(plan: Plan) -> Path:
+    return submit_dir(plan) / "ledger.jsonl"
+
+
+def logs_folder(plan: Plan) -> Path:
+    """submitit's folder pattern (``%j`` is the job id)."""
+    return submit_dir(plan) / "logs" / "%j"
+
+
+def job_log(plan: Plan, job_id: str, rank: int = 0, stream: str = "err") -> Path:
+    """The log of one rank of one job (``stream``: ``out`` or ``err``)."""
+    return submit_dir(plan) / "logs" / job_id / f"{job_id}_{rank}_log.{stream}"

@@ -1,0 +1,117 @@
+"""Where metrics go. ``MetricSums`` reduces a step's (sum, count) pairs across ranks; the
+``MetricsLogger`` sends the results to every backend (TensorBoard events, progress lines,
+``progress.json``) on rank 0 and is closed once, however the run ends."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from ..algorithms.objectives import Stats
+from ..checkpoint import RunDir
+from ..runtime import all_reduce_sum
+
+
+class MetricSums:
+    """Sums and counts of metrics over an optimizer step (or an eval pass), reduced across ranks."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def add(self, stats: Stats, weight: float = 1.0) -> None:
+        for name, (total, count) in stats.items():
+            total, count = total.detach().double().cpu() * weight, count.detach().double().cpu() * weight
+            self.sums[name] = self.sums.get(name, 0) + total
+            self.counts[name] = self.counts.get(name, 0) + count
+
+    def reduce(self, dev: torch.device) -> dict[str, float]:
+        """Means over every rank (call on every rank: it is a collective)."""
+        names = sorted(self.sums)
+        flat = torch.tensor([float(self.sums[n]) for n in names] + [float(self.counts[n]) for n in names],
+                            dtype=torch.float64, device=dev)
+        all_reduce_sum(flat)
+        k = len(names)
+        return {n: (flat[i] / flat[k + i]).item() if flat[k + i] > 0 else float("nan") for i, n in enumerate(names)}
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def progress_line(step: int, total: int, metrics: dict[str, float], step_time: float, eta: float) -> str:
+    parts = [f"step {step}/{total} ({100 * step / total:.0f}%)", f"loss {metrics['loss']:.4f}"]
+    if "rewards/accuracies" in metrics:
+        parts.append(f"acc {metrics['rewards/accuracies']:.3f}")
+        parts.append(f"margin {metrics['rewards/margins']:.4f}")
+    for name, label in (("dpo/beta", "beta"), ("beta_dpo/beta_used", "beta")):
+        if name in metrics:
+            parts.append(f"{label} {metrics[name]:.4f}")
+    parts.append(f"lr {metrics['learning_rate']:.2e}")
+    if "grad_norm" in metrics:
+        parts.append(f"grad_norm {metrics['grad_norm']:.3f}")
+    parts.append(f"{metrics['tokens_per_sec'] / 1000:.1f}k tok/s")
+    parts.append(f"{step_time:.2f} s/step")
+    parts.append(f"eta {format_duration(eta)}")
+    return " | ".join(parts)
+
+
+class MetricsLogger:
+    """Every metric of a run goes through here: each step to TensorBoard, every ``logging_steps``
+    (and the first and last step) to a progress line and ``progress.json``. Only rank 0 writes."""
+
+    def __init__(self, run: RunDir, total_steps: int, start_step: int, logging_steps: int, is_main: bool,
+                 say: Callable[[str], None]):
+        self.run, self.total_steps = run, total_steps
+        self.logging_steps, self.is_main, self.say = logging_steps, is_main, say
+        self.writer = None
+        if is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # Steps after the checkpoint are logged again; purge what an interrupted attempt wrote for them.
+            self.writer = SummaryWriter(str(run.tensorboard), purge_step=start_step + 1 if start_step else None)
+        self.started, self.steps_logged = time.perf_counter(), 0
+        self.train: dict[str, float] = {}
+        self.eval: dict[str, float] = {}
+        self.step = start_step
+        self._progress_step = start_step
+
+    def log_step(self, step: int, metrics: dict[str, float], histograms: dict[str, torch.Tensor],
+                 step_time: float) -> None:
+        self.step, self.train = step, metrics
+        self.steps_logged += 1
+        if self.writer is not None:
+            for name, value in metrics.items():
+                self.writer.add_scalar(name, value, step)
+            for name, values in histograms.items():
+                if values.numel():
+                    self.writer.add_histogram(name, values.double().cpu(), step)
+        if step % self.logging_steps == 0 or step == self.total_steps or self.steps_logged == 1:
+            mean_step = (time.perf_counter() - self.started) / self.steps_logged
+            self.say(progress_line(step, self.total_steps, metrics, step_time,
+                                   mean_step * (self.total_steps - step)))
+            self._write_progress()
+
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.eval = metrics
+        if self.writer is not None:
+            for name, value in metrics.items():
+                self.writer.add_scalar(f"eval/{name}", value, step)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if not k.startswith("logps/"))
+        self.say(f"eval at step {step}: {shown}")
+
+    def _write_progress(self) -> None:
+        if self.is_main:
+            self.run.write_progress(step=self.step, total_steps=self.total_steps, train=self.train, eval=self.eval)
+        self._progress_step = self.step
+
+    def close(self) -> None:
+        """Flush every backend; ``progress.json`` then holds the last step logged."""
+        if self._progress_step != self.step:
+            self._write_progress()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

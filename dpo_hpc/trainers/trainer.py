@@ -1,0 +1,269 @@
+"""The Trainer: one run of any registered algorithm, in phases.
+
+    train():  completed? -> setup -> resume -> for each step: train_step, log, maybe_eval,
+              checkpointer.maybe_save, stop? -> finish
+
+``train()`` is the whole story on one screen; each phase below is short. The algorithm (its
+objective) only says how a batch becomes a loss; the checkpointer saves named state pieces on
+its own interval; the metrics logger owns every output of numbers.
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from ..algorithms.objectives import build_objective
+from ..checkpoint import CheckpointError, RunDir, config_hash
+from ..checkpoint.manager import Checkpointer
+from ..config import Algorithm, algorithm, to_dict
+from ..data.pipeline import load_splits, report_lines, write_report
+from ..data.sampler import eval_batch_indices, global_batch_indices, steps_per_epoch
+from ..data.tokenize import SpecialTokens
+from ..runtime import all_reduce_sum, barrier, init_distributed
+from ..runtime.stop import StopSignal
+from .engine import (build_engine, check_precision, deepspeed_config, device, load_causal_lm, load_tokenizer,
+                     prepare_reference, save_final_model, unclipped_grad_norm)
+from .metrics import MetricsLogger, MetricSums
+
+# Keys that may change between a checkpoint and its resumption (they do not alter the math).
+RESUMABLE_CHANGES = {"max_steps", "epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+                     "eval_batch_size"}
+
+
+def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b and key not in RESUMABLE_CHANGES:
+            changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changed
+
+
+class TrainProgress:
+    """Checkpoint piece: the step reached, and what it was trained with. Loading it is the resume
+    guard: a checkpoint of another config or global batch is refused before anything is restored."""
+
+    def __init__(self, trainer: str, config: dict, global_batch: int):
+        self.trainer, self.config, self.global_batch = trainer, config, global_batch
+        self.step = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "trainer": self.trainer, "config": self.config, "global_batch": self.global_batch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        changes = config_changes(state["config"], self.config)
+        if state["global_batch"] != self.global_batch:
+            changes.append(f"global batch {state['global_batch']} -> {self.global_batch}")
+        if changes:
+            raise CheckpointError(f"checkpoint at step {state['step']} was written with a different config; "
+                                  "refusing to resume: " + "; ".join(changes))
+        self.step = state["step"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+
+
+class Trainer:
+    """Run (or resume, or skip if already completed) one training run. The models, tokenizer and
+    data are loaded from the config's names unless passed in (the Python API passes in-memory
+    objects). ``stop`` makes a signal end the run with a checkpoint (status ``preempted``)."""
+
+    def __init__(self, cfg, algo: Algorithm, *, model=None, ref_model=None, tokenizer=None, train_rows=None,
+                 eval_rows=None, stop: Optional[StopSignal] = None, log: Optional[Callable[[str], None]] = None):
+        self.cfg, self.algo, self.training = cfg, algo, cfg.training
+        self.model, self.ref_model, self.tokenizer = model, ref_model, tokenizer
+        self.train_rows, self.eval_rows = train_rows, eval_rows
+        self.stop, self.log = stop, log or (lambda msg: print(msg, flush=True))
+        self.run = RunDir(self.training.save_dir)
+        self.dist = init_distributed()
+
+    def say(self, message: str) -> None:
+        if self.dist.is_main:
+            self.log(f"[{self.algo.name}] {message}")
+
+    # ---- the run, top to bottom ------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Returns the run summary; ``status`` is ``completed``, or ``preempted`` after a stop signal."""
+        previous = self.completed_run()
+        if previous is not None:
+            return previous
+        self.setup()
+        start = self.resume()
+        self.say(f"{self.total_steps} steps of {self.global_batch} "
+                 f"{'rows' if self.algo.kind == 'sft' else 'pairs'} ({self.steps_per_epoch} steps/epoch, "
+                 f"world size {self.dist.world_size}); run dir {self.run.root}")
+        for step in range(start, self.total_steps):
+            done = step + 1
+            started = time.perf_counter()
+            metrics = self.train_step(step)
+            histograms = self.objective.histograms()
+            self.logger.log_step(done, metrics, histograms, time.perf_counter() - started)
+            self.maybe_eval(done)
+            path = self.checkpointer.maybe_save(done, self.total_steps)
+            if path is not None:
+                self.say(f"checkpoint {path}")
+            if self.stop_agreed(done):
+                return self.stop_with_checkpoint(done)
+        return self.finish()
+
+    # ---- phases ------------------------------------------------------------------------------
+    def completed_run(self) -> Optional[dict[str, Any]]:
+        """The summary of a completed run with this config in save_dir (nothing is repeated)."""
+        previous = self.run.read_manifest()
+        if not previous or previous.get("status") != "completed":
+            return None
+        if previous.get("config_hash") != config_hash(self.cfg):
+            raise CheckpointError(f"{self.run.root} holds a completed run with a different config; "
+                                  "choose another save_dir")
+        self.say(f"{self.run.root} is already completed; nothing to do")
+        return previous
+
+    def setup(self) -> None:
+        """Seed, record the start, load data first (a bad dataset fails in seconds), then the models."""
+        cfg, training, dist = self.cfg, self.training, self.dist
+        check_precision(cfg.precision)
+        seed_everything(training.seed)
+        self.manifest = self.run.start(cfg, self.algo.name, dist.world_size) if dist.is_main else {}
+        barrier()
+        self.started = time.time()
+        self.tokenizer = self.tokenizer or load_tokenizer(cfg.tokenizer_name or cfg.policy_name)
+        self.train_set, self.val_set, report = load_splits(
+            cfg.dataset, self.tokenizer, self.algo.kind, getattr(training, "assistant_turns", "all"),
+            train_rows=self.train_rows, eval_rows=self.eval_rows)
+        for line in report_lines(report):
+            self.say(line)
+        if dist.is_main:
+            write_report(report, self.run.root / "data_report.json")
+        self.global_batch = training.batch_size * training.gradient_accumulation_steps * dist.world_size
+        self.steps_per_epoch = steps_per_epoch(len(self.train_set), self.global_batch)
+        self.total_steps = training.max_steps or training.epochs * self.steps_per_epoch
+
+        model = load_causal_lm(self.model if self.model is not None else cfg.policy_name, cfg.precision, trainable=True)
+        ds_cfg = deepspeed_config(training, cfg.deepspeed, cfg.precision, dist.world_size)
+        reference = None
+        if self.algo.kind == "preference":
+            source = self.ref_model if self.ref_model is not None else (cfg.ref_name or cfg.policy_name)
+            reference = prepare_reference(load_causal_lm(source, cfg.precision, trainable=False), ds_cfg)
+        self.objective = build_objective(self.algo, cfg, SpecialTokens.of(self.tokenizer).pad_id, dist, reference)
+        self.engine, _, self.scheduler = build_engine(model, training, ds_cfg, self.total_steps)
+        self.device = device()
+        self.progress = TrainProgress(self.algo.name, to_dict(cfg), self.global_batch)
+        self.checkpointer = Checkpointer(self.run.checkpoints, dist, self.engine, interval=training.save_steps,
+                                         keep=training.save_total_limit, shared={"progress": self.progress},
+                                         per_rank={"objective": self.objective})
+
+    def resume(self) -> int:
+        """Restore the newest usable checkpoint (if any); returns the step to continue from."""
+        step, path = self.checkpointer.resume(self.say)
+        if path is not None:
+            self.say(f"resumed from {path} at step {step}/{self.total_steps}")
+        self.logger = MetricsLogger(self.run, self.total_steps, step, self.training.logging_steps,
+                                    self.dist.is_main, self.say)
+        return step
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches; returns the step's global metrics."""
+        training, dist, engine, objective = self.training, self.dist, self.engine, self.objective
+        started = time.perf_counter()
+        learning_rate = self.scheduler.get_last_lr()[0]
+        batches = [
+            _to_device(objective.collate([self.train_set[i] for i in indices]), self.device)
+            for indices in global_batch_indices(len(self.train_set), step, training.batch_size,
+                                                training.gradient_accumulation_steps, dist.world_size, dist.rank,
+                                                training.seed)
+        ]
+        # Each micro-loss is a SUM over its units; scaling by (GA x world) / global units turns
+        # DeepSpeed's 1/GA and cross-rank averaging into one mean over the global batch.
+        global_units = all_reduce_sum(torch.stack([objective.units(b).to(self.device) for b in batches]).sum())
+        scale = training.gradient_accumulation_steps * dist.world_size / global_units
+        sums, tokens = MetricSums(), torch.zeros((), dtype=torch.float64, device=self.device)
+        fallback_grad_norm = None
+        for k, batch in enumerate(batches):
+            loss_sum, stats = objective.loss_and_stats(engine, batch)
+            engine.backward(loss_sum * scale)
+            if k == len(batches) - 1:
+                fallback_grad_norm = unclipped_grad_norm(engine)
+            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            sums.add(stats)
+            tokens += batch["attention_mask"].sum()
+        metrics = sums.reduce(self.device)
+        metrics.update(objective.end_step())
+        metrics["learning_rate"] = learning_rate
+        metrics["tokens_per_sec"] = all_reduce_sum(tokens).item() / (time.perf_counter() - started)
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = fallback_grad_norm if grad_norm is None else grad_norm
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        self.progress.step = step + 1
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        """Metrics over the whole validation split (every rank calls; ranks run equal batch counts)."""
+        sums = MetricSums()
+        batch_size = self.training.eval_batch_size or self.training.batch_size
+        self.engine.eval()
+        for indices in eval_batch_indices(len(self.val_set), batch_size, self.dist.world_size, self.dist.rank):
+            weight = 1.0 if indices else 0.0  # an empty slot still runs a forward: ZeRO-3 needs every rank
+            batch = _to_device(self.objective.collate([self.val_set[i] for i in (indices or [0])]), self.device)
+            sums.add(self.objective.eval_stats(self.engine, batch), weight)
+        self.engine.train()
+        return sums.reduce(self.device)
+
+    def maybe_eval(self, step: int) -> None:
+        every = self.training.eval_steps
+        if self.val_set and every and step % every == 0 and step < self.total_steps:
+            self.logger.log_eval(step, self.evaluate())
+
+    def stop_agreed(self, step: int) -> bool:
+        """Whether any rank got the stop signal (a collective: every rank asks at every step)."""
+        return (self.stop is not None and step < self.total_steps
+                and self.stop.agreed(self.dist.world_size, self.device))
+
+    def stop_with_checkpoint(self, step: int) -> dict[str, Any]:
+        path = self.checkpointer.save(step)
+        self.say(f"stop signal: checkpoint {path} at step {step}/{self.total_steps}; exiting to be resumed")
+        self.logger.close()
+        if self.dist.is_main:
+            self.run.mark(self.manifest, "preempted", step=step, checkpoint=str(path))
+        barrier()
+        return {"status": "preempted", "step": step, "total_steps": self.total_steps, "checkpoint": str(path)}
+
+    def finish(self) -> dict[str, Any]:
+        """Final evaluation and model; the manifest says ``completed``."""
+        if self.val_set:
+            self.logger.log_eval(self.total_steps, self.evaluate())
+        save_final_model(self.engine, self.tokenizer, self.run.root, self.dist.is_main)
+        summary = {
+            "status": "completed",
+            "final_step": self.total_steps,
+            "train_seconds": round(time.time() - self.started, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "final_eval": self.logger.eval,
+        }
+        self.logger.close()
+        if self.dist.is_main:
+            self.run.finish(self.manifest, **summary)
+            self.say(f"done in {summary['train_seconds']:.0f} s; model: {self.run.root}; "
+                     f"TensorBoard: tensorboard --logdir {self.run.tensorboard}")
+        barrier()
+        return summary
+
+
+def train(cfg, trainer: str, **kwargs) -> dict[str, Any]:
+    """Train one run of the registered algorithm ``trainer`` (see ``Trainer``)."""
+    return Trainer(cfg, algorithm(trainer), **kwargs).train()

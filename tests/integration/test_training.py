@@ -1,0 +1,289 @@
+"""Real training with DeepSpeed on CPU: SFT and DPO lower the loss, logs and models read back,
+a killed run resumes to the same weights, and two ranks under torchrun match one rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import BIN, REPO, run_config
+from dpo_hpc.checkpoint import layout
+from dpo_hpc.config import validate_mapping
+
+pytestmark = pytest.mark.slow
+
+TRAIN_SCALARS = {"loss", "learning_rate", "grad_norm", "tokens_per_sec"}
+DPO_SCALARS = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+               "logps/rejected"}
+
+
+def clean_env(**extra) -> dict:
+    """Environment for a child run: no rendezvous variables inherited from this test process."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def small_data(tmp_path: Path, n: int) -> Path:
+    from dpo_hpc.data.verifiable import generate, write_jsonl
+
+    train, _ = generate(n, 0, seed=5)
+    write_jsonl(train, tmp_path / "small.jsonl")
+    return tmp_path / "small.jsonl"
+
+
+def write_config(tmp_path: Path, data: dict, name: str = "config.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_cli(args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "dpo_hpc", *args], capture_output=True, text=True,
+                          env=env or clean_env(), cwd=REPO, **kw)
+
+
+def test_sft_lowers_loss_on_a_fixed_batch_and_saves_a_loadable_model(tmp_path, micro_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_hpc.trainers.trainer import train
+
+    data = small_data(tmp_path, 10)  # 8 train rows = one global batch: every step sees the same rows
+    raw = run_config(tmp_path, micro_model, data, "sft_training", learning_rate=3e-3, max_steps=8)
+    cfg = validate_mapping(raw, "sft")
+    summary = train(cfg, "sft")
+    run = Path(raw["sft_training"]["save_dir"])
+    logged = scalars(run / "tensorboard")
+    assert TRAIN_SCALARS <= set(logged) and "eval/loss" in logged
+    losses = [v for _, v in logged["loss"]]
+    assert [s for s, _ in logged["loss"]] == list(range(1, 9))
+    assert losses[-1] < losses[0] - 0.5, losses
+    model = AutoModelForCausalLM.from_pretrained(run)
+    AutoTokenizer.from_pretrained(run)
+    initial = AutoModelForCausalLM.from_pretrained(micro_model)
+    assert not torch.equal(model.model.embed_tokens.weight, initial.model.embed_tokens.weight)
+    manifest = json.loads((run / "run_manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["trainer"] == "sft" and manifest["seed"] == 42
+    assert {"torch", "transformers", "deepspeed"} <= set(manifest["libraries"])
+    assert manifest["final_eval"] == summary["final_eval"]
+    report = json.loads((run / "data_report.json").read_text())
+    assert report["train"]["kept"] == 9 and report["validation"]["kept"] == 1
+    resolved = json.loads((run / "config.resolved.json").read_text())
+    assert resolved["trainer"] == "sft" and resolved["sft_training"]["max_steps"] == 8
+
+
+def test_dpo_lowers_loss_with_zero2_and_accumulation(tmp_path, micro_model):
+    from dpo_hpc.trainers.trainer import train
+
+    data = small_data(tmp_path, 10)
+    raw = run_config(tmp_path, micro_model, data, "dpo_training", learning_rate=3e-3, max_steps=6, batch_size=4,
+                     gradient_accumulation_steps=2, eval_steps=3)
+    raw["deepspeed"] = {"zero_stage": 2}
+    train(validate_mapping(raw, "dpo"), "dpo")
+    logged = scalars(Path(raw["dpo_training"]["save_dir"]) / "tensorboard")
+    assert TRAIN_SCALARS | DPO_SCALARS <= set(logged)
+    assert {f"eval/{name}" for name in DPO_SCALARS | {"loss"}} <= set(logged)
+    assert [s for s, _ in logged["eval/loss"]] == [3, 6]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(raw["dpo_training"]["save_dir"]) / "tensorboard"), size_guidance={"histograms": 0})
+    acc.Reload()
+    margins = acc.Histograms("margins")
+    assert [h.step for h in margins] == list(range(1, 7)) and margins[-1].histogram_value.num == 8  # 4 x GA 2
+    losses = [v for _, v in logged["loss"]]
+    assert losses[0] == pytest.approx(0.693147, abs=1e-4)  # policy == reference at step 1
+    assert logged["rewards/accuracies"][0][1] == 0.0  # ties are not accurate (strict >)
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert logged["rewards/margins"][-1][1] > 0
+
+
+def test_completed_run_is_skipped_and_a_different_config_is_refused(tmp_path, micro_model):
+    from dpo_hpc.checkpoint import CheckpointError
+    from dpo_hpc.trainers.trainer import train
+
+    data = small_data(tmp_path, 10)
+    raw = run_config(tmp_path, micro_model, data, "sft_training", max_steps=2)
+    train(validate_mapping(raw, "sft"), "sft")
+    before = (Path(raw["sft_training"]["save_dir"]) / "model.safetensors").stat().st_mtime_ns
+    assert train(validate_mapping(raw, "sft"), "sft")["status"] == "completed"
+    assert (Path(raw["sft_training"]["save_dir"]) / "model.safetensors").stat().st_mtime_ns == before
+    raw["sft_training"]["learning_rate"] = 0.5
+    with pytest.raises(CheckpointError, match="completed run with a different config"):
+        train(validate_mapping(raw, "sft"), "sft")
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"timed out waiting for {path}"
+        time.sleep(0.02)
+
+
+ALGORITHM_SECTIONS = {
+    "dpo": {},
+    "dynamic_beta_dpo": {"risk_test": {"beta_warmup": 2}, "beta_update": {"alpha": 0.05}},
+    "beta_dpo": {"beta_dpo": {"rho": 0.75}},
+}
+CLI_NAME = {"dpo": "dpo", "dynamic_beta_dpo": "dynamic-beta-dpo", "beta_dpo": "beta-dpo"}
+
+
+def dpo_config(tmp_path, model, data, trainer, **training):
+    return {**run_config(tmp_path, model, data, "dpo_training", **training), **ALGORITHM_SECTIONS[trainer]}
+
+
+@pytest.mark.parametrize("trainer", ["dpo", "dynamic_beta_dpo", "beta_dpo"])
+def test_killed_run_resumes_to_identical_weights_and_skips_a_corrupt_checkpoint(tmp_path, micro_model, trainer):
+    data = small_data(tmp_path, 40)
+    common = dict(max_steps=14, batch_size=4, gradient_accumulation_steps=2, learning_rate=2e-3, save_steps=1,
+                  save_total_limit=3, warmup_steps=2)
+    straight = dpo_config(tmp_path / "a", micro_model, data, trainer, **common)
+    resumed = dpo_config(tmp_path / "b", micro_model, data, trainer, **common)
+    name = CLI_NAME[trainer]
+    result = run_cli(["train", name, "--config", str(write_config(tmp_path, straight, "a.yaml"))])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    config_b = write_config(tmp_path, resumed, "b.yaml")
+    run_b = Path(resumed["dpo_training"]["save_dir"])
+    proc = subprocess.Popen([sys.executable, "-m", "dpo_hpc", "train", name, "--config", str(config_b)],
+                            cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _wait_for(run_b / "checkpoints" / layout.step_dir_name(5), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    published = layout.published_checkpoints(run_b / "checkpoints")
+    assert len(published) <= 4 and layout.step_dir_name(5) in [p.name for p in published]  # keep=3, +1 if killed before rotation
+    newest = published[0]
+    victim = next(p for p in sorted((newest / layout.ENGINE_TAG).iterdir()) if p.suffix == ".pt")
+    victim.write_bytes(victim.read_bytes()[:-10] + b"corrupted!")  # same size, wrong checksum
+
+    result = run_cli(["train", name, "--config", str(config_b)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"checkpoint {newest} is not usable ({victim.relative_to(newest)} checksum mismatch)" in result.stdout
+    assert "resumed from" in result.stdout
+    a = load_file(Path(straight["dpo_training"]["save_dir"]) / "model.safetensors")
+    b = load_file(run_b / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged"
+    logged = scalars(run_b / "tensorboard")
+    assert [s for s, _ in logged["loss"]] == list(range(1, 15))  # each step once, despite the restart
+    straight_logged = scalars(Path(straight["dpo_training"]["save_dir"]) / "tensorboard")
+    for tag in ("loss", "dpo/beta", "risk/tau", "beta_dpo/beta_used", "beta_dpo/M0", "beta_dpo/kept"):
+        if tag in straight_logged:
+            assert [v for _, v in logged[tag]] == [v for _, v in straight_logged[tag]], tag
+    if trainer == "dynamic_beta_dpo":
+        assert len({v for _, v in logged["dpo/beta"]}) > 3  # beta really moved, and resumed where it was
+
+
+@pytest.mark.multiproc
+def test_two_ranks_under_torchrun_match_one_rank_with_accumulation(tmp_path, micro_model):
+    """Dynamic-Beta DPO: 2 ranks x GA 1 (ZeRO-3) gives the beta trajectory and weights of 1 rank x GA 2."""
+    data = small_data(tmp_path, 24)
+    common = dict(max_steps=5, batch_size=4, learning_rate=2e-3)
+    algo = {"risk_test": {"beta_warmup": 1}, "beta_update": {"alpha": 0.05}}
+    one = {**run_config(tmp_path / "one", micro_model, data, "dpo_training", gradient_accumulation_steps=2, **common), **algo}
+    two = {**run_config(tmp_path / "two", micro_model, data, "dpo_training", gradient_accumulation_steps=1, **common), **algo}
+    two["deepspeed"] = {"zero_stage": 3}
+    result = run_cli(["train", "dynamic-beta-dpo", "--config", str(write_config(tmp_path, one, "one.yaml"))])
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run(
+        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "dpo_hpc", "train", "dynamic-beta-dpo",
+         "--config", str(write_config(tmp_path, two, "two.yaml"))],
+        capture_output=True, text=True, env=clean_env(OMP_NUM_THREADS="1"), cwd=REPO, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    manifest = json.loads((Path(two["dpo_training"]["save_dir"]) / "run_manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["status"] == "completed"
+    a = load_file(Path(one["dpo_training"]["save_dir"]) / "model.safetensors")
+    b = load_file(Path(two["dpo_training"]["save_dir"]) / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    logged_one = scalars(Path(one["dpo_training"]["save_dir"]) / "tensorboard")
+    logged_two = scalars(Path(two["dpo_training"]["save_dir"]) / "tensorboard")
+    assert [v for _, v in logged_one["loss"]] == pytest.approx([v for _, v in logged_two["loss"]], abs=1e-5)
+    beta_one, beta_two = [v for _, v in logged_one["dpo/beta"]], [v for _, v in logged_two["dpo/beta"]]
+    assert beta_one == pytest.approx(beta_two, rel=1e-6) and len(set(beta_one)) > 2
+
+
+def test_train_sft_runs_the_seed_config(tmp_path, micro_model, reverse_data):
+    """`train-sft --config config_sft.yaml` with policy_name (and data) pointed at local assets."""
+    seed_cfg = REPO / "experiments" / "seed" / "config_sft.yaml"
+    result = subprocess.run(
+        [str(BIN / "train-sft"), "--config", str(seed_cfg), "--set", f'policy_name="{micro_model}"',
+         "--set", f'dataset.dataset_name="{reverse_data}"', "--set", "sft_training.max_steps=2",
+         "--set", "sft_training.batch_size=4", "--set", f'sft_training.save_dir="{tmp_path / "sft_model"}"'],
+        capture_output=True, text=True, env=clean_env(), cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "sft_model" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "sft_model" / "config.resolved.json").read_text())["precision"] == "bf16"
+
+
+@pytest.mark.multiproc
+def test_deepspeed_launcher_runs_two_ranks(tmp_path, micro_model):
+    """`deepspeed --module dpo_hpc ...` passes --local_rank=N; the CLI accepts it."""
+    data = small_data(tmp_path, 24)
+    raw = run_config(tmp_path, micro_model, data, "dpo_training", max_steps=2, batch_size=4)
+    result = subprocess.run(
+        [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "dpo_hpc",
+         "train", "dpo", "--config", str(write_config(tmp_path, raw))],
+        capture_output=True, text=True, env=clean_env(OMP_NUM_THREADS="1"), cwd=REPO, timeout=300,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    manifest = json.loads((Path(raw["dpo_training"]["save_dir"]) / "run_manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["status"] == "completed"
+
+
+@pytest.mark.parametrize("command, seed_file, names", [
+    ("train-dpo", "config_dpo.yaml", {"dpo/beta", "risk/tau", "risk/p_hat", "risk/u_k", "risk/s_k", "risk/fail",
+                                      "risk/warmup"}),
+    ("train-beta-dpo", "config_beta_dpo.yaml", {"beta_dpo/beta_used", "beta_dpo/M0", "beta_dpo/sigma",
+                                                "beta_dpo/gap_mean", "beta_dpo/gap_selected_mean", "beta_dpo/kept",
+                                                "beta_dpo/keep_ratio"}),
+])
+def test_original_commands_run_the_seed_configs(tmp_path, micro_model, reverse_data, command, seed_file, names):
+    seed_cfg = REPO / "experiments" / "seed" / seed_file
+    result = subprocess.run(
+        [str(BIN / command), "--config", str(seed_cfg), "--set", f'policy_name="{micro_model}"',
+         "--set", f'ref_name="{micro_model}"', "--set", f'dataset.dataset_name="{reverse_data}"',
+         "--set", "dpo_training.max_steps=4", "--set", "dpo_training.batch_size=4", "--set", "dpo_training.learning_rate=1e-3",
+         "--set", f'dpo_training.save_dir="{tmp_path / "out"}"', "--set", "risk_test.beta_warmup=2"
+         if command == "train-dpo" else "beta_dpo.rho=0.5"],
+        capture_output=True, text=True, env=clean_env(), cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = scalars(tmp_path / "out" / "tensorboard")
+    assert names | TRAIN_SCALARS | DPO_SCALARS <= set(logged)
+    if command == "train-dpo":
+        after_warmup = {"risk/p_hat", "risk/u_k", "risk/s_k", "risk/fail"}
+        assert all(len(logged[n]) == (2 if n in after_warmup else 4) for n in names)  # one per optimizer step
+        assert [v for _, v in logged["risk/warmup"]] == [1.0, 1.0, 0.0, 0.0]
+        assert [v for _, v in logged["dpo/beta"]][:2] == pytest.approx([0.1, 0.1])
+    else:
+        assert all(len(logged[n]) == 4 for n in names)
+        assert {v for _, v in logged["beta_dpo/kept"]} == {2.0}

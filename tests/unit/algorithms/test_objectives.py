@@ -1,0 +1,102 @@
+"""The preference objective composed of a pairwise loss and a beta policy, against a naive
+float64 computation on a toy model, and each beta policy's contract."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dpo_hpc.algorithms.beta import LOCAL
+from dpo_hpc.algorithms.beta.beta_dpo import BetaDPOController, BetaDPOPolicy, keep_count
+from dpo_hpc.algorithms.beta.dynamic_beta import DynamicBetaController, DynamicBetaPolicy
+from dpo_hpc.algorithms.beta.fixed import FixedBeta
+from dpo_hpc.algorithms.losses import PAIRWISE_LOSSES
+from dpo_hpc.algorithms.objectives import PreferenceObjective
+from dpo_hpc.config import BetaDPOSectionConfig, BetaUpdateConfig, RiskTestConfig
+from dpo_hpc.data.tokenize import TokenizedPair
+
+
+class ToyLM(torch.nn.Module):
+    def __init__(self, seed: int, vocab: int = 11):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.table = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, input_ids, attention_mask):
+        return SimpleNamespace(logits=self.table(input_ids))
+
+
+def pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
+    rng = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        prompt, chosen, rejected = (torch.randint(1, 11, (int(k),), generator=rng).tolist()
+                                    for k in torch.randint(1, 5, (3,), generator=rng))
+        out.append(TokenizedPair(prompt, chosen, rejected))
+    return out
+
+
+def naive_logp(model, prompt, completion) -> float:
+    ids = prompt + completion
+    logits = model.table.weight.double()[ids]
+    return sum(torch.log_softmax(logits[t - 1], -1)[ids[t]].item() for t in range(len(prompt), len(ids)))
+
+
+def naive_margins(policy, reference, batch):
+    return [(naive_logp(policy, p.prompt_ids, p.chosen_ids) - naive_logp(reference, p.prompt_ids, p.chosen_ids))
+            - (naive_logp(policy, p.prompt_ids, p.rejected_ids) - naive_logp(reference, p.prompt_ids, p.rejected_ids))
+            for p in batch]
+
+
+def objective(policy_of_beta):
+    return PreferenceObjective(ToyLM(1), PAIRWISE_LOSSES["sigmoid"], policy_of_beta, pad_id=0, collective=LOCAL)
+
+
+def test_fixed_beta_dpo_matches_naive_and_keeps_every_pair():
+    policy, examples = ToyLM(0), pairs(6)
+    obj = objective(FixedBeta(0.3))
+    batch = obj.collate(examples)
+    loss_sum, stats = obj.loss_and_stats(policy, batch)
+    expected = [-math.log(1 / (1 + math.exp(-0.3 * m))) for m in naive_margins(policy, obj.reference, examples)]
+    assert loss_sum.item() == pytest.approx(sum(expected), rel=1e-5)
+    assert obj.units(batch).item() == 6 and stats["loss"][1].item() == 6
+    loss_sum.backward()
+    assert policy.table.weight.grad.abs().sum() > 0 and obj.reference.table.weight.grad is None
+    assert obj.end_step() == {} and obj.histograms()["margins"].numel() == 6
+
+
+def test_beta_dpo_policy_weights_k_pairs_and_counts_them():
+    examples = pairs(10)
+    obj = objective(BetaDPOPolicy(BetaDPOController(BetaDPOSectionConfig(rho=0.5), seed=3), LOCAL))
+    batch = obj.collate(examples)
+    loss_sum, stats = obj.loss_and_stats(ToyLM(0), batch)
+    assert obj.units(batch).item() == keep_count(10, 0.5) == 5 and stats["loss"][1].item() == 5
+    logged = obj.end_step()
+    assert logged["beta_dpo/kept"] == 5.0 and logged["beta_dpo/beta_used"] > 0
+    assert obj.policy.eval_beta() == 0.1
+
+
+@pytest.mark.parametrize("granularity", ["optimizer_step", "micro_batch"])
+def test_dynamic_beta_loss_uses_the_beta_in_force_before_its_update(granularity):
+    risk = RiskTestConfig(beta_warmup=1, update_granularity=granularity)
+    controller = DynamicBetaController(risk, BetaUpdateConfig(alpha=0.5))
+    policy = DynamicBetaPolicy(controller, LOCAL)
+    obj, model = objective(policy), ToyLM(0)
+    for step in range(3):
+        before = controller.beta
+        _, stats = obj.loss_and_stats(model, obj.collate(pairs(8, seed=step)))
+        margins = obj._step_margins[-1]
+        expected_reward = (before * margins).sum().item()  # rewards/margins of the step use the old beta
+        assert stats["rewards/margins"][0].item() == pytest.approx(expected_reward, rel=1e-5, abs=1e-6)
+        updates_before_end = controller.updates
+        obj.end_step()
+        obj.histograms()
+        assert controller.updates == step + 1
+        assert updates_before_end == (step + 1 if granularity == "micro_batch" else step)
+    state = obj.state_dict()
+    again = objective(DynamicBetaPolicy(DynamicBetaController(risk, BetaUpdateConfig(alpha=0.5)), LOCAL))
+    again.load_state_dict(state)
+    assert again.policy.eval_beta() == controller.beta and again.policy.controller.tau == controller.tau

@@ -1,0 +1,137 @@
+"""The checkpointer on its own, with a fake engine: named pieces round-trip, the interval and
+rotation, the format version, corrupt and refused checkpoints, and reading format 1."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpo_hpc.checkpoint import CheckpointError, layout
+from dpo_hpc.checkpoint.manager import Checkpointer, verify
+from dpo_hpc.runtime import DistEnv
+
+ONE = DistEnv(rank=0, local_rank=0, world_size=1)
+
+
+class FakeEngine:
+    """What the checkpointer asks of a DeepSpeed engine: a collective save into a folder and a load."""
+
+    def __init__(self, value: float = 0.0):
+        self.weights = torch.full((4,), value)
+        self.loads = 0
+
+    def save_checkpoint(self, save_dir, tag, save_latest):
+        (Path(save_dir) / tag).mkdir(parents=True)
+        torch.save({"weights": self.weights}, Path(save_dir) / tag / "model_states.pt")
+
+    def load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states):
+        self.loads += 1
+        self.weights = torch.load(Path(load_dir) / tag / "model_states.pt", weights_only=True)["weights"]
+        return load_dir, {}
+
+
+class Counter:
+    """A per-rank piece with tensor state."""
+
+    def __init__(self):
+        self.seen = torch.zeros(3)
+
+    def state_dict(self):
+        return {"seen": self.seen.clone()}
+
+    def load_state_dict(self, state):
+        self.seen = state["seen"]
+
+
+class Progress:
+    """A shared piece that refuses a checkpoint of another config (as the trainer's does)."""
+
+    def __init__(self, config="a"):
+        self.config, self.step = config, 0
+
+    def state_dict(self):
+        return {"config": self.config, "step": self.step}
+
+    def load_state_dict(self, state):
+        if state["config"] != self.config:
+            raise CheckpointError(f"config {state['config']!r} is not {self.config!r}")
+        self.step = state["step"]
+
+
+def checkpointer(root, engine=None, interval=2, keep=2, config="a"):
+    progress, counter = Progress(config), Counter()
+    ckpt = Checkpointer(root, ONE, engine or FakeEngine(), interval=interval, keep=keep,
+                        shared={"progress": progress}, per_rank={"objective": counter})
+    return ckpt, progress, counter
+
+
+def test_interval_rotation_and_manifest(tmp_path):
+    ckpt, progress, counter = checkpointer(tmp_path, interval=2, keep=2)
+    saved = [step for step in range(1, 8) if ckpt.maybe_save(step, total_steps=6)]
+    assert saved == [2, 4]  # on the interval, and never at the end (the final model is saved instead)
+    assert ckpt.save(5).name == "step_00000005"
+    assert ckpt.save(5) == tmp_path / "step_00000005"  # once per step
+    assert [p.name for p in ckpt.published()] == ["step_00000005", "step_00000004"]  # keep = 2
+    manifest = json.loads((tmp_path / "step_00000005" / layout.MANIFEST).read_text())
+    assert manifest["format_version"] == layout.FORMAT_VERSION and manifest["step"] == 5
+    assert set(manifest["files"]) == {layout.SHARED_STATE, layout.rank_file(0), "engine/model_states.pt"}
+    assert not any(layout.is_tmp_dir(p.name) for p in tmp_path.iterdir())
+
+
+def test_pieces_and_rng_round_trip(tmp_path):
+    ckpt, progress, counter = checkpointer(tmp_path, FakeEngine(1.5))
+    progress.step, counter.seen = 3, torch.tensor([1.0, 2.0, 3.0])
+    torch.manual_seed(7), random.seed(7)
+    ckpt.save(3)
+    expected = (torch.rand(2), random.random())
+
+    engine = FakeEngine(0.0)
+    fresh, progress2, counter2 = checkpointer(tmp_path, engine)
+    torch.manual_seed(0), random.seed(0)
+    assert fresh.resume(print) == (3, tmp_path / "step_00000003")
+    assert progress2.step == 3 and torch.equal(counter2.seen, counter.seen)
+    assert torch.equal(engine.weights, torch.full((4,), 1.5))
+    assert torch.equal(torch.rand(2), expected[0]) and random.random() == expected[1]
+
+
+def test_corrupt_newer_and_unknown_version_are_skipped(tmp_path):
+    ckpt, _, _ = checkpointer(tmp_path, interval=0, keep=5)
+    for step in (1, 2, 3):
+        ckpt.save(step)
+    victim = tmp_path / "step_00000003" / layout.rank_file(0)
+    victim.write_bytes(victim.read_bytes()[:-4] + b"oops")
+    manifest_path = tmp_path / "step_00000002" / layout.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "format_version": layout.FORMAT_VERSION + 1}))
+    said = []
+    assert ckpt.latest_valid(said.append) == tmp_path / "step_00000001"
+    assert "checksum mismatch" in said[0] and "newer than this dpo-hpc reads" in said[1]
+
+
+def test_a_refusing_piece_stops_the_load_before_the_engine(tmp_path):
+    checkpointer(tmp_path)[0].save(2)
+    engine = FakeEngine()
+    other, _, _ = checkpointer(tmp_path, engine, config="b")
+    with pytest.raises(CheckpointError, match=r"step_00000002: config 'a' is not 'b'"):
+        other.resume(print)
+    assert engine.loads == 0
+
+
+def test_format_1_checkpoints_are_read(tmp_path):
+    """Format 1 had one unnamed objective state per rank and the progress keys at the top level."""
+    ckpt, progress, counter = checkpointer(tmp_path)
+    progress.step, counter.seen = 4, torch.tensor([4.0, 5.0, 6.0])
+    path = ckpt.save(4)
+    rank = torch.load(path / layout.rank_file(0), weights_only=True)
+    torch.save({"rng": rank["rng"], "state": rank["objective"]}, path / layout.rank_file(0))
+    (path / layout.SHARED_STATE).write_text(json.dumps({"config": "a", "step": 4, "world_size": 1}))
+    files = {rel: {"size": (path / rel).stat().st_size, "sha256": __import__("hashlib").sha256(
+        (path / rel).read_bytes()).hexdigest()} for rel in json.loads((path / layout.MANIFEST).read_text())["files"]}
+    (path / layout.MANIFEST).write_text(json.dumps({"step": 4, "files": files}))
+    assert verify(path) is None
+    fresh, progress2, counter2 = checkpointer(tmp_path)
+    assert fresh.resume(print)[0] == 4 and progress2.step == 4 and torch.equal(counter2.seen, counter.seen)

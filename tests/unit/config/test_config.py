@@ -1,0 +1,231 @@
+"""Config loading: the seed files load, and every class of bad input is one clear line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+import pytest
+
+from dpo_hpc.cli import load_with_overrides
+from dpo_hpc.config import (
+    BetaDPORunConfig,
+    ConfigError,
+    DynamicBetaDPORunConfig,
+    SFTRunConfig,
+    load_config,
+    to_dict,
+    validate_mapping,
+)
+from dpo_hpc.config.schema import DeepSpeedConfig, TrainingConfig
+from dpo_hpc.trainers.engine import deepspeed_config
+
+SEED = REPO / "experiments" / "seed"
+VALID_DPO = {
+    "policy_name": "m",
+    "dataset": {"dataset_name": "d"},
+    "dpo_training": {"learning_rate": 1e-6, "batch_size": 2, "save_dir": "out"},
+}
+
+
+def errors(data, trainer="dpo") -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        validate_mapping(data, trainer, source="f.yaml")
+    return info.value.problems
+
+
+def with_(section, **values):
+    data = json.loads(json.dumps(VALID_DPO))
+    data.setdefault(section, {}).update(values)
+    return data
+
+
+def test_seed_configs_load_with_original_values():
+    sft = load_config(SEED / "config_sft.yaml")
+    assert isinstance(sft, SFTRunConfig)
+    assert sft.sft_training.learning_rate == 5e-6  # YAML '5e-6' is a float, not a string
+    assert (sft.precision, sft.dataset.subset, sft.dataset.val_ratio) == ("bf16", "train", 0.1)
+    dyn = load_config(SEED / "config_dpo.yaml")
+    assert isinstance(dyn, DynamicBetaDPORunConfig)
+    assert (dyn.risk_test.delta, dyn.risk_test.lambda_, dyn.risk_test.beta_warmup) == (0.1, 0.1, 120)
+    assert (dyn.beta_update.beta_0, dyn.beta_update.alpha, dyn.beta_update.beta_max) == (0.1, 0.005, 2.0)
+    beta = load_config(SEED / "config_beta_dpo.yaml")
+    assert isinstance(beta, BetaDPORunConfig)
+    assert (beta.beta_dpo.m, beta.beta_dpo.rho, beta.beta_dpo.alpha, beta.beta_dpo.min_beta) == (0.9, 0.8, 0.6, 0.001)
+
+
+def test_to_dict_uses_file_key_names_and_round_trips():
+    cfg = load_config(SEED / "config_dpo.yaml")
+    data = to_dict(cfg)
+    assert data["risk_test"]["lambda"] == 0.1 and "lambda_" not in data["risk_test"]
+    assert validate_mapping(data, "dynamic_beta_dpo") == cfg
+
+
+def test_toml_and_json_load(tmp_path):
+    (tmp_path / "c.toml").write_text(
+        'policy_name = "m"\n[dataset]\ndataset_name = "d"\n[dpo_training]\nlearning_rate = 1e-6\nbatch_size = 2\nsave_dir = "o"\n'
+    )
+    (tmp_path / "c.json").write_text(json.dumps(VALID_DPO))
+    assert load_config(tmp_path / "c.toml").dpo_training.batch_size == 2
+    assert load_config(tmp_path / "c.json").beta == 0.1
+
+
+def test_misspelled_key_suggests_the_nearest():
+    assert errors(with_("dpo_training", learnin_rate=1e-6)) == [
+        "f.yaml: dpo_training.learnin_rate: unknown key; did you mean 'learning_rate'?"
+    ]
+    assert errors({**VALID_DPO, "polcy_name": "x"}) == ["f.yaml: polcy_name: unknown key; did you mean 'policy_name'?"]
+
+
+def test_unknown_section_lists_valid_keys():
+    (problem,) = errors({**VALID_DPO, "zzz": 1})
+    assert problem.startswith("f.yaml: zzz: unknown key; valid keys: ") and "dpo_training" in problem
+
+
+@pytest.mark.parametrize(
+    "section, key, value, expected",
+    [
+        ("dpo_training", "batch_size", "16", "f.yaml: dpo_training.batch_size: expected a valid integer, got '16' (str)"),
+        ("dpo_training", "batch_size", 2.5, "f.yaml: dpo_training.batch_size: expected a valid integer, got 2.5 (float)"),
+        ("dpo_training", "learning_rate", "fast", "f.yaml: dpo_training.learning_rate: expected a valid number, got 'fast' (str)"),
+        ("dpo_training", "epochs", True, "f.yaml: dpo_training.epochs: expected a valid integer, got True (bool)"),
+        ("dataset", "dataset_name", 3, "f.yaml: dataset.dataset_name: expected a valid string, got 3 (int)"),
+    ],
+)
+def test_wrong_types_are_refused(section, key, value, expected):
+    assert errors(with_(section, **{key: value})) == [expected]
+
+
+@pytest.mark.parametrize(
+    "trainer, section, values, fragment",
+    [
+        ("dynamic_beta_dpo", "risk_test", {"delta": 1.0}, "risk_test.delta: expected less than 1, got 1.0"),
+        ("dynamic_beta_dpo", "risk_test", {"delta": 0}, "risk_test.delta: expected greater than 0, got 0"),
+        ("dynamic_beta_dpo", "risk_test", {"beta_warmup": 0}, "risk_test.beta_warmup: expected greater than or equal to 1"),
+        ("beta_dpo", "beta_dpo", {"rho": 0}, "beta_dpo.rho: expected greater than 0"),
+        ("beta_dpo", "beta_dpo", {"rho": 1.5}, "beta_dpo.rho: expected less than or equal to 1"),
+        ("dynamic_beta_dpo", "beta_update", {"beta_0": 3.0}, "beta_update: need beta_min <= beta_0 <= beta_max"),
+        ("dynamic_beta_dpo", "beta_update", {"beta_min": 0.2}, "beta_update: need beta_min <= beta_0 <= beta_max"),
+        ("dpo", "dataset", {"val_ratio": 1.0}, "dataset.val_ratio: expected less than 1"),
+        ("dpo", "dataset", {"val_ratio": -0.1}, "dataset.val_ratio: expected greater than or equal to 0"),
+        ("dpo", "dpo_training", {"learning_rate": 0}, "dpo_training.learning_rate: expected greater than 0"),
+        ("dpo", "dataset", {"max_prompt_length": 512}, "max_prompt_length (512) must be smaller than max_length (512)"),
+        ("dpo", "deepspeed", {"zero_stage": 4}, "deepspeed.zero_stage: expected less than or equal to 3"),
+    ],
+)
+def test_out_of_range_values_are_refused(trainer, section, values, fragment):
+    problems = errors(with_(section, **values), trainer)
+    assert len(problems) == 1 and fragment in problems[0], problems
+
+
+def test_every_problem_is_reported_at_once():
+    data = with_("dpo_training", learnin_rate=1, batch_size="x")
+    data["precision"] = "bf17"
+    problems = errors(data)
+    assert len(problems) == 3
+    assert any("precision: expected 'fp32', 'bf16' or 'fp16', got 'bf17'" in p for p in problems)
+    assert any("dpo_training.learnin_rate" in p for p in problems)
+
+
+def test_missing_required_key():
+    data = json.loads(json.dumps(VALID_DPO))
+    del data["dpo_training"]["save_dir"]
+    assert errors(data) == ["f.yaml: dpo_training.save_dir: required key is missing"]
+
+
+def test_fixed_beta_refused_where_beta_is_adaptive():
+    (problem,) = errors(with_("dpo_training", beta=0.2), "dynamic_beta_dpo")
+    assert "takes its initial beta from beta_update.beta_0" in problem
+
+
+def test_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "c.ini").write_text("x")
+    with pytest.raises(ConfigError, match="unknown config format '.ini'"):
+        load_config(tmp_path / "c.ini")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="expected a mapping of keys at the top level"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    (tmp_path / "evil.yaml").write_text("policy_name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "evil.yaml")
+
+
+def test_overrides_use_toml_values(tmp_path):
+    cfg, trainer = load_with_overrides(str(SEED / "config_sft.yaml"), None,
+                              ["sft_training.max_steps=3", "policy_name=some/model", "precision=\"fp32\""])
+    assert (cfg.sft_training.max_steps, cfg.policy_name, cfg.precision) == (3, "some/model", "fp32")
+    assert trainer == "sft"
+
+
+def test_deepspeed_json_merge_fills_auto_and_refuses_contradictions(tmp_path):
+    training = TrainingConfig(learning_rate=1e-3, batch_size=4, save_dir="o", gradient_accumulation_steps=2)
+    good = tmp_path / "ds.json"
+    good.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": "auto",
+                                "overlap_comm": True}}))
+    merged = deepspeed_config(training, DeepSpeedConfig(zero_stage=2, config_file=str(good)), "bf16", world_size=2)
+    assert merged["train_batch_size"] == 16 and merged["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert merged["bf16"] == {"enabled": True}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "optimizer": {"type": "Adam"}}))
+    with pytest.raises(ConfigError) as info:
+        deepspeed_config(training, DeepSpeedConfig(config_file=str(bad)), "fp32", world_size=1)
+    assert len(info.value.problems) == 2
+    assert "train_micro_batch_size_per_gpu = 8 contradicts the trainer config (4)" in info.value.problems[0]
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "dpo_hpc", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize(
+    "content, line",
+    [
+        ("dpo_training:\n  learnin_rate: 1\n", "dpo_training.learnin_rate: unknown key; did you mean 'learning_rate'?"),
+        ("dpo_training:\n  batch_size: sixteen\n", "dpo_training.batch_size: expected a valid integer, got 'sixteen' (str)"),
+        ("risk_test:\n  delta: 1.5\n", "risk_test.delta: expected less than 1, got 1.5 (float)"),
+    ],
+)
+def test_cli_prints_one_line_per_error_exit_2_no_traceback(tmp_path, content, line):
+    path = tmp_path / "c.yaml"
+    base = "policy_name: m\ndataset: {dataset_name: d}\ndpo_training: {learning_rate: 1.0e-6, batch_size: 2, save_dir: o}\n"
+    data = {**__import__("yaml").safe_load(base)}
+    extra = __import__("yaml").safe_load(content)
+    for section, values in extra.items():
+        data.setdefault(section, {}).update(values)
+    path.write_text(__import__("yaml").safe_dump(data))
+    result = _cli("validate", str(path))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {path}: {line}"]
+
+
+def test_cli_validate_prints_resolved_config():
+    result = _cli("validate", str(SEED / "config_beta_dpo.yaml"))
+    assert result.returncode == 0, result.stderr
+    resolved = json.loads(result.stdout)
+    assert resolved["trainer"] == "beta_dpo" and resolved["dpo_training"]["gradient_accumulation_steps"] == 1
+
+
+def test_cli_wrong_trainer_for_file_says_so():
+    result = subprocess.run([sys.executable, "-c", "from dpo_hpc.cli import legacy_main; raise SystemExit(legacy_main(command='train-sft'))",
+                             "--config", str(SEED / "config_dpo.yaml")], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "look like a 'dynamic_beta_dpo' config, not 'sft'" in result.stderr
+
+
+def test_readme_configuration_reference_matches_the_schema():
+    from dpo_hpc.reference import splice
+
+    readme = (REPO / "README.md").read_text()
+    assert splice(readme) == readme, "regenerate: python -m dpo_hpc.config.reference --write README.md"

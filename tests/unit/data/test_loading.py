@@ -1,0 +1,127 @@
+"""Dataset loading by path or name, splits, drop reports, and the step-indexed data order."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dpo_hpc.config import DatasetConfig
+from dpo_hpc.data.pipeline import load_splits, split_indices
+from dpo_hpc.data.sampler import eval_batch_indices, global_batch_indices
+from dpo_hpc.data.sources import DataError, load_raw
+from dpo_hpc.tiny_model import build_byte_tokenizer
+
+P = "\n\nHuman: Reverse: {w}\n\nAssistant:"
+
+
+def rows(n):
+    return [{"chosen": P.format(w=f"w{i}") + f" {i}w", "rejected": P.format(w=f"w{i}") + " nope"} for i in range(n)]
+
+
+def write_jsonl(path, items):
+    path.write_text("".join(json.dumps(r) + "\n" for r in items))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_byte_tokenizer()
+
+
+def cfg(path, **kw):
+    return DatasetConfig(dataset_name=str(path), **{"val_ratio": 0.2, "max_length": 64, "max_prompt_length": 48, **kw})
+
+
+def test_jsonl_with_bad_rows_counts_each_reason(tmp_path, tok, hf_cache):
+    bad = [
+        {"chosen": P.format(w="x") + " a", "rejected": None},
+        {"chosen": P.format(w="x") + " a", "rejected": 3},
+        {"chosen": "\n\nHuman: no answer", "rejected": "\n\nHuman: no answer"},
+        {"chosen": P.format(w="x") + " a", "rejected": P.format(w="y") + " b"},
+        {"chosen": P.format(w="x") + " ", "rejected": P.format(w="x") + " b"},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows(20) + bad)
+    train, val, report = load_splits(cfg(path, val_ratio=0.0), tok, "preference")
+    assert len(train) == 20 and val == []
+    assert report["train"]["rows"] == 25 and report["train"]["kept"] == 20
+    assert report["train"]["dropped"] == {"missing_field": 1, "not_string": 1, "no_assistant_turn": 1,
+                                          "rejected_prompt_mismatch": 1, "empty_response": 1}
+
+
+def test_too_long_rows_are_dropped_and_reported(tmp_path, tok, hf_cache):
+    long_reply = [{"chosen": P.format(w="x") + " " + "y" * 20, "rejected": P.format(w="x") + " n"}] * 3
+    path = write_jsonl(tmp_path / "d.jsonl", rows(10) + long_reply)
+    train, _, report = load_splits(cfg(path, val_ratio=0.0, max_length=12, max_prompt_length=6), tok, "sft")
+    assert len(train) == 10 and report["train"]["dropped"] == {"too_long_after_truncation": 3}
+    assert report["train"]["notes"]["prompt_truncated"] == 10
+
+
+def test_zero_usable_rows_is_an_error_naming_the_dataset(tmp_path, tok, hf_cache):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"chosen": "no markers", "rejected": "none"}] * 4)
+    with pytest.raises(DataError, match=r"d.jsonl' \(train split\): 0 usable rows out of 4"):
+        load_splits(cfg(path, val_ratio=0.0), tok, "preference")
+
+
+def test_missing_columns_and_paths(tmp_path, tok, hf_cache):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}])
+    with pytest.raises(DataError, match=r"expected columns chosen and rejected .* found \['text'\]"):
+        load_splits(cfg(path), tok, "preference")
+    with pytest.raises(DataError, match="local path './nope.jsonl' does not exist"):
+        load_raw(cfg("./nope.jsonl"))
+    with pytest.raises(DataError, match="single file, so its only split is 'train'"):
+        load_raw(cfg(path, subset="test"))
+
+
+def test_parquet_saved_dataset_and_split_slices(tmp_path, tok, hf_cache):
+    import datasets
+
+    ds = datasets.Dataset.from_list(rows(40))
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    assert len(load_raw(cfg(tmp_path / "d.parquet", subset="train[:25%]"))) == 10
+    datasets.DatasetDict({"train": ds, "test": ds.select(range(5))}).save_to_disk(str(tmp_path / "saved"))
+    assert len(load_raw(cfg(tmp_path / "saved", subset="test"))) == 5
+    assert len(load_raw(cfg(tmp_path / "saved", subset="train[:50%]"))) == 20
+    with pytest.raises(DataError, match="has splits"):
+        load_raw(cfg(tmp_path / "saved", subset="validation"))
+
+
+def test_hub_name_fails_clearly_offline(tok, hf_cache, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="could not load 'nobody/no-such-dataset'"):
+        load_raw(cfg("nobody/no-such-dataset"))
+
+
+def test_split_is_deterministic_and_disjoint():
+    a_train, a_val = split_indices(100, 0.1, seed=3)
+    b_train, b_val = split_indices(100, 0.1, seed=3)
+    assert a_train.tolist() == b_train.tolist() and len(a_val) == 10
+    assert set(a_train) | set(a_val) == set(range(100)) and not set(a_train) & set(a_val)
+    assert split_indices(100, 0.1, seed=4)[1].tolist() != a_val.tolist()
+    assert len(split_indices(5, 0.01, seed=0)[1]) == 1  # a requested validation split is never empty
+
+
+def test_global_batch_is_the_same_set_for_any_rank_accumulation_split():
+    n, seed = 50, 7
+    for step in range(8):
+        one_rank = [i for mb in global_batch_indices(n, step, 4, 2, 1, 0, seed) for i in mb]
+        two_ranks = [i for r in range(2) for mb in global_batch_indices(n, step, 4, 1, 2, r, seed) for i in mb]
+        assert one_rank == two_ranks and len(set(one_rank)) == 8
+
+
+def test_data_order_covers_each_epoch_once_and_depends_only_on_step():
+    n = 40  # 5 steps per epoch of 8 rows
+    epoch0 = [i for s in range(5) for mb in global_batch_indices(n, s, 4, 2, 1, 0, 1) for i in mb]
+    assert sorted(epoch0) == list(range(40))
+    epoch1 = [i for s in range(5, 10) for mb in global_batch_indices(n, s, 4, 2, 1, 0, 1) for i in mb]
+    assert sorted(epoch1) == list(range(40)) and epoch1 != epoch0
+    assert global_batch_indices(n, 7, 4, 2, 1, 0, 1) == global_batch_indices(n, 7, 4, 2, 1, 0, 1)
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        global_batch_indices(5, 0, 4, 2, 1, 0, 1)
+
+
+def test_eval_batches_cover_every_row_once_with_equal_counts():
+    n, batch, world = 11, 3, 2
+    per_rank = [eval_batch_indices(n, batch, world, r) for r in range(world)]
+    assert len(per_rank[0]) == len(per_rank[1])
+    assert sorted(i for r in per_rank for mb in r for i in mb) == list(range(n))

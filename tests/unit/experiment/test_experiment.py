@@ -1,0 +1,173 @@
+"""Experiment files: strict loading, the pure expansion (grids, references between stages,
+stable ids, errors), and the dry run's sbatch scripts and manifest against golden files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from dpo_hpc.config import ConfigError
+from dpo_hpc.experiment import load_experiment, load_plan, time_to_minutes
+from dpo_hpc.launch.submission import write_plan_files
+
+GOLDEN = Path(__file__).parent / "golden"
+EXAMPLES = ["tiny", "hh_llama3_1b"]
+
+BASE = """
+[experiment]
+name = "exp"
+output_root = "out"
+
+[stages.sft]
+trainer = "sft"
+[stages.sft.config]
+policy_name = "base-model"
+dataset = { dataset_name = "data.jsonl" }
+sft_training = { learning_rate = 1e-3, batch_size = 4 }
+"""
+
+DPO = """
+[stages.dpo]
+trainer = "dpo"
+from = "sft"
+[stages.dpo.config]
+dataset = { dataset_name = "data.jsonl" }
+dpo_training = { learning_rate = 1e-6, batch_size = 2 }
+"""
+
+
+def plan_of(tmp_path, text, name="exp.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return load_plan(path, cwd=tmp_path)
+
+
+def errors_of(tmp_path, text):
+    with pytest.raises(ConfigError) as info:
+        plan_of(tmp_path, text)
+    return "\n".join(info.value.problems)
+
+
+def test_grid_is_a_cartesian_product_crossed_with_parents(tmp_path):
+    text = BASE + '[stages.sft.grid]\n"sft_training.learning_rate" = [1e-3, 2e-3]\n' + DPO + \
+        '[stages.dpo.grid]\n"dpo_training.beta" = [0.1, 0.2, 0.3]\n"dpo_training.learning_rate" = [1e-6, 5e-7]\n'
+    plan = plan_of(tmp_path, text)
+    sft, dpo = plan.stage_runs("sft"), plan.stage_runs("dpo")
+    assert len(sft) == 2 and len(dpo) == 2 * 3 * 2
+    assert [r.index for r in dpo] == list(range(12))
+    assert {(r.parent, r.grid_values["dpo_training.beta"], r.grid_values["dpo_training.learning_rate"]) for r in dpo} \
+        == {(s.run_id, b, lr) for s in sft for b in (0.1, 0.2, 0.3) for lr in (1e-6, 5e-7)}
+    for run in dpo:
+        parent = plan.run(run.parent)
+        assert run.config["policy_name"] == run.config["ref_name"] == str(parent.run_dir)
+        assert run.config["dpo_training"]["beta"] == run.grid_values["dpo_training.beta"]
+        assert run.config["dpo_training"]["save_dir"] == str(run.run_dir) == str(tmp_path / "out/exp/dpo" / run.run_id)
+    assert len({r.run_id for r in plan.runs}) == len(plan.runs)
+
+
+def test_run_ids_are_stable_and_follow_the_config(tmp_path):
+    text = BASE + DPO
+    first = [r.run_id for r in plan_of(tmp_path, text).runs]
+    assert first == [r.run_id for r in plan_of(tmp_path, text).runs]
+    assert first[0].startswith("sft-") and first[1].startswith("dpo-")
+    changed = [r.run_id for r in plan_of(tmp_path, text.replace("1e-3", "3e-3")).runs]
+    assert changed[0] != first[0] and changed[1] != first[1]  # a new SFT model is a new parent
+    moved = plan_of(tmp_path, text.replace('output_root = "out"', 'output_root = "elsewhere"'))
+    assert [r.run_id for r in moved.runs] == first  # ids do not depend on where runs live
+
+
+def test_zip_pairs_parent_i_with_grid_point_i(tmp_path):
+    text = BASE + '[stages.sft.grid]\n"sft_training.seed" = [1, 2]\n' + DPO.replace('from = "sft"', 'from = "sft"\npairing = "zip"') + \
+        '[stages.dpo.grid]\n"dpo_training.seed" = [1, 2]\n'
+    plan = plan_of(tmp_path, text)
+    for run in plan.stage_runs("dpo"):
+        assert plan.run(run.parent).config["sft_training"]["seed"] == run.config["dpo_training"]["seed"]
+    bad = text.replace('"dpo_training.seed" = [1, 2]', '"dpo_training.seed" = [1, 2, 3]')
+    assert "needs as many grid points (3) as runs of stage 'sft' (2)" in errors_of(tmp_path, bad)
+
+
+def test_stage_order_puts_parents_first(tmp_path):
+    plan = plan_of(tmp_path, DPO + BASE)  # children declared before their parent
+    assert plan.stage_order == ["sft", "dpo"]
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda t: t.replace('from = "sft"', 'from = "sfx"'), "stages.dpo.from: unknown stage 'sfx'; stages are"),
+    (lambda t: t.replace('trainer = "sft"', 'trainer = "sft"\nfrom = "dpo"'), "stages form a cycle"),
+    (lambda t: t + '[stages.dpo.grid]\n"dpo_training.beta" = []\n', "grid axis 'dpo_training.beta' is empty"),
+    (lambda t: t.replace('trainer = "dpo"', 'trainr = "dpo"'), "stages.dpo.trainr: unknown key; did you mean 'trainer'?"),
+    (lambda t: t.replace('trainer = "dpo"', 'trainer = "ppo"'), "stages.dpo.trainer: expected 'sft', 'dpo'"),
+    (lambda t: t + '[stages.dpo.grid]\n"dpo_training.bta" = [0.1]\n', "dpo_training.bta: unknown key; did you mean 'beta'?"),
+    (lambda t: t + '[stages.dpo.grid]\n"dpo_training.beta" = [0.1, -1.0]\n', "dpo_training.beta: expected greater than 0"),
+    (lambda t: t + '[stages.dpo.grid]\n"dpo_training.beta" = [0.1, 0.1]\n', "duplicates another run of stage 'dpo'"),
+    (lambda t: t.replace("[stages.dpo.config]", '[stages.dpo.config]\npolicy_name = "x"'), "sets policy_name"),
+    (lambda t: t.replace('name = "exp"', 'name = "../escape"'), "experiment.name: expected String should match pattern"),
+    (lambda t: t.replace('[experiment]', '[slurm]\ntime = "1 hour"\n\n[experiment]'), "expected a Slurm time"),
+    (lambda t: t.replace('[experiment]', '[slurm]\ngpus_per_node = "4"\n\n[experiment]'), "slurm.gpus_per_node: expected a valid integer, got '4'"),
+])
+def test_bad_experiments_name_the_key(tmp_path, edit, expected):
+    text = errors_of(tmp_path, edit(BASE + DPO))
+    assert expected in text and str(tmp_path / "exp.toml") in text
+
+
+def test_missing_config_file_is_named(tmp_path):
+    text = BASE.replace('trainer = "sft"', 'trainer = "sft"\nconfig_file = "nope.yaml"')
+    assert "nope.yaml: config file not found" in errors_of(tmp_path, text)
+
+
+def test_config_file_is_relative_to_the_experiment_and_inline_config_wins(tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs/sft.yaml").write_text(
+        "policy_name: m\ndataset:\n  dataset_name: d.jsonl\nsft_training:\n  learning_rate: 1.0e-3\n  batch_size: 8\n  save_dir: ignored\n")
+    text = '[experiment]\nname = "e"\n[stages.sft]\ntrainer = "sft"\nconfig_file = "../configs/sft.yaml"\n' \
+           '[stages.sft.config.sft_training]\nbatch_size = 16\n'
+    (tmp_path / "exps").mkdir()
+    plan = plan_of(tmp_path / "exps", text)
+    (run,) = plan.runs
+    assert run.config["sft_training"]["batch_size"] == 16 and run.config["sft_training"]["learning_rate"] == 1e-3
+    assert run.config["sft_training"]["save_dir"] == str(run.run_dir)
+
+
+@pytest.mark.parametrize("text, minutes", [("90", 90), ("01:30:00", 90), ("1-00:00:00", 1440), ("10:30", 11), ("0:0:30", 1)])
+def test_slurm_times(text, minutes):
+    assert time_to_minutes(text) == minutes
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_experiments_match_golden_dry_run(tmp_path, name):
+    """The exact sbatch scripts and manifest.jsonl a dry run writes (regenerate: DPO_HPC_REGEN_GOLDEN=1)."""
+    plan = load_plan(REPO / "experiments" / f"{name}.toml", cwd=REPO)
+    out = write_plan_files(plan, REPO, tmp_path / "dry")
+    golden = GOLDEN / name
+    produced = {p.relative_to(out).as_posix(): p.read_text().replace(sys.executable, "<PYTHON>").replace(str(REPO), "<REPO>")
+                for p in sorted(out.rglob("*")) if p.is_file()}
+    if os.environ.get("DPO_HPC_REGEN_GOLDEN"):
+        for rel, text in produced.items():
+            (golden / rel).parent.mkdir(parents=True, exist_ok=True)
+            (golden / rel).write_text(text)
+    expected = {p.relative_to(golden).as_posix(): p.read_text() for p in sorted(golden.rglob("*")) if p.is_file()}
+    assert produced.keys() == expected.keys()
+    for rel in produced:
+        assert produced[rel] == expected[rel], f"{rel} differs from tests/golden/{name}/{rel}"
+
+
+def test_dry_run_of_a_thousand_runs_renders_one_array_per_stage(tmp_path):
+    text = BASE + '[stages.sft.grid]\n"sft_training.seed" = [' + ", ".join(map(str, range(10))) + "]\n" + DPO + \
+        '[stages.dpo.grid]\n"dpo_training.seed" = [' + ", ".join(map(str, range(100))) + "]\n"
+    (tmp_path / "exp.toml").write_text(text)
+    result = subprocess.run([sys.executable, "-m", "dpo_hpc.submit", "exp.toml", "--dry-run"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    scripts = sorted((tmp_path / "out/exp/.submit/sbatch").iterdir())
+    assert [p.name for p in scripts] == ["dpo.sh", "sft.sh"]
+    assert "#SBATCH --array=0-999%64" in (tmp_path / "out/exp/.submit/sbatch/dpo.sh").read_text()
+    assert "#SBATCH --array=0-9%10" in (tmp_path / "out/exp/.submit/sbatch/sft.sh").read_text()
+    rows = (tmp_path / "out/exp/.submit/manifest.jsonl").read_text().splitlines()
+    assert len(rows) == 1010 and json.loads(rows[-1])["index"] == 999
+    assert "1010 runs planned" in result.stdout and not (tmp_path / "out/exp/dpo").exists()

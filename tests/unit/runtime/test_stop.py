@@ -1,0 +1,20 @@
+"""The stop signal's handler only sets a flag, and restores the previous handler."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+
+from dpo_hpc.runtime.stop import StopSignal
+
+
+def test_stop_signal_only_sets_a_flag_and_restores_the_handler():
+    before = signal.getsignal(signal.SIGUSR2)
+    stop = StopSignal(signal.SIGUSR2).install()
+    assert not stop.agreed(1, torch.device("cpu"))
+    os.kill(os.getpid(), signal.SIGUSR2)
+    assert stop.received_signal == signal.SIGUSR2 and stop.agreed(1, torch.device("cpu"))
+    stop.restore()
+    assert signal.getsignal(signal.SIGUSR2) == before

