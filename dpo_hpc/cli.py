@@ -50,10 +50,11 @@ def load_with_overrides(path: str, trainer: Optional[str], overrides: Sequence[s
 
 def _run_training(config: str, trainer: str, overrides: Sequence[str]) -> int:
     cfg, _ = load_with_overrides(config, trainer, overrides)
+    from .experiment import SLURM_DEFAULTS
     from .launch.task import train_and_requeue
 
     # Under sbatch with --signal=USR2@LEAD (see hpc/train.sbatch), a stop signal checkpoints and requeues.
-    train_and_requeue(cfg, trainer, int(os.environ.get("DPO_HPC_MAX_REQUEUES", "10")), config)
+    train_and_requeue(cfg, trainer, int(os.environ.get("DPO_HPC_MAX_REQUEUES", SLURM_DEFAULTS["max_requeues"])), config)
     return 0
 
 

@@ -114,4 +114,4 @@ def run_task(row: dict[str, Any]) -> dict[str, Any]:
 
         torch.set_num_threads(int(threads))
     cfg = validate_mapping(row["config"], row["trainer"], source=f"run {row['run_id']}")
-    return {"run_id": row["run_id"], **train_and_requeue(cfg, row["trainer"], row.get("max_requeues", 10), row["run_id"])}
+    return {"run_id": row["run_id"], **train_and_requeue(cfg, row["trainer"], row["max_requeues"], row["run_id"])}

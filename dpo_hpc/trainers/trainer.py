@@ -104,6 +104,8 @@ class Trainer:
             return previous
         self.setup()
         start = self.resume()
+        self.logger = MetricsLogger(self.run, self.total_steps, start, self.training.logging_steps, self.dist.is_main,
+                                    self.say)
         self.say(f"{self.total_steps} steps of {self.global_batch} "
                  f"{'rows' if self.algo.kind == 'sft' else 'pairs'} ({self.steps_per_epoch} steps/epoch, "
                  f"world size {self.dist.world_size}); run dir {self.run.root}")
@@ -172,8 +174,6 @@ class Trainer:
         step, path = self.checkpointer.resume(self.say)
         if path is not None:
             self.say(f"resumed from {path} at step {step}/{self.total_steps}")
-        self.logger = MetricsLogger(self.run, self.total_steps, step, self.training.logging_steps,
-                                    self.dist.is_main, self.say)
         return step
 
     def train_step(self, step: int) -> dict[str, float]:

@@ -13,6 +13,7 @@ import torch
 from ...config.schema import BetaDPOSectionConfig
 from . import Collective
 
+
 def gap_std(gaps: torch.Tensor, kind: str) -> float:
     """Standard deviation of the gaps: 'population' (ddof 0) or 'unbiased' (ddof 1; 0 for one gap)."""
     if gaps.numel() < 2:

@@ -125,3 +125,23 @@ def test_eval_batches_cover_every_row_once_with_equal_counts():
     per_rank = [eval_batch_indices(n, batch, world, r) for r in range(world)]
     assert len(per_rank[0]) == len(per_rank[1])
     assert sorted(i for r in per_rank for mb in r for i in mb) == list(range(n))
+
+
+def test_examples_carry_their_row_id_and_splits_their_fingerprint(tmp_path, tok, hf_cache):
+    from dpo_hpc.data.pipeline import row_id
+
+    data = rows(12)
+    train, val, report = load_splits(cfg(write_jsonl(tmp_path / "a.jsonl", data)), tok, "preference")
+    ids = {row_id(r) for r in data}
+    assert len(ids) == 12 and {e.example_id for e in [*train, *val]} == ids  # every example keyed by its row
+    assert report["train"]["fingerprint"] == train.fingerprint != val.fingerprint
+
+    same, _, _ = load_splits(cfg(write_jsonl(tmp_path / "b.jsonl", data)), tok, "preference")
+    assert same.fingerprint == train.fingerprint  # content, not path, decides
+    reordered, _, _ = load_splits(cfg(write_jsonl(tmp_path / "c.jsonl", data[::-1]), val_ratio=0.0), tok,
+                                  "preference")
+    unshuffled, _, _ = load_splits(cfg(write_jsonl(tmp_path / "d.jsonl", data), val_ratio=0.0), tok, "preference")
+    assert sorted(e.example_id for e in reordered) == sorted(e.example_id for e in unshuffled)
+    assert reordered.fingerprint != unshuffled.fingerprint  # the order is part of the data
+    shorter, _, _ = load_splits(cfg(tmp_path / "d.jsonl", val_ratio=0.0, max_length=60), tok, "preference")
+    assert shorter.fingerprint != unshuffled.fingerprint  # so are the tokenization settings

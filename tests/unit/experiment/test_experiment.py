@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO
 from dpo_hpc.config import ConfigError
-from dpo_hpc.experiment import load_experiment, load_plan, time_to_minutes
+from dpo_hpc.experiment import load_plan, time_to_minutes
 from dpo_hpc.launch.submission import write_plan_files
 
 GOLDEN = Path(__file__).parent / "golden"
