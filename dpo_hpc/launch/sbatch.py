@@ -45,10 +45,6 @@ def stage_slurm(plan: Plan, stage: str) -> dict[str, Any]:
     return merged
 
 
-def ranks_per_node(slurm: dict[str, Any]) -> int:
-    return slurm["ntasks_per_node"]
-
-
 def task_settings(slurm: dict[str, Any]) -> dict[str, Any]:
     """The ``to = "task"`` keys (read by the array task, not by sbatch); cpus_per_task sizes threads."""
     return {**{key: slurm.get(key) for key, to in ROUTES.items() if to == "task"},

@@ -18,7 +18,7 @@ from ..fsutil import atomic_write_bytes
 from .jobs import ACTIVE_STATES, RESUBMITTABLE, RunStatus, plan_status
 from .layout import ledger_path, logs_folder, submit_dir
 from .ledger import Ledger
-from .sbatch import python_command, ranks_per_node, render_sbatch, sbatch_parameters, stage_slurm, task_settings
+from .sbatch import python_command, render_sbatch, sbatch_parameters, stage_slurm, task_settings
 from .table import state_counts, table
 
 
@@ -58,7 +58,7 @@ def print_plan(plan: Plan, statuses: Optional[dict[str, RunStatus]], decisions: 
         runs = plan.stage_runs(stage)
         origin = f", from {cfg.from_} ({cfg.pairing})" if cfg.from_ else ""
         print(f"  stage {stage} [{cfg.trainer}{origin}]: {len(runs)} run(s), one array; time {slurm['time']}, "
-              f"{slurm['nodes']} node(s) x {ranks_per_node(slurm)} rank(s)")
+              f"{slurm['nodes']} node(s) x {slurm['ntasks_per_node']} rank(s)")
         for run in runs:
             state = statuses[run.run_id].state if statuses else "-"
             parent = f" <- {run.parent}" if run.parent else ""
