@@ -37,6 +37,7 @@ def main() -> None:
     from dpo_hpc.data.verifiable import TaskSpec, generate, reward, write_jsonl
     from dpo_hpc.evaluate import greedy_answers
     from dpo_hpc.tiny_model import make_tiny_model
+    from dpo_hpc.algorithms.logprobs import CompletionScorer
     from dpo_hpc.algorithms.objectives import SFTObjective
 
     scratch = Path(tempfile.mkdtemp(prefix="dpo_hpc_curve_"))
@@ -49,7 +50,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train, _, _ = load_splits(DatasetConfig(dataset_name=str(scratch / "train.jsonl"), val_ratio=0.0,
                                             max_length=128, max_prompt_length=96), tokenizer, "sft")
-    objective = SFTObjective(tokenizer.pad_token_id)
+    objective = SFTObjective(tokenizer.pad_token_id, CompletionScorer())
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     train_seconds = 0.0
     for step in range(args.steps):

@@ -20,3 +20,131 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
     """Sum of log-probs of the tokens where ``loss_mask`` is 1, per row: shape (B,)."""
     mask = loss_mask[:, 1:].to(torch.float32)
     return (token_logps(logits, input_ids) * mask).sum(-1)
+
+
+# ---- the lm_head at completion positions only, chunked ----------------------------------------
+# Full-vocabulary fp32 logits for every position are most of a DPO step's activation memory
+# ((B, T, V) x 4 bytes, again for logsumexp and its gradient). Only positions whose next token
+# carries loss need the head, and never all of the vocabulary at once.
+
+CHUNK_BYTES = 256 * 2**20
+"""fp32 logits held at once by the chunked head (forward and backward)."""
+
+
+class _TargetLogps(torch.autograd.Function):
+    """log softmax(h W^T)[target] per row, in row chunks with fp32 accumulation; the backward
+    recomputes each chunk's logits instead of keeping them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows: int):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits = (hidden[rows] @ weight.T).float()
+            lse[rows] = torch.logsumexp(logits, dim=-1)
+            out[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk_rows = chunk_rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            logits = (hidden[rows] @ weight.T).float()
+            # d logp[target] / d logits = onehot(target) - softmax(logits)
+            grad_logits = torch.exp(logits - lse[rows, None]).mul_(-grad_out[rows, None])
+            grad_logits.scatter_add_(1, targets[rows, None], grad_out[rows, None].float())
+            if grad_hidden is not None:
+                grad_hidden[rows] = (grad_logits.to(hidden.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.add_(grad_logits.T @ hidden[rows].float())
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+
+
+def target_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                 chunk_rows: int | None = None) -> torch.Tensor:
+    """log p(targets[i] | hidden[i]) under the head ``weight`` (V, H), shape (N,), fp32; never more
+    than ``chunk_rows`` rows of logits exist (default: ``CHUNK_BYTES`` of fp32 logits)."""
+    rows = chunk_rows or max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    return _TargetLogps.apply(hidden, weight, targets, rows)
+
+
+def completion_positions(loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, position) of every hidden state whose NEXT token carries loss (position t predicts t + 1)."""
+    return loss_mask[:, 1:].nonzero(as_tuple=True)
+
+
+def masked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
+                       loss_mask: torch.Tensor, chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row of each loss token, its log-prob) from the final hidden states (B, T, H)."""
+    rows, positions = completion_positions(loss_mask)
+    logps = target_logps(hidden[rows, positions], weight, input_ids[rows, positions + 1], chunk_rows)
+    return rows, logps
+
+
+# Config attributes of models whose logits are not plain ``lm_head(h)`` (soft-capping, scaling):
+# for those the head is never split off.
+_LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _identity(hidden):
+    return hidden
+
+
+class CompletionScorer:
+    """Log-probs of the loss tokens of a batch under a causal LM (a transformers model, or a
+    DeepSpeed engine around one).
+
+    Where the output head is a plain bias-free linear layer held whole on this rank, the model
+    runs with its head skipped and ``target_logps`` applies the head at loss positions only, in
+    chunks: no (B, T, V) tensor exists. Otherwise (ZeRO-3 partitioned weights, soft-capped or
+    scaled logits, a model that does not call its head) the full logits are used.
+    """
+
+    def __init__(self, chunk_rows: int | None = None):
+        self.chunk_rows = chunk_rows
+
+    @staticmethod
+    def splittable_head(model):
+        module = getattr(model, "module", model)  # a DeepSpeed engine holds the model as .module
+        get_head = getattr(module, "get_output_embeddings", None)
+        head = get_head() if get_head is not None else None
+        if not isinstance(head, torch.nn.Linear) or head.bias is not None or hasattr(head.weight, "ds_id"):
+            return None  # ds_id: a ZeRO-3 partition, not the whole weight
+        config = getattr(module, "config", None)
+        if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_MODIFIERS):
+            return None
+        return head
+
+    def _forward(self, model, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(final hidden states, head weight), or (logits, None) on the full-logits path."""
+        head = self.splittable_head(model)
+        if head is None:
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, None
+        head.forward = _identity  # shadows Linear.forward for this call only: the model returns h
+        try:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        finally:
+            del head.forward
+        if out.shape[-1] != head.in_features:  # the model computed logits without calling its head
+            return out, None
+        return out, head.weight
+
+    def token_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row of each loss token, its log-prob), over the tokens where ``loss_mask`` is 1."""
+        out, weight = self._forward(model, batch)
+        if weight is not None:
+            return masked_token_logps(out, weight, batch["input_ids"], batch["loss_mask"], self.chunk_rows)
+        rows, positions = completion_positions(batch["loss_mask"])
+        return rows, token_logps(out, batch["input_ids"])[rows, positions]
+
+    def sequence_logps(self, model, batch) -> torch.Tensor:
+        """Per-row sums of the loss tokens' log-probs, shape (B,), fp32."""
+        rows, logps = self.token_logps(model, batch)
+        return torch.zeros(batch["input_ids"].shape[0], dtype=torch.float32, device=logps.device).index_add(0, rows, logps)

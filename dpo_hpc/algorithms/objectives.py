@@ -16,7 +16,7 @@ import torch
 
 from ..data.collate import collate_conversations, collate_pairs
 from .beta import BetaPolicy, Collective
-from .logprobs import sequence_logps, token_logps
+from .logprobs import CompletionScorer
 from .losses import PAIRWISE_LOSSES, PairwiseLoss
 from .preference import PairLogps, preference_metrics
 
@@ -47,17 +47,14 @@ class Objective(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def _forward_logits(model, batch):
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-
 class SFTObjective:
     """Next-token NLL on assistant tokens, averaged over the loss tokens of the global batch."""
 
     kind = "sft"
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, scorer: CompletionScorer):
         self.pad_id = pad_id
+        self.scorer = scorer
 
     def collate(self, examples):
         return collate_conversations(examples, self.pad_id)
@@ -66,10 +63,9 @@ class SFTObjective:
         return batch["loss_mask"][:, 1:].sum().float()
 
     def _stats(self, model, batch):
-        logps = token_logps(_forward_logits(model, batch), batch["input_ids"])
-        mask = batch["loss_mask"][:, 1:].float()
-        nll_sum = -(logps * mask).sum()
-        return nll_sum, {"loss": (nll_sum.detach(), mask.sum())}
+        _, logps = self.scorer.token_logps(model, batch)
+        nll_sum = -logps.sum()
+        return nll_sum, {"loss": (nll_sum.detach(), torch.tensor(float(logps.numel())))}
 
     def loss_and_stats(self, model, batch):
         return self._stats(model, batch)
@@ -97,8 +93,10 @@ class PreferenceObjective:
 
     kind = "preference"
 
-    def __init__(self, reference, loss: PairwiseLoss, policy: BetaPolicy, pad_id: int, collective: Collective):
+    def __init__(self, reference, loss: PairwiseLoss, policy: BetaPolicy, pad_id: int, collective: Collective,
+                 scorer: CompletionScorer):
         self.reference = reference
+        self.scorer = scorer
         self.loss = loss
         self.policy = policy
         self.pad_id = pad_id
@@ -113,9 +111,9 @@ class PreferenceObjective:
         return torch.tensor(self.policy.loss_units(pairs, self.collective.world_size), dtype=torch.float32)
 
     def _logps(self, model, batch) -> PairLogps:
-        policy = sequence_logps(_forward_logits(model, batch), batch["input_ids"], batch["loss_mask"])
+        policy = self.scorer.sequence_logps(model, batch)
         with torch.no_grad():
-            ref = sequence_logps(_forward_logits(self.reference, batch), batch["input_ids"], batch["loss_mask"])
+            ref = self.scorer.sequence_logps(self.reference, batch)
         return PairLogps.of_rows(policy, ref)
 
     def _stats(self, logps: PairLogps, losses, beta, loss_count=None) -> Stats:
@@ -170,7 +168,8 @@ def resolve(reference: str):
 def build_objective(algorithm, cfg, pad_id: int, collective: Collective, reference=None,
                     loss: str = "sigmoid") -> Objective:
     """The objective of a registered algorithm (``dpo_hpc.config.registry``)."""
+    scorer = CompletionScorer()
     if algorithm.kind == "sft":
-        return SFTObjective(pad_id)
+        return SFTObjective(pad_id, scorer)
     policy = resolve(algorithm.beta_policy).from_config(cfg, collective)
-    return PreferenceObjective(reference, PAIRWISE_LOSSES[loss], policy, pad_id, collective)
+    return PreferenceObjective(reference, PAIRWISE_LOSSES[loss], policy, pad_id, collective, scorer)

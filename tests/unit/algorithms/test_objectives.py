@@ -13,6 +13,7 @@ from dpo_hpc.algorithms.beta import LOCAL
 from dpo_hpc.algorithms.beta.beta_dpo import BetaDPOController, BetaDPOPolicy, keep_count
 from dpo_hpc.algorithms.beta.dynamic_beta import DynamicBetaController, DynamicBetaPolicy
 from dpo_hpc.algorithms.beta.fixed import FixedBeta
+from dpo_hpc.algorithms.logprobs import CompletionScorer
 from dpo_hpc.algorithms.losses import PAIRWISE_LOSSES
 from dpo_hpc.algorithms.objectives import PreferenceObjective
 from dpo_hpc.config import BetaDPOSectionConfig, BetaUpdateConfig, RiskTestConfig
@@ -52,7 +53,8 @@ def naive_margins(policy, reference, batch):
 
 
 def objective(policy_of_beta):
-    return PreferenceObjective(ToyLM(1), PAIRWISE_LOSSES["sigmoid"], policy_of_beta, pad_id=0, collective=LOCAL)
+    return PreferenceObjective(ToyLM(1), PAIRWISE_LOSSES["sigmoid"], policy_of_beta, pad_id=0, collective=LOCAL,
+                               scorer=CompletionScorer())
 
 
 def test_fixed_beta_dpo_matches_naive_and_keeps_every_pair():
