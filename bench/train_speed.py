@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from dpo_hpc.config import ALGORITHMS
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -41,7 +43,7 @@ def run(trainer: str, config: dict, scratch: Path) -> dict:
     subprocess.run([sys.executable, "-m", "dpo_hpc", "train", trainer, "--config", str(path)], check=True, env=env,
                    stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
-    section = "sft_training" if trainer == "sft" else "dpo_training"
+    section = ALGORITHMS[trainer].training_section
     run_dir = Path(config[section]["save_dir"])
     manifest = json.loads((run_dir / "run_manifest.json").read_text())
     tokens = scalars(run_dir / "tensorboard", "tokens_per_sec")[5:]

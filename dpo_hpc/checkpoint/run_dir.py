@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..config import to_dict
+from ..config import to_dict, to_identity
 from ..fsutil import atomic_write_json
 
 MANIFEST = "run_manifest.json"
@@ -36,7 +36,8 @@ _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLU
 
 
 def config_hash(cfg) -> str:
-    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    """Hash of the run's identity (its non-default values; see ``config.to_identity``)."""
+    blob = json.dumps(to_identity(cfg), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -164,3 +164,10 @@ def load_config(path: str | Path, trainer: str | None = None):
 def to_dict(cfg) -> dict[str, Any]:
     """Plain-data form of a config, with the file's key names (``lambda``, not ``lambda_``)."""
     return TypeAdapter(type(cfg)).dump_python(cfg, by_alias=True, mode="json")
+
+
+def to_identity(cfg) -> dict[str, Any]:
+    """What makes a run this run: every value that differs from its key's default (sections left
+    at their defaults vanish). A later version that adds a key with a default therefore keeps run
+    ids, completed-run checks and resumes of existing runs as they were."""
+    return TypeAdapter(type(cfg)).dump_python(cfg, by_alias=True, mode="json", exclude_defaults=True)

@@ -15,11 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..config import ConfigError, read_mapping, set_dotted, to_dict, validate_mapping
+from ..config import ALGORITHMS, ConfigError, read_mapping, set_dotted, to_dict, to_identity, validate_mapping
 from .schema import ExperimentConfig, StageConfig
-
-TRAINING_SECTION = {"sft": "sft_training", "dpo": "dpo_training", "dynamic_beta_dpo": "dpo_training",
-                    "beta_dpo": "dpo_training"}
 
 
 @dataclass(frozen=True)
@@ -101,10 +98,11 @@ def _grid_points(stage: StageConfig) -> list[dict[str, Any]]:
     return [dict(zip(axes, values)) for values in itertools.product(*(stage.grid[a] for a in axes))]
 
 
-def run_id_for(stage: str, trainer: str, config: dict, parent: Optional[str], parent_dir: Optional[str] = None) -> str:
-    """``<stage>-<10 hex>`` over the trainer, the config without its run-dependent paths, and the parent id."""
-    identity = copy.deepcopy(config)
-    identity.get(TRAINING_SECTION[trainer], {}).pop("save_dir", None)
+def run_id_for(stage: str, trainer: str, identity: dict, parent: Optional[str], parent_dir: Optional[str] = None) -> str:
+    """``<stage>-<10 hex>`` over the trainer, the config's identity (``config.to_identity``) without
+    its run-dependent paths, and the parent id."""
+    identity = copy.deepcopy(identity)
+    identity.get(ALGORITHMS[trainer].training_section, {}).pop("save_dir", None)
     for key in ("policy_name", "ref_name"):
         if parent_dir is not None and identity.get(key) == parent_dir:
             identity.pop(key)
@@ -131,7 +129,7 @@ def expand(exp: ExperimentConfig, source: str | Path, cwd: str | Path) -> Plan:
             path = Path(stage.config_file)
             base = read_mapping(path if path.is_absolute() else source.parent / path)
         base = _deep_merge(base, stage.config)
-        section = TRAINING_SECTION[stage.trainer]
+        section = ALGORITHMS[stage.trainer].training_section
         if exp.experiment.seed is not None:
             base.setdefault(section, {}).setdefault("seed", exp.experiment.seed)
         parents = by_stage[stage.from_] if stage.from_ else [None]
@@ -157,10 +155,11 @@ def expand(exp: ExperimentConfig, source: str | Path, cwd: str | Path) -> Plan:
             label = f"{where} (grid {json.dumps(point)})" if point else where
             config.setdefault(section, {})["save_dir"] = "<run dir>"
             try:
-                resolved = to_dict(validate_mapping(config, stage.trainer, source=label))
+                validated = validate_mapping(config, stage.trainer, source=label)
             except ConfigError as exc:
                 raise ConfigError([f"{source}: {p}" for p in exc.problems]) from None
-            run_id = run_id_for(name, stage.trainer, resolved, parent.run_id if parent else None,
+            resolved = to_dict(validated)
+            run_id = run_id_for(name, stage.trainer, to_identity(validated), parent.run_id if parent else None,
                                 str(parent.run_dir) if parent else None)
             run_dir = root / name / run_id
             resolved[section]["save_dir"] = str(run_dir)

@@ -21,7 +21,7 @@ import torch
 from ..algorithms.objectives import build_objective
 from ..checkpoint import CheckpointError, RunDir, config_hash
 from ..checkpoint.manager import Checkpointer
-from ..config import Algorithm, algorithm, to_dict
+from ..config import Algorithm, ConfigError, algorithm, to_dict, validate_mapping
 from ..data.pipeline import load_splits, report_lines, write_report
 from ..data.sampler import eval_batch_indices, global_batch_indices, steps_per_epoch
 from ..data.tokenize import SpecialTokens
@@ -59,7 +59,12 @@ class TrainProgress:
         return {"step": self.step, "trainer": self.trainer, "config": self.config, "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        changes = config_changes(state["config"], self.config)
+        # Re-read through today's schema: a key added since (with its default) is not a change.
+        try:
+            saved = to_dict(validate_mapping(state["config"], state["trainer"], source="the checkpoint's config"))
+        except ConfigError as exc:
+            raise CheckpointError("its config does not validate any more: " + "; ".join(exc.problems)) from None
+        changes = config_changes(saved, self.config)
         if state["global_batch"] != self.global_batch:
             changes.append(f"global batch {state['global_batch']} -> {self.global_batch}")
         if changes:

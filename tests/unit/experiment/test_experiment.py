@@ -80,6 +80,10 @@ def test_run_ids_are_stable_and_follow_the_config(tmp_path):
     assert changed[0] != first[0] and changed[1] != first[1]  # a new SFT model is a new parent
     moved = plan_of(tmp_path, text.replace('output_root = "out"', 'output_root = "elsewhere"'))
     assert [r.run_id for r in moved.runs] == first  # ids do not depend on where runs live
+    # A value spelled out at its default is the same run: ids hash only non-default values, so a
+    # later version that adds a key (with a default) keeps every existing id.
+    explicit = text.replace("batch_size = 2 }", "batch_size = 2, weight_decay = 0.0, lr_scheduler = \"linear\" }")
+    assert [r.run_id for r in plan_of(tmp_path, explicit).runs] == first
 
 
 def test_zip_pairs_parent_i_with_grid_point_i(tmp_path):

@@ -1,0 +1,42 @@
+"""The trainer's progress piece is the resume guard: a checkpoint of another config is refused,
+one written before a key existed is not."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpo_hpc.checkpoint import CheckpointError
+from dpo_hpc.config import to_dict, validate_mapping
+from dpo_hpc.trainers.trainer import TrainProgress
+
+RAW = {"policy_name": "m", "dataset": {"dataset_name": "d"},
+       "dpo_training": {"learning_rate": 1e-3, "batch_size": 2, "save_dir": "r"}}
+
+
+def progress(raw=RAW, global_batch=2):
+    return TrainProgress("dpo", to_dict(validate_mapping(raw, "dpo")), global_batch)
+
+
+def test_same_config_resumes_and_step_counts_may_change():
+    saved = {**progress().state_dict(), "step": 7}
+    longer = progress({**RAW, "dpo_training": {**RAW["dpo_training"], "max_steps": 50, "save_steps": 5}})
+    longer.load_state_dict(saved)
+    assert longer.step == 7
+
+
+def test_a_key_unknown_when_the_checkpoint_was_written_is_not_a_change():
+    saved = progress().state_dict()
+    del saved["config"]["dpo_training"]["weight_decay"]  # as if written before the key existed
+    again = progress()
+    again.load_state_dict(saved)
+
+
+def test_other_math_or_global_batch_is_refused():
+    saved = progress().state_dict()
+    with pytest.raises(CheckpointError, match=r"learning_rate: 0.001 -> 0.002"):
+        progress({**RAW, "dpo_training": {**RAW["dpo_training"], "learning_rate": 2e-3}}).load_state_dict(saved)
+    with pytest.raises(CheckpointError, match="global batch 2 -> 4"):
+        progress(global_batch=4).load_state_dict(saved)
+    saved["config"]["dpo_training"]["no_such_key"] = 1
+    with pytest.raises(CheckpointError, match="does not validate any more: .*no_such_key: unknown key"):
+        progress().load_state_dict(saved)
