@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable
 
@@ -37,6 +38,14 @@ class MetricSums:
         return {n: (flat[i] / flat[k + i]).item() if flat[k + i] > 0 else float("nan") for i, n in enumerate(names)}
 
 
+THROUGHPUT = {"tokens_per_sec": ("median_tokens_per_sec", statistics.median),
+              "perf/tflops_per_device": ("median_tflops_per_device", statistics.median),
+              "perf/mfu": ("median_mfu", statistics.median),
+              "perf/padding_fraction": ("median_padding_fraction", statistics.median),
+              "perf/peak_memory_gib": ("peak_memory_gib", max)}
+"""Step metrics summarised in the run manifest: their names there and how the steps combine."""
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -54,6 +63,10 @@ def progress_line(step: int, total: int, metrics: dict[str, float], step_time: f
     if "grad_norm" in metrics:
         parts.append(f"grad_norm {metrics['grad_norm']:.3f}")
     parts.append(f"{metrics['tokens_per_sec'] / 1000:.1f}k tok/s")
+    if "perf/mfu" in metrics:
+        parts.append(f"MFU {100 * metrics['perf/mfu']:.1f}%")
+    if "perf/peak_memory_gib" in metrics:
+        parts.append(f"mem {metrics['perf/peak_memory_gib']:.1f} GiB")
     parts.append(f"{step_time:.2f} s/step")
     parts.append(f"eta {format_duration(eta)}")
     return " | ".join(parts)
@@ -78,11 +91,16 @@ class MetricsLogger:
         self.eval: dict[str, float] = {}
         self.step = start_step
         self._progress_step = start_step
+        self._perf: dict[str, list[float]] = {}
 
     def log_step(self, step: int, metrics: dict[str, float], histograms: dict[str, torch.Tensor],
                  step_time: float) -> None:
         self.step, self.train = step, metrics
         self.steps_logged += 1
+        if self.steps_logged > 1:  # the first step of a process pays for warm-up
+            for name in THROUGHPUT:
+                if name in metrics:
+                    self._perf.setdefault(name, []).append(metrics[name])
         if self.writer is not None:
             for name, value in metrics.items():
                 self.writer.add_scalar(name, value, step)
@@ -107,6 +125,10 @@ class MetricsLogger:
         if self.is_main:
             self.run.write_progress(step=self.step, total_steps=self.total_steps, train=self.train, eval=self.eval)
         self._progress_step = self.step
+
+    def throughput(self) -> dict[str, float]:
+        """Over the steps after the first (for the run manifest)."""
+        return {THROUGHPUT[name][0]: round(THROUGHPUT[name][1](values), 4) for name, values in self._perf.items()}
 
     def close(self) -> None:
         """Flush every backend; ``progress.json`` then holds the last step logged."""

@@ -30,6 +30,7 @@ from ..runtime.stop import StopSignal
 from .engine import (build_engine, check_precision, deepspeed_config, device, load_causal_lm, load_tokenizer,
                      prepare_reference, save_final_model, unclipped_grad_norm)
 from .metrics import MetricsLogger, MetricSums
+from .throughput import FlopsModel, peak_flops, peak_memory_gib
 
 # Keys that may change between a checkpoint and its resumption (they do not alter the math).
 RESUMABLE_CHANGES = {"max_steps", "epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
@@ -167,8 +168,11 @@ class Trainer:
             source = self.ref_model if self.ref_model is not None else (cfg.ref_name or cfg.policy_name)
             reference = prepare_reference(load_causal_lm(source, cfg.precision, trainable=False), ds_cfg)
         self.objective = build_objective(self.algo, cfg, SpecialTokens.of(self.tokenizer).pad_id, dist, reference)
+        self.flops = FlopsModel.of(model)  # before DeepSpeed partitions the parameters
+        self.reference_online = reference is not None
         self.engine, _, self.scheduler = build_engine(model, training, ds_cfg, self.total_steps)
         self.device = device()
+        self.peak_flops = peak_flops(self.device)
         self.progress = TrainProgress(self.algo.name, to_dict(cfg), self.global_batch)
         self.checkpointer = Checkpointer(self.run.checkpoints, dist, self.engine, interval=training.save_steps,
                                          keep=training.save_total_limit, shared={"progress": self.progress},
@@ -186,18 +190,17 @@ class Trainer:
         training, dist, engine, objective = self.training, self.dist, self.engine, self.objective
         started = time.perf_counter()
         learning_rate = self.scheduler.get_last_lr()[0]
-        batches = [
-            _to_device(objective.collate([self.train_set[i] for i in indices]), self.device)
-            for indices in global_batch_indices(len(self.train_set), step, training.batch_size,
-                                                training.gradient_accumulation_steps, dist.world_size, dist.rank,
-                                                training.seed)
-        ]
+        collated = [objective.collate([self.train_set[i] for i in indices])
+                    for indices in global_batch_indices(len(self.train_set), step, training.batch_size,
+                                                        training.gradient_accumulation_steps, dist.world_size,
+                                                        dist.rank, training.seed)]
+        work = self.work_of(collated)  # counted on the host: no device sync per micro-batch
+        batches = [_to_device(b, self.device) for b in collated]
         # Each micro-loss is a SUM over its units; scaling by (GA x world) / global units turns
         # DeepSpeed's 1/GA and cross-rank averaging into one mean over the global batch.
         global_units = all_reduce_sum(torch.stack([objective.units(b).to(self.device) for b in batches]).sum())
         scale = training.gradient_accumulation_steps * dist.world_size / global_units
-        sums, tokens = MetricSums(), torch.zeros((), dtype=torch.float64, device=self.device)
-        fallback_grad_norm = None
+        sums, fallback_grad_norm = MetricSums(), None
         for k, batch in enumerate(batches):
             loss_sum, stats = objective.loss_and_stats(engine, batch)
             engine.backward(loss_sum * scale)
@@ -205,16 +208,33 @@ class Trainer:
                 fallback_grad_norm = unclipped_grad_norm(engine)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             sums.add(stats)
-            tokens += batch["attention_mask"].sum()
         metrics = sums.reduce(self.device)
         metrics.update(objective.end_step())
         metrics["learning_rate"] = learning_rate
-        metrics["tokens_per_sec"] = all_reduce_sum(tokens).item() / (time.perf_counter() - started)
+        metrics.update(self.perf_metrics(work, time.perf_counter() - started))
         grad_norm = engine.get_global_grad_norm()
         grad_norm = fallback_grad_norm if grad_norm is None else grad_norm
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         self.progress.step = step + 1
+        return metrics
+
+    def work_of(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """[real tokens, FLOPs run on them, token slots incl. padding] of this rank's micro-batches."""
+        lengths = torch.cat([b["attention_mask"].sum(1) for b in batches])
+        flops = self.flops.train(lengths) + (self.flops.forward(lengths) if self.reference_online else 0.0)
+        slots = sum(b["attention_mask"].numel() for b in batches)
+        return torch.tensor([float(lengths.sum()), flops, float(slots)], dtype=torch.float64)
+
+    def perf_metrics(self, work: torch.Tensor, seconds: float) -> dict[str, float]:
+        """Throughput of the step over every rank (a collective), MFU where the peak is known."""
+        tokens, flops, slots = all_reduce_sum(work.to(self.device)).tolist()
+        achieved = flops / seconds / self.dist.world_size
+        metrics = {"tokens_per_sec": tokens / seconds, "perf/tflops_per_device": achieved / 1e12,
+                   "perf/padding_fraction": 1.0 - tokens / slots,
+                   "perf/peak_memory_gib": peak_memory_gib(self.device)}
+        if self.peak_flops:
+            metrics["perf/mfu"] = achieved / self.peak_flops
         return metrics
 
     def evaluate(self) -> dict[str, float]:
@@ -258,6 +278,7 @@ class Trainer:
             "final_step": self.total_steps,
             "train_seconds": round(time.time() - self.started, 2),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            **self.logger.throughput(),
             "final_eval": self.logger.eval,
         }
         self.logger.close()

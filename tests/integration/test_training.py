@@ -22,7 +22,8 @@ from dpo_hpc.config import validate_mapping
 
 pytestmark = pytest.mark.slow
 
-TRAIN_SCALARS = {"loss", "learning_rate", "grad_norm", "tokens_per_sec"}
+TRAIN_SCALARS = {"loss", "learning_rate", "grad_norm", "tokens_per_sec", "perf/tflops_per_device", "perf/padding_fraction",
+                 "perf/peak_memory_gib"}
 DPO_SCALARS = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                "logps/rejected"}
 

@@ -1,0 +1,74 @@
+"""FLOPs actually run, MFU and peak memory (perf.md section 3: the PaLM / nanoGPT / torchtitan
+convention).
+
+Per real (non-pad) token of a sequence of length T: training 6N + 12 L H Q T, a forward alone
+2N + 4 L H Q T, with N the matmul parameters (the output head counted, the embedding lookup not),
+L layers, H query heads, Q the head dimension. Padding is never counted, so padding waste shows as
+lower MFU. MFU divides by the device's dense bf16 peak; it is left out where the peak is unknown
+(CPUs, unlisted GPUs) rather than guessed.
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+# Dense bf16 peak (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name(); the
+# first match wins, so the specific names come first.
+PEAK_BF16_TFLOPS = (
+    ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0),
+    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0),
+)
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    """The device's dense bf16 peak in FLOP/s, or None where it is not known."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+
+
+@dataclass(frozen=True)
+class FlopsModel:
+    matmul_params: int
+    layers: int
+    heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, model) -> "FlopsModel":
+        """From a transformers causal LM (before DeepSpeed wraps or partitions it)."""
+        config = model.config
+        embedding = model.get_input_embeddings().weight
+        head = model.get_output_embeddings()
+        seen, params = set(), 0
+        for p in model.parameters():
+            if p.ndim >= 2 and id(p) not in seen:
+                seen.add(id(p))
+                params += getattr(p, "ds_numel", p.numel())
+        if head is None or head.weight is not embedding:  # an untied embedding is a lookup, not a matmul
+            params -= getattr(embedding, "ds_numel", embedding.numel())
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(params, config.num_hidden_layers, heads, head_dim)
+
+    def train(self, lengths: torch.Tensor) -> float:
+        """FLOPs of forward + backward over sequences of these real lengths."""
+        lengths = lengths.double()
+        return float((lengths * (6 * self.matmul_params + 12 * self.layers * self.heads * self.head_dim * lengths)).sum())
+
+    def forward(self, lengths: torch.Tensor) -> float:
+        """FLOPs of a forward alone (a reference model)."""
+        lengths = lengths.double()
+        return float((lengths * (2 * self.matmul_params + 4 * self.layers * self.heads * self.head_dim * lengths)).sum())
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """This process's peak device memory (CUDA: allocated by torch; CPU: resident set)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
