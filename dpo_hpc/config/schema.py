@@ -102,6 +102,14 @@ class TrainingConfig:
     """Write a resumable checkpoint every this many optimizer steps (0: none before the end)."""
     save_total_limit: int = Field(2, ge=1)
     """Checkpoints kept; older ones are removed only after a newer one is complete."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward (non-reentrant): much less activation
+    memory for about a third more compute."""
+    optim: Literal["adamw_torch", "adamw_torch_fused"] = "adamw_torch"
+    """AdamW implementation (TRL's names): one parameter at a time, or PyTorch's fused kernel."""
+    group_by_length: bool = False
+    """Fill each global batch, and each micro-batch in it, with rows of similar length (sorted within
+    groups of 50 global batches): less padding; the data order stays a function of (seed, step)."""
 
 
 @dataclass(config=STRICT, kw_only=True)
@@ -175,19 +183,31 @@ class BetaDPOSectionConfig:
     """Standard deviation estimator of the gaps (the official code uses unbiased)."""
 
 
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
+
+
 @dataclass(config=STRICT, kw_only=True)
-class SFTRunConfig:
+class ModelSettings:
+    """Top-level keys every trainer has: how models are loaded and run. (Descriptions are given as
+    ``description=``: pydantic reads attribute docstrings of the defining class only.)"""
+
+    precision: Precision = Field(
+        "fp32", description="Training precision: fp32, bf16 (mixed, CPU and GPU) or fp16 (GPU only).")
+    tokenizer_name: Optional[str] = Field(None, description="Tokenizer to load (defaults to policy_name).")
+    attn_implementation: AttnImplementation = Field(
+        "sdpa", description="Attention kernel of transformers: sdpa (PyTorch's), eager, flash_attention_2/3 "
+                            "(needs the flash-attn package) or flex_attention.")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+
+
+@dataclass(config=STRICT, kw_only=True)
+class SFTRunConfig(ModelSettings):
     """``train-sft`` / ``dpo-hpc train sft``."""
 
     policy_name: str
     """Hub id or local folder of the model to fine-tune."""
     dataset: DatasetConfig
     sft_training: SFTTrainingConfig
-    precision: Precision = "fp32"
-    """Training precision: fp32, bf16 (mixed, CPU and GPU) or fp16 (GPU only)."""
-    tokenizer_name: Optional[str] = None
-    """Tokenizer to load (defaults to policy_name)."""
-    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
 
     @property
     def training(self) -> SFTTrainingConfig:
@@ -195,7 +215,7 @@ class SFTRunConfig:
 
 
 @dataclass(config=STRICT, kw_only=True)
-class DPORunConfig:
+class DPORunConfig(ModelSettings):
     """``dpo-hpc train dpo``: DPO with a fixed beta."""
 
     policy_name: str
@@ -204,11 +224,6 @@ class DPORunConfig:
     dpo_training: DPOTrainingConfig
     ref_name: Optional[str] = None
     """Frozen reference model (defaults to policy_name)."""
-    precision: Precision = "fp32"
-    """Training precision: fp32, bf16 (mixed, CPU and GPU) or fp16 (GPU only)."""
-    tokenizer_name: Optional[str] = None
-    """Tokenizer to load (defaults to policy_name)."""
-    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
 
     @property
     def training(self) -> DPOTrainingConfig:

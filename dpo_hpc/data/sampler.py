@@ -5,6 +5,7 @@ same global batch as 2 ranks x GA 1."""
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 
@@ -22,8 +23,13 @@ def steps_per_epoch(n: int, global_batch: int) -> int:
     return n // global_batch
 
 
+LENGTH_GROUP = 50
+"""Global batches sorted by length together when grouping by length (the HF Trainer's 50)."""
+
+
 def global_batch_indices(
-    n: int, step: int, micro_batch: int, grad_accum: int, world_size: int, rank: int, seed: int
+    n: int, step: int, micro_batch: int, grad_accum: int, world_size: int, rank: int, seed: int,
+    lengths: Optional[np.ndarray] = None,
 ) -> list[list[int]]:
     """This rank's micro-batches (``grad_accum`` lists of indices) for optimizer step ``step``.
 
@@ -33,11 +39,22 @@ def global_batch_indices(
     ``[(k * world_size + r) * micro_batch, ... + micro_batch)`` of the global batch, so the
     global batch is the same set of rows for 1 rank x 2 accumulation steps and 2 ranks x 1,
     and resuming at any step needs no saved sampler state.
+
+    With ``lengths`` (group by length), each run of ``LENGTH_GROUP`` global batches of the
+    permutation is sorted by length, longest first, before it is cut: global batches and the
+    micro-batches within them hold rows of similar length, so less of each is padding.
     """
     global_batch = micro_batch * grad_accum * world_size
     epoch, within = divmod(step, steps_per_epoch(n, global_batch))
     order = np.random.default_rng([seed, epoch]).permutation(n)
-    batch = order[within * global_batch:(within + 1) * global_batch]
+    if lengths is None:
+        batch = order[within * global_batch:(within + 1) * global_batch]
+    else:
+        group, offset = divmod(within, LENGTH_GROUP)
+        span = LENGTH_GROUP * global_batch
+        members = order[group * span:(group + 1) * span][: (n // global_batch - group * LENGTH_GROUP) * global_batch]
+        members = members[np.argsort(-lengths[members], kind="stable")]
+        batch = members[offset * global_batch:(offset + 1) * global_batch]
     out = []
     for k in range(grad_accum):
         start = (k * world_size + rank) * micro_batch

@@ -45,12 +45,21 @@ class TokenizedPair:
     rejected_ids: list[int]
     example_id: str = ""  # the source row's content id (set by the pipeline)
 
+    @property
+    def length(self) -> int:
+        """Tokens of its longer row (what padding is measured against)."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
 
 @dataclass(frozen=True)
 class TokenizedConversation:
     input_ids: list[int]  # BOS included
     loss_mask: list[int]  # 1 on tokens whose prediction is trained (assistant text and final EOS)
     example_id: str = ""  # the source row's content id (set by the pipeline)
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
 
 
 def _encode(tokenizer, text: str) -> list[int]:

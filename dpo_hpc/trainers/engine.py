@@ -34,16 +34,27 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def load_causal_lm(name_or_model, precision: str, trainable: bool):
+# attn_implementation -> the package it needs
+_ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implementation: str = "sdpa"):
     """A causal LM (loaded by name, or a model passed in) with dropout off (margins at step 0 must
     be exactly 0, spec pitfall P5); a reference is frozen, in eval mode and in ``precision``."""
+    import importlib.util
+
     from transformers import AutoModelForCausalLM
 
+    package = _ATTENTION_PACKAGES.get(attn_implementation)
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError([f"attn_implementation = {attn_implementation!r} needs the {package} package, which is "
+                           f"not installed here; install it or use attn_implementation = \"sdpa\""])
     dtype = torch.float32 if trainable else _DTYPES[precision]
     if isinstance(name_or_model, str):
-        model = AutoModelForCausalLM.from_pretrained(name_or_model, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name_or_model, dtype=dtype, attn_implementation=attn_implementation)
     else:
         model = name_or_model.to(dtype)
+        model.set_attn_implementation(attn_implementation)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -134,12 +145,14 @@ def build_engine(model, training: TrainingConfig, ds_cfg: dict, total_steps: int
     for name, param in model.named_parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
+    fused = training.optim == "adamw_torch_fused"
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": training.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=training.learning_rate,
         betas=(training.adam_beta1, training.adam_beta2),
         eps=training.adam_epsilon,
-        foreach=False,
+        foreach=None if fused else False,
+        fused=fused,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(training.lr_scheduler, training.warmup_steps, total_steps)

@@ -160,13 +160,18 @@ class Trainer:
         self.global_batch = training.batch_size * training.gradient_accumulation_steps * dist.world_size
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), self.global_batch)
         self.total_steps = training.max_steps or training.epochs * self.steps_per_epoch
+        self.lengths = np.array([e.length for e in self.train_set]) if training.group_by_length else None
 
-        model = load_causal_lm(self.model if self.model is not None else cfg.policy_name, cfg.precision, trainable=True)
+        model = load_causal_lm(self.model if self.model is not None else cfg.policy_name, cfg.precision,
+                               trainable=True, attn_implementation=cfg.attn_implementation)
+        if training.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         ds_cfg = deepspeed_config(training, cfg.deepspeed, cfg.precision, dist.world_size)
         reference = None
         if self.algo.kind == "preference":
             source = self.ref_model if self.ref_model is not None else (cfg.ref_name or cfg.policy_name)
-            reference = prepare_reference(load_causal_lm(source, cfg.precision, trainable=False), ds_cfg)
+            reference = prepare_reference(load_causal_lm(source, cfg.precision, trainable=False,
+                                                         attn_implementation=cfg.attn_implementation), ds_cfg)
         self.objective = build_objective(self.algo, cfg, SpecialTokens.of(self.tokenizer).pad_id, dist, reference)
         self.flops = FlopsModel.of(model)  # before DeepSpeed partitions the parameters
         self.reference_online = reference is not None
@@ -193,7 +198,7 @@ class Trainer:
         collated = [objective.collate([self.train_set[i] for i in indices])
                     for indices in global_batch_indices(len(self.train_set), step, training.batch_size,
                                                         training.gradient_accumulation_steps, dist.world_size,
-                                                        dist.rank, training.seed)]
+                                                        dist.rank, training.seed, self.lengths)]
         work = self.work_of(collated)  # counted on the host: no device sync per micro-batch
         batches = [_to_device(b, self.device) for b in collated]
         # Each micro-loss is a SUM over its units; scaling by (GA x world) / global units turns

@@ -288,3 +288,24 @@ def test_original_commands_run_the_seed_configs(tmp_path, micro_model, reverse_d
     else:
         assert all(len(logged[n]) == 4 for n in names)
         assert {v for _, v in logged["beta_dpo/kept"]} == {2.0}
+
+
+def test_memory_and_speed_options_keep_the_math(tmp_path, micro_model):
+    """Gradient checkpointing and fused AdamW change how, not what: the weights after 3 steps match
+    the plain run; grouping by length changes the order (a new run) and cuts padding."""
+    from dpo_hpc.trainers.trainer import train
+
+    data = small_data(tmp_path, 120)
+    common = dict(max_steps=3, batch_size=4, gradient_accumulation_steps=2, learning_rate=2e-3)
+    variants = {"plain": {}, "checkpointing": {"gradient_checkpointing": True}, "fused": {"optim": "adamw_torch_fused"},
+                "grouped": {"group_by_length": True}}
+    weights, padding = {}, {}
+    for name, options in variants.items():
+        raw = run_config(tmp_path / name, micro_model, data, "dpo_training", **common, **options)
+        summary = train(validate_mapping(raw, "dpo"), "dpo")
+        weights[name] = load_file(Path(raw["dpo_training"]["save_dir"]) / "model.safetensors")
+        padding[name] = summary["median_padding_fraction"]
+    for name in ("checkpointing", "fused"):
+        for key in weights["plain"]:
+            torch.testing.assert_close(weights[name][key], weights["plain"][key], rtol=1e-5, atol=1e-6)
+    assert padding["grouped"] < padding["plain"] / 2, padding

@@ -120,6 +120,30 @@ def test_data_order_covers_each_epoch_once_and_depends_only_on_step():
         global_batch_indices(5, 0, 4, 2, 1, 0, 1)
 
 
+def padding(batches, lengths):
+    return sum(len(mb) * max(lengths[i] for i in mb) - sum(lengths[i] for i in mb) for mb in batches if mb)
+
+
+def test_grouping_by_length_keeps_each_epoch_and_the_invariances_and_cuts_padding():
+    import numpy as np
+
+    from dpo_hpc.data.sampler import LENGTH_GROUP
+
+    n, seed = 2 * LENGTH_GROUP * 8 + 13, 3  # two length groups per epoch, a tail that is skipped
+    lengths = np.random.default_rng(0).integers(5, 500, n)
+    steps = n // 8
+    grouped = [global_batch_indices(n, s, 4, 2, 1, 0, seed, lengths) for s in range(steps)]
+    plain = [global_batch_indices(n, s, 4, 2, 1, 0, seed) for s in range(steps)]
+    rows = [i for step in grouped for mb in step for i in mb]
+    assert sorted(rows) == sorted(i for step in plain for mb in step for i in mb)  # the same rows per epoch
+    for s in range(steps):
+        two_ranks = [i for r in range(2) for mb in global_batch_indices(n, s, 4, 1, 2, r, seed, lengths) for i in mb]
+        assert [i for mb in grouped[s] for i in mb] == two_ranks
+    assert grouped[5] == global_batch_indices(n, 5, 4, 2, 1, 0, seed, lengths)  # a function of the step
+    grouped_padding = sum(padding(step, lengths) for step in grouped)
+    assert grouped_padding < 0.1 * sum(padding(step, lengths) for step in plain)
+
+
 def test_eval_batches_cover_every_row_once_with_equal_counts():
     n, batch, world = 11, 3, 2
     per_rank = [eval_batch_indices(n, batch, world, r) for r in range(world)]
