@@ -91,8 +91,9 @@ class RunDir:
     def read_manifest(self) -> dict[str, Any] | None:
         return _read_json(self.manifest_path)
 
-    def start(self, cfg, trainer: str, world_size: int) -> dict[str, Any]:
-        """Create the folder, write the resolved config and a 'running' manifest (rank 0 only)."""
+    def start(self, cfg, trainer: str, world_size: int, device: str = "") -> dict[str, Any]:
+        """Create the folder, write the resolved config and a 'running' manifest (rank 0 only);
+        ``device`` names where it runs (device and process-group backend)."""
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.root / "config.resolved.json", {"trainer": trainer, **to_dict(cfg)})
         previous = self.read_manifest() or {}
@@ -106,6 +107,7 @@ class RunDir:
             "python": platform.python_version(),
             "seed": cfg.training.seed,
             "world_size": world_size,
+            "device": device,
             "hostname": socket.gethostname(),
             "slurm": {k: os.environ[k] for k in _SLURM_VARS if k in os.environ},
             "first_start_time": previous.get("first_start_time", time.strftime("%Y-%m-%dT%H:%M:%S%z")),

@@ -67,6 +67,13 @@ class FlopsModel:
         return float((lengths * (2 * self.matmul_params + 4 * self.layers * self.heads * self.head_dim * lengths)).sum())
 
 
+def describe_device(device: torch.device) -> str:
+    """'cuda:0 NVIDIA H100 80GB HBM3, nccl' / 'cpu, gloo': where a run ran (for its manifest)."""
+    name = f"{device} {torch.cuda.get_device_name(device)}" if device.type == "cuda" else str(device)
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+    return f"{name}, {backend}"
+
+
 def peak_memory_gib(device: torch.device) -> float:
     """This process's peak device memory (CUDA: allocated by torch; CPU: resident set)."""
     if device.type == "cuda":

@@ -30,7 +30,7 @@ from ..runtime.stop import StopSignal
 from .engine import (build_engine, check_precision, deepspeed_config, device, load_causal_lm, load_tokenizer,
                      prepare_reference, save_final_model, unclipped_grad_norm)
 from .metrics import MetricsLogger, MetricSums
-from .throughput import FlopsModel, peak_flops, peak_memory_gib
+from .throughput import FlopsModel, describe_device, peak_flops, peak_memory_gib
 
 # Keys that may change between a checkpoint and its resumption (they do not alter the math).
 RESUMABLE_CHANGES = {"max_steps", "epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
@@ -146,7 +146,9 @@ class Trainer:
         cfg, training, dist = self.cfg, self.training, self.dist
         check_precision(cfg.precision)
         seed_everything(training.seed)
-        self.manifest = self.run.start(cfg, self.algo.name, dist.world_size) if dist.is_main else {}
+        self.device = device()
+        self.manifest = self.run.start(cfg, self.algo.name, dist.world_size, describe_device(self.device)) \
+            if dist.is_main else {}
         barrier()
         self.started = time.time()
         self.tokenizer = self.tokenizer or load_tokenizer(cfg.tokenizer_name or cfg.policy_name)
@@ -176,7 +178,6 @@ class Trainer:
         self.flops = FlopsModel.of(model)  # before DeepSpeed partitions the parameters
         self.reference_online = reference is not None
         self.engine, _, self.scheduler = build_engine(model, training, ds_cfg, self.total_steps)
-        self.device = device()
         self.peak_flops = peak_flops(self.device)
         self.progress = TrainProgress(self.algo.name, to_dict(cfg), self.global_batch)
         self.checkpointer = Checkpointer(self.run.checkpoints, dist, self.engine, interval=training.save_steps,

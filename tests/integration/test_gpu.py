@@ -1,0 +1,51 @@
+"""What only a GPU machine can show; skipped where no CUDA device exists (CI has none). The
+runs go through a subprocess without DS_ACCELERATOR=cpu (which conftest sets for this process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, run_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def gpu_env() -> dict:
+    drop = ("DS_ACCELERATOR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def train_on_gpu(tmp_path: Path, trainer: str, raw: dict) -> dict:
+    path = tmp_path / f"{trainer}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = subprocess.run([sys.executable, "-m", "dpo_hpc", "train", trainer, "--config", str(path)],
+                            capture_output=True, text=True, env=gpu_env(), cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    section = "sft_training" if trainer == "sft" else "dpo_training"
+    return json.loads((Path(raw[section]["save_dir"]) / "run_manifest.json").read_text())
+
+
+def test_bf16_dpo_runs_on_the_gpu_with_nccl_and_reports_mfu_and_memory(tmp_path, micro_model, reverse_data):
+    raw = run_config(tmp_path, micro_model, reverse_data, "dpo_training", max_steps=4, batch_size=8)
+    raw["precision"] = "bf16"
+    manifest = train_on_gpu(tmp_path, "dpo", raw)
+    assert manifest["status"] == "completed"
+    assert manifest["device"].startswith("cuda") and manifest["device"].endswith("nccl")
+    assert 0 < manifest["peak_memory_gib"] < torch.cuda.get_device_properties(0).total_memory / 2**30
+    if "H100" in torch.cuda.get_device_name(0) or "H200" in torch.cuda.get_device_name(0):
+        assert 0 < manifest["median_mfu"] < 1
+
+
+def test_sft_with_checkpointing_and_fused_adamw_on_the_gpu(tmp_path, micro_model, reverse_data):
+    raw = run_config(tmp_path, micro_model, reverse_data, "sft_training", max_steps=3, batch_size=8,
+                     gradient_checkpointing=True, optim="adamw_torch_fused")
+    raw["precision"] = "bf16"
+    assert train_on_gpu(tmp_path, "sft", raw)["status"] == "completed"
