@@ -10,7 +10,7 @@ accumulation steps.
 from __future__ import annotations
 
 import importlib
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 
@@ -87,15 +87,23 @@ class SFTObjective:
         pass
 
 
+class RefLogps(Protocol):
+    def lookup(self, examples: list) -> torch.Tensor:
+        """Reference log-probs of the examples' rows in the collator's layout (chosen, then rejected)."""
+
+
 class PreferenceObjective:
-    """One policy and one reference forward over chosen+rejected, a pairwise loss, and a beta
-    policy that chooses the loss's beta (and, for Beta-DPO, which pairs count)."""
+    """One policy forward over chosen+rejected and the reference's log-probs (a forward of the
+    reference model, or a precomputed table), a pairwise loss, and a beta policy that chooses the
+    loss's beta (and, for Beta-DPO, which pairs count)."""
 
     kind = "preference"
 
     def __init__(self, reference, loss: PairwiseLoss, policy: BetaPolicy, pad_id: int, collective: Collective,
-                 scorer: CompletionScorer):
+                 scorer: CompletionScorer, ref_table: Optional[RefLogps] = None):
         self.reference = reference
+        self.ref_table = ref_table
+        self.reference_forwards = 0  # proof that a precomputed table leaves the reference model unused
         self.scorer = scorer
         self.loss = loss
         self.policy = policy
@@ -104,7 +112,10 @@ class PreferenceObjective:
         self._step_margins: list[torch.Tensor] = []
 
     def collate(self, examples):
-        return collate_pairs(examples, self.pad_id)
+        batch = collate_pairs(examples, self.pad_id)
+        if self.ref_table is not None:
+            batch["ref_logps"] = self.ref_table.lookup(examples)
+        return batch
 
     def units(self, batch):
         pairs = batch["input_ids"].shape[0] // 2
@@ -112,8 +123,12 @@ class PreferenceObjective:
 
     def _logps(self, model, batch) -> PairLogps:
         policy = self.scorer.sequence_logps(model, batch)
-        with torch.no_grad():
-            ref = self.scorer.sequence_logps(self.reference, batch)
+        if "ref_logps" in batch:
+            ref = batch["ref_logps"]
+        else:
+            with torch.no_grad():
+                ref = self.scorer.sequence_logps(self.reference, batch)
+            self.reference_forwards += 1
         return PairLogps.of_rows(policy, ref)
 
     def _stats(self, logps: PairLogps, losses, beta, loss_count=None) -> Stats:
@@ -166,10 +181,10 @@ def resolve(reference: str):
 
 
 def build_objective(algorithm, cfg, pad_id: int, collective: Collective, reference=None,
-                    loss: str = "sigmoid") -> Objective:
+                    ref_table: Optional[RefLogps] = None, loss: str = "sigmoid") -> Objective:
     """The objective of a registered algorithm (``dpo_hpc.config.registry``)."""
     scorer = CompletionScorer()
     if algorithm.kind == "sft":
         return SFTObjective(pad_id, scorer)
     policy = resolve(algorithm.beta_policy).from_config(cfg, collective)
-    return PreferenceObjective(reference, PAIRWISE_LOSSES[loss], policy, pad_id, collective, scorer)
+    return PreferenceObjective(reference, PAIRWISE_LOSSES[loss], policy, pad_id, collective, scorer, ref_table)

@@ -166,8 +166,33 @@ def to_dict(cfg) -> dict[str, Any]:
     return TypeAdapter(type(cfg)).dump_python(cfg, by_alias=True, mode="json")
 
 
+def flagged_keys(cls, flag: str) -> set[str]:
+    """Names (as files spell them) of the keys of ``cls`` and its sections carrying ``flag`` (see
+    ``schema.RESUMABLE`` and ``schema.LOCATION``)."""
+    found = set()
+    for name, info in getattr(cls, "__pydantic_fields__", {}).items():
+        if (info.json_schema_extra or {}).get(flag):
+            found.add(info.alias or name)
+        for candidate in (info.annotation, *typing.get_args(info.annotation)):
+            if dataclasses.is_dataclass(candidate):
+                found |= flagged_keys(candidate, flag)
+    return found
+
+
+def _drop(data: dict, cls, flag: str) -> dict:
+    for name, info in getattr(cls, "__pydantic_fields__", {}).items():
+        key = info.alias or name
+        if (info.json_schema_extra or {}).get(flag):
+            data.pop(key, None)
+        elif isinstance(data.get(key), dict) and dataclasses.is_dataclass(info.annotation):
+            _drop(data[key], info.annotation, flag)
+    return data
+
+
 def to_identity(cfg) -> dict[str, Any]:
     """What makes a run this run: every value that differs from its key's default (sections left
-    at their defaults vanish). A later version that adds a key with a default therefore keeps run
-    ids, completed-run checks and resumes of existing runs as they were."""
-    return TypeAdapter(type(cfg)).dump_python(cfg, by_alias=True, mode="json", exclude_defaults=True)
+    at their defaults vanish), without the keys that only locate things (``save_dir``). A later
+    version that adds a key with a default therefore keeps run ids, completed-run checks and
+    resumes of existing runs as they were, and a moved run is the same run."""
+    dumped = TypeAdapter(type(cfg)).dump_python(cfg, by_alias=True, mode="json", exclude_defaults=True)
+    return _drop(dumped, type(cfg), "location")

@@ -24,6 +24,13 @@ STRICT = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
+# Field flags (json_schema_extra), read by ``loader.to_identity`` and the trainer's resume guard:
+RESUMABLE = {"resumable": True}
+"""May change between a checkpoint and its resumption: it does not alter the math (step counts,
+intervals)."""
+LOCATION = {"resumable": True, "location": True}
+"""Only says where things are: not part of a run's identity, so a moved run is the same run."""
+
 
 @dataclass(config=STRICT, kw_only=True)
 class DatasetConfig:
@@ -68,11 +75,11 @@ class TrainingConfig:
     """Peak learning rate of AdamW."""
     batch_size: int = Field(ge=1)
     """Micro-batch size per process (rows for SFT, preference pairs for DPO)."""
-    save_dir: str
+    save_dir: str = Field(json_schema_extra=LOCATION)
     """Run directory: resolved config, data report, TensorBoard events, checkpoints, final model."""
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1, json_schema_extra=RESUMABLE)
     """Passes over the training split (``max_steps`` overrides it)."""
-    max_steps: Optional[int] = Field(None, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1, json_schema_extra=RESUMABLE)
     """Stop after this many optimizer steps."""
     gradient_accumulation_steps: int = Field(1, ge=1)
     """Micro-batches per optimizer step; global batch = batch_size x this x world size."""
@@ -92,15 +99,15 @@ class TrainingConfig:
     """Gradient clipping threshold on the global norm (0 disables clipping)."""
     seed: int = 42
     """Seed of model-side randomness and of the data order."""
-    logging_steps: int = Field(10, ge=1)
+    logging_steps: int = Field(10, ge=1, json_schema_extra=RESUMABLE)
     """Print a progress line every this many optimizer steps (TensorBoard gets every step)."""
-    eval_steps: int = Field(0, ge=0)
+    eval_steps: int = Field(0, ge=0, json_schema_extra=RESUMABLE)
     """Evaluate every this many optimizer steps (0: only at the end)."""
-    eval_batch_size: Optional[int] = Field(None, ge=1)
+    eval_batch_size: Optional[int] = Field(None, ge=1, json_schema_extra=RESUMABLE)
     """Micro-batch size for evaluation (defaults to batch_size)."""
-    save_steps: int = Field(0, ge=0)
+    save_steps: int = Field(0, ge=0, json_schema_extra=RESUMABLE)
     """Write a resumable checkpoint every this many optimizer steps (0: none before the end)."""
-    save_total_limit: int = Field(2, ge=1)
+    save_total_limit: int = Field(2, ge=1, json_schema_extra=RESUMABLE)
     """Checkpoints kept; older ones are removed only after a newer one is complete."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward (non-reentrant): much less activation
@@ -123,6 +130,13 @@ class DPOTrainingConfig(TrainingConfig):
     beta: Optional[float] = Field(None, gt=0.0)
     """Fixed beta of plain DPO (default 0.1). Dynamic-Beta DPO and Beta-DPO take beta_0 from
     their own sections instead, and refuse this key."""
+    precompute_ref_log_probs: bool = False
+    """Compute the reference log-probs of every pair once, before training, and train with no
+    reference model in memory (TRL's name). The table is cached and reused by any run with the same
+    reference, tokenizer, data and precision."""
+    ref_log_probs_cache: Optional[str] = Field(None, json_schema_extra=LOCATION)
+    """Folder of cached reference log-prob tables (default: ``<save_dir>/ref_log_probs``); point
+    the runs of a sweep at one folder to share one reference pass."""
 
 
 @dataclass(config=STRICT, kw_only=True)

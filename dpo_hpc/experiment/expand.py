@@ -19,6 +19,11 @@ from ..config import ALGORITHMS, ConfigError, read_mapping, set_dotted, to_dict,
 from .schema import ExperimentConfig, StageConfig
 
 
+SHARED_REF_LOG_PROBS = ".ref_log_probs"
+"""Under the experiment root: the reference log-prob tables every run of the experiment shares
+(with ``precompute_ref_log_probs``), one per reference and data."""
+
+
 @dataclass(frozen=True)
 class Run:
     stage: str
@@ -102,7 +107,6 @@ def run_id_for(stage: str, trainer: str, identity: dict, parent: Optional[str], 
     """``<stage>-<10 hex>`` over the trainer, the config's identity (``config.to_identity``) without
     its run-dependent paths, and the parent id."""
     identity = copy.deepcopy(identity)
-    identity.get(ALGORITHMS[trainer].training_section, {}).pop("save_dir", None)
     for key in ("policy_name", "ref_name"):
         if parent_dir is not None and identity.get(key) == parent_dir:
             identity.pop(key)
@@ -163,6 +167,8 @@ def expand(exp: ExperimentConfig, source: str | Path, cwd: str | Path) -> Plan:
                                 str(parent.run_dir) if parent else None)
             run_dir = root / name / run_id
             resolved[section]["save_dir"] = str(run_dir)
+            if resolved[section].get("precompute_ref_log_probs") and not resolved[section]["ref_log_probs_cache"]:
+                resolved[section]["ref_log_probs_cache"] = str(root / SHARED_REF_LOG_PROBS)
             if any(r.run_id == run_id for r in stage_runs):
                 _fail(source, label, f"duplicates another run of stage '{name}' (same resolved config)")
             stage_runs.append(Run(stage=name, index=len(stage_runs), run_id=run_id, trainer=stage.trainer,

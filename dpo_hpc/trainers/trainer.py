@@ -13,15 +13,19 @@ from __future__ import annotations
 import random
 import resource
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
+from ..algorithms.logprobs import CompletionScorer
 from ..algorithms.objectives import build_objective
 from ..checkpoint import CheckpointError, RunDir, config_hash
 from ..checkpoint.manager import Checkpointer
-from ..config import Algorithm, ConfigError, algorithm, to_dict, validate_mapping
+from ..config import ALGORITHMS, Algorithm, ConfigError, algorithm, to_dict, validate_mapping
+from ..config.loader import flagged_keys
+from ..data.collate import collate_pairs
 from ..data.pipeline import load_splits, report_lines, write_report
 from ..data.sampler import eval_batch_indices, global_batch_indices, steps_per_epoch
 from ..data.tokenize import SpecialTokens
@@ -29,12 +33,13 @@ from ..runtime import all_reduce_sum, barrier, init_distributed
 from ..runtime.stop import StopSignal
 from .engine import (build_engine, check_precision, deepspeed_config, device, load_causal_lm, load_tokenizer,
                      prepare_reference, save_final_model, unclipped_grad_norm)
+from . import ref_cache
 from .metrics import MetricsLogger, MetricSums
+from .ref_cache import RefLogpsTable
 from .throughput import FlopsModel, describe_device, peak_flops, peak_memory_gib
 
-# Keys that may change between a checkpoint and its resumption (they do not alter the math).
-RESUMABLE_CHANGES = {"max_steps", "epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                     "eval_batch_size"}
+RESUMABLE_CHANGES = set().union(*(flagged_keys(a.config, "resumable") for a in ALGORITHMS.values()))
+"""Keys that may change between a checkpoint and its resumption (flagged in the schema)."""
 
 
 def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -97,6 +102,7 @@ class Trainer:
         self.stop, self.log = stop, log or (lambda msg: print(msg, flush=True))
         self.run = RunDir(self.training.save_dir)
         self.dist = init_distributed()
+        self.ref_summary: dict[str, Any] = {}
 
     def say(self, message: str) -> None:
         if self.dist.is_main:
@@ -169,12 +175,16 @@ class Trainer:
         if training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         ds_cfg = deepspeed_config(training, cfg.deepspeed, cfg.precision, dist.world_size)
-        reference = None
+        reference, ref_table = None, None
         if self.algo.kind == "preference":
             source = self.ref_model if self.ref_model is not None else (cfg.ref_name or cfg.policy_name)
             reference = prepare_reference(load_causal_lm(source, cfg.precision, trainable=False,
                                                          attn_implementation=cfg.attn_implementation), ds_cfg)
-        self.objective = build_objective(self.algo, cfg, SpecialTokens.of(self.tokenizer).pad_id, dist, reference)
+            if training.precompute_ref_log_probs:
+                ref_table = self.reference_table(reference, source)
+                reference = None  # trained from the table: no reference model in memory
+        self.objective = build_objective(self.algo, cfg, SpecialTokens.of(self.tokenizer).pad_id, dist, reference,
+                                         ref_table)
         self.flops = FlopsModel.of(model)  # before DeepSpeed partitions the parameters
         self.reference_online = reference is not None
         self.engine, _, self.scheduler = build_engine(model, training, ds_cfg, self.total_steps)
@@ -183,6 +193,29 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run.checkpoints, dist, self.engine, interval=training.save_steps,
                                          keep=training.save_total_limit, shared={"progress": self.progress},
                                          per_rank={"objective": self.objective})
+
+    def reference_table(self, reference, source) -> RefLogpsTable:
+        """The reference log-probs of every train and validation pair: read from the cache, or
+        computed in one pass and cached (a model passed in, not loaded by name, is never cached)."""
+        cfg, training = self.cfg, self.training
+        examples = [*self.train_set, *self.val_set]
+        pad_id = SpecialTokens.of(self.tokenizer).pad_id
+        started = time.perf_counter()
+
+        def compute_table():
+            return ref_cache.compute(reference, CompletionScorer(), lambda rows: collate_pairs(rows, pad_id), examples,
+                                     training.eval_batch_size or training.batch_size, self.dist, self.device, self.say)
+
+        if not isinstance(source, str):
+            table, cached = compute_table(), False
+        else:
+            key, made_of = ref_cache.cache_key(source, self.tokenizer, [self.train_set.fingerprint,
+                                               self.val_set.fingerprint], cfg.precision, cfg.attn_implementation)
+            root = Path(training.ref_log_probs_cache or self.run.root / "ref_log_probs")
+            table, cached = ref_cache.load_or_compute(root / key, made_of, examples, compute_table, self.dist, self.say)
+        self.ref_summary = {"ref_log_probs": "cache" if cached else "computed",
+                            "ref_precompute_seconds": round(time.perf_counter() - started, 2)}
+        return table
 
     def resume(self) -> int:
         """Restore the newest usable checkpoint (if any); returns the step to continue from."""
@@ -285,6 +318,8 @@ class Trainer:
             "train_seconds": round(time.time() - self.started, 2),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             **self.logger.throughput(),
+            **self.ref_summary,
+            "reference_forwards": getattr(self.objective, "reference_forwards", 0),
             "final_eval": self.logger.eval,
         }
         self.logger.close()

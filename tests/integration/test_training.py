@@ -309,3 +309,26 @@ def test_memory_and_speed_options_keep_the_math(tmp_path, micro_model):
         for key in weights["plain"]:
             torch.testing.assert_close(weights[name][key], weights["plain"][key], rtol=1e-5, atol=1e-6)
     assert padding["grouped"] < padding["plain"] / 2, padding
+
+
+def test_precomputed_reference_trains_without_the_reference_and_is_shared(tmp_path, micro_model):
+    """One reference pass for two runs; neither runs a reference forward while training; the
+    result matches the online reference."""
+    from dpo_hpc.trainers.trainer import train
+
+    data = small_data(tmp_path, 60)
+    common = dict(max_steps=3, batch_size=4, learning_rate=2e-3)
+    online = run_config(tmp_path / "online", micro_model, data, "dpo_training", **common)
+    assert train(validate_mapping(online, "dpo"), "dpo")["reference_forwards"] > 0
+    summaries, said = [], []
+    for name in ("first", "second"):
+        raw = run_config(tmp_path / name, micro_model, data, "dpo_training", **common, precompute_ref_log_probs=True,
+                         ref_log_probs_cache=str(tmp_path / "cache"))
+        summaries.append(train(validate_mapping(raw, "dpo"), "dpo", log=said.append))
+    assert [s["ref_log_probs"] for s in summaries] == ["computed", "cache"]
+    assert [s["reference_forwards"] for s in summaries] == [0, 0]
+    assert len(list((tmp_path / "cache").iterdir())) == 1 and any("read from" in line for line in said)
+    a = load_file(Path(online["dpo_training"]["save_dir"]) / "model.safetensors")
+    b = load_file(tmp_path / "second" / "run" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)

@@ -86,6 +86,16 @@ def test_run_ids_are_stable_and_follow_the_config(tmp_path):
     assert [r.run_id for r in plan_of(tmp_path, explicit).runs] == first
 
 
+def test_precomputed_reference_runs_share_one_cache_outside_their_identity(tmp_path):
+    text = BASE + DPO.replace("batch_size = 2 }", "batch_size = 2, precompute_ref_log_probs = true }") + \
+        '[stages.dpo.grid]\n"dpo_training.beta" = [0.1, 0.2]\n'
+    plan = plan_of(tmp_path, text)
+    caches = {r.config["dpo_training"]["ref_log_probs_cache"] for r in plan.runs if r.stage == "dpo"}
+    assert caches == {str(plan.root / ".ref_log_probs")}
+    moved = plan_of(tmp_path, text.replace('output_root = "out"', 'output_root = "elsewhere"'))
+    assert [r.run_id for r in moved.runs] == [r.run_id for r in plan.runs]
+
+
 def test_zip_pairs_parent_i_with_grid_point_i(tmp_path):
     text = BASE + '[stages.sft.grid]\n"sft_training.seed" = [1, 2]\n' + DPO.replace('from = "sft"', 'from = "sft"\npairing = "zip"') + \
         '[stages.dpo.grid]\n"dpo_training.seed" = [1, 2]\n'

@@ -1,0 +1,139 @@
+"""Reference log-probs computed once: a table by example id, cached on disk.
+
+The table's key is everything its values depend on: the reference model (its config and weight
+files), the tokenizer, the train and validation fingerprints (rows, order, truncation), the
+precision and the attention kernel. Any run with the same key reads the table instead of
+running the reference, so a sweep over beta makes one reference pass::
+
+    <cache>/<key>/logps.safetensors   (N, 2) fp32: chosen, rejected
+    <cache>/<key>/ids.json            the N example ids, in the table's order
+    <cache>/<key>/meta.json           what the key was made of
+
+A table is written aside and renamed into place; two runs computing the same key at once both
+write the same values and one rename wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..data.sampler import eval_batch_indices
+from ..fsutil import fsync_tree
+from ..runtime import DistEnv, barrier
+
+FORMAT = 1
+
+
+class RefLogpsTable:
+    def __init__(self, ids: list[str], logps: torch.Tensor):
+        self.ids = ids
+        self.logps = logps  # (N, 2) fp32
+        self._row = {rid: i for i, rid in enumerate(ids)}
+
+    def covers(self, examples) -> bool:
+        return all(e.example_id in self._row for e in examples)
+
+    def lookup(self, examples) -> torch.Tensor:
+        """(2B,) in the collator's layout: every chosen row, then every rejected row."""
+        rows = self.logps[[self._row[e.example_id] for e in examples]]
+        return torch.cat([rows[:, 0], rows[:, 1]])
+
+    def save(self, folder: Path, made_of: dict) -> None:
+        from safetensors.torch import save_file
+
+        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_file({"logps": self.logps.contiguous()}, tmp / "logps.safetensors")
+        (tmp / "ids.json").write_text(json.dumps(self.ids))
+        (tmp / "meta.json").write_text(json.dumps(made_of, indent=2, sort_keys=True, default=str))
+        fsync_tree(tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another run published the same key first: same values
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def load(cls, folder: Path) -> Optional["RefLogpsTable"]:
+        from safetensors.torch import load_file
+
+        try:
+            ids = json.loads((folder / "ids.json").read_text())
+            logps = load_file(folder / "logps.safetensors")["logps"]
+        except Exception:  # missing, torn or not ours: computed again
+            return None
+        if logps.shape != (len(ids), 2):
+            return None
+        return cls(ids, logps.float())
+
+
+def _files_identity(path: Path) -> list:
+    """Name, size and modification time of every file of a model or tokenizer folder."""
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
+
+
+def cache_key(reference: str, tokenizer, fingerprints: list[str], precision: str, attn: str) -> tuple[str, dict]:
+    """(key, what it is made of). A hub name stands for itself; a local folder for its files."""
+    ref_path = Path(reference)
+    tokenizer_json = tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False) else repr(tokenizer)
+    made_of = {
+        "format": FORMAT,
+        "reference": str(ref_path.resolve()) if ref_path.exists() else reference,
+        "reference_files": _files_identity(ref_path) if ref_path.is_dir() else None,
+        "tokenizer": hashlib.sha256(tokenizer_json.encode()).hexdigest(),
+        "data": fingerprints,
+        "precision": precision,
+        "attn_implementation": attn,
+    }
+    blob = json.dumps(made_of, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16], made_of
+
+
+def compute(reference, scorer, collate: Callable, examples: list, batch_size: int, dist: DistEnv,
+            device: torch.device, say: Callable[[str], None]) -> RefLogpsTable:
+    """Run the reference over every example once (every rank takes its share; a collective)."""
+    started, local_ids, local_values = time.perf_counter(), [], []
+    batches = eval_batch_indices(len(examples), batch_size, dist.world_size, dist.rank)
+    with torch.no_grad():
+        for done, indices in enumerate(batches, 1):
+            chunk = [examples[i] for i in (indices or [0])]  # an empty slot still runs: ZeRO-3 is collective
+            batch = {k: v.to(device) for k, v in collate(chunk).items()}
+            logps = scorer.sequence_logps(reference, batch).float().cpu()
+            if indices:
+                half = len(chunk)
+                local_ids += [e.example_id for e in chunk]
+                local_values.append(torch.stack([logps[:half], logps[half:]], dim=1))
+            if done % 50 == 0 or done == len(batches):
+                say(f"reference log-probs: {done}/{len(batches)} batches ({time.perf_counter() - started:.0f} s)")
+    values = torch.cat(local_values) if local_values else torch.zeros(0, 2)
+    if dist.world_size > 1:
+        gathered: list = [None] * dist.world_size
+        torch.distributed.all_gather_object(gathered, (local_ids, values))
+        local_ids = [rid for ids, _ in gathered for rid in ids]
+        values = torch.cat([v for _, v in gathered])
+    return RefLogpsTable(local_ids, values)
+
+
+def load_or_compute(folder: Path, made_of: dict, examples: list, compute_table: Callable[[], RefLogpsTable],
+                    dist: DistEnv, say: Callable[[str], None]) -> tuple[RefLogpsTable, bool]:
+    """The cached table when it covers every example, else a new one (written by rank 0).
+    Returns (table, whether it came from the cache). Every rank calls."""
+    table = RefLogpsTable.load(folder)
+    if table is not None and table.covers(examples):
+        say(f"reference log-probs read from {folder}")
+        return table, True
+    table = compute_table()
+    if dist.is_main:
+        table.save(folder, made_of)
+        say(f"reference log-probs of {len(table.ids)} pairs cached in {folder}")
+    barrier()
+    return table, False
