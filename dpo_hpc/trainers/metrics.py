@@ -39,6 +39,7 @@ class MetricSums:
 
 
 THROUGHPUT = {"tokens_per_sec": ("median_tokens_per_sec", statistics.median),
+              "perf/step_seconds": ("median_step_seconds", statistics.median),
               "perf/tflops_per_device": ("median_tflops_per_device", statistics.median),
               "perf/mfu": ("median_mfu", statistics.median),
               "perf/padding_fraction": ("median_padding_fraction", statistics.median),

@@ -149,17 +149,26 @@ class Trainer:
 
     def setup(self) -> None:
         """Seed, record the start, load data first (a bad dataset fails in seconds), then the models."""
-        cfg, training, dist = self.cfg, self.training, self.dist
+        cfg, dist = self.cfg, self.dist
         check_precision(cfg.precision)
-        seed_everything(training.seed)
+        seed_everything(self.training.seed)
         self.device = device()
         self.manifest = self.run.start(cfg, self.algo.name, dist.world_size, describe_device(self.device)) \
             if dist.is_main else {}
         barrier()
         self.started = time.time()
         self.tokenizer = self.tokenizer or load_tokenizer(cfg.tokenizer_name or cfg.policy_name)
+        self.load_data()
+        self.build_models()
+        self.progress = TrainProgress(self.algo.name, to_dict(cfg), self.global_batch)
+        self.checkpointer = Checkpointer(self.run.checkpoints, dist, self.engine, interval=self.training.save_steps,
+                                         keep=self.training.save_total_limit, shared={"progress": self.progress},
+                                         per_rank={"objective": self.objective})
+
+    def load_data(self) -> None:
+        training, dist = self.training, self.dist
         self.train_set, self.val_set, report = load_splits(
-            cfg.dataset, self.tokenizer, self.algo.kind, getattr(training, "assistant_turns", "all"),
+            self.cfg.dataset, self.tokenizer, self.algo.kind, getattr(training, "assistant_turns", "all"),
             train_rows=self.train_rows, eval_rows=self.eval_rows)
         for line in report_lines(report):
             self.say(line)
@@ -170,29 +179,28 @@ class Trainer:
         self.total_steps = training.max_steps or training.epochs * self.steps_per_epoch
         self.lengths = np.array([e.length for e in self.train_set]) if training.group_by_length else None
 
-        model = load_causal_lm(self.model if self.model is not None else cfg.policy_name, cfg.precision,
-                               trainable=True, attn_implementation=cfg.attn_implementation)
-        if training.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        ds_cfg = deepspeed_config(training, cfg.deepspeed, cfg.precision, dist.world_size)
+    def build_models(self) -> None:
+        """The reference first: with precomputed log-probs it is gone before the policy and its
+        optimizer state exist, so the two never share memory."""
+        cfg, training = self.cfg, self.training
+        ds_cfg = deepspeed_config(training, cfg.deepspeed, cfg.precision, self.dist.world_size)
         reference, ref_table = None, None
         if self.algo.kind == "preference":
             source = self.ref_model if self.ref_model is not None else (cfg.ref_name or cfg.policy_name)
             reference = prepare_reference(load_causal_lm(source, cfg.precision, trainable=False,
                                                          attn_implementation=cfg.attn_implementation), ds_cfg)
             if training.precompute_ref_log_probs:
-                ref_table = self.reference_table(reference, source)
-                reference = None  # trained from the table: no reference model in memory
-        self.objective = build_objective(self.algo, cfg, SpecialTokens.of(self.tokenizer).pad_id, dist, reference,
-                                         ref_table)
+                ref_table, reference = self.reference_table(reference, source), None
+        model = load_causal_lm(self.model if self.model is not None else cfg.policy_name, cfg.precision,
+                               trainable=True, attn_implementation=cfg.attn_implementation)
+        if training.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.objective = build_objective(self.algo, cfg, SpecialTokens.of(self.tokenizer).pad_id, self.dist,
+                                         reference, ref_table)
         self.flops = FlopsModel.of(model)  # before DeepSpeed partitions the parameters
         self.reference_online = reference is not None
         self.engine, _, self.scheduler = build_engine(model, training, ds_cfg, self.total_steps)
         self.peak_flops = peak_flops(self.device)
-        self.progress = TrainProgress(self.algo.name, to_dict(cfg), self.global_batch)
-        self.checkpointer = Checkpointer(self.run.checkpoints, dist, self.engine, interval=training.save_steps,
-                                         keep=training.save_total_limit, shared={"progress": self.progress},
-                                         per_rank={"objective": self.objective})
 
     def reference_table(self, reference, source) -> RefLogpsTable:
         """The reference log-probs of every train and validation pair: read from the cache, or
@@ -269,7 +277,8 @@ class Trainer:
         """Throughput of the step over every rank (a collective), MFU where the peak is known."""
         tokens, flops, slots = all_reduce_sum(work.to(self.device)).tolist()
         achieved = flops / seconds / self.dist.world_size
-        metrics = {"tokens_per_sec": tokens / seconds, "perf/tflops_per_device": achieved / 1e12,
+        metrics = {"tokens_per_sec": tokens / seconds, "perf/step_seconds": seconds,
+                   "perf/tflops_per_device": achieved / 1e12,
                    "perf/padding_fraction": 1.0 - tokens / slots,
                    "perf/peak_memory_gib": peak_memory_gib(self.device)}
         if self.peak_flops:
