@@ -94,8 +94,7 @@ class MetricsLogger:
         self._progress_step = start_step
         self._perf: dict[str, list[float]] = {}
 
-    def log_step(self, step: int, metrics: dict[str, float], histograms: dict[str, torch.Tensor],
-                 step_time: float) -> None:
+    def log_step(self, step: int, metrics: dict[str, float], histograms: dict[str, torch.Tensor]) -> None:
         self.step, self.train = step, metrics
         self.steps_logged += 1
         if self.steps_logged > 1:  # the first step of a process pays for warm-up
@@ -110,7 +109,7 @@ class MetricsLogger:
                     self.writer.add_histogram(name, values.double().cpu(), step)
         if step % self.logging_steps == 0 or step == self.total_steps or self.steps_logged == 1:
             mean_step = (time.perf_counter() - self.started) / self.steps_logged
-            self.say(progress_line(step, self.total_steps, metrics, step_time,
+            self.say(progress_line(step, self.total_steps, metrics, metrics["perf/step_seconds"],
                                    mean_step * (self.total_steps - step)))
             self._write_progress()
 

@@ -123,10 +123,8 @@ class Trainer:
                  f"world size {self.dist.world_size}); run dir {self.run.root}")
         for step in range(start, self.total_steps):
             done = step + 1
-            started = time.perf_counter()
             metrics = self.train_step(step)
-            histograms = self.objective.histograms()
-            self.logger.log_step(done, metrics, histograms, time.perf_counter() - started)
+            self.logger.log_step(done, metrics, self.objective.histograms())
             self.maybe_eval(done)
             path = self.checkpointer.maybe_save(done, self.total_steps)
             if path is not None:
