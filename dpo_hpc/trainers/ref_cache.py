@@ -9,8 +9,8 @@ running the reference, so a sweep over beta makes one reference pass::
     <cache>/<key>/ids.json            the N example ids, in the table's order
     <cache>/<key>/meta.json           what the key was made of
 
-A table is written aside and renamed into place; two runs computing the same key at once both
-write the same values and one rename wins.
+A table is written aside and renamed into place. Runs that need the same table at once wait
+for the one holding ``<key>.lock`` (a lock file with a heartbeat; a stale one is reclaimed).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from ..data.sampler import eval_batch_indices
+from ..filelock import FileLock
 from ..fsutil import fsync_tree
 from ..runtime import DistEnv, barrier
 
@@ -57,9 +58,11 @@ class RefLogpsTable:
         (tmp / "ids.json").write_text(json.dumps(self.ids))
         (tmp / "meta.json").write_text(json.dumps(made_of, indent=2, sort_keys=True, default=str))
         fsync_tree(tmp)
+        if folder.exists():  # a table that no longer covers the data (saved under the lock)
+            shutil.rmtree(folder)
         try:
             os.replace(tmp, folder)
-        except OSError:  # another run published the same key first: same values
+        except OSError:  # another writer published the same key first: the same values
             shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
@@ -124,16 +127,41 @@ def compute(reference, scorer, collate: Callable, examples: list, batch_size: in
 
 
 def load_or_compute(folder: Path, made_of: dict, examples: list, compute_table: Callable[[], RefLogpsTable],
-                    dist: DistEnv, say: Callable[[str], None]) -> tuple[RefLogpsTable, bool]:
+                    dist: DistEnv, say: Callable[[str], None], poll_s: float = 10.0) -> tuple[RefLogpsTable, bool]:
     """The cached table when it covers every example, else a new one (written by rank 0).
-    Returns (table, whether it came from the cache). Every rank calls."""
-    table = RefLogpsTable.load(folder)
-    if table is not None and table.covers(examples):
+    Returns (table, whether it came from the cache). Every rank calls.
+
+    Runs that need the same table at once (an array of a sweep) do not all compute it: the first
+    takes ``<key>.lock`` and computes; the others wait for the table and read it."""
+    lock = FileLock(folder.with_name(folder.name + ".lock"))
+    announced = False
+    while True:  # rank 0 decides; every rank learns it at once (no rank blocks in a collective for long)
+        decision = ["wait"]
+        if dist.is_main:
+            table = RefLogpsTable.load(folder)
+            if table is not None and table.covers(examples):
+                decision = ["read"]
+            elif lock.try_acquire():
+                decision = ["compute"]
+            else:
+                if not announced:
+                    say(f"waiting for the reference pass that {lock.holder()} is running ({folder})")
+                    announced = True
+                lock.reclaim_if_stale(say)
+        if dist.world_size > 1:
+            torch.distributed.broadcast_object_list(decision, src=0)
+        if decision[0] != "wait":
+            break
+        time.sleep(poll_s)
+    if decision[0] == "read":
         say(f"reference log-probs read from {folder}")
-        return table, True
-    table = compute_table()
-    if dist.is_main:
-        table.save(folder, made_of)
-        say(f"reference log-probs of {len(table.ids)} pairs cached in {folder}")
+        return RefLogpsTable.load(folder), True
+    try:
+        table = compute_table()
+        if dist.is_main:
+            table.save(folder, made_of)
+            say(f"reference log-probs of {len(table.ids)} pairs cached in {folder}")
+    finally:
+        lock.release()
     barrier()
     return table, False

@@ -12,7 +12,7 @@ from pathlib import Path
 from conftest import REPO
 
 LAYERS = [
-    ("dpo_hpc", "dpo_hpc.fsutil"),     # the version, durable writes
+    ("dpo_hpc", "dpo_hpc.fsutil", "dpo_hpc.filelock"),  # the version, durable writes, lock files
     ("dpo_hpc.config",),               # typed sections, the algorithm registry, loading (no torch)
     ("dpo_hpc.experiment",),           # experiment files and their pure expansion (no torch)
     ("dpo_hpc.data",),                 # sources, parsing, tokenization, collation, sampler

@@ -52,3 +52,42 @@ def test_the_key_follows_reference_tokenizer_data_and_numerics(tmp_path):
     assert key != cache_key(str(model), tok, ["fp-train", "fp-val"], "bf16", "sdpa")[0]
     (model / "model.safetensors").write_bytes(b"new weights")
     assert key != cache_key(str(model), tok, ["fp-train", "fp-val"], "fp32", "sdpa")[0]
+
+
+def test_runs_needing_one_table_at_once_compute_it_once(tmp_path):
+    import threading
+    import time
+
+    calls, said = [], []
+
+    def compute():
+        calls.append(1)
+        time.sleep(0.5)
+        return RefLogpsTable(["a"], torch.ones(1, 2))
+
+    results = []
+
+    def run():
+        results.append(load_or_compute(tmp_path / "k", {}, [pair("a")], compute, ONE, said.append, poll_s=0.05))
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and sorted(cached for _, cached in results) == [False, True, True]
+    assert any(line.startswith("waiting for the reference pass that") for line in said)
+    assert not (tmp_path / "k.lock").exists()
+
+
+def test_a_stale_lock_is_reclaimed_with_a_message(tmp_path):
+    import os
+
+    lock = tmp_path / "k.lock"
+    lock.write_text('{"host": "node7", "pid": 123, "job": "99_1"}')
+    os.utime(lock, (0, 0))  # its holder stopped refreshing it long ago
+    said = []
+    table, cached = load_or_compute(tmp_path / "k", {}, [pair("a")], lambda: RefLogpsTable(["a"], torch.zeros(1, 2)),
+                                    ONE, said.append, poll_s=0.01)
+    assert not cached and table.ids == ["a"]
+    assert any("held by node7:123 (Slurm job 99_1) went stale" in line for line in said)
