@@ -73,10 +73,11 @@ def test_interval_rotation_and_manifest(tmp_path):
     ckpt, progress, counter = checkpointer(tmp_path, interval=2, keep=2)
     saved = [step for step in range(1, 8) if ckpt.maybe_save(step, total_steps=6)]
     assert saved == [2, 4]  # on the interval, and never at the end (the final model is saved instead)
-    assert ckpt.save(5).name == "step_00000005"
-    assert ckpt.save(5) == tmp_path / "step_00000005"  # once per step
-    assert [p.name for p in ckpt.published()] == ["step_00000005", "step_00000004"]  # keep = 2
-    manifest = json.loads((tmp_path / "step_00000005" / layout.MANIFEST).read_text())
+    assert layout.step_dir_name(5) == "step_00000005"  # the on-disk name, which existing runs already use
+    assert ckpt.save(5).name == layout.step_dir_name(5)
+    assert ckpt.save(5) == tmp_path / layout.step_dir_name(5)  # once per step
+    assert [p.name for p in ckpt.published()] == [layout.step_dir_name(5), layout.step_dir_name(4)]  # keep = 2
+    manifest = json.loads((tmp_path / layout.step_dir_name(5) / layout.MANIFEST).read_text())
     assert manifest["format_version"] == layout.FORMAT_VERSION and manifest["step"] == 5
     assert set(manifest["files"]) == {layout.SHARED_STATE, layout.rank_file(0), "engine/model_states.pt"}
     assert not any(layout.is_tmp_dir(p.name) for p in tmp_path.iterdir())
@@ -92,7 +93,7 @@ def test_pieces_and_rng_round_trip(tmp_path):
     engine = FakeEngine(0.0)
     fresh, progress2, counter2 = checkpointer(tmp_path, engine)
     torch.manual_seed(0), random.seed(0)
-    assert fresh.resume(print) == (3, tmp_path / "step_00000003")
+    assert fresh.resume(print) == (3, tmp_path / layout.step_dir_name(3))
     assert progress2.step == 3 and torch.equal(counter2.seen, counter.seen)
     assert torch.equal(engine.weights, torch.full((4,), 1.5))
     assert torch.equal(torch.rand(2), expected[0]) and random.random() == expected[1]
@@ -102,13 +103,13 @@ def test_corrupt_newer_and_unknown_version_are_skipped(tmp_path):
     ckpt, _, _ = checkpointer(tmp_path, interval=0, keep=5)
     for step in (1, 2, 3):
         ckpt.save(step)
-    victim = tmp_path / "step_00000003" / layout.rank_file(0)
+    victim = tmp_path / layout.step_dir_name(3) / layout.rank_file(0)
     victim.write_bytes(victim.read_bytes()[:-4] + b"oops")
-    manifest_path = tmp_path / "step_00000002" / layout.MANIFEST
+    manifest_path = tmp_path / layout.step_dir_name(2) / layout.MANIFEST
     manifest = json.loads(manifest_path.read_text())
     manifest_path.write_text(json.dumps({**manifest, "format_version": layout.FORMAT_VERSION + 1}))
     said = []
-    assert ckpt.latest_valid(said.append) == tmp_path / "step_00000001"
+    assert ckpt.latest_valid(said.append) == tmp_path / layout.step_dir_name(1)
     assert "checksum mismatch" in said[0] and "newer than this dpo-hpc reads" in said[1]
 
 
