@@ -105,6 +105,7 @@ class PreferenceObjective:
         self.ref_table = ref_table
         self.reference_forwards = 0  # proof that a precomputed table leaves the reference model unused
         self.scorer = scorer
+        self._step = torch.zeros(0)  # the margins of the last finished optimizer step
         self.loss = loss
         self.policy = policy
         self.pad_id = pad_id
@@ -158,14 +159,13 @@ class PreferenceObjective:
             return self._stats(logps, self.loss(logps, beta), beta)
 
     def end_step(self):
-        local = torch.cat(self._step_margins) if self._step_margins else torch.zeros(0)
-        return self.policy.end_step(local)
+        self._step = torch.cat(self._step_margins) if self._step_margins else torch.zeros(0)
+        self._step_margins = []
+        return self.policy.end_step(self._step)
 
     def histograms(self):
         """The margins of the last optimizer step from every rank (collective: every rank calls)."""
-        local = torch.cat(self._step_margins) if self._step_margins else torch.zeros(0)
-        self._step_margins = []
-        return {"margins": self.collective.gather(local)}
+        return {"margins": self.collective.gather(self._step)}
 
     def state_dict(self):
         return self.policy.state_dict()

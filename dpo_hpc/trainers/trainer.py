@@ -35,7 +35,6 @@ from .engine import (build_engine, check_precision, deepspeed_config, device, lo
                      prepare_reference, save_final_model, unclipped_grad_norm)
 from . import ref_cache
 from .metrics import MetricsLogger, MetricSums
-from .ref_cache import RefLogpsTable
 from .throughput import FlopsModel, describe_device, peak_flops, peak_memory_gib
 
 RESUMABLE_CHANGES = set().union(*(flagged_keys(a.config, "resumable") for a in ALGORITHMS.values()))
@@ -200,7 +199,7 @@ class Trainer:
         self.engine, _, self.scheduler = build_engine(model, training, ds_cfg, self.total_steps)
         self.peak_flops = peak_flops(self.device)
 
-    def reference_table(self, reference, source) -> RefLogpsTable:
+    def reference_table(self, reference, source) -> ref_cache.RefLogpsTable:
         """The reference log-probs of every train and validation pair: read from the cache, or
         computed in one pass and cached (a model passed in, not loaded by name, is never cached)."""
         cfg, training = self.cfg, self.training
