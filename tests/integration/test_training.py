@@ -332,3 +332,29 @@ def test_precomputed_reference_trains_without_the_reference_and_is_shared(tmp_pa
     b = load_file(tmp_path / "second" / "run" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_two_ranks_share_the_reference_pass(tmp_path, micro_model, zero_stage):
+    """torchrun, 2 ranks: each computes its share of the reference table (under ZeRO-3 with a
+    partitioned reference), rank 0 writes it, both train from it."""
+    data = small_data(tmp_path, 40)
+    raw = run_config(tmp_path, micro_model, data, "dpo_training", max_steps=3, batch_size=4,
+                     precompute_ref_log_probs=True)
+    raw["deepspeed"] = {"zero_stage": zero_stage}
+    result = subprocess.run(
+        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "dpo_hpc", "train",
+         "dpo", "--config", str(write_config(tmp_path, raw))],
+        capture_output=True, text=True, env=clean_env(OMP_NUM_THREADS="1"), cwd=REPO, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dir = Path(raw["dpo_training"]["save_dir"])
+    manifest = json.loads((run_dir / "run_manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["ref_log_probs"] == "computed"
+    assert manifest["reference_forwards"] == 0
+    (table,) = [p for p in (run_dir / "ref_log_probs").iterdir() if p.is_dir()]
+    ids = json.loads((table / "ids.json").read_text())
+    train_rows = json.loads((run_dir / "data_report.json").read_text())["train"]["kept"]
+    val_rows = json.loads((run_dir / "data_report.json").read_text())["validation"]["kept"]
+    assert len(ids) == len(set(ids)) == train_rows + val_rows  # every pair once, from both ranks
