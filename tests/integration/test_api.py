@@ -54,6 +54,20 @@ def test_beta_dpo_trainer_api_with_dict_args_and_no_eval(tmp_path, micro_model):
     assert manifest["trainer"] == "beta_dpo" and manifest["status"] == "completed"
 
 
+def test_api_with_precomputed_reference_log_probs_of_an_in_memory_model(tmp_path, micro_model):
+    """An in-memory reference has no files to key a cache on: the table is computed, not cached."""
+    from dpo_hpc.trainers import BetaDPOTrainer
+
+    policy, ref, tok = load(micro_model)
+    rows, _ = generate(32, 0, seed=3)
+    summary = BetaDPOTrainer(model=policy, ref_model=ref, train_dataset=rows, tokenizer=tok, max_length=96,
+                             max_prompt_length=64,
+                             args={"learning_rate": 1e-3, "batch_size": 4, "max_steps": 2, "save_dir": str(tmp_path / "p"),
+                                   "precompute_ref_log_probs": True}).train()
+    assert summary["ref_log_probs"] == "computed" and summary["reference_forwards"] == 0
+    assert not (tmp_path / "p" / "ref_log_probs").exists()
+
+
 def test_api_refuses_a_shared_reference(micro_model):
     from dpo_hpc.trainers import DPOTrainingConfig, DynamicBetaDPOTrainer
 
