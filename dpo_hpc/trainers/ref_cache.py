@@ -134,7 +134,7 @@ def load_or_compute(folder: Path, made_of: dict, examples: list, compute_table: 
     Runs that need the same table at once (an array of a sweep) do not all compute it: the first
     takes ``<key>.lock`` and computes; the others wait for the table and read it."""
     lock = FileLock(folder.with_name(folder.name + ".lock"))
-    announced = False
+    announced, table = False, None
     while True:  # rank 0 decides; every rank learns it at once (no rank blocks in a collective for long)
         decision = ["wait"]
         if dist.is_main:
@@ -155,7 +155,7 @@ def load_or_compute(folder: Path, made_of: dict, examples: list, compute_table: 
         time.sleep(poll_s)
     if decision[0] == "read":
         say(f"reference log-probs read from {folder}")
-        return RefLogpsTable.load(folder), True
+        return (table if dist.is_main else RefLogpsTable.load(folder)), True  # rank 0 read it to decide
     try:
         table = compute_table()
         if dist.is_main:
