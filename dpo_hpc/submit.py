@@ -57,14 +57,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.dry_run:
         out = write_plan_files(plan, cwd, Path(args.out) if args.out else None)
         print_plan(plan, None, {r.run_id: "would submit" for r in selected})
-        print(f"[submit] dry run: {len(plan.runs)} runs planned in {time.perf_counter() - started:.2f} s; "
+        print(f"[submit] dry run: {sum(r.role == 'train' for r in plan.runs)} runs planned in {time.perf_counter() - started:.2f} s; "
               f"sbatch scripts and manifest.jsonl in {out}; nothing submitted")
         return 0
     statuses = plan_status(plan, ledger_of(plan).latest())
     decisions = decide(plan, selected, statuses)
     write_plan_files(plan, cwd)
     print_plan(plan, statuses, decisions)
-    to_submit = [r for r in selected if decisions.get(r.run_id) == "submit"]
+    to_submit = [r for r in plan.runs if decisions.get(r.run_id) == "submit"]
     if not to_submit:
         print("[submit] nothing to submit")
         return 0

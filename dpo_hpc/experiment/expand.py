@@ -11,7 +11,7 @@ import copy
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,6 +22,14 @@ from .schema import ExperimentConfig, StageConfig
 SHARED_REF_LOG_PROBS = ".ref_log_probs"
 """Under the experiment root: the reference log-prob tables every run of the experiment shares
 (with ``precompute_ref_log_probs``), one per reference and data."""
+
+REFERENCE_PASSES = ".ref_passes"
+"""Under the experiment root: the run directories of the reference passes."""
+
+REFERENCE_INPUTS = ("policy_name", "ref_name", "tokenizer_name", "dataset", "precision", "attn_implementation")
+"""Top-level keys a reference table depends on. Runs of a stage that agree on them (and on the
+parent and the cache folder) read one table, made by one reference pass scheduled before them.
+The table's cache key (``trainers.ref_cache``) stays the authority: this only decides scheduling."""
 
 
 @dataclass(frozen=True)
@@ -37,10 +45,20 @@ class Run:
     config: dict[str, Any] = field(repr=False)
     """Validated trainer config in plain-data form (what the array task trains)."""
     run_dir: Path
+    role: str = "train"
+    """``train``, or ``reference``: a pass that computes the reference log-probs runs of its stage read."""
+    ref_pass: Optional[str] = None
+    """Run id of the reference pass this run reads its reference log-probs from."""
+
+    @property
+    def waits_for(self) -> list[str]:
+        """Run ids that must be done before this one starts."""
+        return [r for r in (self.parent, self.ref_pass) if r]
 
     def manifest_row(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "stage": self.stage, "index": self.index, "trainer": self.trainer,
-                "grid": self.grid_values, "parent": self.parent, "run_dir": str(self.run_dir), "config": self.config}
+                "role": self.role, "grid": self.grid_values, "parent": self.parent, "ref_pass": self.ref_pass,
+                "run_dir": str(self.run_dir), "config": self.config}
 
 
 @dataclass(frozen=True)
@@ -52,8 +70,14 @@ class Plan:
     stage_order: list[str]
     runs: list[Run]
 
-    def stage_runs(self, stage: str) -> list[Run]:
-        return [r for r in self.runs if r.stage == stage]
+    def stage_runs(self, stage: str, role: str = "train") -> list[Run]:
+        """One array: the stage's training runs, or its reference passes (``role="reference"``)."""
+        return [r for r in self.runs if r.stage == stage and r.role == role]
+
+    def arrays(self) -> list[tuple[str, str]]:
+        """(stage, role) of every array in submission order: a stage's reference passes, then its runs."""
+        return [(stage, role) for stage in self.stage_order for role in ("reference", "train")
+                if self.stage_runs(stage, role)]
 
     def run(self, run_id: str) -> Run:
         for r in self.runs:
@@ -174,6 +198,41 @@ def expand(exp: ExperimentConfig, source: str | Path, cwd: str | Path) -> Plan:
             stage_runs.append(Run(stage=name, index=len(stage_runs), run_id=run_id, trainer=stage.trainer,
                                   grid_values=point, parent=parent.run_id if parent else None, config=resolved,
                                   run_dir=run_dir))
+        passes, stage_runs = reference_passes(name, stage.trainer, stage_runs, root,
+                                              {r.run_id: str(r.run_dir) for r in runs})
         by_stage[name] = stage_runs
-        runs.extend(stage_runs)
+        runs.extend(passes + stage_runs)
     return Plan(experiment=exp, source=source, root=root, stage_order=order, runs=runs)
+
+
+def reference_passes(stage: str, trainer: str, stage_runs: list[Run], root: Path,
+                     run_dirs: dict[str, str]) -> tuple[list[Run], list[Run]]:
+    """(passes, runs): one reference pass per group of two or more runs that precompute the same
+    reference table (a lone run computes its own); each run of a group waits for its pass.
+    ``run_dirs`` maps earlier run ids to their folders (a pass id names the parent by its id, and
+    the experiment's cache relative to the root, so a moved experiment keeps its ids)."""
+    section = ALGORITHMS[trainer].training_section
+    groups: dict[str, list[Run]] = {}
+    for run in stage_runs:
+        training = run.config.get(section, {})
+        if training.get("precompute_ref_log_probs"):
+            parent_dir = run_dirs.get(run.parent or "")
+            inputs = {key: "<parent>" if parent_dir and run.config.get(key) == parent_dir else run.config.get(key)
+                      for key in REFERENCE_INPUTS}
+            cache = training.get("ref_log_probs_cache")
+            inputs.update(parent=run.parent, cache=SHARED_REF_LOG_PROBS if cache == str(root / SHARED_REF_LOG_PROBS)
+                          else cache)
+            groups.setdefault(json.dumps(inputs, sort_keys=True, default=str), []).append(run)
+    passes: list[Run] = []
+    reads: dict[str, str] = {}
+    for key, members in groups.items():
+        if len(members) < 2:
+            continue
+        pass_id = f"{stage}-ref-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+        run_dir = root / REFERENCE_PASSES / pass_id
+        config = copy.deepcopy(members[0].config)
+        config[section]["save_dir"] = str(run_dir)
+        passes.append(Run(stage=stage, index=len(passes), run_id=pass_id, trainer=trainer, grid_values={},
+                          parent=members[0].parent, config=config, run_dir=run_dir, role="reference"))
+        reads.update((m.run_id, pass_id) for m in members)
+    return passes, [replace(r, ref_pass=reads[r.run_id]) if r.run_id in reads else r for r in stage_runs]

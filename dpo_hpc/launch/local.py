@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Optional
 
 from ..experiment import Plan, Run
 from .jobs import RunStatus, error_line
@@ -13,9 +14,9 @@ from .submission import ledger_of, task_row
 
 
 def run_local(plan: Plan, runs: list[Run], statuses: dict[str, RunStatus], poll_s: float = 1.0) -> dict[str, str]:
-    """Through submitit's LocalExecutor: a run starts once its parent is done, as many at once as
-    the CPUs allow at each stage's cpus_per_task (torch threads are capped to it). Returns run id
-    -> 'done', 'stopped', 'failed (...)' or 'not run: ...'."""
+    """Through submitit's LocalExecutor: a run starts once its parent and its reference pass are
+    done, as many at once as the CPUs allow at each stage's cpus_per_task (torch threads are capped
+    to it). Returns run id -> 'done', 'stopped', 'failed (...)' or 'not run: ...'."""
     import submitit
 
     from .task import run_task
@@ -30,25 +31,31 @@ def run_local(plan: Plan, runs: list[Run], statuses: dict[str, RunStatus], poll_
     def cpus(run: Run) -> int:
         return min(cpus_total, stage_slurm(plan, run.stage).get("cpus_per_task") or 1)
 
-    def parent_state(run: Run) -> str:
-        if run.parent is None:
-            return "done"
-        if run.parent in outcome:
-            return "done" if outcome[run.parent] == "done" else "failed"
-        if any(r.run_id == run.parent for r in pending) or run.parent in {r.run_id for r, _ in running.values()}:
-            return "waiting"
-        return "done" if statuses[run.parent].state == "done" else "failed"
+    def unfinished(run: Run) -> Optional[str]:
+        """None when what the run waits for is done; '' while it is pending or running; else the
+        id of one that did not finish."""
+        active = {r.run_id for r in pending} | {r.run_id for r, _ in running.values()}
+        for waited in run.waits_for:
+            if waited in outcome:
+                if outcome[waited] != "done":
+                    return waited
+            elif waited in active:
+                return ""
+            elif statuses[waited].state != "done":
+                return waited
+        return None
 
     while pending or running:
         for run in list(pending):
-            state = parent_state(run)
-            if state == "failed":
+            blocker = unfinished(run)
+            if blocker:
                 pending.remove(run)
-                outcome[run.run_id] = f"not run: parent {run.parent} did not finish"
+                what = "parent" if blocker == run.parent else "reference pass"
+                outcome[run.run_id] = f"not run: {what} {blocker} did not finish"
                 print(f"[submit]   {run.run_id}: {outcome[run.run_id]}", flush=True)
                 ledger.record([{"run_id": run.run_id, "stage": run.stage, "job_id": None, "backend": "local",
                                 "result": "cancelled", "detail": outcome[run.run_id]}])
-            elif state == "done" and (not running or sum(cpus(r) for r, _ in running.values()) + cpus(run) <= cpus_total):
+            elif blocker is None and (not running or sum(cpus(r) for r, _ in running.values()) + cpus(run) <= cpus_total):
                 pending.remove(run)
                 job = executor.submit(run_task, task_row(plan, run))
                 running[job.job_id] = (run, job)

@@ -66,10 +66,17 @@ def python_command(slurm: dict[str, Any], plan: Plan) -> str:
     return " ".join(w if re.fullmatch(r"[\w$/.:{}~@%+=,-]+", w) else shlex.quote(w) for w in words)
 
 
-def sbatch_parameters(plan: Plan, stage: str, cwd: Path, dependency: Optional[str] = None) -> dict[str, Any]:
-    """Keyword arguments of ``SlurmExecutor.update_parameters`` for the stage's array."""
+def array_name(plan: Plan, stage: str, role: str = "train") -> str:
+    """``<experiment>.<stage>``, and ``<experiment>.<stage>.ref`` for the stage's reference passes."""
+    return f"{plan.experiment.experiment.name}.{stage}" + (".ref" if role == "reference" else "")
+
+
+def sbatch_parameters(plan: Plan, stage: str, cwd: Path, dependency: Optional[str] = None,
+                      role: str = "train") -> dict[str, Any]:
+    """Keyword arguments of ``SlurmExecutor.update_parameters`` for one array of the stage (its
+    runs, or its reference passes: same resources, since a pass loads the same reference)."""
     slurm = stage_slurm(plan, stage)
-    params: dict[str, Any] = {"job_name": f"{plan.experiment.experiment.name}.{stage}"}
+    params: dict[str, Any] = {"job_name": array_name(plan, stage, role)}
     # --requeue lets our preemption handler put the task back in the queue; --chdir makes relative
     # paths in configs mean the same on the compute node as at submission.
     extra: dict[str, Any] = {"requeue": True, "chdir": str(cwd)}
@@ -100,11 +107,12 @@ def sbatch_parameters(plan: Plan, stage: str, cwd: Path, dependency: Optional[st
     return params
 
 
-def render_sbatch(plan: Plan, stage: str, n_tasks: int, cwd: Path, dependency: Optional[str] = None) -> str:
-    """The array script submitit writes for ``n_tasks`` runs of the stage."""
+def render_sbatch(plan: Plan, stage: str, n_tasks: int, cwd: Path, dependency: Optional[str] = None,
+                  role: str = "train") -> str:
+    """The array script submitit writes for ``n_tasks`` runs (or reference passes) of the stage."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     slurm = stage_slurm(plan, stage)
     command = f"{python_command(slurm, plan)} -u -m submitit.core._submit {shlex.quote(str(logs_folder(plan)))}"
-    params = sbatch_parameters(plan, stage, cwd, dependency)
+    params = sbatch_parameters(plan, stage, cwd, dependency, role)
     return _make_sbatch_string(command=command, folder=logs_folder(plan), map_count=n_tasks, **params)

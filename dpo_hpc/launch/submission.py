@@ -31,38 +31,53 @@ def task_row(plan: Plan, run: Run) -> dict:
     return {**run.manifest_row(), **task_settings(stage_slurm(plan, run.stage))}
 
 
+def _waits_text(plan: Plan, stage: str, role: str) -> Optional[str]:
+    """The dependency a dry run shows for one array (job ids exist only at submission)."""
+    parent = plan.experiment.stages[stage].from_
+    waits = [f"<job ids of the {parent} tasks>"] if parent else []
+    if role == "train" and any(r.ref_pass for r in plan.stage_runs(stage)):
+        waits.append(f"<job ids of the {stage} reference passes>")
+    return "afterok:" + ":".join(waits) if waits else None
+
+
 def write_plan_files(plan: Plan, cwd: Path, out: Optional[Path] = None) -> Path:
-    """manifest.jsonl (every run, sorted keys, byte-stable) and sbatch/<stage>.sh (the full array)."""
+    """manifest.jsonl (every run and reference pass, sorted keys, byte-stable) and the script of
+    every array: sbatch/<stage>.sh (the stage's runs) and sbatch/<stage>.ref.sh (its reference passes)."""
     out = out or submit_dir(plan)
     lines = "".join(json.dumps(task_row(plan, run), sort_keys=True) + "\n" for run in plan.runs)
     atomic_write_bytes(out / "manifest.jsonl", lines.encode())
-    for stage in plan.stage_order:
-        runs = plan.stage_runs(stage)
-        parent = plan.experiment.stages[stage].from_
-        dependency = f"afterok:<job ids of the {parent} tasks>" if parent else None
-        atomic_write_bytes(out / "sbatch" / f"{stage}.sh",
-                           render_sbatch(plan, stage, len(runs), cwd, dependency).encode())
+    for stage, role in plan.arrays():
+        runs = plan.stage_runs(stage, role)
+        name = f"{stage}.ref.sh" if role == "reference" else f"{stage}.sh"
+        atomic_write_bytes(out / "sbatch" / name,
+                           render_sbatch(plan, stage, len(runs), cwd, _waits_text(plan, stage, role), role).encode())
     return out
 
 
 def _grid_text(run: Run) -> str:
+    if run.role == "reference":
+        return "reference log-probs, read by the runs below"
     return " ".join(f"{k}={v}" for k, v in run.grid_values.items())
 
 
 def print_plan(plan: Plan, statuses: Optional[dict[str, RunStatus]], decisions: dict[str, str]) -> None:
     exp = plan.experiment
-    print(f"experiment {exp.experiment.name}: {len(plan.runs)} runs in {len(plan.stage_order)} stages -> {plan.root}")
-    for stage in plan.stage_order:
+    trained = [r for r in plan.runs if r.role == "train"]
+    passes = len(plan.runs) - len(trained)
+    print(f"experiment {exp.experiment.name}: {len(trained)} runs in {len(plan.stage_order)} stages"
+          + (f" (+ {passes} reference pass{'es' if passes > 1 else ''})" if passes else "") + f" -> {plan.root}")
+    for stage, role in plan.arrays():
         cfg = exp.stages[stage]
         slurm = stage_slurm(plan, stage)
-        runs = plan.stage_runs(stage)
+        runs = plan.stage_runs(stage, role)
         origin = f", from {cfg.from_} ({cfg.pairing})" if cfg.from_ else ""
-        print(f"  stage {stage} [{cfg.trainer}{origin}]: {len(runs)} run(s), one array; time {slurm['time']}, "
+        what = "reference pass(es)" if role == "reference" else "run(s)"
+        print(f"  stage {stage} [{cfg.trainer}{origin}]: {len(runs)} {what}, one array; time {slurm['time']}, "
               f"{slurm['nodes']} node(s) x {slurm['ntasks_per_node']} rank(s)")
         for run in runs:
             state = statuses[run.run_id].state if statuses else "-"
-            parent = f" <- {run.parent}" if run.parent else ""
-            print(f"    {run.run_id:<28} {state:<13} {decisions.get(run.run_id, ''):<14} {_grid_text(run)}{parent}")
+            waits = f" <- {' + '.join(run.waits_for)}" if run.waits_for else ""
+            print(f"    {run.run_id:<28} {state:<13} {decisions.get(run.run_id, ''):<14} {_grid_text(run)}{waits}")
 
 
 def prepare_assets(plan: Plan) -> None:
@@ -93,40 +108,55 @@ def select_runs(plan: Plan, only: Sequence[str], run_ids: Sequence[str]) -> list
     return [r for r in plan.runs if (not only or r.stage in only) and (not run_ids or r.run_id in run_ids)]
 
 
+def _by_state(state: str) -> Optional[str]:
+    if state == "done":
+        return "skip: done"
+    if state in ACTIVE_STATES:
+        return f"skip: {state}"
+    return "submit" if state in RESUBMITTABLE else None
+
+
 def decide(plan: Plan, selected: list[Run], statuses: dict[str, RunStatus]) -> dict[str, str]:
-    """run id -> 'submit', 'skip: done', 'skip: queued' ... for every selected run, parents first."""
-    decisions: dict[str, str] = {}
-    for run in selected:
-        state = statuses[run.run_id].state
-        if state == "done":
-            decisions[run.run_id] = "skip: done"
-        elif state in ACTIVE_STATES:
-            decisions[run.run_id] = f"skip: {state}"
-        elif state in RESUBMITTABLE:
-            decisions[run.run_id] = "submit"
-    for run in selected:  # a parent that will not be done or queued blocks its children
-        if decisions.get(run.run_id) != "submit" or run.parent is None:
+    """run id -> 'submit', 'skip: done', 'skip: queued' ... for every selected run (and every
+    reference pass a submitted run reads), in plan order: what a run waits for comes first."""
+    decisions = {run.run_id: d for run in selected if (d := _by_state(statuses[run.run_id].state))}
+    for run in selected:  # a run to submit brings its reference pass along
+        if decisions.get(run.run_id) == "submit" and run.ref_pass and run.ref_pass not in decisions:
+            decisions[run.ref_pass] = _by_state(statuses[run.ref_pass].state) or "submit"
+    for run in plan.runs:
+        if decisions.get(run.run_id) != "submit":
             continue
-        parent_state = statuses[run.parent].state
-        if parent_state != "done" and parent_state not in ACTIVE_STATES and decisions.get(run.parent) != "submit":
-            decisions[run.run_id] = f"blocked: parent {run.parent} is {parent_state}"
+        if run.role == "reference" and not any(decisions.get(r.run_id) == "submit" for r in plan.runs
+                                               if r.ref_pass == run.run_id):
+            decisions[run.run_id] = "skip: no run to submit reads it"
+            continue
+        for waited in run.waits_for:  # one that will be neither done nor queued blocks this run
+            state = statuses[waited].state
+            if state != "done" and state not in ACTIVE_STATES and decisions.get(waited) != "submit":
+                what = "parent" if waited == run.parent else "reference pass"
+                decisions[run.run_id] = f"blocked: {what} {waited} is {state}"
+                break
     return decisions
 
 
-def _dependency(plan: Plan, stage: str, stage_runs: list[Run], job_of: dict[str, str],
+def _dependency(plan: Plan, stage: str, array_runs: list[Run], job_of: dict[str, str],
                 submitted: dict[str, str]) -> Optional[str]:
-    """afterok on the parents still queued or running; aftercorr when the stage zips 1:1 onto a
-    parent array submitted just now (task i then waits for parent task i only)."""
-    parents = [r.parent for r in stage_runs if r.parent and r.parent in job_of]
-    if not parents:
-        return None
-    jobs = [job_of[p] for p in parents]
-    arrays = {j.split("_")[0] for j in jobs}
-    zipped = plan.experiment.stages[stage].pairing == "zip" and len(stage_runs) == len(plan.stage_runs(stage))
-    if zipped and len(arrays) == 1 and all(p in submitted for p in parents) \
-            and all(j.endswith(f"_{r.index}") for j, r in zip(jobs, stage_runs)) and len(parents) == len(stage_runs):
-        return f"aftercorr:{arrays.pop()}"
-    return "afterok:" + ":".join(sorted(set(jobs)))
+    """afterok on the parents and reference passes still queued or running; aftercorr when a
+    stage zips 1:1 onto a parent array submitted just now (task i then waits for parent task i only)."""
+    conditions, after_ok = [], {job_of[r.ref_pass] for r in array_runs if r.ref_pass and r.ref_pass in job_of}
+    parents = [r.parent for r in array_runs if r.parent and r.parent in job_of]
+    if parents:
+        jobs = [job_of[p] for p in parents]
+        arrays = {j.split("_")[0] for j in jobs}
+        zipped = plan.experiment.stages[stage].pairing == "zip" and array_runs == plan.stage_runs(stage)
+        if zipped and len(arrays) == 1 and all(p in submitted for p in parents) \
+                and all(j.endswith(f"_{r.index}") for j, r in zip(jobs, array_runs)) and len(parents) == len(array_runs):
+            conditions.append(f"aftercorr:{arrays.pop()}")
+        else:
+            after_ok.update(jobs)
+    if after_ok:
+        conditions.append("afterok:" + ":".join(sorted(after_ok)))
+    return ",".join(conditions) or None
 
 
 def submit_slurm(plan: Plan, runs: list[Run], statuses: dict[str, RunStatus], cwd: Path) -> dict[str, str]:
@@ -138,26 +168,27 @@ def submit_slurm(plan: Plan, runs: list[Run], statuses: dict[str, RunStatus], cw
     job_of = {rid: s.job_id for rid, s in statuses.items() if s.state in ACTIVE_STATES and s.job_id}
     submitted: dict[str, str] = {}
     ledger = ledger_of(plan)
-    for stage in plan.stage_order:
-        stage_runs = [r for r in runs if r.stage == stage]
-        if not stage_runs:
+    for stage, role in plan.arrays():
+        array_runs = [r for r in runs if r.stage == stage and r.role == role]
+        if not array_runs:
             continue
-        dependency = _dependency(plan, stage, stage_runs, job_of, submitted)
+        dependency = _dependency(plan, stage, array_runs, job_of, submitted)
         slurm = stage_slurm(plan, stage)
         executor = submitit.SlurmExecutor(folder=logs_folder(plan), max_num_timeout=slurm["max_requeues"],
                                           python=python_command(slurm, plan))
-        params = sbatch_parameters(plan, stage, cwd, dependency)
+        params = sbatch_parameters(plan, stage, cwd, dependency, role)
         if dependency:  # a failed parent cancels its children instead of leaving them pending forever
             params["additional_parameters"]["kill-on-invalid-dep"] = "yes"
         executor.update_parameters(**params)
-        jobs = executor.map_array(run_task, [task_row(plan, r) for r in stage_runs])
+        jobs = executor.map_array(run_task, [task_row(plan, r) for r in array_runs])
         entries = []
-        for run, job in zip(stage_runs, jobs):
+        for run, job in zip(array_runs, jobs):
             job_of[run.run_id] = submitted[run.run_id] = job.job_id
             entries.append({"run_id": run.run_id, "stage": stage, "job_id": job.job_id, "backend": "slurm"})
         ledger.record(entries)
         array_id = jobs[0].job_id.split("_")[0]
-        print(f"[submit] stage {stage}: {len(jobs)} run(s) as Slurm job {array_id}"
+        what = "reference pass(es)" if role == "reference" else "run(s)"
+        print(f"[submit] stage {stage}: {len(jobs)} {what} as Slurm job {array_id}"
               + (f" ({dependency})" if dependency else ""))
     return submitted
 

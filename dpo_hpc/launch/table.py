@@ -15,7 +15,8 @@ def rows(plan: Plan, statuses: dict[str, RunStatus]) -> list[dict]:
         s = statuses[run.run_id]
         out.append({
             "stage": run.stage, "run_id": run.run_id,
-            "grid": " ".join(f"{k.split('.')[-1]}={v}" for k, v in run.grid_values.items()) or "-",
+            "grid": "(reference pass)" if run.role == "reference" else
+                    " ".join(f"{k.split('.')[-1]}={v}" for k, v in run.grid_values.items()) or "-",
             "job": s.job_id or "-", "state": s.state + (f" ({s.requeues} requeues)" if s.requeues else ""),
             "step": f"{s.step}/{s.total_steps}" if s.step is not None else "-",
             "checkpoint": s.checkpoint or "-",

@@ -1,4 +1,5 @@
-"""What one Slurm array task (or one local job) runs: train one run of the plan, on every rank.
+"""What one Slurm array task (or one local job) runs: train one run of the plan, on every rank
+(or compute a stage's reference log-probs, for a reference pass).
 
 On a stop signal the loop checkpoints on all ranks and returns ``preempted``; rank 0 then asks
 Slurm to requeue this array task, unless the run has been requeued ``max_requeues`` times or made
@@ -114,4 +115,17 @@ def run_task(row: dict[str, Any]) -> dict[str, Any]:
 
         torch.set_num_threads(int(threads))
     cfg = validate_mapping(row["config"], row["trainer"], source=f"run {row['run_id']}")
+    if row.get("role") == "reference":
+        return {"run_id": row["run_id"], **reference_pass(cfg, row["trainer"])}
     return {"run_id": row["run_id"], **train_and_requeue(cfg, row["trainer"], row["max_requeues"], row["run_id"])}
+
+
+def reference_pass(cfg, trainer: str) -> dict[str, Any]:
+    """The reference log-probs of a stage's runs, into their shared cache (no training, no
+    checkpoint: a pass that is stopped runs again from the start when resubmitted)."""
+    from ..runtime import shutdown
+    from ..trainers.trainer import reference_pass as compute
+
+    summary = compute(cfg, trainer)
+    shutdown()
+    return summary

@@ -145,22 +145,25 @@ class Trainer:
         return previous
 
     def setup(self) -> None:
-        """Seed, record the start, load data first (a bad dataset fails in seconds), then the models."""
-        cfg, dist = self.cfg, self.dist
-        check_precision(cfg.precision)
+        """Start the run (data first: a bad dataset fails in seconds), then the models."""
+        self.start()
+        self.build_models()
+        self.progress = TrainProgress(self.algo.name, to_dict(self.cfg), self.global_batch)
+        self.checkpointer = Checkpointer(self.run.checkpoints, self.dist, self.engine,
+                                         interval=self.training.save_steps, keep=self.training.save_total_limit,
+                                         shared={"progress": self.progress}, per_rank={"objective": self.objective})
+
+    def start(self) -> None:
+        """Seed, record the start in the run directory, load the tokenizer and the data."""
+        check_precision(self.cfg.precision)
         seed_everything(self.training.seed)
         self.device = device()
-        self.manifest = self.run.start(cfg, self.algo.name, dist.world_size, describe_device(self.device)) \
-            if dist.is_main else {}
+        self.manifest = self.run.start(self.cfg, self.algo.name, self.dist.world_size, describe_device(self.device)) \
+            if self.dist.is_main else {}
         barrier()
         self.started = time.time()
-        self.tokenizer = self.tokenizer or load_tokenizer(cfg.tokenizer_name or cfg.policy_name)
+        self.tokenizer = self.tokenizer or load_tokenizer(self.cfg.tokenizer_name or self.cfg.policy_name)
         self.load_data()
-        self.build_models()
-        self.progress = TrainProgress(self.algo.name, to_dict(cfg), self.global_batch)
-        self.checkpointer = Checkpointer(self.run.checkpoints, dist, self.engine, interval=self.training.save_steps,
-                                         keep=self.training.save_total_limit, shared={"progress": self.progress},
-                                         per_rank={"objective": self.objective})
 
     def load_data(self) -> None:
         training, dist = self.training, self.dist
@@ -183,11 +186,9 @@ class Trainer:
         ds_cfg = deepspeed_config(training, cfg.deepspeed, cfg.precision, self.dist.world_size)
         reference, ref_table = None, None
         if self.algo.kind == "preference":
-            source = self.ref_model if self.ref_model is not None else (cfg.ref_name or cfg.policy_name)
-            reference = prepare_reference(load_causal_lm(source, cfg.precision, trainable=False,
-                                                         attn_implementation=cfg.attn_implementation), ds_cfg)
+            reference = self.load_reference(ds_cfg)
             if training.precompute_ref_log_probs:
-                ref_table, reference = self.reference_table(reference, source), None
+                ref_table, reference = self.reference_table(reference), None
         model = load_causal_lm(self.model if self.model is not None else cfg.policy_name, cfg.precision,
                                trainable=True, attn_implementation=cfg.attn_implementation)
         if training.gradient_checkpointing:
@@ -199,10 +200,20 @@ class Trainer:
         self.engine, _, self.scheduler = build_engine(model, training, ds_cfg, self.total_steps)
         self.peak_flops = peak_flops(self.device)
 
-    def reference_table(self, reference, source) -> ref_cache.RefLogpsTable:
+    @property
+    def reference_source(self):
+        """The reference: a model passed in, or its name (ref_name, else the policy's)."""
+        return self.ref_model if self.ref_model is not None else (self.cfg.ref_name or self.cfg.policy_name)
+
+    def load_reference(self, ds_cfg: dict):
+        cfg = self.cfg
+        return prepare_reference(load_causal_lm(self.reference_source, cfg.precision, trainable=False,
+                                                attn_implementation=cfg.attn_implementation), ds_cfg)
+
+    def reference_table(self, reference) -> ref_cache.RefLogpsTable:
         """The reference log-probs of every train and validation pair: read from the cache, or
         computed in one pass and cached (a model passed in, not loaded by name, is never cached)."""
-        cfg, training = self.cfg, self.training
+        cfg, training, source = self.cfg, self.training, self.reference_source
         examples = [*self.train_set, *self.val_set]
         pad_id = SpecialTokens.of(self.tokenizer).pad_id
         started = time.perf_counter()
@@ -221,6 +232,22 @@ class Trainer:
         self.ref_summary = {"ref_log_probs": "cache" if cached else "computed",
                             "ref_precompute_seconds": round(time.perf_counter() - started, 2)}
         return table
+
+    def reference_pass(self) -> dict[str, Any]:
+        """Only the reference table, into the shared cache: an experiment's reference pass, run
+        as its own job before the runs that read the table (they then never load the reference)."""
+        previous = self.completed_run()
+        if previous is not None:
+            return previous
+        self.start()
+        ds_cfg = deepspeed_config(self.training, self.cfg.deepspeed, self.cfg.precision, self.dist.world_size)
+        table = self.reference_table(self.load_reference(ds_cfg))
+        summary = {"status": "completed", "role": "reference", "pairs": len(table.ids), **self.ref_summary}
+        if self.dist.is_main:
+            self.run.finish(self.manifest, **summary)
+            self.say(f"reference pass done: {len(table.ids)} pairs in {self.ref_summary['ref_precompute_seconds']:.0f} s")
+        barrier()
+        return summary
 
     def resume(self) -> int:
         """Restore the newest usable checkpoint (if any); returns the step to continue from."""
@@ -340,3 +367,8 @@ class Trainer:
 def train(cfg, trainer: str, **kwargs) -> dict[str, Any]:
     """Train one run of the registered algorithm ``trainer`` (see ``Trainer``)."""
     return Trainer(cfg, algorithm(trainer), **kwargs).train()
+
+
+def reference_pass(cfg, trainer: str, **kwargs) -> dict[str, Any]:
+    """Compute (or find cached) the reference log-probs a preference run of ``cfg`` would read."""
+    return Trainer(cfg, algorithm(trainer), **kwargs).reference_pass()

@@ -80,6 +80,23 @@ dpo_training = { learning_rate = 1e-4, batch_size = 4, max_steps = 3, logging_st
 """
 
 
+PRECOMPUTED_DPO = DPO.replace("logging_steps = 1 }", "logging_steps = 1, precompute_ref_log_probs = true }")
+
+
+def check_reference_pass(root: Path) -> None:
+    """One reference pass made the table; both beta runs read it, started after it ended, and
+    never ran the reference."""
+    (pass_dir,) = (root / ".ref_passes").iterdir()
+    made = manifest(pass_dir)
+    assert made["status"] == "completed" and made["role"] == "reference" and made["ref_log_probs"] == "computed"
+    readers = [manifest(d) for d in (root / "dpo").iterdir()]
+    assert len(readers) == 2
+    for m in readers:
+        assert m["status"] == "completed" and m["ref_log_probs"] == "cache" and m["reference_forwards"] == 0
+        assert when(m["first_start_time"]) >= when(made["end_time"])
+    assert len([p for p in (root / ".ref_log_probs").iterdir() if p.is_dir()]) == 1
+
+
 def submit(path: Path, *args: str) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "dpo_hpc.submit", path.name, *args], cwd=path.parent,
                             capture_output=True, text=True, timeout=300)
@@ -137,6 +154,19 @@ def test_chain_runs_in_order_and_resubmission_is_idempotent(tmp_path, micro_mode
     # And once everything is done, submitting again is a no-op too.
     assert "nothing to submit" in submit(path).stdout
     assert (root / ".submit/ledger.jsonl").read_text().splitlines() == ledger_lines
+
+
+def test_reference_pass_runs_as_its_own_job_before_the_runs_that_read_it(tmp_path, micro_model, reverse_data):
+    path = experiment(tmp_path, micro_model, reverse_data, SFT + PRECOMPUTED_DPO, name="refpass")
+    out = submit(path, "--wait").stdout
+    sft_job = out.split("stage sft: 1 run(s) as Slurm job ")[1].split()[0]
+    pass_job = out.split("stage dpo: 1 reference pass(es) as Slurm job ")[1].split()[0]
+    assert f"Slurm job {pass_job} (afterok:{sft_job})" in out, out
+    assert f"2 run(s) as Slurm job" in out and f"(afterok:{sft_job}:{pass_job})" in out, out
+    rows = status(path)
+    assert [r["state"] for r in rows.values()] == ["done"] * 4 and rows and \
+        [r["grid"] for r in rows.values()].count("(reference pass)") == 1
+    check_reference_pass(tmp_path / "out/refpass")
 
 
 def test_failed_parent_cancels_its_children(tmp_path, micro_model, reverse_data):

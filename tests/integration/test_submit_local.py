@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from test_slurm import DPO, SFT, experiment
+from test_slurm import DPO, PRECOMPUTED_DPO, SFT, check_reference_pass, experiment
 
 
 def run(cwd, module, *args):
@@ -35,3 +35,11 @@ def test_local_failure_stops_the_children_and_is_reported(tmp_path, micro_model,
     rows = [json.loads(line) for line in run(tmp_path, "dpo_hpc.status", path.name, "--json").stdout.splitlines()]
     assert [r["state"] for r in rows] == ["failed", "cancelled", "cancelled"]
     assert "missing.jsonl" in rows[0]["detail"] and "parent sft-" in rows[1]["detail"]
+
+
+def test_local_executor_runs_the_reference_pass_before_its_readers(tmp_path, micro_model, reverse_data):
+    path = experiment(tmp_path, micro_model, reverse_data, SFT + PRECOMPUTED_DPO, name="refpass")
+    result = run(tmp_path, "dpo_hpc.submit", path.name, "--local")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 of 4 run(s) done" in result.stdout and "dpo: dpo-ref-" in result.stdout
+    check_reference_pass(tmp_path / "out/refpass")

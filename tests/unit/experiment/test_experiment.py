@@ -96,6 +96,78 @@ def test_precomputed_reference_runs_share_one_cache_outside_their_identity(tmp_p
     assert [r.run_id for r in moved.runs] == [r.run_id for r in plan.runs]
 
 
+PRECOMPUTED = BASE + '[stages.sft.grid]\n"sft_training.seed" = [1, 2]\n' + \
+    DPO.replace("batch_size = 2 }", "batch_size = 2, precompute_ref_log_probs = true }") + \
+    '[stages.dpo.grid]\n"dpo_training.beta" = [0.1, 0.2, 0.3]\n'
+
+
+def test_runs_that_read_one_reference_table_wait_for_one_reference_pass(tmp_path):
+    plan = plan_of(tmp_path, PRECOMPUTED)
+    passes, runs = plan.stage_runs("dpo", "reference"), plan.stage_runs("dpo")
+    assert plan.arrays() == [("sft", "train"), ("dpo", "reference"), ("dpo", "train")]
+    # one pass per reference (each SFT model), before the 3 beta runs that read its table
+    assert len(passes) == 2 and [p.index for p in passes] == [0, 1] and len(runs) == 6
+    for ref_pass in passes:
+        readers = [r for r in runs if r.ref_pass == ref_pass.run_id]
+        assert len(readers) == 3 and {r.parent for r in readers} == {ref_pass.parent}
+        assert ref_pass.waits_for == [ref_pass.parent] and readers[0].waits_for == [ref_pass.parent, ref_pass.run_id]
+        assert ref_pass.run_dir == plan.root / ".ref_passes" / ref_pass.run_id
+        cfg = ref_pass.config["dpo_training"]
+        assert cfg["save_dir"] == str(ref_pass.run_dir) and cfg["ref_log_probs_cache"] == str(plan.root / ".ref_log_probs")
+        assert ref_pass.config["ref_name"] == readers[0].config["ref_name"]
+    assert [r.run_id for r in plan.runs].index(passes[0].run_id) < [r.run_id for r in plan.runs].index(runs[0].run_id)
+    moved = plan_of(tmp_path, PRECOMPUTED.replace('output_root = "out"', 'output_root = "elsewhere"'))
+    assert [r.run_id for r in moved.runs] == [r.run_id for r in plan.runs]
+
+
+def test_a_lone_run_or_another_dataset_gets_its_own_table(tmp_path):
+    lone = PRECOMPUTED.replace("[0.1, 0.2, 0.3]", "[0.1]")
+    assert not plan_of(tmp_path, lone).stage_runs("dpo", "reference")  # it computes its own
+    online = plan_of(tmp_path, PRECOMPUTED.replace(", precompute_ref_log_probs = true", ""))
+    assert not online.stage_runs("dpo", "reference") and all(r.ref_pass is None for r in online.runs)
+    two_data = PRECOMPUTED + '"dataset.max_length" = [384, 512]\n'
+    assert len(plan_of(tmp_path, two_data).stage_runs("dpo", "reference")) == 2 * 2  # per SFT model x data
+
+
+def test_a_submitted_run_brings_its_reference_pass_and_waits_for_it(tmp_path):
+    from dpo_hpc.launch.jobs import RunStatus
+    from dpo_hpc.launch.submission import _dependency, decide
+
+    plan = plan_of(tmp_path, PRECOMPUTED)
+    sft = plan.stage_runs("sft")
+    ref_pass = plan.stage_runs("dpo", "reference")[0]
+    reader = next(r for r in plan.stage_runs("dpo") if r.ref_pass == ref_pass.run_id)
+    statuses = {r.run_id: RunStatus("not submitted") for r in plan.runs}
+    statuses[sft[0].run_id] = RunStatus("done")
+    decisions = decide(plan, [reader], statuses)  # --runs <reader>
+    assert decisions == {reader.run_id: "submit", ref_pass.run_id: "submit"}
+    statuses[ref_pass.run_id] = RunStatus("done")
+    assert decide(plan, [reader], statuses) == {reader.run_id: "submit", ref_pass.run_id: "skip: done"}
+    # a pass none of whose readers is submitted is not run
+    done = {r.run_id: RunStatus("done") for r in plan.runs if r.role == "train"}
+    assert decide(plan, plan.runs, {**statuses, **done, ref_pass.run_id: RunStatus("failed")})[ref_pass.run_id] \
+        == "skip: no run to submit reads it"
+    # a failed parent blocks the pass, and the pass blocks its readers
+    statuses[sft[0].run_id], statuses[ref_pass.run_id] = RunStatus("failed"), RunStatus("not submitted")
+    blocked = decide(plan, [reader], statuses)
+    assert blocked[ref_pass.run_id] == f"blocked: parent {sft[0].run_id} is failed"
+    assert blocked[reader.run_id] == f"blocked: parent {sft[0].run_id} is failed"
+    # Slurm: the readers wait for the parent's task and the pass's task
+    job_of = {sft[0].run_id: "7_0", ref_pass.run_id: "8_0"}
+    assert _dependency(plan, "dpo", [reader], job_of, {}) == "afterok:7_0:8_0"
+    assert _dependency(plan, "dpo", [ref_pass], job_of, {}) == "afterok:7_0"
+
+
+def test_a_dry_run_writes_the_reference_pass_array(tmp_path):
+    plan = plan_of(tmp_path, PRECOMPUTED)
+    out = write_plan_files(plan, tmp_path, tmp_path / "dry")
+    script = (out / "sbatch/dpo.ref.sh").read_text()
+    assert "#SBATCH --array=0-1" in script and "#SBATCH --job-name=exp.dpo.ref" in script
+    assert "<job ids of the dpo reference passes>" in (out / "sbatch/dpo.sh").read_text()
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["role"] for r in rows].count("reference") == 2
+
+
 def test_zip_pairs_parent_i_with_grid_point_i(tmp_path):
     text = BASE + '[stages.sft.grid]\n"sft_training.seed" = [1, 2]\n' + DPO.replace('from = "sft"', 'from = "sft"\npairing = "zip"') + \
         '[stages.dpo.grid]\n"dpo_training.seed" = [1, 2]\n'
