@@ -68,6 +68,20 @@ def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implemen
     return model
 
 
+def compile_blocks(model) -> int:
+    """``torch.compile`` each transformer block in place (the classes the model lists in
+    ``_no_split_modules``, as torchtitan compiles per block): the head and the loss stay eager,
+    parameter names do not change. Returns the number of blocks."""
+    kinds = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [module for module in model.modules() if type(module).__name__ in kinds]
+    if not blocks:
+        raise ConfigError([f"torch_compile: {type(model).__name__} names no transformer block class "
+                           "(_no_split_modules) to compile; set torch_compile = false"])
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """Multiplier of the peak learning rate at optimizer step s (0-based)."""
 

@@ -31,7 +31,7 @@ from ..data.sampler import eval_batch_indices, global_batch_indices, steps_per_e
 from ..data.tokenize import SpecialTokens
 from ..runtime import all_reduce_sum, barrier, init_distributed
 from ..runtime.stop import StopSignal
-from .engine import (build_engine, check_precision, deepspeed_config, device, load_causal_lm, load_tokenizer,
+from .engine import (build_engine, check_precision, compile_blocks, deepspeed_config, device, load_causal_lm, load_tokenizer,
                      prepare_reference, save_final_model, unclipped_grad_norm)
 from . import ref_cache
 from .metrics import MetricsLogger, MetricSums
@@ -193,6 +193,8 @@ class Trainer:
                                trainable=True, attn_implementation=cfg.attn_implementation)
         if training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if training.torch_compile:
+            self.say(f"torch.compile: {compile_blocks(model)} blocks of the policy (compiled on first use)")
         self.objective = build_objective(self.algo, cfg, SpecialTokens.of(self.tokenizer).pad_id, self.dist,
                                          reference, ref_table)
         self.flops = FlopsModel.of(model)  # before DeepSpeed partitions the parameters
@@ -207,8 +209,11 @@ class Trainer:
 
     def load_reference(self, ds_cfg: dict):
         cfg = self.cfg
-        return prepare_reference(load_causal_lm(self.reference_source, cfg.precision, trainable=False,
-                                                attn_implementation=cfg.attn_implementation), ds_cfg)
+        reference = load_causal_lm(self.reference_source, cfg.precision, trainable=False,
+                                   attn_implementation=cfg.attn_implementation)
+        if self.training.torch_compile:
+            compile_blocks(reference)
+        return prepare_reference(reference, ds_cfg)
 
     def reference_table(self, reference) -> ref_cache.RefLogpsTable:
         """The reference log-probs of every train and validation pair: read from the cache, or

@@ -140,6 +140,15 @@ def test_fixed_beta_refused_where_beta_is_adaptive():
     assert "takes its initial beta from beta_update.beta_0" in problem
 
 
+def test_torch_compile_is_refused_under_zero3():
+    data = with_("dpo_training", torch_compile=True)
+    data["deepspeed"] = {"zero_stage": 3}
+    (problem,) = errors(data)
+    assert problem.startswith("f.yaml: ") and "torch_compile does not work with deepspeed.zero_stage = 3" in problem
+    data["deepspeed"] = {"zero_stage": 2}
+    assert validate_mapping(data, "dpo").training.torch_compile
+
+
 def test_file_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
