@@ -14,10 +14,11 @@ from typing import Optional, Protocol
 
 import torch
 
+from ..config.losses import LOSSES
 from ..data.collate import collate_conversations, collate_pairs
 from .beta import BetaPolicy, Collective
 from .logprobs import CompletionScorer
-from .losses import PAIRWISE_LOSSES, PairwiseLoss
+from .losses import PairwiseLoss
 from .preference import PairLogps, preference_metrics
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # metric -> (sum, count)
@@ -95,13 +96,14 @@ class RefLogps(Protocol):
 class PreferenceObjective:
     """One policy forward over chosen+rejected and the reference's log-probs (a forward of the
     reference model, or a precomputed table), a pairwise loss, and a beta policy that chooses the
-    loss's beta (and, for Beta-DPO, which pairs count)."""
+    loss's beta (and, for Beta-DPO, which pairs count); optionally RPO's NLL on the chosen side."""
 
     kind = "preference"
 
     def __init__(self, reference, loss: PairwiseLoss, policy: BetaPolicy, pad_id: int, collective: Collective,
-                 scorer: CompletionScorer, ref_table: Optional[RefLogps] = None):
+                 scorer: CompletionScorer, ref_table: Optional[RefLogps] = None, rpo_alpha: Optional[float] = None):
         self.reference = reference
+        self.rpo_alpha = rpo_alpha
         self.ref_table = ref_table
         self.reference_forwards = 0  # proof that a precomputed table leaves the reference model unused
         self.scorer = scorer
@@ -130,33 +132,42 @@ class PreferenceObjective:
             with torch.no_grad():
                 ref = self.scorer.sequence_logps(self.reference, batch)
             self.reference_forwards += 1
-        return PairLogps.of_rows(policy, ref)
+        return PairLogps.of_rows(policy, ref, batch["loss_mask"][:, 1:].sum(1))
 
-    def _stats(self, logps: PairLogps, losses, beta, loss_count=None) -> Stats:
+    def _pair_losses(self, logps: PairLogps, margins: torch.Tensor, beta) -> tuple[torch.Tensor, Stats]:
+        """The loss of every pair (with RPO's chosen NLL when set) and the extra per-pair metrics."""
+        losses = self.loss(margins, beta)
+        if self.rpo_alpha is None:
+            return losses, {}
+        return losses + self.rpo_alpha * logps.chosen_nll, {"nll_loss": logps.chosen_nll.detach().float()}
+
+    def _stats(self, logps: PairLogps, losses, beta, extra, loss_count=None) -> Stats:
         pairs = torch.tensor(float(len(logps)))
         per_pair = preference_metrics(logps.policy_chosen, logps.policy_rejected, logps.ref_chosen,
                                       logps.ref_rejected, beta=beta)
         stats = {"loss": (losses.detach().sum(), pairs if loss_count is None else loss_count)}
-        stats.update({name: (values.sum(), pairs) for name, values in per_pair.items()})
+        stats.update({name: (values.sum(), pairs) for name, values in {**per_pair, **extra}.items()})
         return stats
 
     def loss_and_stats(self, model, batch):
         logps = self._logps(model, batch)
-        margins = logps.margins.detach().float()
-        self._step_margins.append(margins)  # for the policy's end of step and the histogram
-        beta, weights = self.policy.train_beta(margins)
-        losses = self.loss(logps, beta)
+        margins = self.loss.margins(logps)
+        detached = margins.detach().float()
+        self._step_margins.append(detached)  # for the policy's end of step and the histogram
+        beta, weights = self.policy.train_beta(detached)
+        losses, extra = self._pair_losses(logps, margins, beta)
         if weights is None:
-            return losses.sum(), self._stats(logps, losses, beta)
+            return losses.sum(), self._stats(logps, losses, beta, extra)
         weights = weights.to(losses.device, losses.dtype)
         losses = losses * weights
-        return losses.sum(), self._stats(logps, losses, beta, loss_count=weights.sum())
+        return losses.sum(), self._stats(logps, losses, beta, extra, loss_count=weights.sum())
 
     def eval_stats(self, model, batch):
         with torch.no_grad():
             logps = self._logps(model, batch)
             beta = self.policy.eval_beta()
-            return self._stats(logps, self.loss(logps, beta), beta)
+            losses, extra = self._pair_losses(logps, self.loss.margins(logps), beta)
+            return self._stats(logps, losses, beta, extra)
 
     def end_step(self):
         self._step = torch.cat(self._step_margins) if self._step_margins else torch.zeros(0)
@@ -180,11 +191,17 @@ def resolve(reference: str):
     return getattr(importlib.import_module(module), name)
 
 
+def build_loss(training) -> PairwiseLoss:
+    """The pairwise loss a DPO training section names (``dpo_hpc.config.losses``)."""
+    return resolve(LOSSES[training.loss_type].implementation)(label_smoothing=training.label_smoothing)
+
+
 def build_objective(algorithm, cfg, pad_id: int, collective: Collective, reference=None,
-                    ref_table: Optional[RefLogps] = None, loss: str = "sigmoid") -> Objective:
+                    ref_table: Optional[RefLogps] = None) -> Objective:
     """The objective of a registered algorithm (``dpo_hpc.config.registry``)."""
     scorer = CompletionScorer()
     if algorithm.kind == "sft":
         return SFTObjective(pad_id, scorer)
     policy = resolve(algorithm.beta_policy).from_config(cfg, collective)
-    return PreferenceObjective(reference, PAIRWISE_LOSSES[loss], policy, pad_id, collective, scorer, ref_table)
+    return PreferenceObjective(reference, build_loss(cfg.training), policy, pad_id, collective, scorer, ref_table,
+                               rpo_alpha=cfg.training.rpo_alpha)

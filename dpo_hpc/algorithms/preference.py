@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Optional
 
 import torch
 
@@ -23,23 +24,47 @@ def margins(
 
 @dataclass(frozen=True)
 class PairLogps:
-    """Summed completion log-probs of a batch of pairs under the policy and the reference, with
-    their margin: what every pairwise loss and beta policy reads."""
+    """Summed completion log-probs of a batch of pairs under the policy and the reference, the
+    completion lengths, and their margins: what every pairwise loss and beta policy reads."""
 
     policy_chosen: torch.Tensor
     policy_rejected: torch.Tensor
     ref_chosen: torch.Tensor
     ref_rejected: torch.Tensor
+    chosen_tokens: Optional[torch.Tensor] = None
+    """Completion tokens of each chosen response (for length-averaged margins and the chosen NLL)."""
+    rejected_tokens: Optional[torch.Tensor] = None
 
     @cached_property
     def margins(self) -> torch.Tensor:
         """Computed once per batch: the loss and the beta policy read the same tensor."""
         return margins(self.policy_chosen, self.policy_rejected, self.ref_chosen, self.ref_rejected)
 
+    @cached_property
+    def mean_margins(self) -> torch.Tensor:
+        """The margin over length-averaged log-probs (each sum divided by its completion tokens)."""
+        chosen, rejected = self._lengths()
+        return margins(self.policy_chosen / chosen, self.policy_rejected / rejected,
+                       self.ref_chosen / chosen, self.ref_rejected / rejected)
+
+    @cached_property
+    def chosen_nll(self) -> torch.Tensor:
+        """Mean token NLL of each chosen response under the policy (with gradient)."""
+        return -self.policy_chosen / self._lengths()[0]
+
+    def _lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.chosen_tokens is None or self.rejected_tokens is None:
+            raise ValueError("length-averaged log-probs need the completion lengths (PairLogps.of_rows(..., lengths))")
+        return (self.chosen_tokens.to(self.policy_chosen.dtype).clamp(min=1),
+                self.rejected_tokens.to(self.policy_rejected.dtype).clamp(min=1))
+
     @classmethod
-    def of_rows(cls, policy: torch.Tensor, reference: torch.Tensor) -> "PairLogps":
-        """From per-row log-probs of a collated pair batch (chosen rows, then rejected rows)."""
-        return cls(*split_chosen_rejected(policy), *split_chosen_rejected(reference))
+    def of_rows(cls, policy: torch.Tensor, reference: torch.Tensor,
+                lengths: Optional[torch.Tensor] = None) -> "PairLogps":
+        """From per-row log-probs (and completion lengths) of a collated pair batch (chosen rows,
+        then rejected rows)."""
+        tokens = split_chosen_rejected(lengths) if lengths is not None else (None, None)
+        return cls(*split_chosen_rejected(policy), *split_chosen_rejected(reference), *tokens)
 
     def __len__(self) -> int:
         return self.policy_chosen.shape[0]

@@ -19,6 +19,8 @@ from typing import Literal, Optional
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 
+from .losses import LOSSES, LossType
+
 STRICT = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 """The pydantic config of every config dataclass: unknown keys and loose types are errors."""
 
@@ -141,6 +143,23 @@ class DPOTrainingConfig(TrainingConfig):
     ref_log_probs_cache: Optional[str] = Field(None, json_schema_extra=LOCATION)
     """Folder of cached reference log-prob tables (default: ``<save_dir>/ref_log_probs``); point
     the runs of a sweep at one folder to share one reference pass."""
+    loss_type: LossType = "sigmoid"
+    """Pairwise loss (TRL's names): sigmoid (DPO), robust (rDPO), hinge (SLiC/RSO) or ipo (IPO, on
+    length-averaged log-probs). Each composes with every beta policy."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """Assumed fraction of flipped preference labels: conservative DPO with ``sigmoid``, robust DPO
+    with ``robust``; not used by hinge or ipo."""
+    rpo_alpha: Optional[float] = Field(None, ge=0.0)
+    """Weight of an NLL term on the chosen response (RPO, Pang et al. 2024: the chosen's mean token
+    NLL per pair) that keeps the chosen likelihood from falling; none by default."""
+
+    @model_validator(mode="after")
+    def _smoothing_where_it_applies(self):
+        if self.label_smoothing and not LOSSES[self.loss_type].label_smoothing:
+            takes = ", ".join(name for name, spec in LOSSES.items() if spec.label_smoothing)
+            raise ValueError(f"label_smoothing applies to loss_type {takes}, not {self.loss_type}; "
+                             "set label_smoothing = 0 or choose one of those")
+        return self
 
 
 @dataclass(config=STRICT, kw_only=True)

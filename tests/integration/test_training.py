@@ -4,6 +4,7 @@ a killed run resumes to the same weights, and two ranks under torchrun match one
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -122,6 +123,29 @@ def test_dpo_lowers_loss_with_zero2_and_accumulation(tmp_path, micro_model):
     assert losses[0] == pytest.approx(0.693147, abs=1e-4)  # policy == reference at step 1
     assert logged["rewards/accuracies"][0][1] == 0.0  # ties are not accurate (strict >)
     assert losses[-1] < losses[0] - 0.05, losses
+    assert logged["rewards/margins"][-1][1] > 0
+
+
+@pytest.mark.parametrize("trainer, loss_type", [("dynamic_beta_dpo", "ipo"), ("beta_dpo", "robust"), ("dpo", "hinge")])
+def test_loss_types_with_rpo_train_with_each_beta_policy(tmp_path, micro_model, trainer, loss_type):
+    """Each loss with RPO's chosen NLL through the real trainer: the first logged loss is the loss
+    at margin 0 plus alpha x the chosen NLL (logged as nll_loss), and the margins grow."""
+    from dpo_hpc.trainers.trainer import train
+
+    data = small_data(tmp_path, 10)  # the same few pairs again and again: the margins must grow
+    smoothing = {"label_smoothing": 0.1} if loss_type == "robust" else {}
+    raw = run_config(tmp_path, micro_model, data, "dpo_training", learning_rate=3e-3, max_steps=6, batch_size=4,
+                     loss_type=loss_type, rpo_alpha=0.5, **smoothing)
+    if trainer == "dynamic_beta_dpo":
+        raw["risk_test"] = {"beta_warmup": 2}
+    if trainer == "beta_dpo":
+        raw["beta_dpo"] = {"rho": 1.0}  # every pair kept: the loss is a plain mean over pairs, like nll_loss
+    summary = train(validate_mapping(raw, trainer), trainer)
+    assert summary["status"] == "completed"
+    logged = scalars(Path(raw["dpo_training"]["save_dir"]) / "tensorboard")
+    first_loss, first_nll = logged["loss"][0][1], logged["nll_loss"][0][1]
+    at_zero = {"ipo": (1 / (2 * 0.1)) ** 2, "robust": math.log(2), "hinge": 1.0}[loss_type]  # beta_0 = 0.1
+    assert first_loss == pytest.approx(at_zero + 0.5 * first_nll, rel=1e-4)
     assert logged["rewards/margins"][-1][1] > 0
 
 

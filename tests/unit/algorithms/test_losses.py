@@ -1,4 +1,4 @@
-"""Log-probs, margins, the DPO loss and metrics against naive float64 loops and hand values."""
+"""Log-probs, margins, every pairwise loss and the metrics against naive float64 loops and hand values."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from dpo_hpc.algorithms.logprobs import sequence_logps, token_logps
-from dpo_hpc.algorithms.losses import dpo_sigmoid_loss
-from dpo_hpc.algorithms.preference import margins, preference_metrics
+from dpo_hpc.algorithms.losses import IPO, Hinge, Robust, Sigmoid, dpo_sigmoid_loss
+from dpo_hpc.algorithms.objectives import resolve
+from dpo_hpc.algorithms.preference import PairLogps, margins, preference_metrics
+from dpo_hpc.config.losses import LOSSES
 
 
 def naive_sequence_logps(logits, input_ids, loss_mask):
@@ -93,3 +95,57 @@ def test_ties_are_not_accurate_and_beta_gets_no_gradient():
     m = torch.tensor([1.0, -1.0], requires_grad=True)
     dpo_sigmoid_loss(m, beta).sum().backward()
     assert beta.grad is None and m.grad is not None
+
+
+def _log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x > -30 else x - math.log1p(math.exp(x))
+
+
+def naive_loss(loss_type: str, pc, pr, rc, rr, lc, lr, beta: float, eps: float) -> float:
+    """TRL's per-example formulas (spec algorithms.md section 1.3), in float64 by hand."""
+    if loss_type == "ipo":
+        h = (pc / lc - rc / lc) - (pr / lr - rr / lr)
+        return (h - 1 / (2 * beta)) ** 2
+    h = (pc - rc) - (pr - rr)
+    if loss_type == "sigmoid":
+        return -(1 - eps) * _log_sigmoid(beta * h) - eps * _log_sigmoid(-beta * h)
+    if loss_type == "robust":
+        return (-(1 - eps) * _log_sigmoid(beta * h) + eps * _log_sigmoid(-beta * h)) / (1 - 2 * eps)
+    if loss_type == "hinge":
+        return max(0.0, 1 - beta * h)
+    raise KeyError(loss_type)
+
+
+@pytest.mark.parametrize("loss_type", list(LOSSES))
+@pytest.mark.parametrize("seed", range(10))
+def test_every_loss_matches_its_naive_formula(loss_type, seed):
+    g = torch.Generator().manual_seed(seed)
+    pc, pr, rc, rr = (-torch.rand(6, generator=g, dtype=torch.float64) * 40 for _ in range(4))
+    lengths = torch.randint(1, 30, (12,), generator=g)
+    beta = torch.rand(6, generator=g, dtype=torch.float64) + 0.05  # one beta per pair, as Beta-DPO gives
+    eps = 0.2 if LOSSES[loss_type].label_smoothing else 0.0
+    pairs = PairLogps(pc, pr, rc, rr, lengths[:6], lengths[6:])
+    loss = resolve(LOSSES[loss_type].implementation)(label_smoothing=eps)
+    got = loss(loss.margins(pairs), beta)
+    for i in range(6):
+        expected = naive_loss(loss_type, *(float(t[i]) for t in (pc, pr, rc, rr)), float(lengths[i]),
+                              float(lengths[6 + i]), float(beta[i]), eps)
+        assert float(got[i]) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_loss_hand_values_at_zero_margin():
+    zero = PairLogps(*(torch.zeros(1) for _ in range(4)), torch.ones(1), torch.ones(1))
+    assert Sigmoid(0.1)(zero.margins, 0.1).item() == pytest.approx(math.log(2))  # cDPO at M=0 is still ln 2
+    assert Robust(0.1)(zero.margins, 0.1).item() == pytest.approx(math.log(2))  # (0.9 - 0.1) ln 2 / 0.8
+    assert Hinge()(zero.margins, 0.1).item() == 1.0
+    assert IPO()(IPO.margins(zero), 0.1).item() == pytest.approx(25.0)  # (0 - 1/(2 * 0.1))^2
+    assert Sigmoid(0.0)(torch.tensor([2.0]), 0.5).item() == pytest.approx(math.log1p(math.exp(-1.0)))
+
+
+def test_ipo_margin_is_length_averaged_and_needs_lengths():
+    pairs = PairLogps(torch.tensor([-4.0]), torch.tensor([-9.0]), torch.tensor([-2.0]), torch.tensor([-3.0]),
+                      torch.tensor([2]), torch.tensor([3]))
+    assert pairs.mean_margins.item() == pytest.approx((-4 / 2 + 2 / 2) - (-9 / 3 + 3 / 3))
+    assert pairs.chosen_nll.item() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="completion lengths"):
+        PairLogps(*(torch.zeros(1) for _ in range(4))).mean_margins

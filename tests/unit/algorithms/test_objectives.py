@@ -14,9 +14,10 @@ from dpo_hpc.algorithms.beta.beta_dpo import BetaDPOController, BetaDPOPolicy, k
 from dpo_hpc.algorithms.beta.dynamic_beta import DynamicBetaController, DynamicBetaPolicy
 from dpo_hpc.algorithms.beta.fixed import FixedBeta
 from dpo_hpc.algorithms.logprobs import CompletionScorer
-from dpo_hpc.algorithms.losses import PAIRWISE_LOSSES
-from dpo_hpc.algorithms.objectives import PreferenceObjective
+from dpo_hpc.algorithms.losses import Sigmoid
+from dpo_hpc.algorithms.objectives import PreferenceObjective, resolve
 from dpo_hpc.config import BetaDPOSectionConfig, BetaUpdateConfig, RiskTestConfig
+from dpo_hpc.config.losses import LOSSES
 from dpo_hpc.data.tokenize import TokenizedPair
 
 
@@ -53,7 +54,7 @@ def naive_margins(policy, reference, batch):
 
 
 def objective(policy_of_beta):
-    return PreferenceObjective(ToyLM(1), PAIRWISE_LOSSES["sigmoid"], policy_of_beta, pad_id=0, collective=LOCAL,
+    return PreferenceObjective(ToyLM(1), Sigmoid(), policy_of_beta, pad_id=0, collective=LOCAL,
                                scorer=CompletionScorer())
 
 
@@ -102,3 +103,48 @@ def test_dynamic_beta_loss_uses_the_beta_in_force_before_its_update(granularity)
     again = objective(DynamicBetaPolicy(DynamicBetaController(risk, BetaUpdateConfig(alpha=0.5)), LOCAL))
     again.load_state_dict(state)
     assert again.policy.eval_beta() == controller.beta and again.policy.controller.tau == controller.tau
+
+
+def test_rpo_adds_the_chosen_responses_mean_token_nll():
+    policy, examples = ToyLM(0), pairs(5)
+    plain = objective(FixedBeta(0.3))
+    rpo = PreferenceObjective(ToyLM(1), Sigmoid(), FixedBeta(0.3), pad_id=0, collective=LOCAL,
+                              scorer=CompletionScorer(), rpo_alpha=0.5)
+    base, _ = plain.loss_and_stats(policy, plain.collate(examples))
+    total, stats = rpo.loss_and_stats(policy, rpo.collate(examples))
+    nll = [-naive_logp(policy, p.prompt_ids, p.chosen_ids) / len(p.chosen_ids) for p in examples]
+    assert total.item() == pytest.approx(base.item() + 0.5 * sum(nll), rel=1e-5)
+    assert stats["nll_loss"][0].item() == pytest.approx(sum(nll), rel=1e-5) and stats["nll_loss"][1].item() == 5
+
+
+POLICIES = {
+    "fixed": lambda: FixedBeta(0.2),
+    "dynamic_beta": lambda: DynamicBetaPolicy(DynamicBetaController(RiskTestConfig(beta_warmup=1),
+                                                                    BetaUpdateConfig(alpha=0.5)), LOCAL),
+    "beta_dpo": lambda: BetaDPOPolicy(BetaDPOController(BetaDPOSectionConfig(rho=0.5), seed=3), LOCAL),
+}
+
+
+@pytest.mark.parametrize("loss_type", list(LOSSES))
+@pytest.mark.parametrize("policy_name", list(POLICIES))
+def test_every_loss_composes_with_every_beta_policy(loss_type, policy_name):
+    """Three steps of each combination: finite loss and gradient, and the beta policy reads the
+    margin the loss is a function of (IPO's is length-averaged)."""
+    loss = resolve(LOSSES[loss_type].implementation)(label_smoothing=0.1 if LOSSES[loss_type].label_smoothing else 0.0)
+    obj = PreferenceObjective(ToyLM(1), loss, POLICIES[policy_name](), pad_id=0, collective=LOCAL,
+                              scorer=CompletionScorer(), rpo_alpha=0.2)
+    model = ToyLM(0)
+    for step in range(3):
+        examples = pairs(8, seed=step)
+        loss_sum, stats = obj.loss_and_stats(model, obj.collate(examples))
+        loss_sum.backward()
+        assert torch.isfinite(loss_sum) and torch.isfinite(model.table.weight.grad).all()
+        obj.end_step()
+    naive = naive_margins(model, obj.reference, examples)
+    if loss_type == "ipo":
+        naive = [((naive_logp(model, p.prompt_ids, p.chosen_ids) - naive_logp(obj.reference, p.prompt_ids, p.chosen_ids))
+                  / len(p.chosen_ids))
+                 - ((naive_logp(model, p.prompt_ids, p.rejected_ids)
+                     - naive_logp(obj.reference, p.prompt_ids, p.rejected_ids)) / len(p.rejected_ids))
+                 for p in examples]
+    assert obj._step.tolist() == pytest.approx(naive, rel=1e-4, abs=1e-5)

@@ -140,6 +140,16 @@ def test_fixed_beta_refused_where_beta_is_adaptive():
     assert "takes its initial beta from beta_update.beta_0" in problem
 
 
+def test_loss_type_and_label_smoothing_are_checked():
+    (problem,) = errors(with_("dpo_training", loss_type="kto"))
+    assert "dpo_training.loss_type" in problem and all(name in problem for name in ("sigmoid", "robust", "hinge", "ipo"))
+    (problem,) = errors(with_("dpo_training", loss_type="hinge", label_smoothing=0.1))
+    assert "label_smoothing applies to loss_type sigmoid, robust, not hinge" in problem
+    assert errors(with_("dpo_training", label_smoothing=0.5))  # robust DPO divides by 1 - 2 eps
+    cfg = validate_mapping(with_("dpo_training", loss_type="robust", label_smoothing=0.2, rpo_alpha=1.0), "beta_dpo")
+    assert (cfg.training.loss_type, cfg.training.label_smoothing, cfg.training.rpo_alpha) == ("robust", 0.2, 1.0)
+
+
 def test_torch_compile_is_refused_under_zero3():
     data = with_("dpo_training", torch_compile=True)
     data["deepspeed"] = {"zero_stage": 3}
