@@ -13,6 +13,13 @@ from pathlib import Path
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
 
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+"""A small chat template (BOS, then each message as <|role|>, its text and EOS), so conversational
+data renders offline exactly as with a hub model's template."""
+
 
 def build_byte_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -25,9 +32,11 @@ def build_byte_tokenizer():
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens(list(SPECIAL_TOKENS))
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=1024
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def make_tiny_model(

@@ -49,6 +49,25 @@ class DatasetConfig:
     """Longest tokenized sequence (BOS + prompt + completion + EOS)."""
     max_prompt_length: int = Field(256, ge=1)
     """Prompts longer than this keep their last ``max_prompt_length`` tokens."""
+    format: Literal["auto", "text", "conversational"] = "auto"
+    """How rows are read: ``text`` (HH transcripts, or prompt/chosen/rejected strings), ``conversational``
+    (lists of {role, content} messages rendered with the tokenizer's chat template; SFT also reads
+    ``messages``), or ``auto``: each row by its values."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """The dataset's names for the columns read (``prompt``, ``chosen``, ``rejected``, ``messages``),
+    e.g. ``{ chosen = "response_j", rejected = "response_k", prompt = "question" }``."""
+    system_prompt: Optional[str] = None
+    """A system message put first in every conversational row that has none (text rows are
+    used as they are)."""
+
+    @model_validator(mode="after")
+    def _known_columns(self):
+        unknown = sorted(set(self.columns) - {"prompt", "chosen", "rejected", "messages"})
+        if unknown:
+            raise ValueError(f"columns: unknown field(s) {', '.join(unknown)}; expected prompt, chosen, rejected, messages")
+        if self.system_prompt is not None and self.format == "text":
+            raise ValueError("system_prompt applies to conversational rows; format = 'text' has none")
+        return self
 
     @model_validator(mode="after")
     def _prompt_shorter_than_sequence(self):

@@ -36,6 +36,20 @@ class PreferencePair:
     prompt: str
     chosen: str
     rejected: str
+    add_eos: bool = True
+    """Text rows: EOS is appended to each completion (unless there already). A chat template ends
+    its turns itself (as in TRL)."""
+
+
+@dataclass(frozen=True)
+class RenderedConversation:
+    """A conversation as the text the tokenizer sees, and the character spans whose tokens carry
+    the loss (the assistant replies trained on)."""
+
+    text: str
+    spans: tuple[tuple[int, int], ...]
+    add_eos: bool = True
+    """As ``PreferencePair.add_eos``: a trained EOS after text rows; a template's own end of turn."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +128,18 @@ def parse_turns(transcript: str) -> list[Turn]:
 def render_turns(turns: list[Turn]) -> str:
     """Inverse of parse_turns for well-formed transcripts (HH's plain-text template)."""
     return "".join((HUMAN if t.role == "human" else ASSISTANT) + t.text for t in turns)
+
+
+def render_hh(turns: list[Turn], assistant_turns: str) -> RenderedConversation:
+    """The transcript with the spans of its assistant replies: every one, or the last only."""
+    text, spans = "", []
+    last_assistant = max(i for i, t in enumerate(turns) if t.role == "assistant")
+    for i, turn in enumerate(turns):
+        text += HUMAN if turn.role == "human" else ASSISTANT
+        if turn.role == "assistant" and (assistant_turns == "all" or i == last_assistant):
+            spans.append((len(text), len(text) + len(turn.text)))
+        text += turn.text
+    return RenderedConversation(text, tuple(spans))
 
 
 def parse_sft_row(row: dict[str, Any]) -> tuple[Optional[list[Turn]], Optional[str]]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..config import DatasetConfig
 from ..fsutil import atomic_write_json
-from .hh import DROP_REASONS, parse_preference_row, parse_sft_row
+from .formats import DROP_REASONS, RowParser
 from .sources import DataError, as_dataset, load_raw
 from .tokenize import SpecialTokens, tokenize_conversation, tokenize_pair
 
@@ -34,7 +34,8 @@ class SplitReport:
     notes: Counter = field(default_factory=Counter)  # rows kept but altered (truncated, boundary merge)
 
     def as_dict(self) -> dict[str, Any]:
-        ordered = {r: self.dropped[r] for r in DROP_REASONS if self.dropped[r]}
+        known = [r for r in DROP_REASONS if self.dropped[r]]
+        ordered = {r: self.dropped[r] for r in known + sorted(set(self.dropped) - set(DROP_REASONS))}
         return {"rows": self.rows, "kept": self.kept, "dropped": ordered, "notes": dict(sorted(self.notes.items()))}
 
     def line(self) -> str:
@@ -71,7 +72,7 @@ def split_indices(n: int, val_ratio: float, seed: int) -> tuple[np.ndarray, np.n
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def _process(ds, parse: Callable, encode: Callable, name: str, split: str,
+def _process(ds, parse: RowParser, encode: Callable, name: str, split: str,
              settings: dict[str, Any]) -> tuple[ExampleSet, SplitReport]:
     report = SplitReport()
     examples, ids = [], []
@@ -90,17 +91,29 @@ def _process(ds, parse: Callable, encode: Callable, name: str, split: str,
             report.dropped[reason] += 1
     report.kept = len(examples)
     if report.rows and not examples:
-        raise DataError(f"dataset '{name}' ({split} split): 0 usable rows out of {report.rows}; {report.line()}")
+        raise DataError(f"dataset '{name}' ({split} split): 0 usable rows out of {report.rows}; {report.line()}; "
+                        f"{parse.expected()}")
     return ExampleSet(examples, fingerprint(ids, {**settings, "split": split})), report
 
 
-def _check_columns(ds, required: tuple[str, ...], name: str):
+def _columns(ds, cfg: DatasetConfig, kind: str, name: str):
+    """The rows under the names the parsers read (``dataset.columns`` renames), checked."""
+    found = set(ds.column_names)
+    for ours, theirs in cfg.columns.items():
+        if theirs not in found:
+            raise DataError(f"dataset '{name}': dataset.columns.{ours} = '{theirs}', but there is no column "
+                            f"'{theirs}'; found {sorted(found)}")
+        if ours in found and ours != theirs and ours not in cfg.columns.values():
+            raise DataError(f"dataset '{name}': dataset.columns.{ours} = '{theirs}', but the dataset already has a "
+                            f"column '{ours}'; map that one too or drop it")
+    ds = ds.rename_columns({theirs: ours for ours, theirs in cfg.columns.items() if theirs != ours})
     columns = set(ds.column_names)
-    if not set(required) <= columns:
-        raise DataError(
-            f"dataset '{name}': expected columns {' and '.join(required)} (HH format) or prompt/chosen/rejected; "
-            f"found {sorted(columns)}"
-        )
+    needs = [("chosen",), ("messages",)] if kind == "sft" else [("chosen", "rejected")]
+    if not any(set(need) <= columns for need in needs):
+        wanted = " or ".join(" and ".join(need) for need in needs)
+        raise DataError(f"dataset '{name}': expected columns {wanted} (optionally prompt; in HH, text or "
+                        f"conversational form); found {sorted(columns)}; map other names with dataset.columns")
+    return ds
 
 
 def load_splits(
@@ -112,19 +125,17 @@ def load_splits(
     list of dicts, as the Python API passes them); ``eval_rows``, if given, is the validation
     split instead of a ``val_ratio`` share of the training rows.
     """
-    raw = load_raw(cfg) if train_rows is None else as_dataset(train_rows)
-    required = ("chosen",) if kind == "sft" else ("chosen", "rejected")
-    _check_columns(raw, required, cfg.dataset_name)
+    raw = _columns(load_raw(cfg) if train_rows is None else as_dataset(train_rows), cfg, kind, cfg.dataset_name)
     special = SpecialTokens.of(tokenizer)
-    settings: dict[str, Any] = {"kind": kind, "max_length": cfg.max_length}
+    parse = RowParser(kind, cfg.format, tokenizer, cfg.dataset_name, cfg.system_prompt, assistant_turns)
+    settings: dict[str, Any] = {"kind": kind, "max_length": cfg.max_length, "format": cfg.format,
+                                "columns": cfg.columns, "system_prompt": cfg.system_prompt}
     if kind == "sft":
-        parse = parse_sft_row
         settings["assistant_turns"] = assistant_turns
 
-        def encode(turns, notes):
-            return tokenize_conversation(tokenizer, turns, special, cfg.max_length, assistant_turns, notes)
+        def encode(conversation, notes):
+            return tokenize_conversation(tokenizer, conversation, special, cfg.max_length, notes)
     else:
-        parse = parse_preference_row
         settings["max_prompt_length"] = cfg.max_prompt_length
 
         def encode(pair, notes):
@@ -134,8 +145,7 @@ def load_splits(
         train_idx, val_idx = split_indices(len(raw), cfg.val_ratio, cfg.seed)
         train_raw, val_raw = raw.select(train_idx), raw.select(val_idx)
     else:
-        train_raw, val_raw = raw, as_dataset(eval_rows)
-        _check_columns(val_raw, required, f"{cfg.dataset_name} (eval)")
+        train_raw, val_raw = raw, _columns(as_dataset(eval_rows), cfg, kind, f"{cfg.dataset_name} (eval)")
     train, train_report = _process(train_raw, parse, encode, cfg.dataset_name, "train", settings)
     val, val_report = _process(val_raw, parse, encode, cfg.dataset_name, "validation", settings)
     report = {

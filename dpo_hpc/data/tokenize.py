@@ -2,7 +2,8 @@
 
 Every sequence is ``[BOS] + prompt + completion + [EOS]`` (BOS only if the tokenizer has one),
 tokenized with ``add_special_tokens=False`` so a tokenizer's own post-processor never adds a
-second BOS. Prompt and completion are tokenized jointly and the prompt's tokens are checked to
+second BOS; a chat template's own BOS is not doubled, and its turns end as it writes them (no EOS
+appended, as in TRL). Prompt and completion are tokenized jointly and the prompt's tokens are checked to
 be a prefix of the joint tokens; where a BPE merge crosses the boundary, the completion is
 tokenized on its own instead and the event is counted. Truncation keeps the end of the prompt
 (left truncation) and then the start of the completion; a row with no completion token left is
@@ -13,9 +14,9 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
-from .hh import TOO_LONG, PreferencePair, Turn
+from .hh import TOO_LONG, PreferencePair, RenderedConversation
 
 
 @dataclass(frozen=True)
@@ -75,14 +76,27 @@ def encode_completion(tokenizer, prompt: str, prompt_ids: list[int], completion:
     return _encode(tokenizer, completion)
 
 
+def _without_special_ends(special: SpecialTokens, ids: list[int]) -> tuple[list[int], bool]:
+    """(ids without a leading BOS, whether they had one): a chat template may write its own BOS."""
+    if special.bos_id is not None and ids[:1] == [special.bos_id]:
+        return ids[1:], True
+    return ids, False
+
+
+def _ended(special: SpecialTokens, ids: list[int], add_eos: bool) -> list[int]:
+    """``ids`` + EOS when asked, unless they already end with it."""
+    return ids if not add_eos or ids[-1:] == [special.eos_id] else ids + [special.eos_id]
+
+
 def tokenize_pair(
     tokenizer, pair: PreferencePair, special: SpecialTokens, max_length: int, max_prompt_length: int, stats: Counter
 ) -> tuple[Optional[TokenizedPair], Optional[str]]:
     """Tokenize and truncate one pair -> (pair, None) or (None, drop reason)."""
     prompt_body = _encode(tokenizer, pair.prompt)
-    chosen = encode_completion(tokenizer, pair.prompt, prompt_body, pair.chosen, stats) + [special.eos_id]
-    rejected = encode_completion(tokenizer, pair.prompt, prompt_body, pair.rejected, stats) + [special.eos_id]
-    prompt = special.prefix + prompt_body
+    chosen = _ended(special, encode_completion(tokenizer, pair.prompt, prompt_body, pair.chosen, stats), pair.add_eos)
+    rejected = _ended(special, encode_completion(tokenizer, pair.prompt, prompt_body, pair.rejected, stats),
+                      pair.add_eos)
+    prompt = special.prefix + _without_special_ends(special, prompt_body)[0]
     if len(prompt) > max_prompt_length:
         prompt = prompt[-max_prompt_length:]
         stats["prompt_truncated"] += 1
@@ -95,28 +109,23 @@ def tokenize_pair(
 
 
 def tokenize_conversation(
-    tokenizer, turns: Sequence[Turn], special: SpecialTokens, max_length: int, assistant_turns: str, stats: Counter
+    tokenizer, conversation: RenderedConversation, special: SpecialTokens, max_length: int, stats: Counter
 ) -> tuple[Optional[TokenizedConversation], Optional[str]]:
-    """Tokenize a conversation with loss on assistant text: every assistant turn, or the last only.
+    """Tokenize a conversation with the loss on its spans (the assistant replies trained on).
 
     Token ownership comes from character offsets of the joint tokenization, so a token is
-    trained exactly when it starts inside a selected assistant reply.
+    trained exactly when it starts inside a span; an appended final EOS is trained too.
     """
-    text_parts, spans, cursor = [], [], 0
-    last_assistant = max(i for i, t in enumerate(turns) if t.role == "assistant")
-    for i, turn in enumerate(turns):
-        marker = "\n\nHuman:" if turn.role == "human" else "\n\nAssistant:"
-        cursor += len(marker)
-        if turn.role == "assistant" and (assistant_turns == "all" or i == last_assistant):
-            spans.append((cursor, cursor + len(turn.text)))
-        text_parts.append(marker + turn.text)
-        cursor += len(turn.text)
-    text = "".join(text_parts)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+    spans = conversation.spans
+    encoding = tokenizer(conversation.text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = encoding["offset_mapping"]
+    ids, had_bos = _without_special_ends(special, encoding["input_ids"])
+    offsets = offsets[1:] if had_bos else offsets
     mask = [int(any(lo <= start < hi for lo, hi in spans)) for start, _ in offsets]
-    ids = special.prefix + ids + [special.eos_id]
-    mask = [0] * len(special.prefix) + mask + [1]
+    ended = _ended(special, ids, conversation.add_eos)
+    mask = mask + [1] * (len(ended) - len(ids))
+    ids = special.prefix + ended
+    mask = [0] * len(special.prefix) + mask
     final_start = next(i for i, (start, _) in enumerate(offsets) if start >= spans[-1][0]) + len(special.prefix)
     if len(ids) > max_length:
         cut = len(ids) - max_length

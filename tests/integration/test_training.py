@@ -149,6 +149,37 @@ def test_loss_types_with_rpo_train_with_each_beta_policy(tmp_path, micro_model, 
     assert logged["rewards/margins"][-1][1] > 0
 
 
+def test_conversational_data_trains_sft_on_messages_then_dpo(tmp_path, micro_model):
+    """TRL-format rows (lists of {role, content}) through the real trainers, rendered with the
+    model's chat template: every row kept, losses at their step-0 values."""
+    from dpo_hpc.data.hh import parse_turns
+    from dpo_hpc.data.verifiable import generate
+    from dpo_hpc.trainers.trainer import train
+
+    def messages(transcript):
+        return [{"role": "user" if t.role == "human" else "assistant", "content": t.text.strip()}
+                for t in parse_turns(transcript)]
+
+    hh_rows, _ = generate(40, 0, seed=3)
+    pairs = [{"prompt": messages(r["chosen"])[:-1], "chosen": messages(r["chosen"])[-1:],
+              "rejected": messages(r["rejected"])[-1:]} for r in hh_rows]
+    chats = [{"messages": messages(r["chosen"])} for r in hh_rows]
+    for name, rows in (("pairs", pairs), ("chats", chats)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sft = run_config(tmp_path / "sft", micro_model, tmp_path / "chats.jsonl", "sft_training", max_steps=3,
+                     batch_size=4, learning_rate=1e-3)
+    dpo = run_config(tmp_path / "dpo", micro_model, tmp_path / "pairs.jsonl", "dpo_training", max_steps=3,
+                     batch_size=4, learning_rate=1e-3)
+    for raw, trainer in ((sft, "sft"), (dpo, "dpo")):
+        raw["dataset"].update(format="conversational", system_prompt="Answer briefly.")
+        assert train(validate_mapping(raw, trainer), trainer)["status"] == "completed"
+        run_dir = Path(raw[f"{trainer}_training"]["save_dir"])
+        report = json.loads((run_dir / "data_report.json").read_text())
+        assert report["train"]["dropped"] == {} and report["train"]["kept"] + report["validation"]["kept"] == 40
+    logged = scalars(Path(dpo["dpo_training"]["save_dir"]) / "tensorboard")
+    assert logged["loss"][0][1] == pytest.approx(math.log(2), abs=1e-4)
+
+
 def test_completed_run_is_skipped_and_a_different_config_is_refused(tmp_path, micro_model):
     from dpo_hpc.checkpoint import CheckpointError
     from dpo_hpc.trainers.trainer import train

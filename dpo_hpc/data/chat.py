@@ -1,0 +1,128 @@
+"""Conversational rows (lists of ``{role, content}`` messages, TRL's format) -> the strings and
+assistant spans the tokenizer sees, rendered with the tokenizer's chat template.
+
+A preference row has ``prompt`` (messages) and ``chosen``/``rejected`` (the assistant reply, one
+or more messages), or no prompt and ``chosen``/``rejected`` as whole conversations that share
+every message but the last (the implicit prompt). An SFT row has ``messages`` (or a conversational
+``prompt`` + ``chosen``). The prompt is the template's rendering with the generation prompt, a
+completion is what the full conversation's rendering adds after it, and an SFT conversation's
+trained spans are what each assistant message adds to the rendering before it: all read from the
+template itself, never from role names in the text. A rendering that is not an extension of the
+previous one (a template that rewrites history) drops the row, counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .hh import (EMPTY_PROMPT, EMPTY_RESPONSE, IDENTICAL_RESPONSES, MISSING_FIELD, NO_ASSISTANT_TURN, PROMPT_MISMATCH,
+                 PreferencePair, RenderedConversation)
+
+NOT_MESSAGES = "not_messages"
+TEMPLATE_NOT_PREFIX = "template_not_prefix"
+ROLES = ("system", "user", "assistant")
+
+
+def is_messages(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value)
+
+
+def _messages(row: dict[str, Any], *keys: str) -> Optional[str]:
+    """Drop reason if a field is missing or not a list of {role, content} messages."""
+    for key in keys:
+        if row.get(key) is None:
+            return MISSING_FIELD
+    return None if all(is_messages(row[key]) for key in keys) else NOT_MESSAGES
+
+
+def _plain(messages: list[dict]) -> list[dict[str, str]]:
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def with_system(messages: list[dict], system_prompt: Optional[str]) -> list[dict]:
+    if system_prompt is None or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+class ChatRenderer:
+    """The tokenizer's chat template, applied the same way for every row."""
+
+    def __init__(self, tokenizer, system_prompt: Optional[str] = None):
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+
+    def render(self, messages: list[dict], generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def preference(self, row: dict[str, Any]) -> tuple[Optional[PreferencePair], Optional[str]]:
+        """A conversational preference row -> (pair of strings, None) or (None, drop reason)."""
+        if row.get("prompt") is not None:
+            problem = _messages(row, "prompt", "chosen", "rejected")
+            if problem:
+                return None, problem
+            prompt, chosen, rejected = (_plain(row[k]) for k in ("prompt", "chosen", "rejected"))
+        else:  # implicit prompt: every message but the last one is shared
+            problem = _messages(row, "chosen", "rejected")
+            if problem:
+                return None, problem
+            whole_chosen, whole_rejected = _plain(row["chosen"]), _plain(row["rejected"])
+            prompt, chosen, rejected = whole_chosen[:-1], whole_chosen[-1:], whole_rejected[-1:]
+            if whole_rejected[:-1] != prompt:
+                return None, PROMPT_MISMATCH
+        if not any(m["role"] == "user" and m["content"].strip() for m in prompt):
+            return None, EMPTY_PROMPT
+        if not all(m["role"] == "assistant" for m in chosen + rejected):
+            return None, NOT_MESSAGES
+        if not "".join(m["content"] for m in chosen).strip() or not "".join(m["content"] for m in rejected).strip():
+            return None, EMPTY_RESPONSE
+        if chosen == rejected:
+            return None, IDENTICAL_RESPONSES
+        prompt = with_system(prompt, self.system_prompt)
+        prompt_text = self.render(prompt, generation_prompt=True)
+        completions = []
+        for reply in (chosen, rejected):
+            full = self.render(prompt + reply)
+            if not full.startswith(prompt_text):
+                return None, TEMPLATE_NOT_PREFIX
+            completions.append(full[len(prompt_text):])
+        return PreferencePair(prompt_text, *completions, add_eos=False), None
+
+    def conversation(self, messages: list[dict], assistant_turns: str) -> tuple[Optional[RenderedConversation], Optional[str]]:
+        """Messages -> (text with the spans of its assistant replies, None) or (None, drop reason).
+        A reply's span runs from the end of the rendering with the generation prompt before it to
+        the end of the rendering that includes it (its end-of-turn tokens are trained too)."""
+        messages = _plain(messages)
+        while messages and messages[-1]["role"] != "assistant":
+            messages.pop()  # a trailing user turn has no reply to learn
+        if not messages:
+            return None, NO_ASSISTANT_TURN
+        if not any(m["role"] == "user" and m["content"].strip() for m in messages):
+            return None, EMPTY_PROMPT
+        if not messages[-1]["content"].strip():
+            return None, EMPTY_RESPONSE
+        messages = with_system(messages, self.system_prompt)
+        replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if assistant_turns == "last":
+            replies = replies[-1:]
+        text = self.render(messages)
+        spans = []
+        for i in replies:
+            before = self.render(messages[:i], generation_prompt=True)
+            through = self.render(messages[:i + 1])
+            if not (text.startswith(through) and through.startswith(before)):
+                return None, TEMPLATE_NOT_PREFIX
+            spans.append((len(before), len(through)))
+        return RenderedConversation(text, tuple(spans), add_eos=False), None
+
+    def sft(self, row: dict[str, Any], assistant_turns: str) -> tuple[Optional[RenderedConversation], Optional[str]]:
+        """An SFT row: ``messages``, or a conversational ``prompt`` + ``chosen``."""
+        if row.get("messages") is not None:
+            problem = _messages(row, "messages")
+            return (None, problem) if problem else self.conversation(row["messages"], assistant_turns)
+        keys = ("prompt", "chosen") if row.get("prompt") is not None else ("chosen",)
+        problem = _messages(row, *keys)
+        if problem:
+            return None, problem
+        return self.conversation([m for key in keys for m in row[key]], assistant_turns)

@@ -1,0 +1,72 @@
+"""Which parser a row goes through, by ``dataset.format``.
+
+- ``text``: strings: HH transcripts in ``chosen``/``rejected`` (the prompt is everything up to the
+  last assistant marker), or an explicit ``prompt`` with ``chosen``/``rejected`` completions
+  joined as they are.
+- ``conversational``: lists of ``{role, content}`` messages (TRL's format), rendered with the
+  tokenizer's chat template; for SFT also ``messages``.
+- ``auto`` (default): each row by its values: lists of messages are conversational, strings text.
+
+Either way a preference row becomes a ``PreferencePair`` of strings and an SFT row a
+``RenderedConversation`` (text and trained spans); tokenization does not know the format.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .chat import NOT_MESSAGES, TEMPLATE_NOT_PREFIX, ChatRenderer
+from .hh import DROP_REASONS as TEXT_DROP_REASONS
+from .hh import parse_preference_row, parse_sft_row, render_hh
+from .sources import DataError
+
+DROP_REASONS = TEXT_DROP_REASONS + (NOT_MESSAGES, TEMPLATE_NOT_PREFIX)
+"""Every reason a row is dropped, in the order the data report lists them."""
+
+FIELDS = ("prompt", "chosen", "rejected", "messages")
+"""The column names rows are read by (``dataset.columns`` maps a dataset's own names onto them)."""
+
+EXPECTED = {
+    "text": "prompt/chosen/rejected as strings, or HH transcripts ('\\n\\nHuman: ... \\n\\nAssistant: ...') in "
+            "chosen/rejected",
+    "conversational": "prompt/chosen/rejected (for SFT: messages) as lists of {role, content} messages with roles "
+                      "system, user, assistant",
+}
+
+
+class RowParser:
+    """Row -> (parsed, None) or (None, drop reason), for one kind ('sft' or 'preference')."""
+
+    def __init__(self, kind: str, fmt: str, tokenizer, dataset: str, system_prompt: Optional[str] = None,
+                 assistant_turns: str = "all"):
+        self.kind, self.format, self.dataset = kind, fmt, dataset
+        self.tokenizer, self.system_prompt, self.assistant_turns = tokenizer, system_prompt, assistant_turns
+        self._chat: Optional[ChatRenderer] = None
+
+    def format_of(self, row: dict[str, Any]) -> str:
+        if self.format != "auto":
+            return self.format
+        return "conversational" if any(isinstance(row.get(k), list) for k in FIELDS) else "text"
+
+    @property
+    def chat(self) -> ChatRenderer:
+        if self._chat is None:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise DataError(f"dataset '{self.dataset}' has conversational rows, but the tokenizer has no chat "
+                                "template to render them; use a tokenizer with one (tokenizer_name) or text rows")
+            self._chat = ChatRenderer(self.tokenizer, self.system_prompt)
+        return self._chat
+
+    def __call__(self, row: dict[str, Any]):
+        if self.format_of(row) == "conversational":
+            return self.chat.preference(row) if self.kind == "preference" else self.chat.sft(row, self.assistant_turns)
+        if self.kind == "preference":
+            return parse_preference_row(row)
+        turns, reason = parse_sft_row(row)
+        return (render_hh(turns, self.assistant_turns), None) if turns else (None, reason)
+
+    def expected(self) -> str:
+        """What rows must look like, for an error about a split with no usable row."""
+        if self.format != "auto":
+            return f"expected format '{self.format}': {EXPECTED[self.format]}"
+        return "expected " + "; or ".join(f"{name}: {text}" for name, text in EXPECTED.items())

@@ -1,0 +1,142 @@
+"""Dataset formats: TRL's conversational rows (explicit and implicit prompt) rendered with the
+tokenizer's chat template, SFT on assistant turns from ``messages``, column mapping, a system
+prompt, and clear errors for rows in the wrong format."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from dpo_hpc.config import ConfigError, DatasetConfig, validate_as
+from dpo_hpc.data.chat import ChatRenderer
+from dpo_hpc.data.hh import PreferencePair
+from dpo_hpc.data.pipeline import load_splits
+from dpo_hpc.data.sources import DataError
+from dpo_hpc.data.tokenize import SpecialTokens, tokenize_pair
+from dpo_hpc.tiny_model import build_byte_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_byte_tokenizer()
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def conversational(i):
+    return {"prompt": [user(f"Reverse: w{i}")], "chosen": [assistant(f"{i}w")], "rejected": [assistant("nope")]}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def cfg(path, **kw):
+    return DatasetConfig(dataset_name=str(path), **{"val_ratio": 0.0, "max_length": 96, "max_prompt_length": 64, **kw})
+
+
+def decode(tok, ids):
+    return tok.decode(ids, skip_special_tokens=False)
+
+
+def test_conversational_pair_renders_with_the_template_and_keeps_one_bos_and_its_own_eos(tok):
+    pair, reason = ChatRenderer(tok).preference(conversational(7))
+    assert reason is None
+    assert pair == PreferencePair("<s><|user|>\nReverse: w7</s>\n<|assistant|>\n", "7w</s>\n", "nope</s>\n",
+                                  add_eos=False)
+    special = SpecialTokens.of(tok)
+    tokens, _ = tokenize_pair(tok, pair, special, 96, 64, Counter())
+    assert tokens.prompt_ids.count(special.bos_id) == 1 and tokens.prompt_ids[0] == special.bos_id
+    assert decode(tok, tokens.chosen_ids) == "7w</s>\n"  # the template's end of turn, no EOS appended
+    assert decode(tok, tokens.prompt_ids + tokens.chosen_ids) == tok.apply_chat_template(
+        [user("Reverse: w7"), assistant("7w")], tokenize=False)
+
+
+def test_implicit_prompt_is_every_message_but_the_last(tok):
+    history = [user("hi"), assistant("hello"), user("Reverse: ab")]
+    row = {"chosen": history + [assistant("ba")], "rejected": history + [assistant("ab")]}
+    pair, _ = ChatRenderer(tok).preference(row)
+    explicit, _ = ChatRenderer(tok).preference({"prompt": history, "chosen": [assistant("ba")],
+                                                "rejected": [assistant("ab")]})
+    assert pair == explicit and pair.prompt.endswith("<|user|>\nReverse: ab</s>\n<|assistant|>\n")
+    diverging = {"chosen": history + [assistant("ba")], "rejected": [user("other")] + [assistant("ab")]}
+    assert ChatRenderer(tok).preference(diverging) == (None, "rejected_prompt_mismatch")
+
+
+def test_system_prompt_is_added_where_a_row_has_none(tok):
+    pair, _ = ChatRenderer(tok, system_prompt="Be brief.").preference(conversational(1))
+    assert pair.prompt.startswith("<s><|system|>\nBe brief.</s>\n<|user|>")
+    row = conversational(1)
+    row["prompt"] = [{"role": "system", "content": "Own."}] + row["prompt"]
+    assert ChatRenderer(tok, system_prompt="Be brief.").preference(row)[0].prompt.startswith("<s><|system|>\nOwn.")
+
+
+def test_sft_messages_train_on_assistant_turns_from_the_template(tok, hf_cache, tmp_path):
+    messages = [user("a"), assistant("one"), user("b"), assistant("two")]
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"messages": messages}] * 3)
+    (example, *_), _, report = load_splits(cfg(path), tok, "sft")
+    trained = decode(tok, [t for t, m in zip(example.input_ids, example.loss_mask) if m])
+    assert trained == "one</s>\ntwo</s>\n"  # replies and their end of turn; nothing of the user turns
+    assert decode(tok, example.input_ids) == tok.apply_chat_template(messages, tokenize=False)
+    (last, *_), _, _ = load_splits(cfg(path), tok, "sft", assistant_turns="last")
+    assert decode(tok, [t for t, m in zip(last.input_ids, last.loss_mask) if m]) == "two</s>\n"
+    assert report["train"]["kept"] == 3
+
+
+def test_mixed_formats_load_and_bad_rows_are_counted_by_reason(tmp_path, tok, hf_cache):
+    hh = {"chosen": "\n\nHuman: Reverse: ab\n\nAssistant: ba", "rejected": "\n\nHuman: Reverse: ab\n\nAssistant: ab"}
+    standard = {"prompt": "Reverse: cd =", "chosen": " dc", "rejected": " cd"}
+    bad = [
+        {"prompt": [user("x")], "chosen": [{"role": "robot", "content": "y"}], "rejected": [assistant("z")]},
+        {"prompt": [user("x")], "chosen": [assistant("y")], "rejected": "z"},
+        {"prompt": [user("x")], "chosen": [assistant("y")], "rejected": [assistant("y")]},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", [conversational(i) for i in range(5)] + [hh, standard] + bad)
+    train, _, report = load_splits(cfg(path), tok, "preference")
+    assert len(train) == 7
+    assert report["train"]["dropped"] == {"identical_responses": 1, "not_messages": 2}
+    text_only, _, report = load_splits(cfg(path, format="text"), tok, "preference")
+    assert len(text_only) == 2 and report["train"]["dropped"]["not_string"] == 8
+
+
+def test_rows_in_the_wrong_format_name_the_format_expected(tmp_path, tok, hf_cache):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x", "chosen": " y", "rejected": " z"}] * 3)
+    with pytest.raises(DataError, match=r"0 usable rows out of 3; .*not_messages=3.*expected format "
+                                        r"'conversational': prompt/chosen/rejected .* lists of \{role, content\}"):
+        load_splits(cfg(path, format="conversational"), tok, "preference")
+
+
+def test_conversational_rows_need_a_chat_template(tmp_path, hf_cache):
+    plain = build_byte_tokenizer()
+    plain.chat_template = None
+    path = write_jsonl(tmp_path / "d.jsonl", [conversational(1)])
+    with pytest.raises(DataError, match="has conversational rows, but the tokenizer has no chat template"):
+        load_splits(cfg(path), plain, "preference")
+
+
+def test_columns_map_other_names(tmp_path, tok, hf_cache):
+    rows = [{"question": f"Reverse: w{i} =", "response_j": f" {i}w", "response_k": " no"} for i in range(4)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    mapped = {"prompt": "question", "chosen": "response_j", "rejected": "response_k"}
+    train, _, _ = load_splits(cfg(path, columns=mapped), tok, "preference")
+    assert len(train) == 4 and decode(tok, train[0].chosen_ids) == " 0w</s>"
+    with pytest.raises(DataError, match=r"dataset.columns.chosen = 'answer', but there is no column 'answer'"):
+        load_splits(cfg(path, columns={"chosen": "answer"}), tok, "preference")
+    with pytest.raises(DataError, match=r"expected columns chosen and rejected .*map other names with dataset.columns"):
+        load_splits(cfg(path), tok, "preference")
+
+
+def test_dataset_options_are_validated():
+    with pytest.raises(ConfigError, match="columns: unknown field.* answer; expected prompt, chosen, rejected, messages"):
+        validate_as(DatasetConfig, {"dataset_name": "d", "columns": {"answer": "a"}}, source="f")
+    with pytest.raises(ConfigError, match="system_prompt applies to conversational rows"):
+        validate_as(DatasetConfig, {"dataset_name": "d", "format": "text", "system_prompt": "x"}, source="f")
