@@ -89,9 +89,10 @@ def verify(path: Path) -> Optional[str]:
 
 class Checkpointer:
     def __init__(self, root: str | Path, dist_env: DistEnv, engine, *, interval: int, keep: int,
-                 shared: dict[str, Stateful], per_rank: dict[str, Stateful]):
+                 shared: dict[str, Stateful], per_rank: dict[str, Stateful], exclude_frozen: bool = False):
         """``interval``: save every this many steps (0: only when asked); ``keep``: published
-        checkpoints kept. ``shared`` pieces must return JSON-able state."""
+        checkpoints kept. ``shared`` pieces must return JSON-able state. ``exclude_frozen``: leave
+        frozen weights out of the engine state (LoRA: they are the base model, loaded by name)."""
         self.root = Path(root)
         self.dist = dist_env
         self.engine = engine
@@ -99,6 +100,7 @@ class Checkpointer:
         self.keep = max(1, keep)
         self.shared = shared
         self.per_rank = {**per_rank, RNG: RNGState()}
+        self.exclude_frozen = exclude_frozen
         self.last_saved_step: Optional[int] = None
 
     # ----- listing -------------------------------------------------------------------------
@@ -135,7 +137,8 @@ class Checkpointer:
                     shutil.rmtree(stale)  # an interrupted save of ours
             tmp.mkdir()
         barrier()
-        self.engine.save_checkpoint(str(tmp), tag=layout.ENGINE_TAG, save_latest=False)
+        self.engine.save_checkpoint(str(tmp), tag=layout.ENGINE_TAG, save_latest=False,
+                                    exclude_frozen_parameters=self.exclude_frozen)
         rank_path = tmp / layout.rank_file(self.dist.rank)
         rank_path.parent.mkdir(exist_ok=True)
         torch.save({name: piece.state_dict() for name, piece in self.per_rank.items()}, rank_path)
@@ -182,7 +185,8 @@ class Checkpointer:
             except CheckpointError as exc:
                 raise CheckpointError(f"{path}: {exc}") from None
         load_path, _ = self.engine.load_checkpoint(str(path), tag=layout.ENGINE_TAG, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+                                                   load_lr_scheduler_states=True,
+                                                   load_module_strict=not self.exclude_frozen)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load the engine state from {path}")
         same_world = shared["world_size"] == self.dist.world_size

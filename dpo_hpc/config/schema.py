@@ -14,7 +14,7 @@ No torch here: configs load on a login node in milliseconds.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
@@ -239,6 +239,23 @@ class BetaDPOSectionConfig:
     """Standard deviation estimator of the gaps (the official code uses unbiased)."""
 
 
+@dataclass(config=STRICT, kw_only=True)
+class LoraConfig:
+    """``[lora]``: train low-rank adapters instead of every weight (needs ``dpo-hpc[peft]``)."""
+
+    r: int = Field(16, ge=1)
+    """Adapter rank."""
+    alpha: float = Field(32.0, gt=0.0)
+    """Scaling numerator (peft's ``lora_alpha``): the update is scaled by alpha / r."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter input (peft's ``lora_dropout``)."""
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    """Module names that get adapters (e.g. ``["q_proj", "v_proj"]``), or every linear layer but
+    the output head."""
+    merge: bool = False
+    """Also save the merged model (base + adapter) in the run directory, beside the adapter."""
+
+
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
 
 
@@ -254,6 +271,16 @@ class ModelSettings:
         "sdpa", description="Attention kernel of transformers: sdpa (PyTorch's), eager, flash_attention_2/3 "
                             "(needs the flash-attn package) or flex_attention.")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    lora: Optional[LoraConfig] = Field(
+        None, description="LoRA adapters instead of a full fine-tune (a [lora] section; needs dpo-hpc[peft]).")
+
+    @model_validator(mode="after")
+    def _merge_without_zero3(self):
+        if self.lora is not None and self.lora.merge and self.deepspeed.zero_stage == 3:
+            raise ValueError("lora.merge does not work with deepspeed.zero_stage = 3 (the weights to merge are "
+                             "partitioned); the run's adapter folder loads merged anyway (a stage that starts from "
+                             "it gets the merged model): set lora.merge = false or use zero_stage 0-2")
+        return self
 
     @model_validator(mode="after")
     def _compile_without_zero3(self):

@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..config import ConfigError, DeepSpeedConfig, TrainingConfig
+from . import lora
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,8 +51,14 @@ def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implemen
         raise ConfigError([f"attn_implementation = {attn_implementation!r} needs the {package} package, which is "
                            f"not installed here; install it or use attn_implementation = \"sdpa\""])
     dtype = torch.float32 if trainable else _DTYPES[precision]
+
+    def from_pretrained(name: str):
+        if lora.is_adapter_folder(name):  # a LoRA run's output: its base (maybe another run's) + the adapter
+            return lora.load_merged(name, from_pretrained)
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation)
+
     if isinstance(name_or_model, str):
-        model = AutoModelForCausalLM.from_pretrained(name_or_model, dtype=dtype, attn_implementation=attn_implementation)
+        model = from_pretrained(name_or_model)
     else:
         model = name_or_model.to(dtype)
         model.set_attn_implementation(attn_implementation)
@@ -160,8 +167,9 @@ def build_engine(model, training: TrainingConfig, ds_cfg: dict, total_steps: int
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     fused = training.optim == "adamw_torch_fused"
+    groups = [{"params": decay, "weight_decay": training.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": training.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [group for group in groups if group["params"]],  # DeepSpeed drops empty groups (LoRA has no vectors)
         lr=training.learning_rate,
         betas=(training.adam_beta1, training.adam_beta2),
         eps=training.adam_epsilon,
@@ -205,8 +213,9 @@ def prepare_reference(ref_model, ds_cfg: dict):
     return ref_model.to(device())
 
 
-def save_final_model(engine, tokenizer, out_dir: Path, is_main: bool) -> None:
-    """save_pretrained model + tokenizer into out_dir (every rank calls: ZeRO-3 gathers weights).
+def save_final_model(engine, tokenizer, out_dir: Path, is_main: bool, merge_adapter: bool = False) -> None:
+    """save_pretrained model + tokenizer into out_dir (every rank calls: ZeRO-3 gathers weights);
+    a LoRA policy saves its adapter (and, with ``merge_adapter``, the merged model).
 
     Files are written aside and renamed in, so a crash never leaves a half-written model.
     """
@@ -226,7 +235,11 @@ def save_final_model(engine, tokenizer, out_dir: Path, is_main: bool) -> None:
         shutil.rmtree(staging)
     module = engine.module
     module.config.use_cache = True
-    module.save_pretrained(staging, state_dict={k: v.detach().cpu() for k, v in state_dict.items()})
+    state_dict = {k: v.detach().cpu() for k, v in state_dict.items()}
+    if lora.uses_adapters(module):
+        lora.save_adapter(module, state_dict, tokenizer, staging, merge=merge_adapter)
+    else:
+        module.save_pretrained(staging, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
     fsync_tree(staging)
     for name in sorted(os.listdir(staging)):

@@ -1,8 +1,9 @@
 """FLOPs actually run, MFU and peak memory (perf.md section 3: the PaLM / nanoGPT / torchtitan
 convention).
 
-Per real (non-pad) token of a sequence of length T: training 6N + 12 L H Q T, a forward alone
-2N + 4 L H Q T, with N the matmul parameters (the output head counted, the embedding lookup not),
+Per real (non-pad) token of a sequence of length T: training 6N + 12 L H Q T (4 instead of 6 for
+frozen weights, e.g. LoRA's base: no weight gradient), a forward alone 2N + 4 L H Q T, with N the
+matmul parameters (the output head counted, the embedding lookup not),
 L layers, H query heads, Q the head dimension. Padding is never counted, so padding waste shows as
 lower MFU. MFU divides by the device's dense bf16 peak; it is left out where the peak is unknown
 (CPUs, unlisted GPUs) rather than guessed.
@@ -38,6 +39,8 @@ class FlopsModel:
     layers: int
     heads: int
     head_dim: int
+    frozen_matmul_params: int = 0
+    """Of those, the frozen ones (LoRA's base): no weight gradient, so 4 FLOPs per token, not 6."""
 
     @classmethod
     def of(cls, model) -> "FlopsModel":
@@ -45,21 +48,24 @@ class FlopsModel:
         config = model.config
         embedding = model.get_input_embeddings().weight
         head = model.get_output_embeddings()
-        seen, params = set(), 0
+        seen, params, frozen = set(), 0, 0
         for p in model.parameters():
             if p.ndim >= 2 and id(p) not in seen:
                 seen.add(id(p))
                 params += getattr(p, "ds_numel", p.numel())
+                frozen += 0 if p.requires_grad else getattr(p, "ds_numel", p.numel())
         if head is None or head.weight is not embedding:  # an untied embedding is a lookup, not a matmul
             params -= getattr(embedding, "ds_numel", embedding.numel())
+            frozen -= 0 if embedding.requires_grad else getattr(embedding, "ds_numel", embedding.numel())
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(params, config.num_hidden_layers, heads, head_dim)
+        return cls(params, config.num_hidden_layers, heads, head_dim, frozen)
 
     def train(self, lengths: torch.Tensor) -> float:
         """FLOPs of forward + backward over sequences of these real lengths."""
         lengths = lengths.double()
-        return float((lengths * (6 * self.matmul_params + 12 * self.layers * self.heads * self.head_dim * lengths)).sum())
+        weights = 6 * self.matmul_params - 2 * self.frozen_matmul_params
+        return float((lengths * (weights + 12 * self.layers * self.heads * self.head_dim * lengths)).sum())
 
     def forward(self, lengths: torch.Tensor) -> float:
         """FLOPs of a forward alone (a reference model)."""

@@ -33,7 +33,7 @@ from ..runtime import all_reduce_sum, barrier, init_distributed
 from ..runtime.stop import StopSignal
 from .engine import (build_engine, check_precision, compile_blocks, deepspeed_config, device, load_causal_lm, load_tokenizer,
                      prepare_reference, save_final_model, unclipped_grad_norm)
-from . import ref_cache
+from . import lora, ref_cache
 from .metrics import MetricsLogger, MetricSums
 from .throughput import FlopsModel, describe_device, peak_flops, peak_memory_gib
 
@@ -151,7 +151,8 @@ class Trainer:
         self.progress = TrainProgress(self.algo.name, to_dict(self.cfg), self.global_batch)
         self.checkpointer = Checkpointer(self.run.checkpoints, self.dist, self.engine,
                                          interval=self.training.save_steps, keep=self.training.save_total_limit,
-                                         shared={"progress": self.progress}, per_rank={"objective": self.objective})
+                                         shared={"progress": self.progress}, per_rank={"objective": self.objective},
+                                         exclude_frozen=self.cfg.lora is not None)
 
     def start(self) -> None:
         """Seed, record the start in the run directory, load the tokenizer and the data."""
@@ -181,11 +182,15 @@ class Trainer:
 
     def build_models(self) -> None:
         """The reference first: with precomputed log-probs it is gone before the policy and its
-        optimizer state exist, so the two never share memory."""
+        optimizer state exist, so the two never share memory. A LoRA policy whose reference is its
+        own base model gets no second model: the reference is the policy with adapters off."""
         cfg, training = self.cfg, self.training
         ds_cfg = deepspeed_config(training, cfg.deepspeed, cfg.precision, self.dist.world_size)
         reference, ref_table = None, None
-        if self.algo.kind == "preference":
+        preference = self.algo.kind == "preference"
+        base_is_reference = (cfg.lora is not None and self.ref_model is None
+                             and getattr(cfg, "ref_name", None) in (None, cfg.policy_name))
+        if preference and (training.precompute_ref_log_probs or not base_is_reference):
             reference = self.load_reference(ds_cfg)
             if training.precompute_ref_log_probs:
                 ref_table, reference = self.reference_table(reference), None
@@ -193,8 +198,16 @@ class Trainer:
                                trainable=True, attn_implementation=cfg.attn_implementation)
         if training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora is not None:
+            model = lora.add_adapters(model, cfg.lora, cfg.policy_name if self.model is None else None)
+            self.say(lora.trainable_summary(model))
         if training.torch_compile:
             self.say(f"torch.compile: {compile_blocks(model)} blocks of the policy (compiled on first use)")
+        if preference and base_is_reference and ref_table is None:
+            reference = lora.AdaptersOff(model)
+        if preference:  # what the run's reference log-probs came from, for its manifest
+            self.ref_summary["reference"] = ("table" if ref_table is not None else
+                                             "policy with adapters off" if base_is_reference else "model")
         self.objective = build_objective(self.algo, cfg, SpecialTokens.of(self.tokenizer).pad_id, self.dist,
                                          reference, ref_table)
         self.flops = FlopsModel.of(model)  # before DeepSpeed partitions the parameters
@@ -349,7 +362,8 @@ class Trainer:
         """Final evaluation and model; the manifest says ``completed``."""
         if self.val_set:
             self.logger.log_eval(self.total_steps, self.evaluate())
-        save_final_model(self.engine, self.tokenizer, self.run.root, self.dist.is_main)
+        save_final_model(self.engine, self.tokenizer, self.run.root, self.dist.is_main,
+                         merge_adapter=self.cfg.lora is not None and self.cfg.lora.merge)
         summary = {
             "status": "completed",
             "final_step": self.total_steps,

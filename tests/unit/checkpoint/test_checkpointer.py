@@ -24,11 +24,11 @@ class FakeEngine:
         self.weights = torch.full((4,), value)
         self.loads = 0
 
-    def save_checkpoint(self, save_dir, tag, save_latest):
+    def save_checkpoint(self, save_dir, tag, save_latest, exclude_frozen_parameters=False):
         (Path(save_dir) / tag).mkdir(parents=True)
         torch.save({"weights": self.weights}, Path(save_dir) / tag / "model_states.pt")
 
-    def load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states):
+    def load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states, load_module_strict=True):
         self.loads += 1
         self.weights = torch.load(Path(load_dir) / tag / "model_states.pt", weights_only=True)["weights"]
         return load_dir, {}

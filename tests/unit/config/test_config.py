@@ -246,4 +246,26 @@ def test_readme_configuration_reference_matches_the_schema():
     from dpo_hpc.reference import splice
 
     readme = (REPO / "README.md").read_text()
-    assert splice(readme) == readme, "regenerate: python -m dpo_hpc.config.reference --write README.md"
+    assert splice(readme) == readme, "regenerate: python -m dpo_hpc.reference --write README.md"
+
+
+def test_lora_section_is_validated_and_merge_refused_under_zero3():
+    data = with_("dpo_training")
+    data["lora"] = {"r": 8, "target_modules": ["q_proj", "v_proj"], "merge": True}
+    cfg = validate_mapping(data, "dpo")
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules) == (8, 32.0, ["q_proj", "v_proj"])
+    data["deepspeed"] = {"zero_stage": 3}
+    (problem,) = errors(data)
+    assert "lora.merge does not work with deepspeed.zero_stage = 3" in problem
+    data["lora"] = {"rank": 8}
+    assert any("lora.rank" in p for p in errors(data))
+
+
+def test_lora_without_peft_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from dpo_hpc.trainers import lora
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"pip install 'dpo-hpc\[peft\]'"):
+        lora.add_adapters(object(), validate_mapping({**VALID_DPO, "lora": {}}, "dpo").lora)

@@ -1,0 +1,102 @@
+"""LoRA through peft with the real trainer and DeepSpeed on CPU: only adapters train, the DPO
+reference is the policy with its adapters off (no second model), checkpoints hold the adapter
+and its optimizer state without the frozen base, a stopped run resumes to the same adapter, and
+a DPO stage starts from a LoRA SFT run's adapter folder."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_config
+from dpo_hpc.checkpoint import layout
+from dpo_hpc.config import validate_mapping
+from dpo_hpc.runtime.stop import StopSignal
+
+pytest.importorskip("peft")
+pytestmark = pytest.mark.slow
+
+LORA = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
+
+
+class StopAt(StopSignal):
+    """The stop signal as if USR2 arrived during step ``step`` (the trainer asks once per step)."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.step, self.asked = step, 0
+
+    def agreed(self, world_size, device):
+        self.asked += 1
+        return self.asked == self.step
+
+
+def lora_dpo(tmp_path, model, data, name, zero_stage=0, **training):
+    raw = run_config(tmp_path / name, model, data, "dpo_training", max_steps=4, batch_size=4, learning_rate=5e-3,
+                     **training)
+    raw["lora"] = dict(LORA)
+    raw["deepspeed"] = {"zero_stage": zero_stage}
+    return raw
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+def test_lora_dpo_trains_adapters_against_its_own_base_and_resumes_exactly(tmp_path, micro_model, reverse_data,
+                                                                           zero_stage):
+    from dpo_hpc.trainers.trainer import Trainer, train
+    from dpo_hpc.config import algorithm
+
+    straight = lora_dpo(tmp_path, micro_model, reverse_data, "straight", zero_stage)
+    trainer = Trainer(validate_mapping(straight, "dpo"), algorithm("dpo"))
+    summary = trainer.train()
+    assert summary["reference"] == "policy with adapters off" and summary["reference_forwards"] > 0
+    run_dir = Path(straight["dpo_training"]["save_dir"])
+    adapter = load_file(run_dir / "adapter_model.safetensors")
+    assert adapter and all("lora_" in key for key in adapter) and not (run_dir / "model.safetensors").exists()
+    assert json.loads((run_dir / "adapter_config.json").read_text())["r"] == 4
+    from test_training import scalars
+
+    assert scalars(run_dir / "tensorboard")["loss"][0][1] == pytest.approx(math.log(2), abs=1e-5)  # B = 0 at start
+
+    # Stopped after step 2 (checkpoint), then resumed: the same adapter as the straight run.
+    resumed = lora_dpo(tmp_path, micro_model, reverse_data, "resumed", zero_stage)
+    cfg = validate_mapping(resumed, "dpo")
+    assert train(cfg, "dpo", stop=StopAt(2))["status"] == "preempted"
+    ckpt = Path(resumed["dpo_training"]["save_dir"]) / "checkpoints" / layout.step_dir_name(2)
+    engine_files = list((ckpt / layout.ENGINE_TAG).glob("*model_states.pt"))
+    module = torch.load(engine_files[0], weights_only=False)["module"]  # our own file, written just now
+    # The frozen base is not in the checkpoint; DeepSpeed keeps the tied head under its second name.
+    assert [key for key in module if "lora_" not in key] == ["base_model.model.lm_head.weight"]
+    assert train(cfg, "dpo")["status"] == "completed"
+    again = load_file(Path(resumed["dpo_training"]["save_dir"]) / "adapter_model.safetensors")
+    assert again.keys() == adapter.keys() and all(torch.equal(again[k], adapter[k]) for k in adapter)
+
+
+def test_lora_sft_then_dpo_from_its_adapter_folder_and_merged_output(tmp_path, micro_model, reverse_data):
+    from transformers import AutoModelForCausalLM
+
+    from dpo_hpc.trainers.trainer import train
+
+    sft = run_config(tmp_path / "sft", micro_model, reverse_data, "sft_training", max_steps=3, batch_size=8,
+                     learning_rate=5e-3)
+    sft["lora"] = {**LORA, "target_modules": "all-linear"}
+    train(validate_mapping(sft, "sft"), "sft")
+    sft_dir = Path(sft["sft_training"]["save_dir"])
+    assert (sft_dir / "adapter_config.json").exists() and not (sft_dir / "config.json").exists()
+    dpo = lora_dpo(tmp_path, sft_dir, reverse_data, "dpo")  # policy and reference: the SFT adapter merged in
+    dpo["lora"]["merge"] = True
+    summary = train(validate_mapping(dpo, "dpo"), "dpo")
+    assert summary["status"] == "completed" and summary["reference"] == "policy with adapters off"
+    dpo_dir = Path(dpo["dpo_training"]["save_dir"])
+    assert (dpo_dir / "adapter_model.safetensors").exists()
+    merged = AutoModelForCausalLM.from_pretrained(dpo_dir / "merged")
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    from dpo_hpc.trainers.engine import load_causal_lm
+
+    on_load = load_causal_lm(str(dpo_dir), "fp32", trainable=True)  # the adapter folder, merged when loaded
+    for name, weight in merged.state_dict().items():
+        torch.testing.assert_close(on_load.state_dict()[name], weight)
