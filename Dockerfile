@@ -15,9 +15,10 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /opt/dpo-hpc
 COPY pyproject.toml README.md ./
 COPY dpo_hpc ./dpo_hpc
-# torch comes from the base image; pip keeps it because it satisfies torch>=2.1.
-RUN pip install --no-cache-dir /opt/dpo-hpc \
-    && python -c "import dpo_hpc, deepspeed, submitit, transformers; print('dpo-hpc', dpo_hpc.__version__)"
+# torch comes from the base image; pip keeps it because it satisfies torch>=2.1. The peft extra
+# makes [lora] work inside the image.
+RUN pip install --no-cache-dir "/opt/dpo-hpc[peft]" \
+    && python -c "import dpo_hpc, deepspeed, peft, submitit, transformers; print('dpo-hpc', dpo_hpc.__version__)"
 
 WORKDIR /work
 ENTRYPOINT ["python", "-m", "dpo_hpc"]

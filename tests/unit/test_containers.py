@@ -29,7 +29,7 @@ def test_dockerfile_copies_what_exists_and_installs_the_package():
         *sources, _ = line.split()
         for source in sources:
             assert (REPO / source).exists(), f"COPY {source}: not in the repository"
-    assert "pip install --no-cache-dir /opt/dpo-hpc" in text
+    assert 'pip install --no-cache-dir "/opt/dpo-hpc[peft]"' in text
 
 
 def test_apptainer_definition_parses_and_matches_the_dockerfile():
@@ -43,6 +43,6 @@ def test_apptainer_definition_parses_and_matches_the_dockerfile():
     assert copied == {"pyproject.toml": "/opt/dpo-hpc/pyproject.toml", "README.md": "/opt/dpo-hpc/README.md",
                       "dpo_hpc": "/opt/dpo-hpc/dpo_hpc"}
     assert all((REPO / source).exists() for source in copied)
-    assert any("pip install --no-cache-dir /opt/dpo-hpc" in line for line in stage.install)
+    assert any('pip install --no-cache-dir "/opt/dpo-hpc[peft]"' in line for line in stage.install)
     assert {"HF_HUB_OFFLINE=1", "HF_DATASETS_OFFLINE=1"} <= set(stage.environ)
     assert stage.cmd.startswith("exec python -m dpo_hpc")
