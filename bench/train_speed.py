@@ -28,11 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def scalars(logdir: Path, tag: str) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from dpo_hpc.trainers.trackers import read_scalars
 
-    acc = EventAccumulator(str(logdir))
-    acc.Reload()
-    return [e.value for e in acc.Scalars(tag)]
+    return [value for _, value in read_scalars(logdir)[tag]]
 
 
 def run(trainer: str, config: dict, scratch: Path) -> dict:
@@ -46,7 +44,7 @@ def run(trainer: str, config: dict, scratch: Path) -> dict:
     section = ALGORITHMS[trainer].training_section
     run_dir = Path(config[section]["save_dir"])
     manifest = json.loads((run_dir / "run_manifest.json").read_text())
-    tokens = scalars(run_dir / "tensorboard", "tokens_per_sec")[5:]
+    tokens = scalars(run_dir / "tensorboard", "train/tokens_per_sec")[5:]
     batch = config[section]["batch_size"] * config[section].get("gradient_accumulation_steps", 1)
     return {
         "steps": config[section]["max_steps"],

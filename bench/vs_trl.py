@@ -105,7 +105,8 @@ def trl_order(data: Path, out: Path, steps: int, batch: int, seed: int) -> Path:
 
 def run_ours(folder: Path, model: Path, data: Path, args, tag: str, precompute: bool) -> dict:
     import yaml
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dpo_hpc.trainers.trackers import read_scalars
 
     run_dir = folder / f"ours-{tag}"
     config = {
@@ -122,11 +123,10 @@ def run_ours(folder: Path, model: Path, data: Path, args, tag: str, precompute: 
     overrides = [word for text in args.set for word in ("--set", text)]
     subprocess.run([sys.executable, "-m", "dpo_hpc", "train", "dpo", "--config", str(path), *overrides], check=True,
                    env=env, cwd=REPO, stdout=subprocess.DEVNULL)
-    acc = EventAccumulator(str(run_dir / "tensorboard"))
-    acc.Reload()
+    logged = read_scalars(run_dir / "tensorboard")
     manifest = json.loads((run_dir / "run_manifest.json").read_text())
-    return {"side": "dpo-hpc", "losses": [e.value for e in acc.Scalars("loss")],
-            "step_seconds": [e.value for e in acc.Scalars("perf/step_seconds")],
+    return {"side": "dpo-hpc", "losses": [v for _, v in logged["train/loss"]],
+            "step_seconds": [v for _, v in logged["train/perf/step_seconds"]],
             "peak_rss_mb": manifest["peak_rss_mb"], "precompute_s": manifest.get("ref_precompute_seconds"),
             "peak_cuda_gib": manifest.get("peak_memory_gib") if "cuda" in manifest.get("device", "") else None,
             "logged": {k: manifest[k] for k in ("median_tokens_per_sec", "median_mfu", "median_padding_fraction")

@@ -138,6 +138,14 @@ class TrainingConfig:
     group_by_length: bool = False
     """Fill each global batch, and each micro-batch in it, with rows of similar length (sorted within
     groups of 50 global batches): less padding; the data order stays a function of (seed, step)."""
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"],
+                                                            json_schema_extra=RESUMABLE)
+    """Experiment trackers (HF's name): TensorBoard events in the run directory and/or Weights &
+    Biases (needs ``dpo-hpc[wandb]``; ``WANDB_MODE=offline`` and ``WANDB_PROJECT`` are honoured);
+    ``[]`` for neither. Progress lines and ``progress.json`` are always written."""
+    run_name: Optional[str] = Field(None, json_schema_extra=LOCATION)
+    """Display name of the run in the trackers (default: the run directory's name; an experiment
+    sets the run id and its grid values)."""
     torch_compile: bool = False
     """Compile each transformer block (the model's ``_no_split_modules``) with ``torch.compile``,
     policy and reference: faster steps after a one-time compile of tens of seconds (and a

@@ -191,6 +191,8 @@ def expand(exp: ExperimentConfig, source: str | Path, cwd: str | Path) -> Plan:
                                 str(parent.run_dir) if parent else None)
             run_dir = root / name / run_id
             resolved[section]["save_dir"] = str(run_dir)
+            grid_text = " ".join(f"{key.split('.')[-1]}={value}" for key, value in point.items())
+            resolved[section]["run_name"] = f"{resolved[section].get('run_name') or run_id} {grid_text}".strip()
             if resolved[section].get("precompute_ref_log_probs") and not resolved[section]["ref_log_probs_cache"]:
                 resolved[section]["ref_log_probs_cache"] = str(root / SHARED_REF_LOG_PROBS)
             if any(r.run_id == run_id for r in stage_runs):

@@ -1,18 +1,19 @@
 """Where metrics go. ``MetricSums`` reduces a step's (sum, count) pairs across ranks; the
-``MetricsLogger`` sends the results to every backend (TensorBoard events, progress lines,
-``progress.json``) on rank 0 and is closed once, however the run ends."""
+``MetricsLogger`` sends the results to every backend (the trackers of ``report_to``, progress
+lines, ``progress.json``) on rank 0 and is closed once, however the run ends."""
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from ..algorithms.objectives import Stats
 from ..checkpoint import RunDir
 from ..runtime import all_reduce_sum
+from .trackers import EVAL, TRAIN, Tracker
 
 
 class MetricSums:
@@ -74,19 +75,15 @@ def progress_line(step: int, total: int, metrics: dict[str, float], step_time: f
 
 
 class MetricsLogger:
-    """Every metric of a run goes through here: each step to TensorBoard, every ``logging_steps``
-    (and the first and last step) to a progress line and ``progress.json``. Only rank 0 writes."""
+    """Every metric of a run goes through here: each step to the trackers, every ``logging_steps``
+    (and the first and last step) to a progress line and ``progress.json``. Only rank 0 writes
+    (the other ranks get no trackers)."""
 
     def __init__(self, run: RunDir, total_steps: int, start_step: int, logging_steps: int, is_main: bool,
-                 say: Callable[[str], None]):
+                 say: Callable[[str], None], trackers: Sequence[Tracker] = ()):
         self.run, self.total_steps = run, total_steps
         self.logging_steps, self.is_main, self.say = logging_steps, is_main, say
-        self.writer = None
-        if is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # Steps after the checkpoint are logged again; purge what an interrupted attempt wrote for them.
-            self.writer = SummaryWriter(str(run.tensorboard), purge_step=start_step + 1 if start_step else None)
+        self.trackers = list(trackers)
         self.started, self.steps_logged = time.perf_counter(), 0
         self.train: dict[str, float] = {}
         self.eval: dict[str, float] = {}
@@ -101,12 +98,9 @@ class MetricsLogger:
             for name in THROUGHPUT:
                 if name in metrics:
                     self._perf.setdefault(name, []).append(metrics[name])
-        if self.writer is not None:
-            for name, value in metrics.items():
-                self.writer.add_scalar(name, value, step)
-            for name, values in histograms.items():
-                if values.numel():
-                    self.writer.add_histogram(name, values.double().cpu(), step)
+        for tracker in self.trackers:
+            tracker.scalars(TRAIN, metrics, step)
+            tracker.histograms(TRAIN, histograms, step)
         if step % self.logging_steps == 0 or step == self.total_steps or self.steps_logged == 1:
             mean_step = (time.perf_counter() - self.started) / self.steps_logged
             self.say(progress_line(step, self.total_steps, metrics, metrics["perf/step_seconds"],
@@ -115,9 +109,8 @@ class MetricsLogger:
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.eval = metrics
-        if self.writer is not None:
-            for name, value in metrics.items():
-                self.writer.add_scalar(f"eval/{name}", value, step)
+        for tracker in self.trackers:
+            tracker.scalars(EVAL, metrics, step)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if not k.startswith("logps/"))
         self.say(f"eval at step {step}: {shown}")
 
@@ -134,6 +127,6 @@ class MetricsLogger:
         """Flush every backend; ``progress.json`` then holds the last step logged."""
         if self._progress_step != self.step:
             self._write_progress()
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []

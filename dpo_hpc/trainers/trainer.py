@@ -35,6 +35,7 @@ from .engine import (build_engine, check_precision, compile_blocks, deepspeed_co
                      prepare_reference, save_final_model, unclipped_grad_norm)
 from . import lora, ref_cache
 from .metrics import MetricsLogger, MetricSums
+from .trackers import check_available as check_trackers, open_trackers
 from .throughput import FlopsModel, describe_device, peak_flops, peak_memory_gib
 
 RESUMABLE_CHANGES = set().union(*(flagged_keys(a.config, "resumable") for a in ALGORITHMS.values()))
@@ -115,8 +116,10 @@ class Trainer:
             return previous
         self.setup()
         start = self.resume()
+        trackers = open_trackers(self.training.report_to, self.run, start, self.training.run_name or self.run.root.name,
+                                 to_dict(self.cfg)) if self.dist.is_main else []
         self.logger = MetricsLogger(self.run, self.total_steps, start, self.training.logging_steps, self.dist.is_main,
-                                    self.say)
+                                    self.say, trackers)
         self.say(f"{self.total_steps} steps of {self.global_batch} "
                  f"{'rows' if self.algo.kind == 'sft' else 'pairs'} ({self.steps_per_epoch} steps/epoch, "
                  f"world size {self.dist.world_size}); run dir {self.run.root}")
@@ -157,6 +160,7 @@ class Trainer:
     def start(self) -> None:
         """Seed, record the start in the run directory, load the tokenizer and the data."""
         check_precision(self.cfg.precision)
+        check_trackers(self.training.report_to)
         seed_everything(self.training.seed)
         self.device = device()
         self.manifest = self.run.start(self.cfg, self.algo.name, self.dist.world_size, describe_device(self.device)) \

@@ -46,11 +46,10 @@ def free_port() -> int:
 
 
 def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """TensorBoard scalars read back; training tags (``train/<name>`` on disk) by their bare name."""
+    from dpo_hpc.trainers.trackers import read_scalars
 
-    acc = EventAccumulator(str(logdir))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return {tag.removeprefix("train/"): points for tag, points in read_scalars(logdir).items()}
 
 
 def small_data(tmp_path: Path, n: int) -> Path:
@@ -117,7 +116,8 @@ def test_dpo_lowers_loss_with_zero2_and_accumulation(tmp_path, micro_model):
 
     acc = EventAccumulator(str(Path(raw["dpo_training"]["save_dir"]) / "tensorboard"), size_guidance={"histograms": 0})
     acc.Reload()
-    margins = acc.Histograms("margins")
+    margins = acc.Histograms("train/margins")
+    assert {f"train/{name}" for name in TRAIN_SCALARS | DPO_SCALARS} <= set(acc.Tags()["scalars"])  # HF's layout
     assert [h.step for h in margins] == list(range(1, 7)) and margins[-1].histogram_value.num == 8  # 4 x GA 2
     losses = [v for _, v in logged["loss"]]
     assert losses[0] == pytest.approx(0.693147, abs=1e-4)  # policy == reference at step 1

@@ -71,6 +71,17 @@ def test_grid_is_a_cartesian_product_crossed_with_parents(tmp_path):
     assert len({r.run_id for r in plan.runs}) == len(plan.runs)
 
 
+def test_trackers_name_each_run_by_its_id_and_grid_values(tmp_path):
+    text = BASE + DPO + '[stages.dpo.grid]\n"dpo_training.beta" = [0.1, 0.2]\n'
+    plan = plan_of(tmp_path, text)
+    assert [r.config["dpo_training"]["run_name"] for r in plan.stage_runs("dpo")] == \
+        [f"{r.run_id} beta={b}" for r, b in zip(plan.stage_runs("dpo"), (0.1, 0.2))]
+    assert plan.stage_runs("sft")[0].config["sft_training"]["run_name"] == plan.stage_runs("sft")[0].run_id
+    named = plan_of(tmp_path, text.replace("batch_size = 2 }", 'batch_size = 2, run_name = "sweep" }'))
+    assert named.stage_runs("dpo")[0].config["dpo_training"]["run_name"] == "sweep beta=0.1"
+    assert [r.run_id for r in named.runs] == [r.run_id for r in plan.runs]  # a name is not part of the identity
+
+
 def test_run_ids_are_stable_and_follow_the_config(tmp_path):
     text = BASE + DPO
     first = [r.run_id for r in plan_of(tmp_path, text).runs]

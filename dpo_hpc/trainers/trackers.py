@@ -1,0 +1,113 @@
+"""Experiment trackers (``report_to``): TensorBoard event files in the run directory, and Weights
+& Biases (an optional extra: ``pip install 'dpo-hpc[wandb]'``; ``WANDB_MODE=offline`` is honoured,
+as on compute nodes without internet).
+
+Tags follow the HF Trainer, so a run overlays with TRL's: ``train/<metric>`` every optimizer step,
+``eval/<metric>`` at each evaluation, and the ``train/margins`` histogram. Runs written before
+this layout used bare names for training metrics (``loss``); ``read_scalars`` reads both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ..checkpoint import RunDir
+from ..config import ConfigError
+
+TRAIN, EVAL = "train", "eval"
+
+
+class Tracker(Protocol):
+    def scalars(self, split: str, metrics: dict[str, float], step: int) -> None: ...
+
+    def histograms(self, split: str, values: dict[str, torch.Tensor], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TensorBoard:
+    def __init__(self, run: RunDir, start_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # Steps after the checkpoint are logged again; purge what an interrupted attempt wrote for them.
+        self.writer = SummaryWriter(str(run.tensorboard), purge_step=start_step + 1 if start_step else None)
+
+    def scalars(self, split, metrics, step):
+        for name, value in metrics.items():
+            self.writer.add_scalar(f"{split}/{name}", value, step)
+
+    def histograms(self, split, values, step):
+        for name, tensor in values.items():
+            if tensor.numel():
+                self.writer.add_histogram(f"{split}/{name}", tensor.double().cpu(), step)
+
+    def close(self):
+        self.writer.close()
+
+
+def wandb_run_id(run: RunDir) -> str:
+    """Stable across restarts of the same run directory, so a resumed run continues its W&B run."""
+    return f"{run.root.name[:40]}-{hashlib.sha256(str(run.root.resolve()).encode()).hexdigest()[:8]}"
+
+
+def _wandb():
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(["report_to: 'wandb' needs the wandb package, which is not installed here; "
+                           "pip install 'dpo-hpc[wandb]' (or leave wandb out of report_to)"]) from None
+    return wandb
+
+
+def check_available(report_to: list[str]) -> None:
+    """Fail at the start of a run, not after the models loaded, when a tracker's package is missing."""
+    if "wandb" in report_to:
+        _wandb()
+
+
+class WandB:
+    def __init__(self, run: RunDir, name: str, config: dict[str, Any]):
+        self.wandb = wandb = _wandb()
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "dpo-hpc"), name=name, id=wandb_run_id(run),
+                              resume="allow", dir=str(run.root), config=config)
+
+    def scalars(self, split, metrics, step):
+        self.run.log({f"{split}/{name}": value for name, value in metrics.items()}, step=step)
+
+    def histograms(self, split, values, step):
+        shown = {f"{split}/{name}": self.wandb.Histogram(t.double().cpu().numpy()) for name, t in values.items()
+                 if t.numel()}
+        if shown:
+            self.run.log(shown, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+def open_trackers(report_to: list[str], run: RunDir, start_step: int, name: str,
+                  config: dict[str, Any]) -> list[Tracker]:
+    trackers: list[Tracker] = []
+    if "tensorboard" in report_to:
+        trackers.append(TensorBoard(run, start_step))
+    if "wandb" in report_to:
+        trackers.append(WandB(run, name, config))
+    return trackers
+
+
+def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """TensorBoard scalars of a run by tag: [(step, value), ...]. A run written before the HF
+    layout has bare training tags (``loss``); they are returned as ``train/loss``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["scalars"]:
+        name = tag if tag.startswith((f"{TRAIN}/", f"{EVAL}/")) else f"{TRAIN}/{tag}"
+        out[name] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    return out

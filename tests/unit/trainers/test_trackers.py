@@ -1,0 +1,28 @@
+"""TensorBoard tags in the HF Trainer's layout, and runs written with the earlier bare names read
+back under the same tags."""
+
+from __future__ import annotations
+
+import torch
+
+from dpo_hpc.checkpoint import RunDir
+from dpo_hpc.trainers.trackers import EVAL, TRAIN, TensorBoard, read_scalars
+
+
+def test_tags_are_train_and_eval_and_legacy_bare_names_read_as_train(tmp_path):
+    board = TensorBoard(RunDir(tmp_path / "new"), start_step=0)
+    board.scalars(TRAIN, {"loss": 0.7, "rewards/margins": 0.1}, 1)
+    board.scalars(EVAL, {"loss": 0.69}, 1)
+    board.histograms(TRAIN, {"margins": torch.tensor([0.1, -0.2])}, 1)
+    board.close()
+    assert set(read_scalars(tmp_path / "new/tensorboard")) == {"train/loss", "train/rewards/margins", "eval/loss"}
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    old = SummaryWriter(str(tmp_path / "old"))  # what runs wrote before the HF layout
+    old.add_scalar("loss", 0.5, 1)  # values exact in float32: event files store float32
+    old.add_scalar("rewards/margins", 0.25, 1)
+    old.add_scalar("eval/loss", 0.75, 1)
+    old.close()
+    assert read_scalars(tmp_path / "old") == {"train/loss": [(1, 0.5)], "train/rewards/margins": [(1, 0.25)],
+                                              "eval/loss": [(1, 0.75)]}
