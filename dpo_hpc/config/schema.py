@@ -49,6 +49,9 @@ class DatasetConfig:
     """Longest tokenized sequence (BOS + prompt + completion + EOS)."""
     max_prompt_length: int = Field(256, ge=1)
     """Prompts longer than this keep their last ``max_prompt_length`` tokens."""
+    truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+    """Which end of a too-long prompt (SFT: conversation) is kept (TRL's name): ``keep_end`` keeps its
+    last tokens, next to the reply; ``keep_start`` its first. Completions are then cut at the end."""
     format: Literal["auto", "text", "conversational"] = "auto"
     """How rows are read: ``text`` (HH transcripts, or prompt/chosen/rejected strings), ``conversational``
     (lists of {role, content} messages rendered with the tokenizer's chat template; SFT also reads
@@ -278,6 +281,18 @@ class ModelSettings:
     attn_implementation: AttnImplementation = Field(
         "sdpa", description="Attention kernel of transformers: sdpa (PyTorch's), eager, flash_attention_2/3 "
                             "(needs the flash-attn package) or flex_attention.")
+    torch_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(
+        None, description="Dtype the weights load in (TRL's model_init_kwargs name). Default: float32 for the "
+                          "trained model, which DeepSpeed keeps as master weights while computing in `precision`, "
+                          "and `precision` for the reference. \"bfloat16\" with precision = \"fp32\" trains in "
+                          "pure bf16 (weights, gradients and AdamW state), as TRL's bf16 does: half the memory, "
+                          "bf16-precise updates.")
+    trust_remote_code: bool = Field(
+        False, description="Let a model or tokenizer run its own Python code (transformers' flag); only for "
+                           "sources you trust. Off: such a model is refused with a message naming this key.")
+    pad_token: Optional[str] = Field(
+        None, description="Padding token (TRL's name); default the tokenizer's, else its EOS (Llama 3 has none). "
+                          "Padding never enters a loss: masks come from lengths.")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     lora: Optional[LoraConfig] = Field(
         None, description="LoRA adapters instead of a full fine-tune (a [lora] section; needs dpo-hpc[peft]).")

@@ -129,17 +129,19 @@ def load_splits(
     special = SpecialTokens.of(tokenizer)
     parse = RowParser(kind, cfg.format, tokenizer, cfg.dataset_name, cfg.system_prompt, assistant_turns)
     settings: dict[str, Any] = {"kind": kind, "max_length": cfg.max_length, "format": cfg.format,
-                                "columns": cfg.columns, "system_prompt": cfg.system_prompt}
+                                "columns": cfg.columns, "system_prompt": cfg.system_prompt,
+                                "truncation_mode": cfg.truncation_mode}
     if kind == "sft":
         settings["assistant_turns"] = assistant_turns
 
         def encode(conversation, notes):
-            return tokenize_conversation(tokenizer, conversation, special, cfg.max_length, notes)
+            return tokenize_conversation(tokenizer, conversation, special, cfg.max_length, notes, cfg.truncation_mode)
     else:
         settings["max_prompt_length"] = cfg.max_prompt_length
 
         def encode(pair, notes):
-            return tokenize_pair(tokenizer, pair, special, cfg.max_length, cfg.max_prompt_length, notes)
+            return tokenize_pair(tokenizer, pair, special, cfg.max_length, cfg.max_prompt_length, notes,
+                                 cfg.truncation_mode)
 
     if eval_rows is None:
         train_idx, val_idx = split_indices(len(raw), cfg.val_ratio, cfg.seed)

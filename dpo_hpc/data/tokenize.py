@@ -89,7 +89,8 @@ def _ended(special: SpecialTokens, ids: list[int], add_eos: bool) -> list[int]:
 
 
 def tokenize_pair(
-    tokenizer, pair: PreferencePair, special: SpecialTokens, max_length: int, max_prompt_length: int, stats: Counter
+    tokenizer, pair: PreferencePair, special: SpecialTokens, max_length: int, max_prompt_length: int, stats: Counter,
+    truncation_mode: str = "keep_end",
 ) -> tuple[Optional[TokenizedPair], Optional[str]]:
     """Tokenize and truncate one pair -> (pair, None) or (None, drop reason)."""
     prompt_body = _encode(tokenizer, pair.prompt)
@@ -98,7 +99,7 @@ def tokenize_pair(
                       pair.add_eos)
     prompt = special.prefix + _without_special_ends(special, prompt_body)[0]
     if len(prompt) > max_prompt_length:
-        prompt = prompt[-max_prompt_length:]
+        prompt = prompt[-max_prompt_length:] if truncation_mode == "keep_end" else prompt[:max_prompt_length]
         stats["prompt_truncated"] += 1
     budget = max_length - len(prompt)
     if budget < 1:
@@ -109,7 +110,8 @@ def tokenize_pair(
 
 
 def tokenize_conversation(
-    tokenizer, conversation: RenderedConversation, special: SpecialTokens, max_length: int, stats: Counter
+    tokenizer, conversation: RenderedConversation, special: SpecialTokens, max_length: int, stats: Counter,
+    truncation_mode: str = "keep_end",
 ) -> tuple[Optional[TokenizedConversation], Optional[str]]:
     """Tokenize a conversation with the loss on its spans (the assistant replies trained on).
 
@@ -127,10 +129,15 @@ def tokenize_conversation(
     ids = special.prefix + ended
     mask = [0] * len(special.prefix) + mask
     final_start = next(i for i, (start, _) in enumerate(offsets) if start >= spans[-1][0]) + len(special.prefix)
-    if len(ids) > max_length:
+    if len(ids) > max_length and truncation_mode == "keep_end":
         cut = len(ids) - max_length
         if cut > final_start:
             return None, TOO_LONG  # the final reply itself would lose its start
         ids, mask = ids[cut:], mask[cut:]
         stats["prompt_truncated"] += 1
+    elif len(ids) > max_length:  # keep_start: the end goes, with whatever replies it held
+        ids, mask = ids[:max_length], mask[:max_length]
+        if not any(mask[1:]):
+            return None, TOO_LONG
+        stats["completion_truncated"] += 1
     return TokenizedConversation(ids, mask), None

@@ -26,12 +26,29 @@ def check_precision(precision: str) -> None:
         raise ConfigError(["precision: fp16 needs a CUDA GPU (none found); use fp32 or bf16 on CPU"])
 
 
-def load_tokenizer(name: str):
+def _remote_code(name: str, load):
+    """``load()``, with transformers' refusal of a model's own code turned into one clear line."""
+    try:
+        return load()
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise ConfigError([f"'{name}' needs its own Python code to load; set trust_remote_code = true if you "
+                           "trust its source (that code then runs on every node of the job)"]) from None
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False, pad_token: Optional[str] = None):
+    """The fast tokenizer of ``name``; ``pad_token`` replaces its padding token (which only fills
+    rows: loss masks come from lengths)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    tokenizer = _remote_code(name, lambda: AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code))
     if not tokenizer.is_fast:
         raise ConfigError([f"tokenizer '{name}' is not a fast tokenizer; SFT loss masks need its offsets"])
+    if pad_token is not None:
+        if tokenizer.convert_tokens_to_ids(pad_token) in (None, tokenizer.unk_token_id):
+            raise ConfigError([f"pad_token = {pad_token!r} is not a token of tokenizer '{name}'"])
+        tokenizer.pad_token = pad_token
     return tokenizer
 
 
@@ -39,9 +56,12 @@ def load_tokenizer(name: str):
 _ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 
 
-def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implementation: str = "sdpa"):
+def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implementation: str = "sdpa",
+                   trust_remote_code: bool = False, torch_dtype: Optional[str] = None):
     """A causal LM (loaded by name, or a model passed in) with dropout off (margins at step 0 must
-    be exactly 0, spec pitfall P5); a reference is frozen, in eval mode and in ``precision``."""
+    be exactly 0, spec pitfall P5); a reference is frozen and in eval mode. Weights load in
+    ``torch_dtype`` when given, else fp32 for a trained model (DeepSpeed's master weights) and
+    ``precision`` for a reference."""
     import importlib.util
 
     from transformers import AutoModelForCausalLM
@@ -50,12 +70,13 @@ def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implemen
     if package and importlib.util.find_spec(package) is None:
         raise ConfigError([f"attn_implementation = {attn_implementation!r} needs the {package} package, which is "
                            f"not installed here; install it or use attn_implementation = \"sdpa\""])
-    dtype = torch.float32 if trainable else _DTYPES[precision]
+    dtype = getattr(torch, torch_dtype) if torch_dtype else torch.float32 if trainable else _DTYPES[precision]
 
     def from_pretrained(name: str):
         if lora.is_adapter_folder(name):  # a LoRA run's output: its base (maybe another run's) + the adapter
             return lora.load_merged(name, from_pretrained)
-        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation)
+        return _remote_code(name, lambda: AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code))
 
     if isinstance(name_or_model, str):
         model = from_pretrained(name_or_model)

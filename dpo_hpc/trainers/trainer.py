@@ -167,7 +167,8 @@ class Trainer:
             if self.dist.is_main else {}
         barrier()
         self.started = time.time()
-        self.tokenizer = self.tokenizer or load_tokenizer(self.cfg.tokenizer_name or self.cfg.policy_name)
+        self.tokenizer = self.tokenizer or load_tokenizer(self.cfg.tokenizer_name or self.cfg.policy_name,
+                                                          self.cfg.trust_remote_code, self.cfg.pad_token)
         self.load_data()
 
     def load_data(self) -> None:
@@ -199,7 +200,8 @@ class Trainer:
             if training.precompute_ref_log_probs:
                 ref_table, reference = self.reference_table(reference), None
         model = load_causal_lm(self.model if self.model is not None else cfg.policy_name, cfg.precision,
-                               trainable=True, attn_implementation=cfg.attn_implementation)
+                               trainable=True, attn_implementation=cfg.attn_implementation,
+                               trust_remote_code=cfg.trust_remote_code, torch_dtype=cfg.torch_dtype)
         if training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora is not None:
@@ -227,7 +229,8 @@ class Trainer:
     def load_reference(self, ds_cfg: dict):
         cfg = self.cfg
         reference = load_causal_lm(self.reference_source, cfg.precision, trainable=False,
-                                   attn_implementation=cfg.attn_implementation)
+                                   attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
+                                   torch_dtype=cfg.torch_dtype)
         if self.training.torch_compile:
             compile_blocks(reference)
         return prepare_reference(reference, ds_cfg)

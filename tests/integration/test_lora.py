@@ -76,6 +76,24 @@ def test_lora_dpo_trains_adapters_against_its_own_base_and_resumes_exactly(tmp_p
     assert again.keys() == adapter.keys() and all(torch.equal(again[k], adapter[k]) for k in adapter)
 
 
+def test_the_reference_with_adapters_off_is_the_base_model(micro_model):
+    from dpo_hpc.config.schema import LoraConfig
+    from dpo_hpc.trainers.engine import load_causal_lm
+    from dpo_hpc.trainers.lora import AdaptersOff, add_adapters
+
+    base = load_causal_lm(str(micro_model), "fp32", trainable=False)
+    policy = add_adapters(load_causal_lm(str(micro_model), "fp32", trainable=True), LoraConfig(r=4))
+    with torch.no_grad():  # move the adapters off zero, so the policy differs from its base
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    ids = torch.randint(3, 200, (2, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        assert not torch.equal(policy(**batch).logits, base(**batch).logits)
+        assert torch.equal(AdaptersOff(policy)(**batch).logits, base(**batch).logits)
+
+
 def test_lora_sft_then_dpo_from_its_adapter_folder_and_merged_output(tmp_path, micro_model, reverse_data):
     from transformers import AutoModelForCausalLM
 

@@ -215,13 +215,18 @@ def dpo_config(tmp_path, model, data, trainer, **training):
     return {**run_config(tmp_path, model, data, "dpo_training", **training), **ALGORITHM_SECTIONS[trainer]}
 
 
-@pytest.mark.parametrize("trainer", ["dpo", "dynamic_beta_dpo", "beta_dpo"])
-def test_killed_run_resumes_to_identical_weights_and_skips_a_corrupt_checkpoint(tmp_path, micro_model, trainer):
+@pytest.mark.parametrize("trainer, lora", [("dpo", False), ("dynamic_beta_dpo", False), ("beta_dpo", False),
+                                           ("dynamic_beta_dpo", True)])
+def test_killed_run_resumes_to_identical_weights_and_skips_a_corrupt_checkpoint(tmp_path, micro_model, trainer, lora):
+    if lora:
+        pytest.importorskip("peft")
     data = small_data(tmp_path, 40)
     common = dict(max_steps=14, batch_size=4, gradient_accumulation_steps=2, learning_rate=2e-3, save_steps=1,
                   save_total_limit=3, warmup_steps=2)
     straight = dpo_config(tmp_path / "a", micro_model, data, trainer, **common)
     resumed = dpo_config(tmp_path / "b", micro_model, data, trainer, **common)
+    if lora:  # adapters only in the checkpoints; the reference is the policy with them off
+        straight["lora"] = resumed["lora"] = {"r": 4, "target_modules": "all-linear"}
     name = CLI_NAME[trainer]
     result = run_cli(["train", name, "--config", str(write_config(tmp_path, straight, "a.yaml"))])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -243,8 +248,9 @@ def test_killed_run_resumes_to_identical_weights_and_skips_a_corrupt_checkpoint(
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"checkpoint {newest} is not usable ({victim.relative_to(newest)} checksum mismatch)" in result.stdout
     assert "resumed from" in result.stdout
-    a = load_file(Path(straight["dpo_training"]["save_dir"]) / "model.safetensors")
-    b = load_file(run_b / "model.safetensors")
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    a = load_file(Path(straight["dpo_training"]["save_dir"]) / weights)
+    b = load_file(run_b / weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged"
     logged = scalars(run_b / "tensorboard")
     assert [s for s, _ in logged["loss"]] == list(range(1, 15))  # each step once, despite the restart
