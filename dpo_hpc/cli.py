@@ -85,8 +85,10 @@ def _cmd_make_data(args) -> int:
     if not 0.0 <= args.multi_turn_ratio <= 1.0:
         raise SystemExit(f"make-data: --multi-turn-ratio must lie in [0, 1], got {args.multi_turn_ratio}")
     paths = write_dataset(args.dir, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
-                          label_noise=args.label_noise, spec=TaskSpec(multi_turn_ratio=args.multi_turn_ratio))
-    print(f"reversal preference data written: {paths['train']} (train, HH format), {paths['test']} (held-out prompts)")
+                          label_noise=args.label_noise, spec=TaskSpec(multi_turn_ratio=args.multi_turn_ratio),
+                          data_format=args.format)
+    shown = "HH format" if args.format == "text" else "conversational"
+    print(f"reversal preference data written: {paths['train']} (train, {shown}), {paths['test']} (held-out prompts)")
     return 0
 
 
@@ -145,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-noise", type=float, default=0.0, help="fraction of pairs with chosen/rejected swapped")
     p.add_argument("--multi-turn-ratio", type=float, default=0.2,
                    help="fraction of rows with one solved exchange before the asked one")
+    p.add_argument("--format", choices=["text", "conversational"], default="text",
+                   help="training rows as HH transcripts (text) or TRL's message lists (conversational)")
     p.set_defaults(func=_cmd_make_data)
 
     p = sub.add_parser("evaluate", help="greedy answers on held-out verifiable prompts, scored exactly")

@@ -107,6 +107,20 @@ def generate(
     return train, test
 
 
+def as_conversation(row: dict) -> dict:
+    """An HH training row in TRL's conversational form: ``prompt`` messages, ``chosen`` and
+    ``rejected`` as one assistant message each (metadata kept)."""
+    from .hh import parse_turns
+
+    def messages(transcript: str) -> list[dict[str, str]]:
+        return [{"role": "user" if t.role == "human" else "assistant", "content": t.text.strip()}
+                for t in parse_turns(transcript)]
+
+    chosen, rejected = messages(row["chosen"]), messages(row["rejected"])
+    extra = {k: v for k, v in row.items() if k not in ("chosen", "rejected")}
+    return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:], **extra}
+
+
 def write_jsonl(rows: list[dict], path: Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
@@ -115,16 +129,20 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
 
 def write_dataset(
     out_dir: str | Path, n_train: int = 4000, n_test: int = 500, seed: int = 0, label_noise: float = 0.0,
-    spec: TaskSpec = TaskSpec(),
+    spec: TaskSpec = TaskSpec(), data_format: str = "text",
 ) -> dict[str, Path]:
-    """Write ``train.jsonl`` (HH preference rows), ``test.jsonl`` (prompts + answers) and ``task.json``."""
+    """Write ``train.jsonl`` (preference rows: HH transcripts, or with ``data_format =
+    "conversational"`` TRL's message lists), ``test.jsonl`` (prompts + answers) and ``task.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train, test = generate(n_train, n_test, seed=seed, label_noise=label_noise, spec=spec)
+    if data_format == "conversational":
+        train = [as_conversation(row) for row in train]
     paths = {"train": out / "train.jsonl", "test": out / "test.jsonl", "task": out / "task.json"}
     write_jsonl(train, paths["train"])
     write_jsonl(test, paths["test"])
-    meta = {"task": TASK, "n_train": n_train, "n_test": n_test, "seed": seed, "label_noise": label_noise,
+    meta = {"task": TASK, "format": data_format, "n_train": n_train, "n_test": n_test, "seed": seed,
+            "label_noise": label_noise,
             "multi_turn_ratio": spec.multi_turn_ratio, "flipped": sum(r["label_flipped"] for r in train)}
     paths["task"].write_text(json.dumps(meta, indent=2) + "\n")
     return paths

@@ -71,6 +71,8 @@ class ReversalDataAsset:
     """Fraction of pairs with chosen and rejected swapped."""
     multi_turn_ratio: float = Field(0.2, ge=0.0, le=1.0)
     """Fraction of rows with one solved exchange before the asked one."""
+    format: Literal["text", "conversational"] = "text"
+    """Training rows as HH transcripts, or as TRL's conversational message lists."""
 
 
 @dataclass(config=STRICT, kw_only=True)

@@ -94,7 +94,8 @@ def prepare_assets(plan: Plan) -> None:
 
         print(f"[submit] writing the reversal preference data in {data.dir}")
         write_dataset(data.dir, n_train=data.n_train, n_test=data.n_test, seed=data.seed,
-                      label_noise=data.label_noise, spec=TaskSpec(multi_turn_ratio=data.multi_turn_ratio))
+                      label_noise=data.label_noise, spec=TaskSpec(multi_turn_ratio=data.multi_turn_ratio),
+                      data_format=data.format)
 
 
 def select_runs(plan: Plan, only: Sequence[str], run_ids: Sequence[str]) -> list[Run]:

@@ -43,3 +43,22 @@ def test_local_executor_runs_the_reference_pass_before_its_readers(tmp_path, mic
     assert result.returncode == 0, result.stdout + result.stderr
     assert "4 of 4 run(s) done" in result.stdout and "dpo: dpo-ref-" in result.stdout
     check_reference_pass(tmp_path / "out/refpass")
+
+
+def test_the_chat_example_runs_end_to_end_shrunk(tmp_path):
+    """experiments/chat.toml (conversational data, chat template, SFT then LoRA DPO with two
+    losses) through the local executor, with fewer rows and steps."""
+    import re
+
+    from conftest import REPO
+
+    text = (REPO / "experiments/chat.toml").read_text()
+    text = text.replace("n_train = 3000", "n_train = 120").replace("batch_size = 64", "batch_size = 8")
+    text = re.sub(r"max_steps = \d+", "max_steps = 3", text).replace("batch_size = 32", "batch_size = 4")
+    (tmp_path / "chat.toml").write_text(text)
+    result = run(tmp_path, "dpo_hpc.submit", "chat.toml", "--local")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 of 3 run(s) done" in result.stdout
+    manifests = [json.loads(p.read_text()) for p in (tmp_path / "runs/chat/dpo").glob("*/run_manifest.json")]
+    assert [m["reference"] for m in manifests] == ["policy with adapters off"] * 2
+    assert all((p / "adapter_model.safetensors").exists() for p in (tmp_path / "runs/chat/dpo").iterdir())
