@@ -36,6 +36,9 @@ def _parse_override(text: str) -> tuple[str, object]:
 def load_with_overrides(path: str, trainer: Optional[str], overrides: Sequence[str]):
     """The validated config (trainer given, or detected from the sections after overrides)."""
     data = read_mapping(path)
+    if "experiment" in data or "stages" in data:
+        raise ConfigError([f"{path} is an experiment file (it has [experiment] / [stages]), not a trainer config; "
+                           f"check it with `dpo-hpc submit {path} --dry-run`, run it with `dpo-hpc submit {path}`"])
     for text in overrides:
         key, value = _parse_override(text)
         set_dotted(data, key, value, f"--set {text}")
@@ -112,9 +115,17 @@ def _cmd_evaluate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="dpo-hpc", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"dpo-hpc {__version__}")
     _accept_launcher_rank(parser)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, text in (("submit", "submit an experiment file (stages x grid) to Slurm, or run it locally"),
+                       ("status", "where every run of an experiment stands"),
+                       ("report", "tables and plots of an experiment's results")):
+        sub.add_parser(name, help=text, add_help=False)  # listed here; main() hands their arguments over
 
     def config_args(p):
         p.add_argument("--config", "-c", required=True, help="trainer config file (.toml, .yaml, .json)")
@@ -162,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _experiment_command(name: str):
+    """``dpo-hpc submit|status|report ...``: the experiment commands, which parse their own arguments."""
+    from . import report, status, submit
+
+    return {"submit": submit.main, "status": status.main, "report": report.main}[name]
+
+
 def _guarded(func, *args) -> int:
     from .checkpoint import CheckpointError
     from .data import DataError
@@ -178,6 +196,9 @@ def _guarded(func, *args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("submit", "status", "report"):
+        return _experiment_command(argv[0])(argv[1:])
     args = build_parser().parse_args(argv)
     return _guarded(args.func, args)
 

@@ -19,7 +19,8 @@ import torch
 from .data.collate import pad_rows
 from .data.tokenize import SpecialTokens, encode_completion
 from .algorithms.logprobs import sequence_logps
-from .data.verifiable import reward
+from .data.sources import DataError
+from .data.verifiable import is_task_prompt, prompt_for, reward
 
 
 @torch.no_grad()
@@ -54,15 +55,24 @@ def win_rate(rewards: Sequence[float], baseline: Sequence[float]) -> float:
 
 
 def load_test_rows(path: str | Path, limit: Optional[int] = None) -> tuple[list[str], Optional[list[str]]]:
-    """Prompts, and the reference answers when every row has an ``answer`` string (make-data writes them)."""
+    """Prompts, and the reference answers when every row has an ``answer`` string (make-data writes them).
+    Rows that are not prompts of the verifiable task are refused: its exact reward would score them
+    as if they were."""
     prompts, answers = [], []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
-            if not isinstance(row.get("prompt"), str):
-                raise ValueError(f"{path}:{line_no}: expected a 'prompt' string")
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{line_no}: not a JSON object ({exc.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise DataError(f"{path}:{line_no}: expected an object with a 'prompt' string")
+            if not is_task_prompt(row["prompt"]):
+                raise DataError(f"{path}:{line_no}: not a prompt of the verifiable reversal task (expected "
+                                f"'{prompt_for('WORD')!r}', as `dpo-hpc make-data` writes to test.jsonl); "
+                                "evaluate scores only that task")
             prompts.append(row["prompt"])
             answers.append(row.get("answer") if isinstance(row.get("answer"), str) else None)
     if limit:

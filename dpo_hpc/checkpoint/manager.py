@@ -165,9 +165,17 @@ class Checkpointer:
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(self.root)
-        for old in self.published()[self.keep:]:
+        self.prune(self.keep)
+
+    def prune(self, keep: int) -> list[Path]:
+        """Remove all but the ``keep`` newest published checkpoints (rank 0; only folders that are
+        ours: they hold our manifest). Returns what was removed."""
+        removed = []
+        for old in self.published()[keep:]:
             if (old / layout.MANIFEST).exists():
                 shutil.rmtree(old)
+                removed.append(old)
+        return removed
 
     # ----- load -----------------------------------------------------------------------------
     def load(self, path: Path) -> int:

@@ -133,6 +133,9 @@ class TrainingConfig:
     """Write a resumable checkpoint every this many optimizer steps (0: none before the end)."""
     save_total_limit: int = Field(2, ge=1, json_schema_extra=RESUMABLE)
     """Checkpoints kept; older ones are removed only after a newer one is complete."""
+    checkpoints_at_end: Literal["all", "last", "none"] = Field("last", json_schema_extra=RESUMABLE)
+    """Checkpoints kept once the run has completed and saved its final model: the last one (for a
+    longer run resumed from it), all that ``save_total_limit`` kept, or none (disk)."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward (non-reentrant): much less activation
     memory for about a third more compute."""

@@ -39,6 +39,13 @@ def prompt_for(word: str, history: tuple[str, ...] = ()) -> str:
     return f"{text}{HUMAN} {INSTRUCTION} {word}{ASSISTANT}"
 
 
+def is_task_prompt(prompt: str) -> bool:
+    """Whether the prompt asks this task's question last (as ``prompt_for`` writes it)."""
+    last = prompt.rsplit(HUMAN, 1)[-1]
+    return prompt.endswith(ASSISTANT) and HUMAN in prompt and last.startswith(f" {INSTRUCTION} ") \
+        and bool(word_of_prompt(prompt))
+
+
 def word_of_prompt(prompt: str) -> str:
     """The word the last human turn asks to reverse."""
     last = prompt.rsplit(HUMAN, 1)[-1]

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import read_mapping, validate_as
+from ..config import ALGORITHMS, ConfigError, detect_trainer, read_mapping, validate_as
 from .expand import Plan, Run, expand, run_id_for, stage_order
 from .schema import SLURM_DEFAULTS, ExperimentConfig, SlurmConfig, StageConfig, time_to_minutes
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:
     """Read and validate an experiment TOML; every problem is one line naming the file and key."""
-    return validate_as(ExperimentConfig, read_mapping(path), source=str(path))
+    data = read_mapping(path)
+    if "experiment" not in data and "stages" not in data and ("policy_name" in data or "dataset" in data):
+        trainer = detect_trainer(data)
+        raise ConfigError([f"{path} is a trainer config (it has policy_name / dataset), not an experiment file; "
+                           f"train it with `dpo-hpc train {ALGORITHMS[trainer].command} --config {path}`, or name "
+                           f"it as config_file in a stage of an experiment"])
+    return validate_as(ExperimentConfig, data, source=str(path))
 
 
 def load_plan(path: str | Path, cwd: str | Path = ".") -> Plan:

@@ -371,6 +371,10 @@ class Trainer:
             self.logger.log_eval(self.total_steps, self.evaluate())
         save_final_model(self.engine, self.tokenizer, self.run.root, self.dist.is_main,
                          merge_adapter=self.cfg.lora is not None and self.cfg.lora.merge)
+        keep = {"all": None, "last": 1, "none": 0}[self.training.checkpoints_at_end]
+        if keep is not None and self.dist.is_main:  # the final model is written: older states are disk only
+            for path in self.checkpointer.prune(keep):
+                self.say(f"removed {path} (checkpoints_at_end = {self.training.checkpoints_at_end!r})")
         summary = {
             "status": "completed",
             "final_step": self.total_steps,

@@ -65,10 +65,20 @@ def test_answer_logps_equal_one_sequence_scored_by_hand(micro_model):
         assert got == pytest.approx(expected, abs=1e-4)
 
 
-def test_rows_without_answers_give_prompts_only(tmp_path):
+def test_rows_without_answers_give_prompts_only_and_other_data_is_refused(tmp_path, micro_model):
+    from dpo_hpc.data.sources import DataError
+
     path = tmp_path / "prompts.jsonl"
-    path.write_text('{"prompt": "a"}\n\n{"prompt": "b", "answer": " x"}\n')
-    assert load_test_rows(path) == (["a", "b"], None)
+    a, b = "\n\nHuman: Reverse: ab\n\nAssistant:", "\n\nHuman: Reverse: cd\n\nAssistant:"
+    path.write_text(json.dumps({"prompt": a}) + "\n\n" + json.dumps({"prompt": b, "answer": " dc"}) + "\n")
+    assert load_test_rows(path) == ([a, b], None)
     path.write_text('{"answer": " x"}\n')
-    with pytest.raises(ValueError, match="prompts.jsonl:1: expected a 'prompt' string"):
+    with pytest.raises(DataError, match="prompts.jsonl:1: expected an object with a 'prompt' string"):
         load_test_rows(path)
+    # HH-style prompts of another task: the reversal reward would score them silently
+    path.write_text(json.dumps({"prompt": "\n\nHuman: What is the capital of France?\n\nAssistant:"}) + "\n")
+    result = subprocess.run([sys.executable, "-m", "dpo_hpc", "evaluate", str(micro_model), "--data", str(path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "prompts.jsonl:1: not a prompt of the verifiable reversal task" in line and "make-data" in line

@@ -422,3 +422,16 @@ def test_two_ranks_share_the_reference_pass(tmp_path, micro_model, zero_stage):
     train_rows = json.loads((run_dir / "data_report.json").read_text())["train"]["kept"]
     val_rows = json.loads((run_dir / "data_report.json").read_text())["validation"]["kept"]
     assert len(ids) == len(set(ids)) == train_rows + val_rows  # every pair once, from both ranks
+
+
+@pytest.mark.parametrize("at_end, kept", [("last", [2]), ("all", [2, 1]), ("none", [])])  # none at the last step
+def test_checkpoints_at_end_keeps_what_was_asked_for(tmp_path, micro_model, at_end, kept):
+    from dpo_hpc.trainers.trainer import train
+
+    raw = run_config(tmp_path, micro_model, small_data(tmp_path, 20), "dpo_training", max_steps=3, batch_size=4,
+                     save_steps=1, save_total_limit=3, checkpoints_at_end=at_end)
+    train(validate_mapping(raw, "dpo"), "dpo")
+    run_dir = Path(raw["dpo_training"]["save_dir"])
+    assert [p.name for p in layout.published_checkpoints(run_dir / "checkpoints")] == \
+        [layout.step_dir_name(step) for step in kept]
+    assert (run_dir / "model.safetensors").exists()

@@ -23,7 +23,8 @@ LAYERS = [
     ("dpo_hpc.trainers",),             # engine, Trainer, metrics, the original API
     ("dpo_hpc.evaluate",),             # the verifiable benchmark's scorer
     ("dpo_hpc.launch",),               # Slurm and local submission, job states, the array task
-    ("dpo_hpc.cli", "dpo_hpc.submit", "dpo_hpc.status", "dpo_hpc.reference"),
+    ("dpo_hpc.submit", "dpo_hpc.status", "dpo_hpc.report", "dpo_hpc.reference"),  # experiment commands
+    ("dpo_hpc.cli",),                  # dpo-hpc: train, validate, and the experiment commands
     ("dpo_hpc.__main__",),
 ]
 __doc__ += "\n".join(f"  {i}. {', '.join(units)}" for i, units in enumerate(LAYERS))

@@ -90,6 +90,9 @@ def test_sft_messages_train_on_assistant_turns_from_the_template(tok, hf_cache, 
     (last, *_), _, _ = load_splits(cfg(path), tok, "sft", assistant_turns="last")
     assert decode(tok, [t for t, m in zip(last.input_ids, last.loss_mask) if m]) == "two</s>\n"
     assert report["train"]["kept"] == 3
+    (system, *_), _, _ = load_splits(cfg(path, system_prompt="Be brief."), tok, "sft")
+    assert decode(tok, system.input_ids).startswith("<s><|system|>\nBe brief.</s>\n<|user|>\na</s>")
+    assert decode(tok, [t for t, m in zip(system.input_ids, system.loss_mask) if m]) == "one</s>\ntwo</s>\n"
 
 
 def test_mixed_formats_load_and_bad_rows_are_counted_by_reason(tmp_path, tok, hf_cache):
