@@ -14,23 +14,11 @@ from typing import Optional, Sequence
 
 from pathlib import Path
 
-from .config import ALGORITHMS, ConfigError, by_command, detect_trainer, read_mapping, set_dotted, to_dict, validate_mapping
+from .config import (ALGORITHMS, ConfigError, by_command, detect_trainer, parse_override, read_mapping, set_dotted,
+                     to_dict, validate_mapping)
 
 TRAINERS = {algo.command: algo.name for algo in ALGORITHMS.values()}
 """``dpo-hpc train COMMAND`` -> the algorithm's name (from the registry)."""
-
-
-def _parse_override(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise ConfigError([f"--set {text}: expected KEY.PATH=VALUE"])
-    key, raw = text.split("=", 1)
-    from .config.loader import tomllib
-
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # a bare word is a string
-    return key.strip(), value
 
 
 def load_with_overrides(path: str, trainer: Optional[str], overrides: Sequence[str]):
@@ -40,7 +28,7 @@ def load_with_overrides(path: str, trainer: Optional[str], overrides: Sequence[s
         raise ConfigError([f"{path} is an experiment file (it has [experiment] / [stages]), not a trainer config; "
                            f"check it with `dpo-hpc submit {path} --dry-run`, run it with `dpo-hpc submit {path}`"])
     for text in overrides:
-        key, value = _parse_override(text)
+        key, value = parse_override(text)
         set_dotted(data, key, value, f"--set {text}")
     detected = detect_trainer(data)
     try:

@@ -26,7 +26,8 @@ from typing import Any, Optional, Sequence
 
 from .checkpoint import RunDir
 from .config import ALGORITHMS, ConfigError
-from .experiment import Plan, Run, load_plan
+from .experiment import Plan, Run
+from .launch.plans import open_plan
 from .launch.jobs import plan_status
 from .launch.submission import ledger_of
 
@@ -85,7 +86,7 @@ def stage_table(plan: Plan, stage: str, rows: dict[str, dict]) -> str:
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         groups.setdefault(grid_point(run), []).append(run)
-    metrics = [m for m in (*(f"eval/{n}" for n in FINAL), *(f"train/{n}" for n in FINAL))
+    metrics = [m for m in (*(f"eval/{n}" for n in FINAL), "train/loss")  # runs.csv has the rest
                if any(m in rows[r.run_id] for r in runs)]
     axes = [axis for axis, _ in next(iter(groups))] if groups else []
     header = [*(a.split(".")[-1] for a in axes), "runs done", *metrics]
@@ -192,10 +193,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="dpo-hpc report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment")
+    parser.add_argument("--set", "-s", action="append", default=[], metavar="[STAGE.]KEY.PATH=VALUE",
+                        help="the plan with these overrides (default: those of the last submission)")
     parser.add_argument("--out", help="folder for the report (default: <output_root>/<name>/report)")
     args = parser.parse_args(argv)
     try:
-        plan = load_plan(args.experiment)
+        plan, _ = open_plan(args.experiment, ".", args.set or None)
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return 2

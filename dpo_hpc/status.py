@@ -14,7 +14,7 @@ import time
 from typing import Optional, Sequence
 
 from .config import ConfigError
-from .experiment import load_plan
+from .launch.plans import open_plan
 from .launch.jobs import ACTIVE_STATES, plan_status
 from .launch.submission import ledger_of
 from .launch.table import rows, table
@@ -24,12 +24,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpo_hpc.status", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment")
+    parser.add_argument("--set", "-s", action="append", default=[], metavar="[STAGE.]KEY.PATH=VALUE",
+                        help="the plan with these overrides (default: those of the last submission)")
     parser.add_argument("--watch", type=float, nargs="?", const=10.0, metavar="SECONDS",
                         help="refresh every SECONDS (default 10) until no run is pending, running or requeued")
     parser.add_argument("--json", action="store_true", help="one JSON object per run instead of the table")
     args = parser.parse_args(argv)
     try:
-        plan = load_plan(args.experiment)
+        plan, _ = open_plan(args.experiment, ".", args.set or None)
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ queued or running ones are not duplicated, failed or stopped ones are submitted 
     python -m dpo_hpc.submit experiments/tiny.toml --dry-run      # plan, sbatch scripts, manifest.jsonl
     python -m dpo_hpc.submit experiments/tiny.toml                # submit (or run locally)
     python -m dpo_hpc.submit experiments/tiny.toml --only sft --runs sft-1a2b3c4d5e
+    python -m dpo_hpc.submit experiments/tiny.toml --set training.max_steps=10   # every stage, shortened
     python -m dpo_hpc.status experiments/tiny.toml
 """
 
@@ -22,9 +23,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import ConfigError
-from .experiment import load_plan
 from .launch.jobs import plan_status
 from .launch.local import run_local
+from .launch.plans import open_plan, record_overrides
 from .launch.submission import (decide, ledger_of, prepare_assets, print_plan, select_runs, submit_slurm, wait_for,
                                 write_plan_files)
 
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", action="append", default=[], metavar="STAGE", help="submit only this stage (repeatable)")
     parser.add_argument("--runs", default="", metavar="ID,...", help="submit only these run ids")
     parser.add_argument("--local", action="store_true", help="run through the local executor even if sbatch exists")
+    parser.add_argument("--set", "-s", action="append", default=[], metavar="[STAGE.]KEY.PATH=VALUE",
+                        help="override a trainer config value of every stage that has it (or of STAGE only), "
+                             "e.g. --set training.max_steps=10; status and report reuse the last submission's")
     parser.add_argument("--wait", action="store_true",
                         help="with Slurm: wait until no submitted run is pending, running or requeued, then print the status table")
     return parser
@@ -49,21 +53,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cwd = Path.cwd()
     started = time.perf_counter()
     try:
-        plan = load_plan(args.experiment, cwd)
+        plan, overrides = open_plan(args.experiment, cwd, args.set)
         selected = select_runs(plan, args.only, [r for r in args.runs.split(",") if r])
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return 2
     if args.dry_run:
         out = write_plan_files(plan, cwd, Path(args.out) if args.out else None)
-        print_plan(plan, None, {r.run_id: "would submit" for r in selected})
+        print_plan(plan, None, {r.run_id: "would submit" for r in selected}, overrides)
         print(f"[submit] dry run: {sum(r.role == 'train' for r in plan.runs)} runs planned in {time.perf_counter() - started:.2f} s; "
               f"sbatch scripts and manifest.jsonl in {out}; nothing submitted")
         return 0
     statuses = plan_status(plan, ledger_of(plan).latest())
     decisions = decide(plan, selected, statuses)
     write_plan_files(plan, cwd)
-    print_plan(plan, statuses, decisions)
+    record_overrides(plan, overrides)
+    print_plan(plan, statuses, decisions, overrides)
     to_submit = [r for r in plan.runs if decisions.get(r.run_id) == "submit"]
     if not to_submit:
         print("[submit] nothing to submit")

@@ -1,8 +1,8 @@
 """Configuration: typed sections, the algorithm registry and strict loading (no torch imported here)."""
 
 from .errors import ConfigError
-from .loader import (detect_trainer, load_config, read_mapping, set_dotted, to_dict, to_identity, validate_as,
-                     validate_mapping)
+from .loader import (detect_trainer, load_config, parse_override, read_mapping, set_dotted, to_dict, to_identity,
+                     validate_as, validate_mapping)
 from .registry import ALGORITHMS, Algorithm, algorithm, by_command
 from .schema import (
     STRICT,
@@ -24,6 +24,6 @@ __all__ = [
     "ALGORITHMS", "STRICT", "Algorithm", "BetaDPORunConfig", "BetaDPOSectionConfig", "BetaUpdateConfig",
     "ConfigError", "DatasetConfig", "DeepSpeedConfig", "DPORunConfig", "DPOTrainingConfig",
     "DynamicBetaDPORunConfig", "RiskTestConfig", "SFTRunConfig", "SFTTrainingConfig", "TrainingConfig",
-    "algorithm", "by_command", "detect_trainer", "load_config", "read_mapping", "set_dotted", "to_dict", "to_identity",
-    "validate_as", "validate_mapping",
+    "algorithm", "by_command", "detect_trainer", "load_config", "parse_override", "read_mapping", "set_dotted",
+    "to_dict", "to_identity", "validate_as", "validate_mapping",
 ]

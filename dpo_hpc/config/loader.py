@@ -196,3 +196,15 @@ def to_identity(cfg) -> dict[str, Any]:
     resumes of existing runs as they were, and a moved run is the same run."""
     dumped = TypeAdapter(type(cfg)).dump_python(cfg, by_alias=True, mode="json", exclude_defaults=True)
     return _drop(dumped, type(cfg), "location")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``KEY.PATH=VALUE`` (``--set``) -> (key, value); the value is read as TOML, a bare word as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"--set {text}: expected KEY.PATH=VALUE"])
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word is a string
+    return key.strip(), value

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Sequence
 
 from ..config import ALGORITHMS, ConfigError, detect_trainer, read_mapping, validate_as
-from .expand import Plan, Run, expand, run_id_for, stage_order
+from .expand import Plan, Run, expand, experiment_root, run_id_for, stage_order
 from .schema import SLURM_DEFAULTS, ExperimentConfig, SlurmConfig, StageConfig, time_to_minutes
 
 
@@ -20,9 +21,10 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
     return validate_as(ExperimentConfig, data, source=str(path))
 
 
-def load_plan(path: str | Path, cwd: str | Path = ".") -> Plan:
-    return expand(load_experiment(path), path, cwd)
+def load_plan(path: str | Path, cwd: str | Path = ".", overrides: Sequence[tuple[str, Any]] = ()) -> Plan:
+    """The experiment's runs; ``overrides`` are ``--set`` (key, value) pairs."""
+    return expand(load_experiment(path), path, cwd, overrides)
 
 
-__all__ = ["SLURM_DEFAULTS", "ExperimentConfig", "Plan", "Run", "SlurmConfig", "StageConfig", "expand",
+__all__ = ["SLURM_DEFAULTS", "ExperimentConfig", "Plan", "Run", "SlurmConfig", "StageConfig", "expand", "experiment_root",
            "load_experiment", "load_plan", "run_id_for", "stage_order", "time_to_minutes"]

@@ -13,7 +13,7 @@ import itertools
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from ..config import ALGORITHMS, ConfigError, read_mapping, set_dotted, to_dict, to_identity, validate_mapping
 from .schema import ExperimentConfig, StageConfig
@@ -122,6 +122,61 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
+def _sections(trainer: str) -> set[str]:
+    config = ALGORITHMS[trainer].config
+    return {info.alias or name for name, info in config.__pydantic_fields__.items()}
+
+
+_ANY_TRAINER = set().union(*(_sections(name) for name in ALGORITHMS))
+
+
+def for_trainer(mapping: dict[str, Any], trainer: str) -> dict[str, Any]:
+    """The part of a shared mapping (``[defaults]``, ``--set``) that is a ``trainer`` stage's:
+    ``training`` means its training section; sections only other trainers have are left out."""
+    own = _sections(trainer)
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if key == "training":
+            key = ALGORITHMS[trainer].training_section
+        elif key in _ANY_TRAINER and key not in own:
+            continue
+        out[key] = _deep_merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def _dotted_keys(mapping: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in mapping.items():
+        keys += _dotted_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+    return keys
+
+
+def overrides_by_stage(exp: ExperimentConfig, source: Path, overrides: Sequence[tuple[str, Any]]) -> dict[str, dict]:
+    """``--set`` values as a patch per stage: ``STAGE.KEY=VALUE`` for one stage, ``KEY=VALUE`` for
+    every stage it applies to (``training.KEY`` for every training section). A key no stage takes,
+    or one that a stage varies in its grid, is an error."""
+    patches: dict[str, dict] = {name: {} for name in exp.stages}
+    for key, value in overrides:
+        first, _, rest = key.partition(".")
+        targets = [first] if first in exp.stages and rest else list(exp.stages)
+        dotted = rest if first in exp.stages and rest else key
+        nested: dict[str, Any] = {}
+        set_dotted(nested, dotted, value, f"--set {key}")
+        taken = []
+        for name in targets:
+            part = for_trainer(nested, exp.stages[name].trainer)
+            if not part:
+                continue
+            axis = next((k for k in _dotted_keys(part) if k in exp.stages[name].grid), None)
+            if axis:
+                _fail(source, f"--set {key}", f"stage '{name}' varies {axis} in its grid; change the grid instead")
+            patches[name] = _deep_merge(patches[name], part)
+            taken.append(name)
+        if not taken:
+            _fail(source, f"--set {key}", f"no stage has this key's section; stages are {', '.join(exp.stages)}")
+    return patches
+
+
 def _grid_points(stage: StageConfig) -> list[dict[str, Any]]:
     axes = list(stage.grid)
     return [dict(zip(axes, values)) for values in itertools.product(*(stage.grid[a] for a in axes))]
@@ -138,25 +193,33 @@ def run_id_for(stage: str, trainer: str, identity: dict, parent: Optional[str], 
     return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
-def expand(exp: ExperimentConfig, source: str | Path, cwd: str | Path) -> Plan:
+def experiment_root(exp: ExperimentConfig, cwd: str | Path) -> Path:
+    """``<output_root>/<name>``, absolute: where the experiment's runs and bookkeeping live."""
+    return (Path(cwd) / exp.experiment.output_root / exp.experiment.name).resolve()
+
+
+def expand(exp: ExperimentConfig, source: str | Path, cwd: str | Path,
+           overrides: Sequence[tuple[str, Any]] = ()) -> Plan:
     """All runs of the experiment, stage by stage in dependency order, each validated.
 
     ``source`` is the experiment file (``config_file`` paths are relative to its folder);
-    ``cwd`` anchors a relative ``output_root``.
+    ``cwd`` anchors a relative ``output_root``. A stage's config is ``[defaults]`` <- its
+    ``config_file`` <- its ``config`` <- ``overrides`` (``--set``) <- its grid values.
     """
     source = Path(source)
-    root = (Path(cwd) / exp.experiment.output_root / exp.experiment.name).resolve()
+    root = experiment_root(exp, cwd)
     order = stage_order(exp, source)
+    patches = overrides_by_stage(exp, source, overrides)
     runs: list[Run] = []
     by_stage: dict[str, list[Run]] = {}
     for name in order:
         stage = exp.stages[name]
         where = f"stages.{name}"
-        base: dict[str, Any] = {}
+        base: dict[str, Any] = for_trainer(exp.defaults, stage.trainer)
         if stage.config_file:
             path = Path(stage.config_file)
-            base = read_mapping(path if path.is_absolute() else source.parent / path)
-        base = _deep_merge(base, stage.config)
+            base = _deep_merge(base, read_mapping(path if path.is_absolute() else source.parent / path))
+        base = _deep_merge(_deep_merge(base, stage.config), patches[name])
         section = ALGORITHMS[stage.trainer].training_section
         if exp.experiment.seed is not None:
             base.setdefault(section, {}).setdefault("seed", exp.experiment.seed)

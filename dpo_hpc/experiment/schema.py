@@ -194,6 +194,11 @@ class StageConfig:
 class ExperimentConfig:
     experiment: ExperimentSection
     stages: dict[str, StageConfig]
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    """Trainer config keys merged under every stage's config (a stage's config_file and config win):
+    the dataset, precision or DeepSpeed settings all stages share. A training section here
+    (``sft_training``, ``dpo_training``) reaches only the stages whose trainer has it; ``training``
+    reaches every stage's."""
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     prepare: PrepareSection = Field(default_factory=PrepareSection)
 

@@ -60,12 +60,17 @@ def _grid_text(run: Run) -> str:
     return " ".join(f"{k}={v}" for k, v in run.grid_values.items())
 
 
-def print_plan(plan: Plan, statuses: Optional[dict[str, RunStatus]], decisions: dict[str, str]) -> None:
+def print_plan(plan: Plan, statuses: Optional[dict[str, RunStatus]], decisions: dict[str, str],
+               overrides: Sequence[str] = ()) -> None:
     exp = plan.experiment
     trained = [r for r in plan.runs if r.role == "train"]
     passes = len(plan.runs) - len(trained)
     print(f"experiment {exp.experiment.name}: {len(trained)} runs in {len(plan.stage_order)} stages"
           + (f" (+ {passes} reference pass{'es' if passes > 1 else ''})" if passes else "") + f" -> {plan.root}")
+    if exp.defaults:
+        print(f"  [defaults] under every stage: {json.dumps(exp.defaults, sort_keys=True)}")
+    if overrides:
+        print(f"  --set over every stage that has the key: {' '.join(overrides)}")
     for stage, role in plan.arrays():
         cfg = exp.stages[stage]
         slurm = stage_slurm(plan, stage)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 
@@ -30,12 +30,32 @@ class Tracker(Protocol):
     def close(self) -> None: ...
 
 
+HPARAM_METRICS = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "train/loss")
+"""The scalars TensorBoard's HParams view puts beside each run's settings."""
+
+
+def flat_hparams(identity: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A run's settings as HParams: every value that differs from its default (the config's
+    identity, so the grid values among them), dotted keys, lists as text."""
+    out: dict[str, Any] = {}
+    for key, value in identity.items():
+        if isinstance(value, dict):
+            out.update(flat_hparams(value, f"{prefix}{key}."))
+        elif value is not None:
+            out[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return out
+
+
 class TensorBoard:
-    def __init__(self, run: RunDir, start_step: int):
+    def __init__(self, run: RunDir, start_step: int, hparams: Optional[dict[str, Any]] = None):
         from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
 
         # Steps after the checkpoint are logged again; purge what an interrupted attempt wrote for them.
         self.writer = SummaryWriter(str(run.tensorboard), purge_step=start_step + 1 if start_step else None)
+        if hparams and not start_step:  # in the run's own event file: the HParams view lists each run once
+            for summary in hparams_summary(hparams, {name: 0.0 for name in HPARAM_METRICS}):
+                self.writer.file_writer.add_summary(summary)
 
     def scalars(self, split, metrics, step):
         for name, value in metrics.items():
@@ -89,11 +109,13 @@ class WandB:
         self.run.finish()
 
 
-def open_trackers(report_to: list[str], run: RunDir, start_step: int, name: str,
-                  config: dict[str, Any]) -> list[Tracker]:
+def open_trackers(report_to: list[str], run: RunDir, start_step: int, name: str, config: dict[str, Any],
+                  identity: dict[str, Any]) -> list[Tracker]:
+    """``config``: the whole resolved config (W&B's run config); ``identity``: what differs from
+    the defaults (TensorBoard's HParams, with the run name)."""
     trackers: list[Tracker] = []
     if "tensorboard" in report_to:
-        trackers.append(TensorBoard(run, start_step))
+        trackers.append(TensorBoard(run, start_step, {"run_name": name, **flat_hparams(identity)}))
     if "wandb" in report_to:
         trackers.append(WandB(run, name, config))
     return trackers

@@ -23,7 +23,7 @@ from ..algorithms.logprobs import CompletionScorer
 from ..algorithms.objectives import build_objective
 from ..checkpoint import CheckpointError, RunDir, config_hash
 from ..checkpoint.manager import Checkpointer
-from ..config import ALGORITHMS, Algorithm, ConfigError, algorithm, to_dict, validate_mapping
+from ..config import ALGORITHMS, Algorithm, ConfigError, algorithm, to_dict, to_identity, validate_mapping
 from ..config.loader import flagged_keys
 from ..data.collate import collate_pairs
 from ..data.pipeline import load_splits, report_lines, write_report
@@ -117,7 +117,7 @@ class Trainer:
         self.setup()
         start = self.resume()
         trackers = open_trackers(self.training.report_to, self.run, start, self.training.run_name or self.run.root.name,
-                                 to_dict(self.cfg)) if self.dist.is_main else []
+                                 to_dict(self.cfg), to_identity(self.cfg)) if self.dist.is_main else []
         self.logger = MetricsLogger(self.run, self.total_steps, start, self.training.logging_steps, self.dist.is_main,
                                     self.say, trackers)
         self.say(f"{self.total_steps} steps of {self.global_batch} "

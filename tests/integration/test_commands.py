@@ -40,9 +40,10 @@ SEEDED_DPO = DPO.replace('"dpo_training.beta" = [0.1, 0.3]', '"dpo_training.beta
 
 def test_report_tables_and_plots_of_a_finished_experiment(tmp_path, micro_model, reverse_data):
     path = experiment(tmp_path, micro_model, reverse_data, SFT + SEEDED_DPO, name="rep")
-    done = dpo_hpc(tmp_path, "submit", path.name, "--local")
+    done = dpo_hpc(tmp_path, "submit", path.name, "--local", "--set", "training.max_steps=2")
     assert done.returncode == 0, done.stdout + done.stderr
-    result = dpo_hpc(tmp_path, "report", path.name)
+    assert "--set over every stage that has the key: training.max_steps=2" in done.stdout
+    result = dpo_hpc(tmp_path, "report", path.name)  # the plan as submitted, --set included
     assert result.returncode == 0, result.stderr
     out = tmp_path / "out/rep/report"
     rows = list(csv.DictReader((out / "runs.csv").open()))

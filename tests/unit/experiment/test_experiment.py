@@ -236,10 +236,18 @@ def test_slurm_times(text, minutes):
     assert time_to_minutes(text) == minutes
 
 
-@pytest.mark.parametrize("name", EXAMPLES)
-def test_example_experiments_match_golden_dry_run(tmp_path, name):
+GOLDEN_CASES = [(name, name, ()) for name in EXAMPLES] + [
+    ("tiny_set", "tiny", ("training.max_steps=5", "sft.sft_training.batch_size=16")),  # --set on submit
+]
+
+
+@pytest.mark.parametrize("name, example, overrides", GOLDEN_CASES)
+def test_example_experiments_match_golden_dry_run(tmp_path, name, example, overrides):
     """The exact sbatch scripts and manifest.jsonl a dry run writes (regenerate: DPO_HPC_REGEN_GOLDEN=1)."""
-    plan = load_plan(REPO / "experiments" / f"{name}.toml", cwd=REPO)
+    from dpo_hpc.config import parse_override
+
+    plan = load_plan(REPO / "experiments" / f"{example}.toml", cwd=REPO,
+                     overrides=[parse_override(text) for text in overrides])
     out = write_plan_files(plan, REPO, tmp_path / "dry")
     golden = GOLDEN / name
     produced = {p.relative_to(out).as_posix(): p.read_text().replace(sys.executable, "<PYTHON>").replace(str(REPO), "<REPO>")
@@ -252,6 +260,34 @@ def test_example_experiments_match_golden_dry_run(tmp_path, name):
     assert produced.keys() == expected.keys()
     for rel in produced:
         assert produced[rel] == expected[rel], f"{rel} differs from tests/golden/{name}/{rel}"
+
+
+def test_defaults_and_set_reach_the_stages_that_have_the_key(tmp_path):
+    from dpo_hpc.config import parse_override
+
+    text = BASE.replace('dataset = { dataset_name = "data.jsonl" }\n', "") + \
+        DPO.replace('dataset = { dataset_name = "data.jsonl" }\n', "") + \
+        '[defaults]\ndataset = { dataset_name = "shared.jsonl", max_length = 384 }\n' \
+        'dpo_training = { warmup_steps = 7 }\n[stages.dpo.grid]\n"dpo_training.beta" = [0.1, 0.2]\n'
+    plan = plan_of(tmp_path, text)
+    sft, dpo = plan.stage_runs("sft")[0], plan.stage_runs("dpo")[0]
+    assert sft.config["dataset"]["dataset_name"] == dpo.config["dataset"]["dataset_name"] == "shared.jsonl"
+    assert dpo.config["dpo_training"]["warmup_steps"] == 7 and sft.config["sft_training"]["warmup_steps"] == 0
+    (tmp_path / "exp.toml").write_text(text)
+
+    def with_set(*texts):
+        return load_plan(tmp_path / "exp.toml", cwd=tmp_path, overrides=[parse_override(t) for t in texts])
+
+    short = with_set("training.max_steps=3", "sft.sft_training.batch_size=16", "dataset.max_length=300")
+    assert [r.config[r.trainer + "_training" if r.trainer == "sft" else "dpo_training"]["max_steps"]
+            for r in short.runs] == [3, 3, 3]
+    assert short.stage_runs("sft")[0].config["sft_training"]["batch_size"] == 16
+    assert short.stage_runs("dpo")[0].config["dpo_training"]["batch_size"] == 2
+    assert {r.config["dataset"]["max_length"] for r in short.runs} == {300}
+    for texts, message in ((("dpo_training.beta=0.5",), "stage 'dpo' varies dpo_training.beta in its grid"),
+                           (("risk_test.delta=0.2",), "no stage has this key's section")):
+        with pytest.raises(ConfigError, match=message):
+            with_set(*texts)
 
 
 def test_dry_run_of_a_thousand_runs_renders_one_array_per_stage(tmp_path):

@@ -26,3 +26,23 @@ def test_tags_are_train_and_eval_and_legacy_bare_names_read_as_train(tmp_path):
     old.close()
     assert read_scalars(tmp_path / "old") == {"train/loss": [(1, 0.5)], "train/rewards/margins": [(1, 0.25)],
                                               "eval/loss": [(1, 0.75)]}
+
+
+def test_a_run_carries_its_settings_as_hparams(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from dpo_hpc.trainers.trackers import flat_hparams
+
+    identity = {"dpo_training": {"beta": 0.3, "learning_rate": 1e-4}, "lora": {"r": 8, "target_modules": ["q", "v"]}}
+    assert flat_hparams(identity) == {"dpo_training.beta": 0.3, "dpo_training.learning_rate": 1e-4, "lora.r": 8,
+                                      "lora.target_modules": "['q', 'v']"}
+    board = TensorBoard(RunDir(tmp_path), start_step=0, hparams={"run_name": "dpo-1 beta=0.3", **flat_hparams(identity)})
+    board.scalars(TRAIN, {"loss": 0.5}, 1)
+    board.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    assert info.hparams["dpo_training.beta"].number_value == 0.3
+    assert info.hparams["run_name"].string_value == "dpo-1 beta=0.3"

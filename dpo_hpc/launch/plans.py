@@ -1,0 +1,35 @@
+"""Opening an experiment's plan the way its last submission saw it.
+
+``--set`` values change run ids (a shorter ``max_steps`` is another run), so ``status`` and
+``report`` must expand the file with the same values ``submit`` used: submit records them in
+``.submit/overrides.json``, and the other commands read them unless given their own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..config import ConfigError, parse_override
+from ..experiment import Plan, expand, experiment_root, load_experiment
+from ..fsutil import atomic_write_bytes
+from .layout import overrides_path
+
+
+def open_plan(path: str | Path, cwd: str | Path, overrides: Optional[Sequence[str]] = None) -> tuple[Plan, list[str]]:
+    """(plan, the ``--set`` texts it was expanded with): ``overrides`` when given, else those of
+    the last submission."""
+    exp = load_experiment(path)
+    if overrides is None:
+        recorded = overrides_path(experiment_root(exp, cwd))
+        try:
+            overrides = json.loads(recorded.read_text()) if recorded.exists() else []
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError([f"{recorded}: unreadable ({exc}); submit again to rewrite it"]) from None
+    texts = list(overrides)
+    return expand(exp, path, cwd, [parse_override(text) for text in texts]), texts
+
+
+def record_overrides(plan: Plan, texts: Sequence[str]) -> None:
+    atomic_write_bytes(overrides_path(plan.root), (json.dumps(list(texts)) + "\n").encode())
