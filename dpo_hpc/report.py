@@ -198,7 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", help="folder for the report (default: <output_root>/<name>/report)")
     args = parser.parse_args(argv)
     try:
-        plan, _ = open_plan(args.experiment, ".", args.set or None)
+        plan, _ = open_plan(args.experiment, args.set or None)
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ from .config import ConfigError
 from .launch.plans import open_plan
 from .launch.jobs import ACTIVE_STATES, plan_status
 from .launch.submission import ledger_of
-from .launch.table import rows, table
+from .launch.table import json_rows, table
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -28,17 +28,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="the plan with these overrides (default: those of the last submission)")
     parser.add_argument("--watch", type=float, nargs="?", const=10.0, metavar="SECONDS",
                         help="refresh every SECONDS (default 10) until no run is pending, running or requeued")
-    parser.add_argument("--json", action="store_true", help="one JSON object per run instead of the table")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per run with raw values (grid mapping, integer steps, metrics, log path)")
     args = parser.parse_args(argv)
     try:
-        plan, _ = open_plan(args.experiment, ".", args.set or None)
+        plan, _ = open_plan(args.experiment, args.set or None)
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return 2
     while True:
         statuses = plan_status(plan, ledger_of(plan).latest())
         if args.json:
-            for row in rows(plan, statuses):
+            for row in json_rows(plan, statuses):
                 print(json.dumps(row))
         else:
             if args.watch:

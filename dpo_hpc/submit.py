@@ -50,23 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    cwd = Path.cwd()
     started = time.perf_counter()
     try:
-        plan, overrides = open_plan(args.experiment, cwd, args.set)
+        plan, overrides = open_plan(args.experiment, args.set)
         selected = select_runs(plan, args.only, [r for r in args.runs.split(",") if r])
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return 2
     if args.dry_run:
-        out = write_plan_files(plan, cwd, Path(args.out) if args.out else None)
+        out = write_plan_files(plan, Path(args.out) if args.out else None)
         print_plan(plan, None, {r.run_id: "would submit" for r in selected}, overrides)
         print(f"[submit] dry run: {sum(r.role == 'train' for r in plan.runs)} runs planned in {time.perf_counter() - started:.2f} s; "
               f"sbatch scripts and manifest.jsonl in {out}; nothing submitted")
         return 0
     statuses = plan_status(plan, ledger_of(plan).latest())
     decisions = decide(plan, selected, statuses)
-    write_plan_files(plan, cwd)
+    write_plan_files(plan)
     record_overrides(plan, overrides)
     print_plan(plan, statuses, decisions, overrides)
     to_submit = [r for r in plan.runs if decisions.get(r.run_id) == "submit"]
@@ -75,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     prepare_assets(plan)
     if shutil.which("sbatch") and not args.local:
-        submit_slurm(plan, to_submit, statuses, cwd)
+        submit_slurm(plan, to_submit, statuses)
         if not args.wait:
             print(f"[submit] follow with: python -m dpo_hpc.status {args.experiment}")
             return 0

@@ -21,9 +21,9 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
     return validate_as(ExperimentConfig, data, source=str(path))
 
 
-def load_plan(path: str | Path, cwd: str | Path = ".", overrides: Sequence[tuple[str, Any]] = ()) -> Plan:
+def load_plan(path: str | Path, overrides: Sequence[tuple[str, Any]] = ()) -> Plan:
     """The experiment's runs; ``overrides`` are ``--set`` (key, value) pairs."""
-    return expand(load_experiment(path), path, cwd, overrides)
+    return expand(load_experiment(path), path, overrides)
 
 
 __all__ = ["SLURM_DEFAULTS", "ExperimentConfig", "Plan", "Run", "SlurmConfig", "StageConfig", "expand", "experiment_root",

@@ -65,6 +65,9 @@ class Run:
 class Plan:
     experiment: ExperimentConfig
     source: Path
+    base: Path
+    """The experiment file's folder, absolute: relative paths in the file mean paths from here
+    (the output root, [prepare] folders, and inside stage configs: jobs run in this folder)."""
     root: Path
     """``<output_root>/<experiment name>``, absolute."""
     stage_order: list[str]
@@ -193,21 +196,25 @@ def run_id_for(stage: str, trainer: str, identity: dict, parent: Optional[str], 
     return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
-def experiment_root(exp: ExperimentConfig, cwd: str | Path) -> Path:
-    """``<output_root>/<name>``, absolute: where the experiment's runs and bookkeeping live."""
-    return (Path(cwd) / exp.experiment.output_root / exp.experiment.name).resolve()
+def experiment_base(source: str | Path) -> Path:
+    return Path(source).resolve().parent
 
 
-def expand(exp: ExperimentConfig, source: str | Path, cwd: str | Path,
-           overrides: Sequence[tuple[str, Any]] = ()) -> Plan:
+def experiment_root(exp: ExperimentConfig, source: str | Path) -> Path:
+    """``<output_root>/<name>``, absolute (a relative output_root is relative to the file's folder):
+    where the experiment's runs and bookkeeping live."""
+    return (experiment_base(source) / exp.experiment.output_root / exp.experiment.name).resolve()
+
+
+def expand(exp: ExperimentConfig, source: str | Path, overrides: Sequence[tuple[str, Any]] = ()) -> Plan:
     """All runs of the experiment, stage by stage in dependency order, each validated.
 
-    ``source`` is the experiment file (``config_file`` paths are relative to its folder);
-    ``cwd`` anchors a relative ``output_root``. A stage's config is ``[defaults]`` <- its
-    ``config_file`` <- its ``config`` <- ``overrides`` (``--set``) <- its grid values.
+    ``source`` is the experiment file: relative paths in it are relative to its folder, whatever
+    the working directory. A stage's config is ``[defaults]`` <- its ``config_file`` <- its
+    ``config`` <- ``overrides`` (``--set``) <- its grid values.
     """
     source = Path(source)
-    root = experiment_root(exp, cwd)
+    root = experiment_root(exp, source)
     order = stage_order(exp, source)
     patches = overrides_by_stage(exp, source, overrides)
     runs: list[Run] = []
@@ -267,7 +274,7 @@ def expand(exp: ExperimentConfig, source: str | Path, cwd: str | Path,
                                               {r.run_id: str(r.run_dir) for r in runs})
         by_stage[name] = stage_runs
         runs.extend(passes + stage_runs)
-    return Plan(experiment=exp, source=source, root=root, stage_order=order, runs=runs)
+    return Plan(experiment=exp, source=source, base=experiment_base(source), root=root, stage_order=order, runs=runs)
 
 
 def reference_passes(stage: str, trainer: str, stage_runs: list[Run], root: Path,

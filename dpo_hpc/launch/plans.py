@@ -17,18 +17,18 @@ from ..fsutil import atomic_write_bytes
 from .layout import overrides_path
 
 
-def open_plan(path: str | Path, cwd: str | Path, overrides: Optional[Sequence[str]] = None) -> tuple[Plan, list[str]]:
+def open_plan(path: str | Path, overrides: Optional[Sequence[str]] = None) -> tuple[Plan, list[str]]:
     """(plan, the ``--set`` texts it was expanded with): ``overrides`` when given, else those of
     the last submission."""
     exp = load_experiment(path)
     if overrides is None:
-        recorded = overrides_path(experiment_root(exp, cwd))
+        recorded = overrides_path(experiment_root(exp, path))
         try:
             overrides = json.loads(recorded.read_text()) if recorded.exists() else []
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError([f"{recorded}: unreadable ({exc}); submit again to rewrite it"]) from None
     texts = list(overrides)
-    return expand(exp, path, cwd, [parse_override(text) for text in texts]), texts
+    return expand(exp, path, [parse_override(text) for text in texts]), texts
 
 
 def record_overrides(plan: Plan, texts: Sequence[str]) -> None:

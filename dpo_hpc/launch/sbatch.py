@@ -71,15 +71,15 @@ def array_name(plan: Plan, stage: str, role: str = "train") -> str:
     return f"{plan.experiment.experiment.name}.{stage}" + (".ref" if role == "reference" else "")
 
 
-def sbatch_parameters(plan: Plan, stage: str, cwd: Path, dependency: Optional[str] = None,
+def sbatch_parameters(plan: Plan, stage: str, dependency: Optional[str] = None,
                       role: str = "train") -> dict[str, Any]:
     """Keyword arguments of ``SlurmExecutor.update_parameters`` for one array of the stage (its
     runs, or its reference passes: same resources, since a pass loads the same reference)."""
     slurm = stage_slurm(plan, stage)
     params: dict[str, Any] = {"job_name": array_name(plan, stage, role)}
     # --requeue lets our preemption handler put the task back in the queue; --chdir makes relative
-    # paths in configs mean the same on the compute node as at submission.
-    extra: dict[str, Any] = {"requeue": True, "chdir": str(cwd)}
+    # paths in stage configs mean paths from the experiment file's folder, as everywhere else.
+    extra: dict[str, Any] = {"requeue": True, "chdir": str(plan.base)}
     env_lines: list[str] = []
     setup_lines: list[str] = []
     for key, to in ROUTES.items():
@@ -107,12 +107,12 @@ def sbatch_parameters(plan: Plan, stage: str, cwd: Path, dependency: Optional[st
     return params
 
 
-def render_sbatch(plan: Plan, stage: str, n_tasks: int, cwd: Path, dependency: Optional[str] = None,
+def render_sbatch(plan: Plan, stage: str, n_tasks: int, dependency: Optional[str] = None,
                   role: str = "train") -> str:
     """The array script submitit writes for ``n_tasks`` runs (or reference passes) of the stage."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     slurm = stage_slurm(plan, stage)
     command = f"{python_command(slurm, plan)} -u -m submitit.core._submit {shlex.quote(str(logs_folder(plan)))}"
-    params = sbatch_parameters(plan, stage, cwd, dependency, role)
+    params = sbatch_parameters(plan, stage, dependency, role)
     return _make_sbatch_string(command=command, folder=logs_folder(plan), map_count=n_tasks, **params)

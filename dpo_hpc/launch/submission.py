@@ -27,8 +27,9 @@ def ledger_of(plan: Plan) -> Ledger:
 
 
 def task_row(plan: Plan, run: Run) -> dict:
-    """What the array task receives (and one line of manifest.jsonl)."""
-    return {**run.manifest_row(), **task_settings(stage_slurm(plan, run.stage))}
+    """What the array task receives (and one line of manifest.jsonl); ``workdir`` is where it
+    runs, so relative paths in its config mean paths from the experiment file's folder."""
+    return {**run.manifest_row(), **task_settings(stage_slurm(plan, run.stage)), "workdir": str(plan.base)}
 
 
 def _waits_text(plan: Plan, stage: str, role: str) -> Optional[str]:
@@ -40,7 +41,7 @@ def _waits_text(plan: Plan, stage: str, role: str) -> Optional[str]:
     return "afterok:" + ":".join(waits) if waits else None
 
 
-def write_plan_files(plan: Plan, cwd: Path, out: Optional[Path] = None) -> Path:
+def write_plan_files(plan: Plan, out: Optional[Path] = None) -> Path:
     """manifest.jsonl (every run and reference pass, sorted keys, byte-stable) and the script of
     every array: sbatch/<stage>.sh (the stage's runs) and sbatch/<stage>.ref.sh (its reference passes)."""
     out = out or submit_dir(plan)
@@ -50,7 +51,7 @@ def write_plan_files(plan: Plan, cwd: Path, out: Optional[Path] = None) -> Path:
         runs = plan.stage_runs(stage, role)
         name = f"{stage}.ref.sh" if role == "reference" else f"{stage}.sh"
         atomic_write_bytes(out / "sbatch" / name,
-                           render_sbatch(plan, stage, len(runs), cwd, _waits_text(plan, stage, role), role).encode())
+                           render_sbatch(plan, stage, len(runs), _waits_text(plan, stage, role), role).encode())
     return out
 
 
@@ -88,17 +89,17 @@ def print_plan(plan: Plan, statuses: Optional[dict[str, RunStatus]], decisions: 
 def prepare_assets(plan: Plan) -> None:
     """Offline assets of [prepare], made on the submit host if missing (they are inputs of stage configs)."""
     prep = plan.experiment.prepare
-    if prep.tiny_model and not (Path(prep.tiny_model.dir) / "config.json").exists():
+    if prep.tiny_model and not (plan.base / prep.tiny_model.dir / "config.json").exists():
         from ..tiny_model import make_tiny_model
 
         print(f"[submit] making the tiny model in {prep.tiny_model.dir}")
-        make_tiny_model(prep.tiny_model.dir, seed=prep.tiny_model.seed)
+        make_tiny_model(plan.base / prep.tiny_model.dir, seed=prep.tiny_model.seed)
     data = prep.reversal_data
-    if data and not (Path(data.dir) / "train.jsonl").exists():
+    if data and not (plan.base / data.dir / "train.jsonl").exists():
         from ..data.verifiable import TaskSpec, write_dataset
 
         print(f"[submit] writing the reversal preference data in {data.dir}")
-        write_dataset(data.dir, n_train=data.n_train, n_test=data.n_test, seed=data.seed,
+        write_dataset(plan.base / data.dir, n_train=data.n_train, n_test=data.n_test, seed=data.seed,
                       label_noise=data.label_noise, spec=TaskSpec(multi_turn_ratio=data.multi_turn_ratio),
                       data_format=data.format)
 
@@ -165,7 +166,7 @@ def _dependency(plan: Plan, stage: str, array_runs: list[Run], job_of: dict[str,
     return ",".join(conditions) or None
 
 
-def submit_slurm(plan: Plan, runs: list[Run], statuses: dict[str, RunStatus], cwd: Path) -> dict[str, str]:
+def submit_slurm(plan: Plan, runs: list[Run], statuses: dict[str, RunStatus]) -> dict[str, str]:
     """One array per stage, in dependency order; returns run id -> Slurm job id."""
     import submitit
 
@@ -182,7 +183,7 @@ def submit_slurm(plan: Plan, runs: list[Run], statuses: dict[str, RunStatus], cw
         slurm = stage_slurm(plan, stage)
         executor = submitit.SlurmExecutor(folder=logs_folder(plan), max_num_timeout=slurm["max_requeues"],
                                           python=python_command(slurm, plan))
-        params = sbatch_parameters(plan, stage, cwd, dependency, role)
+        params = sbatch_parameters(plan, stage, dependency, role)
         if dependency:  # a failed parent cancels its children instead of leaving them pending forever
             params["additional_parameters"]["kill-on-invalid-dep"] = "yes"
         executor.update_parameters(**params)

@@ -1,4 +1,4 @@
-"""The status table of a plan: one row per run, and the state counts."""
+"""The status of a plan: one row per run as a table for people and as typed JSON for programs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Iterable
 
 from ..experiment import Plan
 from .jobs import RunStatus
+from .layout import job_log, logs_folder
 
 
 def rows(plan: Plan, statuses: dict[str, RunStatus]) -> list[dict]:
@@ -28,6 +29,19 @@ def rows(plan: Plan, statuses: dict[str, RunStatus]) -> list[dict]:
     return out
 
 
+def json_rows(plan: Plan, statuses: dict[str, RunStatus]) -> list[dict]:
+    """Raw values (``status --json``): the grid as a mapping, steps as integers, metrics as numbers,
+    the run directory and the log of rank 0 (stderr; stdout beside it)."""
+    out = []
+    for run in plan.runs:
+        s = statuses[run.run_id]
+        out.append({"stage": run.stage, "run_id": run.run_id, "role": run.role, "grid": run.grid_values,
+                    "job": s.job_id, "state": s.state, "detail": s.detail, "requeues": s.requeues,
+                    "step": s.step, "total_steps": s.total_steps, "checkpoint": s.checkpoint, "eval": s.eval,
+                    "run_dir": str(run.run_dir), "log": str(job_log(plan, s.job_id)) if s.job_id else None})
+    return out
+
+
 def state_counts(states: Iterable[str]) -> str:
     """'3 done, 1 running' (states in alphabetical order)."""
     return ", ".join(f"{n} {state}" for state, n in sorted(Counter(states).items()))
@@ -42,6 +56,10 @@ def table(plan: Plan, statuses: dict[str, RunStatus]) -> str:
         lines.append("  ".join(str(r[c]).ljust(widths[c]) for c in columns))
         if r["detail"]:
             lines.append(" " * (widths["stage"] + 2) + f"-> {r['detail']}")
+        status = statuses[r["run_id"]]
+        if status.job_id and status.state in ("failed", "stopped", "interrupted"):
+            lines.append(" " * (widths["stage"] + 2) + f"-> log: {job_log(plan, status.job_id)}")
     lines.append("")
     lines.append(f"{state_counts(s.state for s in statuses.values())}; TensorBoard: tensorboard --logdir {plan.root}")
+    lines.append(f"logs: {logs_folder(plan).parent}/<job>/<job>_<rank>_log.{{out,err}}")
     return "\n".join(lines)

@@ -106,6 +106,8 @@ def run_task(row: dict[str, Any]) -> dict[str, Any]:
     # and would make every rank believe it is rank 0 of 1.
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(name, None)
+    if row.get("workdir"):  # relative paths in the config are relative to the experiment file's folder
+        os.chdir(row["workdir"])
     _rendezvous_from_slurm()
     # Slurm without cgroups (and the local executor) does not stop torch from using every core;
     # keep each rank to the CPUs it asked for.

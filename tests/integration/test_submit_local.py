@@ -20,8 +20,14 @@ def test_local_executor_runs_the_chain_and_skips_it_afterwards(tmp_path, micro_m
     assert first.returncode == 0, first.stdout + first.stderr
     assert "3 of 3 run(s) done" in first.stdout
     rows = [json.loads(line) for line in run(tmp_path, "dpo_hpc.status", path.name, "--json").stdout.splitlines()]
-    assert [r["state"] for r in rows] == ["done"] * 3 and all(r["step"] in ("4/4", "3/3") for r in rows)
-    assert all(r["eval acc"] != "-" for r in rows if r["stage"] == "dpo")
+    assert [r["state"] for r in rows] == ["done"] * 3 and [(r["step"], r["total_steps"]) for r in rows] == \
+        [(4, 4), (3, 3), (3, 3)]
+    assert all(isinstance(r["eval"]["rewards/accuracies"], float) for r in rows if r["stage"] == "dpo")
+    assert [r["grid"] for r in rows][1:] == [{"dpo_training.beta": 0.1}, {"dpo_training.beta": 0.3}]
+    assert all(r["log"].endswith(f"{r['job']}_0_log.err") for r in rows)
+    # From any directory: relative paths in the file are relative to the file's folder.
+    elsewhere = [json.loads(line) for line in run("/", "dpo_hpc.status", str(path), "--json").stdout.splitlines()]
+    assert [r["state"] for r in elsewhere] == ["done"] * 3
     again = run(tmp_path, "dpo_hpc.submit", path.name, "--local")
     assert again.returncode == 0 and "nothing to submit" in again.stdout
 
@@ -55,8 +61,9 @@ def test_the_chat_example_runs_end_to_end_shrunk(tmp_path):
     text = (REPO / "experiments/chat.toml").read_text()
     text = text.replace("n_train = 3000", "n_train = 120").replace("batch_size = 64", "batch_size = 8")
     text = re.sub(r"max_steps = \d+", "max_steps = 3", text).replace("batch_size = 32", "batch_size = 4")
-    (tmp_path / "chat.toml").write_text(text)
-    result = run(tmp_path, "dpo_hpc.submit", "chat.toml", "--local")
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments/chat.toml").write_text(text)  # its paths say ../runs: tmp_path/runs
+    result = run(tmp_path, "dpo_hpc.submit", "experiments/chat.toml", "--local")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 of 3 run(s) done" in result.stdout
     manifests = [json.loads(p.read_text()) for p in (tmp_path / "runs/chat/dpo").glob("*/run_manifest.json")]

@@ -45,7 +45,7 @@ dpo_training = { learning_rate = 1e-6, batch_size = 2 }
 def plan_of(tmp_path, text, name="exp.toml"):
     path = tmp_path / name
     path.write_text(text)
-    return load_plan(path, cwd=tmp_path)
+    return load_plan(path)
 
 
 def errors_of(tmp_path, text):
@@ -171,7 +171,7 @@ def test_a_submitted_run_brings_its_reference_pass_and_waits_for_it(tmp_path):
 
 def test_a_dry_run_writes_the_reference_pass_array(tmp_path):
     plan = plan_of(tmp_path, PRECOMPUTED)
-    out = write_plan_files(plan, tmp_path, tmp_path / "dry")
+    out = write_plan_files(plan, tmp_path / "dry")
     script = (out / "sbatch/dpo.ref.sh").read_text()
     assert "#SBATCH --array=0-1" in script and "#SBATCH --job-name=exp.dpo.ref" in script
     assert "<job ids of the dpo reference passes>" in (out / "sbatch/dpo.sh").read_text()
@@ -246,9 +246,8 @@ def test_example_experiments_match_golden_dry_run(tmp_path, name, example, overr
     """The exact sbatch scripts and manifest.jsonl a dry run writes (regenerate: DPO_HPC_REGEN_GOLDEN=1)."""
     from dpo_hpc.config import parse_override
 
-    plan = load_plan(REPO / "experiments" / f"{example}.toml", cwd=REPO,
-                     overrides=[parse_override(text) for text in overrides])
-    out = write_plan_files(plan, REPO, tmp_path / "dry")
+    plan = load_plan(REPO / "experiments" / f"{example}.toml", overrides=[parse_override(text) for text in overrides])
+    out = write_plan_files(plan, tmp_path / "dry")
     golden = GOLDEN / name
     produced = {p.relative_to(out).as_posix(): p.read_text().replace(sys.executable, "<PYTHON>").replace(str(REPO), "<REPO>")
                 for p in sorted(out.rglob("*")) if p.is_file()}
@@ -276,7 +275,7 @@ def test_defaults_and_set_reach_the_stages_that_have_the_key(tmp_path):
     (tmp_path / "exp.toml").write_text(text)
 
     def with_set(*texts):
-        return load_plan(tmp_path / "exp.toml", cwd=tmp_path, overrides=[parse_override(t) for t in texts])
+        return load_plan(tmp_path / "exp.toml", overrides=[parse_override(t) for t in texts])
 
     short = with_set("training.max_steps=3", "sft.sft_training.batch_size=16", "dataset.max_length=300")
     assert [r.config[r.trainer + "_training" if r.trainer == "sft" else "dpo_training"]["max_steps"]

@@ -44,8 +44,8 @@ name = "x"
 trainer = "sft"
 config = {{ policy_name = "m", dataset = {{ dataset_name = "d" }}, sft_training = {{ learning_rate = 1.0, batch_size = 1, save_dir = "r" }} }}
 """)
-    plan = load_plan(tmp_path / "exp.toml", tmp_path)
-    script = render_sbatch(plan, "sft", 40, tmp_path)
+    plan = load_plan(tmp_path / "exp.toml")
+    script = render_sbatch(plan, "sft", 40)
     row = task_row(plan, plan.runs[0])
     for key, (_, wanted) in EXPECTED.items():
         if isinstance(wanted, tuple):

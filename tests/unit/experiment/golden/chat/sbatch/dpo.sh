@@ -2,7 +2,7 @@
 
 # Parameters
 #SBATCH --array=0-1%2
-#SBATCH --chdir=<REPO>
+#SBATCH --chdir=<REPO>/experiments
 #SBATCH --cpus-per-task=1
 #SBATCH --dependency='afterok:<job ids of the sft tasks>'
 #SBATCH --error=<REPO>/runs/chat/.submit/logs/%A_%a/%A_%a_0_log.err

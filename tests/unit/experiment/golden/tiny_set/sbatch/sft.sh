@@ -2,7 +2,7 @@
 
 # Parameters
 #SBATCH --array=0-0%1
-#SBATCH --chdir=<REPO>
+#SBATCH --chdir=<REPO>/experiments
 #SBATCH --cpus-per-task=2
 #SBATCH --error=<REPO>/runs/tiny/.submit/logs/%A_%a/%A_%a_0_log.err
 #SBATCH --job-name=tiny.sft
