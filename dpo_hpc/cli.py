@@ -169,8 +169,11 @@ def _experiment_command(name: str):
 
 
 def _guarded(func, *args) -> int:
+    """Exit codes: 2 for bad input (one line per problem), 1 for a runtime failure (one line that
+    says what to do; the traceback in the run's error.log), 130 for Ctrl-C."""
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .runtime.failures import explain
 
     try:
         return func(*args)
@@ -181,6 +184,17 @@ def _guarded(func, *args) -> int:
     except (DataError, CheckpointError, NotImplementedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        print(f"error: {explain(exc)}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        log = getattr(exc, "error_log", None)
+        if log is None:  # no run directory to keep it in: the traceback stays here
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: {explain(exc)}" + (f" (traceback: {log})" if log else ""), file=sys.stderr)
+        return 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -111,6 +111,15 @@ def _pid_alive(pid: int) -> bool:
 
 
 def run_status(plan: Plan, run: Run, entry: Optional[dict[str, Any]], slurm: dict[str, tuple[str, str]]) -> RunStatus:
+    """The run's state, with the reason its run directory recorded for stopping or failing."""
+    status = _state_of(plan, run, entry, slurm)
+    reason = (RunDir(run.run_dir).read_manifest() or {}).get("reason")
+    if reason and status.state != "done" and reason not in status.detail:
+        status.detail = f"{status.detail}; {reason}" if status.detail else reason
+    return status
+
+
+def _state_of(plan: Plan, run: Run, entry: Optional[dict[str, Any]], slurm: dict[str, tuple[str, str]]) -> RunStatus:
     run_dir = RunDir(run.run_dir)
     manifest = run_dir.read_manifest() or {}
     progress = run_dir.read_progress() or {}

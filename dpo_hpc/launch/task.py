@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -85,6 +86,12 @@ def train_and_requeue(cfg, trainer: str, max_requeues: int, label: str) -> dict[
     finally:
         stop.restore()
     dist_env = init_distributed()
+    if summary.get("status") == "interrupted":  # Ctrl-C or scancel: the checkpoint stays, nothing is requeued
+        shutdown()
+        if dist_env.is_main:
+            print(f"[dpo-hpc] {label}: stopped by {summary['signal']} at step {summary['step']}; checkpoint kept, "
+                  "run again to resume", flush=True)
+        sys.exit(128 + getattr(signal, summary["signal"]).value)
     if summary.get("status") == "preempted":
         reason = requeue(Path(cfg.training.save_dir), summary["step"], max_requeues) if dist_env.is_main else ""
         shutdown()

@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..config import ConfigError, DeepSpeedConfig, TrainingConfig
+from ..runtime.failures import model_not_found
 from . import lora
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -26,8 +27,9 @@ def check_precision(precision: str) -> None:
         raise ConfigError(["precision: fp16 needs a CUDA GPU (none found); use fp32 or bf16 on CPU"])
 
 
-def _remote_code(name: str, load):
-    """``load()``, with transformers' refusal of a model's own code turned into one clear line."""
+def _loading(name: str, load):
+    """``load()``, with what goes wrong loading by name in one clear line: a model that needs its
+    own code (refused unless trusted), and one that is not there (a path, the cache, the hub)."""
     try:
         return load()
     except ValueError as exc:
@@ -35,6 +37,10 @@ def _remote_code(name: str, load):
             raise
         raise ConfigError([f"'{name}' needs its own Python code to load; set trust_remote_code = true if you "
                            "trust its source (that code then runs on every node of the job)"]) from None
+    except OSError as exc:
+        if isinstance(exc, PermissionError) or exc.errno is not None:  # a real file error: said as such
+            raise
+        raise model_not_found(name) from exc
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False, pad_token: Optional[str] = None):
@@ -42,7 +48,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, pad_token: Option
     rows: loss masks come from lengths)."""
     from transformers import AutoTokenizer
 
-    tokenizer = _remote_code(name, lambda: AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code))
+    tokenizer = _loading(name, lambda: AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code))
     if not tokenizer.is_fast:
         raise ConfigError([f"tokenizer '{name}' is not a fast tokenizer; SFT loss masks need its offsets"])
     if pad_token is not None:
@@ -75,7 +81,7 @@ def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implemen
     def from_pretrained(name: str):
         if lora.is_adapter_folder(name):  # a LoRA run's output: its base (maybe another run's) + the adapter
             return lora.load_merged(name, from_pretrained)
-        return _remote_code(name, lambda: AutoModelForCausalLM.from_pretrained(
+        return _loading(name, lambda: AutoModelForCausalLM.from_pretrained(
             name, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code))
 
     if isinstance(name_or_model, str):

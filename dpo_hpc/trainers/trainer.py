@@ -29,6 +29,7 @@ from ..data.collate import collate_pairs
 from ..data.pipeline import load_splits, report_lines, write_report
 from ..data.sampler import eval_batch_indices, global_batch_indices, steps_per_epoch
 from ..data.tokenize import SpecialTokens
+from ..fsutil import atomic_write_bytes
 from ..runtime import all_reduce_sum, barrier, init_distributed
 from ..runtime.stop import StopSignal
 from .engine import (build_engine, check_precision, compile_blocks, deepspeed_config, device, load_causal_lm, load_tokenizer,
@@ -110,10 +111,19 @@ class Trainer:
 
     # ---- the run, top to bottom ------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        """Returns the run summary; ``status`` is ``completed``, or ``preempted`` after a stop signal."""
+        """Returns the run summary; ``status`` is ``completed``, ``preempted`` after the preemption
+        signal or ``interrupted`` after SIGINT/SIGTERM (both with a checkpoint). A failure is
+        recorded in the manifest (``failed`` and its reason) and raised."""
         previous = self.completed_run()
         if previous is not None:
             return previous
+        try:
+            return self._train()
+        except BaseException as exc:
+            self.record_failure(exc)
+            raise
+
+    def _train(self) -> dict[str, Any]:
         self.setup()
         start = self.resume()
         trackers = open_trackers(self.training.report_to, self.run, start, self.training.run_name or self.run.root.name,
@@ -131,8 +141,9 @@ class Trainer:
             path = self.checkpointer.maybe_save(done, self.total_steps)
             if path is not None:
                 self.say(f"checkpoint {path}")
-            if self.stop_agreed(done):
-                return self.stop_with_checkpoint(done)
+            stop = self.stop_agreed(done)
+            if stop:
+                return self.stop_with_checkpoint(done, stop)
         return self.finish()
 
     # ---- phases ------------------------------------------------------------------------------
@@ -351,19 +362,42 @@ class Trainer:
         if self.val_set and every and step % every == 0 and step < self.total_steps:
             self.logger.log_eval(step, self.evaluate())
 
-    def stop_agreed(self, step: int) -> bool:
-        """Whether any rank got the stop signal (a collective: every rank asks at every step)."""
-        return (self.stop is not None and step < self.total_steps
-                and self.stop.agreed(self.dist.world_size, self.device))
+    def stop_agreed(self, step: int) -> Optional[str]:
+        """The signal any rank got (its name), or None (a collective: every rank asks at every step)."""
+        if self.stop is None or step >= self.total_steps:
+            return None
+        return self.stop.agreed(self.dist.world_size, self.device)
 
-    def stop_with_checkpoint(self, step: int) -> dict[str, Any]:
+    def stop_with_checkpoint(self, step: int, signal_name: str) -> dict[str, Any]:
         path = self.checkpointer.save(step)
-        self.say(f"stop signal: checkpoint {path} at step {step}/{self.total_steps}; exiting to be resumed")
+        status = "preempted" if self.stop.is_preemption(signal_name) else "interrupted"
+        self.say(f"{signal_name}: checkpoint {path} at step {step}/{self.total_steps}; "
+                 + ("exiting to be requeued" if status == "preempted" else "stopping; run again to resume"))
         self.logger.close()
         if self.dist.is_main:
-            self.run.mark(self.manifest, "preempted", step=step, checkpoint=str(path))
+            self.run.mark(self.manifest, status, step=step, checkpoint=str(path), reason=signal_name)
         barrier()
-        return {"status": "preempted", "step": step, "total_steps": self.total_steps, "checkpoint": str(path)}
+        return {"status": status, "signal": signal_name, "step": step, "total_steps": self.total_steps,
+                "checkpoint": str(path)}
+
+    def record_failure(self, exc: BaseException) -> None:
+        """Rank 0, once the run has started: the manifest says ``failed`` (or ``interrupted`` on
+        KeyboardInterrupt) with a one-line reason; the traceback goes to ``error.log`` beside it."""
+        manifest = getattr(self, "manifest", None)
+        if not self.dist.is_main or not manifest:
+            return
+        import traceback
+
+        from ..runtime.failures import explain
+
+        try:
+            log = self.run.root / "error.log"
+            atomic_write_bytes(log, "".join(traceback.format_exception(exc)).encode())
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            self.run.mark(manifest, status, reason=explain(exc), error_log=str(log))
+            exc.error_log = str(log)  # the command line points at it
+        except Exception:  # a full disk may be the failure itself; the exception still propagates
+            pass
 
     def finish(self) -> dict[str, Any]:
         """Final evaluation and model; the manifest says ``completed``."""

@@ -435,3 +435,41 @@ def test_checkpoints_at_end_keeps_what_was_asked_for(tmp_path, micro_model, at_e
     assert [p.name for p in layout.published_checkpoints(run_dir / "checkpoints")] == \
         [layout.step_dir_name(step) for step in kept]
     assert (run_dir / "model.safetensors").exists()
+
+
+def test_ctrl_c_checkpoints_stops_and_resumes_to_the_same_weights(tmp_path, micro_model):
+    data = small_data(tmp_path, 40)
+    common = dict(max_steps=12, batch_size=4, learning_rate=2e-3, save_steps=0, logging_steps=1)
+    straight = run_config(tmp_path / "a", micro_model, data, "dpo_training", **common)
+    stopped = run_config(tmp_path / "b", micro_model, data, "dpo_training", **common)
+    assert run_cli(["train", "dpo", "--config", str(write_config(tmp_path, straight, "a.yaml"))]).returncode == 0
+    config_b = write_config(tmp_path, stopped, "b.yaml")
+    run_b = Path(stopped["dpo_training"]["save_dir"])
+    proc = subprocess.Popen([sys.executable, "-m", "dpo_hpc", "train", "dpo", "--config", str(config_b)], cwd=REPO,
+                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(run_b / "progress.json", proc)  # training has begun (save_steps = 0: no periodic checkpoint)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and "stopped by SIGINT" in out
+    manifest = json.loads((run_b / "run_manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and manifest["reason"] == "SIGINT"
+    assert 1 <= manifest["step"] < 12 and Path(manifest["checkpoint"]).is_dir()
+    resumed = run_cli(["train", "dpo", "--config", str(config_b)])
+    assert resumed.returncode == 0 and f"at step {manifest['step']}/12" in resumed.stdout, resumed.stderr[-2000:]
+    a = load_file(Path(straight["dpo_training"]["save_dir"]) / "model.safetensors")
+    b = load_file(run_b / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged"
+
+
+def test_a_model_that_is_not_there_fails_in_one_line_with_the_traceback_in_the_run(tmp_path, micro_model):
+    raw = run_config(tmp_path, micro_model, small_data(tmp_path, 20), "dpo_training", max_steps=2, batch_size=4)
+    raw["policy_name"] = str(tmp_path / "no-such-model")
+    result = run_cli(["train", "dpo", "--config", str(write_config(tmp_path, raw))])
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    run_dir = Path(raw["dpo_training"]["save_dir"])
+    assert f"'{tmp_path / 'no-such-model'}': no such local folder" in line and str(run_dir / "error.log") in line
+    manifest = json.loads((run_dir / "run_manifest.json").read_text())
+    assert manifest["status"] == "failed" and "no such local folder" in manifest["reason"]
+    assert "Traceback" in (run_dir / "error.log").read_text()
