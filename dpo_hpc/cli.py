@@ -58,6 +58,15 @@ def _cmd_validate(args) -> int:
     cfg, trainer = load_with_overrides(args.config, trainer, args.set)
     resolved = {"trainer": trainer, **to_dict(cfg)}
     print(json.dumps(resolved, indent=2))
+    if not args.no_preflight:  # the data, models and folder the run would use
+        from .launch.preflight import Findings, check_config
+
+        found = Findings()
+        check_config(cfg, trainer, found, args.config)
+        for note in found.notes:
+            print(f"note: {note}", file=sys.stderr)
+        if found.problems:
+            raise ConfigError(found.problems)
     print(f"{args.config}: valid", file=sys.stderr)
     return 0
 
@@ -129,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--trainer", choices=list(TRAINERS), help="schema to check against (default: from the sections)")
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.add_argument("--no-preflight", action="store_true", help="check the file only, not its data, models and folder")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random Llama + byte tokenizer (offline)")

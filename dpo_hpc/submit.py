@@ -26,6 +26,7 @@ from .config import ConfigError
 from .launch.jobs import plan_status
 from .launch.local import run_local
 from .launch.plans import open_plan, record_overrides
+from .launch.preflight import check_plan
 from .launch.submission import (decide, ledger_of, prepare_assets, print_plan, select_runs, submit_slurm, wait_for,
                                 write_plan_files)
 
@@ -43,9 +44,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", "-s", action="append", default=[], metavar="[STAGE.]KEY.PATH=VALUE",
                         help="override a trainer config value of every stage that has it (or of STAGE only), "
                              "e.g. --set training.max_steps=10; status and report reuse the last submission's")
+    parser.add_argument("--no-preflight", action="store_true",
+                        help="skip the checks of data, models and folders before anything is queued")
     parser.add_argument("--wait", action="store_true",
                         help="with Slurm: wait until no submitted run is pending, running or requeued, then print the status table")
     return parser
+
+
+def preflight_passed(plan, before_assets: bool = False) -> bool:
+    """Print what the pre-flight found; False when a run would fail (nothing is then queued).
+    ``before_assets``: only the output root, which [prepare] writes into."""
+    started = time.perf_counter()
+    found = check_plan(plan, root_only=before_assets)
+    if before_assets and not found.problems:
+        return True
+    for note in found.notes:
+        print(f"[preflight] note: {note}")
+    for problem in found.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if found.problems:
+        print(f"[preflight] {len(found.problems)} problem(s); nothing submitted (--no-preflight skips the checks)",
+              file=sys.stderr)
+        return False
+    print(f"[preflight] data, models and folders of {len(plan.runs)} run(s) checked in "
+          f"{time.perf_counter() - started:.1f} s")
+    return True
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -58,21 +81,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\n".join(exc.problems), file=sys.stderr)
         return 2
     if args.dry_run:
-        out = write_plan_files(plan, Path(args.out) if args.out else None)
         print_plan(plan, None, {r.run_id: "would submit" for r in selected}, overrides)
+        if not args.no_preflight and not preflight_passed(plan):
+            return 2
+        out = write_plan_files(plan, Path(args.out) if args.out else None)
         print(f"[submit] dry run: {sum(r.role == 'train' for r in plan.runs)} runs planned in {time.perf_counter() - started:.2f} s; "
               f"sbatch scripts and manifest.jsonl in {out}; nothing submitted")
         return 0
     statuses = plan_status(plan, ledger_of(plan).latest())
     decisions = decide(plan, selected, statuses)
-    write_plan_files(plan)
-    record_overrides(plan, overrides)
     print_plan(plan, statuses, decisions, overrides)
     to_submit = [r for r in plan.runs if decisions.get(r.run_id) == "submit"]
     if not to_submit:
         print("[submit] nothing to submit")
         return 0
-    prepare_assets(plan)
+    if not args.no_preflight:  # before anything is written or queued ([prepare] assets first: runs read them)
+        if not preflight_passed(plan, before_assets=True):
+            return 2
+        prepare_assets(plan)
+        if not preflight_passed(plan):
+            return 2
+    else:
+        prepare_assets(plan)
+    write_plan_files(plan)
+    record_overrides(plan, overrides)
     if shutil.which("sbatch") and not args.local:
         submit_slurm(plan, to_submit, statuses)
         if not args.wait:

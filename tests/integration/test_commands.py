@@ -63,3 +63,62 @@ def test_report_tables_and_plots_of_a_finished_experiment(tmp_path, micro_model,
 
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(png).ndim == 3
+
+
+def test_preflight_finds_what_would_fail_in_the_job_before_anything_is_queued(tmp_path, micro_model, reverse_data):
+    text = f"""
+[experiment]
+name = "bad"
+output_root = "out"
+[slurm]
+env = {{ HF_HUB_OFFLINE = "1" }}
+[stages.typo]
+trainer = "sft"
+[stages.typo.config]
+policy_name = "{micro_model}-typo"
+dataset = {{ dataset_name = "{reverse_data}" }}
+sft_training = {{ learning_rate = 1e-3, batch_size = 4 }}
+[stages.hub]
+trainer = "sft"
+[stages.hub.config]
+policy_name = "meta-llama/Llama-3.2-1B"
+dataset = {{ dataset_name = "{tmp_path / 'missing.jsonl'}" }}
+sft_training = {{ learning_rate = 1e-3, batch_size = 4 }}
+[stages.format]
+trainer = "dpo"
+[stages.format.config]
+policy_name = "{micro_model}"
+dataset = {{ dataset_name = "{reverse_data}", format = "conversational" }}
+dpo_training = {{ learning_rate = 1e-3, batch_size = 4 }}
+[stages.format.slurm.container]
+image = "{tmp_path / 'nope.sif'}"
+"""
+    (tmp_path / "bad.toml").write_text(text)
+    result = dpo_hpc(tmp_path, "submit", "bad.toml", "--dry-run")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    expected = [f"policy_name '{micro_model}-typo': no such local folder",
+                "policy_name 'meta-llama/Llama-3.2-1B' is not in the Hugging Face cache and the job runs with "
+                "HF_HUB_OFFLINE=1; run `huggingface-cli download meta-llama/Llama-3.2-1B`",
+                f"local path '{tmp_path / 'missing.jsonl'}' does not exist",
+                "none of the first 32 rows is usable (dropped: not_messages=32); expected format 'conversational'",
+                f"stages.format.slurm.container.image: '{tmp_path / 'nope.sif'}' does not exist"]
+    for fragment in expected:
+        assert sum(fragment in line for line in errors) == 1, (fragment, errors)
+    assert len(errors) == len(expected)
+    submitted = dpo_hpc(tmp_path, "submit", "bad.toml", "--local")
+    assert submitted.returncode == 2 and not (tmp_path / "out/bad/.submit/ledger.jsonl").exists()
+    assert not (tmp_path / "out").exists()  # a failed pre-flight writes nothing
+    (tmp_path / "out").write_text("a file where the output root should be")
+    blocked = dpo_hpc(tmp_path, "submit", "bad.toml", "--dry-run", "--only", "typo")
+    assert any("is a file, not a folder" in line for line in blocked.stderr.splitlines())
+
+
+def test_validate_checks_the_data_and_model_of_a_trainer_config(tmp_path, micro_model):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"policy_name: {micro_model}\ndataset: {{dataset_name: {tmp_path}/nope.jsonl}}\n"
+                      f"dpo_training: {{learning_rate: 1.0e-6, batch_size: 2, save_dir: {tmp_path}/run}}\n")
+    result = dpo_hpc(tmp_path, "validate", str(config))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert f"local path '{tmp_path}/nope.jsonl' does not exist" in line

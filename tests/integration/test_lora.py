@@ -33,7 +33,7 @@ class StopAt(StopSignal):
 
     def agreed(self, world_size, device):
         self.asked += 1
-        return self.asked == self.step
+        return "SIGUSR2" if self.asked == self.step else None
 
 
 def lora_dpo(tmp_path, model, data, name, zero_stage=0, **training):

@@ -171,7 +171,7 @@ def test_reference_pass_runs_as_its_own_job_before_the_runs_that_read_it(tmp_pat
 
 def test_failed_parent_cancels_its_children(tmp_path, micro_model, reverse_data):
     path = experiment(tmp_path, micro_model, tmp_path / "missing.jsonl", SFT + DPO, name="broken")
-    submit(path)
+    submit(path, "--no-preflight")  # the failure must happen in the job (the pre-flight would refuse it)
     rows = wait_settled(path)
     states = {r["stage"]: r["state"] for r in rows.values()}
     assert states == {"sft": "failed", "dpo": "cancelled"}, rows

@@ -34,7 +34,7 @@ def test_local_executor_runs_the_chain_and_skips_it_afterwards(tmp_path, micro_m
 
 def test_local_failure_stops_the_children_and_is_reported(tmp_path, micro_model, reverse_data):
     path = experiment(tmp_path, micro_model, tmp_path / "missing.jsonl", SFT + DPO, name="broken")
-    result = run(tmp_path, "dpo_hpc.submit", path.name, "--local")
+    result = run(tmp_path, "dpo_hpc.submit", path.name, "--local", "--no-preflight")  # fail in the job itself
     assert result.returncode == 1
     assert "failed" in result.stdout and "0 of 3 run(s) done" in result.stdout
     assert result.stdout.count("not run: parent sft-") == 2

@@ -229,7 +229,7 @@ def test_cli_prints_one_line_per_error_exit_2_no_traceback(tmp_path, content, li
 
 
 def test_cli_validate_prints_resolved_config():
-    result = _cli("validate", str(SEED / "config_beta_dpo.yaml"))
+    result = _cli("validate", str(SEED / "config_beta_dpo.yaml"), "--no-preflight")  # its model is a placeholder
     assert result.returncode == 0, result.stderr
     resolved = json.loads(result.stdout)
     assert resolved["trainer"] == "beta_dpo" and resolved["dpo_training"]["gradient_accumulation_steps"] == 1

@@ -1,0 +1,205 @@
+"""Pre-flight: what would fail minutes into a job, checked on the login node before anything is
+queued (``validate``, ``submit --dry-run``, ``submit``).
+
+For every run (each distinct input checked once): the dataset resolves and its first rows parse
+into usable examples in the configured format (with the tokenizer, for chat templates); the
+model and tokenizer resolve (a local folder holds a config; a hub name is in the local cache
+when the job runs offline, else the exact command to fetch it); the output root is writable; a
+container image exists. A run that starts from another run's model is checked against that run
+instead (its folder does not exist yet). Problems are errors (exit 2, one line each); what
+cannot be known before the job (a hub dataset the job will download) is a note.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..config import ALGORITHMS, validate_mapping
+from ..experiment import Plan
+from .sbatch import stage_slurm
+
+FIRST_ROWS = 32
+"""Rows parsed per dataset: enough to catch a wrong format or column, cheap on any dataset."""
+
+
+@dataclass
+class Findings:
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    _seen: dict[tuple, Any] = field(default_factory=dict)
+
+    def once(self, key: tuple, check) -> Any:
+        """Run ``check()`` the first time ``key`` is seen (many runs share their inputs)."""
+        if key not in self._seen:
+            self._seen[key] = check()
+        return self._seen[key]
+
+
+def _offline(env: dict[str, str]) -> bool:
+    return (env.get("HF_HUB_OFFLINE") or os.environ.get("HF_HUB_OFFLINE")) == "1"
+
+
+def check_model(name: str, what: str, env: dict[str, str], found: Findings, where: str) -> bool:
+    """A local folder with a config, or a hub name the job can get; False when it cannot."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "config.json").exists() or (path / "adapter_config.json").exists():
+            return True
+        found.problems.append(f"{where}: {what} '{name}' is a folder without config.json (not a saved model)")
+        return False
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local:
+        found.problems.append(f"{where}: {what} '{name}': no such local folder")
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        return True
+    fetch = f"`huggingface-cli download {name}` on a login node, with the jobs' HF_HOME"
+    if _offline(env):
+        found.problems.append(f"{where}: {what} '{name}' is not in the Hugging Face cache and the job runs with "
+                              f"HF_HUB_OFFLINE=1; run {fetch}")
+        return False
+    found.notes.append(f"{what} '{name}' is not in the local cache: the job will download it (compute nodes are often "
+                       f"offline: {fetch} first)")
+    return False
+
+
+def check_data(cfg, trainer: str, tokenizer_name: Optional[str], env: dict[str, str], found: Findings,
+               where: str) -> None:
+    """The dataset resolves and its first rows parse into usable examples."""
+    from ..data.formats import RowParser
+    from ..data.sources import DataError, load_raw
+    from ..trainers.engine import load_tokenizer
+
+    dataset = cfg.dataset
+    path = Path(dataset.dataset_name).expanduser()
+    if not path.exists() and not dataset.dataset_name.startswith((".", "/", "~")) and not _offline(env):
+        found.notes.append(f"dataset '{dataset.dataset_name}' is not a local path: not checked before the job, which "
+                           "loads it from the hub or its cache")
+        return
+    try:
+        raw = load_raw(dataset)
+    except DataError as exc:
+        found.problems.append(f"{where}: {exc}")
+        return
+    tokenizer = None
+    if tokenizer_name is not None:
+        try:
+            tokenizer = load_tokenizer(tokenizer_name, cfg.trust_remote_code, cfg.pad_token)
+        except Exception as exc:  # said in one line
+            from ..runtime.failures import explain
+
+            found.problems.append(f"{where}: tokenizer: {explain(exc)}")
+            return
+    kind = ALGORITHMS[trainer].kind
+    parse = RowParser(kind, dataset.format, tokenizer, dataset.dataset_name, dataset.system_prompt,
+                      getattr(cfg.training, "assistant_turns", "all"))
+    columns = {ours: theirs for ours, theirs in dataset.columns.items()}
+    reasons: dict[str, int] = {}
+    rows = raw.select(range(min(FIRST_ROWS, len(raw))))
+    usable = 0
+    for row in rows:
+        row = {**row, **{ours: row.get(theirs) for ours, theirs in columns.items()}}
+        if parse.format_of(row) == "conversational" and tokenizer is None:
+            found.notes.append(f"dataset '{dataset.dataset_name}': conversational rows, checked once the tokenizer "
+                               "(the parent run's) exists")
+            return
+        try:
+            parsed, reason = parse(row)
+        except DataError as exc:
+            found.problems.append(f"{where}: {exc}")
+            return
+        if parsed is not None:
+            usable += 1
+        else:
+            reasons[reason] = reasons.get(reason, 0) + 1
+    if len(rows) and not usable:
+        drops = ", ".join(f"{k}={v}" for k, v in sorted(reasons.items()))
+        found.problems.append(f"{where}: dataset '{dataset.dataset_name}': none of the first {len(rows)} rows is usable "
+                              f"(dropped: {drops}); {parse.expected()}")
+
+
+def existing_ancestor(folder: Path) -> Path:
+    probe = Path(folder).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def check_writable(folder: Path, found: Findings, where: str) -> None:
+    probe = existing_ancestor(folder)
+    if not probe.is_dir():
+        found.problems.append(f"{where}: {probe} is a file, not a folder; choose another output folder")
+        return
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".dpo-hpc-preflight-"):
+            pass
+    except OSError as exc:
+        found.problems.append(f"{where}: cannot write in {probe} ({exc.strerror}); choose a folder you can write to")
+
+
+def check_config(cfg, trainer: str, found: Findings, where: str, env: Optional[dict[str, str]] = None,
+                 models_exist: bool = True, made_later=lambda path: False) -> None:
+    """Every input of one trainer config (``models_exist=False``: its models are another run's
+    output, not there yet; ``made_later(path)``: a [prepare] asset not made yet)."""
+    env = env or {}
+    if made_later(cfg.policy_name) or made_later(cfg.dataset.dataset_name):
+        return
+    tokenizer = cfg.tokenizer_name or cfg.policy_name
+    if models_exist:
+        names = {cfg.policy_name: "policy_name"}
+        if getattr(cfg, "ref_name", None):
+            names.setdefault(cfg.ref_name, "ref_name")
+        if cfg.tokenizer_name:
+            names.setdefault(cfg.tokenizer_name, "tokenizer_name")
+        ok = {name: found.once(("model", name), lambda n=name, w=what: check_model(n, w, env, found, where))
+              for name, what in names.items()}
+        tokenizer = tokenizer if ok.get(tokenizer) else None
+    elif not cfg.tokenizer_name:
+        tokenizer = None
+    dataset_key = ("data", trainer, repr(cfg.dataset), tokenizer)
+    found.once(dataset_key, lambda: check_data(cfg, trainer, tokenizer, env, found, where))
+    found.once(("writable", existing_ancestor(Path(cfg.training.save_dir))),
+               lambda: check_writable(Path(cfg.training.save_dir), found, where))
+
+
+def check_plan(plan: Plan, root_only: bool = False) -> Findings:
+    """Every run of an experiment, before anything is queued (``root_only``: the output root)."""
+    found = Findings()
+    found.once(("writable", existing_ancestor(plan.root)), lambda: check_writable(plan.root, found,
+                                                                                  "experiment.output_root"))
+    if root_only:
+        return found
+    prepare = plan.experiment.prepare
+    assets = [plan.base / a.dir for a in (prepare.tiny_model, prepare.reversal_data) if a is not None]
+    pending = [a.resolve() for a in assets if not a.exists()]
+    if pending:
+        found.notes.append(f"[prepare] makes {', '.join(map(str, pending))} at submission; runs that read them are "
+                           "checked then")
+
+    def made_later(name: str) -> bool:
+        path = (plan.base / name).resolve()
+        return any(path == a or a in path.parents for a in pending)
+
+    here = os.getcwd()
+    os.chdir(plan.base)  # paths in stage configs are relative to the experiment file's folder
+    try:
+        for stage in plan.stage_order:
+            slurm = stage_slurm(plan, stage)
+            container = slurm.get("container")
+            if container and not Path(container["image"]).expanduser().exists() and "$" not in container["image"]:
+                found.once(("image", container["image"]), lambda: found.problems.append(
+                    f"stages.{stage}.slurm.container.image: '{container['image']}' does not exist"))
+            for run in plan.stage_runs(stage):
+                cfg = validate_mapping(run.config, run.trainer, source=run.run_id)
+                check_config(cfg, run.trainer, found, f"{plan.source}: stages.{stage} ({run.run_id})",
+                             slurm.get("env") or {}, models_exist=run.parent is None, made_later=made_later)
+    finally:
+        os.chdir(here)
+    return found
