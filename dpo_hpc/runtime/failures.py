@@ -32,6 +32,13 @@ def model_not_found(name: str) -> RunFailure:
                       f"{name}` where there is network")
 
 
+def out_of_memory(batch_size: int, unit: str, options_off: list[str]) -> RunFailure:
+    """Out of device memory at a micro-batch: what to lower, and the options not yet on that cut memory."""
+    helps = " or ".join(options_off) if options_off else "more GPUs with a higher deepspeed.zero_stage"
+    return RunFailure(f"out of GPU memory at a micro-batch of {batch_size} {unit}: lower batch_size (raise "
+                      f"gradient_accumulation_steps to keep the global batch), or set {helps}")
+
+
 def explain(exc: BaseException) -> str:
     """One line for the user: what failed and what to do; ``Type: message`` when not known."""
     text = " ".join(str(exc).split())

@@ -31,6 +31,7 @@ from ..data.sampler import eval_batch_indices, global_batch_indices, steps_per_e
 from ..data.tokenize import SpecialTokens
 from ..fsutil import atomic_write_bytes
 from ..runtime import all_reduce_sum, barrier, init_distributed
+from ..runtime.failures import RunFailure, explain, out_of_memory
 from ..runtime.stop import StopSignal
 from .engine import (build_engine, check_precision, compile_blocks, deepspeed_config, device, load_causal_lm, load_tokenizer,
                      prepare_reference, save_final_model, unclipped_grad_norm)
@@ -135,7 +136,10 @@ class Trainer:
                  f"world size {self.dist.world_size}); run dir {self.run.root}")
         for step in range(start, self.total_steps):
             done = step + 1
-            metrics = self.train_step(step)
+            try:
+                metrics = self.train_step(step)
+            except torch.OutOfMemoryError as exc:
+                raise self.out_of_memory() from exc
             self.logger.log_step(done, metrics, self.objective.histograms())
             self.maybe_eval(done)
             path = self.checkpointer.maybe_save(done, self.total_steps)
@@ -380,6 +384,17 @@ class Trainer:
         return {"status": status, "signal": signal_name, "step": step, "total_steps": self.total_steps,
                 "checkpoint": str(path)}
 
+    def out_of_memory(self) -> RunFailure:
+        """The options that would cut memory and are not on yet, with the micro-batch that did not fit."""
+        cfg, training = self.cfg, self.training
+        off = [text for text, is_off in (
+            ("gradient_checkpointing = true", not training.gradient_checkpointing),
+            ("precompute_ref_log_probs = true",
+             self.algo.kind == "preference" and not getattr(training, "precompute_ref_log_probs", True)),
+            ("a [lora] section", cfg.lora is None),
+            ("deepspeed.zero_stage = 3", cfg.deepspeed.zero_stage < 3)) if is_off]
+        return out_of_memory(training.batch_size, "rows" if self.algo.kind == "sft" else "pairs", off)
+
     def record_failure(self, exc: BaseException) -> None:
         """Rank 0, once the run has started: the manifest says ``failed`` (or ``interrupted`` on
         KeyboardInterrupt) with a one-line reason; the traceback goes to ``error.log`` beside it."""
@@ -387,8 +402,6 @@ class Trainer:
         if not self.dist.is_main or not manifest:
             return
         import traceback
-
-        from ..runtime.failures import explain
 
         try:
             log = self.run.root / "error.log"

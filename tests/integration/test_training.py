@@ -473,3 +473,24 @@ def test_a_model_that_is_not_there_fails_in_one_line_with_the_traceback_in_the_r
     manifest = json.loads((run_dir / "run_manifest.json").read_text())
     assert manifest["status"] == "failed" and "no such local folder" in manifest["reason"]
     assert "Traceback" in (run_dir / "error.log").read_text()
+
+
+def test_out_of_memory_says_which_micro_batch_and_what_would_help(tmp_path, micro_model, monkeypatch):
+    """CPU runs cannot run out of CUDA memory: the step raises what torch raises on a GPU."""
+    from dpo_hpc.config import algorithm
+    from dpo_hpc.runtime.failures import RunFailure
+    from dpo_hpc.trainers.trainer import Trainer
+
+    raw = run_config(tmp_path, micro_model, small_data(tmp_path, 20), "dpo_training", max_steps=2, batch_size=4,
+                     gradient_checkpointing=True)
+    trainer = Trainer(validate_mapping(raw, "dpo"), algorithm("dpo"))
+
+    def step(_):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer, "train_step", step)
+    with pytest.raises(RunFailure, match="micro-batch of 4 pairs") as info:
+        trainer.train()
+    assert "gradient_checkpointing" not in str(info.value) and "precompute_ref_log_probs = true" in str(info.value)
+    manifest = json.loads((Path(raw["dpo_training"]["save_dir"]) / "run_manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["reason"] == str(info.value)

@@ -36,3 +36,12 @@ def test_a_model_that_is_not_there_says_where_it_looked(monkeypatch, tmp_path):
     hub = explain(model_not_found("meta-llama/Llama-3.2-1B"))
     assert "not in the Hugging Face cache and HF_HUB_OFFLINE=1" in hub
     assert "`huggingface-cli download meta-llama/Llama-3.2-1B`" in hub
+
+
+def test_out_of_memory_names_the_micro_batch_and_what_is_not_on_yet():
+    from dpo_hpc.runtime.failures import out_of_memory
+
+    line = explain(out_of_memory(16, "pairs", ["gradient_checkpointing = true", "a [lora] section"]))
+    assert line == ("out of GPU memory at a micro-batch of 16 pairs: lower batch_size (raise "
+                    "gradient_accumulation_steps to keep the global batch), or set gradient_checkpointing = true "
+                    "or a [lora] section")
