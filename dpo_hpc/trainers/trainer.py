@@ -127,10 +127,7 @@ class Trainer:
     def _train(self) -> dict[str, Any]:
         self.setup()
         start = self.resume()
-        trackers = open_trackers(self.training.report_to, self.run, start, self.training.run_name or self.run.root.name,
-                                 to_dict(self.cfg), to_identity(self.cfg)) if self.dist.is_main else []
-        self.logger = MetricsLogger(self.run, self.total_steps, start, self.training.logging_steps, self.dist.is_main,
-                                    self.say, trackers)
+        self.logger = self.open_logger(start)
         self.say(f"{self.total_steps} steps of {self.global_batch} "
                  f"{'rows' if self.algo.kind == 'sft' else 'pairs'} ({self.steps_per_epoch} steps/epoch, "
                  f"world size {self.dist.world_size}); run dir {self.run.root}")
@@ -288,6 +285,13 @@ class Trainer:
             self.say(f"reference pass done: {len(table.ids)} pairs in {self.ref_summary['ref_precompute_seconds']:.0f} s")
         barrier()
         return summary
+
+    def open_logger(self, start: int) -> MetricsLogger:
+        """Progress lines and ``progress.json``, and on rank 0 the trackers of ``report_to``."""
+        trackers = open_trackers(self.training.report_to, self.run, start, self.training.run_name or self.run.root.name,
+                                 to_dict(self.cfg), to_identity(self.cfg)) if self.dist.is_main else []
+        return MetricsLogger(self.run, self.total_steps, start, self.training.logging_steps, self.dist.is_main,
+                             self.say, trackers)
 
     def resume(self) -> int:
         """Restore the newest usable checkpoint (if any); returns the step to continue from."""
