@@ -28,6 +28,7 @@ from ..fsutil import atomic_write_json, fsync_dir, fsync_tree, sha256_file
 from ..runtime import DistEnv, barrier
 from . import layout
 from .layout import CheckpointError
+from .safe_load import load_tensors_only, tensor_only_engine
 
 
 class Stateful(Protocol):
@@ -101,6 +102,8 @@ class Checkpointer:
         self.shared = shared
         self.per_rank = {**per_rank, RNG: RNGState()}
         self.exclude_frozen = exclude_frozen
+        if type(getattr(engine, "checkpoint_engine", None)).__name__ == "TorchCheckpointEngine":
+            engine.checkpoint_engine = tensor_only_engine()  # never unpickle code from a run directory
         self.last_saved_step: Optional[int] = None
 
     # ----- listing -------------------------------------------------------------------------
@@ -198,7 +201,7 @@ class Checkpointer:
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load the engine state from {path}")
         same_world = shared["world_size"] == self.dist.world_size
-        saved = torch.load(path / layout.rank_file(self.dist.rank if same_world else 0), weights_only=True)
+        saved = load_tensors_only(path / layout.rank_file(self.dist.rank if same_world else 0))
         if version == 1:
             saved = {RNG: saved["rng"], "objective": saved["state"]}
         if not same_world:

@@ -494,3 +494,42 @@ def test_out_of_memory_says_which_micro_batch_and_what_would_help(tmp_path, micr
     assert "gradient_checkpointing" not in str(info.value) and "precompute_ref_log_probs = true" in str(info.value)
     manifest = json.loads((Path(raw["dpo_training"]["save_dir"]) / "run_manifest.json").read_text())
     assert manifest["status"] == "failed" and manifest["reason"] == str(info.value)
+
+
+class _Payload:
+    """What an attacker would put in a checkpoint: unpickling it runs a command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("victim", ["engine", "rank"])
+def test_a_checkpoint_holding_code_is_refused_and_never_run(tmp_path, micro_model, victim):
+    from dpo_hpc.fsutil import sha256_file
+
+    raw = run_config(tmp_path, micro_model, small_data(tmp_path, 20), "dpo_training", max_steps=3, batch_size=4,
+                     save_steps=2)
+    config = write_config(tmp_path, raw)
+    run_dir = Path(raw["dpo_training"]["save_dir"])
+    assert run_cli(["train", "dpo", "--config", str(config)]).returncode == 0
+    (ckpt,) = layout.published_checkpoints(run_dir / "checkpoints")
+    target = next((ckpt / layout.ENGINE_TAG).glob("*model_states.pt")) if victim == "engine" \
+        else ckpt / layout.rank_file(0)
+    state = torch.load(target, weights_only=False)  # our own file, just written
+    state["extra"] = _Payload(tmp_path / "pwned")
+    torch.save(state, target)
+    manifest = json.loads((ckpt / layout.MANIFEST).read_text())  # the attacker rewrites the checksums too
+    rel = target.relative_to(ckpt).as_posix()
+    manifest["files"][rel] = {"size": target.stat().st_size, "sha256": sha256_file(target)}
+    (ckpt / layout.MANIFEST).write_text(json.dumps(manifest))
+    (run_dir / "run_manifest.json").unlink()  # as if the run had not finished: it resumes
+    (run_dir / "model.safetensors").unlink()
+    raw["dpo_training"]["max_steps"] = 4
+    result = run_cli(["train", "dpo", "--config", str(write_config(tmp_path, raw))])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert str(target) in line and "holds objects a checkpoint must not hold" in line
+    assert not (tmp_path / "pwned").exists()
