@@ -88,6 +88,27 @@ def verify(path: Path) -> Optional[str]:
     return None
 
 
+def shared_state(path: Path) -> dict[str, Any]:
+    """The shared state of checkpoint ``path``: {step, world_size, pieces: {name: state}} (format 1 read too)."""
+    version = json.loads((path / layout.MANIFEST).read_text()).get("format_version", 1)
+    shared = json.loads((path / layout.SHARED_STATE).read_text())
+    if version == 1:
+        shared = {"step": shared["step"], "world_size": shared["world_size"],
+                  "pieces": {"progress": {k: v for k, v in shared.items() if k != "world_size"}}}
+    return shared
+
+
+def peek_shared(root: Path, name: str) -> Optional[tuple[Path, Any]]:
+    """(checkpoint, its shared piece ``name``) of the newest checkpoint whose shared state reads,
+    without loading anything else: for checks that must run before a run directory is touched."""
+    for path in layout.published_checkpoints(root):
+        try:
+            return path, shared_state(path)["pieces"][name]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
 class Checkpointer:
     def __init__(self, root: str | Path, dist_env: DistEnv, engine, *, interval: int, keep: int,
                  shared: dict[str, Stateful], per_rank: dict[str, Stateful], exclude_frozen: bool = False):
@@ -105,18 +126,32 @@ class Checkpointer:
         if type(getattr(engine, "checkpoint_engine", None)).__name__ == "TorchCheckpointEngine":
             engine.checkpoint_engine = tensor_only_engine()  # never unpickle code from a run directory
         self.last_saved_step: Optional[int] = None
+        self._verified: dict[Path, Optional[str]] = {}  # path -> why unusable (None: usable), checked once
 
     # ----- listing -------------------------------------------------------------------------
     def published(self) -> list[Path]:
         """Published checkpoint folders, newest first."""
         return layout.published_checkpoints(self.root)
 
+    def problem(self, path: Path) -> Optional[str]:
+        """Why ``path`` is not usable (None if it is), verified once per process."""
+        if path not in self._verified:
+            self._verified[path] = verify(path)
+        return self._verified[path]
+
     def latest_valid(self, log: Callable[[str], None] = print) -> Optional[Path]:
+        """The newest usable checkpoint; None when there is none. Checkpoints that all fail
+        verification stop the run (a silent fresh start would train over them)."""
+        unusable = []
         for path in self.published():
-            problem = verify(path)
+            problem = self._verified[path] = verify(path)  # always read afresh before a resume
             if problem is None:
                 return path
             log(f"checkpoint {path} is not usable ({problem}); trying an older one")
+            unusable.append(f"{path.name} ({problem})")
+        if unusable:
+            raise CheckpointError(f"no usable checkpoint in {self.root}: {'; '.join(unusable)}; to start this run "
+                                  f"over, move them aside (mv {self.root} {self.root}.unusable) and run again")
         return None
 
     # ----- save -----------------------------------------------------------------------------
@@ -168,16 +203,22 @@ class Checkpointer:
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(self.root)
+        self._verified[final] = None  # written and checksummed just now
         self.prune(self.keep)
 
     def prune(self, keep: int) -> list[Path]:
-        """Remove all but the ``keep`` newest published checkpoints (rank 0; only folders that are
-        ours: they hold our manifest). Returns what was removed."""
-        removed = []
-        for old in self.published()[keep:]:
-            if (old / layout.MANIFEST).exists():
-                shutil.rmtree(old)
-                removed.append(old)
+        """Keep the ``keep`` newest usable checkpoints and remove the other published ones (rank 0;
+        only folders that are ours: they hold our manifest). A corrupt checkpoint never counts as
+        kept, so the newest usable one survives. Returns what was removed."""
+        removed, kept = [], 0
+        for path in self.published():
+            if kept < keep and self.problem(path) is None:
+                kept += 1
+                continue
+            if (path / layout.MANIFEST).exists():
+                shutil.rmtree(path)
+                self._verified.pop(path, None)
+                removed.append(path)
         return removed
 
     # ----- load -----------------------------------------------------------------------------
@@ -185,11 +226,7 @@ class Checkpointer:
         """Restore every piece from ``path`` and return its step. Shared pieces load first (a
         piece may refuse the checkpoint before the engine is touched); per-rank pieces come from
         this rank's file, or rank 0's when the world size changed (the RNG is then left as seeded)."""
-        version = json.loads((path / layout.MANIFEST).read_text()).get("format_version", 1)
-        shared = json.loads((path / layout.SHARED_STATE).read_text())
-        if version == 1:
-            shared = {"step": shared["step"], "world_size": shared["world_size"],
-                      "pieces": {"progress": {k: v for k, v in shared.items() if k != "world_size"}}}
+        shared = shared_state(path)
         for name, piece in self.shared.items():
             try:
                 piece.load_state_dict(shared["pieces"][name])
@@ -202,7 +239,7 @@ class Checkpointer:
             raise CheckpointError(f"DeepSpeed could not load the engine state from {path}")
         same_world = shared["world_size"] == self.dist.world_size
         saved = load_tensors_only(path / layout.rank_file(self.dist.rank if same_world else 0))
-        if version == 1:
+        if "objective" not in saved and "state" in saved:  # format 1: one unnamed objective state
             saved = {RNG: saved["rng"], "objective": saved["state"]}
         if not same_world:
             saved.pop(RNG)

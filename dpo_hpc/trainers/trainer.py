@@ -22,7 +22,7 @@ import torch
 from ..algorithms.logprobs import CompletionScorer
 from ..algorithms.objectives import build_objective
 from ..checkpoint import CheckpointError, RunDir, config_hash
-from ..checkpoint.manager import Checkpointer
+from ..checkpoint.manager import Checkpointer, peek_shared
 from ..config import ALGORITHMS, Algorithm, ConfigError, algorithm, to_dict, to_identity, validate_mapping
 from ..config.loader import flagged_keys
 from ..data.collate import collate_pairs
@@ -170,32 +170,47 @@ class Trainer:
                                          exclude_frozen=self.cfg.lora is not None)
 
     def start(self) -> None:
-        """Seed, record the start in the run directory, load the tokenizer and the data."""
+        """Check, then record: load the tokenizer and the data and run the resume guard, and only
+        then write to the run directory (a refused resume leaves it as it was)."""
         check_precision(self.cfg.precision)
         check_trackers(self.training.report_to)
         seed_everything(self.training.seed)
         self.device = device()
-        self.manifest = self.run.start(self.cfg, self.algo.name, self.dist.world_size, describe_device(self.device)) \
-            if self.dist.is_main else {}
-        barrier()
-        self.started = time.time()
         self.tokenizer = self.tokenizer or load_tokenizer(self.cfg.tokenizer_name or self.cfg.policy_name,
                                                           self.cfg.trust_remote_code, self.cfg.pad_token)
-        self.load_data()
+        report = self.load_data()
+        self.check_resume()
+        self.manifest = self.run.start(self.cfg, self.algo.name, self.dist.world_size, describe_device(self.device)) \
+            if self.dist.is_main else {}
+        if self.dist.is_main:
+            write_report(report, self.run.root / "data_report.json")
+        barrier()
+        self.started = time.time()
 
-    def load_data(self) -> None:
+    def check_resume(self) -> None:
+        """The resume guard before anything is written: the newest checkpoint's config and global
+        batch must be this run's (the full restore, with verification, comes later)."""
+        found = peek_shared(self.run.checkpoints, "progress")
+        if found is not None:
+            path, state = found
+            try:
+                TrainProgress(self.algo.name, to_dict(self.cfg), self.global_batch).load_state_dict(state)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{path}: {exc}") from None
+
+    def load_data(self) -> dict:
+        """The train and validation examples and the step counts; returns the data report."""
         training, dist = self.training, self.dist
         self.train_set, self.val_set, report = load_splits(
             self.cfg.dataset, self.tokenizer, self.algo.kind, getattr(training, "assistant_turns", "all"),
             train_rows=self.train_rows, eval_rows=self.eval_rows)
         for line in report_lines(report):
             self.say(line)
-        if dist.is_main:
-            write_report(report, self.run.root / "data_report.json")
         self.global_batch = training.batch_size * training.gradient_accumulation_steps * dist.world_size
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), self.global_batch)
         self.total_steps = training.max_steps or training.epochs * self.steps_per_epoch
         self.lengths = np.array([e.length for e in self.train_set]) if training.group_by_length else None
+        return report
 
     def build_models(self) -> None:
         """The reference first: with precomputed log-probs it is gone before the policy and its

@@ -533,3 +533,24 @@ def test_a_checkpoint_holding_code_is_refused_and_never_run(tmp_path, micro_mode
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
     assert str(target) in line and "holds objects a checkpoint must not hold" in line
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_refused_resume_leaves_the_run_directory_as_it_was(tmp_path, micro_model):
+    from dpo_hpc.checkpoint import CheckpointError
+    from dpo_hpc.runtime.stop import StopSignal
+    from dpo_hpc.trainers.trainer import train
+
+    class StopAtTwo(StopSignal):
+        def agreed(self, world_size, device):
+            self.asked = getattr(self, "asked", 0) + 1
+            return "SIGUSR2" if self.asked == 2 else None
+
+    raw = run_config(tmp_path, micro_model, small_data(tmp_path, 20), "dpo_training", max_steps=4, batch_size=4)
+    assert train(validate_mapping(raw, "dpo"), "dpo", stop=StopAtTwo())["status"] == "preempted"
+    run_dir = Path(raw["dpo_training"]["save_dir"])
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    raw["dpo_training"]["learning_rate"] = 0.5
+    with pytest.raises(CheckpointError, match=r"step_00000002: checkpoint at step 2 was written with a different "
+                                              r"config; refusing to resume: dpo_training.learning_rate"):
+        train(validate_mapping(raw, "dpo"), "dpo")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before

@@ -136,3 +136,25 @@ def test_format_1_checkpoints_are_read(tmp_path):
     assert verify(path) is None
     fresh, progress2, counter2 = checkpointer(tmp_path)
     assert fresh.resume(print)[0] == 4 and progress2.step == 4 and torch.equal(counter2.seen, counter.seen)
+
+
+def test_all_checkpoints_unusable_stops_instead_of_starting_over(tmp_path):
+    ckpt, _, _ = checkpointer(tmp_path, interval=0, keep=5)
+    for step in (1, 2):
+        victim = ckpt.save(step) / layout.rank_file(0)
+        victim.write_bytes(victim.read_bytes()[:-4] + b"oops")
+    fresh, _, _ = checkpointer(tmp_path, interval=0, keep=5)
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint in .*step_00000002 \(.*checksum mismatch\); "
+                                              r"step_00000001 .*move them aside"):
+        fresh.resume(print)
+
+
+def test_rotation_keeps_the_newest_usable_checkpoint_not_a_newer_corrupt_one(tmp_path):
+    """A corrupt step 5 left from before must not make rotation delete the fresh step 1."""
+    old, _, _ = checkpointer(tmp_path, interval=0, keep=1)
+    victim = old.save(5) / layout.rank_file(0)
+    victim.write_bytes(victim.read_bytes()[:-4] + b"oops")
+    fresh, _, _ = checkpointer(tmp_path, interval=0, keep=1)  # a new process
+    kept = fresh.save(1)
+    assert kept.is_dir() and not (tmp_path / layout.step_dir_name(5)).exists()
+    assert fresh.latest_valid(print) == kept
