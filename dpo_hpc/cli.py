@@ -183,7 +183,7 @@ def _guarded(func, *args) -> int:
     says what to do; the traceback in the run's error.log), 130 for Ctrl-C."""
     from .checkpoint import CheckpointError
     from .data import DataError
-    from .runtime.failures import explain
+    from .runtime.failures import RunFailure, explain
 
     try:
         return func(*args)
@@ -199,7 +199,7 @@ def _guarded(func, *args) -> int:
         return 130
     except Exception as exc:
         log = getattr(exc, "error_log", None)
-        if log is None:  # no run directory to keep it in: the traceback stays here
+        if log is None and not isinstance(exc, RunFailure):  # no run directory to keep it in: it stays here
             import traceback
 
             traceback.print_exc()

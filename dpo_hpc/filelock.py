@@ -13,6 +13,18 @@ from pathlib import Path
 from typing import Callable, Optional
 
 
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 class FileLock:
     def __init__(self, path: str | Path, stale_after_s: float = 600.0, heartbeat_s: float = 30.0):
         self.path = Path(path)
@@ -50,10 +62,21 @@ class FileLock:
                 return
 
     def is_stale(self) -> bool:
+        """No heartbeat for ``stale_after_s``; or a holder on this host whose process is gone; or
+        an earlier run of this same Slurm job (requeued: same job id, a new process)."""
         try:
-            return time.time() - self.path.stat().st_mtime > self.stale_after_s
+            if time.time() - self.path.stat().st_mtime > self.stale_after_s:
+                return True
+            info = json.loads(self.path.read_text())
         except FileNotFoundError:
             return False
+        except (OSError, ValueError):
+            return False  # being written right now: not stale
+        if info.get("host") == socket.gethostname() and not _alive(info.get("pid")):
+            return True
+        job = os.environ.get("SLURM_JOB_ID")
+        return bool(job) and info.get("job") == job and (info.get("host"), info.get("pid")) != \
+            (socket.gethostname(), os.getpid())
 
     def reclaim_if_stale(self, say: Callable[[str], None]) -> None:
         if self.is_stale():

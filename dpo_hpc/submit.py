@@ -23,7 +23,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import ConfigError
+from .experiment import Plan, Run
+from .filelock import FileLock
 from .launch.jobs import plan_status
+from .launch.layout import submit_dir
 from .launch.local import run_local
 from .launch.plans import open_plan, record_overrides
 from .launch.preflight import check_plan
@@ -88,6 +91,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"[submit] dry run: {sum(r.role == 'train' for r in plan.runs)} runs planned in {time.perf_counter() - started:.2f} s; "
               f"sbatch scripts and manifest.jsonl in {out}; nothing submitted")
         return 0
+    if not args.no_preflight and not preflight_passed(plan, before_assets=True):  # the output root, first
+        return 2
+    return _submit(plan, selected, overrides, args)
+
+
+def _submit(plan: Plan, selected: list[Run], overrides: list[str], args: argparse.Namespace) -> int:
+    """Decide, make the [prepare] assets, check every run, then launch under the submission lock."""
     statuses = plan_status(plan, ledger_of(plan).latest())
     decisions = decide(plan, selected, statuses)
     print_plan(plan, statuses, decisions, overrides)
@@ -95,14 +105,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not to_submit:
         print("[submit] nothing to submit")
         return 0
-    if not args.no_preflight:  # before anything is written or queued ([prepare] assets first: runs read them)
-        if not preflight_passed(plan, before_assets=True):
+    prepare_assets(plan)  # runs read them: made before the pre-flight, which checks what the runs read
+    if not args.no_preflight and not preflight_passed(plan):  # before anything is queued
+        return 2
+    lock = FileLock(submit_dir(plan) / "submit.lock")  # one submission of an experiment at a time
+    if not lock.try_acquire():
+        lock.reclaim_if_stale(print)
+        if not lock.try_acquire():
+            print(f"error: {args.experiment} is being submitted by {lock.holder()} (with --local it runs its jobs "
+                  f"until they end); wait for it, or follow it with `dpo-hpc status {args.experiment}`", file=sys.stderr)
             return 2
-        prepare_assets(plan)
-        if not preflight_passed(plan):
-            return 2
-    else:
-        prepare_assets(plan)
+    try:
+        statuses = plan_status(plan, ledger_of(plan).latest())  # again, under the lock
+        to_submit = [r for r in plan.runs if decide(plan, selected, statuses).get(r.run_id) == "submit"]
+        return _launch(plan, to_submit, statuses, overrides, args) if to_submit else 0
+    finally:
+        lock.release()
+
+
+def _launch(plan: Plan, to_submit: list[Run], statuses: dict, overrides: list[str], args: argparse.Namespace) -> int:
+    """Write the plan files and submit to Slurm, or run through the local executor."""
     write_plan_files(plan)
     record_overrides(plan, overrides)
     if shutil.which("sbatch") and not args.local:

@@ -29,6 +29,7 @@ from ..data.collate import collate_pairs
 from ..data.pipeline import load_splits, report_lines, write_report
 from ..data.sampler import eval_batch_indices, global_batch_indices, steps_per_epoch
 from ..data.tokenize import SpecialTokens
+from ..filelock import FileLock
 from ..fsutil import atomic_write_bytes
 from ..runtime import all_reduce_sum, barrier, init_distributed
 from ..runtime.failures import RunFailure, explain, out_of_memory
@@ -123,6 +124,9 @@ class Trainer:
         except BaseException as exc:
             self.record_failure(exc)
             raise
+        finally:
+            if getattr(self, "lock", None) is not None:
+                self.lock.release()
 
     def _train(self) -> dict[str, Any]:
         self.setup()
@@ -180,12 +184,28 @@ class Trainer:
                                                           self.cfg.trust_remote_code, self.cfg.pad_token)
         report = self.load_data()
         self.check_resume()
+        self.lock_run_dir()
         self.manifest = self.run.start(self.cfg, self.algo.name, self.dist.world_size, describe_device(self.device)) \
             if self.dist.is_main else {}
         if self.dist.is_main:
             write_report(report, self.run.root / "data_report.json")
         barrier()
         self.started = time.time()
+
+    def lock_run_dir(self) -> None:
+        """One writer per run directory (rank 0 holds ``.lock``, kept fresh by a heartbeat; a
+        stale one, left by a process that is gone, is reclaimed). Every rank learns the outcome."""
+        self.lock = FileLock(self.run.root / ".lock") if self.dist.is_main else None
+        locked = True
+        if self.lock is not None and not self.lock.try_acquire():
+            self.lock.reclaim_if_stale(self.say)
+            locked = self.lock.try_acquire()
+        if all_reduce_sum(torch.tensor(float(locked), dtype=torch.float64, device=self.device)).item() \
+                < self.dist.world_size:
+            holder = self.lock.holder() if self.lock is not None else "another process"
+            self.lock = None
+            raise RunFailure(f"{self.run.root} is in use by {holder}, another trainer writing the same save_dir; "
+                             "wait for it to finish or stop it (a run never shares its directory)")
 
     def check_resume(self) -> None:
         """The resume guard before anything is written: the newest checkpoint's config and global
@@ -291,9 +311,13 @@ class Trainer:
         previous = self.completed_run()
         if previous is not None:
             return previous
-        self.start()
-        ds_cfg = deepspeed_config(self.training, self.cfg.deepspeed, self.cfg.precision, self.dist.world_size)
-        table = self.reference_table(self.load_reference(ds_cfg))
+        try:
+            self.start()
+            ds_cfg = deepspeed_config(self.training, self.cfg.deepspeed, self.cfg.precision, self.dist.world_size)
+            table = self.reference_table(self.load_reference(ds_cfg))
+        finally:
+            if getattr(self, "lock", None) is not None:
+                self.lock.release()
         summary = {"status": "completed", "role": "reference", "pairs": len(table.ids), **self.ref_summary}
         if self.dist.is_main:
             self.run.finish(self.manifest, **summary)

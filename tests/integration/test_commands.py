@@ -122,3 +122,21 @@ def test_validate_checks_the_data_and_model_of_a_trainer_config(tmp_path, micro_
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
     assert f"local path '{tmp_path}/nope.jsonl' does not exist" in line
+
+
+def test_a_second_submission_of_the_same_experiment_is_refused_while_one_runs(tmp_path, micro_model, reverse_data):
+    import os
+
+    from dpo_hpc.filelock import FileLock
+
+    path = experiment(tmp_path, micro_model, reverse_data, SFT, name="twice")
+    lock = FileLock(tmp_path / "out/twice/.submit/submit.lock")  # what a running `submit` holds
+    assert lock.try_acquire()
+    try:
+        second = dpo_hpc(tmp_path, "submit", path.name, "--local")
+    finally:
+        lock.release()
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    (line,) = [x for x in second.stderr.strip().splitlines() if x.startswith("error:")]
+    assert "is being submitted by" in line and f":{os.getpid()}" in line
+    assert not (tmp_path / "out/twice/sft").exists()  # nothing ran

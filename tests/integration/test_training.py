@@ -554,3 +554,26 @@ def test_a_refused_resume_leaves_the_run_directory_as_it_was(tmp_path, micro_mod
                                               r"config; refusing to resume: dpo_training.learning_rate"):
         train(validate_mapping(raw, "dpo"), "dpo")
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def test_one_writer_per_run_directory_and_a_dead_holder_is_reclaimed(tmp_path, micro_model):
+    raw = run_config(tmp_path, micro_model, small_data(tmp_path, 40), "dpo_training", max_steps=400, batch_size=4,
+                     save_steps=2)
+    config = write_config(tmp_path, raw)
+    run_dir = Path(raw["dpo_training"]["save_dir"])
+    first = subprocess.Popen([sys.executable, "-m", "dpo_hpc", "train", "dpo", "--config", str(config)], cwd=REPO,
+                             env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(run_dir / "progress.json", first)
+        second = run_cli(["train", "dpo", "--config", str(config)])
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        (line,) = [x for x in second.stderr.splitlines() if x.startswith("error:")]
+        assert f"{run_dir} is in use by" in line and f":{first.pid}" in line
+    finally:
+        first.kill()
+        first.wait()
+    assert (run_dir / ".lock").exists()  # SIGKILL: the lock stays, with a dead pid on this host
+    raw["dpo_training"]["max_steps"] = 4
+    third = run_cli(["train", "dpo", "--config", str(write_config(tmp_path, raw))])
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "went stale" in third.stdout and not (run_dir / ".lock").exists()
