@@ -462,17 +462,34 @@ def test_ctrl_c_checkpoints_stops_and_resumes_to_the_same_weights(tmp_path, micr
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged"
 
 
-def test_a_model_that_is_not_there_fails_in_one_line_with_the_traceback_in_the_run(tmp_path, micro_model):
+def test_a_model_that_is_not_there_fails_in_one_line_before_the_run_directory_is_written(tmp_path, micro_model):
     raw = run_config(tmp_path, micro_model, small_data(tmp_path, 20), "dpo_training", max_steps=2, batch_size=4)
     raw["policy_name"] = str(tmp_path / "no-such-model")
     result = run_cli(["train", "dpo", "--config", str(write_config(tmp_path, raw))])
     assert result.returncode == 1 and "Traceback" not in result.stderr
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert f"'{tmp_path / 'no-such-model'}': no such local folder" in line
+    assert not (Path(raw["dpo_training"]["save_dir"]) / "run_manifest.json").exists()  # checks come before writes
+
+
+def test_a_failure_while_training_is_recorded_with_the_traceback_in_the_run(tmp_path, micro_model, monkeypatch):
+    from dpo_hpc.config import algorithm
+    from dpo_hpc.trainers.trainer import Trainer
+
+    raw = run_config(tmp_path, micro_model, small_data(tmp_path, 20), "dpo_training", max_steps=2, batch_size=4)
+    trainer = Trainer(validate_mapping(raw, "dpo"), algorithm("dpo"))
+
+    def step(_):
+        raise OSError(28, "No space left on device", str(tmp_path / "run/checkpoints/x.pt"))
+
+    monkeypatch.setattr(trainer, "train_step", step)
+    with pytest.raises(OSError) as info:
+        trainer.train()
     run_dir = Path(raw["dpo_training"]["save_dir"])
-    assert f"'{tmp_path / 'no-such-model'}': no such local folder" in line and str(run_dir / "error.log") in line
     manifest = json.loads((run_dir / "run_manifest.json").read_text())
-    assert manifest["status"] == "failed" and "no such local folder" in manifest["reason"]
-    assert "Traceback" in (run_dir / "error.log").read_text()
+    assert manifest["status"] == "failed" and manifest["reason"].startswith("no space left on the device while writing")
+    assert info.value.error_log == str(run_dir / "error.log") and "Traceback" in (run_dir / "error.log").read_text()
+    assert not (run_dir / ".lock").exists()  # released on the way out
 
 
 def test_out_of_memory_says_which_micro_batch_and_what_would_help(tmp_path, micro_model, monkeypatch):
