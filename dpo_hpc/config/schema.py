@@ -14,6 +14,7 @@ No torch here: configs load on a login node in milliseconds.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Optional, Union
 
 from pydantic import ConfigDict, Field, model_validator
@@ -299,6 +300,27 @@ class ModelSettings:
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     lora: Optional[LoraConfig] = Field(
         None, description="LoRA adapters instead of a full fine-tune (a [lora] section; needs dpo-hpc[peft]).")
+
+    @model_validator(mode="after")
+    def _outputs_apart_from_inputs(self):
+        """A run writes only its save_dir: never empty, never one of its inputs, never inside or
+        around one (it would overwrite the model it loads)."""
+        training = getattr(self, "training", None)
+        if training is None:
+            return self
+        if not training.save_dir.strip():
+            raise ValueError("save_dir is empty: name the folder the run writes (its run directory)")
+        out = Path(training.save_dir).expanduser().absolute()
+        inputs = {"policy_name": self.policy_name, "ref_name": getattr(self, "ref_name", None),
+                  "tokenizer_name": self.tokenizer_name, "dataset.dataset_name": self.dataset.dataset_name}
+        for key, name in inputs.items():
+            if not name or not Path(name).expanduser().exists():
+                continue  # a hub name: nothing on disk to overwrite
+            source = Path(name).expanduser().absolute()
+            if out == source or source in out.parents or out in source.parents:
+                raise ValueError(f"save_dir {training.save_dir!r} overlaps {key} {name!r}: a run would overwrite "
+                                 "what it reads; choose a separate folder")
+        return self
 
     @model_validator(mode="after")
     def _merge_without_zero3(self):

@@ -228,6 +228,9 @@ def expand(exp: ExperimentConfig, source: str | Path, overrides: Sequence[tuple[
             base = _deep_merge(base, read_mapping(path if path.is_absolute() else source.parent / path))
         base = _deep_merge(_deep_merge(base, stage.config), patches[name])
         section = ALGORITHMS[stage.trainer].training_section
+        if "save_dir" in (stage.config.get(section) or {}) or f"{section}.save_dir" in stage.grid:
+            _fail(source, f"{where}.config.{section}.save_dir", "each run of an experiment writes its own "
+                  "<output_root>/<name>/<stage>/<run id>; remove save_dir here (a config_file's is replaced)")
         if exp.experiment.seed is not None:
             base.setdefault(section, {}).setdefault("seed", exp.experiment.seed)
         parents = by_stage[stage.from_] if stage.from_ else [None]

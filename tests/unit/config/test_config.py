@@ -269,3 +269,18 @@ def test_lora_without_peft_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed
     with pytest.raises(ConfigError, match=r"pip install 'dpo-hpc\[peft\]'"):
         lora.add_adapters(object(), validate_mapping({**VALID_DPO, "lora": {}}, "dpo").lora)
+
+
+def test_a_run_never_writes_over_what_it_reads(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for save_dir in (str(model), str(model / "run"), str(tmp_path)):
+        data = json.loads(json.dumps(VALID_DPO))
+        data["policy_name"] = str(model)
+        data["dpo_training"]["save_dir"] = save_dir
+        (problem,) = errors(data)
+        assert f"overlaps policy_name '{model}'" in problem and "a run would overwrite what it reads" in problem
+    assert "save_dir is empty" in errors(with_("dpo_training", save_dir=" "))[0]
+    data = json.loads(json.dumps(VALID_DPO))
+    data["policy_name"], data["dpo_training"]["save_dir"] = str(model), str(tmp_path / "elsewhere")
+    assert validate_mapping(data, "dpo")

@@ -71,6 +71,13 @@ def test_grid_is_a_cartesian_product_crossed_with_parents(tmp_path):
     assert len({r.run_id for r in plan.runs}) == len(plan.runs)
 
 
+def test_an_inline_or_grid_save_dir_is_refused_not_silently_replaced(tmp_path):
+    inline = BASE.replace("batch_size = 4 }", 'batch_size = 4, save_dir = "mine" }')
+    assert "stages.sft.config.sft_training.save_dir: each run of an experiment writes its own" in errors_of(tmp_path, inline)
+    grid = BASE + '[stages.sft.grid]\n"sft_training.save_dir" = ["a", "b"]\n'
+    assert "remove save_dir here" in errors_of(tmp_path, grid)
+
+
 def test_trackers_name_each_run_by_its_id_and_grid_values(tmp_path):
     text = BASE + DPO + '[stages.dpo.grid]\n"dpo_training.beta" = [0.1, 0.2]\n'
     plan = plan_of(tmp_path, text)

@@ -42,7 +42,7 @@ name = "x"
 {lines}
 [stages.sft]
 trainer = "sft"
-config = {{ policy_name = "m", dataset = {{ dataset_name = "d" }}, sft_training = {{ learning_rate = 1.0, batch_size = 1, save_dir = "r" }} }}
+config = {{ policy_name = "m", dataset = {{ dataset_name = "d" }}, sft_training = {{ learning_rate = 1.0, batch_size = 1 }} }}
 """)
     plan = load_plan(tmp_path / "exp.toml")
     script = render_sbatch(plan, "sft", 40)
