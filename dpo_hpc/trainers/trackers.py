@@ -51,8 +51,9 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-        # Steps after the checkpoint are logged again; purge what an interrupted attempt wrote for them.
-        self.writer = SummaryWriter(str(run.tensorboard), purge_step=start_step + 1 if start_step else None)
+        # Steps after the checkpoint (or all, on a fresh start) are logged again: purge what an
+        # interrupted attempt wrote for them, so no step is ever shown twice.
+        self.writer = SummaryWriter(str(run.tensorboard), purge_step=start_step + 1)
         if hparams and not start_step:  # in the run's own event file: the HParams view lists each run once
             for summary in hparams_summary(hparams, {name: 0.0 for name in HPARAM_METRICS}):
                 self.writer.file_writer.add_summary(summary)

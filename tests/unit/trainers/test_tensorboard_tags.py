@@ -46,3 +46,18 @@ def test_a_run_carries_its_settings_as_hparams(tmp_path):
     info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
     assert info.hparams["dpo_training.beta"].number_value == 0.3
     assert info.hparams["run_name"].string_value == "dpo-1 beta=0.3"
+
+
+def test_a_fresh_start_over_an_old_attempt_shows_each_step_once(tmp_path):
+    import time
+
+    old = TensorBoard(RunDir(tmp_path), start_step=0)  # an attempt killed before its first checkpoint
+    for step in range(1, 6):
+        old.scalars(TRAIN, {"loss": float(step)}, step)
+    old.close()
+    time.sleep(1.1)  # event files are named by the second they were opened
+    again = TensorBoard(RunDir(tmp_path), start_step=0)
+    for step in range(1, 4):
+        again.scalars(TRAIN, {"loss": 10.0 + step}, step)
+    again.close()
+    assert read_scalars(tmp_path / "tensorboard")["train/loss"] == [(1, 11.0), (2, 12.0), (3, 13.0)]
