@@ -96,8 +96,9 @@ def _process(ds, parse: RowParser, encode: Callable, name: str, split: str,
     return ExampleSet(examples, fingerprint(ids, {**settings, "split": split})), report
 
 
-def _columns(ds, cfg: DatasetConfig, kind: str, name: str):
-    """The rows under the names the parsers read (``dataset.columns`` renames), checked."""
+def mapped_columns(ds, cfg: DatasetConfig, kind: str, name: str):
+    """The rows under the names the parsers read (``dataset.columns`` renames), checked: a missing
+    or clashing column is a DataError naming it."""
     found = set(ds.column_names)
     for ours, theirs in cfg.columns.items():
         if theirs not in found:
@@ -125,7 +126,7 @@ def load_splits(
     list of dicts, as the Python API passes them); ``eval_rows``, if given, is the validation
     split instead of a ``val_ratio`` share of the training rows.
     """
-    raw = _columns(load_raw(cfg) if train_rows is None else as_dataset(train_rows), cfg, kind, cfg.dataset_name)
+    raw = mapped_columns(load_raw(cfg) if train_rows is None else as_dataset(train_rows), cfg, kind, cfg.dataset_name)
     special = SpecialTokens.of(tokenizer)
     parse = RowParser(kind, cfg.format, tokenizer, cfg.dataset_name, cfg.system_prompt, assistant_turns)
     settings: dict[str, Any] = {"kind": kind, "max_length": cfg.max_length, "format": cfg.format,
@@ -147,7 +148,7 @@ def load_splits(
         train_idx, val_idx = split_indices(len(raw), cfg.val_ratio, cfg.seed)
         train_raw, val_raw = raw.select(train_idx), raw.select(val_idx)
     else:
-        train_raw, val_raw = raw, _columns(as_dataset(eval_rows), cfg, kind, f"{cfg.dataset_name} (eval)")
+        train_raw, val_raw = raw, mapped_columns(as_dataset(eval_rows), cfg, kind, f"{cfg.dataset_name} (eval)")
     train, train_report = _process(train_raw, parse, encode, cfg.dataset_name, "train", settings)
     val, val_report = _process(val_raw, parse, encode, cfg.dataset_name, "validation", settings)
     report = {

@@ -74,6 +74,7 @@ def check_data(cfg, trainer: str, tokenizer_name: Optional[str], env: dict[str, 
                where: str) -> None:
     """The dataset resolves and its first rows parse into usable examples."""
     from ..data.formats import RowParser
+    from ..data.pipeline import mapped_columns
     from ..data.sources import DataError, load_raw
     from ..trainers.engine import load_tokenizer
 
@@ -83,8 +84,9 @@ def check_data(cfg, trainer: str, tokenizer_name: Optional[str], env: dict[str, 
         found.notes.append(f"dataset '{dataset.dataset_name}' is not a local path: not checked before the job, which "
                            "loads it from the hub or its cache")
         return
+    kind = ALGORITHMS[trainer].kind
     try:
-        raw = load_raw(dataset)
+        raw = mapped_columns(load_raw(dataset), dataset, kind, dataset.dataset_name)
     except DataError as exc:
         found.problems.append(f"{where}: {exc}")
         return
@@ -97,15 +99,12 @@ def check_data(cfg, trainer: str, tokenizer_name: Optional[str], env: dict[str, 
 
             found.problems.append(f"{where}: tokenizer: {explain(exc)}")
             return
-    kind = ALGORITHMS[trainer].kind
     parse = RowParser(kind, dataset.format, tokenizer, dataset.dataset_name, dataset.system_prompt,
                       getattr(cfg.training, "assistant_turns", "all"))
-    columns = {ours: theirs for ours, theirs in dataset.columns.items()}
     reasons: dict[str, int] = {}
     rows = raw.select(range(min(FIRST_ROWS, len(raw))))
     usable = 0
     for row in rows:
-        row = {**row, **{ours: row.get(theirs) for ours, theirs in columns.items()}}
         if parse.format_of(row) == "conversational" and tokenizer is None:
             found.notes.append(f"dataset '{dataset.dataset_name}': conversational rows, checked once the tokenizer "
                                "(the parent run's) exists")
@@ -121,8 +120,8 @@ def check_data(cfg, trainer: str, tokenizer_name: Optional[str], env: dict[str, 
             reasons[reason] = reasons.get(reason, 0) + 1
     if len(rows) and not usable:
         drops = ", ".join(f"{k}={v}" for k, v in sorted(reasons.items()))
-        found.problems.append(f"{where}: dataset '{dataset.dataset_name}': none of the first {len(rows)} rows is usable "
-                              f"(dropped: {drops}); {parse.expected()}")
+        found.problems.append(f"{where}: dataset '{dataset.dataset_name}': none of the first {len(rows)} rows is "
+                              f"usable (dropped: {drops}); {parse.expected()}")
 
 
 def existing_ancestor(folder: Path) -> Path:
