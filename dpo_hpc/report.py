@@ -15,7 +15,6 @@ report can be made while runs are still going, and again when they finish.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
@@ -27,7 +26,7 @@ from typing import Any, Optional, Sequence
 from .checkpoint import RunDir
 from .config import ALGORITHMS, ConfigError
 from .experiment import Plan, Run
-from .launch.plans import open_plan
+from .launch.plans import open_plan, plan_parser
 from .launch.jobs import plan_status
 from .launch.submission import ledger_of
 
@@ -190,11 +189,7 @@ def _final_against_axes(plt, plan: Plan, stage: str, rows: dict[str, dict], out:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="dpo-hpc report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment")
-    parser.add_argument("--set", "-s", action="append", default=[], metavar="[STAGE.]KEY.PATH=VALUE",
-                        help="the plan with these overrides (default: those of the last submission)")
+    parser = plan_parser("dpo-hpc report", __doc__)
     parser.add_argument("--out", help="folder for the report (default: <output_root>/<name>/report)")
     args = parser.parse_args(argv)
     try:

@@ -7,25 +7,20 @@ reward accuracy and margin, and the TensorBoard logdir to open.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from typing import Optional, Sequence
 
 from .config import ConfigError
-from .launch.plans import open_plan
+from .launch.plans import open_plan, plan_parser
 from .launch.jobs import ACTIVE_STATES, plan_status
 from .launch.submission import ledger_of
 from .launch.table import json_rows, table
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpo_hpc.status", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment")
-    parser.add_argument("--set", "-s", action="append", default=[], metavar="[STAGE.]KEY.PATH=VALUE",
-                        help="the plan with these overrides (default: those of the last submission)")
+    parser = plan_parser("python -m dpo_hpc.status", __doc__)
     parser.add_argument("--watch", type=float, nargs="?", const=10.0, metavar="SECONDS",
                         help="refresh every SECONDS (default 10) until no run is pending, running or requeued")
     parser.add_argument("--json", action="store_true",

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Optional, Sequence
@@ -33,3 +34,14 @@ def open_plan(path: str | Path, overrides: Optional[Sequence[str]] = None) -> tu
 
 def record_overrides(plan: Plan, texts: Sequence[str]) -> None:
     atomic_write_bytes(overrides_path(plan.root), (json.dumps(list(texts)) + "\n").encode())
+
+
+def plan_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The arguments every command that reads a submitted plan takes: the file, and ``--set``
+    (default: the last submission's)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment")
+    parser.add_argument("--set", "-s", action="append", default=[], metavar="[STAGE.]KEY.PATH=VALUE",
+                        help="the plan with these overrides (default: those of the last submission)")
+    return parser
