@@ -168,7 +168,7 @@ def to_dict(cfg) -> dict[str, Any]:
 
 def flagged_keys(cls, flag: str) -> set[str]:
     """Names (as files spell them) of the keys of ``cls`` and its sections carrying ``flag`` (see
-    ``schema.RESUMABLE`` and ``schema.LOCATION``)."""
+    ``schema.RESUMABLE``, ``schema.LOCATION`` and ``schema.PERMISSION``)."""
     found = set()
     for name, info in getattr(cls, "__pydantic_fields__", {}).items():
         if (info.json_schema_extra or {}).get(flag):
@@ -191,11 +191,12 @@ def _drop(data: dict, cls, flag: str) -> dict:
 
 def to_identity(cfg) -> dict[str, Any]:
     """What makes a run this run: every value that differs from its key's default (sections left
-    at their defaults vanish), without the keys that only locate things (``save_dir``). A later
+    at their defaults vanish), without the keys that only locate things (``save_dir``) or grant a
+    permission (``accept_data_change``). A later
     version that adds a key with a default therefore keeps run ids, completed-run checks and
     resumes of existing runs as they were, and a moved run is the same run."""
     dumped = TypeAdapter(type(cfg)).dump_python(cfg, by_alias=True, mode="json", exclude_defaults=True)
-    return _drop(dumped, type(cfg), "location")
+    return _drop(dumped, type(cfg), "outside_identity")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

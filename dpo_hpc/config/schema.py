@@ -31,8 +31,10 @@ Precision = Literal["fp32", "bf16", "fp16"]
 RESUMABLE = {"resumable": True}
 """May change between a checkpoint and its resumption: it does not alter the math (step counts,
 intervals)."""
-LOCATION = {"resumable": True, "location": True}
+LOCATION = {"resumable": True, "outside_identity": True}
 """Only says where things are: not part of a run's identity, so a moved run is the same run."""
+PERMISSION = {"resumable": True, "outside_identity": True}
+"""A one-time permission given when (re)starting a run: not part of what the run is."""
 
 
 @dataclass(config=STRICT, kw_only=True)
@@ -153,6 +155,10 @@ class TrainingConfig:
     run_name: Optional[str] = Field(None, json_schema_extra=LOCATION)
     """Display name of the run in the trackers (default: the run directory's name; an experiment
     sets the run id and its grid values)."""
+    accept_data_change: bool = Field(False, json_schema_extra=PERMISSION)
+    """Resume even though the training or validation data differ from what the checkpoint was
+    trained on (a fingerprint of the rows' contents, their order and the tokenization): the run
+    goes on from its step on the new data. Off, such a resume is refused with both fingerprints."""
     torch_compile: bool = False
     """Compile each transformer block (the model's ``_no_split_modules``) with ``torch.compile``,
     policy and reference: faster steps after a one-time compile of tens of seconds (and a

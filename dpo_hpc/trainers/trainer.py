@@ -23,8 +23,7 @@ from ..algorithms.logprobs import CompletionScorer
 from ..algorithms.objectives import build_objective
 from ..checkpoint import CheckpointError, RunDir, config_hash
 from ..checkpoint.manager import Checkpointer, peek_shared
-from ..config import ALGORITHMS, Algorithm, ConfigError, algorithm, to_dict, to_identity, validate_mapping
-from ..config.loader import flagged_keys
+from ..config import Algorithm, algorithm, to_dict, to_identity
 from ..data.collate import collate_pairs
 from ..data.pipeline import load_splits, report_lines, write_report
 from ..data.sampler import eval_batch_indices, global_batch_indices, steps_per_epoch
@@ -38,49 +37,9 @@ from .engine import (build_engine, check_precision, compile_blocks, deepspeed_co
                      prepare_reference, save_final_model, unclipped_grad_norm)
 from . import lora, ref_cache
 from .metrics import MetricsLogger, MetricSums
+from .progress import TrainProgress
 from .trackers import check_available as check_trackers, open_trackers
 from .throughput import FlopsModel, describe_device, peak_flops, peak_memory_gib
-
-RESUMABLE_CHANGES = set().union(*(flagged_keys(a.config, "resumable") for a in ALGORITHMS.values()))
-"""Keys that may change between a checkpoint and its resumption (flagged in the schema)."""
-
-
-def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    changed = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changed += config_changes(a, b, f"{prefix}{key}.")
-        elif a != b and key not in RESUMABLE_CHANGES:
-            changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return changed
-
-
-class TrainProgress:
-    """Checkpoint piece: the step reached, and what it was trained with. Loading it is the resume
-    guard: a checkpoint of another config or global batch is refused before anything is restored."""
-
-    def __init__(self, trainer: str, config: dict, global_batch: int):
-        self.trainer, self.config, self.global_batch = trainer, config, global_batch
-        self.step = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "trainer": self.trainer, "config": self.config, "global_batch": self.global_batch}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        # Re-read through today's schema: a key added since (with its default) is not a change.
-        try:
-            saved = to_dict(validate_mapping(state["config"], state["trainer"], source="the checkpoint's config"))
-        except ConfigError as exc:
-            raise CheckpointError("its config does not validate any more: " + "; ".join(exc.problems)) from None
-        changes = config_changes(saved, self.config)
-        if state["global_batch"] != self.global_batch:
-            changes.append(f"global batch {state['global_batch']} -> {self.global_batch}")
-        if changes:
-            raise CheckpointError(f"checkpoint at step {state['step']} was written with a different config; "
-                                  "refusing to resume: " + "; ".join(changes))
-        self.step = state["step"]
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -167,7 +126,7 @@ class Trainer:
         """Start the run (data first: a bad dataset fails in seconds), then the models."""
         self.start()
         self.build_models()
-        self.progress = TrainProgress(self.algo.name, to_dict(self.cfg), self.global_batch)
+        self.progress = self.new_progress()
         self.checkpointer = Checkpointer(self.run.checkpoints, self.dist, self.engine,
                                          interval=self.training.save_steps, keep=self.training.save_total_limit,
                                          shared={"progress": self.progress}, per_rank={"objective": self.objective},
@@ -207,6 +166,10 @@ class Trainer:
             raise RunFailure(f"{self.run.root} is in use by {holder}, another trainer writing the same save_dir; "
                              "wait for it to finish or stop it (a run never shares its directory)")
 
+    def new_progress(self) -> TrainProgress:
+        return TrainProgress(self.algo.name, to_dict(self.cfg), self.global_batch,
+                             {"train": self.train_set.fingerprint, "validation": self.val_set.fingerprint})
+
     def check_resume(self) -> None:
         """The resume guard before anything is written: the newest checkpoint's config and global
         batch must be this run's (the full restore, with verification, comes later)."""
@@ -214,7 +177,7 @@ class Trainer:
         if found is not None:
             path, state = found
             try:
-                TrainProgress(self.algo.name, to_dict(self.cfg), self.global_batch).load_state_dict(state)
+                self.new_progress().load_state_dict(state)
             except CheckpointError as exc:
                 raise CheckpointError(f"{path}: {exc}") from None
 

@@ -552,18 +552,33 @@ def test_a_checkpoint_holding_code_is_refused_and_never_run(tmp_path, micro_mode
     assert not (tmp_path / "pwned").exists()
 
 
-def test_a_refused_resume_leaves_the_run_directory_as_it_was(tmp_path, micro_model):
-    from dpo_hpc.checkpoint import CheckpointError
+def _stop_at_two():
+    """A preemption signal agreed at the end of step 2."""
     from dpo_hpc.runtime.stop import StopSignal
-    from dpo_hpc.trainers.trainer import train
 
     class StopAtTwo(StopSignal):
+        asked = 0
+
         def agreed(self, world_size, device):
-            self.asked = getattr(self, "asked", 0) + 1
+            self.asked += 1
             return "SIGUSR2" if self.asked == 2 else None
 
-    raw = run_config(tmp_path, micro_model, small_data(tmp_path, 20), "dpo_training", max_steps=4, batch_size=4)
-    assert train(validate_mapping(raw, "dpo"), "dpo", stop=StopAtTwo())["status"] == "preempted"
+    return StopAtTwo()
+
+
+def _preempted_at_two(tmp_path, micro_model, data) -> dict:
+    from dpo_hpc.trainers.trainer import train
+
+    raw = run_config(tmp_path, micro_model, data, "dpo_training", max_steps=4, batch_size=4)
+    assert train(validate_mapping(raw, "dpo"), "dpo", stop=_stop_at_two())["status"] == "preempted"
+    return raw
+
+
+def test_a_refused_resume_leaves_the_run_directory_as_it_was(tmp_path, micro_model):
+    from dpo_hpc.checkpoint import CheckpointError
+    from dpo_hpc.trainers.trainer import train
+
+    raw = _preempted_at_two(tmp_path, micro_model, small_data(tmp_path, 20))
     run_dir = Path(raw["dpo_training"]["save_dir"])
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     raw["dpo_training"]["learning_rate"] = 0.5
@@ -571,6 +586,37 @@ def test_a_refused_resume_leaves_the_run_directory_as_it_was(tmp_path, micro_mod
                                               r"config; refusing to resume: dpo_training.learning_rate"):
         train(validate_mapping(raw, "dpo"), "dpo")
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def test_changed_data_is_refused_unless_accepted_and_a_moved_run_resumes(tmp_path, micro_model):
+    from dpo_hpc.checkpoint import CheckpointError
+    from dpo_hpc.trainers.trainer import train
+
+    data = small_data(tmp_path, 20)
+    raw = _preempted_at_two(tmp_path / "a", micro_model, data)
+    run_dir = Path(raw["dpo_training"]["save_dir"])
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    original = data.read_text()
+    data.write_text("".join(reversed(original.splitlines(keepends=True))))  # regenerated: same rows, new order
+    with pytest.raises(CheckpointError, match=r"step_00000002: checkpoint at step 2 was trained on other data "
+                                              r"\(fingerprint train \w+ -> \w+; validation \w+ -> \w+\).*"
+                                              r"--set dpo_training.accept_data_change=true"):
+        train(validate_mapping(raw, "dpo"), "dpo")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+    lines = []
+    accepted = {**raw, "dpo_training": {**raw["dpo_training"], "accept_data_change": True}}
+    assert train(validate_mapping(accepted, "dpo"), "dpo", log=lines.append)["status"] == "completed"
+    assert any("resumed from" in line and "at step 2/4" in line for line in lines), lines
+
+    data.write_text(original)
+    raw = _preempted_at_two(tmp_path / "b", micro_model, data)
+    moved = tmp_path / "moved" / "run"
+    moved.parent.mkdir()
+    Path(raw["dpo_training"]["save_dir"]).rename(moved)
+    lines = []
+    raw["dpo_training"]["save_dir"] = str(moved)
+    assert train(validate_mapping(raw, "dpo"), "dpo", log=lines.append)["status"] == "completed"
+    assert any("resumed from" in line and "at step 2/4" in line for line in lines), lines
 
 
 def test_one_writer_per_run_directory_and_a_dead_holder_is_reclaimed(tmp_path, micro_model):

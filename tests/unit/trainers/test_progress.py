@@ -7,7 +7,7 @@ import pytest
 
 from dpo_hpc.checkpoint import CheckpointError
 from dpo_hpc.config import to_dict, validate_mapping
-from dpo_hpc.trainers.trainer import TrainProgress
+from dpo_hpc.trainers.progress import TrainProgress
 
 RAW = {"policy_name": "m", "dataset": {"dataset_name": "d"},
        "dpo_training": {"learning_rate": 1e-3, "batch_size": 2, "save_dir": "r"}}
@@ -40,3 +40,25 @@ def test_other_math_or_global_batch_is_refused():
     saved["config"]["dpo_training"]["no_such_key"] = 1
     with pytest.raises(CheckpointError, match="does not validate any more: .*no_such_key: unknown key"):
         progress().load_state_dict(saved)
+
+
+def test_other_data_is_refused_with_both_fingerprints_unless_accepted():
+    data = {"train": "aaaa", "validation": "bbbb"}
+    saved = {**TrainProgress("dpo", to_dict(validate_mapping(RAW, "dpo")), 2, data).state_dict(), "step": 3}
+    regenerated = {"train": "cccc", "validation": "bbbb"}
+    with pytest.raises(CheckpointError, match=r"step 3 was trained on other data \(fingerprint train aaaa -> cccc\).*"
+                                              r"set dpo_training.accept_data_change = true"):
+        TrainProgress("dpo", to_dict(validate_mapping(RAW, "dpo")), 2, regenerated).load_state_dict(saved)
+    accepted = {**RAW, "dpo_training": {**RAW["dpo_training"], "accept_data_change": True}}
+    resumed = TrainProgress("dpo", to_dict(validate_mapping(accepted, "dpo")), 2, regenerated)
+    resumed.load_state_dict(saved)
+    assert resumed.step == 3
+    del saved["data"]  # written before fingerprints were kept: nothing to compare
+    TrainProgress("dpo", to_dict(validate_mapping(RAW, "dpo")), 2, regenerated).load_state_dict(saved)
+
+
+def test_accepting_a_data_change_or_moving_the_run_is_not_another_run():
+    from dpo_hpc.config import to_identity
+
+    same = {**RAW, "dpo_training": {**RAW["dpo_training"], "accept_data_change": True, "save_dir": "elsewhere"}}
+    assert to_identity(validate_mapping(same, "dpo")) == to_identity(validate_mapping(RAW, "dpo"))
