@@ -41,11 +41,12 @@ def load_with_overrides(path: str, trainer: Optional[str], overrides: Sequence[s
 
 def _run_training(config: str, trainer: str, overrides: Sequence[str]) -> int:
     cfg, _ = load_with_overrides(config, trainer, overrides)
-    from .experiment import SLURM_DEFAULTS
-    from .launch.task import train_and_requeue
+    from .launch.requeue import caps_of
+    from .launch.task import DEFAULT_SIGNAL_LEAD_S, train_and_requeue
 
     # Under sbatch with --signal=USR2@LEAD (see hpc/train.sbatch), a stop signal checkpoints and requeues.
-    train_and_requeue(cfg, trainer, int(os.environ.get("DPO_HPC_MAX_REQUEUES", SLURM_DEFAULTS["max_requeues"])), config)
+    caps = caps_of(int(os.environ["DPO_HPC_MAX_REQUEUES"]) if "DPO_HPC_MAX_REQUEUES" in os.environ else None)
+    train_and_requeue(cfg, trainer, caps, config, float(os.environ.get("DPO_HPC_SIGNAL_LEAD_S", DEFAULT_SIGNAL_LEAD_S)))
     return 0
 
 

@@ -7,7 +7,7 @@
       data_report.json       rows kept and dropped per split, by reason
       run_manifest.json      provenance and status (running / preempted / completed)
       progress.json          latest step and metrics (what ``dpo_hpc.status`` shows)
-      requeues.jsonl         one line per requeue after a stop signal (Slurm array tasks)
+      requeues.jsonl         one line per requeue (Slurm job, cause, step; see dpo_hpc.launch.requeue)
       tensorboard/           event files
       checkpoints/step_*/    resumable training state (see dpo_hpc.checkpoint.layout)
       config.json, model.safetensors, tokenizer files   the final model (save_pretrained)
@@ -132,6 +132,10 @@ class RunDir:
     def mark(self, manifest: dict[str, Any], status: str, **extra: Any) -> None:
         manifest.update(extra, status=status, stop_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         atomic_write_json(self.manifest_path, manifest)
+
+    def annotate(self, **extra: Any) -> None:
+        """Add facts to the manifest as it is on disk (after the trainer has let go of it)."""
+        atomic_write_json(self.manifest_path, {**(self.read_manifest() or {}), **extra})
 
     def finish(self, manifest: dict[str, Any], **extra: Any) -> None:
         manifest.update(extra, status="completed", end_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))

@@ -13,7 +13,7 @@ and out-of-range values are errors naming the key.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
@@ -97,6 +97,23 @@ class ContainerConfig:
     """Further ``apptainer exec`` arguments (e.g. ``--cleanenv``)."""
 
 
+@dataclass(config=STRICT, kw_only=True)
+class RequeueCaps:
+    """Requeues of one Slurm job per cause before the run stops (and waits for a resubmission)."""
+
+    preemption: int = Field(10, ge=0)
+    """After the preemption signal before the time limit (USR2; see ``signal_lead_s``)."""
+    time_limit: int = Field(10, ge=0)
+    """After the signal that the time limit is near."""
+    failure: int = Field(2, ge=0)
+    """After an unexpected failure (a node or network fault; never bad input, a full disk or out
+    of memory), each needing progress since the previous requeue."""
+
+
+REQUEUE_CAUSES = {name: field.default for name, field in RequeueCaps.__pydantic_fields__.items()}
+"""Cause -> default cap."""
+
+
 def _slurm(default=None, *, to: str, **constraints):
     """A ``[slurm]`` key and where its value goes (``dpo_hpc.launch.sbatch`` dispatches on it):
     ``submitit`` (the submitit parameter of the same name), ``submitit:NAME`` (another name),
@@ -136,8 +153,10 @@ class SlurmConfig:
     """At most this many tasks of a stage's array run at once (``--array=0-N%P``; default 64)."""
     signal_lead_s: Optional[int] = _slurm(to="submitit:signal_delay_s", ge=10)
     """``--signal=USR2@LEAD``: warn this long before the time limit; size it for one step plus one checkpoint (default 180)."""
-    max_requeues: Optional[int] = _slurm(to="task", ge=0)
-    """Requeues per run after preemption or time limit before giving up (default 10)."""
+    max_requeues: Optional[Union[int, RequeueCaps]] = _slurm(to="task")
+    """Requeues per Slurm job and cause before the run stops: a table ``{ preemption = 10,
+    time_limit = 10, failure = 2 }`` (the defaults; causes left out keep theirs), or one number
+    for every cause. A resubmission starts from zero."""
     sbatch: Optional[dict[str, str]] = _slurm(to="sbatch")
     """Further sbatch options by long name (``{ exclusive = "", mail-type = "END" }``)."""
     setup: Optional[list[str]] = _slurm(to="setup")
@@ -156,7 +175,7 @@ class SlurmConfig:
 
 
 SLURM_DEFAULTS = {"time": "60", "nodes": 1, "gpus_per_node": 0, "array_parallelism": 64, "signal_lead_s": 180,
-                  "max_requeues": 10}
+                  "max_requeues": REQUEUE_CAUSES}
 
 
 @dataclass(config=STRICT, kw_only=True)

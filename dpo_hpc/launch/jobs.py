@@ -13,7 +13,7 @@ from typing import Any, Optional
 from ..checkpoint import RunDir, published_checkpoints
 from ..experiment import Plan, Run
 from .layout import job_log
-from .task import read_requeues
+from .requeue import read_requeues
 
 LIVE = {"PENDING": "pending", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
         "SUSPENDED": "running", "STAGE_OUT": "running", "SIGNALING": "running", "RESIZING": "running",
@@ -128,7 +128,7 @@ def _state_of(plan: Plan, run: Run, entry: Optional[dict[str, Any]], slurm: dict
                        step=progress.get("step"), total_steps=progress.get("total_steps"),
                        checkpoint=checkpoints[0].name if checkpoints else None,
                        eval=progress.get("eval") or {},
-                       requeues=len(read_requeues(run.run_dir)))
+                       requeues=len(read_requeues(run.run_dir, entry.get("job_id"))) if entry else 0)
     recorded = manifest.get("status")
     if recorded == "completed":  # the manifest holds the final eval; progress.json the last logged one
         status.state = "done"
@@ -157,13 +157,19 @@ def _state_of(plan: Plan, run: Run, entry: Optional[dict[str, Any]], slurm: dict
             status.detail = "a parent run failed; this run will not start"
         elif reason and reason != "None":
             status.detail = reason
+    elif recorded == "preempted" and state in FAILED | {"COMPLETED"}:
+        why = manifest.get("not_requeued") or "not requeued"
+        status.state, status.detail = "stopped", f"stopped: {why}; checkpoint kept, resubmit to resume"
+    elif recorded == "interrupted" and state in FAILED | {"COMPLETED", "CANCELLED"}:
+        status.state = "stopped"
+        status.detail = f"stopped by {manifest.get('reason', 'a signal')} (scancel?); checkpoint kept, resubmit to resume"
     elif state == "COMPLETED":
-        status.state = "stopped" if recorded == "preempted" else "failed"
-        status.detail = ("checkpointed after a stop signal but not requeued (see requeues.jsonl)"
-                         if recorded == "preempted" else "the task ended without finishing the run")
+        status.state, status.detail = "failed", "the task ended without finishing the run"
     elif state in FAILED:
         cause = log_error(plan, entry["job_id"])
         status.state, status.detail = "failed", f"Slurm {state} ({reason})" + (f": {cause}" if cause else "")
+        if manifest.get("not_requeued"):
+            status.detail += f"; not requeued: {manifest['not_requeued']}"
     elif state == "CANCELLED":
         status.state, status.detail = "cancelled", "cancelled (a parent run failed, or scancel)"
     else:

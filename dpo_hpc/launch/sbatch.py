@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 from ..config import to_dict
 from ..experiment import SLURM_DEFAULTS, Plan, SlurmConfig, time_to_minutes
 from .layout import logs_folder
+from .requeue import caps_of
 
 ROUTES: dict[str, str] = {name: field.json_schema_extra["to"] for name, field in SlurmConfig.__pydantic_fields__.items()}
 """[slurm] key -> where it goes (declared on the key)."""
@@ -46,9 +47,11 @@ def stage_slurm(plan: Plan, stage: str) -> dict[str, Any]:
 
 
 def task_settings(slurm: dict[str, Any]) -> dict[str, Any]:
-    """The ``to = "task"`` keys (read by the array task, not by sbatch); cpus_per_task sizes threads."""
-    return {**{key: slurm.get(key) for key, to in ROUTES.items() if to == "task"},
-            "cpus_per_task": slurm.get("cpus_per_task")}
+    """The ``to = "task"`` keys (read by the array task, not by sbatch), requeue caps per cause;
+    cpus_per_task sizes threads, signal_lead_s tells a time limit from a preemption."""
+    settings = {key: slurm.get(key) for key, to in ROUTES.items() if to == "task"}
+    return {**settings, "max_requeues": caps_of(settings["max_requeues"]), "cpus_per_task": slurm.get("cpus_per_task"),
+            "signal_lead_s": slurm.get("signal_lead_s")}
 
 
 def python_command(slurm: dict[str, Any], plan: Plan) -> str:

@@ -19,6 +19,7 @@ from .jobs import ACTIVE_STATES, RESUBMITTABLE, RunStatus, plan_status
 from .layout import ledger_path, logs_folder, submit_dir
 from .ledger import Ledger
 from .sbatch import python_command, render_sbatch, sbatch_parameters, stage_slurm, task_settings
+from .requeue import caps_of
 from .table import state_counts, table
 
 
@@ -181,7 +182,7 @@ def submit_slurm(plan: Plan, runs: list[Run], statuses: dict[str, RunStatus]) ->
             continue
         dependency = _dependency(plan, stage, array_runs, job_of, submitted)
         slurm = stage_slurm(plan, stage)
-        executor = submitit.SlurmExecutor(folder=logs_folder(plan), max_num_timeout=slurm["max_requeues"],
+        executor = submitit.SlurmExecutor(folder=logs_folder(plan), max_num_timeout=caps_of(slurm["max_requeues"])["time_limit"],
                                           python=python_command(slurm, plan))
         params = sbatch_parameters(plan, stage, dependency, role)
         if dependency:  # a failed parent cancels its children instead of leaving them pending forever

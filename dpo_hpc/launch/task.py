@@ -2,23 +2,22 @@
 (or compute a stage's reference log-probs, for a reference pass).
 
 On a stop signal the loop checkpoints on all ranks and returns ``preempted``; rank 0 then asks
-Slurm to requeue this array task, unless the run has been requeued ``max_requeues`` times or made
-no progress since its last requeue (a crash loop would otherwise requeue forever). The requeued
-task starts the same pickled call again and the loop resumes from the checkpoint.
+Slurm to requeue this array task, and after an unexpected failure it does the same, each cause
+within its cap (``launch.requeue``). The requeued task starts the same pickled call again and the
+loop resumes from the checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-REQUEUES = "requeues.jsonl"
+from .requeue import is_transient, requeue, resume_step, stop_cause
+
+DEFAULT_SIGNAL_LEAD_S = 180
 
 
 def _rendezvous_from_slurm() -> None:
@@ -31,58 +30,35 @@ def _rendezvous_from_slurm() -> None:
             os.environ["MASTER_ADDR"] = hosts[0]
 
 
-def slurm_job_id() -> str | None:
-    env = os.environ
-    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    return env.get("SLURM_JOB_ID")
+def _is_main(init_distributed) -> bool:
+    try:
+        return init_distributed().is_main
+    except Exception:  # the process group itself is what failed: leave the failure as it is
+        return False
 
 
-def read_requeues(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / REQUEUES
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def requeue_decision(history: list[dict[str, Any]], step: int, max_requeues: int) -> str:
-    """'' to requeue, else why not."""
-    if len(history) >= max_requeues:
-        return f"already requeued {len(history)} times (max_requeues = {max_requeues})"
-    if history and history[-1]["step"] >= step:
-        return f"no progress since the last requeue (still at step {step})"
-    return ""
-
-
-def requeue(run_dir: Path, step: int, max_requeues: int) -> str:
-    """Rank 0: requeue this Slurm task; returns '' on success or why it was not requeued."""
-    job_id = slurm_job_id()
-    if job_id is None:
-        return "not running under Slurm (resubmit to resume)"
-    history = read_requeues(run_dir)
-    reason = requeue_decision(history, step, max_requeues)
-    if not reason:
-        with open(run_dir / REQUEUES, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "job_id": job_id, "step": step,
-                                "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0))}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-        if result.returncode != 0:
-            reason = f"scontrol requeue {job_id} failed: {result.stderr.strip()}"
-    return reason
-
-
-def train_and_requeue(cfg, trainer: str, max_requeues: int, label: str) -> dict[str, Any]:
-    """Train on every rank with the stop signal bound; after a stop, rank 0 requeues the Slurm
-    task and every rank exits (status 0 if requeued, 3 if not: the checkpoint is kept either way)."""
+def train_and_requeue(cfg, trainer: str, caps: dict[str, int], label: str,
+                      signal_lead_s: float = DEFAULT_SIGNAL_LEAD_S) -> dict[str, Any]:
+    """Train on every rank with the stop signal bound. After a preemption or time-limit signal,
+    rank 0 requeues the Slurm task and every rank exits (status 0 if requeued, 3 if not: the
+    checkpoint is kept either way); after an unexpected failure it requeues the task if the cap
+    allows, else the failure is raised as it was."""
     from ..runtime import init_distributed, shutdown
     from ..runtime.stop import StopSignal
     from ..trainers.trainer import train
 
+    run_dir = Path(cfg.training.save_dir)
     stop = StopSignal().install()
     try:
         summary = train(cfg, trainer, stop=stop)
+    except Exception as exc:
+        if is_transient(exc) and _is_main(init_distributed):
+            reason = requeue(run_dir, "failure", resume_step(run_dir), caps)
+            print(f"[dpo-hpc] {label}: failed ({type(exc).__name__}: {exc}); "
+                  + (f"not requeued: {reason}" if reason else "requeued to resume from the last checkpoint"), flush=True)
+            if not reason:
+                sys.exit(0)
+        raise
     finally:
         stop.restore()
     dist_env = init_distributed()
@@ -93,10 +69,11 @@ def train_and_requeue(cfg, trainer: str, max_requeues: int, label: str) -> dict[
                   "run again to resume", flush=True)
         sys.exit(128 + getattr(signal, summary["signal"]).value)
     if summary.get("status") == "preempted":
-        reason = requeue(Path(cfg.training.save_dir), summary["step"], max_requeues) if dist_env.is_main else ""
+        cause = stop_cause(signal_lead_s)
+        reason = requeue(run_dir, cause, summary["step"], caps) if dist_env.is_main else ""
         shutdown()
         if dist_env.is_main:
-            print(f"[dpo-hpc] {label}: stopped at step {summary['step']}; "
+            print(f"[dpo-hpc] {label}: stopped at step {summary['step']} ({cause.replace('_', ' ')}); "
                   + (f"not requeued: {reason}" if reason else "requeued"), flush=True)
         # No return value: submitit must not record the task as finished; a requeued task reruns this call.
         sys.exit(0 if not reason else 3)
@@ -126,7 +103,8 @@ def run_task(row: dict[str, Any]) -> dict[str, Any]:
     cfg = validate_mapping(row["config"], row["trainer"], source=f"run {row['run_id']}")
     if row.get("role") == "reference":
         return {"run_id": row["run_id"], **reference_pass(cfg, row["trainer"])}
-    return {"run_id": row["run_id"], **train_and_requeue(cfg, row["trainer"], row["max_requeues"], row["run_id"])}
+    return {"run_id": row["run_id"], **train_and_requeue(cfg, row["trainer"], row["max_requeues"], row["run_id"],
+                                                          row.get("signal_lead_s") or DEFAULT_SIGNAL_LEAD_S)}
 
 
 def reference_pass(cfg, trainer: str) -> dict[str, Any]:

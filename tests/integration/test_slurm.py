@@ -229,6 +229,54 @@ def test_stop_signal_checkpoints_requeues_and_resumes_exactly(tmp_path, micro_mo
         assert torch.equal(resumed[name], straight[name]), name
 
 
+def wait_for(path: Path, ready, what: str, timeout: float = 180) -> dict:
+    """The status row once ``ready(row)`` holds for the experiment's one run."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        (row,) = status(path).values()
+        if ready(row):
+            return row
+        time.sleep(0.5)
+    pytest.fail(f"{what}: {row}")
+
+
+def test_requeues_stop_at_their_cap_and_a_resubmission_starts_counting_again(tmp_path, micro_model, reverse_data):
+    """max_requeues = { preemption = 1 }: the first USR2 requeues, the second stops the run with
+    its reason; a resubmission is a new job (its first USR2 requeues again), and a plain scancel
+    (SIGTERM, which submitit would otherwise ignore) checkpoints and stops at once."""
+    long_sft = SFT.replace("max_steps = 4, logging_steps = 1", "max_steps = 100000, logging_steps = 1")
+    path = experiment(tmp_path, micro_model, reverse_data, long_sft, name="caps")
+    path.write_text(path.read_text().replace("signal_lead_s = 30", "signal_lead_s = 30\nmax_requeues = { preemption = 1 }"))
+    seen = 0  # the step reached so far: a new attempt is training once its steps pass it
+
+    def training_past(step: int, requeues: int):
+        return wait_for(path, lambda r: r["state"] == "running" and (r["step"] or 0) > step + 5
+                        and r["requeues"] == requeues, f"not training past step {step} with {requeues} requeue(s)")
+
+    for job_round in (1, 2):
+        submit(path)
+        row = training_past(seen, requeues=0)
+        job, seen = row["job"], row["step"]
+        subprocess.run(["scancel", "--signal=USR2", job], check=True)
+        row = training_past(seen, requeues=1)  # requeued, resumed, training again in the same job
+        assert row["job"] == job
+        seen = row["step"]
+        if job_round == 1:
+            subprocess.run(["scancel", "--signal=USR2", job], check=True)
+            row = wait_for(path, lambda r: r["state"] == "stopped", "the second USR2 did not stop the run")
+            assert row["detail"].startswith("stopped: preemption cap 1 reached; checkpoint kept, resubmit to resume"), row
+            seen = row["step"]
+    (run_dir,) = (tmp_path / "out/caps/sft").iterdir()
+    assert [e["cause"] for e in map(json.loads, (run_dir / "requeues.jsonl").read_text().splitlines())] == \
+        ["preemption", "preemption"]
+    started = time.time()
+    subprocess.run(["scancel", job], check=True)
+    row = wait_for(path, lambda r: r["state"] == "stopped", "scancel did not stop the run", timeout=60)
+    assert time.time() - started < 30 and "stopped by SIGTERM" in row["detail"], row
+    m = manifest(run_dir)
+    assert m["status"] == "interrupted" and m["reason"] == "SIGTERM" and Path(m["checkpoint"]).is_dir()
+
+
 TWO_RANKS = """
 [stages.sft]
 trainer = "sft"
@@ -286,6 +334,48 @@ def test_train_sbatch_template_runs_one_trainer(tmp_path, micro_model, reverse_d
     assert result.returncode == 0, result.stderr + log
     assert manifest(tmp_path / "run")["status"] == "completed" and manifest(tmp_path / "run")["slurm"]["SLURM_JOB_ID"]
     assert "[train.sbatch] job" in log
+
+
+FLAKY_TRAINER = """
+import os, sys
+from dpo_hpc.trainers.trainer import Trainer
+
+real_step = Trainer.train_step
+
+
+def flaky_step(self, step):  # the first attempt meets a network fault at step 3
+    if step == 2 and os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
+        raise RuntimeError("NCCL error: unhandled system error (injected by the test)")
+    return real_step(self, step)
+
+
+Trainer.train_step = flaky_step
+from dpo_hpc.cli import main
+sys.exit(main(["train", "sft", "--config", "sft.json"]))
+"""
+
+
+def test_an_unexpected_failure_requeues_and_resumes_from_the_last_checkpoint(tmp_path, micro_model, reverse_data):
+    config = {"policy_name": str(micro_model), "precision": "fp32",
+              "dataset": {"dataset_name": str(reverse_data), "val_ratio": 0.1, "max_length": 96, "max_prompt_length": 64},
+              "sft_training": {"learning_rate": 1e-3, "batch_size": 8, "max_steps": 5, "save_steps": 2,
+                               "save_dir": str(tmp_path / "run")}}
+    (tmp_path / "sft.json").write_text(json.dumps(config))
+    (tmp_path / "flaky.py").write_text(FLAKY_TRAINER)
+    result = subprocess.run(["sbatch", "--parsable", "--requeue", "--cpus-per-task=1", "--time=5", "--output=flaky-%j.out",
+                             "--open-mode=append", f"--wrap={sys.executable} flaky.py"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    deadline = time.time() + 240
+    while time.time() < deadline and not (tmp_path / "run/model.safetensors").exists():
+        time.sleep(1)
+    log = "\n".join(p.read_text() for p in tmp_path.glob("flaky-*.out"))
+    m = manifest(tmp_path / "run")
+    assert m["status"] == "completed" and m["starts"] == 2, log[-3000:]
+    (requeued,) = map(json.loads, (tmp_path / "run/requeues.jsonl").read_text().splitlines())
+    assert (requeued["cause"], requeued["step"], requeued["job_id"]) == ("failure", 2, result.stdout.strip())
+    assert "failed (RuntimeError: NCCL error: unhandled system error (injected by the test)); requeued" in log
+    assert "resumed from" in log and "at step 2/5" in log
 
 
 def test_zip_pairing_waits_for_the_corresponding_task_only(tmp_path, micro_model, reverse_data):

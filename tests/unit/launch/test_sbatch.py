@@ -24,7 +24,7 @@ EXPECTED = {
     "exclude": ('"node-17"', "#SBATCH --exclude=node-17"),
     "array_parallelism": ("19", "#SBATCH --array=0-39%19"),
     "signal_lead_s": ("23", "#SBATCH --signal=USR2@23"),
-    "max_requeues": ("29", ("task", "max_requeues", 29)),
+    "max_requeues": ("{ failure = 29 }", ("task", "max_requeues", {"preemption": 10, "time_limit": 10, "failure": 29})),
     "sbatch": ('{ mail-type = "END" }', "#SBATCH --mail-type=END"),
     "setup": ('["echo setup-xyz"]', "\necho setup-xyz\n"),
     "env": ('{ ENV_XYZ = "on" }', "\nexport ENV_XYZ=on\n"),
