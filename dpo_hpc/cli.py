@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from pathlib import Path
 
+from .launch.guard import guarded
 from .config import (ALGORITHMS, ConfigError, by_command, detect_trainer, parse_override, read_mapping, set_dotted,
                      to_dict, validate_mapping)
 
@@ -179,41 +180,12 @@ def _experiment_command(name: str):
     return {"submit": submit.main, "status": status.main, "report": report.main}[name]
 
 
-def _guarded(func, *args) -> int:
-    """Exit codes: 2 for bad input (one line per problem), 1 for a runtime failure (one line that
-    says what to do; the traceback in the run's error.log), 130 for Ctrl-C."""
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .runtime.failures import RunFailure, explain
-
-    try:
-        return func(*args)
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(f"error: {line}", file=sys.stderr)
-        return 2
-    except (DataError, CheckpointError, NotImplementedError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        print(f"error: {explain(exc)}", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        log = getattr(exc, "error_log", None)
-        if log is None and not isinstance(exc, RunFailure):  # no run directory to keep it in: it stays here
-            import traceback
-
-            traceback.print_exc()
-        print(f"error: {explain(exc)}" + (f" (traceback: {log})" if log else ""), file=sys.stderr)
-        return 1
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("submit", "status", "report"):
-        return _experiment_command(argv[0])(argv[1:])
+        return guarded(_experiment_command(argv[0]), argv[1:])
     args = build_parser().parse_args(argv)
-    return _guarded(args.func, args)
+    return guarded(args.func, args)
 
 
 def legacy_main(argv: Optional[Sequence[str]] = None, command: Optional[str] = None) -> int:
@@ -226,7 +198,7 @@ def legacy_main(argv: Optional[Sequence[str]] = None, command: Optional[str] = N
     parser.add_argument("--config", "-c", required=True)
     parser.add_argument("--set", "-s", action="append", default=[], metavar="KEY.PATH=VALUE")
     args = parser.parse_args(argv)
-    return _guarded(_run_training, args.config, trainer, args.set)
+    return guarded(_run_training, args.config, trainer, args.set)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not also leave our half-written file behind
+        raise
     fsync_dir(path.parent)
 
 
@@ -51,3 +56,28 @@ def fsync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
         fsync_dir(Path(folder))
+
+
+def existing_ancestor(folder: str | Path) -> Path:
+    """``folder`` if it exists, else its nearest ancestor that does."""
+    probe = Path(folder).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def blocking_file(folder: str | Path) -> Path | None:
+    """The file (not a folder) that stands where ``folder`` or one of its parents must be, if any:
+    creating ``folder`` would fail on it."""
+    probe = existing_ancestor(folder)
+    return None if probe.is_dir() else probe
+
+
+def remove_tree(path: str | Path) -> None:
+    """Remove a folder (or file) this program wrote. A symbolic link standing at its place is
+    removed as a link and never followed: what it points to is not ours."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .checkpoint import RunDir
-from .config import ALGORITHMS, ConfigError
+from .config import ALGORITHMS
 from .experiment import Plan, Run
+from .launch.guard import guarded
 from .launch.plans import open_plan, plan_parser
 from .launch.jobs import plan_status
 from .launch.submission import ledger_of
@@ -192,11 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = plan_parser("dpo-hpc report", __doc__)
     parser.add_argument("--out", help="folder for the report (default: <output_root>/<name>/report)")
     args = parser.parse_args(argv)
-    try:
-        plan, _ = open_plan(args.experiment, args.set or None)
-    except ConfigError as exc:
-        print("\n".join(exc.problems), file=sys.stderr)
-        return 2
+    plan, _ = open_plan(args.experiment, args.set or None)
     statuses = plan_status(plan, ledger_of(plan).latest())
     rows = {run.run_id: run_row(plan, run, statuses[run.run_id].state) for run in plan.runs if run.role == "train"}
     out = Path(args.out) if args.out else plan.root / "report"
@@ -215,4 +212,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from .config import ConfigError
+from .launch.guard import guarded
 from .launch.plans import open_plan, plan_parser
 from .launch.jobs import ACTIVE_STATES, plan_status
 from .launch.submission import ledger_of
@@ -26,11 +26,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", action="store_true",
                         help="one JSON object per run with raw values (grid mapping, integer steps, metrics, log path)")
     args = parser.parse_args(argv)
-    try:
-        plan, _ = open_plan(args.experiment, args.set or None)
-    except ConfigError as exc:
-        print("\n".join(exc.problems), file=sys.stderr)
-        return 2
+    plan, _ = open_plan(args.experiment, args.set or None)
     while True:
         statuses = plan_status(plan, ledger_of(plan).latest())
         if args.json:
@@ -46,4 +42,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import ConfigError
 from .experiment import Plan, Run
 from .filelock import FileLock
 from .launch.jobs import plan_status
 from .launch.layout import submit_dir
 from .launch.local import run_local
+from .launch.guard import error_lines, guarded
 from .launch.plans import open_plan, record_overrides
 from .launch.preflight import check_plan
 from .launch.submission import (decide, ledger_of, prepare_assets, print_plan, select_runs, submit_slurm, wait_for,
@@ -63,9 +63,8 @@ def preflight_passed(plan, before_assets: bool = False) -> bool:
         return True
     for note in found.notes:
         print(f"[preflight] note: {note}")
-    for problem in found.problems:
-        print(f"error: {problem}", file=sys.stderr)
     if found.problems:
+        print("\n".join(error_lines(found.problems)), file=sys.stderr)
         print(f"[preflight] {len(found.problems)} problem(s); nothing submitted (--no-preflight skips the checks)",
               file=sys.stderr)
         return False
@@ -77,12 +76,8 @@ def preflight_passed(plan, before_assets: bool = False) -> bool:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
-    try:
-        plan, overrides = open_plan(args.experiment, args.set)
-        selected = select_runs(plan, args.only, [r for r in args.runs.split(",") if r])
-    except ConfigError as exc:
-        print("\n".join(exc.problems), file=sys.stderr)
-        return 2
+    plan, overrides = open_plan(args.experiment, args.set)
+    selected = select_runs(plan, args.only, [r for r in args.runs.split(",") if r])
     if args.dry_run:
         print_plan(plan, None, {r.run_id: "would submit" for r in selected}, overrides)
         if not args.no_preflight and not preflight_passed(plan):
@@ -143,4 +138,4 @@ def _launch(plan: Plan, to_submit: list[Run], statuses: dict, overrides: list[st
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

@@ -24,8 +24,9 @@ from typing import Any, Callable, Optional, Protocol
 import numpy as np
 import torch
 
-from ..fsutil import atomic_write_json, fsync_dir, fsync_tree, sha256_file
+from ..fsutil import atomic_write_json, fsync_dir, fsync_tree, remove_tree, sha256_file
 from ..runtime import DistEnv, barrier
+from ..runtime.failures import disk_full, no_space
 from . import layout
 from .layout import CheckpointError
 from .safe_load import load_tensors_only, tensor_only_engine
@@ -66,19 +67,45 @@ class RNGState:
 RNG = "rng"
 
 
+def _manifest_problem(manifest: Any) -> Optional[str]:
+    """Why a manifest that parsed as JSON is not one of ours (None if it has our shape)."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return "manifest is not an object with a 'files' table"
+    if not isinstance(manifest.get("format_version", 1), int):
+        return "manifest format_version is not a number"
+    for rel, meta in manifest["files"].items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            return f"manifest lists {rel!r}, outside the checkpoint"
+        if not (isinstance(meta, dict) and isinstance(meta.get("size"), int) and isinstance(meta.get("sha256"), str)):
+            return f"manifest entry of {rel!r} lacks its size and sha256"
+    return None
+
+
 def verify(path: Path) -> Optional[str]:
-    """None if every file listed in the manifest has its recorded size and sha256, else why not."""
+    """None if the checkpoint is one of ours, whole: a real folder (not a link) whose manifest
+    has our shape and lists every file in it with its size and sha256; else why not."""
+    if path.is_symlink():
+        return "a symbolic link, not a checkpoint this run wrote"
     try:
         manifest = json.loads((path / layout.MANIFEST).read_text())
     except FileNotFoundError:
         return "no manifest"
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
         return f"unreadable manifest ({exc})"
+    problem = _manifest_problem(manifest)
+    if problem:
+        return problem
     version = manifest.get("format_version", 1)
     if version > layout.FORMAT_VERSION:
         return f"format version {version} is newer than this dpo-hpc reads ({layout.FORMAT_VERSION})"
+    on_disk = {str(Path(folder, name).relative_to(path)) for folder, _, names in os.walk(path) for name in names}
+    unlisted = sorted(on_disk - set(manifest["files"]) - {layout.MANIFEST})
+    if unlisted:
+        return f"{unlisted[0]} is not in the manifest"
     for rel, meta in manifest["files"].items():
         file = path / rel
+        if file.is_symlink():
+            return f"{rel} is a symbolic link"
         if not file.is_file():
             return f"missing {rel}"
         if file.stat().st_size != meta["size"]:
@@ -168,11 +195,24 @@ class Checkpointer:
         if self.last_saved_step == step:
             return final
         tmp = self.root / layout.tmp_dir_name(step)
+        try:
+            self._write(tmp, final, step)
+        except Exception as exc:
+            full = disk_full(exc, self.root)  # before the cleanup frees space again
+            if self.dist.is_main:
+                remove_tree(tmp)
+            if full:
+                raise no_space(self.root, f"saving checkpoint step {step}") from exc
+            raise
+        self.last_saved_step = step
+        return final
+
+    def _write(self, tmp: Path, final: Path, step: int) -> None:
         if self.dist.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.iterdir():
                 if layout.is_tmp_dir(stale.name):
-                    shutil.rmtree(stale)  # an interrupted save of ours
+                    remove_tree(stale)  # an interrupted save of ours
             tmp.mkdir()
         barrier()
         self.engine.save_checkpoint(str(tmp), tag=layout.ENGINE_TAG, save_latest=False,
@@ -184,8 +224,6 @@ class Checkpointer:
         if self.dist.is_main:
             self._publish(tmp, final, step)
         barrier()
-        self.last_saved_step = step
-        return final
 
     def _publish(self, tmp: Path, final: Path, step: int) -> None:
         shared = {name: piece.state_dict() for name, piece in self.shared.items()}
@@ -199,8 +237,8 @@ class Checkpointer:
                 files[str(file.relative_to(tmp))] = {"size": file.stat().st_size, "sha256": sha256_file(file)}
         atomic_write_json(tmp / layout.MANIFEST, {"format_version": layout.FORMAT_VERSION, "step": step,
                                                   "files": dict(sorted(files.items()))})
-        if final.exists():  # same step saved by an earlier attempt
-            shutil.rmtree(final)
+        if final.exists() or final.is_symlink():  # same step saved by an earlier attempt
+            remove_tree(final)
         os.replace(tmp, final)
         fsync_dir(self.root)
         self._verified[final] = None  # written and checksummed just now
@@ -215,7 +253,7 @@ class Checkpointer:
             if kept < keep and self.problem(path) is None:
                 kept += 1
                 continue
-            if (path / layout.MANIFEST).exists():
+            if (path / layout.MANIFEST).exists() and not path.is_symlink():
                 shutil.rmtree(path)
                 self._verified.pop(path, None)
                 removed.append(path)

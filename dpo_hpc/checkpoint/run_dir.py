@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..config import to_dict, to_identity
-from ..fsutil import atomic_write_json
+from ..config import ConfigError, to_dict, to_identity
+from ..fsutil import atomic_write_json, blocking_file
 
 MANIFEST = "run_manifest.json"
 PROGRESS = "progress.json"
@@ -65,16 +65,24 @@ def _versions() -> dict[str, str]:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    """The file's JSON, or None when it is missing or torn (files written atomically are never torn)."""
+    """The file's JSON object, or None when it is missing, torn (files written atomically are
+    never torn) or not an object (written by something else)."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        found = json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return found if isinstance(found, dict) else None
 
 
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
+
+    def check_location(self) -> None:
+        """Refuse a run directory that cannot be made: a file stands where it or a parent must be."""
+        blocked = blocking_file(self.root)
+        if blocked:
+            raise ConfigError([f"save_dir '{self.root}': {blocked} is a file, not a folder; choose another save_dir"])
 
     @property
     def tensorboard(self) -> Path:

@@ -42,12 +42,59 @@ _SafeLoader.add_implicit_resolver(
 )
 
 
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+"""A config or experiment file is a few kilobytes; anything this big is the wrong file."""
+MAX_CONFIG_VALUES = 100_000
+"""Values a config may hold once YAML aliases are expanded (an alias bomb expands to billions)."""
+
+
+def _expanded_size(data: Any, path: Path) -> int:
+    """How many values ``data`` holds with every shared (aliased) node counted each time it is
+    used, computed once per distinct node; a node that contains itself is refused."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise ConfigError([f"{path}: a YAML alias refers to a node that contains it; write the values out"])
+        open_nodes.add(key)
+        children = node.values() if isinstance(node, dict) else node
+        sizes[key] = 1 + sum(size(child) for child in children)
+        open_nodes.discard(key)
+        return sizes[key]
+
+    return size(data)
+
+
+def _read_text(path: Path) -> str:
+    if path.is_dir():
+        raise ConfigError([f"{path}: is a folder; expected a TOML, YAML or JSON config file"])
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: config file not found"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the config file: {exc.strerror or exc}"]) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: larger than {MAX_CONFIG_BYTES // 2**20} MiB; a config file is a few kilobytes of "
+                           "TOML, YAML or JSON (is this the right file?)"])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); a config is a "
+                           "TOML, YAML or JSON text file"]) from None
+
+
 def read_mapping(path: str | Path) -> dict[str, Any]:
     """Parse a TOML, YAML or JSON file into a dict; errors name the file."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"{path}: config file not found"])
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
@@ -65,6 +112,9 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}"])
+    if _expanded_size(data, path) > MAX_CONFIG_VALUES:
+        raise ConfigError([f"{path}: holds more than {MAX_CONFIG_VALUES:,} values once its YAML aliases (*name) are "
+                           "expanded; write the values out"])
     return data
 
 

@@ -3,6 +3,7 @@ folder of such files, a ``save_to_disk`` folder), or rows passed in by the Pytho
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..config import DatasetConfig
@@ -56,8 +57,44 @@ def load_raw(cfg: DatasetConfig, source: str = "dataset.dataset_name"):
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types; the user needs the name and the cause
+        if path.is_file() and _FILE_BUILDERS.get(path.suffix.lower()) == "json":
+            found = json_file_problem(path)
+            if found:
+                raise DataError(f"{source}: {path}: {found}") from exc
         detail = " ".join(str(exc).split())[:400]
         raise DataError(f"{source}: could not load '{name}' (subset '{subset}'): {type(exc).__name__}: {detail}") from exc
+
+
+def json_file_problem(path: Path) -> str | None:
+    """What is wrong with a JSON or JSON Lines file, by line number, when ``datasets`` could not
+    read it (its own errors name neither the line nor what was expected); None if nothing is found."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 text (offset {exc.start})"
+    if not text.strip():
+        return "the file is empty; expected one JSON object per line (a row with prompt/chosen/rejected or messages)"
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return f"not valid JSON: line {exc.lineno}: {exc.msg}"
+        bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+        return None if bad is None else f"item {bad} is a {_json_type(rows[bad])}; expected a JSON object per row"
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return f"line {number}: not valid JSON ({exc.msg} at column {exc.colno})"
+        if not isinstance(row, dict):
+            return f"line {number}: a JSON {_json_type(row)}; expected one JSON object per line"
+    return None
+
+
+def _json_type(value) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
 
 
 def as_dataset(rows):

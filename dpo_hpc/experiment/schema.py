@@ -12,6 +12,7 @@ and out-of-range values are errors naming the key.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Literal, Optional, Union
 
@@ -114,6 +115,25 @@ REQUEUE_CAUSES = {name: field.default for name, field in RequeueCaps.__pydantic_
 """Cause -> default cap."""
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _strings(value: Any):
+    """Every string in a value (keys of tables too)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+    elif dataclasses.is_dataclass(value):
+        for field in dataclasses.fields(value):
+            yield from _strings(getattr(value, field.name))
+
+
 def _slurm(default=None, *, to: str, **constraints):
     """A ``[slurm]`` key and where its value goes (``dpo_hpc.launch.sbatch`` dispatches on it):
     ``submitit`` (the submitit parameter of the same name), ``submitit:NAME`` (another name),
@@ -172,6 +192,31 @@ class SlurmConfig:
         if value is not None:
             time_to_minutes(value)
         return value
+
+    @field_validator("*")
+    @classmethod
+    def _one_line_each(cls, value):
+        """Values become ``#SBATCH`` lines and shell words: a newline would start a line of its own."""
+        for text in _strings(value):
+            if _CONTROL.search(text):
+                raise ValueError(f"{text!r} holds a line break or control character; give it on one line")
+        return value
+
+    @field_validator("sbatch")
+    @classmethod
+    def _option_names(cls, options):
+        for name in options or {}:
+            if not re.fullmatch(r"[a-z][a-z0-9-]*", name):
+                raise ValueError(f"'{name}' is not an sbatch long option name (like mail-type or exclusive)")
+        return options
+
+    @field_validator("env")
+    @classmethod
+    def _variable_names(cls, env):
+        for name in env or {}:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"'{name}' is not an environment variable name")
+        return env
 
 
 SLURM_DEFAULTS = {"time": "60", "nodes": 1, "gpus_per_node": 0, "array_parallelism": 64, "signal_lead_s": 180,

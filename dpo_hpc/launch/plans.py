@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from ..config import ConfigError, parse_override
 from ..experiment import Plan, expand, experiment_root, load_experiment
-from ..fsutil import atomic_write_bytes
+from ..fsutil import atomic_write_bytes, blocking_file
 from .layout import overrides_path
 
 
@@ -22,6 +22,10 @@ def open_plan(path: str | Path, overrides: Optional[Sequence[str]] = None) -> tu
     """(plan, the ``--set`` texts it was expanded with): ``overrides`` when given, else those of
     the last submission."""
     exp = load_experiment(path)
+    blocked = blocking_file(experiment_root(exp, path))
+    if blocked:
+        raise ConfigError([f"{path}: experiment.output_root: {blocked} is a file, not a folder; choose another "
+                           "output folder"])
     if overrides is None:
         recorded = overrides_path(experiment_root(exp, path))
         try:

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from ..config import ALGORITHMS, validate_mapping
 from ..experiment import Plan
+from ..fsutil import blocking_file, existing_ancestor
 from .sbatch import stage_slurm
 
 FIRST_ROWS = 32
@@ -124,16 +125,9 @@ def check_data(cfg, trainer: str, tokenizer_name: Optional[str], env: dict[str, 
                               f"usable (dropped: {drops}); {parse.expected()}")
 
 
-def existing_ancestor(folder: Path) -> Path:
-    probe = Path(folder).absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return probe
-
-
 def check_writable(folder: Path, found: Findings, where: str) -> None:
     probe = existing_ancestor(folder)
-    if not probe.is_dir():
+    if blocking_file(folder):
         found.problems.append(f"{where}: {probe} is a file, not a folder; choose another output folder")
         return
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 
 
 class RunFailure(RuntimeError):
@@ -37,6 +38,27 @@ def out_of_memory(batch_size: int, unit: str, options_off: list[str]) -> RunFail
     helps = " or ".join(options_off) if options_off else "more GPUs with a higher deepspeed.zero_stage"
     return RunFailure(f"out of GPU memory at a micro-batch of {batch_size} {unit}: lower batch_size (raise "
                       f"gradient_accumulation_steps to keep the global batch), or set {helps}")
+
+
+LOW_SPACE_BYTES = 16 * 2**20
+"""Free space below which a failed write is put down to a full disk (writers fail in many ways
+when it fills: ``OSError(ENOSPC)``, PyTorch's ``unexpected pos``, ``basic_ios::clear``)."""
+
+
+def disk_full(exc: BaseException, folder: str | os.PathLike) -> bool:
+    """Whether ``exc``, raised while writing into ``folder``, came from a full disk. Call it before
+    cleaning up what was written, which frees space again."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "No space left on device" in str(exc):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < LOW_SPACE_BYTES
+    except OSError:
+        return False
+
+
+def no_space(folder: str | os.PathLike, what: str) -> RunFailure:
+    return RunFailure(f"no space left on the device holding {folder} while {what}: free space, lower "
+                      "save_total_limit, or move save_dir (what was half-written has been removed)")
 
 
 def explain(exc: BaseException) -> str:

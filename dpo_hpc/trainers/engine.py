@@ -247,9 +247,9 @@ def save_final_model(engine, tokenizer, out_dir: Path, is_main: bool, merge_adap
     Files are written aside and renamed in, so a crash never leaves a half-written model.
     """
     import os
-    import shutil
 
-    from ..fsutil import fsync_tree
+    from ..fsutil import remove_tree
+    from ..runtime.failures import disk_full, no_space
 
     if engine.zero_optimization_stage() == 3:
         state_dict = engine._zero3_consolidated_16bit_state_dict()
@@ -258,9 +258,23 @@ def save_final_model(engine, tokenizer, out_dir: Path, is_main: bool, merge_adap
     if not is_main:
         return
     staging = out_dir / ".final-model.tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
-    module = engine.module
+    remove_tree(staging)  # an interrupted save of ours (a link there is removed, never followed)
+    try:
+        _write_final_model(engine.module, state_dict, tokenizer, staging, merge_adapter)
+    except Exception as exc:
+        full = disk_full(exc, out_dir)  # before the cleanup frees space again
+        remove_tree(staging)
+        if full:
+            raise no_space(out_dir, "saving the final model") from exc
+        raise
+    for name in sorted(os.listdir(staging)):
+        os.replace(staging / name, out_dir / name)
+    staging.rmdir()
+
+
+def _write_final_model(module, state_dict: dict, tokenizer, staging: Path, merge_adapter: bool) -> None:
+    from ..fsutil import fsync_tree
+
     module.config.use_cache = True
     state_dict = {k: v.detach().cpu() for k, v in state_dict.items()}
     if lora.uses_adapters(module):
@@ -269,6 +283,3 @@ def save_final_model(engine, tokenizer, out_dir: Path, is_main: bool, merge_adap
         module.save_pretrained(staging, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
     fsync_tree(staging)
-    for name in sorted(os.listdir(staging)):
-        os.replace(staging / name, out_dir / name)
-    staging.rmdir()

@@ -27,7 +27,7 @@ import torch
 
 from ..data.sampler import eval_batch_indices
 from ..filelock import FileLock
-from ..fsutil import fsync_tree
+from ..fsutil import fsync_tree, remove_tree
 from ..runtime import DistEnv, barrier
 
 FORMAT = 1
@@ -51,15 +51,13 @@ class RefLogpsTable:
         from safetensors.torch import save_file
 
         tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        remove_tree(tmp)
         tmp.mkdir(parents=True)
         save_file({"logps": self.logps.contiguous()}, tmp / "logps.safetensors")
         (tmp / "ids.json").write_text(json.dumps(self.ids))
         (tmp / "meta.json").write_text(json.dumps(made_of, indent=2, sort_keys=True, default=str))
         fsync_tree(tmp)
-        if folder.exists():  # a table that no longer covers the data (saved under the lock)
-            shutil.rmtree(folder)
+        remove_tree(folder)  # a table that no longer covers the data (saved under the lock)
         try:
             os.replace(tmp, folder)
         except OSError:  # another writer published the same key first: the same values

@@ -135,6 +135,7 @@ class Trainer:
     def start(self) -> None:
         """Check, then record: load the tokenizer and the data and run the resume guard, and only
         then write to the run directory (a refused resume leaves it as it was)."""
+        self.run.check_location()
         check_precision(self.cfg.precision)
         check_trackers(self.training.report_to)
         seed_everything(self.training.seed)

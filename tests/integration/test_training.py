@@ -283,8 +283,8 @@ def test_two_ranks_under_torchrun_match_one_rank_with_accumulation(tmp_path, mic
     assert manifest["world_size"] == 2 and manifest["status"] == "completed"
     a = load_file(Path(one["dpo_training"]["save_dir"]) / "model.safetensors")
     b = load_file(Path(two["dpo_training"]["save_dir"]) / "model.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    for key in a:  # Adam divides by sqrt(v): on near-zero gradients it magnifies the different summation order
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=5e-5)
     logged_one = scalars(Path(one["dpo_training"]["save_dir"]) / "tensorboard")
     logged_two = scalars(Path(two["dpo_training"]["save_dir"]) / "tensorboard")
     assert [v for _, v in logged_one["loss"]] == pytest.approx([v for _, v in logged_two["loss"]], abs=1e-5)
@@ -640,3 +640,47 @@ def test_one_writer_per_run_directory_and_a_dead_holder_is_reclaimed(tmp_path, m
     third = run_cli(["train", "dpo", "--config", str(write_config(tmp_path, raw))])
     assert third.returncode == 0, third.stderr[-2000:]
     assert "went stale" in third.stdout and not (run_dir / ".lock").exists()
+
+
+def test_links_planted_in_the_run_directory_are_replaced_never_written_through(tmp_path, micro_model):
+    """Someone with write access to a shared run folder plants links where the run writes: the
+    run finishes and what the links point to is untouched."""
+    from dpo_hpc.trainers.trainer import train
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.json").write_text("keep me")
+    raw = run_config(tmp_path, micro_model, small_data(tmp_path, 20), "dpo_training", max_steps=3, batch_size=4,
+                     save_steps=1)
+    run_dir = Path(raw["dpo_training"]["save_dir"])
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "data_report.json").symlink_to(outside / "precious.json")
+    (run_dir / ".final-model.tmp").symlink_to(outside)
+    (run_dir / "checkpoints" / layout.tmp_dir_name(1)).symlink_to(outside)
+    assert train(validate_mapping(raw, "dpo"), "dpo")["status"] == "completed"
+    assert sorted(p.name for p in outside.iterdir()) == ["precious.json"]
+    assert (outside / "precious.json").read_text() == "keep me"
+    assert not (run_dir / "data_report.json").is_symlink() and json.loads((run_dir / "data_report.json").read_text())
+    assert (run_dir / "model.safetensors").is_file()
+
+
+def test_a_full_disk_is_one_line_and_the_run_stays_resumable(tmp_path, micro_model):
+    """save_dir on a tmpfs too small for a checkpoint (needs root to mount; skipped elsewhere)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.strip()}")
+    try:
+        raw = run_config(tmp_path, micro_model, small_data(tmp_path, 20), "dpo_training", max_steps=3, batch_size=4,
+                         save_steps=1, save_dir=str(mount / "run"))
+        result = run_cli(["train", "dpo", "--config", str(write_config(tmp_path, raw))])
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+        assert line.startswith(f"error: no space left on the device holding {mount / 'run/checkpoints'} while saving "
+                               "checkpoint step 1: free space, lower save_total_limit, or move save_dir"), line
+        manifest = json.loads((mount / "run/run_manifest.json").read_text())
+        assert manifest["status"] == "failed" and "Traceback" in (mount / "run/error.log").read_text()
+        assert list((mount / "run/checkpoints").iterdir()) == []  # the half-written save was removed
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

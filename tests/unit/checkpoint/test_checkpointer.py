@@ -158,3 +158,57 @@ def test_rotation_keeps_the_newest_usable_checkpoint_not_a_newer_corrupt_one(tmp
     kept = fresh.save(1)
     assert kept.is_dir() and not (tmp_path / layout.step_dir_name(5)).exists()
     assert fresh.latest_valid(print) == kept
+
+
+@pytest.mark.parametrize("manifest, problem", [
+    (None, "manifest is not an object with a 'files' table"),
+    ({"step": 2}, "manifest is not an object with a 'files' table"),
+    ({"files": {"../../etc/passwd": {"size": 1, "sha256": "x"}}}, "outside the checkpoint"),
+    ({"files": {"trainer_state.json": {"size": "big"}}}, "lacks its size and sha256"),
+    ({"files": {}}, "is not in the manifest"),  # files nobody vouched for
+])
+def test_a_manifest_of_another_shape_makes_the_checkpoint_unusable(tmp_path, manifest, problem):
+    path = checkpointer(tmp_path)[0].save(2)
+    (path / layout.MANIFEST).write_text(json.dumps(manifest))
+    assert problem in verify(path)
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        checkpointer(tmp_path)[0].resume(print)
+
+
+def test_links_in_the_checkpoint_folder_are_never_followed_loaded_or_deleted_through(tmp_path):
+    outside = tmp_path / "someone_elses"
+    (outside / "keep.txt").parent.mkdir()
+    (outside / "keep.txt").write_text("precious")
+    root = tmp_path / "checkpoints"
+    ckpt, _, _ = checkpointer(root, interval=0, keep=1)
+    real = ckpt.save(1)
+    (root / layout.step_dir_name(7)).symlink_to(outside)         # a newer "checkpoint" that is a link
+    (root / layout.tmp_dir_name(3)).symlink_to(outside)          # a stale save in progress that is a link
+    said = []
+    assert ckpt.latest_valid(said.append) == real and "symbolic link" in said[0]
+    ckpt.save(3)
+    ckpt.save(4)  # rotation: keep 1
+    assert (outside / "keep.txt").read_text() == "precious"
+    assert (root / layout.step_dir_name(7)).is_symlink()  # not ours: left where it is
+    assert [p.name for p in layout.published_checkpoints(root) if not p.is_symlink()] == [layout.step_dir_name(4)]
+    file_link = root / layout.step_dir_name(4) / "engine" / "model_states.pt"
+    file_link.unlink()
+    file_link.symlink_to(outside / "keep.txt")
+    assert "model_states.pt is a symbolic link" in verify(root / layout.step_dir_name(4))
+
+
+class FullDisk(FakeEngine):
+    def save_checkpoint(self, save_dir, tag, save_latest, exclude_frozen_parameters=False):
+        (Path(save_dir) / tag).mkdir(parents=True)
+        (Path(save_dir) / tag / "part.pt").write_bytes(b"half")
+        raise OSError(28, "No space left on device", str(Path(save_dir) / tag / "part.pt"))
+
+
+def test_a_full_disk_during_a_save_is_said_in_one_line_and_leaves_nothing_half_written(tmp_path):
+    from dpo_hpc.runtime.failures import RunFailure
+
+    ckpt, _, _ = checkpointer(tmp_path, FullDisk())
+    with pytest.raises(RunFailure, match=r"no space left on the device holding .* while saving checkpoint step 2: "
+                                         r"free space, lower save_total_limit, or move save_dir"):
+        ckpt.save(2)
+    assert list(tmp_path.iterdir()) == []

@@ -169,3 +169,16 @@ def test_examples_carry_their_row_id_and_splits_their_fingerprint(tmp_path, tok,
     assert reordered.fingerprint != unshuffled.fingerprint  # the order is part of the data
     shorter, _, _ = load_splits(cfg(tmp_path / "d.jsonl", val_ratio=0.0, max_length=60), tok, "preference")
     assert shorter.fingerprint != unshuffled.fingerprint  # so are the tokenization settings
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("", r"the file is empty; expected one JSON object per line"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n[1, 2]\n', r"line 2: a JSON array; expected one JSON object per line"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n"text"\n', r"line 3: a JSON string; expected one JSON object"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": broken\n', r"line 2: not valid JSON \(Expecting value"),
+])
+def test_a_json_lines_file_that_cannot_be_read_is_named_by_line(tmp_path, hf_cache, content, problem):
+    path = tmp_path / "data.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=rf"dataset.dataset_name: {path}: {problem}"):
+        load_raw(cfg(path))
