@@ -116,9 +116,16 @@ def verify(path: Path) -> Optional[str]:
 
 
 def shared_state(path: Path) -> dict[str, Any]:
-    """The shared state of checkpoint ``path``: {step, world_size, pieces: {name: state}} (format 1 read too)."""
-    version = json.loads((path / layout.MANIFEST).read_text()).get("format_version", 1)
+    """The shared state of checkpoint ``path``: {step, world_size, pieces: {name: state}} (format 1
+    read too). A manifest or shared state of another shape is a CheckpointError."""
+    manifest = json.loads((path / layout.MANIFEST).read_text())
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+    version = manifest.get("format_version", 1)
     shared = json.loads((path / layout.SHARED_STATE).read_text())
+    if not isinstance(shared, dict):
+        raise CheckpointError(f"{path}: {layout.SHARED_STATE} is not an object")
     if version == 1:
         shared = {"step": shared["step"], "world_size": shared["world_size"],
                   "pieces": {"progress": {k: v for k, v in shared.items() if k != "world_size"}}}
@@ -131,8 +138,8 @@ def peek_shared(root: Path, name: str) -> Optional[tuple[Path, Any]]:
     for path in layout.published_checkpoints(root):
         try:
             return path, shared_state(path)["pieces"][name]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
+        except (OSError, ValueError, KeyError, TypeError, CheckpointError):
+            continue  # not usable: the full verification names it when the run resumes
     return None
 
 

@@ -212,3 +212,14 @@ def test_a_full_disk_during_a_save_is_said_in_one_line_and_leaves_nothing_half_w
                                          r"free space, lower save_total_limit, or move save_dir"):
         ckpt.save(2)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("manifest", ["null", '{"step": 3}', "[1, 2]"])
+def test_the_resume_guard_peeks_past_a_manifest_of_another_shape(tmp_path, manifest):
+    from dpo_hpc.checkpoint.manager import peek_shared
+
+    ckpt, progress, _ = checkpointer(tmp_path, interval=0, keep=5)
+    ckpt.save(1)
+    (ckpt.save(2) / layout.MANIFEST).write_text(manifest)
+    path, state = peek_shared(tmp_path, "progress")
+    assert path.name == layout.step_dir_name(1) and state["config"] == "a"
