@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
@@ -160,6 +161,7 @@ class Checkpointer:
         if type(getattr(engine, "checkpoint_engine", None)).__name__ == "TorchCheckpointEngine":
             engine.checkpoint_engine = tensor_only_engine()  # never unpickle code from a run directory
         self.last_saved_step: Optional[int] = None
+        self.last_save_seconds = 0.0  # how long the last save took (the stop deadline keeps room for one)
         self._verified: dict[Path, Optional[str]] = {}  # path -> why unusable (None: usable), checked once
 
     # ----- listing -------------------------------------------------------------------------
@@ -202,6 +204,7 @@ class Checkpointer:
         if self.last_saved_step == step:
             return final
         tmp = self.root / layout.tmp_dir_name(step)
+        started = time.perf_counter()
         try:
             self._write(tmp, final, step)
         except Exception as exc:
@@ -212,6 +215,7 @@ class Checkpointer:
                 raise no_space(self.root, f"saving checkpoint step {step}") from exc
             raise
         self.last_saved_step = step
+        self.last_save_seconds = time.perf_counter() - started
         return final
 
     def _write(self, tmp: Path, final: Path, step: int) -> None:

@@ -172,7 +172,8 @@ class SlurmConfig:
     array_parallelism: Optional[int] = _slurm(to="submitit", ge=1)
     """At most this many tasks of a stage's array run at once (``--array=0-N%P``; default 64)."""
     signal_lead_s: Optional[int] = _slurm(to="submitit:signal_delay_s", ge=10)
-    """``--signal=USR2@LEAD``: warn this long before the time limit; size it for one step plus one checkpoint (default 180)."""
+    """``--signal=USR2@LEAD``: warn this long before the time limit; size it for one step plus one checkpoint (default 180).
+    Each task also stops by itself this long before its job's end time (longer once a step and a save are measured)."""
     max_requeues: Optional[Union[int, RequeueCaps]] = _slurm(to="task")
     """Requeues per Slurm job and cause before the run stops: a table ``{ preemption = 10,
     time_limit = 10, failure = 2 }`` (the defaults; causes left out keep theirs), or one number

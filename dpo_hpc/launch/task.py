@@ -44,11 +44,12 @@ def train_and_requeue(cfg, trainer: str, caps: dict[str, int], label: str,
     checkpoint is kept either way); after an unexpected failure it requeues the task if the cap
     allows, else the failure is raised as it was."""
     from ..runtime import init_distributed, shutdown
-    from ..runtime.stop import StopSignal
+    from ..runtime.slurm import job_end_time
+    from ..runtime.stop import DEADLINE, StopSignal
     from ..trainers.trainer import train
 
     run_dir = Path(cfg.training.save_dir)
-    stop = StopSignal().install()
+    stop = StopSignal(end_time=job_end_time(), lead_s=signal_lead_s).install()
     try:
         summary = train(cfg, trainer, stop=stop)
     except Exception as exc:
@@ -69,7 +70,7 @@ def train_and_requeue(cfg, trainer: str, caps: dict[str, int], label: str,
                   "run again to resume", flush=True)
         sys.exit(128 + getattr(signal, summary["signal"]).value)
     if summary.get("status") == "preempted":
-        cause = stop_cause(signal_lead_s)
+        cause = "time_limit" if summary["signal"] == DEADLINE else stop_cause(signal_lead_s)
         reason = requeue(run_dir, cause, summary["step"], caps) if dist_env.is_main else ""
         shutdown()
         if dist_env.is_main:

@@ -378,6 +378,35 @@ def test_an_unexpected_failure_requeues_and_resumes_from_the_last_checkpoint(tmp
     assert "resumed from" in log and "at step 2/5" in log
 
 
+def test_without_a_signal_the_job_end_time_still_checkpoints_and_requeues_in_time(tmp_path, micro_model, reverse_data):
+    """A plain sbatch job with no --signal (as if the signal were lost): the run reads its end
+    time from Slurm and stops with a checkpoint the signal lead (40 s) before it, then requeues."""
+    config = {"policy_name": str(micro_model), "precision": "fp32",
+              "dataset": {"dataset_name": str(reverse_data), "val_ratio": 0.1, "max_length": 96, "max_prompt_length": 64},
+              "sft_training": {"learning_rate": 1e-3, "batch_size": 8, "max_steps": 10**6, "logging_steps": 50,
+                               "save_dir": str(tmp_path / "run")}}
+    (tmp_path / "sft.json").write_text(json.dumps(config))
+    env = {**os.environ, "DPO_HPC_SIGNAL_LEAD_S": "40"}
+    result = subprocess.run(["sbatch", "--parsable", "--requeue", "--cpus-per-task=1", "--time=1", "--output=run-%j.out",
+                             "--open-mode=append", f"--wrap={sys.executable} -m dpo_hpc train sft --config sft.json"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    job = result.stdout.strip()
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline and not (tmp_path / "run/requeues.jsonl").exists():
+            time.sleep(1)
+        log = "\n".join(p.read_text() for p in tmp_path.glob("run-*.out"))
+        assert (tmp_path / "run/requeues.jsonl").exists(), log[-3000:]
+    finally:
+        subprocess.run(["scancel", job], check=False)
+    (requeued,) = map(json.loads, (tmp_path / "run/requeues.jsonl").read_text().splitlines())
+    assert requeued["cause"] == "time_limit" and requeued["step"] > 0
+    assert f"deadline: checkpoint {tmp_path / 'run/checkpoints'}" in log and "(time limit); requeued" in log
+    ran = when(requeued["time"]) - when(manifest(tmp_path / "run")["first_start_time"])
+    assert 5 <= ran.total_seconds() <= 40, ran  # well before the 60 s limit: the lead was kept
+
+
 def test_zip_pairing_waits_for_the_corresponding_task_only(tmp_path, micro_model, reverse_data):
     stages = SFT + '[stages.sft.grid]\n"sft_training.seed" = [1, 2]\n' + \
         DPO.replace('from = "sft"', 'from = "sft"\npairing = "zip"').replace('"dpo_training.beta" = [0.1, 0.3]',

@@ -37,3 +37,24 @@ def test_interrupts_win_over_preemption_and_a_second_ctrl_c_stops_at_once():
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_the_deadline_keeps_the_signal_lead_or_what_a_step_and_a_save_took():
+    end = 10_000.0
+    stop = StopSignal(signal.SIGUSR2, end_time=end, lead_s=180)
+    assert not stop.deadline_reached(now=end - 181) and stop.deadline_reached(now=end - 179)
+    # a save measured at 200 s (and 10 s steps) needs 2 * 10 + 1.5 * 200 = 320 s, more than the lead
+    assert stop.deadline_reached(step_s=10, save_s=200, now=end - 300)
+    assert not StopSignal(signal.SIGUSR2, end_time=None, lead_s=180).deadline_reached(now=end)
+
+
+def test_a_reached_deadline_is_a_stop_to_requeue_and_any_signal_wins_over_it():
+    import time
+
+    stop = StopSignal(signal.SIGUSR2, end_time=time.time() + 5, lead_s=60).install()
+    try:
+        assert stop.agreed(1, torch.device("cpu")) == "deadline" and stop.is_preemption("deadline")
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.agreed(1, torch.device("cpu")) == "SIGTERM"
+    finally:
+        stop.restore()
