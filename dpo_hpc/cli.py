@@ -18,6 +18,14 @@ from .launch.guard import guarded
 from .config import (ALGORITHMS, ConfigError, by_command, detect_trainer, parse_override, read_mapping, set_dotted,
                      to_dict, validate_mapping)
 
+EXPERIMENT_COMMANDS = {
+    "submit": "submit an experiment file (stages x grid) to Slurm, or run it locally",
+    "status": "where every run of an experiment stands",
+    "report": "tables and plots of an experiment's results",
+    "prefetch": "fill the Hugging Face cache with what an experiment reads (on a login node)",
+}
+"""``dpo-hpc <command> EXPERIMENT``: each is its module ``dpo_hpc.<command>``, which parses its own arguments."""
+
 TRAINERS = {algo.command: algo.name for algo in ALGORITHMS.values()}
 """``dpo-hpc train COMMAND`` -> the algorithm's name (from the registry)."""
 
@@ -121,9 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     _accept_launcher_rank(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    for name, text in (("submit", "submit an experiment file (stages x grid) to Slurm, or run it locally"),
-                       ("status", "where every run of an experiment stands"),
-                       ("report", "tables and plots of an experiment's results")):
+    for name, text in EXPERIMENT_COMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)  # listed here; main() hands their arguments over
 
     def config_args(p):
@@ -174,15 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _experiment_command(name: str):
-    """``dpo-hpc submit|status|report ...``: the experiment commands, which parse their own arguments."""
-    from . import report, status, submit
+    """The ``main`` of ``dpo_hpc.<name>`` (one of EXPERIMENT_COMMANDS)."""
+    import importlib
 
-    return {"submit": submit.main, "status": status.main, "report": report.main}[name]
+    return importlib.import_module(f"{__package__}.{name}").main
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("submit", "status", "report"):
+    if argv and argv[0] in EXPERIMENT_COMMANDS:
         return guarded(_experiment_command(argv[0]), argv[1:])
     args = build_parser().parse_args(argv)
     return guarded(args.func, args)

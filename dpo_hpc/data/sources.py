@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import DatasetConfig
 
-_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 class DataError(Exception):
@@ -35,9 +35,9 @@ def load_raw(cfg: DatasetConfig, source: str = "dataset.dataset_name"):
     path = Path(name).expanduser()
     try:
         if path.is_file():
-            builder = _FILE_BUILDERS.get(path.suffix.lower())
+            builder = FILE_BUILDERS.get(path.suffix.lower())
             if builder is None:
-                raise DataError(f"{source}: {path}: unsupported file type; expected one of {', '.join(_FILE_BUILDERS)}")
+                raise DataError(f"{source}: {path}: unsupported file type; expected one of {', '.join(FILE_BUILDERS)}")
             if subset.split("[", 1)[0] != "train":
                 raise DataError(f"{source}: {path} is a single file, so its only split is 'train'; got subset '{subset}'")
             return datasets.load_dataset(builder, data_files={"train": str(path)}, split=subset)
@@ -51,18 +51,36 @@ def load_raw(cfg: DatasetConfig, source: str = "dataset.dataset_name"):
                     loaded = loaded[split_name]
                 return _slice(loaded, subset)
             return datasets.load_dataset(str(path), split=subset)
-        if name.startswith((".", "/", "~")) or name.endswith(tuple(_FILE_BUILDERS)):
+        if name.startswith((".", "/", "~")) or name.endswith(tuple(FILE_BUILDERS)):
             raise DataError(f"{source}: local path '{name}' does not exist")
+        snapshot = _offline_snapshot(name)
+        if snapshot is not None:  # fetched by `dpo-hpc prefetch`: the repository's files, read as a folder
+            return datasets.load_dataset(snapshot, split=subset)
         return datasets.load_dataset(name, split=subset)
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types; the user needs the name and the cause
-        if path.is_file() and _FILE_BUILDERS.get(path.suffix.lower()) == "json":
+        if path.is_file() and FILE_BUILDERS.get(path.suffix.lower()) == "json":
             found = json_file_problem(path)
             if found:
                 raise DataError(f"{source}: {path}: {found}") from exc
         detail = " ".join(str(exc).split())[:400]
         raise DataError(f"{source}: could not load '{name}' (subset '{subset}'): {type(exc).__name__}: {detail}") from exc
+
+
+def _offline_snapshot(name: str) -> str | None:
+    """The hub cache's copy of dataset repository ``name`` when offline (None online, or when not
+    cached: ``datasets`` then says what it says)."""
+    import os
+
+    if "1" not in (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("HF_DATASETS_OFFLINE")):
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, repo_type="dataset", local_files_only=True)
+    except Exception:  # not in the cache (or not a repo id)
+        return None
 
 
 def json_file_problem(path: Path) -> str | None:

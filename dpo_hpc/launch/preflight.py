@@ -61,7 +61,7 @@ def check_model(name: str, what: str, env: dict[str, str], found: Findings, wher
     cached = try_to_load_from_cache(name, "config.json")
     if isinstance(cached, str):
         return True
-    fetch = f"`huggingface-cli download {name}` on a login node, with the jobs' HF_HOME"
+    fetch = f"`dpo-hpc prefetch EXPERIMENT` on a login node (or `huggingface-cli download {name}` with the jobs' HF_HOME)"
     if _offline(env):
         found.problems.append(f"{where}: {what} '{name}' is not in the Hugging Face cache and the job runs with "
                               f"HF_HUB_OFFLINE=1; run {fetch}")

@@ -99,7 +99,8 @@ image = "{tmp_path / 'nope.sif'}"
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     expected = [f"policy_name '{micro_model}-typo': no such local folder",
                 "policy_name 'meta-llama/Llama-3.2-1B' is not in the Hugging Face cache and the job runs with "
-                "HF_HUB_OFFLINE=1; run `huggingface-cli download meta-llama/Llama-3.2-1B`",
+                "HF_HUB_OFFLINE=1; run `dpo-hpc prefetch EXPERIMENT` on a login node (or `huggingface-cli download "
+                "meta-llama/Llama-3.2-1B` with the jobs' HF_HOME)",
                 f"local path '{tmp_path / 'missing.jsonl'}' does not exist",
                 "none of the first 32 rows is usable (dropped: not_messages=32); expected format 'conversational'",
                 f"stages.format.slurm.container.image: '{tmp_path / 'nope.sif'}' does not exist"]
