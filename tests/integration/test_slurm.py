@@ -277,6 +277,58 @@ def test_requeues_stop_at_their_cap_and_a_resubmission_starts_counting_again(tmp
     assert m["status"] == "interrupted" and m["reason"] == "SIGTERM" and Path(m["checkpoint"]).is_dir()
 
 
+TWO_NODES = """
+[stages.dpo]
+trainer = "dpo"
+[stages.dpo.slurm]
+partition = "two"
+nodes = 2
+ntasks_per_node = 1
+[stages.dpo.config]
+policy_name = "MODEL"
+dataset = { dataset_name = "DATA", val_ratio = 0.1, max_length = 96, max_prompt_length = 64 }
+dpo_training = { learning_rate = 1e-3, batch_size = 2, max_steps = 150, save_steps = 50, logging_steps = 1 }
+deepspeed = { zero_stage = 3 }
+"""
+
+
+def two_nodes_or_skip() -> None:
+    """The namespace nodes of hpc/slurm-up.sh, or a skip that says why they are not there."""
+    status = Path("/run/dpo-hpc-two-nodes.status")
+    said = status.read_text().strip() if status.exists() else "hpc/slurm-up.sh has not run"
+    found = subprocess.run(["sinfo", "-h", "-p", "two", "-o", "%D %T"], capture_output=True, text=True, timeout=30)
+    if not found.stdout.startswith("2 "):
+        pytest.skip(f"no two-node partition: {said}")
+
+
+def test_two_nodes_train_zero3_across_a_network_and_resume_bit_identical(tmp_path, micro_model, reverse_data):
+    """Two slurmd in their own network namespaces (hpc/slurm-up.sh): one rank per node, ZeRO-3
+    over gloo, MASTER_ADDR from the node list; a USR2 to both nodes mid-run checkpoints, requeues
+    and resumes to the weights of an uninterrupted two-node run."""
+    two_nodes_or_skip()
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, preempt in (("straight", False), ("preempted", True)):
+        path = experiment(tmp_path, micro_model, reverse_data, TWO_NODES, name=name)
+        submit(path)
+        if preempt:
+            row = wait_for(path, lambda r: r["state"] == "running" and (r["step"] or 0) >= 10, "the run never got going",
+                           timeout=240)
+            subprocess.run(["scancel", "--signal=USR2", row["job"]], check=True)
+        rows = wait_settled(path)
+        (row,) = rows.values()
+        assert row["state"] == "done", rows
+        (run_dir,) = (tmp_path / f"out/{name}/dpo").iterdir()
+        runs[name] = run_dir
+        m = manifest(run_dir)
+        assert m["world_size"] == 2 and m["slurm"]["SLURM_JOB_NODELIST"] == "dpo-n[1-2]"
+    assert manifest(runs["preempted"])["starts"] == 2 and row["requeues"] == 1
+    straight, resumed = (load_file(runs[k] / "model.safetensors") for k in ("straight", "preempted"))
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
 TWO_RANKS = """
 [stages.sft]
 trainer = "sft"
