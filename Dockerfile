@@ -14,10 +14,12 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /opt/dpo-hpc
 COPY pyproject.toml README.md ./
+COPY hpc/constraints.txt ./hpc/constraints.txt
 COPY dpo_hpc ./dpo_hpc
-# torch comes from the base image; pip keeps it because it satisfies torch>=2.1. The peft extra
-# makes [lora] work inside the image.
-RUN pip install --no-cache-dir "/opt/dpo-hpc[peft]" \
+# torch comes from the base image; pip keeps it because it satisfies torch>=2.1. Every other
+# package gets the version the tests passed with (hpc/constraints.txt). The peft extra makes
+# [lora] work inside the image.
+RUN pip install --no-cache-dir -c hpc/constraints.txt "/opt/dpo-hpc[peft]" \
     && python -c "import dpo_hpc, deepspeed, peft, submitit, transformers; print('dpo-hpc', dpo_hpc.__version__)"
 
 WORKDIR /work

@@ -29,7 +29,7 @@ def test_dockerfile_copies_what_exists_and_installs_the_package():
         *sources, _ = line.split()
         for source in sources:
             assert (REPO / source).exists(), f"COPY {source}: not in the repository"
-    assert 'pip install --no-cache-dir "/opt/dpo-hpc[peft]"' in text
+    assert 'pip install --no-cache-dir -c hpc/constraints.txt "/opt/dpo-hpc[peft]"' in text
 
 
 def test_apptainer_definition_parses_and_matches_the_dockerfile():
@@ -41,8 +41,29 @@ def test_apptainer_definition_parses_and_matches_the_dockerfile():
     assert stage.fromHeader == docker_from  # one base image for both
     copied = {entry.split()[0]: entry.split()[1] for entry in stage.files}
     assert copied == {"pyproject.toml": "/opt/dpo-hpc/pyproject.toml", "README.md": "/opt/dpo-hpc/README.md",
-                      "dpo_hpc": "/opt/dpo-hpc/dpo_hpc"}
+                      "hpc/constraints.txt": "/opt/dpo-hpc/hpc/constraints.txt", "dpo_hpc": "/opt/dpo-hpc/dpo_hpc"}
     assert all((REPO / source).exists() for source in copied)
-    assert any('pip install --no-cache-dir "/opt/dpo-hpc[peft]"' in line for line in stage.install)
+    assert any('pip install --no-cache-dir -c /opt/dpo-hpc/hpc/constraints.txt "/opt/dpo-hpc[peft]"' in line
+               for line in stage.install)
     assert {"HF_HUB_OFFLINE=1", "HF_DATASETS_OFFLINE=1"} <= set(stage.environ)
     assert stage.cmd.startswith("exec python -m dpo_hpc")
+
+
+def test_the_tested_environment_is_the_pinned_one():
+    """CI installs with hpc/constraints.txt: every pinned package that is installed has its pin
+    (a different version means the pins and what the tests saw have parted: run hpc/pin.sh)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = dict(line.split("==") for line in (REPO / "hpc/constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert {"transformers", "deepspeed", "datasets", "submitit", "pydantic", "tensorboard"} <= {p.lower() for p in pins}
+    assert not any(p.lower() in ("torch", "triton") or p.lower().startswith("nvidia-") for p in pins)
+    differ = []
+    for package, pinned in pins.items():
+        try:
+            installed = version(package)
+        except PackageNotFoundError:
+            continue
+        if installed != pinned:
+            differ.append(f"{package} {installed} (pinned {pinned})")
+    assert not differ, differ
