@@ -1,9 +1,46 @@
-# dpo-hpc on CUDA: docker build -t dpo-hpc . ; on a cluster, build the Apptainer image from
-# apptainer.def instead (or: apptainer build dpo-hpc.sif docker-daemon://dpo-hpc:latest).
-# The devel image carries nvcc, which DeepSpeed needs to JIT-build its fused ops on first use.
-FROM pytorch/pytorch:2.7.1-cuda12.6-cudnn9-devel
+# dpo-hpc images. The default (last) stage is for CUDA GPUs: docker build -t dpo-hpc . ; on a
+# cluster, build the Apptainer image from apptainer.def instead (or: apptainer build dpo-hpc.sif
+# docker-daemon://dpo-hpc:latest). The "cpu" stage is the same package on Debian with PyTorch's
+# CPU build: docker build --target cpu -t dpo-hpc:cpu . (CI builds and runs it with buildah).
+ARG CUDA_BASE=pytorch/pytorch:2.7.1-cuda12.6-cudnn9-devel
+ARG CPU_BASE=debian:bookworm-slim
 
+FROM ${CPU_BASE} AS cpu
 # DL3064 flags TOKENIZERS_PARALLELISM for containing "TOKEN"; it is a switch, not a secret.
+# hadolint ignore=DL3064
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 \
+    TOKENIZERS_PARALLELISM=false \
+    HF_HUB_OFFLINE=1 \
+    HF_DATASETS_OFFLINE=1 \
+    PATH=/opt/venv/bin:$PATH
+# Debian's own python3 (3.11 in bookworm, the version the tests run on); the packages on top of
+# it are pinned by hpc/constraints.txt, these by the Debian release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+WORKDIR /opt/dpo-hpc
+COPY pyproject.toml README.md ./
+COPY hpc/constraints.txt ./hpc/constraints.txt
+COPY dpo_hpc ./dpo_hpc
+# torch's CPU build, pinned as in the README (an unpinned torch pulls a CUDA build of several GB).
+# Behind a proxy or with a local wheel folder, pass pip's settings as build arguments (unset when
+# not given): PIP_INDEX_URL, PIP_CERT (a CA bundle mounted into the build), PIP_FIND_LINKS.
+ARG PIP_INDEX_URL
+ARG PIP_CERT
+ARG PIP_FIND_LINKS
+RUN pip install --no-cache-dir torch==2.13.0 \
+    && pip install --no-cache-dir -c hpc/constraints.txt "/opt/dpo-hpc[peft]" \
+    && python -c "import dpo_hpc, deepspeed, peft, submitit, transformers; print('dpo-hpc', dpo_hpc.__version__)"
+WORKDIR /work
+ENTRYPOINT ["python", "-m", "dpo_hpc"]
+CMD ["--help"]
+
+FROM ${CUDA_BASE} AS cuda
+# The devel image carries nvcc, which DeepSpeed needs to JIT-build its fused ops on first use.
 # hadolint ignore=DL3064
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \

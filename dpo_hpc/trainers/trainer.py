@@ -377,8 +377,8 @@ class Trainer:
         """The signal any rank got (its name), or None (a collective: every rank asks at every step)."""
         if self.stop is None or step >= self.total_steps:
             return None
-        return self.stop.agreed(self.dist.world_size, self.device, self.logger.train.get("perf/step_seconds", 0.0),
-                                self.checkpointer.last_save_seconds)
+        return self.stop.agreed(self.dist.world_size, self.device, step_s=self.logger.train.get("perf/step_seconds", 0.0),
+                                save_s=self.checkpointer.last_save_seconds)
 
     def stop_with_checkpoint(self, step: int, signal_name: str) -> dict[str, Any]:
         path = self.checkpointer.save(step)

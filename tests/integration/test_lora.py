@@ -31,7 +31,7 @@ class StopAt(StopSignal):
         super().__init__()
         self.step, self.asked = step, 0
 
-    def agreed(self, world_size, device):
+    def agreed(self, world_size, device, **_):
         self.asked += 1
         return "SIGUSR2" if self.asked == self.step else None
 

@@ -559,7 +559,7 @@ def _stop_at_two():
     class StopAtTwo(StopSignal):
         asked = 0
 
-        def agreed(self, world_size, device):
+        def agreed(self, world_size, device, **_):
             self.asked += 1
             return "SIGUSR2" if self.asked == 2 else None
 
