@@ -29,7 +29,8 @@ def test_dockerfile_copies_what_exists_and_installs_the_package():
         *sources, _ = line.split()
         for source in sources:
             assert (REPO / source).exists(), f"COPY {source}: not in the repository"
-    assert 'pip install --no-cache-dir -c hpc/constraints.txt "/opt/dpo-hpc[peft]"' in text
+    assert text.count('pip install --no-cache-dir -c hpc/constraints.txt "/opt/dpo-hpc[peft]"') == 2  # cpu, cuda
+    assert "pip install --no-cache-dir torch==2.13.0" in text  # the cpu stage's torch, as in the README
 
 
 def test_apptainer_definition_parses_and_matches_the_dockerfile():
@@ -37,8 +38,11 @@ def test_apptainer_definition_parses_and_matches_the_dockerfile():
 
     recipe = SingularityParser(str(REPO / "apptainer.def")).recipe
     (stage,) = recipe.values()
-    docker_from = re.search(r"^FROM (\S+)", (REPO / "Dockerfile").read_text(), flags=re.M).group(1)
-    assert stage.fromHeader == docker_from  # one base image for both
+    dockerfile = (REPO / "Dockerfile").read_text()
+    cuda_base = re.search(r"^ARG CUDA_BASE=(\S+)", dockerfile, flags=re.M).group(1)
+    assert stage.fromHeader == cuda_base  # one CUDA base image for both
+    assert re.search(r"^FROM \$\{CUDA_BASE\} AS cuda$", dockerfile, flags=re.M)
+    assert dockerfile.rstrip().split("\nFROM ")[-1].startswith("${CUDA_BASE} AS cuda")  # the default (last) stage
     copied = {entry.split()[0]: entry.split()[1] for entry in stage.files}
     assert copied == {"pyproject.toml": "/opt/dpo-hpc/pyproject.toml", "README.md": "/opt/dpo-hpc/README.md",
                       "hpc/constraints.txt": "/opt/dpo-hpc/hpc/constraints.txt", "dpo_hpc": "/opt/dpo-hpc/dpo_hpc"}
