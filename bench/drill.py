@@ -354,6 +354,7 @@ CASES = [
     Case("config", "50 MB file", config_file("<50 MB>")),
     Case("config", "YAML alias bomb (9^9 values)", config_file(_bomb())),
     Case("config", "YAML alias that contains itself", config_file("a: &a\n  b: *a\n")),
+    Case("config", "lists nested 3,000 deep", config_file("a: " + "[" * 3000 + "]" * 3000)),
     Case("config", "YAML python tag (code execution)", config_file("policy_name: !!python/object/apply:os.system ['id']\n")),
     Case("config", "5,000 unknown keys", trainer_config(_flood)),
     Case("config", "wrong type (batch_size: four)", trainer_config(lambda r: {**r, "dpo_training": {**r["dpo_training"], "batch_size": "four"}})),

@@ -108,11 +108,17 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
         detail = " ".join(str(exc).split())
         raise ConfigError([f"{path}: not valid {suffix[1:].upper()}: {detail}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: nested too deeply to be a config"]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}"])
-    if _expanded_size(data, path) > MAX_CONFIG_VALUES:
+    try:
+        values = _expanded_size(data, path)
+    except RecursionError:
+        raise ConfigError([f"{path}: nested too deeply to be a config"]) from None
+    if values > MAX_CONFIG_VALUES:
         raise ConfigError([f"{path}: holds more than {MAX_CONFIG_VALUES:,} values once its YAML aliases (*name) are "
                            "expanded; write the values out"])
     return data

@@ -12,6 +12,7 @@ one line per requeue; a stop that is not requeued records its reason in the run 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -61,7 +62,7 @@ def is_transient(exc: BaseException) -> bool:
     """Worth a requeue: not bad input, not a failure already worded for the user, not a full disk."""
     if isinstance(exc, _NOT_TRANSIENT) or not isinstance(exc, Exception):
         return False
-    if isinstance(exc, OSError) and exc.errno in (28, 13):  # ENOSPC, EACCES: the next attempt fails alike
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EACCES):  # the next attempt fails alike
         return False
     return type(exc).__name__ != "OutOfMemoryError"
 

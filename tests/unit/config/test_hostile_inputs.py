@@ -56,6 +56,17 @@ def test_yaml_alias_bombs_and_self_references_are_refused_at_once(tmp_path, caps
     assert "a YAML alias refers to a node that contains it" in line
 
 
+@pytest.mark.parametrize("name, text", [
+    ("deep.yaml", "a: " + "[" * 3000 + "]" * 3000),
+    ("deep.toml", "a = " + "[" * 3000 + "]" * 3000),
+    ("deep.json", '{"a": ' + "[" * 100000 + "]" * 100000 + "}"),
+])
+def test_nesting_too_deep_for_the_parsers_is_one_line(tmp_path, capsys, name, text):
+    (tmp_path / name).write_text(text)
+    (line,) = error_lines(capsys, ["train", "dpo", "--config", str(tmp_path / name)])
+    assert line.endswith("nested too deeply to be a config"), line
+
+
 def test_thousands_of_problems_print_twenty_lines_and_a_count(tmp_path, capsys):
     flood = {**TRAINER, "dpo_training": {**TRAINER["dpo_training"], **{f"key{i}": i for i in range(500)}}}
     (tmp_path / "flood.yaml").write_text(yaml.safe_dump(flood))
