@@ -116,6 +116,9 @@ REQUEUE_CAUSES = {name: field.default for name, field in RequeueCaps.__pydantic_
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_KEY_NAMES = {"sbatch": (r"[a-z][a-z0-9-]*", "an sbatch long option name (like mail-type or exclusive)"),
+              "env": (r"[A-Za-z_][A-Za-z0-9_]*", "an environment variable name")}
+"""What the keys of the ``[slurm]`` tables must look like: they become ``--option`` and ``export NAME``."""
 
 
 def _strings(value: Any):
@@ -203,21 +206,14 @@ class SlurmConfig:
                 raise ValueError(f"{text!r} holds a line break or control character; give it on one line")
         return value
 
-    @field_validator("sbatch")
+    @field_validator("sbatch", "env")
     @classmethod
-    def _option_names(cls, options):
-        for name in options or {}:
-            if not re.fullmatch(r"[a-z][a-z0-9-]*", name):
-                raise ValueError(f"'{name}' is not an sbatch long option name (like mail-type or exclusive)")
-        return options
-
-    @field_validator("env")
-    @classmethod
-    def _variable_names(cls, env):
-        for name in env or {}:
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-                raise ValueError(f"'{name}' is not an environment variable name")
-        return env
+    def _table_keys(cls, table, info):
+        pattern, what = _KEY_NAMES[info.field_name]
+        for name in table or {}:
+            if not re.fullmatch(pattern, name):
+                raise ValueError(f"'{name}' is not {what}")
+        return table
 
 
 SLURM_DEFAULTS = {"time": "60", "nodes": 1, "gpus_per_node": 0, "array_parallelism": 64, "signal_lead_s": 180,

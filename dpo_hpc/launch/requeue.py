@@ -26,7 +26,7 @@ from ..config import ConfigError
 from ..data import DataError
 from ..experiment import REQUEUE_CAUSES
 from ..runtime.failures import RunFailure
-from ..runtime.slurm import job_end_time, job_id
+from ..runtime.slurm import job_id
 
 REQUEUES = "requeues.jsonl"
 CAUSE_WORDS = {"preemption": "preemption", "time_limit": "time limit", "failure": "failure"}
@@ -102,10 +102,6 @@ def requeue(run_dir: Path, cause: str, step: int, caps: dict[str, int]) -> str:
     if reason:
         RunDir(run_dir).annotate(not_requeued=reason)
     return reason
-
-
-def stop_cause(signal_lead_s: float) -> str:
-    return signal_cause(job_end_time(), signal_lead_s)
 
 
 def caps_of(value: Any) -> dict[str, int]:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .requeue import is_transient, requeue, resume_step, stop_cause
+from .requeue import is_transient, requeue, resume_step, signal_cause
 
 DEFAULT_SIGNAL_LEAD_S = 180
 
@@ -30,7 +30,9 @@ def _rendezvous_from_slurm() -> None:
             os.environ["MASTER_ADDR"] = hosts[0]
 
 
-def _is_main(init_distributed) -> bool:
+def _is_main() -> bool:
+    from ..runtime import init_distributed
+
     try:
         return init_distributed().is_main
     except Exception:  # the process group itself is what failed: leave the failure as it is
@@ -53,7 +55,7 @@ def train_and_requeue(cfg, trainer: str, caps: dict[str, int], label: str,
     try:
         summary = train(cfg, trainer, stop=stop)
     except Exception as exc:
-        if is_transient(exc) and _is_main(init_distributed):
+        if is_transient(exc) and _is_main():
             reason = requeue(run_dir, "failure", resume_step(run_dir), caps)
             print(f"[dpo-hpc] {label}: failed ({type(exc).__name__}: {exc}); "
                   + (f"not requeued: {reason}" if reason else "requeued to resume from the last checkpoint"), flush=True)
@@ -70,7 +72,8 @@ def train_and_requeue(cfg, trainer: str, caps: dict[str, int], label: str,
                   "run again to resume", flush=True)
         sys.exit(128 + getattr(signal, summary["signal"]).value)
     if summary.get("status") == "preempted":
-        cause = "time_limit" if summary["signal"] == DEADLINE else stop_cause(signal_lead_s)
+        # the end time read at the start: a signal this near it is the time limit's
+        cause = "time_limit" if summary["signal"] == DEADLINE else signal_cause(stop.end_time, signal_lead_s)
         reason = requeue(run_dir, cause, summary["step"], caps) if dist_env.is_main else ""
         shutdown()
         if dist_env.is_main:
