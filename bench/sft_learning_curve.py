@@ -41,7 +41,7 @@ def main() -> None:
     from dpo_hpc.algorithms.objectives import SFTObjective
 
     scratch = Path(tempfile.mkdtemp(prefix="dpo_hpc_curve_"))
-    rows, test = generate(4000, args.eval_prompts, seed=0, spec=TaskSpec(multi_turn_ratio=args.multi_turn))
+    rows, test, _ = generate(4000, args.eval_prompts, seed=0, spec=TaskSpec(multi_turn_ratio=args.multi_turn))
     prompts = [row["prompt"] for row in test]
     write_jsonl(rows, scratch / "train.jsonl")
     model_dir = make_tiny_model(scratch / "model", seed=0)

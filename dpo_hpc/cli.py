@@ -94,7 +94,7 @@ def _cmd_make_data(args) -> int:
 
     if not 0.0 <= args.multi_turn_ratio <= 1.0:
         raise SystemExit(f"make-data: --multi-turn-ratio must lie in [0, 1], got {args.multi_turn_ratio}")
-    paths = write_dataset(args.dir, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
+    paths = write_dataset(args.dir, n_train=args.n_train, n_test=args.n_test, n_dev=args.n_dev, seed=args.seed,
                           label_noise=args.label_noise, spec=TaskSpec(multi_turn_ratio=args.multi_turn_ratio),
                           data_format=args.format)
     shown = "HH format" if args.format == "text" else "conversational"
@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-test", type=int, default=500)
+    p.add_argument("--n-dev", type=int, default=0, help="held-out prompts in dev.jsonl, for choosing settings")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label-noise", type=float, default=0.0, help="fraction of pairs with chosen/rejected swapped")
     p.add_argument("--multi-turn-ratio", type=float, default=0.2,

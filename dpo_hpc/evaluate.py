@@ -10,7 +10,9 @@ and are left-padded in batches; generation stops at EOS.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -108,6 +110,37 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
+@dataclass
+class Scores:
+    """One model on one prompt set: greedy answers, their exact rewards, and (with reference
+    answers) the summed log-prob of each right answer."""
+
+    answers: list[str]
+    rewards: list[float]
+    logps: Optional[list[float]]
+
+    def summary(self) -> dict:
+        out = {"accuracy": _mean(self.rewards)}
+        if self.logps:
+            out["answer_logp"] = _mean(self.logps)
+        return out
+
+    def against(self, baseline: "Scores") -> dict:
+        """Win rate, and the changes of accuracy and answer log-prob, against a baseline model."""
+        out = {"win_rate_vs_baseline": win_rate(self.rewards, baseline.rewards),
+               "accuracy_change_vs_baseline": _mean(self.rewards) - _mean(baseline.rewards)}
+        if self.logps and baseline.logps:
+            out["answer_logp_change_vs_baseline"] = _mean(self.logps) - _mean(baseline.logps)
+        return out
+
+
+def score(model, tokenizer, prompts: Sequence[str], references: Optional[Sequence[str]],
+          max_new_tokens: int = 16, batch_size: int = 64) -> Scores:
+    answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
+    logps = answer_logps(model, tokenizer, prompts, references, batch_size) if references else None
+    return Scores(answers, [reward(p, a) for p, a in zip(prompts, answers)], logps)
+
+
 def evaluate(model_dir: str, data: str, baseline: Optional[str] = None, limit: Optional[int] = None,
              max_new_tokens: int = 16, batch_size: int = 64) -> dict:
     """Accuracy (exact reward of greedy answers); with reference answers, their mean log-prob; with a
@@ -116,23 +149,140 @@ def evaluate(model_dir: str, data: str, baseline: Optional[str] = None, limit: O
 
     prompts, references = load_test_rows(data, limit)
 
-    def score(path):
-        model = AutoModelForCausalLM.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
-        logps = answer_logps(model, tokenizer, prompts, references, batch_size) if references else None
-        return answers, [reward(p, a) for p, a in zip(prompts, answers)], logps
+    def scored(path) -> Scores:
+        return score(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), prompts,
+                     references, max_new_tokens, batch_size)
 
-    answers, rewards, logps = score(model_dir)
-    result = {"model": model_dir, "data": data, "prompts": len(prompts), "accuracy": _mean(rewards)}
-    if logps:
-        result["answer_logp"] = _mean(logps)
+    mine = scored(model_dir)
+    result = {"model": model_dir, "data": data, "prompts": len(prompts), **mine.summary()}
     if baseline:
-        _, base_rewards, base_logps = score(baseline)
-        result.update(baseline=baseline, baseline_accuracy=_mean(base_rewards),
-                      win_rate_vs_baseline=win_rate(rewards, base_rewards))
-        if logps:
-            result["baseline_answer_logp"] = _mean(base_logps)
-            result["answer_logp_change_vs_baseline"] = _mean(logps) - _mean(base_logps)
-    result["examples"] = [{"prompt": p, "answer": a, "reward": r} for p, a, r in list(zip(prompts, answers, rewards))[:5]]
+        base = scored(baseline)
+        result.update(baseline=baseline, **{f"baseline_{k}": v for k, v in base.summary().items()},
+                      **mine.against(base))
+    result["examples"] = [{"prompt": p, "answer": a, "reward": r}
+                          for p, a, r in list(zip(prompts, mine.answers, mine.rewards))[:5]]
     return result
+
+
+# ----- an evaluate stage's task ---------------------------------------------------------------
+
+EVALUATION_FILE = "evaluation.json"
+"""In ``<run dir>/evaluations/<stage>/``: the scores of the run (final model, checkpoints, baseline)."""
+CURVE_METRICS = ("accuracy", "answer_logp")
+"""Scalars written per scored step to the evaluation's TensorBoard folder (``eval/task_<name>``)."""
+
+
+def checkpoint_weights(checkpoint: Path) -> tuple[Optional[dict], str]:
+    """(the model weights a checkpoint holds, "") or (None, why it cannot be scored). Only whole
+    weights (ZeRO 0-2) of a checkpoint whose manifest verifies are used."""
+    from .checkpoint import layout
+    from .checkpoint.manager import verify
+    from .checkpoint.safe_load import load_tensors_only
+
+    problem = verify(checkpoint)
+    if problem:
+        return None, f"not usable ({problem})"
+    states = sorted((checkpoint / layout.ENGINE_TAG).glob("mp_rank_*_model_states.pt"))
+    if len(states) != 1:
+        return None, "no single model-states file (pipeline or tensor parallel)"
+    module = load_tensors_only(states[0], map_location="cpu").get("module") or {}
+    if any(t.numel() == 0 for t in module.values()):
+        return None, "ZeRO-3 partitions the weights"
+    return module, ""
+
+
+def _load_weights(model, weights: dict) -> str:
+    """Put checkpoint weights into the model; '' or why they do not fit (LoRA adapters alone, another model)."""
+    expected = model.state_dict()
+    tied = {name for name in expected if name not in weights and "lm_head" in name}
+    missing = set(expected) - set(weights) - tied
+    if missing or set(weights) - set(expected):
+        return f"weights do not match the model ({len(missing)} missing, {len(set(weights) - set(expected))} unexpected)"
+    if any(weights[name].shape != expected[name].shape for name in weights):
+        return "weight shapes differ from the model's"
+    model.load_state_dict({name: t.to(expected[name].dtype) for name, t in weights.items()}, strict=False)
+    if tied:
+        model.tie_weights()
+    return ""
+
+
+def evaluate_run(config: dict, out_dir: str) -> dict:
+    """An evaluate stage's task: score run ``config["target"]`` (its final model, and with
+    ``checkpoints`` each checkpoint it kept) and its baseline, into ``out_dir`` (evaluation.json,
+    a manifest, TensorBoard scalars); rewriting on a rerun."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoint import RunDir, published_checkpoints
+    from .checkpoint.layout import step_of
+    from .fsutil import atomic_write_json
+
+    section, target = config["evaluate"], Path(config["target"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = RunDir(out).manifest_path
+    atomic_write_json(manifest_path, {"status": "running", "kind": "evaluation", "target": str(target)})
+    started = time.perf_counter()
+    try:
+        prompts, references = load_test_rows(section["data"], section["limit"])
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        model = AutoModelForCausalLM.from_pretrained(target)
+
+        def scored(m) -> Scores:
+            return score(m, tokenizer, prompts, references, section["max_new_tokens"], section["batch_size"])
+
+        final = scored(model)
+        final_step = (RunDir(target).read_manifest() or {}).get("final_step")
+        result: dict = {"target": str(target), "data": section["data"], "prompts": len(prompts),
+                        "final": {"step": final_step, **final.summary()},
+                        "correct": "".join("1" if r else "0" for r in final.rewards), "baseline": None,
+                        "by_step": [], "checkpoints_not_scored": {}}
+        if config.get("baseline"):
+            base = scored(AutoModelForCausalLM.from_pretrained(config["baseline"]))
+            result["baseline"] = {"run": config["baseline"], **base.summary()}
+            result["final"].update(final.against(base))
+            if config.get("baseline_is_start"):  # the run started from it: the curve's step 0
+                result["by_step"].append({"step": 0, **base.summary()})
+        if section["checkpoints"]:
+            for checkpoint in reversed(published_checkpoints(target / "checkpoints")):
+                if step_of(checkpoint) == final_step:
+                    continue  # the final model is that step
+                weights, why = checkpoint_weights(checkpoint)
+                why = why or _load_weights(model, weights)
+                if why:
+                    result["checkpoints_not_scored"][why] = result["checkpoints_not_scored"].get(why, 0) + 1
+                    continue
+                result["by_step"].append({"step": step_of(checkpoint), **scored(model).summary()})
+        if final_step is not None:
+            result["by_step"].append({"step": final_step, **final.summary()})
+        result["examples"] = [{"prompt": p, "answer": a, "reward": r}
+                              for p, a, r in list(zip(prompts, final.answers, final.rewards))[:5]]
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        atomic_write_json(out / EVALUATION_FILE, result)
+        _write_curve(out / "tensorboard", result["by_step"])
+    except BaseException as exc:
+        atomic_write_json(manifest_path, {"status": "failed", "kind": "evaluation", "target": str(target),
+                                          "reason": f"{type(exc).__name__}: {exc}"[:500]})
+        raise
+    atomic_write_json(manifest_path, {"status": "completed", "kind": "evaluation", "target": str(target),
+                                      "final_step": final_step, "final_eval": result["final"],
+                                      "seconds": result["seconds"]})
+    skipped = sum(result["checkpoints_not_scored"].values())
+    print(f"[evaluate] {target.name}: accuracy {result['final']['accuracy']:.3f} on {len(prompts)} prompts, "
+          f"{len(result['by_step'])} step(s) scored" + (f", {skipped} checkpoint(s) not scored: "
+          f"{result['checkpoints_not_scored']}" if skipped else "") + f" ({result['seconds']} s)", flush=True)
+    return {"status": "completed", **result["final"]}
+
+
+def _write_curve(logdir: Path, by_step: list[dict]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from .fsutil import remove_tree
+
+    if logdir.exists():  # a rerun rewrites the curve instead of appending a second one
+        remove_tree(logdir)
+    writer = SummaryWriter(str(logdir))
+    for point in by_step:
+        for name in CURVE_METRICS:
+            if name in point:
+                writer.add_scalar(f"eval/task_{name}", point[name], point["step"])
+    writer.close()

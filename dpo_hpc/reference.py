@@ -29,6 +29,7 @@ _SECTIONS = [
     ("`[beta_dpo]` (beta_dpo)", S.BetaDPOSectionConfig, "beta_dpo.", None),
     ("Experiment file: `[experiment]`", E.ExperimentSection, "experiment.", None),
     ("Experiment file: `[stages.NAME]`", E.StageConfig, "", None),
+    ("Experiment file: `[stages.NAME.evaluate]`", E.EvaluationSection, "", None),
     ("Experiment file: `[slurm]` and `[stages.NAME.slurm]`", E.SlurmConfig, "", None),
     ("Experiment file: `[slurm.container]`", E.ContainerConfig, "container.", None),
     ("Experiment file: `[prepare.tiny_model]`", E.TinyModelAsset, "", None),

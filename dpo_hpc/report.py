@@ -7,7 +7,10 @@ Writes into ``<root>/report/`` (or ``--out``):
 - ``report.md``: per stage, one row per grid point with mean ± std over its seeds (grid axes
   named ``*.seed``), and the number of runs done;
 - with matplotlib (``pip install 'dpo-hpc[plots]'``), PNG plots per stage: each metric's curve per
-  grid point (mean over seeds), and each final eval metric against each numeric grid axis.
+  grid point (mean over seeds), and each final eval metric against each numeric grid axis;
+- for each evaluate stage (``dpo_hpc.scoreboard``): a section of report.md with the scores per
+  stage and setting, paired differences with 95% intervals, ``<stage>.csv``, and plots of
+  accuracy against step and against each numeric grid axis.
 
 Everything is read back from the run directories (manifest, progress, TensorBoard events), so a
 report can be made while runs are still going, and again when they finish.
@@ -23,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from . import scoreboard
+from .scoreboard import is_seed_axis
 from .checkpoint import RunDir
 from .config import ALGORITHMS
 from .experiment import Plan, Run
@@ -38,10 +43,6 @@ CURVES = ("train/loss", "train/rewards/margins", "train/rewards/accuracies", "tr
 
 FINAL = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen_change")
 """Final metrics in the tables (eval, else train), where a run has them."""
-
-
-def is_seed_axis(axis: str) -> bool:
-    return axis.split(".")[-1] == "seed"
 
 
 def run_row(plan: Plan, run: Run, state: str) -> dict[str, Any]:
@@ -113,6 +114,11 @@ def write_tables(plan: Plan, rows: dict[str, dict], out: Path) -> tuple[Path, Pa
              "Mean ± std over seeds (grid axes named `seed`); final eval metrics where the run evaluated.\n"]
     for stage in plan.stage_order:
         trainer = plan.experiment.stages[stage].trainer
+        if trainer is None:
+            scores = scoreboard.read_scores(plan, stage)
+            scoreboard.write_csv(scores, out / f"{stage}.csv")
+            parts.append(f"## {stage} (scores)\n\n{scoreboard.stage_table(plan, stage, scores)}\n")
+            continue
         parts.append(f"## {stage} ({trainer})\n\n{stage_table(plan, stage, rows)}\n")
     md_path.write_text("\n".join(parts))
     return csv_path, md_path
@@ -129,6 +135,9 @@ def write_plots(plan: Plan, rows: dict[str, dict], out: Path) -> list[Path]:
 
     written = []
     for stage in plan.stage_order:
+        if plan.experiment.stages[stage].evaluate is not None:
+            written += scoreboard.write_plots(plan, stage, scoreboard.read_scores(plan, stage), out)
+            continue
         runs = [r for r in plan.stage_runs(stage) if r.run_dir.joinpath("tensorboard").is_dir()]
         logged = {r.run_id: read_scalars(r.run_dir / "tensorboard") for r in runs}
         groups: dict[tuple, list[Run]] = {}

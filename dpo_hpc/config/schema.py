@@ -65,6 +65,13 @@ class DatasetConfig:
     system_prompt: Optional[str] = None
     """A system message put first in every conversational row that has none (text rows are
     used as they are)."""
+    label_noise: float = Field(0.0, ge=0.0, le=1.0)
+    """Fraction of preference pairs whose chosen and rejected are swapped, to study noisy labels
+    on any dataset. Which pairs is fixed by each row's content and ``label_noise_seed``, not by the
+    split or training seed, so every method and seed sees the same flipped pairs, and the pairs
+    flipped at 0.2 are among those flipped at 0.4. Counted in the data report (``label_flipped``)."""
+    label_noise_seed: int = 0
+    """Seed of which pairs ``label_noise`` flips."""
 
     @model_validator(mode="after")
     def _known_columns(self):

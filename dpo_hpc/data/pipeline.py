@@ -23,7 +23,7 @@ from ..config import DatasetConfig
 from ..fsutil import atomic_write_json
 from .formats import DROP_REASONS, RowParser
 from .sources import DataError, as_dataset, load_raw
-from .tokenize import SpecialTokens, tokenize_conversation, tokenize_pair
+from .tokenize import SpecialTokens, TokenizedPair, tokenize_conversation, tokenize_pair
 
 
 @dataclass
@@ -72,8 +72,23 @@ def split_indices(n: int, val_ratio: float, seed: int) -> tuple[np.ndarray, np.n
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+def is_flipped(example_id: str, label_noise: float, seed: int) -> bool:
+    """Whether ``label_noise`` swaps this pair: a uniform draw from the row's content id and the
+    seed (so a pair flipped at one noise level is flipped at every higher one)."""
+    if label_noise <= 0.0:
+        return False
+    draw = int.from_bytes(hashlib.sha256(f"{seed}:{example_id}".encode()).digest()[:8], "big") / 2.0 ** 64
+    return draw < label_noise
+
+
+def flipped(pair: TokenizedPair) -> TokenizedPair:
+    """The pair with chosen and rejected swapped, under an id of its own (caches key on ids)."""
+    return dataclasses.replace(pair, chosen_ids=pair.rejected_ids, rejected_ids=pair.chosen_ids,
+                               example_id=f"{pair.example_id}~flipped")
+
+
 def _process(ds, parse: RowParser, encode: Callable, name: str, split: str,
-             settings: dict[str, Any]) -> tuple[ExampleSet, SplitReport]:
+             settings: dict[str, Any], flip: Callable[[str], bool] = lambda _: False) -> tuple[ExampleSet, SplitReport]:
     report = SplitReport()
     examples, ids = [], []
     for batch in ds.iter(batch_size=1024):
@@ -86,7 +101,11 @@ def _process(ds, parse: RowParser, encode: Callable, name: str, split: str,
             if parsed is not None:
                 example, reason = encode(parsed, report.notes)
                 if example is not None:
-                    examples.append(dataclasses.replace(example, example_id=ids[-1]))
+                    example = dataclasses.replace(example, example_id=ids[-1])
+                    if flip(ids[-1]):
+                        example = flipped(example)
+                        report.notes["label_flipped"] += 1
+                    examples.append(example)
                     continue
             report.dropped[reason] += 1
     report.kept = len(examples)
@@ -133,12 +152,17 @@ def load_splits(
                                 "columns": cfg.columns, "system_prompt": cfg.system_prompt,
                                 "truncation_mode": cfg.truncation_mode}
     if kind == "sft":
+        if cfg.label_noise:
+            raise DataError(f"dataset '{cfg.dataset_name}': dataset.label_noise = {cfg.label_noise} swaps chosen and "
+                            "rejected of preference pairs; SFT trains on chosen replies only; set it to 0")
         settings["assistant_turns"] = assistant_turns
 
         def encode(conversation, notes):
             return tokenize_conversation(tokenizer, conversation, special, cfg.max_length, notes, cfg.truncation_mode)
     else:
         settings["max_prompt_length"] = cfg.max_prompt_length
+        if cfg.label_noise:
+            settings.update(label_noise=cfg.label_noise, label_noise_seed=cfg.label_noise_seed)
 
         def encode(pair, notes):
             return tokenize_pair(tokenizer, pair, special, cfg.max_length, cfg.max_prompt_length, notes,
@@ -149,8 +173,11 @@ def load_splits(
         train_raw, val_raw = raw.select(train_idx), raw.select(val_idx)
     else:
         train_raw, val_raw = raw, mapped_columns(as_dataset(eval_rows), cfg, kind, f"{cfg.dataset_name} (eval)")
-    train, train_report = _process(train_raw, parse, encode, cfg.dataset_name, "train", settings)
-    val, val_report = _process(val_raw, parse, encode, cfg.dataset_name, "validation", settings)
+    def flip(example_id: str) -> bool:
+        return kind != "sft" and is_flipped(example_id, cfg.label_noise, cfg.label_noise_seed)
+
+    train, train_report = _process(train_raw, parse, encode, cfg.dataset_name, "train", settings, flip)
+    val, val_report = _process(val_raw, parse, encode, cfg.dataset_name, "validation", settings, flip)
     report = {
         "dataset_name": cfg.dataset_name,
         "subset": cfg.subset,

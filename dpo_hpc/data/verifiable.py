@@ -78,8 +78,8 @@ def wrong_answer(word: str, rng: random.Random, alphabet: str = string.ascii_low
     raise ValueError(f"could not corrupt {word!r}")  # only for words like 'aaaa' with no variety
 
 
-def _words(n: int, rng: random.Random, spec: TaskSpec) -> list[str]:
-    seen: set[str] = set()
+def _words(n: int, rng: random.Random, spec: TaskSpec, taken: frozenset = frozenset()) -> list[str]:
+    seen: set[str] = set(taken)
     out = []
     while len(out) < n:
         word = "".join(rng.choice(spec.alphabet) for _ in range(rng.randint(spec.min_len, spec.max_len)))
@@ -90,11 +90,13 @@ def _words(n: int, rng: random.Random, spec: TaskSpec) -> list[str]:
 
 
 def generate(
-    n_train: int, n_test: int, seed: int = 0, label_noise: float = 0.0, spec: TaskSpec = TaskSpec()
-) -> tuple[list[dict], list[dict]]:
-    """HH-format training rows ({chosen, rejected} transcripts, plus metadata) and test prompts.
+    n_train: int, n_test: int, seed: int = 0, label_noise: float = 0.0, spec: TaskSpec = TaskSpec(), n_dev: int = 0,
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """HH-format training rows ({chosen, rejected} transcripts, plus metadata), test prompts and
+    dev prompts (for choosing settings, so the test prompts are never used for a choice).
 
-    Test rows are ``{prompt, answer}`` with words never seen in training.
+    Test and dev rows are ``{prompt, answer}`` with words never seen in training nor in each other.
+    Dev words are drawn last, so adding them leaves the training and test rows as they were.
     """
     if not 0.0 <= label_noise <= 1.0:
         raise ValueError(f"label_noise must lie in [0, 1], got {label_noise}")
@@ -110,8 +112,9 @@ def generate(
         if flipped:
             good, bad = bad, good
         train.append({"chosen": prompt + good, "rejected": prompt + bad, "label_flipped": flipped})
-    test = [{"prompt": prompt_for(w), "answer": " " + answer(w)} for w in test_words]
-    return train, test
+    dev_words = _words(n_dev, rng, spec, taken=frozenset(words)) if n_dev else []
+    test, dev = ([{"prompt": prompt_for(w), "answer": " " + answer(w)} for w in ws] for ws in (test_words, dev_words))
+    return train, test, dev
 
 
 def as_conversation(row: dict) -> dict:
@@ -136,19 +139,23 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
 
 def write_dataset(
     out_dir: str | Path, n_train: int = 4000, n_test: int = 500, seed: int = 0, label_noise: float = 0.0,
-    spec: TaskSpec = TaskSpec(), data_format: str = "text",
+    spec: TaskSpec = TaskSpec(), data_format: str = "text", n_dev: int = 0,
 ) -> dict[str, Path]:
     """Write ``train.jsonl`` (preference rows: HH transcripts, or with ``data_format =
-    "conversational"`` TRL's message lists), ``test.jsonl`` (prompts + answers) and ``task.json``."""
+    "conversational"`` TRL's message lists), ``test.jsonl`` (prompts + answers), with ``n_dev``
+    ``dev.jsonl`` (more held-out prompts, for choosing settings) and ``task.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train, test = generate(n_train, n_test, seed=seed, label_noise=label_noise, spec=spec)
+    train, test, dev = generate(n_train, n_test, seed=seed, label_noise=label_noise, spec=spec, n_dev=n_dev)
     if data_format == "conversational":
         train = [as_conversation(row) for row in train]
     paths = {"train": out / "train.jsonl", "test": out / "test.jsonl", "task": out / "task.json"}
     write_jsonl(train, paths["train"])
     write_jsonl(test, paths["test"])
-    meta = {"task": TASK, "format": data_format, "n_train": n_train, "n_test": n_test, "seed": seed,
+    if n_dev:
+        paths["dev"] = out / "dev.jsonl"
+        write_jsonl(dev, paths["dev"])
+    meta = {"task": TASK, "format": data_format, "n_train": n_train, "n_test": n_test, "n_dev": n_dev, "seed": seed,
             "label_noise": label_noise,
             "multi_turn_ratio": spec.multi_turn_ratio, "flipped": sum(r["label_flipped"] for r in train)}
     paths["task"].write_text(json.dumps(meta, indent=2) + "\n")

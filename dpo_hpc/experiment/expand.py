@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..config import ALGORITHMS, ConfigError, read_mapping, set_dotted, to_dict, to_identity, validate_mapping
-from .schema import ExperimentConfig, StageConfig
+from .schema import EVALUATION_REPORT_ONLY, ExperimentConfig, StageConfig
 
 
 SHARED_REF_LOG_PROBS = ".ref_log_probs"
@@ -25,6 +25,9 @@ SHARED_REF_LOG_PROBS = ".ref_log_probs"
 
 REFERENCE_PASSES = ".ref_passes"
 """Under the experiment root: the run directories of the reference passes."""
+
+EVALUATIONS = "evaluations"
+"""Under a run directory: one folder per evaluate stage that scored the run (``<stage>/evaluation.json``)."""
 
 REFERENCE_INPUTS = ("policy_name", "ref_name", "tokenizer_name", "dataset", "precision", "attn_implementation")
 """Top-level keys a reference table depends on. Runs of a stage that agree on them (and on the
@@ -46,7 +49,9 @@ class Run:
     """Validated trainer config in plain-data form (what the array task trains)."""
     run_dir: Path
     role: str = "train"
-    """``train``, or ``reference``: a pass that computes the reference log-probs runs of its stage read."""
+    """``train``; ``reference``: a pass that computes the reference log-probs runs of its stage
+    read; ``evaluate``: the scoring of run ``parent`` by an evaluate stage (``trainer`` is
+    "evaluate", ``grid_values`` are the scored run's)."""
     ref_pass: Optional[str] = None
     """Run id of the reference pass this run reads its reference log-probs from."""
 
@@ -79,7 +84,7 @@ class Plan:
 
     def arrays(self) -> list[tuple[str, str]]:
         """(stage, role) of every array in submission order: a stage's reference passes, then its runs."""
-        return [(stage, role) for stage in self.stage_order for role in ("reference", "train")
+        return [(stage, role) for stage in self.stage_order for role in ("reference", "train", "evaluate")
                 if self.stage_runs(stage, role)]
 
     def run(self, run_id: str) -> Run:
@@ -100,18 +105,23 @@ def stage_order(exp: ExperimentConfig, source: Path) -> list[str]:
     """Stages with every parent before its children (file order among independent stages)."""
     stages = exp.stages
     for name, stage in stages.items():
-        if stage.from_ is not None and stage.from_ not in stages:
-            _fail(source, f"stages.{name}.from", f"unknown stage '{stage.from_}'; stages are {', '.join(stages)}")
+        for parent in stage.parents:
+            if parent not in stages:
+                _fail(source, f"stages.{name}.from", f"unknown stage '{parent}'; stages are {', '.join(stages)}")
     order: list[str] = []
+
+    def visit(name: str, chain: list[str]) -> None:
+        if name in order:
+            return
+        if name in chain:
+            cycle = chain[chain.index(name):] + [name]
+            _fail(source, f"stages.{chain[0]}.from", f"stages form a cycle: {' -> '.join(cycle)}")
+        for parent in stages[name].parents:
+            visit(parent, chain + [name])
+        order.append(name)
+
     for name in stages:
-        chain, node = [], name
-        while node is not None and node not in order:
-            if node in chain:
-                cycle = chain[chain.index(node):] + [node]
-                _fail(source, f"stages.{name}.from", f"stages form a cycle: {' -> '.join(cycle)}")
-            chain.append(node)
-            node = stages[node].from_
-        order.extend(reversed(chain))
+        visit(name, [])
     return order
 
 
@@ -167,6 +177,8 @@ def overrides_by_stage(exp: ExperimentConfig, source: Path, overrides: Sequence[
         set_dotted(nested, dotted, value, f"--set {key}")
         taken = []
         for name in targets:
+            if exp.stages[name].trainer is None:  # an evaluate stage has no trainer config
+                continue
             part = for_trainer(nested, exp.stages[name].trainer)
             if not part:
                 continue
@@ -222,6 +234,10 @@ def expand(exp: ExperimentConfig, source: str | Path, overrides: Sequence[tuple[
     for name in order:
         stage = exp.stages[name]
         where = f"stages.{name}"
+        if stage.evaluate is not None:
+            by_stage[name] = evaluation_runs(name, stage, by_stage, runs, source)
+            runs.extend(by_stage[name])
+            continue
         base: dict[str, Any] = for_trainer(exp.defaults, stage.trainer)
         if stage.config_file:
             path = Path(stage.config_file)
@@ -278,6 +294,46 @@ def expand(exp: ExperimentConfig, source: str | Path, overrides: Sequence[tuple[
         by_stage[name] = stage_runs
         runs.extend(passes + stage_runs)
     return Plan(experiment=exp, source=source, base=experiment_base(source), root=root, stage_order=order, runs=runs)
+
+
+def ancestor_in(run: Run, stage: str, runs: list[Run]) -> Optional[Run]:
+    """The nearest run of ``stage`` that ``run`` descends from (not ``run`` itself)."""
+    by_id = {r.run_id: r for r in runs}
+    node = by_id.get(run.parent or "")
+    while node is not None and node.stage != stage:
+        node = by_id.get(node.parent or "")
+    return node
+
+
+def evaluation_runs(name: str, stage: StageConfig, by_stage: dict[str, list[Run]], runs: list[Run],
+                    source: Path) -> list[Run]:
+    """One scoring per run of the ``from`` stages, into ``<run dir>/evaluations/<name>/``; its id
+    comes from what it scores and how (not from the report-only keys)."""
+    section = to_dict(stage.evaluate)
+    where = f"stages.{name}.evaluate"
+    for key in ("baseline", "compare_to"):
+        if section[key] is not None and section[key] not in by_stage:
+            _fail(source, f"{where}.{key}", f"unknown stage '{section[key]}'; stages are {', '.join(by_stage)}")
+    if section["compare_to"] is not None and section["compare_to"] not in stage.parents:
+        _fail(source, f"{where}.compare_to", f"'{section['compare_to']}' is not scored here; from = {stage.parents}")
+    out: list[Run] = []
+    for parent_stage in stage.parents:
+        if by_stage[parent_stage] and by_stage[parent_stage][0].role == "evaluate":
+            _fail(source, f"stages.{name}.from", f"'{parent_stage}' is an evaluate stage; score training stages")
+        for target in by_stage[parent_stage]:
+            baseline = ancestor_in(target, section["baseline"], runs) if section["baseline"] else None
+            config = {"evaluate": section, "target": str(target.run_dir),
+                      "baseline": str(baseline.run_dir) if baseline else None,
+                      "baseline_is_start": baseline is not None and baseline.run_id == target.parent}
+            identity = {k: v for k, v in section.items() if k not in EVALUATION_REPORT_ONLY}
+            blob = json.dumps({"evaluate": identity, "target": target.run_id,
+                               "baseline": baseline.run_id if baseline else None}, sort_keys=True, default=str)
+            out.append(Run(stage=name, index=len(out), run_id=f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}",
+                           trainer="evaluate", grid_values=target.grid_values, parent=target.run_id, config=config,
+                           run_dir=target.run_dir / EVALUATIONS / name, role="evaluate"))
+    if section["baseline"] and not any(r.config["baseline"] for r in out):
+        _fail(source, f"{where}.baseline", f"no scored run descends from stage '{section['baseline']}'")
+    return out
 
 
 def reference_passes(stage: str, trainer: str, stage_runs: list[Run], root: Path,

@@ -66,6 +66,8 @@ class ReversalDataAsset:
     """Preference pairs in train.jsonl."""
     n_test: int = Field(500, ge=0)
     """Held-out prompts with answers in test.jsonl (for ``dpo-hpc evaluate``)."""
+    n_dev: int = Field(0, ge=0)
+    """More held-out prompts in dev.jsonl, disjoint from test.jsonl: choose settings on these."""
     seed: int = 0
     """Seed of the words, mistakes and flips."""
     label_noise: float = Field(0.0, ge=0.0, le=1.0)
@@ -221,20 +223,61 @@ SLURM_DEFAULTS = {"time": "60", "nodes": 1, "gpus_per_node": 0, "array_paralleli
 
 
 @dataclass(config=STRICT, kw_only=True)
+class EvaluationSection:
+    """Score the models of earlier stages on held-out prompts of the verifiable task: greedy
+    answers checked by its exact reward, and the log-prob of the right answer. Each run is scored
+    by one task of the stage's array, into ``<run dir>/evaluations/<stage>/``."""
+
+    data: str
+    """Prompts with answers (``test.jsonl`` or ``dev.jsonl`` as ``dpo-hpc make-data`` writes them);
+    relative to the experiment file."""
+    baseline: Optional[str] = None
+    """A stage the scored runs descend from (``sft``): each run is compared with its own ancestor
+    in that stage (win rate, change of the right answer's log-prob)."""
+    checkpoints: bool = False
+    """Also score every checkpoint the run kept (accuracy against step; ZeRO stages 0-2, whose
+    checkpoints hold whole weights). Keep them with ``save_total_limit``."""
+    limit: Optional[int] = Field(None, ge=1)
+    """Score only the first N prompts."""
+    max_new_tokens: int = Field(16, ge=1)
+    """Longest greedy answer."""
+    batch_size: int = Field(64, ge=1)
+    """Prompts per generation batch."""
+    compare_to: Optional[str] = None
+    """Report only: a scored stage every other one is compared with, run by run where they share
+    grid values (same noise, same seed): the mean difference with a 95% interval."""
+    average_over: list[str] = Field(default_factory=list)
+    """Report only: grid axes averaged in the report's table beside the seeds (``dataset.label_noise``
+    to rank settings by their mean over noise levels)."""
+
+
+EVALUATION_REPORT_ONLY = ("compare_to", "average_over")
+"""Keys of [stages.X.evaluate] that change the report, not the scores (not part of a run's id)."""
+
+
+@dataclass(config=STRICT, kw_only=True)
 class StageConfig:
-    trainer: TrainerName
-    """The trainer every run of the stage uses."""
+    trainer: Optional[TrainerName] = None
+    """The trainer every run of the stage uses (or give ``evaluate`` instead)."""
+    evaluate: Optional[EvaluationSection] = None
+    """Instead of a trainer: score every run of the ``from`` stages (see ``[stages.X.evaluate]``)."""
     config_file: Optional[str] = None
     """A trainer config file (TOML/YAML/JSON, the trainer CLIs' format); relative to the experiment file."""
     config: dict[str, Any] = Field(default_factory=dict)
     """Trainer config as an inline table, merged over ``config_file`` (same keys and sections)."""
-    from_: Optional[str] = Field(None, alias="from")
-    """Stage whose saved models become this stage's ``policy_name`` and ``ref_name``."""
+    from_: Optional[Union[str, list[str]]] = Field(None, alias="from")
+    """Stage whose saved models become this stage's ``policy_name`` and ``ref_name``; for an
+    ``evaluate`` stage, the stage or list of stages whose runs it scores."""
     pairing: Literal["cross", "zip"] = "cross"
     """With ``from``: every parent run x every grid point (cross), or parent i with grid point i (zip)."""
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     """``"section.key" = [values]``; the stage runs once per combination (cartesian product)."""
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @property
+    def parents(self) -> list[str]:
+        """The stages this one starts from (a trainer stage has at most one)."""
+        return [self.from_] if isinstance(self.from_, str) else list(self.from_ or [])
 
     @field_validator("grid")
     @classmethod
@@ -246,6 +289,17 @@ class StageConfig:
 
     @model_validator(mode="after")
     def _has_config(self):
+        if (self.trainer is None) == (self.evaluate is None):
+            raise ValueError("give either 'trainer' (a training stage) or 'evaluate' (a stage that scores runs)")
+        if self.evaluate is not None:
+            given = [k for k, v in (("config", self.config), ("config_file", self.config_file), ("grid", self.grid))
+                     if v]
+            if given or self.pairing != "cross":
+                raise ValueError(f"an evaluate stage takes no {', '.join(given) or 'pairing'}; it scores the runs of 'from'")
+            if not self.parents:
+                raise ValueError("an evaluate stage needs 'from': the stage (or list of stages) whose runs it scores")
+        elif isinstance(self.from_, list):
+            raise ValueError("a training stage starts from one stage: give 'from' as a string")
         if self.pairing == "zip" and self.from_ is None:
             raise ValueError("pairing = 'zip' needs 'from'")
         return self

@@ -189,6 +189,10 @@ def check_plan(plan: Plan, root_only: bool = False) -> Findings:
             if container and not Path(container["image"]).expanduser().exists() and "$" not in container["image"]:
                 found.once(("image", container["image"]), lambda: found.problems.append(
                     f"stages.{stage}.slurm.container.image: '{container['image']}' does not exist"))
+            section = plan.experiment.stages[stage].evaluate
+            if section is not None and not Path(section.data).exists() and not made_later(section.data):
+                found.problems.append(f"{plan.source}: stages.{stage}.evaluate.data: '{section.data}' does not exist "
+                                      f"(relative to {plan.base}); `dpo-hpc make-data` writes test.jsonl and dev.jsonl")
             for run in plan.stage_runs(stage):
                 cfg = validate_mapping(run.config, run.trainer, source=run.run_id)
                 check_config(cfg, run.trainer, found, f"{plan.source}: stages.{stage} ({run.run_id})",

@@ -35,8 +35,7 @@ def task_row(plan: Plan, run: Run) -> dict:
 
 def _waits_text(plan: Plan, stage: str, role: str) -> Optional[str]:
     """The dependency a dry run shows for one array (job ids exist only at submission)."""
-    parent = plan.experiment.stages[stage].from_
-    waits = [f"<job ids of the {parent} tasks>"] if parent else []
+    waits = [f"<job ids of the {parent} tasks>" for parent in plan.experiment.stages[stage].parents]
     if role == "train" and any(r.ref_pass for r in plan.stage_runs(stage)):
         waits.append(f"<job ids of the {stage} reference passes>")
     return "afterok:" + ":".join(waits) if waits else None
@@ -50,7 +49,7 @@ def write_plan_files(plan: Plan, out: Optional[Path] = None) -> Path:
     atomic_write_bytes(out / "manifest.jsonl", lines.encode())
     for stage, role in plan.arrays():
         runs = plan.stage_runs(stage, role)
-        name = f"{stage}.ref.sh" if role == "reference" else f"{stage}.sh"
+        name = f"{stage}.ref.sh" if role == "reference" else f"{stage}.sh"  # one role per stage besides passes
         atomic_write_bytes(out / "sbatch" / name,
                            render_sbatch(plan, stage, len(runs), _waits_text(plan, stage, role), role).encode())
     return out
@@ -59,6 +58,8 @@ def write_plan_files(plan: Plan, out: Optional[Path] = None) -> Path:
 def _grid_text(run: Run) -> str:
     if run.role == "reference":
         return "reference log-probs, read by the runs below"
+    if run.role == "evaluate":
+        return f"scores {run.parent}"
     return " ".join(f"{k}={v}" for k, v in run.grid_values.items())
 
 
@@ -77,9 +78,11 @@ def print_plan(plan: Plan, statuses: Optional[dict[str, RunStatus]], decisions: 
         cfg = exp.stages[stage]
         slurm = stage_slurm(plan, stage)
         runs = plan.stage_runs(stage, role)
-        origin = f", from {cfg.from_} ({cfg.pairing})" if cfg.from_ else ""
-        what = "reference pass(es)" if role == "reference" else "run(s)"
-        print(f"  stage {stage} [{cfg.trainer}{origin}]: {len(runs)} {what}, one array; time {slurm['time']}, "
+        origin = f", from {cfg.from_} ({cfg.pairing})" if cfg.trainer and cfg.from_ else ""
+        if role == "evaluate":
+            origin = f" of {', '.join(cfg.parents)} on {cfg.evaluate.data}"
+        what = {"reference": "reference pass(es)", "evaluate": "scoring(s)"}.get(role, "run(s)")
+        print(f"  stage {stage} [{cfg.trainer or 'evaluate'}{origin}]: {len(runs)} {what}, one array; time {slurm['time']}, "
               f"{slurm['nodes']} node(s) x {slurm['ntasks_per_node']} rank(s)")
         for run in runs:
             state = statuses[run.run_id].state if statuses else "-"
@@ -100,7 +103,7 @@ def prepare_assets(plan: Plan) -> None:
         from ..data.verifiable import TaskSpec, write_dataset
 
         print(f"[submit] writing the reversal preference data in {data.dir}")
-        write_dataset(plan.base / data.dir, n_train=data.n_train, n_test=data.n_test, seed=data.seed,
+        write_dataset(plan.base / data.dir, n_train=data.n_train, n_test=data.n_test, n_dev=data.n_dev, seed=data.seed,
                       label_noise=data.label_noise, spec=TaskSpec(multi_turn_ratio=data.multi_turn_ratio),
                       data_format=data.format)
 
@@ -195,7 +198,7 @@ def submit_slurm(plan: Plan, runs: list[Run], statuses: dict[str, RunStatus]) ->
             entries.append({"run_id": run.run_id, "stage": stage, "job_id": job.job_id, "backend": "slurm"})
         ledger.record(entries)
         array_id = jobs[0].job_id.split("_")[0]
-        what = "reference pass(es)" if role == "reference" else "run(s)"
+        what = {"reference": "reference pass(es)", "evaluate": "scoring(s)"}.get(role, "run(s)")
         print(f"[submit] stage {stage}: {len(jobs)} {what} as Slurm job {array_id}"
               + (f" ({dependency})" if dependency else ""))
     return submitted

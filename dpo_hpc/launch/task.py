@@ -86,7 +86,8 @@ def train_and_requeue(cfg, trainer: str, caps: dict[str, int], label: str,
 
 
 def run_task(row: dict[str, Any]) -> dict[str, Any]:
-    """Train ``row`` (a line of the plan's manifest.jsonl) on this rank; every rank calls it."""
+    """Train ``row`` (a line of the plan's manifest.jsonl) on this rank, every rank calling it;
+    or score a run (an evaluate stage's task, one rank)."""
     from ..config import validate_mapping
 
     # Ranks come from srun (SLURM_PROCID/SLURM_NTASKS) or are a lone local process; torch-style
@@ -104,6 +105,10 @@ def run_task(row: dict[str, Any]) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(int(threads))
+    if row.get("role") == "evaluate":
+        from ..evaluate import evaluate_run
+
+        return {"run_id": row["run_id"], **evaluate_run(row["config"], row["run_dir"])}
     cfg = validate_mapping(row["config"], row["trainer"], source=f"run {row['run_id']}")
     if row.get("role") == "reference":
         return {"run_id": row["run_id"], **reference_pass(cfg, row["trainer"])}

@@ -25,7 +25,7 @@ def test_dynamic_beta_dpo_trainer_api(tmp_path, micro_model):
     from dpo_hpc.trainers import DPOTrainingConfig, DynamicBetaDPOConfig, DynamicBetaDPOTrainer
 
     policy, ref, tok = load(micro_model)
-    rows, _ = generate(48, 0, seed=1)
+    rows, _, _ = generate(48, 0, seed=1)
     trainer = DynamicBetaDPOTrainer(
         model=policy, ref_model=ref,
         args=DPOTrainingConfig(learning_rate=2e-3, batch_size=4, max_steps=4, save_dir=str(tmp_path / "dyn")),
@@ -44,7 +44,7 @@ def test_beta_dpo_trainer_api_with_dict_args_and_no_eval(tmp_path, micro_model):
     from dpo_hpc.trainers import BetaDPOConfig, BetaDPOTrainer
 
     policy, ref, tok = load(micro_model)
-    rows, _ = generate(32, 0, seed=2)
+    rows, _, _ = generate(32, 0, seed=2)
     trainer = BetaDPOTrainer(model=policy, ref_model=ref,
                              args={"learning_rate": 1e-3, "batch_size": 4, "max_steps": 3, "save_dir": str(tmp_path / "b")},
                              beta_dpo_cfg=BetaDPOConfig(beta_0=0.1, m=0.9, rho=0.8), train_dataset=rows,
@@ -59,7 +59,7 @@ def test_api_with_precomputed_reference_log_probs_of_an_in_memory_model(tmp_path
     from dpo_hpc.trainers import BetaDPOTrainer
 
     policy, ref, tok = load(micro_model)
-    rows, _ = generate(32, 0, seed=3)
+    rows, _, _ = generate(32, 0, seed=3)
     summary = BetaDPOTrainer(model=policy, ref_model=ref, train_dataset=rows, tokenizer=tok, max_length=96,
                              max_prompt_length=64,
                              args={"learning_rate": 1e-3, "batch_size": 4, "max_steps": 2, "save_dir": str(tmp_path / "p"),

@@ -55,7 +55,7 @@ def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
 def small_data(tmp_path: Path, n: int) -> Path:
     from dpo_hpc.data.verifiable import generate, write_jsonl
 
-    train, _ = generate(n, 0, seed=5)
+    train, _, _ = generate(n, 0, seed=5)
     write_jsonl(train, tmp_path / "small.jsonl")
     return tmp_path / "small.jsonl"
 
@@ -160,7 +160,7 @@ def test_conversational_data_trains_sft_on_messages_then_dpo(tmp_path, micro_mod
         return [{"role": "user" if t.role == "human" else "assistant", "content": t.text.strip()}
                 for t in parse_turns(transcript)]
 
-    hh_rows, _ = generate(40, 0, seed=3)
+    hh_rows, _, _ = generate(40, 0, seed=3)
     pairs = [{"prompt": messages(r["chosen"])[:-1], "chosen": messages(r["chosen"])[-1:],
               "rejected": messages(r["rejected"])[-1:]} for r in hh_rows]
     chats = [{"messages": messages(r["chosen"])} for r in hh_rows]

@@ -182,3 +182,26 @@ def test_a_json_lines_file_that_cannot_be_read_is_named_by_line(tmp_path, hf_cac
     path.write_text(content)
     with pytest.raises(DataError, match=rf"dataset.dataset_name: {path}: {problem}"):
         load_raw(cfg(path))
+
+
+def test_label_noise_swaps_a_seeded_nested_share_of_pairs_and_counts_them(tmp_path, tok, hf_cache):
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows(400))
+    clean, _, _ = load_splits(cfg(path, val_ratio=0.0), tok, "preference")
+
+    def swapped(label_noise, seed=0):
+        noisy, _, report = load_splits(cfg(path, val_ratio=0.0, label_noise=label_noise, label_noise_seed=seed),
+                                       tok, "preference")
+        flips = {c.example_id for c, n in zip(clean, noisy)
+                 if (n.chosen_ids, n.rejected_ids) == (c.rejected_ids, c.chosen_ids)}
+        assert all(n.example_id == c.example_id + "~flipped" for c, n in zip(clean, noisy) if c.example_id in flips)
+        assert report["train"]["notes"].get("label_flipped", 0) == len(flips)
+        assert noisy.fingerprint != clean.fingerprint or not flips
+        return flips
+
+    low, high = swapped(0.2), swapped(0.4)
+    assert 50 <= len(low) <= 110 and 130 <= len(high) <= 190  # 80 and 160 expected of 400
+    assert low < high  # the pairs flipped at 0.2 are flipped at 0.4 too
+    assert swapped(0.2) == low and swapped(0.2, seed=1) != low
+    assert swapped(0.0) == set()
+    with pytest.raises(DataError, match="label_noise = 0.2 swaps chosen and rejected.*set it to 0"):
+        load_splits(cfg(path, label_noise=0.2), tok, "sft")

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from dpo_hpc.data.hh import parse_preference_row
+from dpo_hpc.data.hh import ASSISTANT, parse_preference_row
 from dpo_hpc.data.verifiable import answer, generate, prompt_for, reward, word_of_prompt, write_dataset, wrong_answer
 
 
@@ -16,7 +16,7 @@ def test_generation_is_deterministic_in_the_seed():
 
 
 def test_rows_are_hh_pairs_with_exact_rewards():
-    train, test = generate(300, 50, seed=0, label_noise=0.0)
+    train, test, _ = generate(300, 50, seed=0, label_noise=0.0)
     for row in train:
         pair, reason = parse_preference_row(row)
         assert reason is None
@@ -25,7 +25,7 @@ def test_rows_are_hh_pairs_with_exact_rewards():
 
 
 def test_label_noise_flips_the_stated_fraction():
-    train, _ = generate(2000, 0, seed=1, label_noise=0.3)
+    train, _, _ = generate(2000, 0, seed=1, label_noise=0.3)
     flipped = [r for r in train if r["label_flipped"]]
     assert 0.26 < len(flipped) / 2000 < 0.34
     for row in flipped:
@@ -34,7 +34,7 @@ def test_label_noise_flips_the_stated_fraction():
 
 
 def test_test_words_never_appear_in_training():
-    train, test = generate(500, 100, seed=2)
+    train, test, _ = generate(500, 100, seed=2)
     train_words = {word_of_prompt(parse_preference_row(r)[0].prompt) for r in train}
     assert not train_words & {word_of_prompt(t["prompt"]) for t in test}
 
@@ -57,3 +57,12 @@ def test_write_dataset(tmp_path):
     assert len(paths["train"].read_text().splitlines()) == 20 and len(paths["test"].read_text().splitlines()) == 5
     with pytest.raises(ValueError):
         generate(5, 1, label_noise=1.5)
+
+
+def test_dev_prompts_are_disjoint_and_leave_train_and_test_as_they_were():
+    train, test, dev = generate(200, 50, seed=4, n_dev=30)
+    assert (train, test, []) == generate(200, 50, seed=4)
+    assert len(dev) == 30
+    trained = {prompt_for(word_of_prompt(row["chosen"].rsplit(ASSISTANT, 1)[0] + ASSISTANT)) for row in train}
+    test_prompts, dev_prompts = ({row["prompt"] for row in rows} for rows in (test, dev))
+    assert len(dev_prompts) == 30 and not dev_prompts & test_prompts and not dev_prompts & trained

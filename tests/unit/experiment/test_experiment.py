@@ -310,3 +310,57 @@ def test_dry_run_of_a_thousand_runs_renders_one_array_per_stage(tmp_path):
     rows = (tmp_path / "out/exp/.submit/manifest.jsonl").read_text().splitlines()
     assert len(rows) == 1010 and json.loads(rows[-1])["index"] == 999
     assert "1010 runs planned" in result.stdout and not (tmp_path / "out/exp/dpo").exists()
+
+
+EVALUATE = """
+[stages.eval]
+from = ["sft", "dpo"]
+evaluate = { data = "test.jsonl", baseline = "sft", checkpoints = true, compare_to = "dpo" }
+"""
+
+
+def test_an_evaluate_stage_scores_every_run_of_its_stages_into_their_run_dirs(tmp_path):
+    text = BASE + '[stages.sft.grid]\n"sft_training.seed" = [1, 2]\n' + DPO + \
+        '[stages.dpo.grid]\n"dpo_training.beta" = [0.1, 0.2]\n' + EVALUATE
+    plan = plan_of(tmp_path, text)
+    scored = plan.stage_runs("eval", "evaluate")
+    assert plan.stage_order == ["sft", "dpo", "eval"] and plan.arrays()[-1] == ("eval", "evaluate")
+    assert [plan.run(r.parent).stage for r in scored] == ["sft"] * 2 + ["dpo"] * 4
+    for run in scored:
+        target = plan.run(run.parent)
+        assert run.run_dir == target.run_dir / "evaluations" / "eval" and run.grid_values == target.grid_values
+        assert run.waits_for == [target.run_id] and run.config["target"] == str(target.run_dir)
+        if target.stage == "dpo":  # compared with the SFT run it started from, the curve's step 0
+            assert run.config["baseline"] == str(plan.run(target.parent).run_dir) and run.config["baseline_is_start"]
+        else:
+            assert run.config["baseline"] is None
+    # report-only keys do not change what is scored, so they leave the ids alone
+    again = plan_of(tmp_path, text.replace(', compare_to = "dpo"', ', average_over = ["dpo_training.beta"]'))
+    assert [r.run_id for r in again.stage_runs("eval", "evaluate")] == [r.run_id for r in scored]
+    other = plan_of(tmp_path, text.replace('checkpoints = true', 'checkpoints = false'))
+    assert not {r.run_id for r in other.stage_runs("eval", "evaluate")} & {r.run_id for r in scored}
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda t: t.replace('from = ["sft", "dpo"]', 'from = ["sft", "dpx"]'), "stages.eval.from: unknown stage 'dpx'"),
+    (lambda t: t.replace('from = ["sft", "dpo"]\n', ''), "an evaluate stage needs 'from'"),
+    (lambda t: t.replace('[stages.eval]', '[stages.eval]\ntrainer = "dpo"'), "give either 'trainer'"),
+    (lambda t: t + '[stages.eval.grid]\n"dpo_training.beta" = [0.1]\n', "an evaluate stage takes no grid"),
+    (lambda t: t.replace('baseline = "sft"', 'baseline = "dpo"'), "no scored run descends from stage 'dpo'"),
+    (lambda t: t.replace('compare_to = "dpo"', 'compare_to = "sftx"'), "evaluate.compare_to: unknown stage 'sftx'"),
+    (lambda t: t.replace('from = "sft"', 'from = ["sft"]'), "a training stage starts from one stage"),
+    (lambda t: t + '[stages.again]\nfrom = "eval"\nevaluate = { data = "x.jsonl" }\n', "'eval' is an evaluate stage"),
+    (lambda t: t.replace('data = "test.jsonl", ', ''), "stages.eval.evaluate.data: required key is missing"),
+])
+def test_bad_evaluate_stages_name_the_key(tmp_path, edit, expected):
+    text = errors_of(tmp_path, edit(BASE + DPO + EVALUATE))
+    assert expected in text
+
+
+def test_a_dry_run_writes_the_evaluation_array_after_the_runs_it_scores(tmp_path):
+    plan = plan_of(tmp_path, BASE + DPO + EVALUATE)
+    out = write_plan_files(plan, tmp_path / "dry")
+    script = (out / "sbatch" / "eval.sh").read_text()
+    assert "--array=0-1" in script and "afterok:<job ids of the sft tasks>:<job ids of the dpo tasks>" in script
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["role"] for r in rows].count("evaluate") == 2

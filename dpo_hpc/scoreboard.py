@@ -1,0 +1,242 @@
+"""The report of an experiment's evaluate stages: scores per method and setting, paired
+comparisons with confidence intervals, accuracy against step and against a grid axis.
+
+Read back from ``<run dir>/evaluations/<stage>/evaluation.json`` (written by the stage's tasks),
+so it can be made while scoring is still going. ``dpo-hpc report`` calls it for every evaluate
+stage of the plan.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .evaluate import EVALUATION_FILE
+from .experiment import Plan, Run
+
+# Two-sided 95% Student t quantiles by degrees of freedom (1..30); the normal 1.96 beyond.
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
+
+
+def mean_ci(values: list[float]) -> tuple[float, Optional[float]]:
+    """Mean and the half-width of its 95% t interval (None for a single value)."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, None
+    t = _T95[len(values) - 2] if len(values) - 1 <= len(_T95) else 1.96
+    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def is_seed_axis(axis: str) -> bool:
+    return axis.split(".")[-1] == "seed"
+
+
+def short(axis: str) -> str:
+    return axis.split(".")[-1]
+
+
+@dataclass
+class Scored:
+    """One run's scores from one evaluate stage."""
+
+    target: Run
+    result: dict[str, Any]
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.result["final"]
+
+    def setting(self, averaged: set[str]) -> tuple:
+        """The run's grid point without seeds and averaged axes: runs of one setting are pooled."""
+        return tuple((a, v) for a, v in self.target.grid_values.items() if not is_seed_axis(a) and a not in averaged)
+
+
+def read_scores(plan: Plan, stage: str) -> list[Scored]:
+    scored = []
+    for run in plan.stage_runs(stage, "evaluate"):
+        path = run.run_dir / EVALUATION_FILE
+        if path.is_file():
+            scored.append(Scored(plan.run(run.parent), json.loads(path.read_text())))
+    return scored
+
+
+def _text(setting: tuple) -> str:
+    return " ".join(f"{short(a)}={v}" for a, v in setting) or "-"
+
+
+def _cell(values: list[float], digits: int = 3, signed: bool = False) -> str:
+    values = [v for v in values if isinstance(v, (int, float))]
+    if not values:
+        return "-"
+    fmt = f"{{:+.{digits}f}}" if signed else f"{{:.{digits}f}}"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {statistics.stdev(values):.{digits}f}"
+
+
+def paired_differences(scores: list[Scored], compare_to: str) -> dict[str, list[float]]:
+    """Run id -> [its accuracy minus that of the ``compare_to`` run with the same values on the
+    grid axes both runs have (same noise, same seed) and the same baseline]."""
+    reference = [s for s in scores if s.target.stage == compare_to]
+    out: dict[str, list[float]] = {}
+    for s in scores:
+        if s.target.stage == compare_to:
+            continue
+        for r in reference:
+            shared = set(s.target.grid_values) & set(r.target.grid_values)
+            if all(s.target.grid_values[a] == r.target.grid_values[a] for a in shared) \
+                    and (s.result.get("baseline") or {}).get("run") == (r.result.get("baseline") or {}).get("run"):
+                out.setdefault(s.target.run_id, []).append(s.final["accuracy"] - r.final["accuracy"])
+    return out
+
+
+def stage_table(plan: Plan, stage: str, scores: list[Scored]) -> str:
+    """Markdown: one row per scored stage and setting (mean ± sd over its seeds and averaged axes)."""
+    section = plan.experiment.stages[stage].evaluate
+    averaged = set(section.average_over)
+    order = {name: i for i, name in enumerate(plan.stage_order)}
+    groups: dict[tuple, list[Scored]] = {}
+    for s in scores:
+        groups.setdefault((s.target.stage, s.setting(averaged)), []).append(s)
+    paired = paired_differences(scores, section.compare_to) if section.compare_to else {}
+    header = ["stage", "setting", "runs", "accuracy", "Δ accuracy vs baseline", "Δ log p(answer) vs baseline",
+              "win rate vs baseline"]
+    if section.compare_to:
+        header.append(f"Δ accuracy vs {section.compare_to} (95% CI, paired)")
+    rows = []
+    for (target_stage, setting), members in groups.items():
+        accuracy = [m.final["accuracy"] for m in members]
+        cells = [target_stage, _text(setting), str(len(members)), _cell(accuracy),
+                 _cell([m.final.get("accuracy_change_vs_baseline") for m in members], signed=True),
+                 _cell([m.final.get("answer_logp_change_vs_baseline") for m in members], 2, signed=True),
+                 _cell([m.final.get("win_rate_vs_baseline") for m in members])]
+        if section.compare_to:
+            diffs = [d for m in members for d in paired.get(m.target.run_id, [])]
+            mean, half = mean_ci(diffs) if diffs else (None, None)
+            interval = f" ± {half:.3f}" if half is not None else ""
+            cells.append("-" if mean is None else f"{mean:+.3f}{interval} (n={len(diffs)})")
+        rows.append((order[target_stage], statistics.mean(accuracy), setting, cells))
+    if averaged:  # ranking settings: best first within each stage, the best marked
+        rows.sort(key=lambda r: (r[0], -r[1]))
+        best = {}
+        for row in rows:
+            best.setdefault(row[0], row)
+        for row in best.values():
+            row[3][1] = f"**{row[3][1]}** (best)"
+    else:
+        rows.sort(key=lambda r: (str(r[2]), r[0]))
+    baselines = {s.result["baseline"]["run"]: s.result["baseline"] for s in scores if s.result.get("baseline")}
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for base in baselines.values():
+        lines.append(f"| baseline `{Path(base['run']).name}` | - | 1 | {base['accuracy']:.3f} |"
+                     + " - |" * (len(header) - 4))
+    lines += ["| " + " | ".join(cells) + " |" for *_, cells in rows]
+    prompts = sorted({s.result["prompts"] for s in scores})
+    note = (f"\n\n{len(scores)} runs scored on {', '.join(map(str, prompts))} prompts of `{section.data}`; "
+            "mean ± sample sd over seeds" + (f" and {', '.join(map(short, averaged))}" if averaged else "") + ".")
+    if section.compare_to:
+        note += (f" Paired: each run against the `{section.compare_to}` run with the same grid values on "
+                 "the axes both have and the same baseline; 95% t interval over the pairs.")
+    skipped: dict[str, int] = {}
+    for s in scores:
+        for why, n in s.result.get("checkpoints_not_scored", {}).items():
+            skipped[why] = skipped.get(why, 0) + n
+    if skipped:
+        note += " Checkpoints not scored: " + "; ".join(f"{n} ({why})" for why, n in skipped.items()) + "."
+    return "\n".join(lines) + note
+
+
+def write_csv(scores: list[Scored], path: Path) -> None:
+    rows = [{"stage": s.target.stage, "run_id": s.target.run_id, **s.target.grid_values,
+             **{k: v for k, v in s.final.items()},
+             "baseline_accuracy": (s.result.get("baseline") or {}).get("accuracy")} for s in scores]
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    path.write_text(buffer.getvalue())
+
+
+def write_plots(plan: Plan, stage: str, scores: list[Scored], out: Path, max_panels: int = 6) -> list[Path]:
+    """Accuracy against step (one panel per setting, a line per scored stage, mean over seeds) and
+    final accuracy / answer log-prob change against each numeric grid axis (mean ± sd)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    averaged = set(plan.experiment.stages[stage].evaluate.average_over)
+    stages = [name for name in plan.stage_order if any(s.target.stage == name for s in scores)]
+    shared = [a for a in scores[0].target.grid_values if all(a in s.target.grid_values for s in scores)
+              and not is_seed_axis(a) and a not in averaged] if scores else []
+    panels: dict[tuple, list[Scored]] = {}
+    for s in scores:
+        if len(s.result.get("by_step", [])) > 1:
+            panels.setdefault(tuple((a, s.target.grid_values[a]) for a in shared), []).append(s)
+    if panels and len(panels) <= max_panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), sharey=True, squeeze=False)
+        for ax, (panel, members) in zip(axes[0], sorted(panels.items())):
+            for name in stages:
+                curves = [{p["step"]: p["accuracy"] for p in m.result["by_step"]} for m in members
+                          if m.target.stage == name]
+                steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+                if steps:
+                    ax.plot(steps, [statistics.mean(c[t] for c in curves) for t in steps], marker="o", markersize=3,
+                            label=f"{name} (n={len(curves)})")
+            ax.set_title(_text(panel), fontsize=9)
+            ax.set_xlabel("optimizer step")
+        axes[0][0].set_ylabel("accuracy (mean over seeds)")
+        axes[0][-1].legend(fontsize=7)
+        fig.suptitle(f"{stage}: accuracy against step", fontsize=10)
+        path = out / f"{stage}_accuracy_by_step.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    numeric = [a for a in shared if all(isinstance(s.target.grid_values[a], (int, float)) for s in scores)]
+    baselines = [s.result["baseline"]["accuracy"] for s in scores if s.result.get("baseline")]
+    for axis in numeric:
+        for metric, label in (("accuracy", "final accuracy"), ("answer_logp_change_vs_baseline",
+                                                               "Δ log p(right answer) vs baseline")):
+            fig, ax = plt.subplots(figsize=(5.5, 3.8))
+            drawn = False
+            for i, name in enumerate(stages):
+                by_value: dict[Any, list[float]] = {}
+                for s in scores:
+                    if s.target.stage == name and isinstance(s.final.get(metric), (int, float)):
+                        by_value.setdefault(s.target.grid_values[axis], []).append(s.final[metric])
+                if not by_value:
+                    continue
+                xs = sorted(by_value)
+                offset = (i - (len(stages) - 1) / 2) * 0.004 * (max(xs) - min(xs) or 1)  # error bars side by side
+                ax.errorbar([x + offset for x in xs], [statistics.mean(by_value[x]) for x in xs],
+                            yerr=[statistics.stdev(by_value[x]) if len(by_value[x]) > 1 else 0 for x in xs],
+                            marker="o", capsize=3, label=name)
+                drawn = True
+            if not drawn:
+                plt.close(fig)
+                continue
+            if metric == "accuracy" and baselines:
+                ax.axhline(statistics.mean(baselines), color="gray", linestyle="--", label="baseline")
+            ax.set_xlabel(axis)
+            ax.set_ylabel(label)
+            ax.set_title(f"{stage}: {label} by {short(axis)} (mean ± sd over seeds)", fontsize=9)
+            ax.legend(fontsize=7)
+            path = out / f"{stage}_{metric}_by_{short(axis)}.png"
+            fig.tight_layout()
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            written.append(path)
+    return written

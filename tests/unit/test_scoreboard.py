@@ -1,0 +1,34 @@
+"""The evaluate stages' report: the paired intervals against hand values, the pairing rule."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from dpo_hpc.experiment import Run
+from dpo_hpc.scoreboard import Scored, mean_ci, paired_differences
+
+
+def test_mean_ci_is_the_student_t_interval():
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    assert mean_ci([0.5]) == (0.5, None)
+    assert mean_ci([0.0] * 40)[1] == 0.0  # beyond the table: the normal quantile
+
+
+def scored(stage, accuracy, baseline="sft-1", **grid):
+    run = Run(stage=stage, index=0, run_id=f"{stage}-{sorted(grid.items())}", trainer=stage, grid_values=grid,
+              parent=None, config={}, run_dir=Path("/x"))
+    return Scored(run, {"final": {"accuracy": accuracy}, "baseline": {"run": baseline, "accuracy": 0.5}})
+
+
+def test_runs_pair_on_the_grid_values_both_have_and_on_their_baseline():
+    dpo = [scored("dpo", 0.60, label_noise=0.0, seed=1), scored("dpo", 0.70, label_noise=0.0, seed=2),
+           scored("dpo", 0.50, label_noise=0.4, seed=1)]
+    beta = [scored("beta_dpo", 0.65, label_noise=0.0, seed=1, rho=0.8),  # rho: an axis dpo lacks
+            scored("beta_dpo", 0.60, label_noise=0.0, seed=2, rho=0.8),
+            scored("beta_dpo", 0.40, label_noise=0.4, seed=1, rho=0.8, baseline="sft-2")]  # another start
+    diffs = paired_differences(dpo + beta, "dpo")
+    assert diffs == {beta[0].target.run_id: [pytest.approx(0.05)], beta[1].target.run_id: [pytest.approx(-0.10)]}
