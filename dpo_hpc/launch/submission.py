@@ -66,10 +66,11 @@ def _grid_text(run: Run) -> str:
 def print_plan(plan: Plan, statuses: Optional[dict[str, RunStatus]], decisions: dict[str, str],
                overrides: Sequence[str] = ()) -> None:
     exp = plan.experiment
-    trained = [r for r in plan.runs if r.role == "train"]
-    passes = len(plan.runs) - len(trained)
-    print(f"experiment {exp.experiment.name}: {len(trained)} runs in {len(plan.stage_order)} stages"
-          + (f" (+ {passes} reference pass{'es' if passes > 1 else ''})" if passes else "") + f" -> {plan.root}")
+    count = {role: sum(r.role == role for r in plan.runs) for role in ("train", "reference", "evaluate")}
+    extra = [f"{count['reference']} reference pass{'es' if count['reference'] > 1 else ''}"] if count["reference"] else []
+    extra += [f"{count['evaluate']} scoring{'s' if count['evaluate'] > 1 else ''}"] if count["evaluate"] else []
+    print(f"experiment {exp.experiment.name}: {count['train']} runs in {len(plan.stage_order)} stages"
+          + (f" (+ {', '.join(extra)})" if extra else "") + f" -> {plan.root}")
     if exp.defaults:
         print(f"  [defaults] under every stage: {json.dumps(exp.defaults, sort_keys=True)}")
     if overrides:

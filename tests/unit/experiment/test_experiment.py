@@ -364,3 +364,17 @@ def test_a_dry_run_writes_the_evaluation_array_after_the_runs_it_scores(tmp_path
     assert "--array=0-1" in script and "afterok:<job ids of the sft tasks>:<job ids of the dpo tasks>" in script
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [r["role"] for r in rows].count("evaluate") == 2
+
+
+def test_the_quality_benchmark_gives_every_method_the_same_budget():
+    plan = load_plan(REPO / "experiments/quality.toml")
+    tuning = {stage: plan.stage_runs(stage) for stage in plan.stage_order if stage.startswith("tune_")
+              and plan.experiment.stages[stage].trainer}
+    assert len(tuning) == 3 and {len(runs) for runs in tuning.values()} == {32}  # 16 settings x 2 noise levels
+    for stage, runs in tuning.items():  # the same learning rates, noise levels and RPO weights for each
+        assert {tuple(sorted((k, v) for k, v in r.grid_values.items() if "learning_rate" in k or "noise" in k
+                             or "rpo" in k)) for r in runs} == \
+               {tuple(sorted((k, v) for k, v in r.grid_values.items() if "learning_rate" in k or "noise" in k
+                             or "rpo" in k)) for r in tuning["tune_dpo"]}
+    scored = {plan.run(r.parent).stage for stage in plan.stage_order for r in plan.stage_runs(stage, "evaluate")}
+    assert scored == {stage for stage in plan.stage_order if plan.experiment.stages[stage].trainer}
