@@ -178,11 +178,13 @@ def write_plots(plan: Plan, stage: str, scores: list[Scored], out: Path, max_pan
 
     written = []
     averaged = set(plan.experiment.stages[stage].evaluate.average_over)
-    stages = [name for name in plan.stage_order if any(s.target.stage == name for s in scores)]
-    shared = [a for a in scores[0].target.grid_values if all(a in s.target.grid_values for s in scores)
-              and not is_seed_axis(a) and a not in averaged] if scores else []
+    # Runs without grid values (a lone SFT run) are the baseline line, not a curve of their own.
+    gridded = [s for s in scores if s.target.grid_values]
+    stages = [name for name in plan.stage_order if any(s.target.stage == name for s in gridded)]
+    shared = [a for a in gridded[0].target.grid_values if all(a in s.target.grid_values for s in gridded)
+              and not is_seed_axis(a) and a not in averaged] if gridded else []
     panels: dict[tuple, list[Scored]] = {}
-    for s in scores:
+    for s in gridded:
         if len(s.result.get("by_step", [])) > 1:
             panels.setdefault(tuple((a, s.target.grid_values[a]) for a in shared), []).append(s)
     if panels and len(panels) <= max_panels:
@@ -205,7 +207,7 @@ def write_plots(plan: Plan, stage: str, scores: list[Scored], out: Path, max_pan
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
-    numeric = [a for a in shared if all(isinstance(s.target.grid_values[a], (int, float)) for s in scores)]
+    numeric = [a for a in shared if all(isinstance(s.target.grid_values[a], (int, float)) for s in gridded)]
     baselines = [s.result["baseline"]["accuracy"] for s in scores if s.result.get("baseline")]
     for axis in numeric:
         for metric, label in (("accuracy", "final accuracy"), ("answer_logp_change_vs_baseline",
@@ -214,7 +216,7 @@ def write_plots(plan: Plan, stage: str, scores: list[Scored], out: Path, max_pan
             drawn = False
             for i, name in enumerate(stages):
                 by_value: dict[Any, list[float]] = {}
-                for s in scores:
+                for s in gridded:
                     if s.target.stage == name and isinstance(s.final.get(metric), (int, float)):
                         by_value.setdefault(s.target.grid_values[axis], []).append(s.final[metric])
                 if not by_value:

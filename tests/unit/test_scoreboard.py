@@ -32,3 +32,45 @@ def test_runs_pair_on_the_grid_values_both_have_and_on_their_baseline():
             scored("beta_dpo", 0.40, label_noise=0.4, seed=1, rho=0.8, baseline="sft-2")]  # another start
     diffs = paired_differences(dpo + beta, "dpo")
     assert diffs == {beta[0].target.run_id: [pytest.approx(0.05)], beta[1].target.run_id: [pytest.approx(-0.10)]}
+
+
+def test_plots_and_table_from_scores_with_a_gridless_baseline_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    from dpo_hpc.experiment import load_plan
+    from dpo_hpc.scoreboard import stage_table, write_plots
+
+    (tmp_path / "exp.toml").write_text("""
+[experiment]
+name = "exp"
+[stages.sft]
+trainer = "sft"
+[stages.sft.config]
+policy_name = "m"
+dataset = { dataset_name = "d.jsonl" }
+sft_training = { learning_rate = 1e-3, batch_size = 4 }
+[stages.dpo]
+trainer = "dpo"
+from = "sft"
+[stages.dpo.config]
+dataset = { dataset_name = "d.jsonl" }
+dpo_training = { learning_rate = 1e-6, batch_size = 2 }
+[stages.dpo.grid]
+"dataset.label_noise" = [0.0, 0.4]
+"dpo_training.seed" = [1, 2]
+[stages.scores]
+from = ["sft", "dpo"]
+evaluate = { data = "t.jsonl", baseline = "sft", checkpoints = true, compare_to = "dpo" }
+""")
+    plan = load_plan(tmp_path / "exp.toml")
+    scores = []
+    for i, target in enumerate([*plan.stage_runs("sft"), *plan.stage_runs("dpo")]):
+        curve = [{"step": s, "accuracy": 0.1 * s + 0.01 * i} for s in ((0, 2, 4) if target.stage == "dpo" else (2, 4))]
+        scores.append(Scored(target, {"prompts": 10, "final": {"accuracy": curve[-1]["accuracy"],
+                                                                "answer_logp_change_vs_baseline": 0.1},
+                                      "baseline": {"run": "sft", "accuracy": 0.05} if target.stage == "dpo" else None,
+                                      "by_step": curve}))
+    written = {p.name for p in write_plots(plan, "scores", scores, tmp_path)}
+    assert written == {"scores_accuracy_by_step.png", "scores_accuracy_by_label_noise.png",
+                       "scores_answer_logp_change_vs_baseline_by_label_noise.png"}
+    table = stage_table(plan, "scores", scores)
+    assert "| sft | - | 1 | 0.400 |" in table and table.count("| dpo | label_noise=") == 2
