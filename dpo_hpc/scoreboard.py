@@ -126,11 +126,12 @@ def stage_table(plan: Plan, stage: str, scores: list[Scored]) -> str:
         rows.append((order[target_stage], statistics.mean(accuracy), setting, cells))
     if averaged:  # ranking settings: best first within each stage, the best marked
         rows.sort(key=lambda r: (r[0], -r[1]))
-        best = {}
+        best: dict[int, list] = {}
         for row in rows:
-            best.setdefault(row[0], row)
-        for row in best.values():
-            row[3][1] = f"**{row[3][1]}** (best)"
+            best.setdefault(row[0], []).append(row)
+        for ranked in best.values():
+            if len(ranked) > 1:  # a stage with one setting has nothing to choose
+                ranked[0][3][1] = f"**{ranked[0][3][1]}** (best)"
     else:
         rows.sort(key=lambda r: (str(r[2]), r[0]))
     baselines = {s.result["baseline"]["run"]: s.result["baseline"] for s in scores if s.result.get("baseline")}
