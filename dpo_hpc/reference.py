@@ -43,7 +43,8 @@ def _type_name(annotation) -> str:
     if typing.get_origin(annotation) is typing.Literal:
         return " \\| ".join(f"`{a}`" for a in typing.get_args(annotation))
     if args and typing.get_origin(annotation) is typing.Union:
-        return " or ".join(_type_name(a) for a in args)
+        # sorted: typing caches unions that differ only in order, so their order depends on import order
+        return " or ".join(sorted(_type_name(a) for a in args))
     if dataclasses.is_dataclass(annotation):
         return "table"
     return getattr(annotation, "__name__", str(annotation))
