@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from . import scoreboard
-from .scoreboard import is_seed_axis
+from .scoreboard import is_seed_axis, save_figure
 from .checkpoint import RunDir
 from .config import ALGORITHMS
 from .experiment import Plan, Run
@@ -160,10 +160,7 @@ def write_plots(plan: Plan, rows: dict[str, dict], out: Path) -> list[Path]:
             if len(groups) > 1:
                 ax.legend(fontsize=7)
             path = out / f"{stage}_{metric.replace('/', '_')}.png"
-            fig.tight_layout()
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
-            written.append(path)
+            written.append(save_figure(plt, fig, path))
         written += _final_against_axes(plt, plan, stage, rows, out)
     return written
 
@@ -191,10 +188,7 @@ def _final_against_axes(plt, plan: Plan, stage: str, rows: dict[str, dict], out:
             ax.set_ylabel(f"final {metric}")
             ax.set_title(f"{stage}: final {metric} by {axis.split('.')[-1]} (mean ± std)")
             path = out / f"{stage}_final_{metric.replace('/', '_')}_by_{axis.split('.')[-1]}.png"
-            fig.tight_layout()
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
-            written.append(path)
+            written.append(save_figure(plt, fig, path))
     return written
 
 

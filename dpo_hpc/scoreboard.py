@@ -169,6 +169,14 @@ def write_csv(scores: list[Scored], path: Path) -> None:
     path.write_text(buffer.getvalue())
 
 
+def save_figure(plt, fig, path: Path) -> Path:
+    """Write a finished figure as a PNG and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_plots(plan: Plan, stage: str, scores: list[Scored], out: Path, max_panels: int = 6) -> list[Path]:
     """Accuracy against step (one panel per setting, a line per scored stage, mean over seeds) and
     final accuracy / answer log-prob change against each numeric grid axis (mean ± sd)."""
@@ -204,10 +212,7 @@ def write_plots(plan: Plan, stage: str, scores: list[Scored], out: Path, max_pan
         axes[0][-1].legend(fontsize=7)
         fig.suptitle(f"{stage}: accuracy against step", fontsize=10)
         path = out / f"{stage}_accuracy_by_step.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(plt, fig, path))
     numeric = [a for a in shared if all(isinstance(s.target.grid_values[a], (int, float)) for s in gridded)]
     baselines = [s.result["baseline"]["accuracy"] for s in scores if s.result.get("baseline")]
     for axis in numeric:
@@ -238,8 +243,5 @@ def write_plots(plan: Plan, stage: str, scores: list[Scored], out: Path, max_pan
             ax.set_title(f"{stage}: {label} by {short(axis)} (mean ± sd over seeds)", fontsize=9)
             ax.legend(fontsize=7)
             path = out / f"{stage}_{metric}_by_{short(axis)}.png"
-            fig.tight_layout()
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
-            written.append(path)
+            written.append(save_figure(plt, fig, path))
     return written

@@ -173,8 +173,8 @@ def load_splits(
         train_raw, val_raw = raw.select(train_idx), raw.select(val_idx)
     else:
         train_raw, val_raw = raw, mapped_columns(as_dataset(eval_rows), cfg, kind, f"{cfg.dataset_name} (eval)")
-    def flip(example_id: str) -> bool:
-        return kind != "sft" and is_flipped(example_id, cfg.label_noise, cfg.label_noise_seed)
+    def flip(example_id: str) -> bool:  # SFT refused label_noise above, so this is False there
+        return is_flipped(example_id, cfg.label_noise, cfg.label_noise_seed)
 
     train, train_report = _process(train_raw, parse, encode, cfg.dataset_name, "train", settings, flip)
     val, val_report = _process(val_raw, parse, encode, cfg.dataset_name, "validation", settings, flip)

@@ -23,6 +23,10 @@ from .requeue import caps_of
 from .table import state_counts, table
 
 
+ROLE_WORDS = {"train": "run(s)", "reference": "reference pass(es)", "evaluate": "scoring(s)"}
+"""How an array of each run role is counted in what submit prints."""
+
+
 def ledger_of(plan: Plan) -> Ledger:
     return Ledger(ledger_path(plan))
 
@@ -49,7 +53,7 @@ def write_plan_files(plan: Plan, out: Optional[Path] = None) -> Path:
     atomic_write_bytes(out / "manifest.jsonl", lines.encode())
     for stage, role in plan.arrays():
         runs = plan.stage_runs(stage, role)
-        name = f"{stage}.ref.sh" if role == "reference" else f"{stage}.sh"  # one role per stage besides passes
+        name = f"{stage}.ref.sh" if role == "reference" else f"{stage}.sh"
         atomic_write_bytes(out / "sbatch" / name,
                            render_sbatch(plan, stage, len(runs), _waits_text(plan, stage, role), role).encode())
     return out
@@ -82,7 +86,7 @@ def print_plan(plan: Plan, statuses: Optional[dict[str, RunStatus]], decisions: 
         origin = f", from {cfg.from_} ({cfg.pairing})" if cfg.trainer and cfg.from_ else ""
         if role == "evaluate":
             origin = f" of {', '.join(cfg.parents)} on {cfg.evaluate.data}"
-        what = {"reference": "reference pass(es)", "evaluate": "scoring(s)"}.get(role, "run(s)")
+        what = ROLE_WORDS[role]
         print(f"  stage {stage} [{cfg.trainer or 'evaluate'}{origin}]: {len(runs)} {what}, one array; time {slurm['time']}, "
               f"{slurm['nodes']} node(s) x {slurm['ntasks_per_node']} rank(s)")
         for run in runs:
@@ -199,7 +203,7 @@ def submit_slurm(plan: Plan, runs: list[Run], statuses: dict[str, RunStatus]) ->
             entries.append({"run_id": run.run_id, "stage": stage, "job_id": job.job_id, "backend": "slurm"})
         ledger.record(entries)
         array_id = jobs[0].job_id.split("_")[0]
-        what = {"reference": "reference pass(es)", "evaluate": "scoring(s)"}.get(role, "run(s)")
+        what = ROLE_WORDS[role]
         print(f"[submit] stage {stage}: {len(jobs)} {what} as Slurm job {array_id}"
               + (f" ({dependency})" if dependency else ""))
     return submitted

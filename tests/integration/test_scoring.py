@@ -7,32 +7,21 @@ from __future__ import annotations
 import csv
 import json
 
-from test_slurm import SFT, experiment
+from test_slurm import DPO, SFT, experiment
 from test_submit_local import run
 
 from dpo_hpc.trainers.trackers import read_scalars
 
-METHODS = """
-[stages.dpo]
-trainer = "dpo"
-from = "sft"
-[stages.dpo.config]
-dataset = { dataset_name = "DATA", val_ratio = 0.1, max_length = 96, max_prompt_length = 64 }
-dpo_training = { learning_rate = 1e-3, batch_size = 4, max_steps = 4, save_steps = 2, save_total_limit = 5, checkpoints_at_end = "all" }
-[stages.dpo.grid]
-"dataset.label_noise" = [0.0, 0.5]
-"dpo_training.seed" = [1, 2]
 
-[stages.beta_dpo]
-trainer = "beta_dpo"
-from = "sft"
-[stages.beta_dpo.config]
-dataset = { dataset_name = "DATA", val_ratio = 0.1, max_length = 96, max_prompt_length = 64 }
-dpo_training = { learning_rate = 1e-3, batch_size = 4, max_steps = 4, save_steps = 2, save_total_limit = 5, checkpoints_at_end = "all" }
-[stages.beta_dpo.grid]
-"dataset.label_noise" = [0.0, 0.5]
-"dpo_training.seed" = [1, 2]
+def method_stage(trainer: str) -> str:
+    """test_slurm's DPO stage as ``trainer``, over label noise x seed, keeping every checkpoint."""
+    return DPO.replace("stages.dpo", f"stages.{trainer}").replace('trainer = "dpo"', f'trainer = "{trainer}"') \
+        .replace("logging_steps = 1 }", 'logging_steps = 1, save_steps = 2, save_total_limit = 5, checkpoints_at_end = "all" }') \
+        .replace("max_steps = 3", "max_steps = 4") \
+        .replace('"dpo_training.beta" = [0.1, 0.3]', '"dataset.label_noise" = [0.0, 0.5]\n"dpo_training.seed" = [1, 2]')
 
+
+METHODS = method_stage("dpo") + method_stage("beta_dpo") + """
 [stages.scores]
 from = ["sft", "dpo", "beta_dpo"]
 evaluate = { data = "TEST", baseline = "sft", checkpoints = true, compare_to = "dpo", limit = 12, max_new_tokens = 8 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ def test_mean_ci_is_the_student_t_interval():
     mean, half = mean_ci([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
     assert mean_ci([0.5]) == (0.5, None)
-    assert mean_ci([0.0] * 40)[1] == 0.0  # beyond the table: the normal quantile
+    spread = [0.0, 1.0] * 20  # 40 values: beyond the table, the normal quantile
+    assert mean_ci(spread)[1] == pytest.approx(1.96 * statistics.stdev(spread) / math.sqrt(40))
 
 
 def scored(stage, accuracy, baseline="sft-1", **grid):
