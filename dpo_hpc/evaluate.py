@@ -9,12 +9,13 @@ and are left-padded in batches; generation stops at EOS.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -23,6 +24,8 @@ from .data.tokenize import SpecialTokens, encode_completion
 from .algorithms.logprobs import sequence_logps
 from .data.sources import DataError
 from .data.verifiable import is_task_prompt, prompt_for, reward
+from .experiment import EVALUATIONS
+from .fsutil import atomic_write_json, files_identity, remove_tree, sha256_file
 
 
 @torch.no_grad()
@@ -166,6 +169,8 @@ def evaluate(model_dir: str, data: str, baseline: Optional[str] = None, limit: O
 
 # ----- an evaluate stage's task ---------------------------------------------------------------
 
+BASELINE_SCORES = ".baseline_scores"
+"""In a baseline run's ``evaluations/``: its scores per prompt set and settings (``<key>.json``)."""
 EVALUATION_FILE = "evaluation.json"
 """In ``<run dir>/evaluations/<stage>/``: the scores of the run (final model, checkpoints, baseline)."""
 CURVE_METRICS = ("accuracy", "answer_logp")
@@ -206,6 +211,31 @@ def _load_weights(model, weights: dict) -> str:
     return ""
 
 
+def baseline_scores(baseline: Path, section: dict, n_prompts: int, score_it: Callable[[], Scores]) -> Scores:
+    """The baseline's scores, from its cache when they were made from the same model files, data
+    and settings (every run of a sweep is scored against one baseline); else ``score_it()``, cached.
+    The cache is only a saving: a baseline folder that cannot be written is scored each time."""
+    made_of = json.loads(json.dumps({
+        "format": 1, "model": files_identity(baseline), "data": sha256_file(section["data"]),
+        **{key: section[key] for key in ("limit", "max_new_tokens", "batch_size")}}))
+    key = hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:16]
+    path = baseline / EVALUATIONS / BASELINE_SCORES / f"{key}.json"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = None
+    if isinstance(cached, dict) and cached.get("made_of") == made_of and len(cached.get("rewards") or []) == n_prompts:
+        return Scores(cached["answers"], cached["rewards"], cached["logps"])
+    scores = score_it()
+    try:
+        atomic_write_json(path, {"made_of": made_of, "answers": scores.answers, "rewards": scores.rewards,
+                                 "logps": scores.logps})
+    except OSError as exc:
+        print(f"[evaluate] baseline scores not cached ({exc}); every run scored against it scores it again",
+              flush=True)
+    return scores
+
+
 def evaluate_run(config: dict, out_dir: str) -> dict:
     """An evaluate stage's task: score run ``config["target"]`` (its final model, and with
     ``checkpoints`` each checkpoint it kept) and its baseline, into ``out_dir`` (evaluation.json,
@@ -214,7 +244,6 @@ def evaluate_run(config: dict, out_dir: str) -> dict:
 
     from .checkpoint import RunDir, published_checkpoints
     from .checkpoint.layout import step_of
-    from .fsutil import atomic_write_json
 
     section, target = config["evaluate"], Path(config["target"])
     out = Path(out_dir)
@@ -237,7 +266,8 @@ def evaluate_run(config: dict, out_dir: str) -> dict:
                         "correct": "".join("1" if r else "0" for r in final.rewards), "baseline": None,
                         "by_step": [], "checkpoints_not_scored": {}}
         if config.get("baseline"):
-            base = scored(AutoModelForCausalLM.from_pretrained(config["baseline"]))
+            base = baseline_scores(Path(config["baseline"]), section, len(prompts),
+                                   lambda: scored(AutoModelForCausalLM.from_pretrained(config["baseline"])))
             result["baseline"] = {"run": config["baseline"], **base.summary()}
             result["final"].update(final.against(base))
             if config.get("baseline_is_start"):  # the run started from it: the curve's step 0
@@ -275,8 +305,6 @@ def evaluate_run(config: dict, out_dir: str) -> dict:
 
 def _write_curve(logdir: Path, by_step: list[dict]) -> None:
     from torch.utils.tensorboard import SummaryWriter
-
-    from .fsutil import remove_tree
 
     if logdir.exists():  # a rerun rewrites the curve instead of appending a second one
         remove_tree(logdir)

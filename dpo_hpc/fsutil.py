@@ -46,6 +46,12 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def files_identity(folder: str | Path) -> list:
+    """Name, size and modification time of every file of a folder (a model's, a tokenizer's):
+    what a cache of values computed from it is keyed by."""
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).iterdir() if p.is_file())
+
+
 def fsync_tree(root: Path) -> None:
     """fsync every file and folder under root (before publishing it by rename)."""
     for folder, _, files in os.walk(root):

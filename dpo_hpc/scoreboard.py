@@ -111,6 +111,8 @@ def stage_table(plan: Plan, stage: str, scores: list[Scored]) -> str:
               "win rate vs baseline"]
     if section.compare_to:
         header.append(f"Δ accuracy vs {section.compare_to} (95% CI, paired)")
+    baselines = {s.result["baseline"]["run"]: s.result["baseline"] for s in scores if s.result.get("baseline")}
+    baseline_dirs = set(baselines)
     rows = []
     for (target_stage, setting), members in groups.items():
         accuracy = [m.final["accuracy"] for m in members]
@@ -123,6 +125,8 @@ def stage_table(plan: Plan, stage: str, scores: list[Scored]) -> str:
             mean, half = mean_ci(diffs) if diffs else (None, None)
             interval = f" ± {half:.3f}" if half is not None else ""
             cells.append("-" if mean is None else f"{mean:+.3f}{interval} (n={len(diffs)})")
+        if {str(m.target.run_dir) for m in members} <= baseline_dirs:
+            cells[0] += " (baseline)"
         rows.append((order[target_stage], statistics.mean(accuracy), setting, cells))
     if averaged:  # ranking settings: best first within each stage, the best marked
         rows.sort(key=lambda r: (r[0], -r[1]))
@@ -133,10 +137,12 @@ def stage_table(plan: Plan, stage: str, scores: list[Scored]) -> str:
             if len(ranked) > 1:  # a stage with one setting has nothing to choose
                 ranked[0][3][1] = f"**{ranked[0][3][1]}** (best)"
     else:
-        rows.sort(key=lambda r: (str(r[2]), r[0]))
-    baselines = {s.result["baseline"]["run"]: s.result["baseline"] for s in scores if s.result.get("baseline")}
+        rows.sort(key=lambda r: (bool(r[2]), str(r[2]), r[0]))  # gridless runs (the baseline) first
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for base in baselines.values():
+    scored_dirs = {str(s.target.run_dir) for s in scores}
+    for run_dir, base in baselines.items():
+        if run_dir in scored_dirs:  # scored here too: its own row says so
+            continue
         lines.append(f"| baseline `{Path(base['run']).name}` | - | 1 | {base['accuracy']:.3f} |"
                      + " - |" * (len(header) - 4))
     lines += ["| " + " | ".join(cells) + " |" for *_, cells in rows]

@@ -79,7 +79,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     plan, overrides = open_plan(args.experiment, args.set)
     selected = select_runs(plan, args.only, [r for r in args.runs.split(",") if r])
     if args.dry_run:
-        print_plan(plan, None, {r.run_id: "would submit" for r in selected}, overrides)
+        statuses = plan_status(plan, ledger_of(plan).latest())  # read only: what a submission would skip
+        decisions = {rid: "would submit" if d == "submit" else d for rid, d in decide(plan, selected, statuses).items()}
+        print_plan(plan, statuses, decisions, overrides)
         if not args.no_preflight and not preflight_passed(plan):
             return 2
         out = write_plan_files(plan, Path(args.out) if args.out else None)

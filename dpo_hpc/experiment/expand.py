@@ -30,8 +30,9 @@ EVALUATIONS = "evaluations"
 """Under a run directory: one folder per evaluate stage that scored the run (``<stage>/evaluation.json``)."""
 
 REFERENCE_INPUTS = ("policy_name", "ref_name", "tokenizer_name", "dataset", "precision", "attn_implementation")
-"""Top-level keys a reference table depends on. Runs of a stage that agree on them (and on the
-parent and the cache folder) read one table, made by one reference pass scheduled before them.
+"""Top-level keys a reference table depends on. Runs of an experiment that agree on them (and on
+the parent and the cache folder), in whatever stages, read one table, made by one reference pass
+scheduled before them.
 The table's cache key (``trainers.ref_cache``) stays the authority: this only decides scheduling."""
 
 
@@ -49,8 +50,8 @@ class Run:
     """Validated trainer config in plain-data form (what the array task trains)."""
     run_dir: Path
     role: str = "train"
-    """``train``; ``reference``: a pass that computes the reference log-probs runs of its stage
-    read; ``evaluate``: the scoring of run ``parent`` by an evaluate stage (``trainer`` is
+    """``train``; ``reference``: a pass that computes the reference log-probs that runs (of its
+    stage and of later ones) read; ``evaluate``: the scoring of run ``parent`` by an evaluate stage (``trainer`` is
     "evaluate", ``grid_values`` are the scored run's)."""
     ref_pass: Optional[str] = None
     """Run id of the reference pass this run reads its reference log-probs from."""
@@ -289,11 +290,10 @@ def expand(exp: ExperimentConfig, source: str | Path, overrides: Sequence[tuple[
             stage_runs.append(Run(stage=name, index=len(stage_runs), run_id=run_id, trainer=stage.trainer,
                                   grid_values=point, parent=parent.run_id if parent else None, config=resolved,
                                   run_dir=run_dir))
-        passes, stage_runs = reference_passes(name, stage.trainer, stage_runs, root,
-                                              {r.run_id: str(r.run_dir) for r in runs})
         by_stage[name] = stage_runs
-        runs.extend(passes + stage_runs)
-    return Plan(experiment=exp, source=source, base=experiment_base(source), root=root, stage_order=order, runs=runs)
+        runs.extend(stage_runs)
+    return Plan(experiment=exp, source=source, base=experiment_base(source), root=root, stage_order=order,
+                runs=with_reference_passes(runs, root))
 
 
 def ancestor_in(run: Run, stage: str, runs: list[Run]) -> Optional[Run]:
@@ -336,16 +336,18 @@ def evaluation_runs(name: str, stage: StageConfig, by_stage: dict[str, list[Run]
     return out
 
 
-def reference_passes(stage: str, trainer: str, stage_runs: list[Run], root: Path,
-                     run_dirs: dict[str, str]) -> tuple[list[Run], list[Run]]:
-    """(passes, runs): one reference pass per group of two or more runs that precompute the same
-    reference table (a lone run computes its own); each run of a group waits for its pass.
-    ``run_dirs`` maps earlier run ids to their folders (a pass id names the parent by its id, and
-    the experiment's cache relative to the root, so a moved experiment keeps its ids)."""
-    section = ALGORITHMS[trainer].training_section
+def with_reference_passes(runs: list[Run], root: Path) -> list[Run]:
+    """``runs`` with one reference pass per group of two or more runs of the experiment, in any
+    stages, that precompute the same reference table (a lone run computes its own): the pass sits
+    before its first reader, belongs to that reader's stage, and every reader waits for it. The
+    pass id names the parent by its id and the experiment's cache relative to the root, so a moved
+    experiment keeps its ids."""
+    run_dirs = {r.run_id: str(r.run_dir) for r in runs}
     groups: dict[str, list[Run]] = {}
-    for run in stage_runs:
-        training = run.config.get(section, {})
+    for run in runs:
+        if run.role != "train":
+            continue
+        training = run.config.get(ALGORITHMS[run.trainer].training_section, {})
         if training.get("precompute_ref_log_probs"):
             parent_dir = run_dirs.get(run.parent or "")
             inputs = {key: "<parent>" if parent_dir and run.config.get(key) == parent_dir else run.config.get(key)
@@ -354,16 +356,26 @@ def reference_passes(stage: str, trainer: str, stage_runs: list[Run], root: Path
             inputs.update(parent=run.parent, cache=SHARED_REF_LOG_PROBS if cache == str(root / SHARED_REF_LOG_PROBS)
                           else cache)
             groups.setdefault(json.dumps(inputs, sort_keys=True, default=str), []).append(run)
-    passes: list[Run] = []
+    pass_before: dict[str, Run] = {}
     reads: dict[str, str] = {}
+    per_stage: dict[str, int] = {}
     for key, members in groups.items():
         if len(members) < 2:
             continue
-        pass_id = f"{stage}-ref-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+        first = members[0]
+        section = ALGORITHMS[first.trainer].training_section
+        pass_id = f"{first.stage}-ref-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
         run_dir = root / REFERENCE_PASSES / pass_id
-        config = copy.deepcopy(members[0].config)
+        config = copy.deepcopy(first.config)
         config[section]["save_dir"] = str(run_dir)
-        passes.append(Run(stage=stage, index=len(passes), run_id=pass_id, trainer=trainer, grid_values={},
-                          parent=members[0].parent, config=config, run_dir=run_dir, role="reference"))
+        index = per_stage[first.stage] = per_stage.get(first.stage, -1) + 1
+        pass_before[first.run_id] = Run(stage=first.stage, index=index, run_id=pass_id, trainer=first.trainer,
+                                        grid_values={}, parent=first.parent, config=config, run_dir=run_dir,
+                                        role="reference")
         reads.update((m.run_id, pass_id) for m in members)
-    return passes, [replace(r, ref_pass=reads[r.run_id]) if r.run_id in reads else r for r in stage_runs]
+    out: list[Run] = []
+    for run in runs:
+        if run.run_id in pass_before:
+            out.append(pass_before[run.run_id])
+        out.append(replace(run, ref_pass=reads[run.run_id]) if run.run_id in reads else run)
+    return out

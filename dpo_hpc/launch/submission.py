@@ -40,8 +40,10 @@ def task_row(plan: Plan, run: Run) -> dict:
 def _waits_text(plan: Plan, stage: str, role: str) -> Optional[str]:
     """The dependency a dry run shows for one array (job ids exist only at submission)."""
     waits = [f"<job ids of the {parent} tasks>" for parent in plan.experiment.stages[stage].parents]
-    if role == "train" and any(r.ref_pass for r in plan.stage_runs(stage)):
-        waits.append(f"<job ids of the {stage} reference passes>")
+    if role == "train":
+        owners = [s for s in plan.stage_order if any(plan.run(r.ref_pass).stage == s
+                                                     for r in plan.stage_runs(stage) if r.ref_pass)]
+        waits += [f"<job ids of the {owner} reference passes>" for owner in owners]
     return "afterok:" + ":".join(waits) if waits else None
 
 

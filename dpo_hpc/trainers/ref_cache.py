@@ -27,7 +27,7 @@ import torch
 
 from ..data.sampler import eval_batch_indices
 from ..filelock import FileLock
-from ..fsutil import fsync_tree, remove_tree
+from ..fsutil import files_identity, fsync_tree, remove_tree
 from ..runtime import DistEnv, barrier
 
 FORMAT = 1
@@ -77,11 +77,6 @@ class RefLogpsTable:
         return cls(ids, logps.float())
 
 
-def _files_identity(path: Path) -> list:
-    """Name, size and modification time of every file of a model or tokenizer folder."""
-    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
-
-
 def cache_key(reference: str, tokenizer, fingerprints: list[str], precision: str, attn: str) -> tuple[str, dict]:
     """(key, what it is made of). A hub name stands for itself; a local folder for its files."""
     ref_path = Path(reference)
@@ -89,7 +84,7 @@ def cache_key(reference: str, tokenizer, fingerprints: list[str], precision: str
     made_of = {
         "format": FORMAT,
         "reference": str(ref_path.resolve()) if ref_path.exists() else reference,
-        "reference_files": _files_identity(ref_path) if ref_path.is_dir() else None,
+        "reference_files": files_identity(ref_path) if ref_path.is_dir() else None,
         "tokenizer": hashlib.sha256(tokenizer_json.encode()).hexdigest(),
         "data": fingerprints,
         "precision": precision,

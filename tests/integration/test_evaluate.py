@@ -82,3 +82,38 @@ def test_rows_without_answers_give_prompts_only_and_other_data_is_refused(tmp_pa
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
     assert "prompts.jsonl:1: not a prompt of the verifiable reversal task" in line and "make-data" in line
+
+
+def test_a_baseline_is_scored_once_per_model_data_and_settings(tmp_path, micro_model):
+    """Every run of a sweep is scored against one baseline: its scores come from the cache in its
+    folder until the model files, the prompts or the scoring settings change."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_hpc.evaluate import BASELINE_SCORES, baseline_scores, score
+
+    baseline = tmp_path / "sft"
+    shutil.copytree(micro_model, baseline)
+    paths = write_dataset(tmp_path / "data", n_train=4, n_test=5, seed=0)
+    prompts, references = load_test_rows(paths["test"])
+    section = {"data": str(paths["test"]), "limit": None, "max_new_tokens": 4, "batch_size": 2}
+    scorings = []
+
+    def score_it():
+        scorings.append(1)
+        return score(AutoModelForCausalLM.from_pretrained(baseline), AutoTokenizer.from_pretrained(baseline),
+                     prompts, references, section["max_new_tokens"], section["batch_size"])
+
+    first = baseline_scores(baseline, section, len(prompts), score_it)
+    again = baseline_scores(baseline, section, len(prompts), score_it)
+    assert len(scorings) == 1 and again == first and len(first.rewards) == 5 and len(first.logps) == 5
+    (cached,) = (baseline / "evaluations" / BASELINE_SCORES).iterdir()
+    baseline_scores(baseline, {**section, "max_new_tokens": 5}, len(prompts), score_it)  # other settings
+    assert len(scorings) == 2
+    cached.write_text("{not json")  # a damaged cache is scored again, never trusted
+    assert baseline_scores(baseline, section, len(prompts), score_it) == first and len(scorings) == 3
+    with open(paths["test"], "a") as f:  # other prompts
+        f.write(json.dumps({"prompt": "\n\nHuman: Reverse: abc\n\nAssistant:", "answer": " cba"}) + "\n")
+    baseline_scores(baseline, section, len(prompts), score_it)
+    assert len(scorings) == 4

@@ -30,6 +30,8 @@ def test_local_executor_runs_the_chain_and_skips_it_afterwards(tmp_path, micro_m
     assert [r["state"] for r in elsewhere] == ["done"] * 3
     again = run(tmp_path, "dpo_hpc.submit", path.name, "--local")
     assert again.returncode == 0 and "nothing to submit" in again.stdout
+    dry = run(tmp_path, "dpo_hpc.submit", path.name, "--dry-run", "--out", str(tmp_path / "dry"))
+    assert dry.returncode == 0 and dry.stdout.count("skip: done") == 3 and "would submit" not in dry.stdout
 
 
 def test_local_failure_stops_the_children_and_is_reported(tmp_path, micro_model, reverse_data):

@@ -64,15 +64,17 @@ from = ["sft", "dpo"]
 evaluate = { data = "t.jsonl", baseline = "sft", checkpoints = true, compare_to = "dpo" }
 """)
     plan = load_plan(tmp_path / "exp.toml")
-    scores = []
+    scores, sft_dir = [], str(plan.stage_runs("sft")[0].run_dir)
     for i, target in enumerate([*plan.stage_runs("sft"), *plan.stage_runs("dpo")]):
         curve = [{"step": s, "accuracy": 0.1 * s + 0.01 * i} for s in ((0, 2, 4) if target.stage == "dpo" else (2, 4))]
         scores.append(Scored(target, {"prompts": 10, "final": {"accuracy": curve[-1]["accuracy"],
                                                                 "answer_logp_change_vs_baseline": 0.1},
-                                      "baseline": {"run": "sft", "accuracy": 0.05} if target.stage == "dpo" else None,
+                                      "baseline": {"run": sft_dir, "accuracy": 0.05} if target.stage == "dpo" else None,
                                       "by_step": curve}))
     written = {p.name for p in write_plots(plan, "scores", scores, tmp_path)}
     assert written == {"scores_accuracy_by_step.png", "scores_accuracy_by_label_noise.png",
                        "scores_answer_logp_change_vs_baseline_by_label_noise.png"}
     table = stage_table(plan, "scores", scores)
-    assert "| sft | - | 1 | 0.400 |" in table and table.count("| dpo | label_noise=") == 2
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
+    assert rows[0].startswith("| sft (baseline) | - | 1 | 0.400 |")  # once, not again as a baseline line
+    assert "`sft-" not in table and sum(r.startswith("| dpo | label_noise=") for r in rows) == 2

@@ -147,6 +147,24 @@ def test_a_lone_run_or_another_dataset_gets_its_own_table(tmp_path):
     assert len(plan_of(tmp_path, two_data).stage_runs("dpo", "reference")) == 2 * 2  # per SFT model x data
 
 
+def test_stages_with_the_same_reference_and_data_share_one_reference_pass(tmp_path):
+    """A sweep split over stages (DPO, then Beta-DPO, from one SFT model) makes one reference pass
+    per SFT model: it belongs to the first stage, the later stage's array waits for it."""
+    beta = DPO.replace("stages.dpo", "stages.bdpo").replace('"dpo"', '"beta_dpo"') \
+        .replace("batch_size = 2 }", "batch_size = 2, precompute_ref_log_probs = true }")
+    plan = plan_of(tmp_path, PRECOMPUTED + beta)
+    passes = [r for r in plan.runs if r.role == "reference"]
+    assert len(passes) == 2 and {p.stage for p in passes} == {"dpo"} and not plan.stage_runs("bdpo", "reference")
+    for ref_pass in passes:
+        readers = [r for r in plan.runs if r.ref_pass == ref_pass.run_id]
+        assert [r.stage for r in readers] == ["dpo"] * 3 + ["bdpo"] and {r.parent for r in readers} == {ref_pass.parent}
+    lone = plan_of(tmp_path, PRECOMPUTED.replace("[0.1, 0.2, 0.3]", "[0.1]") + beta)  # one run in each stage
+    assert [(p.stage, p.index) for p in lone.runs if p.role == "reference"] == [("dpo", 0), ("dpo", 1)]
+    script = (write_plan_files(plan, tmp_path / "dry") / "sbatch" / "bdpo.sh").read_text()
+    assert "afterok:<job ids of the sft tasks>:<job ids of the dpo reference passes>" in script
+    assert not (tmp_path / "dry" / "sbatch" / "bdpo.ref.sh").exists()
+
+
 def test_a_submitted_run_brings_its_reference_pass_and_waits_for_it(tmp_path):
     from dpo_hpc.launch.jobs import RunStatus
     from dpo_hpc.launch.submission import _dependency, decide
@@ -370,7 +388,7 @@ def test_the_quality_benchmark_gives_every_method_the_same_budget():
     plan = load_plan(REPO / "experiments/quality.toml")
     tuning = {stage: plan.stage_runs(stage) for stage in plan.stage_order if stage.startswith("tune_")
               and plan.experiment.stages[stage].trainer}
-    assert len(tuning) == 3 and {len(runs) for runs in tuning.values()} == {32}  # 16 settings x 2 noise levels
+    assert len(tuning) == 3 and {len(runs) for runs in tuning.values()} == {48}  # 24 settings x 2 noise levels
     for stage, runs in tuning.items():  # the same learning rates, noise levels and RPO weights for each
         assert {tuple(sorted((k, v) for k, v in r.grid_values.items() if "learning_rate" in k or "noise" in k
                              or "rpo" in k)) for r in runs} == \
