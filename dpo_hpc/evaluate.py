@@ -188,12 +188,11 @@ def checkpoint_weights(checkpoint: Path) -> tuple[Optional[dict], str]:
     if problem:
         return None, f"not usable ({problem})"
     states = sorted((checkpoint / layout.ENGINE_TAG).glob("mp_rank_*_model_states.pt"))
+    if not states and any((checkpoint / layout.ENGINE_TAG).glob("zero_pp_rank_*_model_states.pt")):
+        return None, "ZeRO-3 partitions the weights"  # each rank's file holds placeholders, the optimizer the shards
     if len(states) != 1:
         return None, "no single model-states file (pipeline or tensor parallel)"
-    module = load_tensors_only(states[0], map_location="cpu").get("module") or {}
-    if any(t.numel() == 0 for t in module.values()):
-        return None, "ZeRO-3 partitions the weights"
-    return module, ""
+    return load_tensors_only(states[0], map_location="cpu").get("module") or {}, ""
 
 
 def _load_weights(model, weights: dict) -> str:

@@ -117,3 +117,30 @@ def test_a_baseline_is_scored_once_per_model_data_and_settings(tmp_path, micro_m
         f.write(json.dumps({"prompt": "\n\nHuman: Reverse: abc\n\nAssistant:", "answer": " cba"}) + "\n")
     baseline_scores(baseline, section, len(prompts), score_it)
     assert len(scorings) == 4
+
+
+@pytest.mark.parametrize("setup, why", [
+    ({"deepspeed": {"zero_stage": 3}}, "ZeRO-3 partitions the weights"),
+    ({"lora": {"r": 4, "target_modules": "all-linear"}}, "weights do not match the model"),
+])
+def test_checkpoints_without_whole_weights_are_counted_as_not_scored(tmp_path, micro_model, setup, why):
+    """A ZeRO-3 run's checkpoints hold weight partitions, a LoRA run's hold the adapted model: the
+    final model is scored, the checkpoints are counted with the reason, never loaded half."""
+    from test_training import run_cli, small_data, write_config
+
+    from conftest import run_config
+    from dpo_hpc.evaluate import evaluate_run
+
+    if "lora" in setup:
+        pytest.importorskip("peft")
+    config = {**run_config(tmp_path, micro_model, small_data(tmp_path, 24), "dpo_training", max_steps=2,
+                           batch_size=4, save_steps=1, checkpoints_at_end="all"), **setup}
+    result = run_cli(["train", "dpo", "--config", str(write_config(tmp_path, config))], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    paths = write_dataset(tmp_path / "data", n_train=4, n_test=3, seed=0)
+    section = {"data": str(paths["test"]), "limit": None, "max_new_tokens": 4, "batch_size": 4, "checkpoints": True}
+    run_dir = tmp_path / "run"
+    scored = evaluate_run({"evaluate": section, "target": str(run_dir), "baseline": None}, str(run_dir / "evaluations/x"))
+    written = json.loads((run_dir / "evaluations/x/evaluation.json").read_text())
+    assert scored["status"] == "completed" and [p["step"] for p in written["by_step"]] == [2]
+    assert [(reason.split(" (")[0], n) for reason, n in written["checkpoints_not_scored"].items()] == [(why, 1)]
