@@ -112,7 +112,7 @@ def stage_table(plan: Plan, stage: str, scores: list[Scored]) -> str:
     if section.compare_to:
         header.append(f"Δ accuracy vs {section.compare_to} (95% CI, paired)")
     baselines = {s.result["baseline"]["run"]: s.result["baseline"] for s in scores if s.result.get("baseline")}
-    baseline_dirs = set(baselines)
+    scored_dirs = {str(s.target.run_dir) for s in scores}
     rows = []
     for (target_stage, setting), members in groups.items():
         accuracy = [m.final["accuracy"] for m in members]
@@ -125,7 +125,7 @@ def stage_table(plan: Plan, stage: str, scores: list[Scored]) -> str:
             mean, half = mean_ci(diffs) if diffs else (None, None)
             interval = f" ± {half:.3f}" if half is not None else ""
             cells.append("-" if mean is None else f"{mean:+.3f}{interval} (n={len(diffs)})")
-        if {str(m.target.run_dir) for m in members} <= baseline_dirs:
+        if {str(m.target.run_dir) for m in members} <= set(baselines):
             cells[0] += " (baseline)"
         rows.append((order[target_stage], statistics.mean(accuracy), setting, cells))
     if averaged:  # ranking settings: best first within each stage, the best marked
@@ -139,7 +139,6 @@ def stage_table(plan: Plan, stage: str, scores: list[Scored]) -> str:
     else:
         rows.sort(key=lambda r: (bool(r[2]), str(r[2]), r[0]))  # gridless runs (the baseline) first
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    scored_dirs = {str(s.target.run_dir) for s in scores}
     for run_dir, base in baselines.items():
         if run_dir in scored_dirs:  # scored here too: its own row says so
             continue

@@ -50,9 +50,9 @@ class Run:
     """Validated trainer config in plain-data form (what the array task trains)."""
     run_dir: Path
     role: str = "train"
-    """``train``; ``reference``: a pass that computes the reference log-probs that runs (of its
-    stage and of later ones) read; ``evaluate``: the scoring of run ``parent`` by an evaluate stage (``trainer`` is
-    "evaluate", ``grid_values`` are the scored run's)."""
+    """``train``; ``reference``: a pass that computes the reference log-probs that runs of its
+    stage and of later ones read; ``evaluate``: the scoring of run ``parent`` by an evaluate stage
+    (``trainer`` is "evaluate", ``grid_values`` are the scored run's)."""
     ref_pass: Optional[str] = None
     """Run id of the reference pass this run reads its reference log-probs from."""
 
