@@ -182,7 +182,7 @@ def save_figure(plt, fig, path: Path) -> Path:
     return path
 
 
-def write_plots(plan: Plan, stage: str, scores: list[Scored], out: Path, max_panels: int = 6) -> list[Path]:
+def write_plots(plan: Plan, stage: str, scores: list[Scored], out: Path, max_panels: int = 12) -> list[Path]:
     """Accuracy against step (one panel per setting, a line per scored stage, mean over seeds) and
     final accuracy / answer log-prob change against each numeric grid axis (mean ± sd)."""
     import matplotlib
@@ -202,8 +202,12 @@ def write_plots(plan: Plan, stage: str, scores: list[Scored], out: Path, max_pan
         if len(s.result.get("by_step", [])) > 1:
             panels.setdefault(tuple((a, s.target.grid_values[a]) for a in shared), []).append(s)
     if panels and len(panels) <= max_panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), sharey=True, squeeze=False)
-        for ax, (panel, members) in zip(axes[0], sorted(panels.items())):
+        cols = min(len(panels), 4)
+        rows = math.ceil(len(panels) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), sharey=True, squeeze=False)
+        for ax in axes.flat[len(panels):]:
+            ax.set_visible(False)
+        for ax, (panel, members) in zip(axes.flat, sorted(panels.items())):
             for name in stages:
                 curves = [{p["step"]: p["accuracy"] for p in m.result["by_step"]} for m in members
                           if m.target.stage == name]
@@ -213,14 +217,17 @@ def write_plots(plan: Plan, stage: str, scores: list[Scored], out: Path, max_pan
                             label=f"{name} (n={len(curves)})")
             ax.set_title(_text(panel), fontsize=9)
             ax.set_xlabel("optimizer step")
-        axes[0][0].set_ylabel("accuracy (mean over seeds)")
-        axes[0][-1].legend(fontsize=7)
+        for row in axes:
+            row[0].set_ylabel("accuracy (mean over seeds)")
+        axes.flat[len(panels) - 1].legend(fontsize=7)
         fig.suptitle(f"{stage}: accuracy against step", fontsize=10)
         path = out / f"{stage}_accuracy_by_step.png"
         written.append(save_figure(plt, fig, path))
     numeric = [a for a in shared if all(isinstance(s.target.grid_values[a], (int, float)) for s in gridded)]
     baselines = [s.result["baseline"]["accuracy"] for s in scores if s.result.get("baseline")]
     for axis in numeric:
+        values = [s.target.grid_values[axis] for s in gridded]
+        log_axis = min(values) > 0 and max(values) >= 10 * min(values)  # learning rates and the like
         for metric, label in (("accuracy", "final accuracy"), ("answer_logp_change_vs_baseline",
                                                                "Δ log p(right answer) vs baseline")):
             fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -233,8 +240,9 @@ def write_plots(plan: Plan, stage: str, scores: list[Scored], out: Path, max_pan
                 if not by_value:
                     continue
                 xs = sorted(by_value)
-                offset = (i - (len(stages) - 1) / 2) * 0.004 * (max(xs) - min(xs) or 1)  # error bars side by side
-                ax.errorbar([x + offset for x in xs], [statistics.mean(by_value[x]) for x in xs],
+                shift = (i - (len(stages) - 1) / 2) * 0.02  # error bars side by side, not on top of each other
+                moved = [x * (1 + shift) for x in xs] if log_axis else [x + shift * 0.2 * (max(xs) - min(xs) or 1) for x in xs]
+                ax.errorbar(moved, [statistics.mean(by_value[x]) for x in xs],
                             yerr=[statistics.stdev(by_value[x]) if len(by_value[x]) > 1 else 0 for x in xs],
                             marker="o", capsize=3, label=name)
                 drawn = True
@@ -244,8 +252,10 @@ def write_plots(plan: Plan, stage: str, scores: list[Scored], out: Path, max_pan
             if metric == "accuracy" and baselines:
                 ax.axhline(statistics.mean(baselines), color="gray", linestyle="--", label="baseline")
             ax.set_xlabel(axis)
+            if log_axis:
+                ax.set_xscale("log")
             ax.set_ylabel(label)
-            ax.set_title(f"{stage}: {label} by {short(axis)} (mean ± sd over seeds)", fontsize=9)
+            ax.set_title(f"{stage}: {label} by {short(axis)} (mean ± sd over runs)", fontsize=9)
             ax.legend(fontsize=7)
             path = out / f"{stage}_{metric}_by_{short(axis)}.png"
             written.append(save_figure(plt, fig, path))

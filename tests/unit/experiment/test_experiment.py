@@ -387,12 +387,17 @@ def test_a_dry_run_writes_the_evaluation_array_after_the_runs_it_scores(tmp_path
 def test_the_quality_benchmark_gives_every_method_the_same_budget():
     plan = load_plan(REPO / "experiments/quality.toml")
     tuning = {stage: plan.stage_runs(stage) for stage in plan.stage_order if stage.startswith("tune_")
-              and plan.experiment.stages[stage].trainer}
-    assert len(tuning) == 3 and {len(runs) for runs in tuning.values()} == {48}  # 24 settings x 2 noise levels
+              and plan.experiment.stages[stage].trainer not in (None, "sft")}
+    assert len(tuning) == 3 and {len(runs) for runs in tuning.values()} == {64}  # 32 settings x 2 noise levels
+
+    def shared_axes(runs, names=("learning_rate", "noise", "rpo")):
+        return {tuple(sorted((k.split(".")[-1], v) for k, v in r.grid_values.items() if any(n in k for n in names)))
+                for r in runs}
+
     for stage, runs in tuning.items():  # the same learning rates, noise levels and RPO weights for each
-        assert {tuple(sorted((k, v) for k, v in r.grid_values.items() if "learning_rate" in k or "noise" in k
-                             or "rpo" in k)) for r in runs} == \
-               {tuple(sorted((k, v) for k, v in r.grid_values.items() if "learning_rate" in k or "noise" in k
-                             or "rpo" in k)) for r in tuning["tune_dpo"]}
+        assert shared_axes(runs) == shared_axes(tuning["tune_dpo"])
+    # the NLL-only control: the same learning rates, on clean pairs
+    assert shared_axes(plan.stage_runs("tune_sft_more")) == \
+        {a for a in shared_axes(tuning["tune_dpo"], ("learning_rate", "noise")) if ("label_noise", 0.0) in a}
     scored = {plan.run(r.parent).stage for stage in plan.stage_order for r in plan.stage_runs(stage, "evaluate")}
     assert scored == {stage for stage in plan.stage_order if plan.experiment.stages[stage].trainer}
