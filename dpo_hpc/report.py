@@ -146,18 +146,24 @@ def write_plots(plan: Plan, rows: dict[str, dict], out: Path) -> list[Path]:
         for metric in CURVES:
             if not any(metric in logged[r.run_id] for r in runs):
                 continue
-            fig, ax = plt.subplots(figsize=(6, 4))
+            many = len(groups) > 10  # a tuning grid: a colour scale, the legend beside the plot in columns
+            columns = math.ceil(len(groups) / 24)
+            fig, ax = plt.subplots(figsize=(6 + (3.6 * columns if many else 0), 4))
+            colours = iter(plt.cm.viridis([i / max(len(groups) - 1, 1) for i in range(len(groups))]) if many else [])
             for point, members in groups.items():
+                colour = next(colours, None)
                 series = [dict(logged[r.run_id].get(metric, [])) for r in members]
                 steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
                 if steps:
                     label = " ".join(f"{a.split('.')[-1]}={v}" for a, v in point) or stage
-                    ax.plot(steps, [statistics.mean(s[t] for s in series) for t in steps], label=label,
+                    ax.plot(steps, [statistics.mean(s[t] for s in series) for t in steps], label=label, color=colour,
                             marker="o" if metric.startswith("eval/") else None, markersize=3)
             ax.set_xlabel("optimizer step")
             ax.set_ylabel(metric)
             ax.set_title(f"{stage}: {metric} (mean over seeds)")
-            if len(groups) > 1:
+            if many:
+                ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=columns, frameon=False)
+            elif len(groups) > 1:
                 ax.legend(fontsize=7)
             path = out / f"{stage}_{metric.replace('/', '_')}.png"
             written.append(save_figure(plt, fig, path))

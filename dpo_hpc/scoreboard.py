@@ -177,7 +177,7 @@ def write_csv(scores: list[Scored], path: Path) -> None:
 def save_figure(plt, fig, path: Path) -> Path:
     """Write a finished figure as a PNG and free it."""
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # a legend beside the axes is kept
     plt.close(fig)
     return path
 
