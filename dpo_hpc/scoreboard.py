@@ -84,15 +84,18 @@ def _cell(values: list[float], digits: int = 3, signed: bool = False) -> str:
 
 def paired_differences(scores: list[Scored], compare_to: str) -> dict[str, list[float]]:
     """Run id -> [its accuracy minus that of the ``compare_to`` run with the same values on the
-    grid axes both runs have (same noise, same seed) and the same baseline]."""
+    grid axes both runs have (same noise, same seed, whichever trainer's seed) and the same baseline]."""
+    def values(s: Scored) -> dict[str, Any]:  # every trainer's seed is one axis: an SFT run pairs by seed too
+        return {("seed" if is_seed_axis(a) else a): v for a, v in s.target.grid_values.items()}
+
     reference = [s for s in scores if s.target.stage == compare_to]
     out: dict[str, list[float]] = {}
     for s in scores:
         if s.target.stage == compare_to:
             continue
         for r in reference:
-            shared = set(s.target.grid_values) & set(r.target.grid_values)
-            if all(s.target.grid_values[a] == r.target.grid_values[a] for a in shared) \
+            mine, theirs = values(s), values(r)
+            if all(mine[a] == theirs[a] for a in set(mine) & set(theirs)) \
                     and (s.result.get("baseline") or {}).get("run") == (r.result.get("baseline") or {}).get("run"):
                 out.setdefault(s.target.run_id, []).append(s.final["accuracy"] - r.final["accuracy"])
     return out

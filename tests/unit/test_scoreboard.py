@@ -34,6 +34,9 @@ def test_runs_pair_on_the_grid_values_both_have_and_on_their_baseline():
             scored("beta_dpo", 0.40, label_noise=0.4, seed=1, rho=0.8, baseline="sft-2")]  # another start
     diffs = paired_differences(dpo + beta, "dpo")
     assert diffs == {beta[0].target.run_id: [pytest.approx(0.05)], beta[1].target.run_id: [pytest.approx(-0.10)]}
+    # another trainer's seed axis (an SFT control) pairs by seed too, not with every DPO seed
+    control = scored("sft_more", 0.62, label_noise=0.0, **{"sft_training.seed": 2})
+    assert paired_differences(dpo + [control], "dpo") == {control.target.run_id: [pytest.approx(-0.08)]}
 
 
 def test_plots_and_table_from_scores_with_a_gridless_baseline_run(tmp_path):
