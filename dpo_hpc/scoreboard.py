@@ -222,7 +222,11 @@ def write_plots(plan: Plan, stage: str, scores: list[Scored], out: Path, max_pan
             ax.set_xlabel("optimizer step")
         for row in axes:
             row[0].set_ylabel("accuracy (mean over seeds)")
-        axes.flat[len(panels) - 1].legend(fontsize=7)
+        handles = {}  # one entry per line label over every panel (a stage may be in some panels only)
+        for ax in axes.flat[:len(panels)]:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(label, handle)
+        axes.flat[len(panels) - 1].legend(handles.values(), handles.keys(), fontsize=7)
         fig.suptitle(f"{stage}: accuracy against step", fontsize=10)
         path = out / f"{stage}_accuracy_by_step.png"
         written.append(save_figure(plt, fig, path))
