@@ -143,11 +143,11 @@ def write_plots(plan: Plan, rows: dict[str, dict], out: Path) -> list[Path]:
         groups: dict[tuple, list[Run]] = {}
         for run in runs:
             groups.setdefault(grid_point(run), []).append(run)
+        many = len(groups) > 10  # a tuning grid: a colour scale, the legend beside the plot in columns
+        columns = math.ceil(len(groups) / 24)
         for metric in CURVES:
             if not any(metric in logged[r.run_id] for r in runs):
                 continue
-            many = len(groups) > 10  # a tuning grid: a colour scale, the legend beside the plot in columns
-            columns = math.ceil(len(groups) / 24)
             fig, ax = plt.subplots(figsize=(6 + (3.6 * columns if many else 0), 4))
             colours = iter(plt.cm.viridis([i / max(len(groups) - 1, 1) for i in range(len(groups))]) if many else [])
             for point, members in groups.items():

@@ -16,6 +16,29 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+# A two-stage experiment file (SFT, then DPO from it) for tests of the expansion and the report.
+EXPERIMENT_BASE = """
+[experiment]
+name = "exp"
+output_root = "out"
+
+[stages.sft]
+trainer = "sft"
+[stages.sft.config]
+policy_name = "base-model"
+dataset = { dataset_name = "data.jsonl" }
+sft_training = { learning_rate = 1e-3, batch_size = 4 }
+"""
+
+EXPERIMENT_DPO = """
+[stages.dpo]
+trainer = "dpo"
+from = "sft"
+[stages.dpo.config]
+dataset = { dataset_name = "data.jsonl" }
+dpo_training = { learning_rate = 1e-6, batch_size = 2 }
+"""
+
 
 @pytest.fixture(scope="session")
 def hf_cache(tmp_path_factory) -> Path:

@@ -40,10 +40,10 @@ def task_row(plan: Plan, run: Run) -> dict:
 def _waits_text(plan: Plan, stage: str, role: str) -> Optional[str]:
     """The dependency a dry run shows for one array (job ids exist only at submission)."""
     waits = [f"<job ids of the {parent} tasks>" for parent in plan.experiment.stages[stage].parents]
-    if role == "train":
-        owners = [s for s in plan.stage_order if any(plan.run(r.ref_pass).stage == s
-                                                     for r in plan.stage_runs(stage) if r.ref_pass)]
-        waits += [f"<job ids of the {owner} reference passes>" for owner in owners]
+    if role == "train":  # a pass belongs to the first stage that reads it, maybe an earlier one
+        passes = {r.ref_pass for r in plan.stage_runs(stage) if r.ref_pass}
+        owners = {r.stage for r in plan.runs if r.run_id in passes}
+        waits += [f"<job ids of the {owner} reference passes>" for owner in plan.stage_order if owner in owners]
     return "afterok:" + ":".join(waits) if waits else None
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import EXPERIMENT_BASE, EXPERIMENT_DPO
 from dpo_hpc.experiment import Run
 from dpo_hpc.scoreboard import Scored, mean_ci, paired_differences
 
@@ -44,21 +45,7 @@ def test_plots_and_table_from_scores_with_a_gridless_baseline_run(tmp_path):
     from dpo_hpc.experiment import load_plan
     from dpo_hpc.scoreboard import stage_table, write_plots
 
-    (tmp_path / "exp.toml").write_text("""
-[experiment]
-name = "exp"
-[stages.sft]
-trainer = "sft"
-[stages.sft.config]
-policy_name = "m"
-dataset = { dataset_name = "d.jsonl" }
-sft_training = { learning_rate = 1e-3, batch_size = 4 }
-[stages.dpo]
-trainer = "dpo"
-from = "sft"
-[stages.dpo.config]
-dataset = { dataset_name = "d.jsonl" }
-dpo_training = { learning_rate = 1e-6, batch_size = 2 }
+    (tmp_path / "exp.toml").write_text(EXPERIMENT_BASE + EXPERIMENT_DPO + """
 [stages.dpo.grid]
 "dataset.label_noise" = [0.0, 0.4]
 "dpo_training.seed" = [1, 2]

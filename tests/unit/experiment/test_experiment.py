@@ -11,36 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import EXPERIMENT_BASE as BASE, EXPERIMENT_DPO as DPO, REPO
 from dpo_hpc.config import ConfigError
 from dpo_hpc.experiment import load_plan, time_to_minutes
 from dpo_hpc.launch.submission import write_plan_files
 
 GOLDEN = Path(__file__).parent / "golden"
 EXAMPLES = ["tiny", "hh_llama3_1b", "chat"]
-
-BASE = """
-[experiment]
-name = "exp"
-output_root = "out"
-
-[stages.sft]
-trainer = "sft"
-[stages.sft.config]
-policy_name = "base-model"
-dataset = { dataset_name = "data.jsonl" }
-sft_training = { learning_rate = 1e-3, batch_size = 4 }
-"""
-
-DPO = """
-[stages.dpo]
-trainer = "dpo"
-from = "sft"
-[stages.dpo.config]
-dataset = { dataset_name = "data.jsonl" }
-dpo_training = { learning_rate = 1e-6, batch_size = 2 }
-"""
-
 
 def plan_of(tmp_path, text, name="exp.toml"):
     path = tmp_path / name
