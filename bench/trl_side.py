@@ -2,7 +2,8 @@
 
 Run by bench/vs_trl.py with the Python of a separate virtual environment that has TRL (TRL is
 never a dependency of dpo-hpc). Prints one JSON line: per-step losses (recorded from the loss
-tensor, not the rounded log), per-step wall times, peak RSS, versions.
+tensor, not the rounded log), per-step wall times, peak RSS, on CUDA the peak and resident
+(between steps) device memory, versions.
 """
 
 from __future__ import annotations
@@ -56,12 +57,16 @@ def main() -> None:
                 losses.append((out[0] if return_outputs else out).detach().float().item())
             return out
 
+    resident: list[float] = []
+
     class Clock(TrainerCallback):
         def on_step_begin(self, *unused, **unused_kw):
             self.t = time.perf_counter()
 
         def on_step_end(self, *unused, **unused_kw):
             step_times.append(time.perf_counter() - self.t)
+            if torch.cuda.is_available():  # after the optimizer step: weights, gradients, Adam state
+                resident.append(torch.cuda.memory_allocated() / 2**30)
 
     config = DPOConfig(
         output_dir=args.out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
@@ -80,6 +85,7 @@ def main() -> None:
         "side": "trl", "losses": losses, "step_seconds": step_times, "init_s": round(init_s, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_cuda_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        "resident_cuda_gib": round(max(resident), 2) if resident else None,
         "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
     }))
 

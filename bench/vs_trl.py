@@ -24,8 +24,11 @@ On one GPU, perf.md section 7's setup (Llama-3.2-1B shape, bf16, HH-like lengths
         --prompt-words 100 500 --reply-words 50 300 --batch 8 --steps 20 --warmup 8 [--precompute]
 
 and an ablation of one dpo-hpc option at a time with ``--set dpo_training.KEY=VALUE``
-(``gradient_checkpointing``, ``optim``, ``group_by_length``). Pairs/s, real tokens/s and MFU are
-computed the same way for both sides from the measured batches.
+(``gradient_checkpointing``, ``optim``, ``group_by_length``, ``torch_compile``); ``--sides ours``
+runs dpo-hpc alone (a micro-batch TRL is not compared at), ``--assets DIR`` reuses the model and
+pairs of an earlier call. ``bench/gpu_session.sh`` runs all of these on a lent GPU machine. Pairs/s,
+real tokens/s and MFU are computed the same way for both sides from the measured batches; on CUDA
+each side also reports its peak memory above the state kept between steps.
 
 Note on memory: TRL keeps the weights and Adam state in the model's dtype, dpo-hpc keeps fp32
 master weights under DeepSpeed; in fp32 (this benchmark) the two agree. The last line is a JSON
@@ -129,6 +132,7 @@ def run_ours(folder: Path, model: Path, data: Path, args, tag: str, precompute: 
             "step_seconds": [v for _, v in logged["train/perf/step_seconds"]],
             "peak_rss_mb": manifest["peak_rss_mb"], "precompute_s": manifest.get("ref_precompute_seconds"),
             "peak_cuda_gib": manifest.get("peak_memory_gib") if "cuda" in manifest.get("device", "") else None,
+            "resident_cuda_gib": manifest.get("resident_memory_gib"),
             "logged": {k: manifest[k] for k in ("median_tokens_per_sec", "median_mfu", "median_padding_fraction")
                        if k in manifest}}
 
@@ -157,6 +161,10 @@ def summary(runs: list[dict], warmup: int, work: dict) -> dict:
     cuda = [r["peak_cuda_gib"] for r in runs if r.get("peak_cuda_gib") is not None]
     if cuda:
         out["peak_cuda_gib"] = max(cuda)
+    resident = [r["resident_cuda_gib"] for r in runs if r.get("resident_cuda_gib") is not None]
+    if cuda and resident:  # what a step's activations and temporaries add to the state kept between steps
+        out["resident_cuda_gib"] = max(resident)
+        out["peak_above_resident_gib"] = round(max(cuda) - max(resident), 2)
     if runs[0].get("precompute_s") is not None:
         out["precompute_s"] = runs[0]["precompute_s"]
     if "logged" in runs[0]:
@@ -191,9 +199,34 @@ def step_work(model: Path, data: Path, args) -> dict:
     return {"pairs": args.batch, "tokens": tokens / n, "flops": total / n, "peak_flops": peak_flops(device)}
 
 
+def assets(folder: Path, args) -> tuple[Path, Path]:
+    """The model and pairs in ``folder``: built there unless an earlier call built the same ones."""
+    key = {"shape": args.shape, "vocab": args.vocab, "pairs": args.pairs, "seed": args.seed,
+           "prompt_words": list(args.prompt_words), "reply_words": list(args.reply_words)}
+    stamp = folder / "assets.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == key:
+        return folder / "model", folder / "pairs.jsonl"
+    folder.mkdir(parents=True, exist_ok=True)
+    built = build_assets(folder, args.vocab, args.pairs, args.seed, args.shape, tuple(args.prompt_words),
+                         tuple(args.reply_words))
+    stamp.write_text(json.dumps(key))  # last: a build cut short is built again
+    return built
+
+
+def setup(args, work: dict) -> dict:
+    """What a result was measured on."""
+    return {"vocab": args.vocab, "shape": args.shape, "precision": "bf16" if args.bf16 else "fp32",
+            "batch_pairs": args.batch, "steps": args.steps, "threads": args.threads, "dpo_hpc_overrides": args.set,
+            "real_tokens_per_step": round(work["tokens"], 1), "precompute_ref_log_probs": args.precompute}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trl-python", required=True, help="python of a virtual environment with trl installed")
+    parser.add_argument("--trl-python", help="python of a virtual environment with trl installed")
+    parser.add_argument("--sides", choices=("both", "ours"), default="both",
+                        help="ours: dpo-hpc alone (a micro-batch TRL is not run at, e.g. the largest that fits)")
+    parser.add_argument("--assets", type=Path, help="folder of the model and pairs, built once and reused by "
+                        "later calls with the same --shape, --vocab, --pairs, --seed and lengths")
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--pairs", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8, help="pairs per step")
@@ -211,11 +244,16 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="dpo-hpc config override for an ablation, e.g. dpo_training.group_by_length=true")
     args = parser.parse_args()
+    if args.sides == "both" and not args.trl_python:
+        parser.error("--trl-python is needed unless --sides ours")
 
     folder = Path(tempfile.mkdtemp(prefix="dpo_hpc_vs_trl_"))
-    model, data = build_assets(folder, args.vocab, args.pairs, args.seed, args.shape, tuple(args.prompt_words),
-                               tuple(args.reply_words))
+    model, data = assets(args.assets or folder, args)
     work = step_work(model, data, args)
+    if args.sides == "ours":
+        ours = [run_ours(folder, model, data, args, str(repeat), args.precompute) for repeat in range(args.repeats)]
+        print(json.dumps({**setup(args, work), "dpo_hpc": summary(ours, args.warmup, work)}))
+        return
     ordered = trl_order(data, folder / "pairs_in_order.jsonl", args.steps, args.batch, args.seed)
     ours, theirs = [], []
     for repeat in range(args.repeats):  # alternate, each side in a fresh process
@@ -228,10 +266,7 @@ def main() -> None:
     gate = first_ok and (args.bf16 or gap < 1e-5)  # bf16 rounding makes a 1e-5 loss parity meaningless
     mine, trl = summary(ours, args.warmup, work), summary(theirs, args.warmup, work)
     result = {
-        "vocab": args.vocab, "shape": args.shape, "precision": "bf16" if args.bf16 else "fp32",
-        "batch_pairs": args.batch, "steps": args.steps, "threads": args.threads, "dpo_hpc_overrides": args.set,
-        "real_tokens_per_step": round(work["tokens"], 1), "precompute_ref_log_probs": args.precompute,
-        "versions": theirs[0]["versions"],
+        **setup(args, work), "versions": theirs[0]["versions"],
         "gate": {"passed": gate, "applies": not args.set, "first_loss": [ours[0]["losses"][0], theirs[0]["losses"][0]],
                  "max_loss_gap_first_10": gap},
         "dpo_hpc": mine, "trl": trl,

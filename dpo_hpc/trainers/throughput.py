@@ -80,6 +80,12 @@ def describe_device(device: torch.device) -> str:
     return f"{name}, {backend}"
 
 
+def resident_memory_gib(device: torch.device) -> Optional[float]:
+    """CUDA memory held between steps (weights, gradients, optimizer state): the peak above it is
+    what a step's activations and temporaries cost. None off CUDA, where no allocator tells."""
+    return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
 def peak_memory_gib(device: torch.device) -> float:
     """This process's peak device memory (CUDA: allocated by torch; CPU: resident set)."""
     if device.type == "cuda":

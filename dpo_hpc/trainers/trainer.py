@@ -39,7 +39,7 @@ from . import lora, ref_cache
 from .metrics import MetricsLogger, MetricSums
 from .progress import TrainProgress
 from .trackers import check_available as check_trackers, open_trackers
-from .throughput import FlopsModel, describe_device, peak_flops, peak_memory_gib
+from .throughput import FlopsModel, describe_device, peak_flops, peak_memory_gib, resident_memory_gib
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -354,6 +354,9 @@ class Trainer:
                    "perf/peak_memory_gib": peak_memory_gib(self.device)}
         if self.peak_flops:
             metrics["perf/mfu"] = achieved / self.peak_flops
+        resident = resident_memory_gib(self.device)  # after the optimizer step: the state kept between steps
+        if resident is not None:
+            metrics["perf/resident_memory_gib"] = resident
         return metrics
 
     def evaluate(self) -> dict[str, float]:

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Everything only a GPU can show, as one prepared call on a lent GPU machine (the device tool;
+# 15 device-minutes a session, 10 a call). Steps run in the order of their worth, each under the
+# call's deadline, so a cut-short call still brings back what finished.
+#
+#   here:   bash bench/gpu_wheels.sh                 # the wheels that machine lacks, into .whl/
+#   there:  bash bench/gpu_session.sh [STEP ...]     # device run, carry [".whl"], timeout_s 600
+#
+# Steps (default: all, in this order):
+#   gpu_tests    tests/integration/test_gpu.py (bf16 on nccl, MFU, memory; checkpointing, fused AdamW)
+#   equal        bench/vs_trl.py, perf.md section 7's setup, both sides with a precomputed reference,
+#                micro-batch 8 (the same batches on both sides; bf16 loss gate)
+#   suite        the whole suite on a GPU machine (left out: the Slurm tests, which need a cluster,
+#                and the check that the installed versions are the pinned ones)
+#   online       as equal, with an online reference
+#   trl_best     as equal at micro-batch 16, TRL's best configuration seen (perf.md section 7)
+#   max_batch    dpo-hpc alone at micro-batch 64, then 96, with gradient checkpointing and
+#                length grouping (the largest micro-batch target)
+#   ablations    dpo-hpc alone at micro-batch 8, one option at a time
+# Written to $OUT: session.log (everything), results.jsonl (one line per benchmark) and
+# steps.tsv; the last lines printed are the summary. GPU_SESSION_SECONDS (default 570) is the
+# budget; a step that is not reached is listed as such.
+set -uo pipefail
+self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$self")/.."
+out="${OUT:-/tmp/gpu_session}"
+mkdir -p "$out"
+python="${PYTHON:-python3}"
+deadline=$((SECONDS + ${GPU_SESSION_SECONDS:-570}))
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+
+# perf.md section 7: Llama-3.2-1B's shape, random init, bf16, HH-like lengths. BENCH_SHAPE lets a
+# CPU rehearsal run the same steps on the small shape.
+read -r -a shape <<<"${BENCH_SHAPE:---shape llama-1b --vocab 128256 --bf16 --prompt-words 100 500 --reply-words 50 300 --steps 20 --warmup 8 --pairs 256}"
+bench=("$python" bench/vs_trl.py "${shape[@]}" --assets /tmp/vs_trl_assets --repeats 1 --threads 8)
+with_trl=("${bench[@]}" --trl-python "$python")
+
+setup() {
+    "$python" -m pip install -q --no-index --no-deps --no-cache-dir .whl/*.whl || return
+    "$python" -m pip install -q --no-index --no-deps --no-build-isolation -e . || return
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    "$python" -c "import torch, transformers, deepspeed, trl; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__, '| trl', trl.__version__)"
+}
+gpu_tests() { "$python" -m pytest -q -rs -p no:cacheprovider tests/integration/test_gpu.py; }
+suite() {  # that machine's torch and transformers are its image's, not the pinned ones
+    "$python" -m pytest -q -rs -p no:cacheprovider -m "not slurm" -n 12 --dist loadfile \
+        --deselect tests/unit/test_containers.py::test_the_tested_environment_is_the_pinned_one
+}
+record() {  # run a benchmark; its last line (the result) goes to results.jsonl under the step's name
+    local name=$1 line
+    shift
+    "$@" | tee "/tmp/$name.out" || return
+    line=$(tail -n 1 "/tmp/$name.out")
+    echo "{\"step\": \"$name\", \"result\": $line}" >>"$out/results.jsonl"
+}
+equal() { record equal "${with_trl[@]}" --batch 8 --precompute; }
+online() { record online "${with_trl[@]}" --batch 8; }
+trl_best() { record trl_best "${with_trl[@]}" --batch 16 --precompute; }
+max_batch() {  # at ~1,000 tokens a pair, 64 pairs' activations outgrow 80 GB without checkpointing
+    local batch
+    for batch in 64 96; do
+        record "max_batch_$batch" "${bench[@]}" --sides ours --batch "$batch" --precompute --steps 12 --warmup 4 \
+            --set dpo_training.gradient_checkpointing=true --set dpo_training.group_by_length=true || return
+    done
+}
+ablations() {
+    local option
+    for option in dpo_training.optim=adamw_torch_fused dpo_training.group_by_length=true \
+        dpo_training.torch_compile=true dpo_training.gradient_checkpointing=true; do
+        record "ablation_${option#*.}" "${bench[@]}" --sides ours --batch 8 --precompute --set "$option" || return
+    done
+}
+
+if [ "${1:-}" = --one ]; then  # one step, in its own process so that timeout can stop all of it
+    "$2"
+    exit
+fi
+exec > >(tee -a "$out/session.log") 2>&1
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(gpu_tests equal suite online trl_best max_batch ablations)
+printf 'step\tstatus\tseconds\n' >"$out/steps.tsv"
+run_step() {  # name: runs under what is left of the budget; a step with under 30 s left is not started
+    local name=$1 left=$((deadline - SECONDS)) started=$SECONDS status
+    if [ "$left" -lt 30 ]; then
+        status="not reached"
+    else
+        echo "=== $name (up to ${left} s)"
+        timeout -k 10 "$left" bash "$self" --one "$name"
+        case $? in 0) status=ok ;; 124 | 137) status="cut at the deadline" ;; *) status=failed ;; esac
+    fi
+    printf '%s\t%s\t%s\n' "$name" "$status" $((SECONDS - started)) >>"$out/steps.tsv"
+}
+run_step setup
+for step in "${steps[@]}"; do
+    declare -F "$step" >/dev/null || { echo "unknown step: $step" >&2; exit 2; }
+    run_step "$step"
+done
+echo "=== summary"
+column -t -s $'\t' "$out/steps.tsv"
+[ -f "$out/results.jsonl" ] && "$python" bench/gpu_summary.py "$out/results.jsonl"
+exit 0
