@@ -150,7 +150,8 @@ class TrainingConfig:
     """Recompute each layer's activations in the backward (non-reentrant): much less activation
     memory for about a third more compute."""
     optim: Literal["adamw_torch", "adamw_torch_fused"] = "adamw_torch"
-    """AdamW implementation (TRL's names): one parameter at a time, or PyTorch's fused kernel."""
+    """AdamW implementation (TRL's names): PyTorch's default kernels (multi-tensor on CUDA, a loop
+    over parameters on CPU), or its fused kernel (one pass over each parameter's state)."""
     group_by_length: bool = False
     """Fill each global batch, and each micro-batch in it, with rows of similar length (sorted within
     groups of 50 global batches): less padding; the data order stays a function of (seed, step)."""

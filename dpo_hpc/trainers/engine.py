@@ -200,8 +200,7 @@ def build_engine(model, training: TrainingConfig, ds_cfg: dict, total_steps: int
         lr=training.learning_rate,
         betas=(training.adam_beta1, training.adam_beta2),
         eps=training.adam_epsilon,
-        foreach=None if fused else False,
-        fused=fused,
+        fused=fused,  # else PyTorch's default, as HF's adamw_torch: multi-tensor kernels on CUDA, a loop on CPU
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(training.lr_scheduler, training.warmup_steps, total_steps)

@@ -17,7 +17,9 @@ from .trackers import EVAL, TRAIN, Tracker
 
 
 class MetricSums:
-    """Sums and counts of metrics over an optimizer step (or an eval pass), reduced across ranks."""
+    """Sums and counts of metrics over an optimizer step (or an eval pass), reduced across ranks.
+    They stay on the device until ``reduce``: one copy to the host per step, not one per metric and
+    micro-batch (each copy waits for the GPU to drain)."""
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
@@ -25,18 +27,19 @@ class MetricSums:
 
     def add(self, stats: Stats, weight: float = 1.0) -> None:
         for name, (total, count) in stats.items():
-            total, count = total.detach().double().cpu() * weight, count.detach().double().cpu() * weight
+            total, count = total.detach().double() * weight, count.detach().double() * weight
             self.sums[name] = self.sums.get(name, 0) + total
             self.counts[name] = self.counts.get(name, 0) + count
 
     def reduce(self, dev: torch.device) -> dict[str, float]:
         """Means over every rank (call on every rank: it is a collective)."""
         names = sorted(self.sums)
-        flat = torch.tensor([float(self.sums[n]) for n in names] + [float(self.counts[n]) for n in names],
-                            dtype=torch.float64, device=dev)
+        parts = [self.sums[n] for n in names] + [self.counts[n] for n in names]
+        flat = torch.stack([torch.as_tensor(p, dtype=torch.float64).to(dev).reshape(()) for p in parts]) \
+            if parts else torch.zeros(0, dtype=torch.float64, device=dev)
         all_reduce_sum(flat)
-        k = len(names)
-        return {n: (flat[i] / flat[k + i]).item() if flat[k + i] > 0 else float("nan") for i, n in enumerate(names)}
+        values, k = flat.tolist(), len(names)
+        return {n: values[i] / values[k + i] if values[k + i] > 0 else float("nan") for i, n in enumerate(names)}
 
 
 THROUGHPUT = {"tokens_per_sec": ("median_tokens_per_sec", statistics.median),
