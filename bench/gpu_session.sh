@@ -64,12 +64,19 @@ max_batch() {  # at ~1,000 tokens a pair, 64 pairs' activations outgrow 80 GB wi
             --set dpo_training.gradient_checkpointing=true --set dpo_training.group_by_length=true || return
     done
 }
-ablations() {
-    local option
-    for option in dpo_training.optim=adamw_torch_fused dpo_training.group_by_length=true \
-        dpo_training.torch_compile=true dpo_training.gradient_checkpointing=true; do
-        record "ablation_${option#*.}" "${bench[@]}" --sides ours --batch 8 --precompute --set "$option" || return
-    done
+ablations() {  # one change at a time; padding-free twice: dense-mask rows (sdpa), one row (flex attention)
+    local name options failed=0
+    while read -r name options; do  # $options unquoted: several words
+        record "ablation_$name" "${bench[@]}" --sides ours --batch 8 --precompute $options || failed=1
+    done <<'EOF_ABLATIONS'
+padding_free_flex --set dpo_training.padding_free=true --set attn_implementation=flex_attention
+optim_fused --set dpo_training.optim=adamw_torch_fused
+padding_free_sdpa --set dpo_training.padding_free=true
+torch_compile --set dpo_training.torch_compile=true
+group_by_length --set dpo_training.group_by_length=true
+gradient_checkpointing --set dpo_training.gradient_checkpointing=true
+EOF_ABLATIONS
+    return $failed
 }
 
 if [ "${1:-}" = --one ]; then  # one step, in its own process so that timeout can stop all of it

@@ -22,7 +22,7 @@ def memory(side: dict) -> str:
 def row(step: str, result: dict) -> list[str]:
     ours, trl = result["dpo_hpc"], result.get("trl", {})
     return [step, str(result["batch_pairs"]), "yes" if result["precompute_ref_log_probs"] else "no",
-            " ".join(result["dpo_hpc_overrides"]) or "-",
+            " ".join(o.split(".", 1)[-1] for o in result["dpo_hpc_overrides"]) or "-",
             f"{ours['pairs_per_s']:.1f}", f"{trl['pairs_per_s']:.1f}" if trl else "-",
             f"{trl['median_step_s'] / ours['median_step_s']:.2f}" if trl else "-",
             f"{ours['mfu']:.1%}" if "mfu" in ours else "-", f"{trl['mfu']:.1%}" if "mfu" in trl else "-",

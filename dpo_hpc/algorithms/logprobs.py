@@ -80,14 +80,6 @@ def completion_positions(loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return loss_mask[:, 1:].nonzero(as_tuple=True)
 
 
-def masked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
-                       loss_mask: torch.Tensor, chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row of each loss token, its log-prob) from the final hidden states (B, T, H)."""
-    rows, positions = completion_positions(loss_mask)
-    logps = target_logps(hidden[rows, positions], weight, input_ids[rows, positions + 1], chunk_rows)
-    return rows, logps
-
-
 # Config attributes of models whose logits are not plain ``lm_head(h)`` (soft-capping, scaling):
 # for those the head is never split off.
 _LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -95,6 +87,14 @@ _LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", 
 
 def _identity(hidden):
     return hidden
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
+    """The forward's arguments for a padded or a packed batch (``dpo_hpc.data.collate``). Packing
+    also needs the model's KV cache off (``load_causal_lm`` turns it off), or transformers would
+    not look for packed sequences."""
+    layout = "position_ids" if "position_ids" in batch else "attention_mask"
+    return {"input_ids": batch["input_ids"], layout: batch[layout]}
 
 
 class CompletionScorer:
@@ -126,10 +126,10 @@ class CompletionScorer:
         """(final hidden states, head weight), or (logits, None) on the full-logits path."""
         head = self.splittable_head(model)
         if head is None:
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, None
+            return model(**model_inputs(batch)).logits, None
         head.forward = _identity  # shadows Linear.forward for this call only: the model returns h
         try:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            out = model(**model_inputs(batch)).logits
         finally:
             del head.forward
         if out.shape[-1] != head.in_features:  # the model computed logits without calling its head
@@ -137,14 +137,19 @@ class CompletionScorer:
         return out, head.weight
 
     def token_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row of each loss token, its log-prob), over the tokens where ``loss_mask`` is 1."""
+        """(sequence of each loss token, its log-prob), over the tokens where ``loss_mask`` is 1."""
         out, weight = self._forward(model, batch)
-        if weight is not None:
-            return masked_token_logps(out, weight, batch["input_ids"], batch["loss_mask"], self.chunk_rows)
         rows, positions = completion_positions(batch["loss_mask"])
-        return rows, token_logps(out, batch["input_ids"])[rows, positions]
+        if weight is not None:
+            logps = target_logps(out[rows, positions], weight, batch["input_ids"][rows, positions + 1], self.chunk_rows)
+        else:
+            logps = token_logps(out, batch["input_ids"])[rows, positions]
+        if "sequence_ids" in batch:  # packed: rows hold several sequences
+            rows = batch["sequence_ids"][rows, positions]
+        return rows, logps
 
     def sequence_logps(self, model, batch) -> torch.Tensor:
-        """Per-row sums of the loss tokens' log-probs, shape (B,), fp32."""
+        """Per-sequence sums of the loss tokens' log-probs, shape (sequences,), fp32."""
         rows, logps = self.token_logps(model, batch)
-        return torch.zeros(batch["input_ids"].shape[0], dtype=torch.float32, device=logps.device).index_add(0, rows, logps)
+        sequences = batch["sequence_lengths"].shape[0]
+        return torch.zeros(sequences, dtype=torch.float32, device=logps.device).index_add(0, rows, logps)

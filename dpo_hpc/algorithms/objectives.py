@@ -15,7 +15,7 @@ from typing import Optional, Protocol
 import torch
 
 from ..config.losses import LOSSES
-from ..data.collate import collate_conversations, collate_pairs
+from ..data.collate import Layout, collate_conversations, collate_pairs
 from .beta import BetaPolicy, Collective
 from .logprobs import CompletionScorer
 from .losses import PairwiseLoss
@@ -53,15 +53,16 @@ class SFTObjective:
 
     kind = "sft"
 
-    def __init__(self, pad_id: int, scorer: CompletionScorer):
+    def __init__(self, pad_id: int, scorer: CompletionScorer, layout: Layout = "padded"):
         self.pad_id = pad_id
         self.scorer = scorer
+        self.layout = layout
 
     def collate(self, examples):
-        return collate_conversations(examples, self.pad_id)
+        return collate_conversations(examples, self.pad_id, self.layout)
 
     def units(self, batch):
-        return batch["loss_mask"][:, 1:].sum().float()
+        return batch["loss_tokens"].sum().float()
 
     def _stats(self, model, batch):
         _, logps = self.scorer.token_logps(model, batch)
@@ -101,8 +102,10 @@ class PreferenceObjective:
     kind = "preference"
 
     def __init__(self, reference, loss: PairwiseLoss, policy: BetaPolicy, pad_id: int, collective: Collective,
-                 scorer: CompletionScorer, ref_table: Optional[RefLogps] = None, rpo_alpha: Optional[float] = None):
+                 scorer: CompletionScorer, ref_table: Optional[RefLogps] = None, rpo_alpha: Optional[float] = None,
+                 layout: Layout = "padded"):
         self.reference = reference
+        self.layout = layout
         self.rpo_alpha = rpo_alpha
         self.ref_table = ref_table
         self.reference_forwards = 0  # proof that a precomputed table leaves the reference model unused
@@ -115,13 +118,13 @@ class PreferenceObjective:
         self._step_margins: list[torch.Tensor] = []
 
     def collate(self, examples):
-        batch = collate_pairs(examples, self.pad_id)
+        batch = collate_pairs(examples, self.pad_id, self.layout)
         if self.ref_table is not None:
             batch["ref_logps"] = self.ref_table.lookup(examples)
         return batch
 
     def units(self, batch):
-        pairs = batch["input_ids"].shape[0] // 2
+        pairs = batch["loss_tokens"].shape[0] // 2
         return torch.tensor(self.policy.loss_units(pairs, self.collective.world_size), dtype=torch.float32)
 
     def _logps(self, model, batch) -> PairLogps:
@@ -132,7 +135,7 @@ class PreferenceObjective:
             with torch.no_grad():
                 ref = self.scorer.sequence_logps(self.reference, batch)
             self.reference_forwards += 1
-        return PairLogps.of_rows(policy, ref, batch["loss_mask"][:, 1:].sum(1))
+        return PairLogps.of_rows(policy, ref, batch["loss_tokens"])
 
     def _pair_losses(self, logps: PairLogps, margins: torch.Tensor, beta) -> tuple[torch.Tensor, Stats]:
         """The loss of every pair (with RPO's chosen NLL when set) and the extra per-pair metrics."""
@@ -196,12 +199,24 @@ def build_loss(training) -> PairwiseLoss:
     return resolve(LOSSES[training.loss_type].implementation)(label_smoothing=training.label_smoothing)
 
 
+SPARSE_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
+"""Attention backends that skip the token pairs a packed row's mask excludes."""
+
+
+def batch_layout(cfg) -> Layout:
+    """How a run's batches are laid out (``dpo_hpc.data.collate``): one flat row where the attention
+    skips other sequences' tokens, else rows no longer than the longest sequence."""
+    if not cfg.training.padding_free:
+        return "padded"
+    return "flat" if cfg.attn_implementation in SPARSE_ATTENTION else "packed"
+
+
 def build_objective(algorithm, cfg, pad_id: int, collective: Collective, reference=None,
                     ref_table: Optional[RefLogps] = None) -> Objective:
     """The objective of a registered algorithm (``dpo_hpc.config.registry``)."""
-    scorer = CompletionScorer()
+    scorer, layout = CompletionScorer(), batch_layout(cfg)
     if algorithm.kind == "sft":
-        return SFTObjective(pad_id, scorer)
+        return SFTObjective(pad_id, scorer, layout)
     policy = resolve(algorithm.beta_policy).from_config(cfg, collective)
     return PreferenceObjective(reference, build_loss(cfg.training), policy, pad_id, collective, scorer, ref_table,
-                               rpo_alpha=cfg.training.rpo_alpha)
+                               rpo_alpha=cfg.training.rpo_alpha, layout=layout)

@@ -1,17 +1,41 @@
-"""Right-padded batches with loss masks built from lengths.
+"""Batches of token rows with loss masks built from lengths: right-padded, or packed.
 
-A DPO batch stacks the B chosen sequences on top of the B rejected ones (2B rows), so the
-policy and the reference each run one forward per batch. ``loss_mask[b, t]`` is 1 when token t
-of row b is a completion token; the log-prob of token t is read from the logits at t - 1.
+A DPO batch holds the B chosen sequences and then the B rejected ones (2B sequences), so the
+policy and the reference each run one forward per batch. ``loss_mask[r, t]`` is 1 when token t
+of row r is a completion token; the log-prob of token t is read from the logits at t - 1.
+
+Layouts (``Layout``):
+- ``padded``: one sequence per row, ``attention_mask`` marks the real tokens.
+- ``packed`` (``padding_free``): sequences placed whole, first-fit by decreasing length, into
+  rows as long as the longest sequence: never more token slots than padded, and never more
+  attention work for a backend that computes a dense mask over each row.
+- ``flat`` (``padding_free`` with an attention that skips the masked pairs): every sequence in
+  one row, no slot spent on padding.
+Packed rows have ``position_ids`` that restart at 0 for every sequence and no ``attention_mask``:
+transformers then keeps the sequences apart (a block-diagonal causal mask, a block-sparse one
+for flex attention, or flash-attention's variable-length kernel). ``sequence_ids`` names each
+token's sequence (-1 in a row's unfilled tail).
+
+Either way ``sequence_lengths`` and ``loss_tokens`` (per sequence, in sequence order) say what
+the batch holds, whatever its layout.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 
 from .tokenize import TokenizedConversation, TokenizedPair
+
+
+Layout = Literal["padded", "packed", "flat"]
+
+
+def _summary(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    return {"sequence_lengths": torch.tensor([len(r) for r in rows], dtype=torch.long),
+            # position 0 predicts nothing: its token has no preceding context in the sequence
+            "loss_tokens": torch.tensor([sum(m[1:]) for m in masks], dtype=torch.long)}
 
 
 def pad_rows(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -24,20 +48,61 @@ def pad_rows(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_
         input_ids[i, :n] = torch.tensor(row, dtype=torch.long)
         attention[i, :n] = 1
         loss_mask[i, :n] = torch.tensor(mask, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask}
+    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask, **_summary(rows, masks)}
 
 
-def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
-    """-> input_ids, attention_mask, loss_mask of shape (2B, T): rows [0, B) chosen, [B, 2B) rejected."""
+def pack_rows(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int,
+              flat: bool = False) -> dict[str, torch.Tensor]:
+    width = sum(len(r) for r in rows) if flat else max(len(r) for r in rows)
+    bins: list[list[int]] = []  # sequence indices per packed row
+    room: list[int] = []
+    for i in sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i)):  # deterministic: ties by index
+        k = next((k for k, free in enumerate(room) if free >= len(rows[i])), len(bins))
+        if k == len(bins):
+            bins.append([])
+            room.append(width)
+        bins[k].append(i)
+        room[k] -= len(rows[i])
+    input_ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(bins), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(bins), width), dtype=torch.long)
+    sequence_ids = torch.full((len(bins), width), -1, dtype=torch.long)  # -1: a row's unfilled tail
+    for r, members in enumerate(bins):
+        start = 0
+        for i in members:
+            n = len(rows[i])
+            span = slice(start, start + n)
+            input_ids[r, span] = torch.tensor(rows[i], dtype=torch.long)
+            position_ids[r, span] = torch.arange(n)
+            # a sequence's first token follows another sequence's last here: never a target
+            loss_mask[r, span] = torch.tensor([0, *masks[i][1:]], dtype=torch.long)
+            sequence_ids[r, span] = i
+            start += n
+        # the unfilled tail: a sequence of its own (positions from 0), never attended to by real tokens
+        position_ids[r, start:] = torch.arange(width - start)
+    return {"input_ids": input_ids, "position_ids": position_ids, "loss_mask": loss_mask,
+            "sequence_ids": sequence_ids, **_summary(rows, masks)}
+
+
+def layout_rows(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int,
+                layout: Layout) -> dict[str, torch.Tensor]:
+    if layout == "padded":
+        return pad_rows(rows, masks, pad_id)
+    return pack_rows(rows, masks, pad_id, flat=layout == "flat")
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, layout: Layout = "padded") -> dict[str, torch.Tensor]:
+    """Sequences [0, B) chosen, [B, 2B) rejected, in ``layout``."""
     rows, masks = [], []
     for side in ("chosen_ids", "rejected_ids"):
         for pair in pairs:
             completion = getattr(pair, side)
             rows.append(pair.prompt_ids + completion)
             masks.append([0] * len(pair.prompt_ids) + [1] * len(completion))
-    return pad_rows(rows, masks, pad_id)
+    return layout_rows(rows, masks, pad_id, layout)
 
 
-def collate_conversations(convs: Sequence[TokenizedConversation], pad_id: int) -> dict[str, torch.Tensor]:
-    """-> input_ids, attention_mask, loss_mask of shape (B, T)."""
-    return pad_rows([c.input_ids for c in convs], [c.loss_mask for c in convs], pad_id)
+def collate_conversations(convs: Sequence[TokenizedConversation], pad_id: int,
+                          layout: Layout = "padded") -> dict[str, torch.Tensor]:
+    """B sequences in ``layout``."""
+    return layout_rows([c.input_ids for c in convs], [c.loss_mask for c in convs], pad_id, layout)

@@ -102,6 +102,40 @@ def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implemen
     return model
 
 
+def check_packing(model) -> None:
+    """``padding_free`` relies on transformers keeping packed sequences apart (position ids that
+    restart, no attention mask). A model whose attention ignored that would train on sequences
+    that see each other, silently: three short sequences, packed and padded, must agree first."""
+    from ..algorithms.logprobs import model_inputs
+    from ..data.collate import pack_rows, pad_rows
+
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, model.config.vocab_size, (n,), generator=generator).tolist() for n in (6, 3, 3)]
+    masks = [[1] * len(r) for r in rows]
+    padded, packed = pad_rows(rows, masks, 0), pack_rows(rows, masks, 0)
+    device = next(model.parameters()).device
+
+    def log_probs(batch):  # called as the trainer calls it
+        inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+        return model(**inputs).logits.float().log_softmax(-1)
+
+    try:
+        with torch.no_grad():
+            a, b = log_probs(padded), log_probs(packed)
+    except TypeError as exc:
+        raise ConfigError([f"padding_free: {type(model).__name__} does not take position ids ({exc}); "
+                           "set padding_free = false"]) from None
+    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    for i, row in enumerate(rows):
+        r, t = torch.nonzero(packed["sequence_ids"] == i, as_tuple=True)
+        gap = (a[i, : len(row)] - b[r, t]).abs().max().item()
+        if gap > tolerance:
+            raise ConfigError([f"padding_free: {type(model).__name__} with attn_implementation = "
+                               f"{model.config._attn_implementation!r} lets packed sequences attend to each other "
+                               f"(log-probs differ by {gap:.3g} from the padded batch); use another "
+                               "attn_implementation or set padding_free = false"])
+
+
 def compile_blocks(model) -> int:
     """``torch.compile`` each transformer block in place (the classes the model lists in
     ``_no_split_modules``, as torchtitan compiles per block): the head and the loss stay eager,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..algorithms.logprobs import CompletionScorer
-from ..algorithms.objectives import build_objective
+from ..algorithms.objectives import batch_layout, build_objective
 from ..checkpoint import CheckpointError, RunDir, config_hash
 from ..checkpoint.manager import Checkpointer, peek_shared
 from ..config import Algorithm, algorithm, to_dict, to_identity
@@ -33,7 +33,7 @@ from ..fsutil import atomic_write_bytes
 from ..runtime import all_reduce_sum, barrier, init_distributed
 from ..runtime.failures import RunFailure, explain, out_of_memory
 from ..runtime.stop import StopSignal
-from .engine import (build_engine, check_precision, compile_blocks, deepspeed_config, device, load_causal_lm, load_tokenizer,
+from .engine import (build_engine, check_packing, check_precision, compile_blocks, deepspeed_config, device, load_causal_lm, load_tokenizer,
                      prepare_reference, save_final_model, unclipped_grad_norm)
 from . import lora, ref_cache
 from .metrics import MetricsLogger, MetricSums
@@ -213,6 +213,8 @@ class Trainer:
         model = load_causal_lm(self.model if self.model is not None else cfg.policy_name, cfg.precision,
                                trainable=True, attn_implementation=cfg.attn_implementation,
                                trust_remote_code=cfg.trust_remote_code, torch_dtype=cfg.torch_dtype)
+        if training.padding_free:
+            check_packing(model)
         if training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora is not None:
@@ -255,7 +257,8 @@ class Trainer:
         started = time.perf_counter()
 
         def compute_table():
-            return ref_cache.compute(reference, CompletionScorer(), lambda rows: collate_pairs(rows, pad_id), examples,
+            return ref_cache.compute(reference, CompletionScorer(),
+                                     lambda rows: collate_pairs(rows, pad_id, batch_layout(cfg)), examples,
                                      training.eval_batch_size or training.batch_size, self.dist, self.device, self.say)
 
         if not isinstance(source, str):
@@ -339,9 +342,9 @@ class Trainer:
 
     def work_of(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """[real tokens, FLOPs run on them, token slots incl. padding] of this rank's micro-batches."""
-        lengths = torch.cat([b["attention_mask"].sum(1) for b in batches])
+        lengths = torch.cat([b["sequence_lengths"] for b in batches])
         flops = self.flops.train(lengths) + (self.flops.forward(lengths) if self.reference_online else 0.0)
-        slots = sum(b["attention_mask"].numel() for b in batches)
+        slots = sum(b["input_ids"].numel() for b in batches)
         return torch.tensor([float(lengths.sum()), flops, float(slots)], dtype=torch.float64)
 
     def perf_metrics(self, work: torch.Tensor, seconds: float) -> dict[str, float]:

@@ -50,3 +50,22 @@ def test_sft_with_checkpointing_and_fused_adamw_on_the_gpu(tmp_path, micro_model
                      gradient_checkpointing=True, optim="adamw_torch_fused")
     raw["precision"] = "bf16"
     assert train_on_gpu(tmp_path, "sft", raw)["status"] == "completed"
+
+
+def test_padding_free_with_flex_attention_trains_as_padded_rows(tmp_path, micro_model, reverse_data):
+    """The flat layout (one row, no padding) through flex attention's block-sparse kernel, whose
+    backward exists only on GPUs: the weights after 3 steps match padded rows through sdpa."""
+    from safetensors.torch import load_file
+
+    weights, manifests = {}, {}
+    for name, options in (("padded", {}), ("flat", {"padding_free": True})):
+        raw = run_config(tmp_path / name, micro_model, reverse_data, "dpo_training", max_steps=3, batch_size=8,
+                         **options)
+        if options:
+            raw["attn_implementation"] = "flex_attention"
+        (tmp_path / name).mkdir()
+        manifests[name] = train_on_gpu(tmp_path / name, "dpo", raw)
+        weights[name] = load_file(Path(raw["dpo_training"]["save_dir"]) / "model.safetensors")
+    assert manifests["flat"]["median_padding_fraction"] == 0.0 < manifests["padded"]["median_padding_fraction"]
+    for key in weights["padded"]:
+        torch.testing.assert_close(weights["flat"][key], weights["padded"][key], rtol=1e-4, atol=1e-4)

@@ -353,27 +353,45 @@ def test_original_commands_run_the_seed_configs(tmp_path, micro_model, reverse_d
 
 
 def test_memory_and_speed_options_keep_the_math(tmp_path, micro_model):
-    """Gradient checkpointing, fused AdamW and compiled blocks change how, not what: the weights
-    after 3 steps match the plain run; grouping by length changes the order (a new run) and cuts
-    padding."""
+    """Gradient checkpointing, fused AdamW, compiled blocks and packed rows change how, not what:
+    the weights after 3 steps match the plain run; grouping by length changes the order (a new
+    run) and cuts padding, as packing does."""
     from dpo_hpc.trainers.trainer import train
 
     data = small_data(tmp_path, 120)
     common = dict(max_steps=3, batch_size=4, gradient_accumulation_steps=2, learning_rate=2e-3)
     variants = {"plain": {}, "checkpointing": {"gradient_checkpointing": True}, "fused": {"optim": "adamw_torch_fused"},
-                "grouped": {"group_by_length": True}, "compiled": {"torch_compile": True}}
+                "grouped": {"group_by_length": True}, "compiled": {"torch_compile": True},
+                "packed": {"padding_free": True}}
     weights, padding = {}, {}
     for name, options in variants.items():
         raw = run_config(tmp_path / name, micro_model, data, "dpo_training", **common, **options)
         summary = train(validate_mapping(raw, "dpo"), "dpo")
         weights[name] = load_file(Path(raw["dpo_training"]["save_dir"]) / "model.safetensors")
         padding[name] = summary["median_padding_fraction"]
-    # Compiled kernels fuse and reorder float sums; Adam's first steps magnify that in the weights
-    # whose gradients are near 0 (seen: 5e-6 on 2 of 16,576 entries).
-    for name, atol in (("checkpointing", 1e-6), ("fused", 1e-6), ("compiled", 2e-5)):
+    # Compiled kernels and packed rows (other matrix shapes) reorder float sums; Adam's first steps
+    # magnify that in the weights whose gradients are near 0 (seen: 5e-6 on 2 of 16,576 entries
+    # compiled, 3e-5 on 1 of 8,192 packed).
+    for name, atol in (("checkpointing", 1e-6), ("fused", 1e-6), ("compiled", 2e-5), ("packed", 1e-4)):
         for key in weights["plain"]:
             torch.testing.assert_close(weights[name][key], weights["plain"][key], rtol=1e-5, atol=atol)
     assert padding["grouped"] < padding["plain"] / 2, padding
+    assert padding["packed"] <= padding["plain"], padding  # rows as long as the longest: similar pairs rarely share
+
+
+def test_padding_free_sft_trains_as_padded(tmp_path, micro_model):
+    from dpo_hpc.trainers.trainer import train
+
+    data = small_data(tmp_path, 40)
+    weights, padding = {}, {}
+    for name, packed in (("padded", False), ("packed", True)):
+        raw = run_config(tmp_path / name, micro_model, data, "sft_training", max_steps=3, batch_size=8,
+                         learning_rate=2e-3, padding_free=packed)
+        padding[name] = train(validate_mapping(raw, "sft"), "sft")["median_padding_fraction"]
+        weights[name] = load_file(Path(raw["sft_training"]["save_dir"]) / "model.safetensors")
+    for key in weights["padded"]:
+        torch.testing.assert_close(weights["packed"][key], weights["padded"][key], rtol=1e-5, atol=1e-4)
+    assert padding["packed"] < 0.75 * padding["padded"], padding
 
 
 def test_precomputed_reference_trains_without_the_reference_and_is_shared(tmp_path, micro_model):

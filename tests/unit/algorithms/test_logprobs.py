@@ -87,3 +87,86 @@ def test_split_head_equals_full_logits_on_a_llama(llama):
 def test_soft_capped_logits_keep_the_full_head(llama, monkeypatch):
     monkeypatch.setattr(llama.config, "final_logit_softcapping", 30.0, raising=False)
     assert CompletionScorer.splittable_head(llama) is None
+
+
+# ---- padding-free batches -------------------------------------------------------------------
+
+def random_pairs(seed: int, count: int) -> list[TokenizedPair]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 12, (count, 3), generator=g).tolist()
+    return [TokenizedPair(*(torch.randint(3, 200, (k,), generator=g).tolist() for k in lens)) for lens in lengths]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_packed_rows_hold_every_sequence_whole_and_never_more_slots(seed):
+    pairs = random_pairs(seed, 1 + seed)
+    layout = "flat" if seed % 2 else "packed"
+    padded, packed = collate_pairs(pairs, pad_id=0), collate_pairs(pairs, pad_id=0, layout=layout)
+    assert "attention_mask" not in packed and packed["input_ids"].numel() <= padded["input_ids"].numel()
+    if layout == "flat":
+        assert packed["input_ids"].shape == (1, padded["sequence_lengths"].sum())
+    else:
+        assert packed["input_ids"].shape[1] == padded["input_ids"].shape[1]
+    for key in ("sequence_lengths", "loss_tokens"):
+        assert torch.equal(packed[key], padded[key])
+    for i, length in enumerate(padded["sequence_lengths"].tolist()):
+        rows, cols = torch.nonzero(packed["sequence_ids"] == i, as_tuple=True)
+        assert rows.unique().numel() == 1 and torch.equal(cols, torch.arange(cols[0], cols[0] + length))  # whole
+        assert torch.equal(packed["input_ids"][rows, cols], padded["input_ids"][i, :length])
+        assert torch.equal(packed["position_ids"][rows, cols], torch.arange(length))
+        assert packed["loss_mask"][rows[0], cols[0]] == 0  # predicted from another sequence's last token
+        assert torch.equal(packed["loss_mask"][rows, cols][1:], padded["loss_mask"][i, 1:length])
+    tail = packed["sequence_ids"] == -1
+    assert not packed["loss_mask"][tail].any()
+    assert torch.equal(collate_pairs(pairs, pad_id=0, layout=layout)["input_ids"], packed["input_ids"])  # deterministic
+
+
+@pytest.mark.parametrize("attention, layout", [("sdpa", "packed"), ("eager", "packed"), ("sdpa", "flat")])
+def test_packed_batches_score_as_padded_ones_on_a_llama(llama, attention, layout):
+    """Same per-sequence log-probs and gradients: transformers keeps the packed sequences apart."""
+    llama.set_attn_implementation(attention)
+    llama.config.use_cache = False  # as load_causal_lm leaves every model
+    pairs = random_pairs(11, 6)
+    padded, packed = collate_pairs(pairs, pad_id=0), collate_pairs(pairs, pad_id=0, layout=layout)
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # sequences do share rows
+    scorer = CompletionScorer(chunk_rows=7)
+    results = []
+    for batch in (padded, packed):
+        logps = scorer.sequence_logps(llama, batch)
+        results.append((logps, torch.autograd.grad((logps * torch.arange(1.0, 13.0)).sum(), list(llama.parameters()))))
+    (a, grads_a), (b, grads_b) = results
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    for x, y in zip(grads_b, grads_a):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_flex_attention_scores_a_flat_batch_as_sdpa_scores_padded_rows(llama):
+    """The flat layout's backend on GPUs, here forward only (its backward exists only on GPUs)."""
+    pairs = random_pairs(5, 4)
+    llama.config.use_cache = False
+    scorer = CompletionScorer()
+    with torch.no_grad():
+        llama.set_attn_implementation("sdpa")
+        padded = scorer.sequence_logps(llama, collate_pairs(pairs, pad_id=0))
+        llama.set_attn_implementation("flex_attention")
+        try:
+            flat = scorer.sequence_logps(llama, collate_pairs(pairs, pad_id=0, layout="flat"))
+        finally:
+            llama.set_attn_implementation("sdpa")
+    torch.testing.assert_close(flat, padded, rtol=0, atol=1e-5)
+
+
+def test_a_model_that_does_not_keep_packed_sequences_apart_is_refused(llama):
+    from dpo_hpc.config.errors import ConfigError
+    from dpo_hpc.trainers.engine import check_packing
+
+    llama.set_attn_implementation("sdpa")
+    llama.config.use_cache = False
+    check_packing(llama)
+    llama.config.use_cache = True  # a KV cache hides the packing from transformers: one causal mask per row
+    try:
+        with pytest.raises(ConfigError, match="padding_free: LlamaForCausalLM with attn_implementation = 'sdpa' lets "
+                                              "packed sequences attend to each other"):
+            check_packing(llama)
+    finally:
+        llama.config.use_cache = False
