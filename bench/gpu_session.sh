@@ -6,14 +6,20 @@
 #   here:   bash bench/gpu_wheels.sh                 # the wheels that machine lacks, into .whl/
 #   there:  bash bench/gpu_session.sh [STEP ...]     # device run, carry [".whl"], timeout_s 600
 #
+# All steps take longer than one call. With 15 device-minutes (a start costs 1-2): a first call
+# `GPU_SESSION_SECONDS=540 bash bench/gpu_session.sh gpu_tests equal best suite`, then at once,
+# while the machine is still warm (its assets in /tmp reused), a second with the steps left.
+#
 # Steps (default: all, in this order):
 #   gpu_tests    tests/integration/test_gpu.py (bf16 on nccl, MFU, memory; checkpointing, fused AdamW)
 #   equal        bench/vs_trl.py, perf.md section 7's setup, both sides with a precomputed reference,
 #                micro-batch 8 (the same batches on both sides; bf16 loss gate)
+#   best         the headline target: dpo-hpc with its fast options (padding-free rows through flex
+#                attention, fused AdamW) against TRL's best configuration seen (16 pairs, precomputed
+#                reference, no gradient checkpointing)
 #   suite        the whole suite on a GPU machine (left out: the Slurm tests, which need a cluster,
 #                and the check that the installed versions are the pinned ones)
 #   online       as equal, with an online reference
-#   trl_best     as equal at micro-batch 16, TRL's best configuration seen (perf.md section 7)
 #   max_batch    dpo-hpc alone at micro-batch 64, then 96, with gradient checkpointing and
 #                length grouping (the largest micro-batch target)
 #   ablations    dpo-hpc alone at micro-batch 8, one option at a time
@@ -56,7 +62,10 @@ record() {  # run a benchmark; its last line (the result) goes to results.jsonl 
 }
 equal() { record equal "${with_trl[@]}" --batch 8 --precompute; }
 online() { record online "${with_trl[@]}" --batch 8; }
-trl_best() { record trl_best "${with_trl[@]}" --batch 16 --precompute; }
+best() {
+    record best "${with_trl[@]}" --batch 16 --precompute --set dpo_training.padding_free=true \
+        --set attn_implementation=flex_attention --set dpo_training.optim=adamw_torch_fused
+}
 max_batch() {  # at ~1,000 tokens a pair, 64 pairs' activations outgrow 80 GB without checkpointing
     local batch
     for batch in 64 96; do
@@ -85,7 +94,7 @@ if [ "${1:-}" = --one ]; then  # one step, in its own process so that timeout ca
 fi
 exec > >(tee -a "$out/session.log") 2>&1
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(gpu_tests equal suite online trl_best max_batch ablations)
+[ ${#steps[@]} -gt 0 ] || steps=(gpu_tests equal best suite online max_batch ablations)
 printf 'step\tstatus\tseconds\n' >"$out/steps.tsv"
 run_step() {  # name: runs under what is left of the budget; a step with under 30 s left is not started
     local name=$1 left=$((deadline - SECONDS)) started=$SECONDS status

@@ -110,7 +110,8 @@ def check_packing(model) -> None:
     from ..data.collate import pack_rows, pad_rows
 
     generator = torch.Generator().manual_seed(0)
-    rows = [torch.randint(0, model.config.vocab_size, (n,), generator=generator).tolist() for n in (6, 3, 3)]
+    vocab = model.get_input_embeddings().num_embeddings
+    rows = [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in (6, 3, 3)]
     masks = [[1] * len(r) for r in rows]
     padded, packed = pad_rows(rows, masks, 0), pack_rows(rows, masks, 0)
     device = next(model.parameters()).device
