@@ -33,8 +33,8 @@ from ..fsutil import atomic_write_bytes
 from ..runtime import all_reduce_sum, barrier, init_distributed
 from ..runtime.failures import RunFailure, explain, out_of_memory
 from ..runtime.stop import StopSignal
-from .engine import (build_engine, check_packing, check_precision, compile_blocks, deepspeed_config, device, load_causal_lm, load_tokenizer,
-                     prepare_reference, save_final_model, unclipped_grad_norm)
+from .engine import (build_engine, check_packing, check_precision, compile_blocks, deepspeed_config, device,
+                     load_causal_lm, load_tokenizer, prepare_reference, save_final_model, unclipped_grad_norm)
 from . import lora, ref_cache
 from .metrics import MetricsLogger, MetricSums
 from .progress import TrainProgress
@@ -213,8 +213,8 @@ class Trainer:
         model = load_causal_lm(self.model if self.model is not None else cfg.policy_name, cfg.precision,
                                trainable=True, attn_implementation=cfg.attn_implementation,
                                trust_remote_code=cfg.trust_remote_code, torch_dtype=cfg.torch_dtype)
-        if training.padding_free:
-            check_packing(model)
+        if training.padding_free:  # on the training device: its attention kernels are the ones to check
+            check_packing(model.to(self.device))
         if training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora is not None:
