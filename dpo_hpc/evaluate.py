@@ -232,7 +232,21 @@ def baseline_scores(baseline: Path, section: dict, n_prompts: int, score_it: Cal
     except OSError as exc:
         print(f"[evaluate] baseline scores not cached ({exc}); every run scored against it scores it again",
               flush=True)
+    else:
+        _drop_stale_scores(path.parent, made_of["model"])
     return scores
+
+
+def _drop_stale_scores(folder: Path, model: dict) -> None:
+    """Remove cached scores of model files that are gone (a retrained baseline): no key can match
+    them again. Scores of the same files under other settings stay, and so does anything unreadable
+    (a file this code did not write, or one being written)."""
+    for other in folder.glob("*.json"):
+        try:
+            if json.loads(other.read_text())["made_of"]["model"] != model:
+                other.unlink()
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
 
 
 def evaluate_run(config: dict, out_dir: str) -> dict:

@@ -117,6 +117,12 @@ def test_a_baseline_is_scored_once_per_model_data_and_settings(tmp_path, micro_m
         f.write(json.dumps({"prompt": "\n\nHuman: Reverse: abc\n\nAssistant:", "answer": " cba"}) + "\n")
     baseline_scores(baseline, section, len(prompts), score_it)
     assert len(scorings) == 4
+    assert len(list((baseline / "evaluations" / BASELINE_SCORES).iterdir())) == 3  # prompts, settings
+    config = json.loads((baseline / "config.json").read_text())
+    (baseline / "config.json").write_text(json.dumps({**config, "retrained": True}))  # new model files
+    baseline_scores(baseline, section, len(prompts), score_it)
+    assert len(scorings) == 5  # and the scores of the old files, which no key can reach, are gone
+    assert len(list((baseline / "evaluations" / BASELINE_SCORES).iterdir())) == 1
 
 
 @pytest.mark.parametrize("setup, why", [
