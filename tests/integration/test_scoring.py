@@ -13,12 +13,22 @@ from test_submit_local import run
 from dpo_hpc.trainers.trackers import read_scalars
 
 
+def edited(text: str, *changes: tuple[str, str]) -> str:
+    """``text`` with each (old, new) replaced; an ``old`` that is not there fails loudly instead of
+    leaving a stage silently unchanged."""
+    for old, new in changes:
+        assert old in text, f"test_slurm's DPO stage no longer contains {old!r}"
+        text = text.replace(old, new)
+    return text
+
+
 def method_stage(trainer: str) -> str:
     """test_slurm's DPO stage as ``trainer``, over label noise x seed, keeping every checkpoint."""
-    return DPO.replace("stages.dpo", f"stages.{trainer}").replace('trainer = "dpo"', f'trainer = "{trainer}"') \
-        .replace("logging_steps = 1 }", 'logging_steps = 1, save_steps = 2, save_total_limit = 5, checkpoints_at_end = "all" }') \
-        .replace("max_steps = 3", "max_steps = 4") \
-        .replace('"dpo_training.beta" = [0.1, 0.3]', '"dataset.label_noise" = [0.0, 0.5]\n"dpo_training.seed" = [1, 2]')
+    return edited(
+        DPO, ("stages.dpo", f"stages.{trainer}"), ('trainer = "dpo"', f'trainer = "{trainer}"'),
+        ("logging_steps = 1 }", 'logging_steps = 1, save_steps = 2, save_total_limit = 5, checkpoints_at_end = "all" }'),
+        ("max_steps = 3", "max_steps = 4"),
+        ('"dpo_training.beta" = [0.1, 0.3]', '"dataset.label_noise" = [0.0, 0.5]\n"dpo_training.seed" = [1, 2]'))
 
 
 METHODS = method_stage("dpo") + method_stage("beta_dpo") + """
