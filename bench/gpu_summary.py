@@ -19,13 +19,20 @@ def memory(side: dict) -> str:
     return f"{side['peak_cuda_gib']:.1f}/{side.get('peak_above_resident_gib', float('nan')):.1f}"
 
 
+def mfu(side: dict) -> str:
+    """dpo-hpc's own count where it logged one (right when an option changes the batches, as length
+    grouping does), else the benchmark's count from the batches both sides train on."""
+    value = side.get("logged_by_dpo_hpc", {}).get("median_mfu", side.get("mfu"))
+    return "-" if value is None else f"{value:.1%}"
+
+
 def row(step: str, result: dict) -> list[str]:
     ours, trl = result["dpo_hpc"], result.get("trl", {})
     return [step, str(result["batch_pairs"]), "yes" if result["precompute_ref_log_probs"] else "no",
             " ".join(o.split(".", 1)[-1] for o in result["dpo_hpc_overrides"]) or "-",
             f"{ours['pairs_per_s']:.1f}", f"{trl['pairs_per_s']:.1f}" if trl else "-",
             f"{trl['median_step_s'] / ours['median_step_s']:.2f}" if trl else "-",
-            f"{ours['mfu']:.1%}" if "mfu" in ours else "-", f"{trl['mfu']:.1%}" if "mfu" in trl else "-",
+            mfu(ours), mfu(trl),
             memory(ours), memory(trl) if trl else "-",
             {True: "passed", False: "FAILED"}.get(result.get("gate", {}).get("passed"), "-")]
 
