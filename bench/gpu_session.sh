@@ -17,6 +17,8 @@
 #   best         the headline target: dpo-hpc with its fast options (padding-free rows through flex
 #                attention, fused AdamW) against TRL's best configuration seen (16 pairs, precomputed
 #                reference, no gradient checkpointing)
+#   profile      the best step under torch.profiler (profile_steps): its phases and costliest kernels,
+#                brought back as profile_best.txt
 #   suite        the whole suite on a GPU machine (left out: the Slurm tests, which need a cluster,
 #                and the check that the installed versions are the pinned ones)
 #   online       as equal, with an online reference
@@ -66,6 +68,13 @@ best() {
     record best "${with_trl[@]}" --batch 16 --precompute --set dpo_training.padding_free=true \
         --set attn_implementation=flex_attention --set dpo_training.optim=adamw_torch_fused
 }
+profile() {  # where the headline configuration's step goes: the phase table and the costliest kernels
+    record profile "${bench[@]}" --sides ours --batch 16 --precompute --set dpo_training.padding_free=true \
+        --set attn_implementation=flex_attention --set dpo_training.optim=adamw_torch_fused \
+        --set "dpo_training.profile_steps=[12, 13]" || return
+    "$python" -c "import json, shutil, sys; shutil.copy(json.loads(sys.argv[1])['dpo_hpc']['profile'], sys.argv[2])" \
+        "$(tail -n 1 /tmp/profile.out)" "$out/profile_best.txt"
+}
 max_batch() {  # at ~1,000 tokens a pair, 64 pairs' activations outgrow 80 GB without checkpointing
     local batch
     for batch in 64 96; do
@@ -94,7 +103,7 @@ if [ "${1:-}" = --one ]; then  # one step, in its own process so that timeout ca
 fi
 exec > >(tee -a "$out/session.log") 2>&1
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(gpu_tests equal best suite online max_batch ablations)
+[ ${#steps[@]} -gt 0 ] || steps=(gpu_tests equal best profile suite online max_batch ablations)
 printf 'step\tstatus\tseconds\n' >"$out/steps.tsv"
 run_step() {  # name: runs under what is left of the budget; a step with under 30 s left is not started
     local name=$1 left=$((deadline - SECONDS)) started=$SECONDS status

@@ -128,7 +128,8 @@ def run_ours(folder: Path, model: Path, data: Path, args, tag: str, precompute: 
                    env=env, cwd=REPO, stdout=subprocess.DEVNULL)
     logged = read_scalars(run_dir / "tensorboard")
     manifest = json.loads((run_dir / "run_manifest.json").read_text())
-    return {"side": "dpo-hpc", "losses": [v for _, v in logged["train/loss"]],
+    profiles = sorted((run_dir / "profile").glob("*.txt"))  # with --set dpo_training.profile_steps=[a, b]
+    return {"side": "dpo-hpc", "profile": str(profiles[0]) if profiles else None, "losses": [v for _, v in logged["train/loss"]],
             "step_seconds": [v for _, v in logged["train/perf/step_seconds"]],
             "peak_rss_mb": manifest["peak_rss_mb"], "precompute_s": manifest.get("ref_precompute_seconds"),
             "peak_cuda_gib": manifest.get("peak_memory_gib") if "cuda" in manifest.get("device", "") else None,
@@ -167,6 +168,8 @@ def summary(runs: list[dict], warmup: int, work: dict) -> dict:
         out["peak_above_resident_gib"] = round(max(cuda) - max(resident), 2)
     if runs[0].get("precompute_s") is not None:
         out["precompute_s"] = runs[0]["precompute_s"]
+    if runs[0].get("profile"):
+        out["profile"] = runs[0]["profile"]
     if "logged" in runs[0]:
         out["logged_by_dpo_hpc"] = runs[0]["logged"]  # its own count, right even when an override changes the batches
     return out

@@ -174,10 +174,21 @@ class TrainingConfig:
     """Resume even though the training or validation data differ from what the checkpoint was
     trained on (a fingerprint of the rows' contents, their order and the tokenization): the run
     goes on from its step on the new data. Off, such a resume is refused with both fingerprints."""
+    profile_steps: Optional[tuple[int, int]] = Field(None, json_schema_extra=RESUMABLE)
+    """First and last optimizer step (1-based, inclusive) to run under ``torch.profiler``: per rank,
+    a Chrome trace and a table of the step's phases (forward and loss, backward, optimizer) and
+    costliest operators in ``<save_dir>/profile/``. A few steps after the warm-up, e.g. [10, 12]."""
     torch_compile: bool = False
     """Compile each transformer block (the model's ``_no_split_modules``) with ``torch.compile``,
     policy and reference: faster steps after a one-time compile of tens of seconds (and a
     recompile or two as sequence lengths vary). Not with ZeRO-3."""
+
+    @model_validator(mode="after")
+    def _profile_range(self):
+        if self.profile_steps is not None and not 1 <= self.profile_steps[0] <= self.profile_steps[1]:
+            raise ValueError(f"profile_steps = {list(self.profile_steps)}: expected [first, last] optimizer "
+                             "steps with 1 <= first <= last")
+        return self
 
 
 @dataclass(config=STRICT, kw_only=True)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from ..algorithms.logprobs import CompletionScorer
 from ..algorithms.objectives import batch_layout, build_objective
@@ -37,6 +38,7 @@ from .engine import (build_engine, check_packing, check_precision, compile_block
                      load_causal_lm, load_tokenizer, prepare_reference, save_final_model, unclipped_grad_norm)
 from . import lora, ref_cache
 from .metrics import MetricsLogger, MetricSums
+from .profiling import StepProfiler
 from .progress import TrainProgress
 from .trackers import check_available as check_trackers, open_trackers
 from .throughput import FlopsModel, describe_device, peak_flops, peak_memory_gib, resident_memory_gib
@@ -94,20 +96,23 @@ class Trainer:
         self.say(f"{self.total_steps} steps of {self.global_batch} "
                  f"{'rows' if self.algo.kind == 'sft' else 'pairs'} ({self.steps_per_epoch} steps/epoch, "
                  f"world size {self.dist.world_size}); run dir {self.run.root}")
-        for step in range(start, self.total_steps):
-            done = step + 1
-            try:
-                metrics = self.train_step(step)
-            except torch.OutOfMemoryError as exc:
-                raise self.out_of_memory() from exc
-            self.logger.log_step(done, metrics, self.objective.histograms())
-            self.maybe_eval(done)
-            path = self.checkpointer.maybe_save(done, self.total_steps)
-            if path is not None:
-                self.say(f"checkpoint {path}")
-            stop = self.stop_agreed(done)
-            if stop:
-                return self.stop_with_checkpoint(done, stop)
+        with StepProfiler(self.training.profile_steps, self.run.root / "profile", self.dist.rank, self.say) as profiler:
+            for step in range(start, self.total_steps):
+                done = step + 1
+                profiler.before(done)
+                try:
+                    metrics = self.train_step(step)
+                except torch.OutOfMemoryError as exc:
+                    raise self.out_of_memory() from exc
+                profiler.after(done)
+                self.logger.log_step(done, metrics, self.objective.histograms())
+                self.maybe_eval(done)
+                path = self.checkpointer.maybe_save(done, self.total_steps)
+                if path is not None:
+                    self.say(f"checkpoint {path}")
+                stop = self.stop_agreed(done)
+                if stop:
+                    return self.stop_with_checkpoint(done, stop)
         return self.finish()
 
     # ---- phases ------------------------------------------------------------------------------
@@ -323,11 +328,14 @@ class Trainer:
         scale = training.gradient_accumulation_steps * dist.world_size / global_units
         sums, fallback_grad_norm = MetricSums(), None
         for k, batch in enumerate(batches):
-            loss_sum, stats = objective.loss_and_stats(engine, batch)
-            engine.backward(loss_sum * scale)
+            with record_function("dpo_hpc.forward_loss"):  # the phases a profile's table starts with
+                loss_sum, stats = objective.loss_and_stats(engine, batch)
+            with record_function("dpo_hpc.backward"):
+                engine.backward(loss_sum * scale)
             if k == len(batches) - 1:
                 fallback_grad_norm = unclipped_grad_norm(engine)
-            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            with record_function("dpo_hpc.optimizer_step"):
+                engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             sums.add(stats)
         metrics = sums.reduce(self.device)
         metrics.update(objective.end_step())

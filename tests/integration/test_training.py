@@ -703,3 +703,26 @@ def test_a_full_disk_is_one_line_and_the_run_stays_resumable(tmp_path, micro_mod
         assert list((mount / "run/checkpoints").iterdir()) == []  # the half-written save was removed
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_profile_steps_write_the_phase_table_and_a_trace(tmp_path, micro_model):
+    from dpo_hpc.config.errors import ConfigError
+    from dpo_hpc.trainers.profiling import PHASES
+    from dpo_hpc.trainers.trainer import train
+
+    data = small_data(tmp_path, 40)
+    with pytest.raises(ConfigError, match=r"profile_steps = \[3, 2\]: expected \[first, last\]"):
+        validate_mapping(run_config(tmp_path, micro_model, data, "dpo_training", profile_steps=[3, 2]), "dpo")
+    raw = run_config(tmp_path, micro_model, data, "dpo_training", max_steps=4, batch_size=4,
+                     gradient_accumulation_steps=2, profile_steps=[2, 3])
+    said = []
+    train(validate_mapping(raw, "dpo"), "dpo", log=said.append)
+    folder = Path(raw["dpo_training"]["save_dir"]) / "profile"
+    assert sorted(p.name for p in folder.iterdir()) == ["rank0_steps2-3.json", "rank0_steps2-3.txt"]  # nothing aside
+    table = (folder / "rank0_steps2-3.txt").read_text()
+    for phase in PHASES:  # 2 steps x 2 micro-batches each
+        (line,) = [line for line in table.splitlines() if line.startswith(phase)]
+        assert line.split()[1] == "4", line
+    events = json.loads((folder / "rank0_steps2-3.json").read_text())["traceEvents"]
+    assert {e.get("name") for e in events} >= set(PHASES)
+    assert any("profile of steps 2-3" in line for line in said)
