@@ -129,7 +129,8 @@ def run_ours(folder: Path, model: Path, data: Path, args, tag: str, precompute: 
     logged = read_scalars(run_dir / "tensorboard")
     manifest = json.loads((run_dir / "run_manifest.json").read_text())
     profiles = sorted((run_dir / "profile").glob("*.txt"))  # with --set dpo_training.profile_steps=[a, b]
-    return {"side": "dpo-hpc", "profile": str(profiles[0]) if profiles else None, "losses": [v for _, v in logged["train/loss"]],
+    return {"side": "dpo-hpc", "profile": str(profiles[0]) if profiles else None,
+            "losses": [v for _, v in logged["train/loss"]],
             "step_seconds": [v for _, v in logged["train/perf/step_seconds"]],
             "peak_rss_mb": manifest["peak_rss_mb"], "precompute_s": manifest.get("ref_precompute_seconds"),
             "peak_cuda_gib": manifest.get("peak_memory_gib") if "cuda" in manifest.get("device", "") else None,
