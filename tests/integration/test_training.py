@@ -379,6 +379,29 @@ def test_memory_and_speed_options_keep_the_math(tmp_path, micro_model):
     assert padding["packed"] <= padding["plain"], padding  # rows as long as the longest: similar pairs rarely share
 
 
+@pytest.mark.parametrize("trainer, setup", [
+    ("beta_dpo", {"deepspeed": {"zero_stage": 3}, "beta_dpo": {"rho": 0.8}}),  # partitioned head: full logits
+    ("dpo", {"lora": {"r": 4, "target_modules": "all-linear"}}),  # reference = adapters off, a packed table
+])
+def test_padding_free_composes_with_zero3_lora_and_a_precomputed_table(tmp_path, micro_model, trainer, setup):
+    from safetensors.torch import load_file as load
+
+    from dpo_hpc.trainers.trainer import train
+
+    data = small_data(tmp_path, 60)
+    weights = {}
+    for name, packed in (("padded", False), ("packed", True)):
+        raw = run_config(tmp_path / name, micro_model, data, "dpo_training", max_steps=3, batch_size=4,
+                         gradient_accumulation_steps=2, learning_rate=2e-3, padding_free=packed,
+                         precompute_ref_log_probs="lora" in setup)
+        summary = train(validate_mapping({**raw, **setup}, trainer), trainer)
+        assert summary["status"] == "completed"
+        run = Path(raw["dpo_training"]["save_dir"])
+        (weights[name],) = [load(path) for path in run.glob("*.safetensors")]  # model or adapter
+    for key in weights["padded"]:
+        torch.testing.assert_close(weights["packed"][key], weights["padded"][key], rtol=1e-5, atol=1e-4)
+
+
 def test_padding_free_sft_trains_as_padded(tmp_path, micro_model):
     from dpo_hpc.trainers.trainer import train
 

@@ -121,15 +121,17 @@ def test_packed_rows_hold_every_sequence_whole_and_never_more_slots(seed):
     assert torch.equal(collate_pairs(pairs, pad_id=0, layout=layout)["input_ids"], packed["input_ids"])  # deterministic
 
 
-@pytest.mark.parametrize("attention, layout", [("sdpa", "packed"), ("eager", "packed"), ("sdpa", "flat")])
-def test_packed_batches_score_as_padded_ones_on_a_llama(llama, attention, layout):
-    """Same per-sequence log-probs and gradients: transformers keeps the packed sequences apart."""
+@pytest.mark.parametrize("attention, layout, scorer", [
+    ("sdpa", "packed", CompletionScorer(chunk_rows=7)), ("eager", "packed", CompletionScorer(chunk_rows=7)),
+    ("sdpa", "flat", CompletionScorer(chunk_rows=7)), ("sdpa", "flat", FullLogits())])
+def test_packed_batches_score_as_padded_ones_on_a_llama(llama, attention, layout, scorer):
+    """Same per-sequence log-probs and gradients: transformers keeps the packed sequences apart
+    (split head, and the full logits that ZeRO-3 and soft-capped models use)."""
     llama.set_attn_implementation(attention)
     llama.config.use_cache = False  # as load_causal_lm leaves every model
     pairs = random_pairs(11, 6)
     padded, packed = collate_pairs(pairs, pad_id=0), collate_pairs(pairs, pad_id=0, layout=layout)
     assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # sequences do share rows
-    scorer = CompletionScorer(chunk_rows=7)
     results = []
     for batch in (padded, packed):
         logps = scorer.sequence_logps(llama, batch)
