@@ -205,7 +205,8 @@ SPARSE_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
 
 def batch_layout(cfg) -> Layout:
     """How a run's batches are laid out (``dpo_hpc.data.collate``): one flat row where the attention
-    skips other sequences' tokens, else rows no longer than the longest sequence."""
+    skips other sequences' tokens, else packed rows whose dense-mask attention costs no more than
+    padded rows would."""
     if not cfg.training.padding_free:
         return "padded"
     return "flat" if cfg.attn_implementation in SPARSE_ATTENTION else "packed"

@@ -159,9 +159,9 @@ class TrainingConfig:
     """Pack each micro-batch's sequences whole into shared rows, position ids restarting per
     sequence (TRL's name); the attention keeps them apart. With ``flex_attention`` or
     ``flash_attention_2``/``_3``, which skip other sequences' tokens, all in one row: no padding.
-    With ``sdpa`` or ``eager``, whose mask is dense, into rows no longer than the longest sequence:
-    never more work than padded rows, less where short sequences can share a row. The same math as
-    padded batches, checked on the model before training."""
+    With ``sdpa`` or ``eager``, whose mask is dense, into rows of the width that leaves the fewest
+    token slots without more attention work than padded rows. The same math as padded batches,
+    checked on the model before training."""
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"],
                                                             json_schema_extra=RESUMABLE)
     """Experiment trackers (HF's name): TensorBoard events in the run directory and/or Weights &

@@ -7,8 +7,9 @@ of row r is a completion token; the log-prob of token t is read from the logits 
 Layouts (``Layout``):
 - ``padded``: one sequence per row, ``attention_mask`` marks the real tokens.
 - ``packed`` (``padding_free``): sequences placed whole, first-fit by decreasing length, into
-  rows as long as the longest sequence: never more token slots than padded, and never more
-  attention work for a backend that computes a dense mask over each row.
+  rows of the width (from the longest sequence up to longest² / mean length) that leaves the
+  fewest token slots, which every layer pays for, among those whose attention work under a dense
+  mask over each row is no more than the padded batch's (rows x width² <= sequences x longest²).
 - ``flat`` (``padding_free`` with an attention that skips the masked pairs): every sequence in
   one row, no slot spent on padding.
 Packed rows have ``position_ids`` that restart at 0 for every sequence and no ``attention_mask``:
@@ -53,16 +54,17 @@ def pad_rows(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_
 
 def pack_rows(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int,
               flat: bool = False) -> dict[str, torch.Tensor]:
-    width = sum(len(r) for r in rows) if flat else max(len(r) for r in rows)
-    bins: list[list[int]] = []  # sequence indices per packed row
-    room: list[int] = []
-    for i in sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i)):  # deterministic: ties by index
-        k = next((k for k, free in enumerate(room) if free >= len(rows[i])), len(bins))
-        if k == len(bins):
-            bins.append([])
-            room.append(width)
-        bins[k].append(i)
-        room[k] -= len(rows[i])
+    lengths = [len(r) for r in rows]
+    longest, total = max(lengths), sum(lengths)
+    if flat:
+        width, bins = total, [list(range(len(rows)))]
+    else:
+        widest = max(longest, longest * longest * len(lengths) // total)
+        budget = len(lengths) * longest * longest  # the padded batch's attention work
+        packings = [(width, first_fit(lengths, width))
+                    for width in sorted({longest + (widest - longest) * k // 8 for k in range(9)})]
+        width, bins = min(((w, b) for w, b in packings if len(b) * w * w <= budget),
+                          key=lambda packing: (len(packing[1]) * packing[0], packing[0]))
     input_ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(bins), width), dtype=torch.long)
     loss_mask = torch.zeros((len(bins), width), dtype=torch.long)
@@ -82,6 +84,20 @@ def pack_rows(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad
         position_ids[r, start:] = torch.arange(width - start)
     return {"input_ids": input_ids, "position_ids": position_ids, "loss_mask": loss_mask,
             "sequence_ids": sequence_ids, **_summary(rows, masks)}
+
+
+def first_fit(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """Sequence indices per row: first fit by decreasing length (ties by index: deterministic)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        k = next((k for k, free in enumerate(room) if free >= lengths[i]), len(bins))
+        if k == len(bins):
+            bins.append([])
+            room.append(width)
+        bins[k].append(i)
+        room[k] -= lengths[i]
+    return bins
 
 
 def layout_rows(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int,
