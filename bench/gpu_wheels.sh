@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The wheels a lent GPU machine lacks, fetched here into .whl/ (ignored by git) for
-# bench/gpu_session.sh, which installs them there with `pip install --no-deps --target`.
+# bench/gpu_session.sh, which installs them there into the image's Python with `pip install --no-index --no-deps`.
 #
 #   bash bench/gpu_wheels.sh [PYTHON_VERSION]     # default 3.12, the GPU machine's Python
 #
