@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def fsync_dir(path: Path) -> None:
@@ -18,20 +18,28 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def write_aside(path: str | Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a file beside ``path``, fsync it, rename it over ``path``: a reader sees the
+    old file or the whole new one (for writers that take a path, such as a profiler's trace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk must not also leave our half-written file behind
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    write_aside(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

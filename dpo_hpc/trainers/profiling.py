@@ -8,13 +8,12 @@ there is a device). Outside a profiled range the marks cost nothing measurable.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from ..fsutil import atomic_write_bytes
+from ..fsutil import atomic_write_bytes, write_aside
 
 PHASES = ("dpo_hpc.forward_loss", "dpo_hpc.backward", "dpo_hpc.optimizer_step")
 
@@ -52,12 +51,7 @@ class StepProfiler:
         text = (f"steps {first}-{last} ({last - first + 1}), rank {self.rank}\n\n{phase_lines(averages, on_device)}\n\n"
                 f"{by_operator}\n")
         atomic_write_bytes(stem.with_suffix(".txt"), text.encode())
-        trace = stem.with_name(f".{stem.name}.json.tmp-{os.getpid()}")
-        try:
-            profile.export_chrome_trace(str(trace))
-            os.replace(trace, stem.with_suffix(".json"))
-        finally:
-            trace.unlink(missing_ok=True)
+        write_aside(stem.with_suffix(".json"), lambda tmp: profile.export_chrome_trace(str(tmp)))
         self.say(f"profile of steps {first}-{last}: {stem}.txt (trace: {stem}.json, ui.perfetto.dev)")
 
     def __enter__(self) -> "StepProfiler":

@@ -173,3 +173,18 @@ def test_a_model_that_does_not_keep_packed_sequences_apart_is_refused(llama):
             check_packing(llama)
     finally:
         llama.config.use_cache = False
+
+
+def test_packed_rows_of_mixed_lengths_keep_little_padding_and_no_more_attention():
+    """The README's figure: 64 pairs (128 sequences) of 150-800 tokens, packed under a dense mask."""
+    import random
+
+    from dpo_hpc.data.collate import pack_rows, pad_rows
+
+    rng = random.Random(0)
+    rows = [[5] * rng.randint(150, 800) for _ in range(128)]
+    masks = [[1] * len(r) for r in rows]
+    packed, padded = pack_rows(rows, masks, 0), pad_rows(rows, masks, 0)
+    (r, w), (n, longest) = packed["input_ids"].shape, padded["input_ids"].shape
+    assert (r * w, n * longest, sum(map(len, rows))) == (64_020, 101_760, 62_808)  # 2% of slots padding, not 38%
+    assert r * w * w <= n * longest * longest
