@@ -21,10 +21,14 @@
 #                brought back as profile_best.txt
 #   suite        the whole suite on a GPU machine (left out: the Slurm tests, which need a cluster,
 #                and the check that the installed versions are the pinned ones)
-#   online       as equal, with an online reference
+#   online       the online-reference target: best's options at 16 pairs against TRL's defaults
+#                (gradient checkpointing on), both with an online reference
+#   best_variants  dpo-hpc alone with best's options and torch.compile; then at 32 pairs with every
+#                2nd block checkpointed, and with none (whether a larger micro-batch beats 16 pairs)
 #   max_batch    dpo-hpc alone at micro-batch 64, then 96, with gradient checkpointing and
 #                length grouping (the largest micro-batch target)
-#   ablations    dpo-hpc alone at micro-batch 8, one option at a time
+#   ablations    dpo-hpc alone at micro-batch 8, one option at a time (checkpointing of every
+#                block and of every 2nd one among them)
 # Written to $OUT: session.log (everything), results.jsonl (one line per benchmark) and
 # steps.tsv; the last lines printed are the summary. GPU_SESSION_SECONDS (default 570) is the
 # budget; a step that is not reached is listed as such.
@@ -63,14 +67,21 @@ record() {  # run a benchmark; its last line (the result) goes to results.jsonl 
     echo "{\"step\": \"$name\", \"result\": $line}" >>"$out/results.jsonl"
 }
 equal() { record equal "${with_trl[@]}" --batch 8 --precompute; }
-online() { record online "${with_trl[@]}" --batch 8; }
-best() {
-    record best "${with_trl[@]}" --batch 16 --precompute --set dpo_training.padding_free=true \
-        --set attn_implementation=flex_attention --set dpo_training.optim=adamw_torch_fused
+fast=(--set dpo_training.padding_free=true --set attn_implementation=flex_attention
+      --set dpo_training.optim=adamw_torch_fused)
+best() { record best "${with_trl[@]}" --batch 16 --precompute "${fast[@]}"; }
+online() { record online "${with_trl[@]}" --batch 16 --trl-gradient-checkpointing "${fast[@]}"; }
+best_variants() {  # best's options compiled (perf.md section 7: compile took the ceiling from 39% to
+    # 46% MFU), then at 32 pairs with every 2nd block checkpointed and with none
+    local mine=(--sides ours --precompute "${fast[@]}")
+    record best_compiled "${bench[@]}" "${mine[@]}" --batch 16 --set dpo_training.torch_compile=true || return
+    mine+=(--batch 32 --steps 12 --warmup 4)
+    record best_32_checkpoint_every_2nd "${bench[@]}" "${mine[@]}" --set dpo_training.gradient_checkpointing=true \
+        --set dpo_training.gradient_checkpointing_every_n_layers=2 || return
+    record best_32 "${bench[@]}" "${mine[@]}"
 }
 profile() {  # where the headline configuration's step goes: the phase table and the costliest kernels
-    record profile "${bench[@]}" --sides ours --batch 16 --precompute --set dpo_training.padding_free=true \
-        --set attn_implementation=flex_attention --set dpo_training.optim=adamw_torch_fused \
+    record profile "${bench[@]}" --sides ours --batch 16 --precompute "${fast[@]}" \
         --set "dpo_training.profile_steps=[12, 13]" || return
     "$python" -c "import json, shutil, sys; shutil.copy(json.loads(sys.argv[1])['dpo_hpc']['profile'], sys.argv[2])" \
         "$(tail -n 1 /tmp/profile.out)" "$out/profile_best.txt"
@@ -93,6 +104,7 @@ padding_free_sdpa --set dpo_training.padding_free=true
 torch_compile --set dpo_training.torch_compile=true
 group_by_length --set dpo_training.group_by_length=true
 gradient_checkpointing --set dpo_training.gradient_checkpointing=true
+checkpointing_every_2nd --set dpo_training.gradient_checkpointing=true --set dpo_training.gradient_checkpointing_every_n_layers=2
 EOF_ABLATIONS
     return $failed
 }
@@ -103,7 +115,7 @@ if [ "${1:-}" = --one ]; then  # one step, in its own process so that timeout ca
 fi
 exec > >(tee -a "$out/session.log") 2>&1
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(gpu_tests equal best profile suite online max_batch ablations)
+[ ${#steps[@]} -gt 0 ] || steps=(gpu_tests equal best profile suite online best_variants max_batch ablations)
 printf 'step\tstatus\tseconds\n' >"$out/steps.tsv"
 run_step() {  # name: runs under what is left of the budget; a step with under 30 s left is not started
     local name=$1 left=$((deadline - SECONDS)) started=$SECONDS status

@@ -143,7 +143,7 @@ def run_trl(folder: Path, model: Path, ordered: Path, args, tag: str, precompute
     command = [args.trl_python, str(REPO / "bench" / "trl_side.py"), "--model", str(model), "--data", str(ordered),
                "--out", str(folder / f"trl-{tag}"), "--steps", str(args.steps), "--batch", str(args.batch),
                "--lr", str(args.lr), "--threads", str(args.threads)] + (["--precompute"] if precompute else []) \
-        + (["--bf16"] if args.bf16 else [])
+        + (["--bf16"] if args.bf16 else []) + (["--gradient-checkpointing"] if args.trl_gradient_checkpointing else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     out = subprocess.run(command, check=True, env=env, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -221,7 +221,8 @@ def setup(args, work: dict) -> dict:
     """What a result was measured on."""
     return {"vocab": args.vocab, "shape": args.shape, "precision": "bf16" if args.bf16 else "fp32",
             "batch_pairs": args.batch, "steps": args.steps, "threads": args.threads, "dpo_hpc_overrides": args.set,
-            "real_tokens_per_step": round(work["tokens"], 1), "precompute_ref_log_probs": args.precompute}
+            "real_tokens_per_step": round(work["tokens"], 1), "precompute_ref_log_probs": args.precompute,
+            "trl_gradient_checkpointing": args.trl_gradient_checkpointing}
 
 
 def main() -> None:
@@ -245,6 +246,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 on both sides (GPU); the loss gate then checks ln 2 only")
     parser.add_argument("--prompt-words", type=int, nargs=2, default=[16, 64], metavar=("MIN", "MAX"))
     parser.add_argument("--reply-words", type=int, nargs=2, default=[8, 96], metavar=("MIN", "MAX"))
+    parser.add_argument("--trl-gradient-checkpointing", action="store_true",
+                        help="TRL with gradient checkpointing, its default (the comparison for an online reference)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="dpo-hpc config override for an ablation, e.g. dpo_training.group_by_length=true")
     args = parser.parse_args()

@@ -35,6 +35,7 @@ from .launch.guard import guarded
 from .launch.plans import open_plan, plan_parser
 from .launch.jobs import plan_status
 from .launch.submission import ledger_of
+from .trainers.metrics import THROUGHPUT
 
 CURVES = ("train/loss", "train/rewards/margins", "train/rewards/accuracies", "train/logps/chosen_change",
           "train/dpo/beta", "train/beta_dpo/beta_used", "eval/loss", "eval/rewards/accuracies",
@@ -62,7 +63,7 @@ def run_row(plan: Plan, run: Run, state: str) -> dict[str, Any]:
             row[f"train/{name}"] = train[name]
         if name in evaluation:
             row[f"eval/{name}"] = evaluation[name]
-    for key in ("train_seconds", "median_tokens_per_sec", "median_mfu", "peak_memory_gib"):
+    for key in ("train_seconds", *(summary for summary, _ in THROUGHPUT.values())):
         if key in manifest:
             row[key] = manifest[key]
     return row

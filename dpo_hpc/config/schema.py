@@ -149,6 +149,11 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward (non-reentrant): much less activation
     memory for about a third more compute."""
+    gradient_checkpointing_every_n_layers: int = Field(1, ge=1)
+    """With ``gradient_checkpointing``: checkpoint only every n-th transformer block, the first
+    included (HF's ``every_n_layers``, torchtitan's selective layer checkpointing). The others keep
+    their activations, so 2 spends half the recompute for half the memory saved: for a micro-batch
+    that fits without checkpointing every block."""
     optim: Literal["adamw_torch", "adamw_torch_fused"] = "adamw_torch"
     """AdamW implementation (TRL's names): PyTorch's default kernels (multi-tensor on CUDA, a loop
     over parameters on CPU), or its fused kernel (one pass over each parameter's state)."""
@@ -182,6 +187,13 @@ class TrainingConfig:
     """Compile each transformer block (the model's ``_no_split_modules``) with ``torch.compile``,
     policy and reference: faster steps after a one-time compile of tens of seconds (and a
     recompile or two as sequence lengths vary). Not with ZeRO-3."""
+
+    @model_validator(mode="after")
+    def _checkpointing_every(self):
+        if self.gradient_checkpointing_every_n_layers > 1 and not self.gradient_checkpointing:
+            raise ValueError(f"gradient_checkpointing_every_n_layers = {self.gradient_checkpointing_every_n_layers} "
+                             "applies with gradient_checkpointing = true; set that too, or leave the key out")
+        return self
 
     @model_validator(mode="after")
     def _profile_range(self):

@@ -137,6 +137,26 @@ def check_packing(model) -> None:
                                "attn_implementation or set padding_free = false"])
 
 
+def checkpoint_blocks(model, every_n_layers: int = 1) -> tuple[int, int]:
+    """Gradient checkpointing (non-reentrant) on every ``every_n_layers``-th transformer block, the
+    first included (HF's ``every_n_layers``, torchtitan's selective layer checkpointing): the blocks
+    left out keep their activations. Returns (checkpointed, blocks)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers: it selects the blocks itself
+        model.activation_checkpointing_enable(options, every_n_layers=every_n_layers)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    blocks = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    if every_n_layers > 1 and not blocks:
+        raise ConfigError([f"gradient_checkpointing_every_n_layers = {every_n_layers}: {type(model).__name__} has "
+                           "no transformer blocks that checkpoint one by one; leave the key out"])
+    for index, block in enumerate(blocks):  # the same selection where transformers does not make it
+        block.gradient_checkpointing = index % every_n_layers == 0
+    return sum(block.gradient_checkpointing for block in blocks), len(blocks)
+
+
 def compile_blocks(model) -> int:
     """``torch.compile`` each transformer block in place (the classes the model lists in
     ``_no_split_modules``, as torchtitan compiles per block): the head and the loss stay eager,

@@ -47,6 +47,7 @@ THROUGHPUT = {"tokens_per_sec": ("median_tokens_per_sec", statistics.median),
               "perf/tflops_per_device": ("median_tflops_per_device", statistics.median),
               "perf/mfu": ("median_mfu", statistics.median),
               "perf/padding_fraction": ("median_padding_fraction", statistics.median),
+              "perf/data_loading_fraction": ("median_data_loading_fraction", statistics.median),
               "perf/peak_memory_gib": ("peak_memory_gib", max),
               "perf/resident_memory_gib": ("resident_memory_gib", max)}
 """Step metrics summarised in the run manifest: their names there and how the steps combine."""

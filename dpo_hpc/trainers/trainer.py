@@ -34,8 +34,9 @@ from ..fsutil import atomic_write_bytes
 from ..runtime import all_reduce_sum, barrier, init_distributed
 from ..runtime.failures import RunFailure, explain, out_of_memory
 from ..runtime.stop import StopSignal
-from .engine import (build_engine, check_packing, check_precision, compile_blocks, deepspeed_config, device,
-                     load_causal_lm, load_tokenizer, prepare_reference, save_final_model, unclipped_grad_norm)
+from .engine import (build_engine, check_packing, check_precision, checkpoint_blocks, compile_blocks,
+                     deepspeed_config, device, load_causal_lm, load_tokenizer, prepare_reference, save_final_model,
+                     unclipped_grad_norm)
 from . import lora, ref_cache
 from .metrics import MetricsLogger, MetricSums
 from .profiling import StepProfiler
@@ -221,7 +222,8 @@ class Trainer:
         if training.padding_free:  # on the training device: its attention kernels are the ones to check
             check_packing(model.to(self.device))
         if training.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            checkpointed, blocks = checkpoint_blocks(model, training.gradient_checkpointing_every_n_layers)
+            self.say(f"gradient checkpointing: {checkpointed} of {blocks} blocks")
         if cfg.lora is not None:
             model = lora.add_adapters(model, cfg.lora, cfg.policy_name if self.model is None else None)
             self.say(lora.trainable_summary(model))
@@ -322,6 +324,7 @@ class Trainer:
                                                         dist.rank, training.seed, self.lengths)]
         work = self.work_of(collated)  # counted on the host: no device sync per micro-batch
         batches = [_to_device(b, self.device) for b in collated]
+        data_seconds = time.perf_counter() - started  # host work before the device has any
         # Each micro-loss is a SUM over its units; scaling by (GA x world) / global units turns
         # DeepSpeed's 1/GA and cross-rank averaging into one mean over the global batch.
         global_units = all_reduce_sum(torch.stack([objective.units(b).to(self.device) for b in batches]).sum())
@@ -340,7 +343,7 @@ class Trainer:
         metrics = sums.reduce(self.device)
         metrics.update(objective.end_step())
         metrics["learning_rate"] = learning_rate
-        metrics.update(self.perf_metrics(work, time.perf_counter() - started))
+        metrics.update(self.perf_metrics(work, time.perf_counter() - started, data_seconds))
         grad_norm = engine.get_global_grad_norm()
         grad_norm = fallback_grad_norm if grad_norm is None else grad_norm
         if grad_norm is not None:
@@ -355,13 +358,14 @@ class Trainer:
         slots = sum(b["input_ids"].numel() for b in batches)
         return torch.tensor([float(lengths.sum()), flops, float(slots)], dtype=torch.float64)
 
-    def perf_metrics(self, work: torch.Tensor, seconds: float) -> dict[str, float]:
+    def perf_metrics(self, work: torch.Tensor, seconds: float, data_seconds: float) -> dict[str, float]:
         """Throughput of the step over every rank (a collective), MFU where the peak is known."""
         tokens, flops, slots = all_reduce_sum(work.to(self.device)).tolist()
         achieved = flops / seconds / self.dist.world_size
         metrics = {"tokens_per_sec": tokens / seconds, "perf/step_seconds": seconds,
                    "perf/tflops_per_device": achieved / 1e12,
                    "perf/padding_fraction": 1.0 - tokens / slots,
+                   "perf/data_loading_fraction": data_seconds / seconds,  # rank 0's
                    "perf/peak_memory_gib": peak_memory_gib(self.device)}
         if self.peak_flops:
             metrics["perf/mfu"] = achieved / self.peak_flops
@@ -411,6 +415,7 @@ class Trainer:
         cfg, training = self.cfg, self.training
         off = [text for text, is_off in (
             ("gradient_checkpointing = true", not training.gradient_checkpointing),
+            ("gradient_checkpointing_every_n_layers = 1", training.gradient_checkpointing_every_n_layers > 1),
             ("precompute_ref_log_probs = true",
              self.algo.kind == "preference" and not getattr(training, "precompute_ref_log_probs", True)),
             ("a [lora] section", cfg.lora is None),

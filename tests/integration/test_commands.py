@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+from dpo_hpc.trainers.metrics import THROUGHPUT
 from conftest import REPO
 from test_slurm import DPO, SFT, experiment
 
@@ -53,6 +54,9 @@ def test_report_tables_and_plots_of_a_finished_experiment(tmp_path, micro_model,
         if "eval/rewards/accuracies" in row and row["eval/rewards/accuracies"]:
             assert float(row["eval/rewards/accuracies"]) == manifest["final_eval"]["rewards/accuracies"]
         assert int(row["step"]) == manifest["final_step"]
+        throughput = [summary for summary, _ in THROUGHPUT.values() if summary in manifest]
+        assert "median_tokens_per_sec" in throughput
+        assert all(float(row[summary]) == manifest[summary] for summary in throughput)
     markdown = (out / "report.md").read_text()
     table = markdown.split("## dpo (dpo)")[1]
     assert "| beta | runs done |" in table and table.count("| 2/2 |") == 2 and " ± " in table  # 2 seeds each

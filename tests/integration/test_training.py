@@ -24,7 +24,7 @@ from dpo_hpc.config import validate_mapping
 pytestmark = pytest.mark.slow
 
 TRAIN_SCALARS = {"loss", "learning_rate", "grad_norm", "tokens_per_sec", "perf/tflops_per_device", "perf/padding_fraction",
-                 "perf/peak_memory_gib"}
+                 "perf/data_loading_fraction", "perf/peak_memory_gib"}
 DPO_SCALARS = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                "logps/rejected"}
 
@@ -84,6 +84,8 @@ def test_sft_lowers_loss_on_a_fixed_batch_and_saves_a_loadable_model(tmp_path, m
     logged = scalars(run / "tensorboard")
     assert TRAIN_SCALARS <= set(logged) and "eval/loss" in logged
     assert "perf/resident_memory_gib" not in logged  # CUDA only: no allocator to ask on a CPU
+    assert all(0 < v < 1 for _, v in logged["perf/data_loading_fraction"])
+    assert 0 < summary["median_data_loading_fraction"] < 1
     losses = [v for _, v in logged["loss"]]
     assert [s for s, _ in logged["loss"]] == list(range(1, 9))
     assert losses[-1] < losses[0] - 0.5, losses
@@ -353,14 +355,16 @@ def test_original_commands_run_the_seed_configs(tmp_path, micro_model, reverse_d
 
 
 def test_memory_and_speed_options_keep_the_math(tmp_path, micro_model):
-    """Gradient checkpointing, fused AdamW, compiled blocks and packed rows change how, not what:
-    the weights after 3 steps match the plain run; grouping by length changes the order (a new
-    run) and cuts padding, as packing does."""
+    """Gradient checkpointing (of every block or every 2nd), fused AdamW, compiled blocks and packed
+    rows change how, not what: the weights after 3 steps match the plain run; grouping by length
+    changes the order (a new run) and cuts padding, as packing does."""
     from dpo_hpc.trainers.trainer import train
 
     data = small_data(tmp_path, 120)
     common = dict(max_steps=3, batch_size=4, gradient_accumulation_steps=2, learning_rate=2e-3)
-    variants = {"plain": {}, "checkpointing": {"gradient_checkpointing": True}, "fused": {"optim": "adamw_torch_fused"},
+    variants = {"plain": {}, "checkpointing": {"gradient_checkpointing": True},
+                "every_2nd_block": {"gradient_checkpointing": True, "gradient_checkpointing_every_n_layers": 2},
+                "fused": {"optim": "adamw_torch_fused"},
                 "grouped": {"group_by_length": True}, "compiled": {"torch_compile": True},
                 "packed": {"padding_free": True}}
     weights, padding = {}, {}
@@ -372,7 +376,7 @@ def test_memory_and_speed_options_keep_the_math(tmp_path, micro_model):
     # Compiled kernels and packed rows (other matrix shapes) reorder float sums; Adam's first steps
     # magnify that in the weights whose gradients are near 0 (seen: 5e-6 on 2 of 16,576 entries
     # compiled, 3e-5 on 1 of 8,192 packed).
-    for name, atol in (("checkpointing", 1e-6), ("fused", 1e-6), ("compiled", 2e-5), ("packed", 1e-4)):
+    for name, atol in (("checkpointing", 1e-6), ("every_2nd_block", 1e-6), ("fused", 1e-6), ("compiled", 2e-5), ("packed", 1e-4)):
         for key in weights["plain"]:
             torch.testing.assert_close(weights[name][key], weights["plain"][key], rtol=1e-5, atol=atol)
     assert padding["grouped"] < padding["plain"] / 2, padding
