@@ -67,8 +67,9 @@ record() {  # run a benchmark; its last line (the result) goes to results.jsonl 
     echo "{\"step\": \"$name\", \"result\": $line}" >>"$out/results.jsonl"
 }
 equal() { record equal "${with_trl[@]}" --batch 8 --precompute; }
-fast=(--set dpo_training.padding_free=true --set attn_implementation=flex_attention
-      --set dpo_training.optim=adamw_torch_fused)
+# best's options; BENCH_FAST lets a CPU rehearsal swap flex attention (no backward on a CPU) for sdpa
+read -r -a fast <<<"${BENCH_FAST:---set dpo_training.padding_free=true --set attn_implementation=flex_attention \
+--set dpo_training.optim=adamw_torch_fused}"
 best() { record best "${with_trl[@]}" --batch 16 --precompute "${fast[@]}"; }
 online() { record online "${with_trl[@]}" --batch 16 --trl-gradient-checkpointing "${fast[@]}"; }
 best_variants() {  # best's options compiled (perf.md section 7: compile took the ceiling from 39% to
