@@ -82,7 +82,7 @@ best_variants() {  # best's options compiled (perf.md section 7: compile took th
     record best_32 "${bench[@]}" "${mine[@]}"
 }
 profile() {  # where the headline configuration's step goes: the phase table and the costliest kernels
-    record profile "${bench[@]}" --sides ours --batch 16 --precompute "${fast[@]}" \
+    record profile "${bench[@]}" --sides ours --batch 16 --precompute --steps 14 --warmup 8 "${fast[@]}" \
         --set "dpo_training.profile_steps=[12, 13]" || return
     "$python" -c "import json, shutil, sys; shutil.copy(json.loads(sys.argv[1])['dpo_hpc']['profile'], sys.argv[2])" \
         "$(tail -n 1 /tmp/profile.out)" "$out/profile_best.txt"
