@@ -7,16 +7,20 @@
 #   there:  bash bench/gpu_session.sh [STEP ...]     # device run, carry [".whl"], timeout_s 600
 #
 # All steps take longer than one call. With 15 device-minutes (a start costs 1-2): a first call
-# `GPU_SESSION_SECONDS=540 bash bench/gpu_session.sh gpu_tests equal best suite`, then at once,
-# while the machine is still warm (its assets in /tmp reused), a second with the steps left.
+# `GPU_SESSION_SECONDS=560 bash bench/gpu_session.sh best equal`, then at once, while the machine
+# is still warm (its assets in /tmp and compiled kernels reused), a second with the steps that
+# matter next. Budget for compiling: flex attention compiles its kernels on the first batches and
+# again once lengths vary (forward for the reference pass, forward and backward for training). On
+# an H100 on 2026-12-06, `best` had not finished after 414 s, the asset build included; the plain
+# settings at 16 pairs ran 8 steps in 30 s, loading included.
 #
 # Steps (default: all, in this order):
-#   gpu_tests    tests/integration/test_gpu.py (bf16 on nccl, MFU, memory; checkpointing, fused AdamW)
-#   equal        bench/vs_trl.py, perf.md section 7's setup, both sides with a precomputed reference,
-#                micro-batch 8 (the same batches on both sides; bf16 loss gate)
 #   best         the headline target: dpo-hpc with its fast options (padding-free rows through flex
 #                attention, fused AdamW) against TRL's best configuration seen (16 pairs, precomputed
 #                reference, no gradient checkpointing)
+#   equal        bench/vs_trl.py, perf.md section 7's setup, both sides with a precomputed reference,
+#                micro-batch 8 (the same batches on both sides; bf16 loss gate)
+#   gpu_tests    tests/integration/test_gpu.py (bf16 on nccl, MFU, memory; checkpointing, fused AdamW)
 #   profile      the best step under torch.profiler (profile_steps): its phases and costliest kernels,
 #                brought back as profile_best.txt
 #   suite        the whole suite on a GPU machine (left out: the Slurm tests, which need a cluster,
@@ -116,7 +120,7 @@ if [ "${1:-}" = --one ]; then  # one step, in its own process so that timeout ca
 fi
 exec > >(tee -a "$out/session.log") 2>&1
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(gpu_tests equal best profile suite online best_variants max_batch ablations)
+[ ${#steps[@]} -gt 0 ] || steps=(best equal gpu_tests profile suite online best_variants max_batch ablations)
 printf 'step\tstatus\tseconds\n' >"$out/steps.tsv"
 run_step() {  # name: runs under what is left of the budget; a step with under 30 s left is not started
     local name=$1 left=$((deadline - SECONDS)) started=$SECONDS status
@@ -135,6 +139,6 @@ for step in "${steps[@]}"; do
     run_step "$step"
 done
 echo "=== summary"
-column -t -s $'\t' "$out/steps.tsv"
+awk -F'\t' '{printf "%-16s %-20s %s\n", $1, $2, $3}' "$out/steps.tsv"  # the image has no column(1)
 [ -f "$out/results.jsonl" ] && "$python" bench/gpu_summary.py "$out/results.jsonl"
 exit 0

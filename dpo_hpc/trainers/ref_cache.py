@@ -108,7 +108,7 @@ def compute(reference, scorer, collate: Callable, examples: list, batch_size: in
                 half = len(chunk)
                 local_ids += [e.example_id for e in chunk]
                 local_values.append(torch.stack([logps[:half], logps[half:]], dim=1))
-            if done % 50 == 0 or done == len(batches):
+            if done in (1, len(batches)) or done % 50 == 0:  # the first: compiled kernels make it the slow one
                 say(f"reference log-probs: {done}/{len(batches)} batches ({time.perf_counter() - started:.0f} s)")
     values = torch.cat(local_values) if local_values else torch.zeros(0, 2)
     if dist.world_size > 1:

@@ -131,6 +131,9 @@ class Trainer:
     def setup(self) -> None:
         """Start the run (data first: a bad dataset fails in seconds), then the models."""
         self.start()
+        if self.cfg.attn_implementation == "flex_attention":  # else the first batches look like a hang
+            self.say("flex_attention compiles its kernels on the first batches, and once more when lengths "
+                     "vary: minutes on a GPU, once per process")
         self.build_models()
         self.progress = self.new_progress()
         self.checkpointer = Checkpointer(self.run.checkpoints, self.dist, self.engine,

@@ -44,3 +44,18 @@ def test_peak_flops_by_device_name(monkeypatch):
         monkeypatch.setattr(throughput.torch.cuda, "get_device_name", lambda device, n=name: n)
         got = peak_flops(torch.device("cuda", 0))
         assert got == (None if tflops is None else tflops * 1e12), name
+
+
+def test_the_manifest_keeps_small_throughput_figures(tmp_path):
+    """A tiny model's MFU (1e-5) is kept to 4 significant digits, not rounded to 0 (seen on an H100)."""
+    from dpo_hpc.checkpoint import RunDir
+    from dpo_hpc.trainers.metrics import MetricsLogger
+
+    logger = MetricsLogger(RunDir(tmp_path), total_steps=3, start_step=0, logging_steps=10, is_main=False,
+                           say=lambda _: None)
+    for step, mfu in enumerate((9e-6, 1.23456e-5, 2.5e-5), 1):  # the first step is warm-up: left out
+        logger.log_step(step, {"loss": 0.7, "learning_rate": 1e-4, "tokens_per_sec": 1234.5678, "perf/mfu": mfu,
+                               "perf/step_seconds": 0.25}, {})
+    summary = logger.throughput()
+    assert summary["median_mfu"] == 1.867e-5  # the median of the last two, 1.86728e-5, to 4 digits
+    assert summary["median_tokens_per_sec"] == 1235.0 and summary["median_step_seconds"] == 0.25
