@@ -125,9 +125,9 @@ class MetricsLogger:
         self._progress_step = self.step
 
     def throughput(self) -> dict[str, float]:
-        """Over the steps after the first (for the run manifest), to 4 significant digits: a small
+        """Over the steps after the first (for the run manifest), to 6 significant digits: a small
         model's MFU (1e-5) must not round to 0."""
-        return {THROUGHPUT[name][0]: float(f"{THROUGHPUT[name][1](values):.4g}") for name, values in self._perf.items()}
+        return {THROUGHPUT[name][0]: float(f"{THROUGHPUT[name][1](values):.6g}") for name, values in self._perf.items()}
 
     def close(self) -> None:
         """Flush every backend; ``progress.json`` then holds the last step logged."""
