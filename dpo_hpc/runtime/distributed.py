@@ -67,6 +67,10 @@ def init_distributed() -> DistEnv:
     running with ``DS_ACCELERATOR=cpu`` (the test suite) must use gloo, or every collective on a
     CPU tensor fails with "No backend type associated with device type cpu".
     """
+    # Before CUDA starts: segments that grow in place instead of a cache that fragments as batch
+    # shapes vary, then frees everything and retries near the memory limit (slow steps; perf.md
+    # section 7 saw 4-5 s first steps). A setting of the user's wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch
 
     dist_env = _export_env()

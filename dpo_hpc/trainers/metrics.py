@@ -49,7 +49,8 @@ THROUGHPUT = {"tokens_per_sec": ("median_tokens_per_sec", statistics.median),
               "perf/padding_fraction": ("median_padding_fraction", statistics.median),
               "perf/data_loading_fraction": ("median_data_loading_fraction", statistics.median),
               "perf/peak_memory_gib": ("peak_memory_gib", max),
-              "perf/resident_memory_gib": ("resident_memory_gib", max)}
+              "perf/resident_memory_gib": ("resident_memory_gib", max),
+              "perf/alloc_retries": ("alloc_retries", max)}
 """Step metrics summarised in the run manifest: their names there and how the steps combine."""
 
 

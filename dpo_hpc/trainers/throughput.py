@@ -86,6 +86,12 @@ def resident_memory_gib(device: torch.device) -> Optional[float]:
     return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def allocator_retries(device: torch.device) -> Optional[int]:
+    """How often the CUDA caching allocator has freed its cache and retried an allocation since
+    the process began: above 0, steps near the memory limit stall. None off CUDA."""
+    return torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else None
+
+
 def peak_memory_gib(device: torch.device) -> float:
     """This process's peak device memory (CUDA: allocated by torch; CPU: resident set)."""
     if device.type == "cuda":

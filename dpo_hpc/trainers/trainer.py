@@ -42,7 +42,8 @@ from .metrics import MetricsLogger, MetricSums
 from .profiling import StepProfiler
 from .progress import TrainProgress
 from .trackers import check_available as check_trackers, open_trackers
-from .throughput import FlopsModel, describe_device, peak_flops, peak_memory_gib, resident_memory_gib
+from .throughput import (FlopsModel, allocator_retries, describe_device, peak_flops, peak_memory_gib,
+                         resident_memory_gib)
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -375,6 +376,7 @@ class Trainer:
         resident = resident_memory_gib(self.device)  # after the optimizer step: the state kept between steps
         if resident is not None:
             metrics["perf/resident_memory_gib"] = resident
+            metrics["perf/alloc_retries"] = float(allocator_retries(self.device))
         return metrics
 
     def evaluate(self) -> dict[str, float]:
