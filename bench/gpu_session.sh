@@ -44,6 +44,8 @@ mkdir -p "$out"
 python="${PYTHON:-python3}"
 deadline=$((SECONDS + ${GPU_SESSION_SECONDS:-570}))
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# dpo-hpc's own default, given to TRL's side too: the comparison is of trainers, not allocator settings
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 
 # perf.md section 7: Llama-3.2-1B's shape, random init, bf16, HH-like lengths. BENCH_SHAPE lets a
 # CPU rehearsal run the same steps on the small shape.
