@@ -373,10 +373,11 @@ class Trainer:
                    "perf/peak_memory_gib": peak_memory_gib(self.device)}
         if self.peak_flops:
             metrics["perf/mfu"] = achieved / self.peak_flops
-        resident = resident_memory_gib(self.device)  # after the optimizer step: the state kept between steps
-        if resident is not None:
-            metrics["perf/resident_memory_gib"] = resident
-            metrics["perf/alloc_retries"] = float(allocator_retries(self.device))
+        # After the optimizer step: the state kept between steps, and the allocator's stalls (CUDA only)
+        for name, value in (("perf/resident_memory_gib", resident_memory_gib(self.device)),
+                            ("perf/alloc_retries", allocator_retries(self.device))):
+            if value is not None:
+                metrics[name] = float(value)
         return metrics
 
     def evaluate(self) -> dict[str, float]:
