@@ -9,15 +9,15 @@
 # All steps take longer than one call. With 15 device-minutes (a start costs 1-2): a first call
 # `GPU_SESSION_SECONDS=560 bash bench/gpu_session.sh best equal`, then at once, while the machine
 # is still warm (its assets in /tmp and compiled kernels reused), a second with the steps that
-# matter next. Budget for compiling: flex attention compiles its kernels on the first batches and
-# again once lengths vary (forward for the reference pass, forward and backward for training). On
-# an H100 on 2026-12-06, `best` had not finished after 414 s, the asset build included; the plain
-# settings at 16 pairs ran 8 steps in 30 s, loading included.
+# matter next. The fast options use varlen_attn (PyTorch's own variable-length flash kernel):
+# nothing to compile. flex attention, which compiles its kernels on the first batches and again
+# once lengths vary, is one ablation: on an H100 on 2026-12-06 `best` with flex had not finished
+# after 414 s, the asset build included; the plain settings at 16 pairs ran 8 steps in 30 s.
 #
 # Steps (default: all, in this order):
-#   best         the headline target: dpo-hpc with its fast options (padding-free rows through flex
-#                attention, fused AdamW) against TRL's best configuration seen (16 pairs, precomputed
-#                reference, no gradient checkpointing)
+#   best         the headline target: dpo-hpc with its fast options (one padding-free row through
+#                varlen_attn, fused AdamW) against TRL's best configuration seen (16 pairs,
+#                precomputed reference, no gradient checkpointing)
 #   equal        bench/vs_trl.py, perf.md section 7's setup, both sides with a precomputed reference,
 #                micro-batch 8 (the same batches on both sides; bf16 loss gate)
 #   gpu_tests    tests/integration/test_gpu.py (bf16 on nccl, MFU, memory; checkpointing, fused AdamW)
@@ -73,8 +73,8 @@ record() {  # run a benchmark; its last line (the result) goes to results.jsonl 
     echo "{\"step\": \"$name\", \"result\": $line}" >>"$out/results.jsonl"
 }
 equal() { record equal "${with_trl[@]}" --batch 8 --precompute; }
-# best's options; BENCH_FAST lets a CPU rehearsal swap flex attention (no backward on a CPU) for sdpa
-read -r -a fast <<<"${BENCH_FAST:---set dpo_training.padding_free=true --set attn_implementation=flex_attention \
+# best's options (BENCH_FAST replaces them: a CPU rehearsal, another candidate)
+read -r -a fast <<<"${BENCH_FAST:---set dpo_training.padding_free=true --set attn_implementation=varlen_attn \
 --set dpo_training.optim=adamw_torch_fused}"
 best() { record best "${with_trl[@]}" --batch 16 --precompute "${fast[@]}"; }
 online() { record online "${with_trl[@]}" --batch 16 --trl-gradient-checkpointing "${fast[@]}"; }
@@ -100,18 +100,19 @@ max_batch() {  # at ~1,000 tokens a pair, 64 pairs' activations outgrow 80 GB wi
             --set dpo_training.gradient_checkpointing=true --set dpo_training.group_by_length=true || return
     done
 }
-ablations() {  # one change at a time; padding-free twice: dense-mask rows (sdpa), one row (flex attention)
+ablations() {  # one change at a time; padding-free three times: dense-mask rows (sdpa), one row (varlen, flex)
     local name options failed=0
     while read -r name options; do  # $options unquoted: several words
         record "ablation_$name" "${bench[@]}" --sides ours --batch 8 --precompute $options || failed=1
     done <<'EOF_ABLATIONS'
-padding_free_flex --set dpo_training.padding_free=true --set attn_implementation=flex_attention
+padding_free_varlen --set dpo_training.padding_free=true --set attn_implementation=varlen_attn
 optim_fused --set dpo_training.optim=adamw_torch_fused
 padding_free_sdpa --set dpo_training.padding_free=true
 torch_compile --set dpo_training.torch_compile=true
 group_by_length --set dpo_training.group_by_length=true
 gradient_checkpointing --set dpo_training.gradient_checkpointing=true
 checkpointing_every_2nd --set dpo_training.gradient_checkpointing=true --set dpo_training.gradient_checkpointing_every_n_layers=2
+padding_free_flex --set dpo_training.padding_free=true --set attn_implementation=flex_attention
 EOF_ABLATIONS
     return $failed
 }

@@ -22,7 +22,7 @@ import time
 def one(path: str, vocab: int, rows: int, seq: int, hidden_size: int, threads: int) -> dict:
     import torch
 
-    from dpo_hpc.algorithms.logprobs import completion_positions, sequence_logps, target_logps
+    from dpo_hpc.algorithms.logprobs import sequence_logps, target_logps
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
@@ -39,7 +39,7 @@ def one(path: str, vocab: int, rows: int, seq: int, hidden_size: int, threads: i
         if path == "full":
             logps = sequence_logps(hidden @ weight.T, input_ids, loss_mask)
         else:
-            rows_of, positions = completion_positions(loss_mask)
+            rows_of, positions = loss_mask[:, 1:].nonzero(as_tuple=True)  # hidden states that predict loss
             token = target_logps(hidden[rows_of, positions], weight, input_ids[rows_of, positions + 1])
             logps = torch.zeros(rows).index_add(0, rows_of, token)
         logps.sum().backward()

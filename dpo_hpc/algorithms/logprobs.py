@@ -75,11 +75,6 @@ def target_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     return _TargetLogps.apply(hidden, weight, targets, rows)
 
 
-def completion_positions(loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, position) of every hidden state whose NEXT token carries loss (position t predicts t + 1)."""
-    return loss_mask[:, 1:].nonzero(as_tuple=True)
-
-
 # Config attributes of models whose logits are not plain ``lm_head(h)`` (soft-capping, scaling):
 # for those the head is never split off.
 _LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -89,12 +84,17 @@ def _identity(hidden):
     return hidden
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
+def model_inputs(batch: dict) -> dict:
     """The forward's arguments for a padded or a packed batch (``dpo_hpc.data.collate``). Packing
     also needs the model's KV cache off (``load_causal_lm`` turns it off), or transformers would
-    not look for packed sequences."""
+    not look for packed sequences. A flat batch's boundaries go down as transformers'
+    flash-attention kwargs, which variable-length kernels read and the others ignore."""
     layout = "position_ids" if "position_ids" in batch else "attention_mask"
-    return {"input_ids": batch["input_ids"], layout: batch[layout]}
+    inputs = {"input_ids": batch["input_ids"], layout: batch[layout]}
+    if "cu_seq_lens" in batch:
+        inputs.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
+                      max_length_q=batch["max_length"], max_length_k=batch["max_length"])
+    return inputs
 
 
 class CompletionScorer:
@@ -139,7 +139,7 @@ class CompletionScorer:
     def token_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(sequence of each loss token, its log-prob), over the tokens where ``loss_mask`` is 1."""
         out, weight = self._forward(model, batch)
-        rows, positions = completion_positions(batch["loss_mask"])
+        rows, positions = batch["loss_rows"], batch["loss_positions"]  # position t predicts token t + 1
         if weight is not None:
             logps = target_logps(out[rows, positions], weight, batch["input_ids"][rows, positions + 1], self.chunk_rows)
         else:

@@ -199,7 +199,7 @@ def build_loss(training) -> PairwiseLoss:
     return resolve(LOSSES[training.loss_type].implementation)(label_smoothing=training.label_smoothing)
 
 
-SPARSE_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
+SPARSE_ATTENTION = ("varlen_attn", "flex_attention", "flash_attention_2", "flash_attention_3")
 """Attention backends that skip the token pairs a packed row's mask excludes."""
 
 

@@ -162,8 +162,8 @@ class TrainingConfig:
     groups of 50 global batches): less padding; the data order stays a function of (seed, step)."""
     padding_free: bool = False
     """Pack each micro-batch's sequences whole into shared rows, position ids restarting per
-    sequence (TRL's name); the attention keeps them apart. With ``flex_attention`` or
-    ``flash_attention_2``/``_3``, which skip other sequences' tokens, all in one row: no padding.
+    sequence (TRL's name); the attention keeps them apart. With ``varlen_attn``, ``flex_attention``
+    or ``flash_attention_2``/``_3``, which skip other sequences' tokens, all in one row: no padding.
     With ``sdpa`` or ``eager``, whose mask is dense, into rows of the width that leaves the fewest
     token slots without more attention work than padded rows. The same math as padded batches,
     checked on the model before training."""
@@ -315,7 +315,8 @@ class LoraConfig:
     """Also save the merged model (base + adapter) in the run directory, beside the adapter."""
 
 
-AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention",
+                             "varlen_attn"]
 
 
 @dataclass(config=STRICT, kw_only=True)
@@ -328,7 +329,9 @@ class ModelSettings:
     tokenizer_name: Optional[str] = Field(None, description="Tokenizer to load (defaults to policy_name).")
     attn_implementation: AttnImplementation = Field(
         "sdpa", description="Attention kernel of transformers: sdpa (PyTorch's), eager, flash_attention_2/3 "
-                            "(needs the flash-attn package) or flex_attention.")
+                            "(needs the flash-attn package), flex_attention, or varlen_attn: PyTorch's own "
+                            "variable-length flash kernel (CUDA, bf16/fp16, torch >= 2.9; no package, no "
+                            "compiling) for padding_free; elsewhere each sequence runs through sdpa.")
     torch_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(
         None, description="Dtype the weights load in (TRL's model_init_kwargs name). Default: float32 for the "
                           "trained model, which DeepSpeed keeps as master weights while computing in `precision`, "

@@ -11,18 +11,23 @@ Layouts (``Layout``):
   fewest token slots, which every layer pays for, among those whose attention work under a dense
   mask over each row is no more than the padded batch's (rows x width² <= sequences x longest²).
 - ``flat`` (``padding_free`` with an attention that skips the masked pairs): every sequence in
-  one row, no slot spent on padding.
+  one row, no slot spent on padding. The row also carries the boundaries as variable-length
+  kernels take them (transformers' flash-attention kwargs): ``cu_seq_lens`` (int32, the offsets
+  0, n0, n0 + n1, ...) and ``max_length``, a host int, so no kernel launch waits on the device.
 Packed rows have ``position_ids`` that restart at 0 for every sequence and no ``attention_mask``:
 transformers then keeps the sequences apart (a block-diagonal causal mask, a block-sparse one
 for flex attention, or flash-attention's variable-length kernel). ``sequence_ids`` names each
 token's sequence (-1 in a row's unfilled tail).
 
 Either way ``sequence_lengths`` and ``loss_tokens`` (per sequence, in sequence order) say what
-the batch holds, whatever its layout.
+the batch holds, whatever its layout, and ``loss_rows``/``loss_positions`` where the hidden
+states that predict loss tokens are. A batch's values are tensors but for ``max_length``:
+``to_device`` moves the tensors.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal, Sequence
 
 import torch
@@ -31,12 +36,22 @@ from .tokenize import TokenizedConversation, TokenizedPair
 
 
 Layout = Literal["padded", "packed", "flat"]
+Batch = dict[str, "torch.Tensor | int"]
 
 
-def _summary(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _summary(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]],
+             loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    # (row, position) of every hidden state whose NEXT token carries loss, found here on the host:
+    # nonzero() on a GPU would stall the forward's launch queue until the device catches up
+    loss_rows, loss_positions = loss_mask[:, 1:].nonzero(as_tuple=True)
     return {"sequence_lengths": torch.tensor([len(r) for r in rows], dtype=torch.long),
             # position 0 predicts nothing: its token has no preceding context in the sequence
-            "loss_tokens": torch.tensor([sum(m[1:]) for m in masks], dtype=torch.long)}
+            "loss_tokens": torch.tensor([sum(m[1:]) for m in masks], dtype=torch.long),
+            "loss_rows": loss_rows, "loss_positions": loss_positions}
 
 
 def pad_rows(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -49,11 +64,12 @@ def pad_rows(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_
         input_ids[i, :n] = torch.tensor(row, dtype=torch.long)
         attention[i, :n] = 1
         loss_mask[i, :n] = torch.tensor(mask, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask, **_summary(rows, masks)}
+    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask,
+            **_summary(rows, masks, loss_mask)}
 
 
 def pack_rows(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int,
-              flat: bool = False) -> dict[str, torch.Tensor]:
+              flat: bool = False) -> Batch:
     lengths = [len(r) for r in rows]
     longest, total = max(lengths), sum(lengths)
     if flat:
@@ -82,8 +98,12 @@ def pack_rows(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad
             start += n
         # the unfilled tail: a sequence of its own (positions from 0), never attended to by real tokens
         position_ids[r, start:] = torch.arange(width - start)
-    return {"input_ids": input_ids, "position_ids": position_ids, "loss_mask": loss_mask,
-            "sequence_ids": sequence_ids, **_summary(rows, masks)}
+    batch = {"input_ids": input_ids, "position_ids": position_ids, "loss_mask": loss_mask,
+             "sequence_ids": sequence_ids, **_summary(rows, masks, loss_mask)}
+    if flat:
+        batch["cu_seq_lens"] = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        batch["max_length"] = longest
+    return batch
 
 
 def first_fit(lengths: Sequence[int], width: int) -> list[list[int]]:
@@ -101,13 +121,13 @@ def first_fit(lengths: Sequence[int], width: int) -> list[list[int]]:
 
 
 def layout_rows(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int,
-                layout: Layout) -> dict[str, torch.Tensor]:
+                layout: Layout) -> Batch:
     if layout == "padded":
         return pad_rows(rows, masks, pad_id)
     return pack_rows(rows, masks, pad_id, flat=layout == "flat")
 
 
-def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, layout: Layout = "padded") -> dict[str, torch.Tensor]:
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, layout: Layout = "padded") -> Batch:
     """Sequences [0, B) chosen, [B, 2B) rejected, in ``layout``."""
     rows, masks = [], []
     for side in ("chosen_ids", "rejected_ids"):
@@ -119,6 +139,6 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, layout: Layout = 
 
 
 def collate_conversations(convs: Sequence[TokenizedConversation], pad_id: int,
-                          layout: Layout = "padded") -> dict[str, torch.Tensor]:
+                          layout: Layout = "padded") -> Batch:
     """B sequences in ``layout``."""
     return layout_rows([c.input_ids for c in convs], [c.loss_mask for c in convs], pad_id, layout)

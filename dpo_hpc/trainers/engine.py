@@ -11,7 +11,7 @@ import torch
 
 from ..config import ConfigError, DeepSpeedConfig, TrainingConfig
 from ..runtime.failures import model_not_found
-from . import lora
+from . import lora, varlen_attention
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -72,6 +72,8 @@ def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implemen
 
     from transformers import AutoModelForCausalLM
 
+    if attn_implementation == varlen_attention.NAME:
+        varlen_attention.register()
     package = _ATTENTION_PACKAGES.get(attn_implementation)
     if package and importlib.util.find_spec(package) is None:
         raise ConfigError([f"attn_implementation = {attn_implementation!r} needs the {package} package, which is "
@@ -102,23 +104,23 @@ def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implemen
     return model
 
 
-def check_packing(model) -> None:
+def check_packing(model, layout: str = "packed") -> None:
     """``padding_free`` relies on transformers keeping packed sequences apart (position ids that
-    restart, no attention mask). A model whose attention ignored that would train on sequences
-    that see each other, silently: three short sequences, packed and padded, must agree first."""
+    restart, or the variable-length kernels' boundaries; no attention mask). A model whose
+    attention ignored that would train on sequences that see each other, silently: three short
+    sequences, in the run's ``layout`` and padded, must agree first."""
     from ..algorithms.logprobs import model_inputs
-    from ..data.collate import pack_rows, pad_rows
+    from ..data.collate import layout_rows, pad_rows, to_device
 
     generator = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().num_embeddings
     rows = [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in (6, 3, 3)]
     masks = [[1] * len(r) for r in rows]
-    padded, packed = pad_rows(rows, masks, 0), pack_rows(rows, masks, 0)
+    padded, packed = pad_rows(rows, masks, 0), layout_rows(rows, masks, 0, layout)
     device = next(model.parameters()).device
 
     def log_probs(batch):  # called as the trainer calls it
-        inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
-        return model(**inputs).logits.float().log_softmax(-1)
+        return model(**model_inputs(to_device(batch, device))).logits.float().log_softmax(-1)
 
     try:
         with torch.no_grad():

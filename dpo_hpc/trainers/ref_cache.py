@@ -25,6 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..data.collate import to_device
 from ..data.sampler import eval_batch_indices
 from ..filelock import FileLock
 from ..fsutil import files_identity, fsync_tree, remove_tree
@@ -102,7 +103,7 @@ def compute(reference, scorer, collate: Callable, examples: list, batch_size: in
     with torch.no_grad():
         for done, indices in enumerate(batches, 1):
             chunk = [examples[i] for i in (indices or [0])]  # an empty slot still runs: ZeRO-3 is collective
-            batch = {k: v.to(device) for k, v in collate(chunk).items()}
+            batch = to_device(collate(chunk), device)
             logps = scorer.sequence_logps(reference, batch).float().cpu()
             if indices:
                 half = len(chunk)

@@ -25,7 +25,7 @@ from ..algorithms.objectives import batch_layout, build_objective
 from ..checkpoint import CheckpointError, RunDir, config_hash
 from ..checkpoint.manager import Checkpointer, peek_shared
 from ..config import Algorithm, algorithm, to_dict, to_identity
-from ..data.collate import collate_pairs
+from ..data.collate import collate_pairs, to_device
 from ..data.pipeline import load_splits, report_lines, write_report
 from ..data.sampler import eval_batch_indices, global_batch_indices, steps_per_epoch
 from ..data.tokenize import SpecialTokens
@@ -37,7 +37,7 @@ from ..runtime.stop import StopSignal
 from .engine import (build_engine, check_packing, check_precision, checkpoint_blocks, compile_blocks,
                      deepspeed_config, device, load_causal_lm, load_tokenizer, prepare_reference, save_final_model,
                      unclipped_grad_norm)
-from . import lora, ref_cache
+from . import lora, ref_cache, varlen_attention
 from .metrics import MetricsLogger, MetricSums
 from .profiling import StepProfiler
 from .progress import TrainProgress
@@ -49,10 +49,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _to_device(batch: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
 
 
 class Trainer:
@@ -136,6 +132,8 @@ class Trainer:
             self.say("flex_attention compiles its kernels on the first batches, and once more when lengths "
                      "vary: minutes on a GPU, once per process")
         self.build_models()
+        if self.cfg.attn_implementation == varlen_attention.NAME:
+            self.say(varlen_attention.describe(self.device, next(self.engine.module.parameters()).dtype))
         self.progress = self.new_progress()
         self.checkpointer = Checkpointer(self.run.checkpoints, self.dist, self.engine,
                                          interval=self.training.save_steps, keep=self.training.save_total_limit,
@@ -224,7 +222,7 @@ class Trainer:
                                trainable=True, attn_implementation=cfg.attn_implementation,
                                trust_remote_code=cfg.trust_remote_code, torch_dtype=cfg.torch_dtype)
         if training.padding_free:  # on the training device: its attention kernels are the ones to check
-            check_packing(model.to(self.device))
+            check_packing(model.to(self.device), batch_layout(cfg))
         if training.gradient_checkpointing:
             checkpointed, blocks = checkpoint_blocks(model, training.gradient_checkpointing_every_n_layers)
             self.say(f"gradient checkpointing: {checkpointed} of {blocks} blocks")
@@ -327,7 +325,7 @@ class Trainer:
                                                         training.gradient_accumulation_steps, dist.world_size,
                                                         dist.rank, training.seed, self.lengths)]
         work = self.work_of(collated)  # counted on the host: no device sync per micro-batch
-        batches = [_to_device(b, self.device) for b in collated]
+        batches = [to_device(b, self.device) for b in collated]
         data_seconds = time.perf_counter() - started  # host work before the device has any
         # Each micro-loss is a SUM over its units; scaling by (GA x world) / global units turns
         # DeepSpeed's 1/GA and cross-rank averaging into one mean over the global batch.
@@ -387,7 +385,7 @@ class Trainer:
         self.engine.eval()
         for indices in eval_batch_indices(len(self.val_set), batch_size, self.dist.world_size, self.dist.rank):
             weight = 1.0 if indices else 0.0  # an empty slot still runs a forward: ZeRO-3 needs every rank
-            batch = _to_device(self.objective.collate([self.val_set[i] for i in (indices or [0])]), self.device)
+            batch = to_device(self.objective.collate([self.val_set[i] for i in (indices or [0])]), self.device)
             sums.add(self.objective.eval_stats(self.engine, batch), weight)
         self.engine.train()
         return sums.reduce(self.device)

@@ -356,8 +356,9 @@ def test_original_commands_run_the_seed_configs(tmp_path, micro_model, reverse_d
 
 def test_memory_and_speed_options_keep_the_math(tmp_path, micro_model):
     """Gradient checkpointing (of every block or every 2nd), fused AdamW, compiled blocks and packed
-    rows (compiled or not) change how, not what: the weights after 3 steps match the plain run;
-    grouping by length changes the order (a new run) and cuts padding, as packing does."""
+    rows (compiled or not, or one flat row through varlen_attn) change how, not what: the weights
+    after 3 steps match the plain run; grouping by length changes the order (a new run) and cuts
+    padding, as packing does, and the flat row has none."""
     from dpo_hpc.trainers.trainer import train
 
     data = small_data(tmp_path, 120)
@@ -366,10 +367,12 @@ def test_memory_and_speed_options_keep_the_math(tmp_path, micro_model):
                 "every_2nd_block": {"gradient_checkpointing": True, "gradient_checkpointing_every_n_layers": 2},
                 "fused": {"optim": "adamw_torch_fused"},
                 "grouped": {"group_by_length": True}, "compiled": {"torch_compile": True},
-                "packed": {"padding_free": True}, "compiled_packed": {"torch_compile": True, "padding_free": True}}
+                "packed": {"padding_free": True}, "compiled_packed": {"torch_compile": True, "padding_free": True},
+                "varlen": {"padding_free": True, "attn_implementation": "varlen_attn"}}
     weights, padding = {}, {}
     for name, options in variants.items():
-        raw = run_config(tmp_path / name, micro_model, data, "dpo_training", **common, **options)
+        top = {key: options.pop(key) for key in ("attn_implementation",) if key in options}
+        raw = {**run_config(tmp_path / name, micro_model, data, "dpo_training", **common, **options), **top}
         summary = train(validate_mapping(raw, "dpo"), "dpo")
         weights[name] = load_file(Path(raw["dpo_training"]["save_dir"]) / "model.safetensors")
         padding[name] = summary["median_padding_fraction"]
@@ -377,12 +380,13 @@ def test_memory_and_speed_options_keep_the_math(tmp_path, micro_model):
     # magnify that in the weights whose gradients are near 0 (seen: 5e-6 on 2 of 16,576 entries
     # compiled, 3e-5 on 1 of 8,192 packed).
     tolerances = {"checkpointing": 1e-6, "every_2nd_block": 1e-6, "fused": 1e-6, "compiled": 2e-5, "packed": 1e-4,
-                  "compiled_packed": 1e-4}
+                  "compiled_packed": 1e-4, "varlen": 1e-4}
     for name, atol in tolerances.items():
         for key in weights["plain"]:
             torch.testing.assert_close(weights[name][key], weights["plain"][key], rtol=1e-5, atol=atol)
     assert padding["grouped"] < padding["plain"] / 2, padding
     assert padding["packed"] <= padding["plain"], padding  # rows as long as the longest: similar pairs rarely share
+    assert padding["varlen"] == 0.0, padding
 
 
 @pytest.mark.parametrize("trainer, setup", [
@@ -413,14 +417,17 @@ def test_padding_free_sft_trains_as_padded(tmp_path, micro_model):
 
     data = small_data(tmp_path, 40)
     weights, padding = {}, {}
-    for name, packed in (("padded", False), ("packed", True)):
+    for name, packed, attention in (("padded", False, "sdpa"), ("packed", True, "sdpa"),
+                                    ("varlen", True, "varlen_attn")):
         raw = run_config(tmp_path / name, micro_model, data, "sft_training", max_steps=3, batch_size=8,
                          learning_rate=2e-3, padding_free=packed)
+        raw["attn_implementation"] = attention
         padding[name] = train(validate_mapping(raw, "sft"), "sft")["median_padding_fraction"]
         weights[name] = load_file(Path(raw["sft_training"]["save_dir"]) / "model.safetensors")
-    for key in weights["padded"]:
-        torch.testing.assert_close(weights["packed"][key], weights["padded"][key], rtol=1e-5, atol=1e-4)
-    assert padding["packed"] < 0.75 * padding["padded"], padding
+    for name in ("packed", "varlen"):
+        for key in weights["padded"]:
+            torch.testing.assert_close(weights[name][key], weights["padded"][key], rtol=1e-5, atol=1e-4)
+    assert padding["varlen"] == 0.0 < padding["packed"] < 0.75 * padding["padded"], padding
 
 
 def test_precomputed_reference_trains_without_the_reference_and_is_shared(tmp_path, micro_model):

@@ -9,6 +9,7 @@ import torch
 from dpo_hpc.algorithms.logprobs import CompletionScorer, sequence_logps, target_logps
 from dpo_hpc.data.collate import collate_pairs
 from dpo_hpc.data.tokenize import TokenizedPair
+from dpo_hpc.trainers import varlen_attention
 
 
 def naive(hidden, weight, targets):
@@ -106,10 +107,16 @@ def test_packed_rows_hold_every_sequence_whole_and_never_more_slots(seed):
     rows, width = packed["input_ids"].shape
     if layout == "flat":
         assert (rows, width) == (1, padded["sequence_lengths"].sum())
+        lengths = padded["sequence_lengths"]
+        assert packed["cu_seq_lens"].dtype == torch.int32 and packed["max_length"] == int(lengths.max())
+        assert packed["cu_seq_lens"].tolist() == [0, *torch.cumsum(lengths, 0).tolist()]
     else:  # a dense mask over each row: never more attention work than the padded batch
         assert rows * width**2 <= padded["input_ids"].shape[0] * padded["input_ids"].shape[1] ** 2
     for key in ("sequence_lengths", "loss_tokens"):
         assert torch.equal(packed[key], padded[key])
+    for batch in (padded, packed):  # found on the host: the hidden states that predict loss tokens
+        rows_, positions = batch["loss_mask"][:, 1:].nonzero(as_tuple=True)
+        assert torch.equal(batch["loss_rows"], rows_) and torch.equal(batch["loss_positions"], positions)
     for i, length in enumerate(padded["sequence_lengths"].tolist()):
         rows, cols = torch.nonzero(packed["sequence_ids"] == i, as_tuple=True)
         assert rows.unique().numel() == 1 and torch.equal(cols, torch.arange(cols[0], cols[0] + length))  # whole
@@ -124,10 +131,12 @@ def test_packed_rows_hold_every_sequence_whole_and_never_more_slots(seed):
 
 @pytest.mark.parametrize("attention, layout, scorer", [
     ("sdpa", "packed", CompletionScorer(chunk_rows=7)), ("eager", "packed", CompletionScorer(chunk_rows=7)),
-    ("sdpa", "flat", CompletionScorer(chunk_rows=7)), ("sdpa", "flat", FullLogits())])
+    ("sdpa", "flat", CompletionScorer(chunk_rows=7)), ("sdpa", "flat", FullLogits()),
+    ("varlen_attn", "flat", CompletionScorer(chunk_rows=7))])
 def test_packed_batches_score_as_padded_ones_on_a_llama(llama, attention, layout, scorer):
     """Same per-sequence log-probs and gradients: transformers keeps the packed sequences apart
     (split head, and the full logits that ZeRO-3 and soft-capped models use)."""
+    varlen_attention.register()
     llama.set_attn_implementation(attention)
     llama.config.use_cache = False  # as load_causal_lm leaves every model
     pairs = random_pairs(11, 6)
@@ -141,6 +150,7 @@ def test_packed_batches_score_as_padded_ones_on_a_llama(llama, attention, layout
     torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
     for x, y in zip(grads_b, grads_a):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    llama.set_attn_implementation("sdpa")
 
 
 def test_flex_attention_scores_a_flat_batch_as_sdpa_scores_padded_rows(llama):
@@ -157,6 +167,21 @@ def test_flex_attention_scores_a_flat_batch_as_sdpa_scores_padded_rows(llama):
         finally:
             llama.set_attn_implementation("sdpa")
     torch.testing.assert_close(flat, padded, rtol=0, atol=1e-5)
+
+
+def test_varlen_attn_needs_the_flat_layout_that_carries_the_boundaries(llama):
+    from dpo_hpc.config.errors import ConfigError
+    from dpo_hpc.trainers.engine import check_packing
+
+    varlen_attention.register()
+    llama.set_attn_implementation("varlen_attn")
+    llama.config.use_cache = False
+    try:
+        check_packing(llama, "flat")
+        with pytest.raises(ConfigError, match="with attn_implementation = 'varlen_attn' lets packed sequences"):
+            check_packing(llama, "packed")  # rows of several sequences, no boundaries: one sequence per row
+    finally:
+        llama.set_attn_implementation("sdpa")
 
 
 def test_a_model_that_does_not_keep_packed_sequences_apart_is_refused(llama):
