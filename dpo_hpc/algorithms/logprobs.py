@@ -60,10 +60,14 @@ class _TargetLogps(torch.autograd.Function):
             # d logp[target] / d logits = onehot(target) - softmax(logits)
             grad_logits = torch.exp(logits - lse[rows, None]).mul_(-grad_out[rows, None])
             grad_logits.scatter_add_(1, targets[rows, None], grad_out[rows, None].float())
+            # Both matmuls in the model's dtype (bf16 on a GPU: tensor cores, fp32 accumulation
+            # inside; an fp32 matmul there is an order of magnitude slower); the chunks' weight
+            # gradients are summed in fp32.
+            grad_logits = grad_logits.to(hidden.dtype)
             if grad_hidden is not None:
-                grad_hidden[rows] = (grad_logits.to(hidden.dtype) @ weight).to(hidden.dtype)
+                grad_hidden[rows] = grad_logits @ weight
             if grad_weight is not None:
-                grad_weight.add_(grad_logits.T @ hidden[rows].float())
+                grad_weight.add_(grad_logits.T @ hidden[rows])
         return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
 
 
