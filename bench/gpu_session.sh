@@ -29,8 +29,8 @@
 #                (gradient checkpointing on), both with an online reference
 #   best_variants  dpo-hpc alone with best's options and torch.compile; then at 32 pairs with every
 #                2nd block checkpointed, and with none (whether a larger micro-batch beats 16 pairs)
-#   max_batch    dpo-hpc alone at micro-batch 64, then 96, with gradient checkpointing and
-#                length grouping (the largest micro-batch target)
+#   max_batch    dpo-hpc alone at micro-batch 64, then 96, with best's options and gradient
+#                checkpointing (the largest micro-batch target)
 #   ablations    dpo-hpc alone at micro-batch 8, one option at a time (checkpointing of every
 #                block and of every 2nd one among them)
 # Written to $OUT: session.log (everything), results.jsonl (one line per benchmark) and
@@ -93,11 +93,12 @@ profile() {  # where the headline configuration's step goes: the phase table and
     "$python" -c "import json, shutil, sys; shutil.copy(json.loads(sys.argv[1])['dpo_hpc']['profile'], sys.argv[2])" \
         "$(tail -n 1 /tmp/profile.out)" "$out/profile_best.txt"
 }
-max_batch() {  # at ~1,000 tokens a pair, 64 pairs' activations outgrow 80 GB without checkpointing
+max_batch() {  # at ~1,000 tokens a pair, 64 pairs' activations outgrow 80 GB without checkpointing;
+    # best's options (one flat row: no padding to hold) with every block checkpointed
     local batch
     for batch in 64 96; do
         record "max_batch_$batch" "${bench[@]}" --sides ours --batch "$batch" --precompute --steps 12 --warmup 4 \
-            --set dpo_training.gradient_checkpointing=true --set dpo_training.group_by_length=true || return
+            "${fast[@]}" --set dpo_training.gradient_checkpointing=true || return
     done
 }
 ablations() {  # one change at a time; padding-free three times: dense-mask rows (sdpa), one row (varlen, flex)
