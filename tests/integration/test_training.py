@@ -418,13 +418,13 @@ def test_padding_free_sft_trains_as_padded(tmp_path, micro_model):
     data = small_data(tmp_path, 40)
     weights, padding = {}, {}
     for name, packed, attention in (("padded", False, "sdpa"), ("packed", True, "sdpa"),
-                                    ("varlen", True, "varlen_attn")):
+                                    ("varlen", True, "varlen_attn"), ("varlen_padded", False, "varlen_attn")):
         raw = run_config(tmp_path / name, micro_model, data, "sft_training", max_steps=3, batch_size=8,
                          learning_rate=2e-3, padding_free=packed)
         raw["attn_implementation"] = attention
         padding[name] = train(validate_mapping(raw, "sft"), "sft")["median_padding_fraction"]
         weights[name] = load_file(Path(raw["sft_training"]["save_dir"]) / "model.safetensors")
-    for name in ("packed", "varlen"):
+    for name in ("packed", "varlen", "varlen_padded"):  # varlen_attn over right-padded rows: one sequence a row
         for key in weights["padded"]:
             torch.testing.assert_close(weights[name][key], weights["padded"][key], rtol=1e-5, atol=1e-4)
     assert padding["varlen"] == 0.0 < padding["packed"] < 0.75 * padding["padded"], padding
