@@ -104,11 +104,12 @@ def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implemen
     return model
 
 
-def check_packing(model, layout: str = "packed") -> None:
+def check_packing(model, layout: str = "packed", precision: str = "fp32") -> None:
     """``padding_free`` relies on transformers keeping packed sequences apart (position ids that
     restart, or the variable-length kernels' boundaries; no attention mask). A model whose
     attention ignored that would train on sequences that see each other, silently: three short
-    sequences, in the run's ``layout`` and padded, must agree first."""
+    sequences, in the run's ``layout`` and padded, must agree first. On a GPU under the run's
+    ``precision`` (autocast), so that the attention kernels checked are the ones training runs."""
     from ..algorithms.logprobs import model_inputs
     from ..data.collate import layout_rows, pad_rows, to_device
 
@@ -122,13 +123,14 @@ def check_packing(model, layout: str = "packed") -> None:
     def log_probs(batch):  # called as the trainer calls it
         return model(**model_inputs(to_device(batch, device))).logits.float().log_softmax(-1)
 
+    compute = _DTYPES[precision] if device.type == "cuda" else next(model.parameters()).dtype
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
             a, b = log_probs(padded), log_probs(packed)
     except TypeError as exc:
         raise ConfigError([f"padding_free: {type(model).__name__} does not take position ids ({exc}); "
                            "set padding_free = false"]) from None
-    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    tolerance = 1e-3 if compute == torch.float32 else 5e-2
     for i, row in enumerate(rows):
         r, t = torch.nonzero(packed["sequence_ids"] == i, as_tuple=True)
         gap = (a[i, : len(row)] - b[r, t]).abs().max().item()

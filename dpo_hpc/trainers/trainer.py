@@ -224,7 +224,7 @@ class Trainer:
                                trainable=True, attn_implementation=cfg.attn_implementation,
                                trust_remote_code=cfg.trust_remote_code, torch_dtype=cfg.torch_dtype)
         if training.padding_free:  # on the training device: its attention kernels are the ones to check
-            check_packing(model.to(self.device), batch_layout(cfg))
+            check_packing(model.to(self.device), batch_layout(cfg), cfg.precision)
         if training.gradient_checkpointing:
             checkpointed, blocks = checkpoint_blocks(model, training.gradient_checkpointing_every_n_layers)
             self.say(f"gradient checkpointing: {checkpointed} of {blocks} blocks")
