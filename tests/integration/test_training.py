@@ -400,16 +400,17 @@ def test_padding_free_composes_with_zero3_lora_and_a_precomputed_table(tmp_path,
 
     data = small_data(tmp_path, 60)
     weights = {}
-    for name, packed in (("padded", False), ("packed", True)):
+    for name, packed, attention in (("padded", False, "sdpa"), ("packed", True, "sdpa"), ("flat", True, "varlen_attn")):
         raw = run_config(tmp_path / name, micro_model, data, "dpo_training", max_steps=3, batch_size=4,
                          gradient_accumulation_steps=2, learning_rate=2e-3, padding_free=packed,
                          precompute_ref_log_probs="lora" in setup)
-        summary = train(validate_mapping({**raw, **setup}, trainer), trainer)
+        summary = train(validate_mapping({**raw, **setup, "attn_implementation": attention}, trainer), trainer)
         assert summary["status"] == "completed"
         run = Path(raw["dpo_training"]["save_dir"])
         (weights[name],) = [load(path) for path in run.glob("*.safetensors")]  # model or adapter
-    for key in weights["padded"]:
-        torch.testing.assert_close(weights["packed"][key], weights["padded"][key], rtol=1e-5, atol=1e-4)
+    for name in ("packed", "flat"):
+        for key in weights["padded"]:
+            torch.testing.assert_close(weights[name][key], weights["padded"][key], rtol=1e-5, atol=1e-4)
 
 
 def test_padding_free_sft_trains_as_padded(tmp_path, micro_model):
