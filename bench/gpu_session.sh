@@ -20,7 +20,8 @@
 #                precomputed reference, no gradient checkpointing)
 #   equal        bench/vs_trl.py, perf.md section 7's setup, both sides with a precomputed reference,
 #                micro-batch 8 (the same batches on both sides; bf16 loss gate)
-#   gpu_tests    tests/integration/test_gpu.py (bf16 on nccl, MFU, memory; checkpointing, fused AdamW)
+#   gpu_tests    tests/integration/test_gpu.py (bf16 on nccl, MFU, memory; checkpointing, fused AdamW;
+#                padding-free through varlen_attn and flex) and varlen_attn's kernel against float64
 #   profile      the best step under torch.profiler (profile_steps): its phases and costliest kernels,
 #                brought back as profile_best.txt
 #   suite        the whole suite on a GPU machine (left out: the Slurm tests, which need a cluster,
@@ -60,7 +61,9 @@ setup() {
     "$python" -c "import torch, transformers, deepspeed, trl; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__, '| trl', trl.__version__)"
 }
-gpu_tests() { "$python" -m pytest -q -rs -p no:cacheprovider tests/integration/test_gpu.py; }
+gpu_tests() {
+    "$python" -m pytest -q -rs -p no:cacheprovider tests/integration/test_gpu.py tests/unit/trainers/test_varlen_attention.py
+}
 suite() {  # that machine's torch and transformers are its image's, not the pinned ones
     "$python" -m pytest -q -rs -p no:cacheprovider -m "not slurm" -n 12 --dist loadfile \
         --deselect tests/unit/test_containers.py::test_the_tested_environment_is_the_pinned_one
