@@ -16,7 +16,6 @@ sequence goes through sdpa on its own: the same math, no padding either, slower 
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
@@ -28,12 +27,19 @@ try:
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
 except ImportError:  # torch < 2.9
     _varlen_attn = None
+# The keyword arguments this torch's kernel takes: 2.9 has is_causal; later ones window_size and
+# scale; 2.12 enable_gqa. Read once here, so a compiled block traces none of it.
+_KERNEL_OPTIONS = frozenset(inspect.signature(_varlen_attn).parameters) if _varlen_attn else frozenset()
+
+
+def _ampere_or_newer(device: torch.device) -> bool:
+    # get_device_properties, which torch.compile folds to a constant: no graph break per layer
+    return device.type == "cuda" and torch.cuda.get_device_properties(device).major >= 8
 
 
 def kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether PyTorch's flash kernel takes these inputs (else each sequence runs through sdpa)."""
-    return (_varlen_attn is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-            and torch.cuda.get_device_capability(device) >= (8, 0))
+    return _varlen_attn is not None and dtype in (torch.float16, torch.bfloat16) and _ampere_or_newer(device)
 
 
 def describe(device: torch.device, dtype: torch.dtype) -> str:
@@ -41,22 +47,13 @@ def describe(device: torch.device, dtype: torch.dtype) -> str:
     if kernel_runs(device, dtype):
         return "varlen_attn: PyTorch's variable-length flash-attention kernel"
     why = ("this torch has no torch.nn.attention.varlen (2.9 or later has)" if _varlen_attn is None
-           else "the kernel runs on CUDA GPUs from Ampere on" if device.type != "cuda"
-           or torch.cuda.get_device_capability(device) < (8, 0)
+           else "the kernel runs on CUDA GPUs from Ampere on" if not _ampere_or_newer(device)
            else f"the kernel takes bf16 or fp16, not {str(dtype).removeprefix('torch.')}")
     return f"varlen_attn: each sequence through sdpa ({why})"
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel_options() -> frozenset[str]:
-    """Keyword arguments this torch's ``varlen_attn`` takes: 2.9 has ``is_causal``; later ones
-    ``window_size`` and ``scale``; 2.12 ``enable_gqa``."""
-    return frozenset(inspect.signature(_varlen_attn).parameters)
-
-
 def _flash(q, k, v, cu_seq_lens, max_length: int, scale: float, causal: bool):
-    options = _kernel_options()
-    kwargs = {}
+    options, kwargs = _KERNEL_OPTIONS, {}
     if "window_size" in options:
         kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
     else:

@@ -100,16 +100,38 @@ def signature_of(version: str):
 def test_the_kernel_call_fits_each_torch_signature(monkeypatch, version):
     """Causality, the model's scaling and grouped key/value heads reach every version's kernel;
     the real kernel runs in the GPU test below."""
-    monkeypatch.setattr(varlen_attention, "_varlen_attn", signature_of(version))
-    varlen_attention._kernel_options.cache_clear()
-    try:
-        lengths = [3, 7, 1, 5]
-        (q, k, v), cu = inputs(1, lengths)
-        flat = [x.detach().transpose(1, 2)[0] for x in (q, k, v)]
-        out = varlen_attention._flash(*flat, cu, max(lengths), 0.3, causal=True)
-        torch.testing.assert_close(out[None].double(), naive(q, k, v, lengths, 0.3), rtol=0, atol=1e-6)
-    finally:
-        varlen_attention._kernel_options.cache_clear()
+    kernel = signature_of(version)
+    monkeypatch.setattr(varlen_attention, "_varlen_attn", kernel)
+    monkeypatch.setattr(varlen_attention, "_KERNEL_OPTIONS", frozenset(inspect.signature(kernel).parameters))
+    lengths = [3, 7, 1, 5]
+    (q, k, v), cu = inputs(1, lengths)
+    flat = [x.detach().transpose(1, 2)[0] for x in (q, k, v)]
+    out = varlen_attention._flash(*flat, cu, max(lengths), 0.3, causal=True)
+    torch.testing.assert_close(out[None].double(), naive(q, k, v, lengths, 0.3), rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(varlen_attention._varlen_attn is None, reason="this torch has no varlen_attn")
+def test_the_kernel_path_traces_as_one_graph_for_torch_compile(monkeypatch):
+    """torch_compile compiles each block whole only if the attention call does not break the graph
+    (no host syncs, no device queries that dynamo cannot fold). Traced here with fake tensors; the
+    graph is not run (the kernel needs a GPU)."""
+    monkeypatch.setattr(varlen_attention, "kernel_runs", lambda device, dtype: True)
+    traced = []
+
+    class Traced(Exception):
+        pass
+
+    def backend(graph, example_inputs):
+        traced.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+        raise Traced
+
+    (q, k, v), cu = inputs(0, [5, 15], heads=8, kv_heads=2, head_dim=64, dtype=torch.bfloat16)
+    attention = torch.compile(lambda q, k, v: varlen_attention_forward(Attention(), q, k, v, None, cu_seq_lens_q=cu,
+                                                                      max_length_q=15)[0],
+                              backend=backend, fullgraph=True)
+    with pytest.raises(Exception, match="Traced"):
+        attention(q.detach(), k.detach(), v.detach())
+    assert "torch_attn._varlen_attn" in traced
 
 
 def test_the_run_says_which_path_its_attention_takes():
