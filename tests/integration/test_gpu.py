@@ -76,8 +76,8 @@ def test_padding_free_with_flex_attention_trains_as_padded_rows(tmp_path, micro_
 def test_padding_free_with_varlen_attn_trains_as_padded_rows_in_bf16(tmp_path, micro_model, reverse_data):
     """The flat layout through PyTorch's variable-length flash kernel (bf16, as on a cluster) against
     padded rows through sdpa: bf16 kernels round differently, and Adam turns a rounding-level
-    gradient difference into up to a learning rate per step, so the weights agree to a few steps
-    of it, and almost all far closer."""
+    gradient difference into up to a learning rate per step, so the weights (saved in bf16) agree
+    to three learning rates plus their rounding, and almost all far closer."""
     from safetensors.torch import load_file
 
     weights, manifests = {}, {}
@@ -94,4 +94,5 @@ def test_padding_free_with_varlen_attn_trains_as_padded_rows_in_bf16(tmp_path, m
     assert manifests["flat"]["median_padding_fraction"] == 0.0 < manifests["padded"]["median_padding_fraction"]
     gaps = torch.cat([(weights["flat"][k].float() - weights["padded"][k].float()).abs().flatten()
                       for k in weights["padded"]])
-    assert gaps.max() <= 3 * 1e-3 + 1e-2 and gaps.mean() < 1e-3, (gaps.max(), gaps.mean())
+    learning_rate, bf16_rounding = raw["dpo_training"]["learning_rate"], 1e-2  # weights of magnitude ~1: 2^-8
+    assert gaps.max() <= 3 * learning_rate + bf16_rounding and gaps.mean() < 1e-3, (gaps.max(), gaps.mean())
