@@ -18,7 +18,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..checkpoint import CheckpointError, RunDir, published_checkpoints
 from ..checkpoint.layout import step_of
@@ -83,12 +83,17 @@ def resume_step(run_dir: Path) -> int:
     return step_of(found[0]) if found else 0
 
 
-def requeue(run_dir: Path, cause: str, step: int, caps: dict[str, int]) -> str:
+def requeue(run_dir: Path, cause: str, step: int, caps: dict[str, int],
+            announce: Callable[[str], None] = lambda outcome: None) -> str:
     """Rank 0: requeue this Slurm task; returns '' when requeued, else why not (also recorded in
-    the run manifest as ``not_requeued``)."""
+    the run manifest as ``not_requeued``). ``announce`` gets the outcome for the job's log:
+    "requeued" just BEFORE ``scontrol requeue``, which ends this job at once (a line printed after
+    it is often lost), or "not requeued: <why>"."""
     job = job_id()
     if job is None:
-        return "not running under Slurm (resubmit to resume)"
+        reason = "not running under Slurm (resubmit to resume)"
+        announce(f"not requeued: {reason}")
+        return reason
     reason = requeue_decision(read_requeues(run_dir, job), cause, step, caps)
     if not reason:
         with open(Path(run_dir) / REQUEUES, "a", encoding="utf-8") as f:
@@ -96,11 +101,13 @@ def requeue(run_dir: Path, cause: str, step: int, caps: dict[str, int]) -> str:
                                 "step": step, "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0))}) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        announce("requeued")
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
         if result.returncode != 0:
             reason = f"scontrol requeue {job} failed: {result.stderr.strip()}"
     if reason:
         RunDir(run_dir).annotate(not_requeued=reason)
+        announce(f"not requeued: {reason}")
     return reason
 
 

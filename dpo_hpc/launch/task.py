@@ -56,9 +56,9 @@ def train_and_requeue(cfg, trainer: str, caps: dict[str, int], label: str,
         summary = train(cfg, trainer, stop=stop)
     except Exception as exc:
         if is_transient(exc) and _is_main():
-            reason = requeue(run_dir, "failure", resume_step(run_dir), caps)
-            print(f"[dpo-hpc] {label}: failed ({type(exc).__name__}: {exc}); "
-                  + (f"not requeued: {reason}" if reason else "requeued to resume from the last checkpoint"), flush=True)
+            failed = f"[dpo-hpc] {label}: failed ({type(exc).__name__}: {exc}); "
+            reason = requeue(run_dir, "failure", resume_step(run_dir), caps, lambda outcome: print(
+                failed + outcome + (" to resume from the last checkpoint" if outcome == "requeued" else ""), flush=True))
             if not reason:
                 sys.exit(0)
         raise
@@ -74,11 +74,10 @@ def train_and_requeue(cfg, trainer: str, caps: dict[str, int], label: str,
     if summary.get("status") == "preempted":
         # the end time read at the start: a signal this near it is the time limit's
         cause = "time_limit" if summary["signal"] == DEADLINE else signal_cause(stop.end_time, signal_lead_s)
-        reason = requeue(run_dir, cause, summary["step"], caps) if dist_env.is_main else ""
+        stopped = f"[dpo-hpc] {label}: stopped at step {summary['step']} ({cause.replace('_', ' ')}); "
+        reason = requeue(run_dir, cause, summary["step"], caps,
+                         lambda outcome: print(stopped + outcome, flush=True)) if dist_env.is_main else ""
         shutdown()
-        if dist_env.is_main:
-            print(f"[dpo-hpc] {label}: stopped at step {summary['step']} ({cause.replace('_', ' ')}); "
-                  + (f"not requeued: {reason}" if reason else "requeued"), flush=True)
         # No return value: submitit must not record the task as finished; a requeued task reruns this call.
         sys.exit(0 if not reason else 3)
     shutdown()
