@@ -123,9 +123,12 @@ def check_packing(model, layout: str = "packed", precision: str = "fp32") -> Non
     def log_probs(batch):  # called as the trainer calls it
         return model(**model_inputs(to_device(batch, device))).logits.float().log_softmax(-1)
 
-    compute = _DTYPES[precision] if device.type == "cuda" else next(model.parameters()).dtype
+    # what training computes in: the weights' dtype (pure bf16 included), or on a GPU DeepSpeed's
+    # mixed precision over fp32 master weights
+    mixed = device.type == "cuda" and precision != "fp32"
+    compute = _DTYPES[precision] if mixed else next(model.parameters()).dtype
     try:
-        with torch.no_grad(), torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
+        with torch.no_grad(), torch.autocast(device.type, dtype=compute, enabled=mixed):
             a, b = log_probs(padded), log_probs(packed)
     except TypeError as exc:
         raise ConfigError([f"padding_free: {type(model).__name__} does not take position ids ({exc}); "

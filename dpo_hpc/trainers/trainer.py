@@ -133,9 +133,8 @@ class Trainer:
                      "vary: minutes on a GPU, once per process")
         self.build_models()
         if self.cfg.attn_implementation == varlen_attention.NAME:
-            self.say(varlen_attention.describe(self.device, next(self.engine.module.parameters()).dtype)
-                     + ("" if self.training.padding_free else "; padded rows as they are (padding_free = true "
-                        "puts every sequence in one row, without padding)"))
+            self.say(varlen_attention.describe(self.device, next(self.engine.module.parameters()).dtype,
+                                               self.training.padding_free))
         self.progress = self.new_progress()
         self.checkpointer = Checkpointer(self.run.checkpoints, self.dist, self.engine,
                                          interval=self.training.save_steps, keep=self.training.save_total_limit,

@@ -42,14 +42,17 @@ def kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
     return _varlen_attn is not None and dtype in (torch.float16, torch.bfloat16) and _ampere_or_newer(device)
 
 
-def describe(device: torch.device, dtype: torch.dtype) -> str:
+def describe(device: torch.device, dtype: torch.dtype, padding_free: bool) -> str:
     """The run's line on which path its attention takes."""
     if kernel_runs(device, dtype):
-        return "varlen_attn: PyTorch's variable-length flash-attention kernel"
-    why = ("this torch has no torch.nn.attention.varlen (2.9 or later has)" if _varlen_attn is None
-           else "the kernel runs on CUDA GPUs from Ampere on" if not _ampere_or_newer(device)
-           else f"the kernel takes bf16 or fp16, not {str(dtype).removeprefix('torch.')}")
-    return f"varlen_attn: each sequence through sdpa ({why})"
+        line = "varlen_attn: PyTorch's variable-length flash-attention kernel"
+    else:
+        why = ("this torch has no torch.nn.attention.varlen (2.9 or later has)" if _varlen_attn is None
+               else "the kernel runs on CUDA GPUs from Ampere on" if not _ampere_or_newer(device)
+               else f"the kernel takes bf16 or fp16, not {str(dtype).removeprefix('torch.')}")
+        line = f"varlen_attn: each sequence through sdpa ({why})"
+    return line + ("" if padding_free else "; padded rows as they are (padding_free = true puts every sequence "
+                                           "in one row, without padding)")
 
 
 def _flash(q, k, v, cu_seq_lens, max_length: int, scale: float, causal: bool):

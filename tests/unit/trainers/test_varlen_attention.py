@@ -135,8 +135,9 @@ def test_the_kernel_path_traces_as_one_graph_for_torch_compile(monkeypatch):
 
 
 def test_the_run_says_which_path_its_attention_takes():
-    line = varlen_attention.describe(torch.device("cpu"), torch.float32)
-    assert line.startswith("varlen_attn: each sequence through sdpa (")
+    line = varlen_attention.describe(torch.device("cpu"), torch.float32, padding_free=True)
+    assert line.startswith("varlen_attn: each sequence through sdpa (") and line.endswith(")")
+    assert "padded rows as they are" in varlen_attention.describe(torch.device("cpu"), torch.float32, False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0)
