@@ -21,7 +21,8 @@
 #   equal        bench/vs_trl.py, perf.md section 7's setup, both sides with a precomputed reference,
 #                micro-batch 8 (the same batches on both sides; bf16 loss gate)
 #   gpu_tests    tests/integration/test_gpu.py (bf16 on nccl, MFU, memory; checkpointing, fused AdamW;
-#                padding-free through varlen_attn and flex) and varlen_attn's kernel against float64
+#                padding-free through varlen_attn and flex), varlen_attn's kernel against float64, and
+#                the padding-free micro-batch under torch.cuda.set_sync_debug_mode("error")
 #   profile      the best step under torch.profiler (profile_steps): its phases and costliest kernels,
 #                brought back as profile_best.txt
 #   suite        the whole suite on a GPU machine (left out: the Slurm tests, which need a cluster,
@@ -62,7 +63,8 @@ setup() {
 '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__, '| trl', trl.__version__)"
 }
 gpu_tests() {
-    "$python" -m pytest -q -rs -p no:cacheprovider tests/integration/test_gpu.py tests/unit/trainers/test_varlen_attention.py
+    "$python" -m pytest -q -rs -p no:cacheprovider tests/integration/test_gpu.py tests/unit/trainers/test_varlen_attention.py \
+        tests/unit/algorithms/test_host_syncs.py
 }
 suite() {  # that machine's torch and transformers are its image's, not the pinned ones
     "$python" -m pytest -q -rs -p no:cacheprovider -m "not slurm" -n 12 --dist loadfile \
