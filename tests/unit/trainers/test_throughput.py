@@ -59,3 +59,29 @@ def test_the_manifest_keeps_small_throughput_figures(tmp_path):
     summary = logger.throughput()
     assert summary["median_mfu"] == 1.86728e-5  # the median of the last two
     assert summary["median_tokens_per_sec"] == 1234.57 and summary["median_step_seconds"] == 0.25
+
+
+@pytest.mark.parametrize("tied, frozen", [(True, False), (False, False), (True, True)])
+def test_the_flops_model_counts_what_torch_runs(tied, frozen):
+    """Against torch's own FLOP counter over a real forward and backward (full logits, eager
+    attention: every matmul in sight of the counter), one sequence at a time, so no padding."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                                         tie_word_embeddings=tied, attn_implementation="eager"))
+    if frozen:  # as LoRA's base: no weight gradients, the input gradients still flow
+        for layer in model.model.layers:
+            layer.mlp.requires_grad_(False)
+    lengths = torch.tensor([5, 17, 1])
+    flops = FlopsModel.of(model)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        for length in lengths.tolist():
+            model(input_ids=torch.randint(0, 300, (1, length))).logits.float().sum().backward()
+    assert counter.get_total_flops() == flops.train(lengths)
+    with counter, torch.no_grad():
+        for length in lengths.tolist():
+            model(input_ids=torch.randint(0, 300, (1, length)))
+    assert counter.get_total_flops() == flops.forward(lengths)
