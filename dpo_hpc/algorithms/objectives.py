@@ -15,6 +15,7 @@ from typing import Optional, Protocol
 import torch
 
 from ..config.losses import LOSSES
+from ..config.schema import SPARSE_ATTENTION
 from ..data.collate import Layout, collate_conversations, collate_pairs
 from .beta import BetaPolicy, Collective
 from .logprobs import CompletionScorer
@@ -197,10 +198,6 @@ def resolve(reference: str):
 def build_loss(training) -> PairwiseLoss:
     """The pairwise loss a DPO training section names (``dpo_hpc.config.losses``)."""
     return resolve(LOSSES[training.loss_type].implementation)(label_smoothing=training.label_smoothing)
-
-
-SPARSE_ATTENTION = ("varlen_attn", "flex_attention", "flash_attention_2", "flash_attention_3")
-"""Attention backends that skip the token pairs a packed row's mask excludes."""
 
 
 def batch_layout(cfg) -> Layout:

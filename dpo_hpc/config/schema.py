@@ -315,8 +315,12 @@ class LoraConfig:
     """Also save the merged model (base + adapter) in the run directory, beside the adapter."""
 
 
-AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention",
-                             "varlen_attn"]
+VARLEN_ATTN = "varlen_attn"
+"""PyTorch's variable-length flash kernel, which dpo-hpc registers with transformers."""
+SPARSE_ATTENTION = (VARLEN_ATTN, "flex_attention", "flash_attention_2", "flash_attention_3")
+"""Attention backends that skip the token pairs a packed row's mask excludes: with them
+``padding_free`` puts a micro-batch's sequences in one row."""
+AttnImplementation = Literal[("sdpa", "eager", *SPARSE_ATTENTION)]
 
 
 @dataclass(config=STRICT, kw_only=True)

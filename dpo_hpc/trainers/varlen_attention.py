@@ -21,7 +21,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-NAME = "varlen_attn"
+from ..config.schema import VARLEN_ATTN as NAME
 
 try:
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
