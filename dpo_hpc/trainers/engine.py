@@ -22,9 +22,11 @@ def device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
-def check_precision(precision: str) -> None:
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError(["precision: fp16 needs a CUDA GPU (none found); use fp32 or bf16 on CPU"])
+def check_precision(precision: str, device: torch.device) -> None:
+    """The device is DeepSpeed's (not whether CUDA exists: DS_ACCELERATOR=cpu trains on a CPU
+    of a GPU machine)."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError([f"precision: fp16 needs a CUDA GPU (this run trains on {device.type}); use fp32 or bf16"])
 
 
 def _loading(name: str, load):

@@ -145,10 +145,10 @@ class Trainer:
         """Check, then record: load the tokenizer and the data and run the resume guard, and only
         then write to the run directory (a refused resume leaves it as it was)."""
         self.run.check_location()
-        check_precision(self.cfg.precision)
+        self.device = device()
+        check_precision(self.cfg.precision, self.device)
         check_trackers(self.training.report_to)
         seed_everything(self.training.seed)
-        self.device = device()
         self.tokenizer = self.tokenizer or load_tokenizer(self.cfg.tokenizer_name or self.cfg.policy_name,
                                                           self.cfg.trust_remote_code, self.cfg.pad_token)
         report = self.load_data()

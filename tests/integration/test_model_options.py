@@ -34,6 +34,17 @@ def test_a_model_with_its_own_code_is_refused_unless_trusted(tmp_path, micro_mod
         load_causal_lm(str(folder), "fp32", trainable=True)
 
 
+def test_fp16_off_a_gpu_is_refused_before_anything_is_written(tmp_path, micro_model, reverse_data):
+    """Where DeepSpeed's device is a CPU, on a GPU machine too (DS_ACCELERATOR=cpu, as here)."""
+    from dpo_hpc.trainers.trainer import train
+
+    raw = run_config(tmp_path, micro_model, reverse_data, "dpo_training", max_steps=2, batch_size=4)
+    raw["precision"] = "fp16"
+    with pytest.raises(ConfigError, match=r"precision: fp16 needs a CUDA GPU \(this run trains on cpu\)"):
+        train(validate_mapping(raw, "dpo"), "dpo")
+    assert not (Path(raw["dpo_training"]["save_dir"]) / "data_report.json").exists()
+
+
 def test_pure_bf16_keeps_weights_and_adam_state_in_bf16(tmp_path, micro_model, reverse_data):
     from dpo_hpc.config import algorithm
     from dpo_hpc.trainers.trainer import Trainer
