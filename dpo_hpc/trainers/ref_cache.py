@@ -104,14 +104,14 @@ def compute(reference, scorer, collate: Callable, examples: list, batch_size: in
         for done, indices in enumerate(batches, 1):
             chunk = [examples[i] for i in (indices or [0])]  # an empty slot still runs: ZeRO-3 is collective
             batch = to_device(collate(chunk), device)
-            logps = scorer.sequence_logps(reference, batch).float().cpu()
+            logps = scorer.sequence_logps(reference, batch).float()  # left on the device: no wait per batch
             if indices:
                 half = len(chunk)
                 local_ids += [e.example_id for e in chunk]
                 local_values.append(torch.stack([logps[:half], logps[half:]], dim=1))
             if done in (1, len(batches)) or done % 50 == 0:  # the first: compiled kernels make it the slow one
                 say(f"reference log-probs: {done}/{len(batches)} batches ({time.perf_counter() - started:.0f} s)")
-    values = torch.cat(local_values) if local_values else torch.zeros(0, 2)
+    values = torch.cat(local_values).cpu() if local_values else torch.zeros(0, 2)
     if dist.world_size > 1:
         gathered: list = [None] * dist.world_size
         torch.distributed.all_gather_object(gathered, (local_ids, values))
