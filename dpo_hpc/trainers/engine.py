@@ -176,7 +176,9 @@ def compile_blocks(model) -> int:
         raise ConfigError([f"torch_compile: {type(model).__name__} names no transformer block class "
                            "(_no_split_modules) to compile; set torch_compile = false"])
     for block in blocks:
-        block.compile()
+        # dynamic: sequence lengths change with every batch; a static first compile would be thrown
+        # away (and compiled again, dynamic) at the second batch
+        block.compile(dynamic=True)
     return len(blocks)
 
 

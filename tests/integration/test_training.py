@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from torch._dynamo.utils import counters
 
 from conftest import BIN, REPO, run_config
 from dpo_hpc.checkpoint import layout
@@ -357,7 +358,7 @@ def test_original_commands_run_the_seed_configs(tmp_path, micro_model, reverse_d
 def test_memory_and_speed_options_keep_the_math(tmp_path, micro_model):
     """Gradient checkpointing (of every block or every 2nd), fused AdamW, compiled blocks and packed
     rows (compiled or not, or one flat row through varlen_attn) change how, not what: the weights
-    after 3 steps match the plain run; grouping by length changes the order (a new run) and cuts
+    after 3 steps match the plain run, and compiled blocks compile no more as lengths change; grouping by length changes the order (a new run) and cuts
     padding, as packing does, and the flat row has none."""
     from dpo_hpc.trainers.trainer import train
 
@@ -369,11 +370,13 @@ def test_memory_and_speed_options_keep_the_math(tmp_path, micro_model):
                 "grouped": {"group_by_length": True}, "compiled": {"torch_compile": True},
                 "packed": {"padding_free": True}, "compiled_packed": {"torch_compile": True, "padding_free": True},
                 "varlen": {"padding_free": True, "attn_implementation": "varlen_attn"}}
-    weights, padding = {}, {}
+    weights, padding, graphs = {}, {}, {}
     for name, options in variants.items():
         top = {key: options.pop(key) for key in ("attn_implementation",) if key in options}
         raw = {**run_config(tmp_path / name, micro_model, data, "dpo_training", **common, **options), **top}
+        graphs_before = counters["stats"]["unique_graphs"]
         summary = train(validate_mapping(raw, "dpo"), "dpo")
+        graphs[name] = counters["stats"]["unique_graphs"] - graphs_before
         weights[name] = load_file(Path(raw["dpo_training"]["save_dir"]) / "model.safetensors")
         padding[name] = summary["median_padding_fraction"]
     # Compiled kernels and packed rows (other matrix shapes) reorder float sums; Adam's first steps
@@ -387,6 +390,9 @@ def test_memory_and_speed_options_keep_the_math(tmp_path, micro_model):
     assert padding["grouped"] < padding["plain"] / 2, padding
     assert padding["packed"] <= padding["plain"], padding  # rows as long as the longest: similar pairs rarely share
     assert padding["varlen"] == 0.0, padding
+    # Compiled blocks: one graph for each way they run (training, the reference's no-grad forward,
+    # the policy's no-grad evaluation), none more as lengths change from batch to batch
+    assert graphs["compiled"] <= 3, graphs
 
 
 @pytest.mark.parametrize("trainer, setup", [
