@@ -113,25 +113,29 @@ def test_the_kernel_call_fits_each_torch_signature(monkeypatch, version):
 @pytest.mark.skipif(varlen_attention._varlen_attn is None, reason="this torch has no varlen_attn")
 def test_the_kernel_path_traces_as_one_graph_for_torch_compile(monkeypatch):
     """torch_compile compiles each block whole only if the attention call does not break the graph
-    (no host syncs, no device queries that dynamo cannot fold). Traced here with fake tensors; the
-    graph is not run (the kernel needs a GPU)."""
+    (no host syncs, no device queries that dynamo cannot fold), and once for every batch only if
+    the longest length stays symbolic (as the blocks compile: dynamic shapes). Traced here with
+    fake tensors; the graph is not run (the kernel needs a GPU)."""
     monkeypatch.setattr(varlen_attention, "kernel_runs", lambda device, dtype: True)
-    traced = []
+    kernel_calls = []
 
     class Traced(Exception):
         pass
 
     def backend(graph, example_inputs):
-        traced.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+        kernel_calls.extend(node for node in graph.graph.nodes
+                            if node.op == "call_function" and str(node.target) == "torch_attn._varlen_attn")
         raise Traced
 
     (q, k, v), cu = inputs(0, [5, 15], heads=8, kv_heads=2, head_dim=64, dtype=torch.bfloat16)
-    attention = torch.compile(lambda q, k, v: varlen_attention_forward(Attention(), q, k, v, None, cu_seq_lens_q=cu,
-                                                                      max_length_q=15)[0],
-                              backend=backend, fullgraph=True)
+    attention = torch.compile(lambda q, k, v, cu, longest: varlen_attention_forward(
+        Attention(), q, k, v, None, cu_seq_lens_q=cu, max_length_q=longest)[0],
+        backend=backend, fullgraph=True, dynamic=True)
     with pytest.raises(Exception, match="Traced"):
-        attention(q.detach(), k.detach(), v.detach())
-    assert "torch_attn._varlen_attn" in traced
+        attention(q.detach(), k.detach(), v.detach(), cu, 15)
+    (call,) = kernel_calls
+    max_q, max_k = call.args[5:7]
+    assert isinstance(max_q, torch.fx.Node) and max_q is max_k  # a graph input, not the constant 15
 
 
 def test_the_run_says_which_path_its_attention_takes():
