@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 
@@ -31,21 +35,52 @@ CHUNK_BYTES = 256 * 2**20
 """fp32 logits held at once by the chunked head (forward and backward)."""
 
 
+def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of each row's target, logsumexp of the row), fp32, from one chunk's logits."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - lse, lse
+
+
+def _chunk_grad_logits(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor,
+                       grad_out: torch.Tensor) -> torch.Tensor:
+    """d loss / d logits of one chunk in the logits' dtype: grad_out * (onehot(target) - softmax)."""
+    grad = torch.exp(logits.float() - lse[:, None]).mul_(-grad_out[:, None])
+    return grad.scatter_add_(1, targets[:, None], grad_out[:, None].float()).to(logits.dtype)
+
+
+@dataclass(frozen=True)
+class ChunkMath:
+    """The elementwise work on a chunk's logits: as written (eager), or compiled into one pass over
+    the logits each way (``torch_compile``: the unfused ops read and write the whole chunk about
+    ten times, as much memory traffic as the head's matmuls on a GPU)."""
+
+    logps: Callable = _chunk_logps
+    grad_logits: Callable = _chunk_grad_logits
+
+
+EAGER = ChunkMath()
+
+
+@functools.cache
+def compiled_chunk_math() -> ChunkMath:
+    # dynamic: the last chunk of a batch has fewer rows, and batches have different numbers of rows
+    return ChunkMath(torch.compile(_chunk_logps, dynamic=True), torch.compile(_chunk_grad_logits, dynamic=True))
+
+
 class _TargetLogps(torch.autograd.Function):
     """log softmax(h W^T)[target] per row, in row chunks with fp32 accumulation; the backward
     recomputes each chunk's logits instead of keeping them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows: int):
+    def forward(ctx, hidden, weight, targets, chunk_rows: int, math: ChunkMath):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            logits = (hidden[rows] @ weight.T).float()
-            lse[rows] = torch.logsumexp(logits, dim=-1)
-            out[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
+            out[rows], lse[rows] = math.logps(hidden[rows] @ weight.T, targets[rows])
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk_rows = chunk_rows
+        ctx.chunk_rows, ctx.math = chunk_rows, math
         return out
 
     @staticmethod
@@ -56,27 +91,23 @@ class _TargetLogps(torch.autograd.Function):
             if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
-            logits = (hidden[rows] @ weight.T).float()
-            # d logp[target] / d logits = onehot(target) - softmax(logits)
-            grad_logits = torch.exp(logits - lse[rows, None]).mul_(-grad_out[rows, None])
-            grad_logits.scatter_add_(1, targets[rows, None], grad_out[rows, None].float())
+            grad_logits = ctx.math.grad_logits(hidden[rows] @ weight.T, lse[rows], targets[rows], grad_out[rows])
             # Both matmuls in the model's dtype (bf16 on a GPU: tensor cores, fp32 accumulation
             # inside; an fp32 matmul there is an order of magnitude slower); the chunks' weight
             # gradients are summed in fp32.
-            grad_logits = grad_logits.to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_logits @ weight
             if grad_weight is not None:
                 grad_weight.add_(grad_logits.T @ hidden[rows])
-        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None
 
 
 def target_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                 chunk_rows: int | None = None) -> torch.Tensor:
+                 chunk_rows: int | None = None, math: ChunkMath = EAGER) -> torch.Tensor:
     """log p(targets[i] | hidden[i]) under the head ``weight`` (V, H), shape (N,), fp32; never more
     than ``chunk_rows`` rows of logits exist (default: ``CHUNK_BYTES`` of fp32 logits)."""
     rows = chunk_rows or max(1, CHUNK_BYTES // (4 * weight.shape[0]))
-    return _TargetLogps.apply(hidden, weight, targets, rows)
+    return _TargetLogps.apply(hidden, weight, targets, rows, math)
 
 
 # Config attributes of models whose logits are not plain ``lm_head(h)`` (soft-capping, scaling):
@@ -111,8 +142,9 @@ class CompletionScorer:
     scaled logits, a model that does not call its head) the full logits are used.
     """
 
-    def __init__(self, chunk_rows: int | None = None):
+    def __init__(self, chunk_rows: int | None = None, compiled: bool = False):
         self.chunk_rows = chunk_rows
+        self.math = compiled_chunk_math() if compiled else EAGER
 
     @staticmethod
     def splittable_head(model):
@@ -145,7 +177,8 @@ class CompletionScorer:
         out, weight = self._forward(model, batch)
         rows, positions = batch["loss_rows"], batch["loss_positions"]  # position t predicts token t + 1
         if weight is not None:
-            logps = target_logps(out[rows, positions], weight, batch["input_ids"][rows, positions + 1], self.chunk_rows)
+            logps = target_logps(out[rows, positions], weight, batch["input_ids"][rows, positions + 1], self.chunk_rows,
+                                 self.math)
         else:
             logps = token_logps(out, batch["input_ids"])[rows, positions]
         if "sequence_ids" in batch:  # packed: rows hold several sequences

@@ -212,7 +212,7 @@ def batch_layout(cfg) -> Layout:
 def build_objective(algorithm, cfg, pad_id: int, collective: Collective, reference=None,
                     ref_table: Optional[RefLogps] = None) -> Objective:
     """The objective of a registered algorithm (``dpo_hpc.config.registry``)."""
-    scorer, layout = CompletionScorer(), batch_layout(cfg)
+    scorer, layout = CompletionScorer(compiled=cfg.training.torch_compile), batch_layout(cfg)
     if algorithm.kind == "sft":
         return SFTObjective(pad_id, scorer, layout)
     policy = resolve(algorithm.beta_policy).from_config(cfg, collective)

@@ -267,7 +267,7 @@ class Trainer:
         started = time.perf_counter()
 
         def compute_table():
-            return ref_cache.compute(reference, CompletionScorer(),
+            return ref_cache.compute(reference, CompletionScorer(compiled=training.torch_compile),
                                      lambda rows: collate_pairs(rows, pad_id, batch_layout(cfg)), examples,
                                      training.eval_batch_size or training.batch_size, self.dist, self.device, self.say)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_hpc.algorithms.logprobs import CompletionScorer, sequence_logps, target_logps
+from dpo_hpc.algorithms.logprobs import EAGER, CompletionScorer, compiled_chunk_math, sequence_logps, target_logps
 from dpo_hpc.data.collate import collate_pairs
 from dpo_hpc.data.tokenize import TokenizedPair
 from dpo_hpc.trainers import varlen_attention
@@ -16,8 +16,11 @@ def naive(hidden, weight, targets):
     return torch.log_softmax(hidden.double() @ weight.double().T, -1).gather(-1, targets[:, None]).squeeze(-1)
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_target_logps_and_gradients_match_float64(seed):
+@pytest.mark.parametrize("seed, math", [*((seed, EAGER) for seed in range(12)),
+                                        *((seed, "compiled") for seed in range(3))])
+def test_target_logps_and_gradients_match_float64(seed, math):
+    """Eager, and compiled as ``torch_compile`` runs it."""
+    math = compiled_chunk_math() if math == "compiled" else math
     g = torch.Generator().manual_seed(seed)
     n, h, v = int(torch.randint(1, 60, (1,), generator=g)), 16, int(torch.randint(2, 300, (1,), generator=g))
     hidden = torch.randn(n, h, generator=g, requires_grad=True)
@@ -25,7 +28,7 @@ def test_target_logps_and_gradients_match_float64(seed):
     targets = torch.randint(0, v, (n,), generator=g)
     upstream = torch.randn(n, generator=g)
     chunk = int(torch.randint(1, n + 2, (1,), generator=g))
-    got = target_logps(hidden, weight, targets, chunk_rows=chunk)
+    got = target_logps(hidden, weight, targets, chunk_rows=chunk, math=math)
     assert got.dtype == torch.float32 and got.shape == (n,)
     grad_h, grad_w = torch.autograd.grad((got * upstream).sum(), (hidden, weight))
     ref_h = hidden.detach().double().requires_grad_()
@@ -64,11 +67,12 @@ def test_bf16_gradients_are_as_close_as_the_models_own_bf16_head():
         return torch.log_softmax((h @ w.T).float(), -1).gather(-1, targets[:, None]).squeeze(-1)
 
     exact = grads(lambda h, w: naive(h, w, targets), torch.float64)
-    chunked = grads(lambda h, w: target_logps(h, w, targets, chunk_rows=16), torch.bfloat16)
     autograd = grads(head, torch.bfloat16)
-    for ours, theirs, truth in zip(chunked, autograd, exact):
-        assert ours.dtype == torch.bfloat16
-        assert (ours.double() - truth).abs().max() <= 1.5 * (theirs.double() - truth).abs().max()
+    for math in (EAGER, compiled_chunk_math()):
+        chunked = grads(lambda h, w: target_logps(h, w, targets, chunk_rows=16, math=math), torch.bfloat16)
+        for ours, theirs, truth in zip(chunked, autograd, exact):
+            assert ours.dtype == torch.bfloat16
+            assert (ours.double() - truth).abs().max() <= 1.5 * (theirs.double() - truth).abs().max()
 
 
 class FullLogits(CompletionScorer):
