@@ -44,9 +44,11 @@ def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
 
 def _chunk_grad_logits(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor,
                        grad_out: torch.Tensor) -> torch.Tensor:
-    """d loss / d logits of one chunk in the logits' dtype: grad_out * (onehot(target) - softmax)."""
-    grad = torch.exp(logits.float() - lse[:, None]).mul_(-grad_out[:, None])
-    return grad.scatter_add_(1, targets[:, None], grad_out[:, None].float()).to(logits.dtype)
+    """d loss / d logits of one chunk in the logits' dtype: grad_out * (onehot(target) - softmax).
+    Overwrites fp32 ``logits`` (the caller's own matmul output): no chunk-sized temporaries."""
+    dtype = logits.dtype
+    grad = logits.float().sub_(lse[:, None]).exp_().mul_(-grad_out[:, None])
+    return grad.scatter_add_(1, targets[:, None], grad_out[:, None].float()).to(dtype)
 
 
 @dataclass(frozen=True)
