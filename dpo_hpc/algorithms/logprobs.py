@@ -35,14 +35,18 @@ CHUNK_BYTES = 256 * 2**20
 """fp32 logits held at once by the chunked head (forward and backward)."""
 
 
-def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-prob of each row's target, logsumexp of the row), fp32, from one chunk's logits."""
+def chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of each row's target, logsumexp of the row), fp32, from one chunk's logits.
+    Overwrites fp32 ``logits`` (the caller's own matmul output): no chunk-sized temporary."""
     logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1)
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - lse, lse
+    target = logits.gather(-1, targets[:, None]).squeeze(-1)
+    peak = logits.amax(dim=-1, keepdim=True)
+    peak = peak.masked_fill(peak.isinf(), 0.0)  # as torch.logsumexp: an infinite row stays infinite, not nan
+    lse = logits.sub_(peak).exp_().sum(dim=-1).log_().add_(peak.squeeze(-1))
+    return target - lse, lse
 
 
-def _chunk_grad_logits(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor,
+def chunk_grad_logits(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor,
                        grad_out: torch.Tensor) -> torch.Tensor:
     """d loss / d logits of one chunk in the logits' dtype: grad_out * (onehot(target) - softmax).
     Overwrites fp32 ``logits`` (the caller's own matmul output): no chunk-sized temporaries."""
@@ -57,8 +61,8 @@ class ChunkMath:
     the logits each way (``torch_compile``: the unfused ops read and write the whole chunk about
     ten times, as much memory traffic as the head's matmuls on a GPU)."""
 
-    logps: Callable = _chunk_logps
-    grad_logits: Callable = _chunk_grad_logits
+    logps: Callable = chunk_logps
+    grad_logits: Callable = chunk_grad_logits
 
 
 EAGER = ChunkMath()
@@ -67,7 +71,7 @@ EAGER = ChunkMath()
 @functools.cache
 def compiled_chunk_math() -> ChunkMath:
     # dynamic: the last chunk of a batch has fewer rows, and batches have different numbers of rows
-    return ChunkMath(torch.compile(_chunk_logps, dynamic=True), torch.compile(_chunk_grad_logits, dynamic=True))
+    return ChunkMath(torch.compile(chunk_logps, dynamic=True), torch.compile(chunk_grad_logits, dynamic=True))
 
 
 class _TargetLogps(torch.autograd.Function):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_hpc.algorithms.logprobs import EAGER, CompletionScorer, compiled_chunk_math, sequence_logps, target_logps
+from dpo_hpc.algorithms.logprobs import (EAGER, CompletionScorer, chunk_logps, compiled_chunk_math, sequence_logps,
+                                         target_logps)
 from dpo_hpc.data.collate import collate_pairs
 from dpo_hpc.data.tokenize import TokenizedPair
 from dpo_hpc.trainers import varlen_attention
@@ -38,6 +39,17 @@ def test_target_logps_and_gradients_match_float64(seed, math):
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(grad_h.double(), want_h, rtol=0, atol=1e-5)
     torch.testing.assert_close(grad_w.double(), want_w, rtol=0, atol=1e-5)
+
+
+def test_the_chunk_logsumexp_is_torchs_on_extreme_rows():
+    """Computed in place over the chunk; rows with -inf entries, all -inf or an +inf entry come out
+    as torch.logsumexp has them (no nan from inf - inf)."""
+    logits = torch.tensor([[0.5, -1.0, 3.0], [float("-inf"), 2.0, 1e4], [float("-inf")] * 3, [1.0, float("inf"), 0.0]])
+    targets = torch.tensor([2, 1, 0, 0])
+    logps, lse = chunk_logps(logits.clone(), targets)
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1))
+    torch.testing.assert_close(logps, logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1),
+                               equal_nan=True)
 
 
 def test_bf16_hidden_states_give_fp32_log_probs():
