@@ -57,9 +57,9 @@ def chunk_grad_logits(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Te
 
 @dataclass(frozen=True)
 class ChunkMath:
-    """The elementwise work on a chunk's logits: as written (eager), or compiled into one pass over
-    the logits each way (``torch_compile``: the unfused ops read and write the whole chunk about
-    ten times, as much memory traffic as the head's matmuls on a GPU)."""
+    """The elementwise work on a chunk's logits: as written (eager: each op reads or writes the whole
+    chunk, about six passes each way, on a GPU as much time as the head's matmuls by estimate), or
+    compiled into one or two passes each way (``torch_compile``)."""
 
     logps: Callable = chunk_logps
     grad_logits: Callable = chunk_grad_logits
