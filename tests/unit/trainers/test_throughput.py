@@ -76,12 +76,15 @@ def test_the_flops_model_counts_what_torch_runs(tied, frozen):
             layer.mlp.requires_grad_(False)
     lengths = torch.tensor([5, 17, 1])
     flops = FlopsModel.of(model)
+    # Some transformers versions compute the rotary angles as a matmul (head_dim / 2 frequencies by
+    # each position, 2 FLOPs each, forward only); the convention leaves them out
+    rotary = 16 * int(lengths.sum())
     counter = FlopCounterMode(display=False)
     with counter:
         for length in lengths.tolist():
             model(input_ids=torch.randint(0, 300, (1, length))).logits.float().sum().backward()
-    assert counter.get_total_flops() == flops.train(lengths)
+    assert counter.get_total_flops() - flops.train(lengths) in (0, rotary)
     with counter, torch.no_grad():
         for length in lengths.tolist():
             model(input_ids=torch.randint(0, 300, (1, length)))
-    assert counter.get_total_flops() == flops.forward(lengths)
+    assert counter.get_total_flops() - flops.forward(lengths) in (0, rotary)
