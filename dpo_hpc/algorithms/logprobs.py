@@ -58,8 +58,8 @@ def chunk_grad_logits(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Te
 @dataclass(frozen=True)
 class ChunkMath:
     """The elementwise work on a chunk's logits: as written (eager: each op reads or writes the whole
-    chunk, about six passes each way, on a GPU as much time as the head's matmuls by estimate), or
-    compiled into one or two passes each way (``torch_compile``)."""
+    chunk, about six passes each way; on a GPU, by estimate, as much time as the head's matmuls),
+    or compiled into one or two passes each way (``torch_compile``, bf16/fp16 logits)."""
 
     logps: Callable = chunk_logps
     grad_logits: Callable = chunk_grad_logits
@@ -150,7 +150,13 @@ class CompletionScorer:
 
     def __init__(self, chunk_rows: int | None = None, compiled: bool = False):
         self.chunk_rows = chunk_rows
-        self.math = compiled_chunk_math() if compiled else EAGER
+        self.compiled = compiled
+
+    def chunk_math(self, dtype: torch.dtype) -> ChunkMath:
+        """Compiled (``torch_compile``) for bf16/fp16 logits, whose fp32 copy the eager ops walk
+        about six times; fp32 logits are already worked on in place, and the compiled form would
+        add a copy back (``python bench/logprob_head.py``)."""
+        return compiled_chunk_math() if self.compiled and dtype != torch.float32 else EAGER
 
     @staticmethod
     def splittable_head(model):
@@ -184,7 +190,7 @@ class CompletionScorer:
         rows, positions = batch["loss_rows"], batch["loss_positions"]  # position t predicts token t + 1
         if weight is not None:
             logps = target_logps(out[rows, positions], weight, batch["input_ids"][rows, positions + 1], self.chunk_rows,
-                                 self.math)
+                                 self.chunk_math(out.dtype))
         else:
             logps = token_logps(out, batch["input_ids"])[rows, positions]
         if "sequence_ids" in batch:  # packed: rows hold several sequences

@@ -185,9 +185,9 @@ class TrainingConfig:
     costliest operators in ``<save_dir>/profile/``. A few steps after the warm-up, e.g. [10, 12]."""
     torch_compile: bool = False
     """Compile each transformer block (the model's ``_no_split_modules``) with ``torch.compile``,
-    policy and reference, and the output head's softmax work on each chunk of logits: faster steps
-    after a one-time compile of tens of seconds, with dynamic shapes (no recompile as sequence
-    lengths vary). Not with ZeRO-3."""
+    policy and reference, and for bf16/fp16 models the output head's softmax work on each chunk
+    of logits: faster steps after a one-time compile of tens of seconds, with dynamic shapes (no
+    recompile as sequence lengths vary). Not with ZeRO-3."""
 
     @model_validator(mode="after")
     def _checkpointing_every(self):

@@ -41,6 +41,14 @@ def test_target_logps_and_gradients_match_float64(seed, math):
     torch.testing.assert_close(grad_w.double(), want_w, rtol=0, atol=1e-5)
 
 
+def test_torch_compile_compiles_the_head_math_of_half_precision_logits_only():
+    """fp32 logits are worked on in place already (compiling them adds a copy back)."""
+    assert CompletionScorer().chunk_math(torch.bfloat16) is EAGER
+    assert CompletionScorer(compiled=True).chunk_math(torch.bfloat16) is compiled_chunk_math()
+    assert CompletionScorer(compiled=True).chunk_math(torch.float16) is compiled_chunk_math()
+    assert CompletionScorer(compiled=True).chunk_math(torch.float32) is EAGER
+
+
 def test_the_chunk_logsumexp_is_torchs_on_extreme_rows():
     """Computed in place over the chunk; rows with -inf entries, all -inf or an +inf entry come out
     as torch.logsumexp has them (no nan from inf - inf)."""
