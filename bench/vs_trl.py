@@ -129,6 +129,8 @@ def run_ours(folder: Path, model: Path, data: Path, args, tag: str, precompute: 
     logged = read_scalars(run_dir / "tensorboard")
     manifest = json.loads((run_dir / "run_manifest.json").read_text())
     profiles = sorted((run_dir / "profile").glob("*.txt"))  # with --set dpo_training.profile_steps=[a, b]
+    for weights in run_dir.glob("*.safetensors"):  # the trained model is not what is measured, and a GPU
+        weights.unlink()                           # machine's disk holds few copies of a 1B model
     return {"side": "dpo-hpc", "profile": str(profiles[0]) if profiles else None,
             "losses": [v for _, v in logged["train/loss"]],
             "step_seconds": [v for _, v in logged["train/perf/step_seconds"]],
