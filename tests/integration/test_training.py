@@ -358,8 +358,9 @@ def test_original_commands_run_the_seed_configs(tmp_path, micro_model, reverse_d
 def test_memory_and_speed_options_keep_the_math(tmp_path, micro_model):
     """Gradient checkpointing (of every block or every 2nd), fused AdamW, compiled blocks and packed
     rows (compiled or not, or one flat row through varlen_attn) change how, not what: the weights
-    after 3 steps match the plain run, and compiled blocks compile no more as lengths change; grouping by length changes the order (a new run) and cuts
-    padding, as packing does, and the flat row has none."""
+    after 3 steps match the plain run, and compiled blocks compile no more as lengths change;
+    grouping by length changes the order (a new run) and cuts padding, as packing does, and the
+    flat row has none."""
     from dpo_hpc.trainers.trainer import train
 
     data = small_data(tmp_path, 120)
