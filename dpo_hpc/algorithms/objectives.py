@@ -209,10 +209,15 @@ def batch_layout(cfg) -> Layout:
     return "flat" if cfg.attn_implementation in SPARSE_ATTENTION else "packed"
 
 
+def build_scorer(cfg) -> CompletionScorer:
+    """How a run scores completions, its training steps and its reference pass alike."""
+    return CompletionScorer(compiled=cfg.training.torch_compile)
+
+
 def build_objective(algorithm, cfg, pad_id: int, collective: Collective, reference=None,
                     ref_table: Optional[RefLogps] = None) -> Objective:
     """The objective of a registered algorithm (``dpo_hpc.config.registry``)."""
-    scorer, layout = CompletionScorer(compiled=cfg.training.torch_compile), batch_layout(cfg)
+    scorer, layout = build_scorer(cfg), batch_layout(cfg)
     if algorithm.kind == "sft":
         return SFTObjective(pad_id, scorer, layout)
     policy = resolve(algorithm.beta_policy).from_config(cfg, collective)

@@ -20,8 +20,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from ..algorithms.logprobs import CompletionScorer
-from ..algorithms.objectives import batch_layout, build_objective
+from ..algorithms.objectives import batch_layout, build_objective, build_scorer
 from ..checkpoint import CheckpointError, RunDir, config_hash
 from ..checkpoint.manager import Checkpointer, peek_shared
 from ..config import Algorithm, algorithm, to_dict, to_identity
@@ -267,7 +266,7 @@ class Trainer:
         started = time.perf_counter()
 
         def compute_table():
-            return ref_cache.compute(reference, CompletionScorer(compiled=training.torch_compile),
+            return ref_cache.compute(reference, build_scorer(cfg),
                                      lambda rows: collate_pairs(rows, pad_id, batch_layout(cfg)), examples,
                                      training.eval_batch_size or training.batch_size, self.dist, self.device, self.say)
 

@@ -444,14 +444,16 @@ def test_without_a_signal_the_job_end_time_still_checkpoints_and_requeues_in_tim
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     job = result.stdout.strip()
-    def log() -> str:
+
+    def job_log() -> str:
         return "\n".join(p.read_text() for p in tmp_path.glob("run-*.out"))
 
     try:
         deadline = time.time() + 150  # the record, then the job's last line (printed before scontrol requeue)
-        while time.time() < deadline and not ((tmp_path / "run/requeues.jsonl").exists() and "(time limit); " in log()):
+        while time.time() < deadline and not ((tmp_path / "run/requeues.jsonl").exists()
+                                              and "(time limit); " in job_log()):
             time.sleep(1)
-        log = log()
+        log = job_log()
         assert (tmp_path / "run/requeues.jsonl").exists(), log[-3000:]
     finally:
         subprocess.run(["scancel", job], check=False)
