@@ -99,8 +99,8 @@ def parse_preference_row(row: dict[str, Any]) -> tuple[Optional[PreferencePair],
             return None, problem
         chosen_text, rejected_text = normalize_newlines(row["chosen"]), normalize_newlines(row["rejected"])
         split = split_prompt(chosen_text)
-        if split is None:
-            return None, NO_ASSISTANT_TURN
+        if split is None:  # a null in a prompt column is a missing prompt, unless chosen is a transcript
+            return None, MISSING_FIELD if "prompt" in row else NO_ASSISTANT_TURN
         prompt, chosen = split
         if not rejected_text.startswith(prompt):
             return None, PROMPT_MISMATCH

@@ -3,8 +3,9 @@
 Every example carries ``example_id``, a hash of its source row's content, and every split is an
 ``ExampleSet`` that carries its fingerprint (a hash of its rows' ids in order and of the
 tokenization settings): what caches (reference log-probs) and resume checks key on. Dropped rows
-are counted by reason; the report is printed by the trainer and written to the run directory. A
-split with no usable row is an error naming the dataset.
+are counted by reason, with the dataset positions of the first few, so a researcher can find them;
+the report is printed by the trainer and written to the run directory. A split with no usable
+row is an error naming the dataset.
 """
 
 from __future__ import annotations
@@ -26,20 +27,39 @@ from .sources import DataError, as_dataset, load_raw
 from .tokenize import SpecialTokens, TokenizedPair, tokenize_conversation, tokenize_pair
 
 
+SHOWN_DROPS = 3
+"""Dataset positions kept per drop reason: enough to find the pattern, few enough for a log line."""
+
+
 @dataclass
 class SplitReport:
     rows: int = 0
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     notes: Counter = field(default_factory=Counter)  # rows kept but altered (truncated, boundary merge)
+    dropped_rows: dict[str, list[int]] = field(default_factory=dict)
+    """Per reason, the positions (0-based, as ``dataset[i]``; a JSONL file's line i + 1) of its first rows."""
+
+    def drop(self, reason: str, position: int) -> None:
+        self.dropped[reason] += 1
+        shown = self.dropped_rows.setdefault(reason, [])
+        if len(shown) < SHOWN_DROPS:
+            shown.append(position)
 
     def as_dict(self) -> dict[str, Any]:
         known = [r for r in DROP_REASONS if self.dropped[r]]
         ordered = {r: self.dropped[r] for r in known + sorted(set(self.dropped) - set(DROP_REASONS))}
-        return {"rows": self.rows, "kept": self.kept, "dropped": ordered, "notes": dict(sorted(self.notes.items()))}
+        return {"rows": self.rows, "kept": self.kept, "dropped": ordered,
+                "dropped_rows": {r: self.dropped_rows.get(r, []) for r in ordered},
+                "notes": dict(sorted(self.notes.items()))}
 
     def line(self) -> str:
-        drops = ", ".join(f"{k}={v}" for k, v in self.as_dict()["dropped"].items()) or "none"
+        def shown(reason: str, count: int) -> str:
+            positions = self.dropped_rows.get(reason) or []
+            more = ", ..." if count > len(positions) else ""
+            return f" (row{'s' if count > 1 else ''} {', '.join(map(str, positions))}{more})" if positions else ""
+
+        drops = ", ".join(f"{k}={v}{shown(k, v)}" for k, v in self.as_dict()["dropped"].items()) or "none"
         notes = ", ".join(f"{k}={v}" for k, v in sorted(self.notes.items()))
         return f"{self.kept}/{self.rows} rows kept; dropped: {drops}" + (f"; {notes}" if notes else "")
 
@@ -87,14 +107,16 @@ def flipped(pair: TokenizedPair) -> TokenizedPair:
                                example_id=f"{pair.example_id}~flipped")
 
 
-def _process(ds, parse: RowParser, encode: Callable, name: str, split: str,
+def _process(ds, positions, parse: RowParser, encode: Callable, name: str, split: str,
              settings: dict[str, Any], flip: Callable[[str], bool] = lambda _: False) -> tuple[ExampleSet, SplitReport]:
+    """``positions[i]``: where ``ds``'s row i sits in the dataset as the researcher sees it."""
     report = SplitReport()
     examples, ids = [], []
     for batch in ds.iter(batch_size=1024):
         keys = list(batch)
         for values in zip(*(batch[k] for k in keys)):
             row = dict(zip(keys, values))
+            position = int(positions[report.rows])
             ids.append(row_id(row))
             report.rows += 1
             parsed, reason = parse(row)
@@ -107,7 +129,7 @@ def _process(ds, parse: RowParser, encode: Callable, name: str, split: str,
                         report.notes["label_flipped"] += 1
                     examples.append(example)
                     continue
-            report.dropped[reason] += 1
+            report.drop(reason, position)
     report.kept = len(examples)
     if report.rows and not examples:
         raise DataError(f"dataset '{name}' ({split} split): 0 usable rows out of {report.rows}; {report.line()}; "
@@ -173,11 +195,12 @@ def load_splits(
         train_raw, val_raw = raw.select(train_idx), raw.select(val_idx)
     else:
         train_raw, val_raw = raw, mapped_columns(as_dataset(eval_rows), cfg, kind, f"{cfg.dataset_name} (eval)")
+        train_idx, val_idx = range(len(train_raw)), range(len(val_raw))
     def flip(example_id: str) -> bool:  # SFT refused label_noise above, so this is False there
         return is_flipped(example_id, cfg.label_noise, cfg.label_noise_seed)
 
-    train, train_report = _process(train_raw, parse, encode, cfg.dataset_name, "train", settings, flip)
-    val, val_report = _process(val_raw, parse, encode, cfg.dataset_name, "validation", settings, flip)
+    train, train_report = _process(train_raw, train_idx, parse, encode, cfg.dataset_name, "train", settings, flip)
+    val, val_report = _process(val_raw, val_idx, parse, encode, cfg.dataset_name, "validation", settings, flip)
     report = {
         "dataset_name": cfg.dataset_name,
         "subset": cfg.subset,
@@ -191,7 +214,7 @@ def report_lines(report: dict) -> list[str]:
     lines = []
     for split in ("train", "validation"):
         r = SplitReport(report[split]["rows"], report[split]["kept"], Counter(report[split]["dropped"]),
-                        Counter(report[split]["notes"]))
+                        Counter(report[split]["notes"]), report[split].get("dropped_rows", {}))
         lines.append(f"data {split}: {r.line()} (fingerprint {report[split]['fingerprint']})")
     return lines
 

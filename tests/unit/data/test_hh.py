@@ -46,10 +46,16 @@ def test_explicit_prompt_rows_are_accepted():
         ({"chosen": P + " a", "rejected": P}, hh.EMPTY_RESPONSE),
         ({"chosen": P + " same", "rejected": P + " same"}, hh.IDENTICAL_RESPONSES),
         ({"prompt": P, "chosen": " a", "rejected": None}, hh.MISSING_FIELD),
+        ({"prompt": None, "chosen": " a", "rejected": " b"}, hh.MISSING_FIELD),  # a prompt column's null
     ],
 )
 def test_malformed_rows_get_a_reason(row, reason):
     assert parse_preference_row(row) == (None, reason)
+
+
+def test_a_null_prompt_beside_hh_transcripts_reads_them_as_transcripts():
+    pair, reason = parse_preference_row({"prompt": None, "chosen": P + " a", "rejected": P + " b"})
+    assert reason is None and pair == PreferencePair(P, " a", " b")
 
 
 def test_turns_round_trip():

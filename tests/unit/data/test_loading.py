@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dpo_hpc.config import DatasetConfig
-from dpo_hpc.data.pipeline import load_splits, split_indices
+from dpo_hpc.data.pipeline import SplitReport, load_splits, report_lines, split_indices
 from dpo_hpc.data.sampler import eval_batch_indices, global_batch_indices
 from dpo_hpc.data.sources import DataError, load_raw
 from dpo_hpc.tiny_model import build_byte_tokenizer
@@ -47,6 +47,26 @@ def test_jsonl_with_bad_rows_counts_each_reason(tmp_path, tok, hf_cache):
     assert report["train"]["rows"] == 25 and report["train"]["kept"] == 20
     assert report["train"]["dropped"] == {"missing_field": 1, "not_string": 1, "no_assistant_turn": 1,
                                           "rejected_prompt_mismatch": 1, "empty_response": 1}
+    # each reason names its rows by dataset position (the bad rows follow the 20 good ones)
+    assert report["train"]["dropped_rows"] == {"missing_field": [20], "not_string": [21], "no_assistant_turn": [22],
+                                               "rejected_prompt_mismatch": [23], "empty_response": [24]}
+    assert "missing_field=1 (row 20)" in report_lines(report)[0]
+
+
+def test_dropped_rows_are_named_by_their_place_in_the_dataset_across_the_split(tmp_path, tok, hf_cache):
+    """Positions are the dataset's, not the split's (the validation rows are drawn from anywhere),
+    and a log line names the first three of a reason."""
+    bad = {"chosen": P.format(w="x") + " a", "rejected": None}
+    data = rows(40)
+    for i in (3, 17, 33):
+        data[i] = bad
+    train, val, report = load_splits(cfg(write_jsonl(tmp_path / "d.jsonl", data), val_ratio=0.5), tok, "preference")
+    shown = [p for split in ("train", "validation") for p in report[split]["dropped_rows"].get("missing_field", [])]
+    assert sorted(shown) == [3, 17, 33]
+    many = SplitReport(rows=10)
+    for position in (3, 9, 17, 25, 33):
+        many.drop("empty_response", position)
+    assert many.line().endswith("empty_response=5 (rows 3, 9, 17, ...)")
 
 
 def test_too_long_rows_are_dropped_and_reported(tmp_path, tok, hf_cache):
