@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from .chat import NOT_MESSAGES, TEMPLATE_NOT_PREFIX, ChatRenderer
 from .hh import DROP_REASONS as TEXT_DROP_REASONS
-from .hh import parse_preference_row, parse_sft_row, render_hh
+from .hh import parse_preference_row, parse_sft_row
 from .sources import DataError
 
 DROP_REASONS = TEXT_DROP_REASONS + (NOT_MESSAGES, TEMPLATE_NOT_PREFIX)
@@ -60,10 +60,7 @@ class RowParser:
     def __call__(self, row: dict[str, Any]):
         if self.format_of(row) == "conversational":
             return self.chat.preference(row) if self.kind == "preference" else self.chat.sft(row, self.assistant_turns)
-        if self.kind == "preference":
-            return parse_preference_row(row)
-        turns, reason = parse_sft_row(row)
-        return (render_hh(turns, self.assistant_turns), None) if turns else (None, reason)
+        return parse_preference_row(row) if self.kind == "preference" else parse_sft_row(row, self.assistant_turns)
 
     def expected(self) -> str:
         """What rows must look like, for an error about a split with no usable row."""

@@ -142,16 +142,21 @@ def render_hh(turns: list[Turn], assistant_turns: str) -> RenderedConversation:
     return RenderedConversation(text, tuple(spans))
 
 
-def parse_sft_row(row: dict[str, Any]) -> tuple[Optional[list[Turn]], Optional[str]]:
-    """A row's chosen conversation -> (turns ending in an assistant reply, None) or (None, reason).
+def parse_sft_row(row: dict[str, Any], assistant_turns: str = "all") -> tuple[Optional[RenderedConversation], Optional[str]]:
+    """A row's chosen conversation -> (its text with the spans trained on, None) or (None, reason).
 
-    Rows with ``prompt``/``chosen`` columns become prompt turns plus the chosen reply.
+    An HH transcript (in ``chosen``, or split over ``prompt`` + ``chosen``) trains its assistant
+    replies (``assistant_turns``: all, or the last); a plain ``prompt`` string with a ``chosen``
+    completion (TRL's prompt-completion form, the same rows DPO reads) trains the completion.
     """
     if "prompt" in row and row["prompt"] is not None:
         problem = _check_strings(row, ("prompt", "chosen"))
         if problem:
             return None, problem
-        text = normalize_newlines(row["prompt"]) + normalize_newlines(row["chosen"])
+        prompt, completion = normalize_newlines(row["prompt"]), normalize_newlines(row["chosen"])
+        if not _TURN.search(prompt):
+            return _prompt_completion(prompt, completion)
+        text = prompt + completion
     else:
         problem = _check_strings(row, ("chosen",))
         if problem:
@@ -160,10 +165,18 @@ def parse_sft_row(row: dict[str, Any]) -> tuple[Optional[list[Turn]], Optional[s
     turns = parse_turns(text)
     while turns and turns[-1].role != "assistant":
         turns.pop()  # a trailing human turn has no reply to learn
-    if not turns:
-        return None, NO_ASSISTANT_TURN
+    if not turns:  # as for preference rows: a prompt column's null is a missing prompt
+        return None, MISSING_FIELD if "prompt" in row else NO_ASSISTANT_TURN
     if not any(t.role == "human" and t.text.strip() for t in turns):
         return None, EMPTY_PROMPT
     if not turns[-1].text.strip():
         return None, EMPTY_RESPONSE
-    return turns, None
+    return render_hh(turns, assistant_turns), None
+
+
+def _prompt_completion(prompt: str, completion: str) -> tuple[Optional[RenderedConversation], Optional[str]]:
+    if not prompt.strip():
+        return None, EMPTY_PROMPT
+    if not completion.strip():
+        return None, EMPTY_RESPONSE
+    return RenderedConversation(prompt + completion, ((len(prompt), len(prompt) + len(completion)),)), None

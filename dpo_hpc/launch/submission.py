@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 from ..config import ConfigError
 from ..experiment import Plan, Run
 from ..fsutil import atomic_write_bytes
+from ..runtime.failures import RunFailure
 from .jobs import ACTIVE_STATES, RESUBMITTABLE, RunStatus, plan_status
 from .layout import ledger_path, logs_folder, submit_dir
 from .ledger import Ledger
@@ -180,6 +181,7 @@ def _dependency(plan: Plan, stage: str, array_runs: list[Run], job_of: dict[str,
 def submit_slurm(plan: Plan, runs: list[Run], statuses: dict[str, RunStatus]) -> dict[str, str]:
     """One array per stage, in dependency order; returns run id -> Slurm job id."""
     import submitit
+    from submitit.core.utils import FailedJobError
 
     from .task import run_task
 
@@ -198,7 +200,10 @@ def submit_slurm(plan: Plan, runs: list[Run], statuses: dict[str, RunStatus]) ->
         if dependency:  # a failed parent cancels its children instead of leaving them pending forever
             params["additional_parameters"]["kill-on-invalid-dep"] = "yes"
         executor.update_parameters(**params)
-        jobs = executor.map_array(run_task, [task_row(plan, r) for r in array_runs])
+        try:
+            jobs = executor.map_array(run_task, [task_row(plan, r) for r in array_runs])
+        except FailedJobError as exc:  # sbatch said why: that line is the message
+            raise sbatch_refused(plan, stage, str(exc), submitted) from exc
         entries = []
         for run, job in zip(array_runs, jobs):
             job_of[run.run_id] = submitted[run.run_id] = job.job_id
@@ -209,6 +214,15 @@ def submit_slurm(plan: Plan, runs: list[Run], statuses: dict[str, RunStatus]) ->
         print(f"[submit] stage {stage}: {len(jobs)} {what} as Slurm job {array_id}"
               + (f" ({dependency})" if dependency else ""))
     return submitted
+
+
+def sbatch_refused(plan: Plan, stage: str, stderr: str, submitted: dict[str, str]) -> RunFailure:
+    said = " ".join(line.strip() for line in stderr.splitlines() if line.strip()) or "no message"
+    before = (f"; the {len(submitted)} run(s) of the stages before it are queued and recorded, so submitting "
+              "again sends only the rest") if submitted else ""
+    return RunFailure(f"sbatch refused stage {stage}: {said}{before}; check the cluster (`sinfo`) and the stage's "
+                      f"[slurm] table (`dpo-hpc submit {plan.source} --dry-run` writes the sbatch scripts), or run "
+                      "here with --local")
 
 
 def wait_for(plan: Plan, run_ids: set[str], poll_s: float = 5.0) -> int:

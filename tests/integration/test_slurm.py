@@ -187,6 +187,28 @@ def test_failed_parent_cancels_its_children(tmp_path, micro_model, reverse_data)
     assert set(decide(plan, plan.runs, statuses).values()) == {"submit"}
 
 
+def test_a_stage_sbatch_refuses_is_one_line_and_a_resubmission_sends_only_the_rest(tmp_path, micro_model,
+                                                                                     reverse_data):
+    refused = DPO + '[stages.dpo.slurm]\npartition = "no_such_partition"\n'
+    path = experiment(tmp_path, micro_model, reverse_data, SFT + refused, name="refused")
+    result = subprocess.run([sys.executable, "-m", "dpo_hpc.submit", path.name, "--no-preflight"], cwd=path.parent,
+                            capture_output=True, text=True, timeout=300)
+    try:
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "stage sft: 1 run(s) as Slurm job" in result.stdout
+        (line,) = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+        assert "sbatch refused stage dpo:" in line and "invalid partition" in line.lower(), line
+        assert "the 1 run(s) of the stages before it are queued" in line and "Traceback" not in result.stderr
+        ledger = (tmp_path / "out/refused/.submit/ledger.jsonl").read_text().splitlines()
+        assert [json.loads(l)["stage"] for l in ledger] == ["sft"]
+        path.write_text(path.read_text().replace('partition = "no_such_partition"', ""))
+        again = submit(path).stdout
+        assert "stage sft: " not in again and "stage dpo: 2 run(s) as Slurm job" in again, again
+    finally:
+        jobs = {row["job"].split("_")[0] for row in status(path).values() if row["job"]}
+        subprocess.run(["scancel", *jobs], check=False)
+
+
 def test_stop_signal_checkpoints_requeues_and_resumes_exactly(tmp_path, micro_model, reverse_data):
     """USR2 (what --signal=USR2@LEAD sends before the time limit) mid-run: the task checkpoints,
     requeues itself, resumes, and ends with the same weights as an uninterrupted run."""

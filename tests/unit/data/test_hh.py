@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dpo_hpc.data import hh
-from dpo_hpc.data.hh import PreferencePair, Turn, parse_preference_row, parse_sft_row, parse_turns, render_turns
+from dpo_hpc.data.hh import (PreferencePair, RenderedConversation, Turn, parse_preference_row, parse_sft_row, parse_turns,
+                             render_turns)
 
 P = "\n\nHuman: Hi there\n\nAssistant:"
 
@@ -66,8 +67,23 @@ def test_turns_round_trip():
 
 
 def test_sft_row_drops_trailing_human_turn():
-    turns, reason = parse_sft_row({"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c"})
-    assert reason is None and [t.role for t in turns] == ["human", "assistant"]
+    conversation, reason = parse_sft_row({"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c"})
+    assert reason is None and conversation.text == "\n\nHuman: a\n\nAssistant: b"
+    assert [conversation.text[lo:hi] for lo, hi in conversation.spans] == [" b"]
+
+
+def test_sft_hh_prompt_column_trains_every_reply_or_the_last():
+    row = {"prompt": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:", "chosen": " d"}
+    every, _ = parse_sft_row(row)
+    assert [every.text[lo:hi] for lo, hi in every.spans] == [" b", " d"]
+    last, _ = parse_sft_row(row, "last")
+    assert [last.text[lo:hi] for lo, hi in last.spans] == [" d"]
+
+
+def test_sft_prompt_completion_rows_train_the_completion():
+    """TRL's prompt-completion form (plain strings, no HH markers): the rows DPO reads also train SFT."""
+    conversation, reason = parse_sft_row({"prompt": "Q: 2+2?\r\n", "chosen": " 4", "rejected": " 5"})
+    assert reason is None and conversation == RenderedConversation("Q: 2+2?\n 4", ((8, 10),))
 
 
 @pytest.mark.parametrize(
@@ -78,6 +94,10 @@ def test_sft_row_drops_trailing_human_turn():
         ({"chosen": "\n\nHuman: q\n\nAssistant:  "}, hh.EMPTY_RESPONSE),
         ({"chosen": 7}, hh.NOT_STRING),
         ({}, hh.MISSING_FIELD),
+        ({"prompt": None, "chosen": " an answer"}, hh.MISSING_FIELD),
+        ({"prompt": " ", "chosen": " an answer"}, hh.EMPTY_PROMPT),
+        ({"prompt": "Q?", "chosen": "\n"}, hh.EMPTY_RESPONSE),
+        ({"prompt": "Q?", "chosen": None}, hh.MISSING_FIELD),
     ],
 )
 def test_sft_drop_reasons(row, reason):

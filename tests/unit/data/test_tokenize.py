@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dpo_hpc.data.collate import collate_conversations, collate_pairs
-from dpo_hpc.data.hh import TOO_LONG, PreferencePair, parse_sft_row, render_hh
+from dpo_hpc.data.hh import TOO_LONG, PreferencePair, parse_sft_row
 from dpo_hpc.data.tokenize import SpecialTokens, tokenize_conversation, tokenize_pair
 from dpo_hpc.tiny_model import build_byte_tokenizer
 
@@ -75,22 +75,28 @@ def test_boundary_merge_is_detected_and_counted():
 
 
 def test_sft_loss_only_on_assistant_text_and_final_eos(tok, special):
-    turns, _ = parse_sft_row({"chosen": "\n\nHuman: a b\n\nAssistant: one\n\nHuman: c\n\nAssistant: two"})
-    conv, _ = tokenize_conversation(tok, render_hh(turns, "all"), special, 128, Counter())
+    row = {"chosen": "\n\nHuman: a b\n\nAssistant: one\n\nHuman: c\n\nAssistant: two"}
+    conv, _ = tokenize_conversation(tok, parse_sft_row(row)[0], special, 128, Counter())
     trained = "".join(tok.decode([i]) for i, m in zip(conv.input_ids, conv.loss_mask) if m)
     assert trained == " one two</s>"
     assert conv.input_ids[0] == tok.bos_token_id and conv.loss_mask[0] == 0
-    last, _ = tokenize_conversation(tok, render_hh(turns, "last"), special, 128, Counter())
+    last, _ = tokenize_conversation(tok, parse_sft_row(row, "last")[0], special, 128, Counter())
     assert "".join(tok.decode([i]) for i, m in zip(last.input_ids, last.loss_mask) if m) == " two</s>"
 
 
+def test_sft_prompt_completion_trains_only_the_completion_and_eos(tok, special):
+    conversation, _ = parse_sft_row({"prompt": "Reverse: abcd", "chosen": " dcba"})
+    conv, _ = tokenize_conversation(tok, conversation, special, 128, Counter())
+    assert "".join(tok.decode([i]) for i, m in zip(conv.input_ids, conv.loss_mask) if m) == " dcba</s>"
+
+
 def test_sft_truncation_keeps_final_reply_or_drops(tok, special):
-    turns, _ = parse_sft_row({"chosen": "\n\nHuman: " + "q" * 50 + "\n\nAssistant: answer"})
+    conversation, _ = parse_sft_row({"chosen": "\n\nHuman: " + "q" * 50 + "\n\nAssistant: answer"})
     stats = Counter()
-    conv, _ = tokenize_conversation(tok, render_hh(turns, "all"), special, 30, stats)
+    conv, _ = tokenize_conversation(tok, conversation, special, 30, stats)
     assert len(conv.input_ids) == 30 and stats["prompt_truncated"] == 1
     assert tok.decode(conv.input_ids).endswith("Assistant: answer</s>")
-    assert tokenize_conversation(tok, render_hh(turns, "all"), special, 5, Counter()) == (None, TOO_LONG)
+    assert tokenize_conversation(tok, conversation, special, 5, Counter()) == (None, TOO_LONG)
 
 
 def test_pair_collation_masks_never_cover_prompt_or_padding(tok, special):
@@ -109,7 +115,6 @@ def test_pair_collation_masks_never_cover_prompt_or_padding(tok, special):
 
 
 def test_conversation_collation(tok, special):
-    turns, _ = parse_sft_row({"chosen": P + " dcba"})
-    short, _ = tokenize_conversation(tok, render_hh(turns, "all"), special, 128, Counter())
+    short, _ = tokenize_conversation(tok, parse_sft_row({"chosen": P + " dcba"})[0], special, 128, Counter())
     batch = collate_conversations([short, short], pad_id=0)
     assert torch.equal(batch["loss_mask"][0], torch.tensor(short.loss_mask))
