@@ -396,6 +396,32 @@ def test_memory_and_speed_options_keep_the_math(tmp_path, micro_model):
     assert graphs["compiled"] <= 3, graphs
 
 
+def test_compiled_bf16_head_trains_as_the_eager_one(tmp_path, micro_model):
+    """bf16 logits are where torch_compile also compiles the head's softmax work (the GPU path):
+    inside a real DeepSpeed bf16 run it compiles its own graphs and trains as the eager head does.
+    (Weights are no measure here: Adam turns bf16 rounding of near-zero gradients into ±lr steps.)"""
+    from dpo_hpc.trainers.trainer import train
+
+    data = small_data(tmp_path, 60)
+    logged, graphs = {}, {}
+    for name, options in {"eager": {}, "compiled": {"torch_compile": True}}.items():
+        raw = {**run_config(tmp_path / name, micro_model, data, "dpo_training", max_steps=4, batch_size=4,
+                            learning_rate=2e-3, logging_steps=1, **options), "precision": "bf16"}
+        graphs_before = counters["stats"]["unique_graphs"]
+        train(validate_mapping(raw, "dpo"), "dpo")
+        graphs[name] = counters["stats"]["unique_graphs"] - graphs_before
+        logged[name] = scalars(Path(raw["dpo_training"]["save_dir"]) / "tensorboard")
+    # more graphs than the blocks' three ways to run (the fp32 options test): the head's work compiled too
+    assert graphs["eager"] == 0 and graphs["compiled"] > 3, graphs
+    # step by step the same log-probs, loss and gradient norm, within bf16 rounding (seen: 3e-4 relative
+    # on the log-probs, 2e-3 on the gradient norm)
+    assert logged["eager"]["loss"][0] == logged["compiled"]["loss"][0] == (1, pytest.approx(math.log(2)))
+    for tag, rtol in {"loss": 2e-3, "logps/chosen": 2e-3, "logps/rejected": 2e-3, "grad_norm": 1e-2}.items():
+        assert [s for s, _ in logged["compiled"][tag]] == [1, 2, 3, 4]
+        torch.testing.assert_close([v for _, v in logged["compiled"][tag]], [v for _, v in logged["eager"][tag]],
+                                   rtol=rtol, atol=0, msg=tag)
+
+
 @pytest.mark.parametrize("trainer, setup", [
     ("beta_dpo", {"deepspeed": {"zero_stage": 3}, "beta_dpo": {"rho": 0.8}}),  # partitioned head: full logits
     ("dpo", {"lora": {"r": 4, "target_modules": "all-linear"}}),  # reference = adapters off, a packed table
