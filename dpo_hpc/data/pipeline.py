@@ -10,9 +10,11 @@ row is an error naming the dataset.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,8 @@ from ..config import DatasetConfig
 from ..fsutil import atomic_write_json
 from .formats import DROP_REASONS, RowParser
 from .sources import DataError, as_dataset, load_raw
-from .tokenize import SpecialTokens, TokenizedPair, tokenize_conversation, tokenize_pair
+from .tokenize import (BatchEncodings, SpecialTokens, TokenizedPair, texts_encoded, tokenize_conversation,
+                       tokenize_pair)
 
 
 SHOWN_DROPS = 3
@@ -107,21 +110,43 @@ def flipped(pair: TokenizedPair) -> TokenizedPair:
                                example_id=f"{pair.example_id}~flipped")
 
 
-def _process(ds, positions, parse: RowParser, encode: Callable, name: str, split: str,
+BLOCK_ROWS = 1024
+"""Rows parsed, then tokenized in one batched call: enough to keep every core busy."""
+
+
+@contextlib.contextmanager
+def tokenizer_threads():
+    """A fast tokenizer's own threads on while the data is tokenized (every core the job has;
+    TOKENIZERS_PARALLELISM, when set, is obeyed), and off after it: processes forked later (compile
+    workers, launchers) must not inherit them."""
+    if "TOKENIZERS_PARALLELISM" in os.environ:
+        yield
+        return
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _process(ds, positions, parse: RowParser, tokenizer, encode: Callable, name: str, split: str,
              settings: dict[str, Any], flip: Callable[[str], bool] = lambda _: False) -> tuple[ExampleSet, SplitReport]:
-    """``positions[i]``: where ``ds``'s row i sits in the dataset as the researcher sees it."""
+    """``positions[i]``: where ``ds``'s row i sits in the dataset as the researcher sees it;
+    ``encode(tokenizer, parsed, notes)`` tokenizes one parsed row."""
     report = SplitReport()
     examples, ids = [], []
-    for batch in ds.iter(batch_size=1024):
+    for batch in ds.iter(batch_size=BLOCK_ROWS):
         keys = list(batch)
-        for values in zip(*(batch[k] for k in keys)):
-            row = dict(zip(keys, values))
+        rows = [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
+        parsed_rows = [parse(row) for row in rows]
+        texts = [text for parsed, _ in parsed_rows if parsed is not None for text in texts_encoded(parsed)]
+        encoder = BatchEncodings(tokenizer, texts, offsets=parse.kind == "sft")
+        for row, (parsed, reason) in zip(rows, parsed_rows):
             position = int(positions[report.rows])
             ids.append(row_id(row))
             report.rows += 1
-            parsed, reason = parse(row)
             if parsed is not None:
-                example, reason = encode(parsed, report.notes)
+                example, reason = encode(encoder, parsed, report.notes)
                 if example is not None:
                     example = dataclasses.replace(example, example_id=ids[-1])
                     if flip(ids[-1]):
@@ -179,15 +204,15 @@ def load_splits(
                             "rejected of preference pairs; SFT trains on chosen replies only; set it to 0")
         settings["assistant_turns"] = assistant_turns
 
-        def encode(conversation, notes):
-            return tokenize_conversation(tokenizer, conversation, special, cfg.max_length, notes, cfg.truncation_mode)
+        def encode(encoder, conversation, notes):
+            return tokenize_conversation(encoder, conversation, special, cfg.max_length, notes, cfg.truncation_mode)
     else:
         settings["max_prompt_length"] = cfg.max_prompt_length
         if cfg.label_noise:
             settings.update(label_noise=cfg.label_noise, label_noise_seed=cfg.label_noise_seed)
 
-        def encode(pair, notes):
-            return tokenize_pair(tokenizer, pair, special, cfg.max_length, cfg.max_prompt_length, notes,
+        def encode(encoder, pair, notes):
+            return tokenize_pair(encoder, pair, special, cfg.max_length, cfg.max_prompt_length, notes,
                                  cfg.truncation_mode)
 
     if eval_rows is None:
@@ -199,8 +224,11 @@ def load_splits(
     def flip(example_id: str) -> bool:  # SFT refused label_noise above, so this is False there
         return is_flipped(example_id, cfg.label_noise, cfg.label_noise_seed)
 
-    train, train_report = _process(train_raw, train_idx, parse, encode, cfg.dataset_name, "train", settings, flip)
-    val, val_report = _process(val_raw, val_idx, parse, encode, cfg.dataset_name, "validation", settings, flip)
+    with tokenizer_threads():
+        train, train_report = _process(train_raw, train_idx, parse, tokenizer, encode, cfg.dataset_name, "train",
+                                       settings, flip)
+        val, val_report = _process(val_raw, val_idx, parse, tokenizer, encode, cfg.dataset_name, "validation",
+                                   settings, flip)
     report = {
         "dataset_name": cfg.dataset_name,
         "subset": cfg.subset,

@@ -16,6 +16,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
+
 from .hh import TOO_LONG, PreferencePair, RenderedConversation
 
 
@@ -61,6 +63,36 @@ class TokenizedConversation:
     @property
     def length(self) -> int:
         return len(self.input_ids)
+
+
+def texts_encoded(item: PreferencePair | RenderedConversation) -> tuple[str, ...]:
+    """The texts ``tokenize_pair``/``tokenize_conversation`` encode for ``item`` (what a batched
+    encoder prepares): a pair's prompt and each completion joined to it; a conversation's text."""
+    if isinstance(item, PreferencePair):
+        return item.prompt, item.prompt + item.chosen, item.prompt + item.rejected
+    return (item.text,)
+
+
+class BatchEncodings:
+    """A block of texts encoded in one call of the tokenizer (a fast tokenizer spreads it over
+    every core), answering the per-text calls tokenization makes as the tokenizer would; a text
+    not in the block goes to the tokenizer itself."""
+
+    def __init__(self, tokenizer, texts: list[str], offsets: bool):
+        self.tokenizer, self.offsets = tokenizer, offsets
+        self.index = {text: i for i, text in enumerate(dict.fromkeys(texts))}
+        self.encoded = tokenizer(list(self.index), add_special_tokens=False,
+                                 return_offsets_mapping=offsets) if self.index else {}
+
+    def __call__(self, text: str, add_special_tokens: bool = True, return_offsets_mapping: bool = False) -> dict:
+        i = self.index.get(text)
+        if i is None or add_special_tokens or (return_offsets_mapping and not self.offsets):
+            return self.tokenizer(text, add_special_tokens=add_special_tokens,
+                                  return_offsets_mapping=return_offsets_mapping)
+        found = {"input_ids": self.encoded["input_ids"][i]}
+        if return_offsets_mapping:
+            found["offset_mapping"] = self.encoded["offset_mapping"][i]
+        return found
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -123,12 +155,14 @@ def tokenize_conversation(
     offsets = encoding["offset_mapping"]
     ids, had_bos = _without_special_ends(special, encoding["input_ids"])
     offsets = offsets[1:] if had_bos else offsets
-    mask = [int(any(lo <= start < hi for lo, hi in spans)) for start, _ in offsets]
+    starts = np.fromiter((start for start, _ in offsets), dtype=np.int64, count=len(offsets))
+    trained = np.zeros(len(starts), dtype=bool)  # array ops: a Python test per token was most of SFT loading
+    for lo, hi in spans:
+        trained |= (starts >= lo) & (starts < hi)
     ended = _ended(special, ids, conversation.add_eos)
-    mask = mask + [1] * (len(ended) - len(ids))
+    mask = [0] * len(special.prefix) + trained.astype(int).tolist() + [1] * (len(ended) - len(ids))
     ids = special.prefix + ended
-    mask = [0] * len(special.prefix) + mask
-    final_start = next(i for i, (start, _) in enumerate(offsets) if start >= spans[-1][0]) + len(special.prefix)
+    final_start = int(np.flatnonzero(starts >= spans[-1][0])[0]) + len(special.prefix)
     if len(ids) > max_length and truncation_mode == "keep_end":
         cut = len(ids) - max_length
         if cut > final_start:

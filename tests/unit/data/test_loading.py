@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -67,6 +68,48 @@ def test_dropped_rows_are_named_by_their_place_in_the_dataset_across_the_split(t
     for position in (3, 9, 17, 25, 33):
         many.drop("empty_response", position)
     assert many.line().endswith("empty_response=5 (rows 3, 9, 17, ...)")
+
+
+class CountingTokenizer:
+    """The byte tokenizer, counting its calls on one text and on a batch of texts."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, Counter()
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, text, **kwargs):
+        self.calls["batch" if isinstance(text, list) else "one"] += 1
+        return self.tokenizer(text, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["preference", "sft"])
+def test_each_block_of_rows_is_tokenized_in_one_batched_call(tmp_path, tok, hf_cache, monkeypatch, kind):
+    from dpo_hpc.data import pipeline
+
+    monkeypatch.setattr(pipeline, "BLOCK_ROWS", 16)
+    counting = CountingTokenizer(tok)
+    train, val, _ = load_splits(cfg(write_jsonl(tmp_path / "d.jsonl", rows(40)), val_ratio=0.25), counting, kind)
+    assert len(train) == 30 and len(val) == 10
+    assert counting.calls == {"batch": 2 + 1}  # 30 training rows in blocks of 16, 10 validation rows
+    assert (train, val) == load_splits(cfg(tmp_path / "d.jsonl", val_ratio=0.25), tok, kind)[:2]
+
+
+@pytest.mark.parametrize("preset, during, after", [(None, "true", "false"), ("false", "false", "false"),
+                                                   ("true", "true", "true")])
+def test_tokenizer_threads_run_while_tokenizing_unless_told_otherwise(monkeypatch, preset, during, after):
+    import os
+
+    from dpo_hpc.data.pipeline import tokenizer_threads
+
+    if preset is None:
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    else:
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", preset)
+    with tokenizer_threads():
+        assert os.environ["TOKENIZERS_PARALLELISM"] == during
+    assert os.environ["TOKENIZERS_PARALLELISM"] == after  # what later forks inherit
 
 
 def test_too_long_rows_are_dropped_and_reported(tmp_path, tok, hf_cache):

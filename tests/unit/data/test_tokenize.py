@@ -9,7 +9,7 @@ import torch
 
 from dpo_hpc.data.collate import collate_conversations, collate_pairs
 from dpo_hpc.data.hh import TOO_LONG, PreferencePair, parse_sft_row
-from dpo_hpc.data.tokenize import SpecialTokens, tokenize_conversation, tokenize_pair
+from dpo_hpc.data.tokenize import BatchEncodings, SpecialTokens, texts_encoded, tokenize_conversation, tokenize_pair
 from dpo_hpc.tiny_model import build_byte_tokenizer
 
 P = "\n\nHuman: Reverse: abcd\n\nAssistant:"
@@ -72,6 +72,33 @@ def test_boundary_merge_is_detected_and_counted():
     assert stats["prompt_boundary_merge"] >= 1
     assert merged_tok.decode(pair.prompt_ids[1:]) == "Q:"
     assert merged_tok.decode(pair.chosen_ids[:-1]) == " yes"
+    # through a batched encoder the same: the completion alone is not in the batch, so it is encoded then
+    pair_ = PreferencePair("Q:", " yes", " no")
+    batched_stats = Counter()
+    encoder = BatchEncodings(merged_tok, list(texts_encoded(pair_)), offsets=False)
+    assert tokenize_pair(encoder, pair_, SpecialTokens.of(merged_tok), 64, 32, batched_stats) == (pair, None)
+    assert batched_stats == stats
+
+
+def test_batch_encodings_answer_every_call_as_the_tokenizer_does(tok, special):
+    pairs = [PreferencePair(P, " dcba", " abcd"), PreferencePair(P, " x", " y"), PreferencePair("Q", " a", " b")]
+    conversations = [parse_sft_row({"chosen": P + " dcba"})[0], parse_sft_row({"prompt": "Q:", "chosen": " a"})[0]]
+    texts = [t for item in pairs + conversations for t in texts_encoded(item)]  # P repeats: encoded once
+    encoder = BatchEncodings(tok, texts, offsets=True)
+    assert len(encoder.index) == len(set(texts)) < len(texts)
+    for text in texts + ["not in the batch"]:
+        for special_tokens in (False, True):
+            for offsets in (False, True):
+                want = tok(text, add_special_tokens=special_tokens, return_offsets_mapping=offsets)
+                got = encoder(text, add_special_tokens=special_tokens, return_offsets_mapping=offsets)
+                assert {k: list(got[k]) for k in want if k in ("input_ids", "offset_mapping")} == \
+                       {k: list(want[k]) for k in want if k in ("input_ids", "offset_mapping")}
+    for pair in pairs:
+        assert tokenize_pair(encoder, pair, special, 12, 8, Counter()) == tokenize_pair(tok, pair, special, 12, 8,
+                                                                                        Counter())
+    for conversation in conversations:
+        assert tokenize_conversation(encoder, conversation, special, 20, Counter()) == \
+               tokenize_conversation(tok, conversation, special, 20, Counter())
 
 
 def test_sft_loss_only_on_assistant_text_and_final_eos(tok, special):
