@@ -6,12 +6,10 @@ ARG CUDA_BASE=pytorch/pytorch:2.7.1-cuda12.6-cudnn9-devel
 ARG CPU_BASE=debian:bookworm-slim
 
 FROM ${CPU_BASE} AS cpu
-# DL3064 flags TOKENIZERS_PARALLELISM for containing "TOKEN"; it is a switch, not a secret.
-# hadolint ignore=DL3064
+# TOKENIZERS_PARALLELISM is left unset: dpo-hpc tokenizes on every core, then switches it off.
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
-    TOKENIZERS_PARALLELISM=false \
     HF_HUB_OFFLINE=1 \
     HF_DATASETS_OFFLINE=1 \
     PATH=/opt/venv/bin:$PATH
@@ -41,11 +39,9 @@ CMD ["--help"]
 
 FROM ${CUDA_BASE} AS cuda
 # The devel image carries nvcc, which DeepSpeed needs to JIT-build its fused ops on first use.
-# hadolint ignore=DL3064
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
-    TOKENIZERS_PARALLELISM=false \
     HF_HUB_OFFLINE=1 \
     HF_DATASETS_OFFLINE=1
 

@@ -22,7 +22,6 @@
 # setup
 export HF_DATASETS_OFFLINE=1
 export HF_HUB_OFFLINE=1
-export TOKENIZERS_PARALLELISM=false
 
 # command
 export SUBMITIT_EXECUTOR=slurm
