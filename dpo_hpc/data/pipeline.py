@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,9 @@ def flipped(pair: TokenizedPair) -> TokenizedPair:
 BLOCK_ROWS = 1024
 """Rows parsed, then tokenized in one batched call: enough to keep every core busy."""
 
+PROGRESS_EVERY_S = 15.0
+"""A progress line while a split is tokenized for longer than this (a large dataset takes minutes)."""
+
 
 @contextlib.contextmanager
 def tokenizer_threads():
@@ -130,11 +134,13 @@ def tokenizer_threads():
 
 
 def _process(ds, positions, parse: RowParser, tokenizer, encode: Callable, name: str, split: str,
-             settings: dict[str, Any], flip: Callable[[str], bool] = lambda _: False) -> tuple[ExampleSet, SplitReport]:
+             settings: dict[str, Any], flip: Callable[[str], bool] = lambda _: False,
+             say: Callable[[str], None] = lambda _: None) -> tuple[ExampleSet, SplitReport]:
     """``positions[i]``: where ``ds``'s row i sits in the dataset as the researcher sees it;
     ``encode(tokenizer, parsed, notes)`` tokenizes one parsed row."""
     report = SplitReport()
     examples, ids = [], []
+    started = last_said = time.monotonic()
     for batch in ds.iter(batch_size=BLOCK_ROWS):
         keys = list(batch)
         rows = [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
@@ -155,6 +161,10 @@ def _process(ds, positions, parse: RowParser, tokenizer, encode: Callable, name:
                     examples.append(example)
                     continue
             report.drop(reason, position)
+        if time.monotonic() - last_said >= PROGRESS_EVERY_S and report.rows < len(ds):
+            last_said, rate = time.monotonic(), report.rows / (time.monotonic() - started)
+            say(f"tokenizing {split}: {report.rows:,}/{len(ds):,} rows ({report.rows / len(ds):.0%}), "
+                f"{rate:,.0f} rows/s, eta {(len(ds) - report.rows) / rate:.0f} s")
     report.kept = len(examples)
     if report.rows and not examples:
         raise DataError(f"dataset '{name}' ({split} split): 0 usable rows out of {report.rows}; {report.line()}; "
@@ -184,13 +194,14 @@ def mapped_columns(ds, cfg: DatasetConfig, kind: str, name: str):
 
 
 def load_splits(
-    cfg: DatasetConfig, tokenizer, kind: str, assistant_turns: str = "all", train_rows=None, eval_rows=None
+    cfg: DatasetConfig, tokenizer, kind: str, assistant_turns: str = "all", train_rows=None, eval_rows=None,
+    say: Callable[[str], None] = lambda _: None,
 ) -> tuple[ExampleSet, ExampleSet, dict]:
     """Train and validation examples for ``kind`` ('sft' or 'preference') plus the data report.
 
     Rows come from ``dataset_name``/``subset``, or from ``train_rows`` (a ``datasets.Dataset`` or a
     list of dicts, as the Python API passes them); ``eval_rows``, if given, is the validation
-    split instead of a ``val_ratio`` share of the training rows.
+    split instead of a ``val_ratio`` share of the training rows. ``say`` gets the progress lines.
     """
     raw = mapped_columns(load_raw(cfg) if train_rows is None else as_dataset(train_rows), cfg, kind, cfg.dataset_name)
     special = SpecialTokens.of(tokenizer)
@@ -226,9 +237,9 @@ def load_splits(
 
     with tokenizer_threads():
         train, train_report = _process(train_raw, train_idx, parse, tokenizer, encode, cfg.dataset_name, "train",
-                                       settings, flip)
+                                       settings, flip, say)
         val, val_report = _process(val_raw, val_idx, parse, tokenizer, encode, cfg.dataset_name, "validation",
-                                   settings, flip)
+                                   settings, flip, say)
     report = {
         "dataset_name": cfg.dataset_name,
         "subset": cfg.subset,

@@ -195,7 +195,7 @@ class Trainer:
         training, dist = self.training, self.dist
         self.train_set, self.val_set, report = load_splits(
             self.cfg.dataset, self.tokenizer, self.algo.kind, getattr(training, "assistant_turns", "all"),
-            train_rows=self.train_rows, eval_rows=self.eval_rows)
+            train_rows=self.train_rows, eval_rows=self.eval_rows, say=self.say)
         for line in report_lines(report):
             self.say(line)
         self.global_batch = training.batch_size * training.gradient_accumulation_steps * dist.world_size

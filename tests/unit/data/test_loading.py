@@ -96,6 +96,17 @@ def test_each_block_of_rows_is_tokenized_in_one_batched_call(tmp_path, tok, hf_c
     assert (train, val) == load_splits(cfg(tmp_path / "d.jsonl", val_ratio=0.25), tok, kind)[:2]
 
 
+def test_a_long_tokenization_says_how_far_it_is(tmp_path, tok, hf_cache, monkeypatch):
+    from dpo_hpc.data import pipeline
+
+    monkeypatch.setattr(pipeline, "BLOCK_ROWS", 10)
+    monkeypatch.setattr(pipeline, "PROGRESS_EVERY_S", 0.0)
+    said = []
+    load_splits(cfg(write_jsonl(tmp_path / "d.jsonl", rows(40)), val_ratio=0.0), tok, "preference", say=said.append)
+    assert [line.split(" rows (")[0] for line in said] == [f"tokenizing train: {n}/40" for n in (10, 20, 30)]
+    assert said[0].startswith("tokenizing train: 10/40 rows (25%), ") and " rows/s, eta " in said[0]
+
+
 @pytest.mark.parametrize("preset, during, after", [(None, "true", "false"), ("false", "false", "false"),
                                                    ("true", "true", "true")])
 def test_tokenizer_threads_run_while_tokenizing_unless_told_otherwise(monkeypatch, preset, during, after):
