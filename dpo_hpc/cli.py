@@ -64,6 +64,9 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_validate(args) -> int:
+    if bool(args.config) == bool(args.config_option):
+        raise ConfigError(["validate takes one config file: dpo-hpc validate CONFIG (or --config CONFIG)"])
+    args.config = args.config or args.config_option
     trainer = TRAINERS[args.trainer] if args.trainer else None
     cfg, trainer = load_with_overrides(args.config, trainer, args.set)
     resolved = {"trainer": trainer, **to_dict(cfg)}
@@ -143,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("validate", help="print the resolved config, or every error in it")
-    p.add_argument("config")
+    p.add_argument("config", nargs="?", help="trainer config file (or --config FILE, as train takes it)")
+    p.add_argument("--config", "-c", dest="config_option", metavar="CONFIG", help=argparse.SUPPRESS)
     p.add_argument("--trainer", choices=list(TRAINERS), help="schema to check against (default: from the sections)")
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY.PATH=VALUE")
     p.add_argument("--no-preflight", action="store_true", help="check the file only, not its data, models and folder")

@@ -51,7 +51,8 @@ class DatasetConfig:
     max_length: int = Field(512, ge=8)
     """Longest tokenized sequence (BOS + prompt + completion + EOS)."""
     max_prompt_length: int = Field(256, ge=1)
-    """Prompts longer than this keep their last ``max_prompt_length`` tokens."""
+    """Preference pairs: prompts longer than this keep their last ``max_prompt_length`` tokens (below
+    ``max_length``, so that a completion fits). SFT truncates whole conversations to ``max_length``."""
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
     """Which end of a too-long prompt (SFT: conversation) is kept (TRL's name): ``keep_end`` keeps its
     last tokens, next to the reply; ``keep_start`` its first. Completions are then cut at the end."""
@@ -80,15 +81,6 @@ class DatasetConfig:
             raise ValueError(f"columns: unknown field(s) {', '.join(unknown)}; expected prompt, chosen, rejected, messages")
         if self.system_prompt is not None and self.format == "text":
             raise ValueError("system_prompt applies to conversational rows; format = 'text' has none")
-        return self
-
-    @model_validator(mode="after")
-    def _prompt_shorter_than_sequence(self):
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError(
-                f"max_prompt_length ({self.max_prompt_length}) must be smaller than "
-                f"max_length ({self.max_length}) so that a completion fits"
-            )
         return self
 
 
@@ -420,6 +412,14 @@ class DPORunConfig(ModelSettings):
     @property
     def training(self) -> DPOTrainingConfig:
         return self.dpo_training
+
+    @model_validator(mode="after")
+    def _prompt_shorter_than_sequence(self):  # here, not in DatasetConfig: SFT has no prompt budget
+        data = self.dataset
+        if data.max_prompt_length >= data.max_length:
+            raise ValueError(f"dataset.max_prompt_length ({data.max_prompt_length}) must be smaller than "
+                             f"dataset.max_length ({data.max_length}) so that a completion fits")
+        return self
 
     @property
     def beta(self) -> float:

@@ -111,13 +111,22 @@ def test_wrong_types_are_refused(section, key, value, expected):
         ("dpo", "dataset", {"val_ratio": 1.0}, "dataset.val_ratio: expected less than 1"),
         ("dpo", "dataset", {"val_ratio": -0.1}, "dataset.val_ratio: expected greater than or equal to 0"),
         ("dpo", "dpo_training", {"learning_rate": 0}, "dpo_training.learning_rate: expected greater than 0"),
-        ("dpo", "dataset", {"max_prompt_length": 512}, "max_prompt_length (512) must be smaller than max_length (512)"),
+        ("dpo", "dataset", {"max_prompt_length": 512},
+         "dataset.max_prompt_length (512) must be smaller than dataset.max_length (512)"),
+        ("beta_dpo", "dataset", {"max_length": 64}, "dataset.max_prompt_length (256) must be smaller than"),
         ("dpo", "deepspeed", {"zero_stage": 4}, "deepspeed.zero_stage: expected less than or equal to 3"),
     ],
 )
 def test_out_of_range_values_are_refused(trainer, section, values, fragment):
     problems = errors(with_(section, **values), trainer)
     assert len(problems) == 1 and fragment in problems[0], problems
+
+
+def test_sft_has_no_prompt_budget_to_fit():
+    """SFT truncates whole conversations: a short max_length needs no max_prompt_length below it."""
+    data = {"policy_name": "m", "dataset": {"dataset_name": "d", "max_length": 128},
+            "sft_training": {"learning_rate": 1e-5, "batch_size": 2, "save_dir": "out"}}
+    assert validate_mapping(data, "sft", source="f.yaml").dataset.max_length == 128
 
 
 def test_every_problem_is_reported_at_once():
@@ -233,6 +242,15 @@ def test_cli_validate_prints_resolved_config():
     assert result.returncode == 0, result.stderr
     resolved = json.loads(result.stdout)
     assert resolved["trainer"] == "beta_dpo" and resolved["dpo_training"]["gradient_accumulation_steps"] == 1
+
+
+def test_cli_validate_takes_the_file_as_train_does_too():
+    result = _cli("validate", "--config", str(SEED / "config_beta_dpo.yaml"), "--no-preflight")
+    assert result.returncode == 0 and json.loads(result.stdout)["trainer"] == "beta_dpo", result.stderr
+    for args in ([], [str(SEED / "config_dpo.yaml"), "--config", str(SEED / "config_beta_dpo.yaml")]):
+        result = _cli("validate", *args, "--no-preflight")
+        assert result.returncode == 2 and result.stderr.strip() == \
+            "error: validate takes one config file: dpo-hpc validate CONFIG (or --config CONFIG)"
 
 
 def test_cli_wrong_trainer_for_file_says_so():
