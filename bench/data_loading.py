@@ -9,10 +9,12 @@ with a real tokenizer. Then for each kind (preference, SFT) and each way, in a f
 
 - ``batched``: what runs use (blocks of 1,024 rows, one tokenizer call each, the tokenizer's
   threads on);
-- ``one_by_one``: blocks of one row and the threads off, the way rows were read before.
+- ``one_by_one``: blocks of one row and the threads off, the way rows were read before;
+- ``cached``: the splits read from ``dataset.cache_dir``, where an earlier run left them (what
+  every later start, requeue and run of a sweep on the same data does).
 
-Both ways must give the same examples (checked by a hash); the last line is a JSON object with
-the median seconds per way and their ratio.
+Every way must give the same examples (checked by a hash); the last line is a JSON object with
+the median seconds per way and their ratios to one row at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WAYS = {"batched": {}, "one_by_one": {"BLOCK_ROWS": 1, "TOKENIZERS_PARALLELISM": "false"}}
+WAYS = {"batched": {}, "one_by_one": {"BLOCK_ROWS": 1, "TOKENIZERS_PARALLELISM": "false"}, "cached": {"CACHE": 1}}
 
 
 def build_assets(folder: Path, pairs: int, seed: int = 0) -> tuple[Path, Path]:
@@ -72,7 +75,9 @@ def measure(data: Path, tokenizer_dir: Path, kind: str) -> None:
 
     pipeline.BLOCK_ROWS = int(os.environ.get("BLOCK_ROWS", pipeline.BLOCK_ROWS))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = DatasetConfig(dataset_name=str(data), max_length=1024, max_prompt_length=512, val_ratio=0.01)
+    cache = str(data.parent / "cache") if os.environ.get("CACHE") else None
+    cfg = DatasetConfig(dataset_name=str(data), max_length=1024, max_prompt_length=512, val_ratio=0.01,
+                        cache_dir=cache)
     started = time.perf_counter()
     train, val, _ = pipeline.load_splits(cfg, tokenizer, kind)
     seconds = time.perf_counter() - started
@@ -92,21 +97,28 @@ def main() -> None:
         return measure(Path(args.measure[0]), Path(args.measure[1]), args.measure[2])
     data, tokenizer_dir = build_assets(args.assets / str(args.pairs), args.pairs)
     result = {"pairs": args.pairs, "cpus": len(os.sched_getaffinity(0))}
+    shutil.rmtree(data.parent / "cache", ignore_errors=True)
+
+    def measured(kind: str, way: str) -> dict:  # in a fresh process
+        environment = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}  # as in a job
+        environment.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **{k: str(v) for k, v in WAYS[way].items()})
+        out = subprocess.run([sys.executable, __file__, "--measure", str(data), str(tokenizer_dir), kind],
+                             env=environment, cwd=REPO, check=True, capture_output=True, text=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
     for kind in ("preference", "sft"):
         runs: dict[str, list[dict]] = {way: [] for way in WAYS}
+        result[kind] = {"cache_filled_s": measured(kind, "cached")["seconds"]}  # the first run tokenizes
         for _ in range(args.repeats):
-            for way, env in WAYS.items():  # alternating, each in a fresh process
-                environment = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}  # as in a job
-                environment.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **{k: str(v) for k, v in env.items()})
-                out = subprocess.run([sys.executable, __file__, "--measure", str(data), str(tokenizer_dir), kind],
-                                     env=environment, cwd=REPO, check=True, capture_output=True, text=True)
-                runs[way].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            for way in WAYS:  # alternating
+                runs[way].append(measured(kind, way))
                 print(f"[data_loading] {kind} {way}: {runs[way][-1]['seconds']} s", file=sys.stderr)
         hashes = {r["hash"] for way in WAYS for r in runs[way]}
         assert len(hashes) == 1, f"{kind}: the ways gave different examples: {runs}"
-        seconds = {way: statistics.median(r["seconds"] for r in runs[way]) for way in WAYS}
-        result[kind] = {**{f"{way}_s": s for way, s in seconds.items()}, "examples": runs["batched"][0]["examples"],
-                        "ratio": round(seconds["batched"] / seconds["one_by_one"], 3)}
+        seconds = {way: round(statistics.median(r["seconds"] for r in runs[way]), 2) for way in WAYS}
+        result[kind].update({f"{way}_s": s for way, s in seconds.items()}, examples=runs["batched"][0]["examples"],
+                            ratio=round(seconds["batched"] / seconds["one_by_one"], 3),
+                            cached_ratio=round(seconds["cached"] / seconds["one_by_one"], 3))
     line = json.dumps(result)
     if args.out:
         args.out.write_text(line + "\n")

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,12 +19,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def aside_suffix() -> str:
+    """What makes a writer's temporary name its own, on a filesystem nodes share (pids repeat)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def write_aside(path: str | Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` to a file beside ``path``, fsync it, rename it over ``path``: a reader sees the
     old file or the whole new one (for writers that take a path, such as a profiler's trace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{aside_suffix()}")
     try:
         write(tmp)
         fd = os.open(tmp, os.O_RDONLY)

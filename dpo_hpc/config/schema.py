@@ -73,6 +73,11 @@ class DatasetConfig:
     flipped at 0.2 are among those flipped at 0.4. Counted in the data report (``label_flipped``)."""
     label_noise_seed: int = 0
     """Seed of which pairs ``label_noise`` flips."""
+    cache_dir: Optional[str] = Field(None, json_schema_extra=LOCATION)
+    """Folder of tokenized splits, keyed by the rows, the settings above and the tokenizer: a run
+    that finds its split there skips tokenizing (every restart, every rank, every run of a sweep
+    on the same data). Default: none for a single run; an experiment's runs share
+    ``<output_root>/<name>/.data_cache``. Needs a fast tokenizer."""
 
     @model_validator(mode="after")
     def _known_columns(self):

@@ -19,12 +19,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from ..config import DatasetConfig
 from ..fsutil import atomic_write_json
+from .cache import SplitCache, tokenizer_identity
 from .formats import DROP_REASONS, RowParser
 from .sources import DataError, as_dataset, load_raw
 from .tokenize import (BatchEncodings, SpecialTokens, TokenizedPair, texts_encoded, tokenize_conversation,
@@ -43,6 +44,12 @@ class SplitReport:
     notes: Counter = field(default_factory=Counter)  # rows kept but altered (truncated, boundary merge)
     dropped_rows: dict[str, list[int]] = field(default_factory=dict)
     """Per reason, the positions (0-based, as ``dataset[i]``; a JSONL file's line i + 1) of its first rows."""
+
+    @classmethod
+    def of(cls, saved: dict[str, Any]) -> "SplitReport":
+        """The report ``as_dict`` wrote."""
+        return cls(saved["rows"], saved["kept"], Counter(saved["dropped"]), Counter(saved["notes"]),
+                   {reason: list(rows) for reason, rows in saved.get("dropped_rows", {}).items()})
 
     def drop(self, reason: str, position: int) -> None:
         self.dropped[reason] += 1
@@ -133,43 +140,79 @@ def tokenizer_threads():
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
-def _process(ds, positions, parse: RowParser, tokenizer, encode: Callable, name: str, split: str,
-             settings: dict[str, Any], flip: Callable[[str], bool] = lambda _: False,
-             say: Callable[[str], None] = lambda _: None) -> tuple[ExampleSet, SplitReport]:
-    """``positions[i]``: where ``ds``'s row i sits in the dataset as the researcher sees it;
-    ``encode(tokenizer, parsed, notes)`` tokenizes one parsed row."""
-    report = SplitReport()
-    examples, ids = [], []
-    started = last_said = time.monotonic()
+def _blocks(ds):
+    """The rows of ``ds`` as dicts, BLOCK_ROWS at a time."""
     for batch in ds.iter(batch_size=BLOCK_ROWS):
         keys = list(batch)
-        rows = [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
-        parsed_rows = [parse(row) for row in rows]
-        texts = [text for parsed, _ in parsed_rows if parsed is not None for text in texts_encoded(parsed)]
-        encoder = BatchEncodings(tokenizer, texts, offsets=parse.kind == "sft")
-        for row, (parsed, reason) in zip(rows, parsed_rows):
-            position = int(positions[report.rows])
-            ids.append(row_id(row))
-            report.rows += 1
-            if parsed is not None:
-                example, reason = encode(encoder, parsed, report.notes)
-                if example is not None:
-                    example = dataclasses.replace(example, example_id=ids[-1])
-                    if flip(ids[-1]):
-                        example = flipped(example)
-                        report.notes["label_flipped"] += 1
-                    examples.append(example)
-                    continue
-            report.drop(reason, position)
-        if time.monotonic() - last_said >= PROGRESS_EVERY_S and report.rows < len(ds):
-            last_said, rate = time.monotonic(), report.rows / (time.monotonic() - started)
-            say(f"tokenizing {split}: {report.rows:,}/{len(ds):,} rows ({report.rows / len(ds):.0%}), "
-                f"{rate:,.0f} rows/s, eta {(len(ds) - report.rows) / rate:.0f} s")
-    report.kept = len(examples)
-    if report.rows and not examples:
-        raise DataError(f"dataset '{name}' ({split} split): 0 usable rows out of {report.rows}; {report.line()}; "
-                        f"{parse.expected()}")
-    return ExampleSet(examples, fingerprint(ids, {**settings, "split": split})), report
+        yield [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
+
+
+@dataclass
+class SplitReader:
+    """How each split of one dataset is read: parsed, tokenized and counted, or found in the cache."""
+
+    parse: RowParser
+    tokenizer: Any
+    encode: Callable
+    """``encode(tokenizer, parsed, notes)``: one parsed row -> (example, None) or (None, drop reason)."""
+    name: str
+    settings: dict[str, Any]
+    flip: Callable[[str], bool]
+    say: Callable[[str], None]
+    cache: Optional[SplitCache] = None
+
+    def read(self, ds, positions, split: str) -> tuple[ExampleSet, SplitReport]:
+        """``positions[i]``: where ``ds``'s row i sits in the dataset as the researcher sees it."""
+        if self.cache is None:
+            return self.tokenize(ds, positions, split)
+        ids = [row_id(row) for block in _blocks(ds) for row in block]
+        split_fingerprint = fingerprint(ids, {**self.settings, "split": split})
+        found = self.cache.load(split_fingerprint)
+        if found is not None:
+            self.say(f"data {split}: {len(found[0]):,} tokenized examples read from {self.cache.path(split_fingerprint)}")
+            return ExampleSet(found[0], split_fingerprint), SplitReport.of(found[1])
+        examples, report = self.tokenize(ds, positions, split, ids)
+        try:
+            self.cache.save(split_fingerprint, examples, report.as_dict())
+        except OSError as exc:  # a full or read-only cache folder costs the next start time, not this run
+            self.say(f"note: the tokenized {split} split was not cached ({type(exc).__name__}: {exc})")
+        return examples, report
+
+    def tokenize(self, ds, positions, split: str, ids: Optional[list[str]] = None) -> tuple[ExampleSet, SplitReport]:
+        """Every row parsed, then each block tokenized in one batched call; ``ids``: the rows' ids
+        when already known."""
+        report = SplitReport()
+        examples, known = [], ids is not None
+        ids = ids if known else []
+        started = last_said = time.monotonic()
+        for rows in _blocks(ds):
+            parsed_rows = [self.parse(row) for row in rows]
+            texts = [text for parsed, _ in parsed_rows if parsed is not None for text in texts_encoded(parsed)]
+            encoder = BatchEncodings(self.tokenizer, texts, offsets=self.parse.kind == "sft")
+            for row, (parsed, reason) in zip(rows, parsed_rows):
+                if not known:
+                    ids.append(row_id(row))
+                position, example_id = int(positions[report.rows]), ids[report.rows]
+                report.rows += 1
+                if parsed is not None:
+                    example, reason = self.encode(encoder, parsed, report.notes)
+                    if example is not None:
+                        example = dataclasses.replace(example, example_id=example_id)
+                        if self.flip(example_id):
+                            example = flipped(example)
+                            report.notes["label_flipped"] += 1
+                        examples.append(example)
+                        continue
+                report.drop(reason, position)
+            if time.monotonic() - last_said >= PROGRESS_EVERY_S and report.rows < len(ds):
+                last_said, rate = time.monotonic(), report.rows / (time.monotonic() - started)
+                self.say(f"tokenizing {split}: {report.rows:,}/{len(ds):,} rows ({report.rows / len(ds):.0%}), "
+                         f"{rate:,.0f} rows/s, eta {(len(ds) - report.rows) / rate:.0f} s")
+        report.kept = len(examples)
+        if report.rows and not examples:
+            raise DataError(f"dataset '{self.name}' ({split} split): 0 usable rows out of {report.rows}; "
+                            f"{report.line()}; {self.parse.expected()}")
+        return ExampleSet(examples, fingerprint(ids, {**self.settings, "split": split})), report
 
 
 def mapped_columns(ds, cfg: DatasetConfig, kind: str, name: str):
@@ -235,11 +278,12 @@ def load_splits(
     def flip(example_id: str) -> bool:  # SFT refused label_noise above, so this is False there
         return is_flipped(example_id, cfg.label_noise, cfg.label_noise_seed)
 
+    identity = tokenizer_identity(tokenizer) if cfg.cache_dir and train_rows is None else None
+    reader = SplitReader(parse, tokenizer, encode, cfg.dataset_name, settings, flip, say,
+                         SplitCache(cfg.cache_dir, identity) if identity else None)
     with tokenizer_threads():
-        train, train_report = _process(train_raw, train_idx, parse, tokenizer, encode, cfg.dataset_name, "train",
-                                       settings, flip, say)
-        val, val_report = _process(val_raw, val_idx, parse, tokenizer, encode, cfg.dataset_name, "validation",
-                                   settings, flip, say)
+        train, train_report = reader.read(train_raw, train_idx, "train")
+        val, val_report = reader.read(val_raw, val_idx, "validation")
     report = {
         "dataset_name": cfg.dataset_name,
         "subset": cfg.subset,
@@ -252,8 +296,7 @@ def load_splits(
 def report_lines(report: dict) -> list[str]:
     lines = []
     for split in ("train", "validation"):
-        r = SplitReport(report[split]["rows"], report[split]["kept"], Counter(report[split]["dropped"]),
-                        Counter(report[split]["notes"]), report[split].get("dropped_rows", {}))
+        r = SplitReport.of(report[split])
         lines.append(f"data {split}: {r.line()} (fingerprint {report[split]['fingerprint']})")
     return lines
 

@@ -22,6 +22,8 @@ from .schema import EVALUATION_REPORT_ONLY, ExperimentConfig, StageConfig
 SHARED_REF_LOG_PROBS = ".ref_log_probs"
 """Under the experiment root: the reference log-prob tables every run of the experiment shares
 (with ``precompute_ref_log_probs``), one per reference and data."""
+SHARED_DATA_CACHE = ".data_cache"
+"""Under the experiment root: the tokenized splits every run of the experiment shares."""
 
 REFERENCE_PASSES = ".ref_passes"
 """Under the experiment root: the run directories of the reference passes."""
@@ -285,6 +287,8 @@ def expand(exp: ExperimentConfig, source: str | Path, overrides: Sequence[tuple[
             resolved[section]["run_name"] = f"{resolved[section].get('run_name') or run_id} {grid_text}".strip()
             if resolved[section].get("precompute_ref_log_probs") and not resolved[section]["ref_log_probs_cache"]:
                 resolved[section]["ref_log_probs_cache"] = str(root / SHARED_REF_LOG_PROBS)
+            if not resolved["dataset"]["cache_dir"]:  # every run on the same data tokenizes it once
+                resolved["dataset"]["cache_dir"] = str(root / SHARED_DATA_CACHE)
             if any(r.run_id == run_id for r in stage_runs):
                 _fail(source, label, f"duplicates another run of stage '{name}' (same resolved config)")
             stage_runs.append(Run(stage=name, index=len(stage_runs), run_id=run_id, trainer=stage.trainer,
@@ -352,6 +356,7 @@ def with_reference_passes(runs: list[Run], root: Path) -> list[Run]:
             parent_dir = run_dirs.get(run.parent or "")
             inputs = {key: "<parent>" if parent_dir and run.config.get(key) == parent_dir else run.config.get(key)
                       for key in REFERENCE_INPUTS}
+            inputs["dataset"] = {k: v for k, v in inputs["dataset"].items() if k != "cache_dir"}  # a location
             cache = training.get("ref_log_probs_cache")
             inputs.update(parent=run.parent, cache=SHARED_REF_LOG_PROBS if cache == str(root / SHARED_REF_LOG_PROBS)
                           else cache)

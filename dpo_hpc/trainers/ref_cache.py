@@ -25,13 +25,14 @@ from typing import Callable, Optional
 
 import torch
 
+from ..data.cache import tokenizer_identity
 from ..data.collate import to_device
 from ..data.sampler import eval_batch_indices
 from ..filelock import FileLock
-from ..fsutil import files_identity, fsync_tree, remove_tree
+from ..fsutil import aside_suffix, files_identity, fsync_tree, remove_tree
 from ..runtime import DistEnv, barrier
 
-FORMAT = 1
+FORMAT = 2  # 2: the tokenizer's chat template and special tokens are part of the key
 
 
 class RefLogpsTable:
@@ -51,7 +52,7 @@ class RefLogpsTable:
     def save(self, folder: Path, made_of: dict) -> None:
         from safetensors.torch import save_file
 
-        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+        tmp = folder.with_name(f".{folder.name}.tmp-{aside_suffix()}")
         remove_tree(tmp)
         tmp.mkdir(parents=True)
         save_file({"logps": self.logps.contiguous()}, tmp / "logps.safetensors")
@@ -81,12 +82,12 @@ class RefLogpsTable:
 def cache_key(reference: str, tokenizer, fingerprints: list[str], precision: str, attn: str) -> tuple[str, dict]:
     """(key, what it is made of). A hub name stands for itself; a local folder for its files."""
     ref_path = Path(reference)
-    tokenizer_json = tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False) else repr(tokenizer)
     made_of = {
         "format": FORMAT,
         "reference": str(ref_path.resolve()) if ref_path.exists() else reference,
         "reference_files": files_identity(ref_path) if ref_path.is_dir() else None,
-        "tokenizer": hashlib.sha256(tokenizer_json.encode()).hexdigest(),
+        # the chat template too: the data fingerprints hash the rows, not how they were rendered
+        "tokenizer": tokenizer_identity(tokenizer) or hashlib.sha256(repr(tokenizer).encode()).hexdigest(),
         "data": fingerprints,
         "precision": precision,
         "attn_implementation": attn,

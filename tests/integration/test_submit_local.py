@@ -25,6 +25,8 @@ def test_local_executor_runs_the_chain_and_skips_it_afterwards(tmp_path, micro_m
     assert all(isinstance(r["eval"]["rewards/accuracies"], float) for r in rows if r["stage"] == "dpo")
     assert [r["grid"] for r in rows][1:] == [{"dpo_training.beta": 0.1}, {"dpo_training.beta": 0.3}]
     assert all(r["log"].endswith(f"{r['job']}_0_log.err") for r in rows)
+    # the experiment's shared tokenized splits: SFT's two, and the two both DPO runs key alike
+    assert len(list((tmp_path / "out/local/.data_cache").glob("*.safetensors"))) == 4
     # From any directory: relative paths in the file are relative to the file's folder.
     elsewhere = [json.loads(line) for line in run("/", "dpo_hpc.status", str(path), "--json").stdout.splitlines()]
     assert [r["state"] for r in elsewhere] == ["done"] * 3
