@@ -96,10 +96,11 @@ class SplitCache:
                 return None
             columns = []
             for name in FIELDS[kind]:
-                flat, offsets = arrays[name].tolist(), arrays[f"{name}_offsets"].tolist()
+                flat, offsets = arrays[name], arrays[f"{name}_offsets"].tolist()
                 if len(offsets) != len(ids) + 1 or offsets[-1] != len(flat):
                     return None
-                columns.append([flat[a:b] for a, b in zip(offsets, offsets[1:])])
+                # per example: one whole-split list of Python ints would double the peak memory
+                columns.append([flat[a:b].tolist() for a, b in zip(offsets, offsets[1:])])
             make = TokenizedPair if kind == "pair" else TokenizedConversation
             examples = [make(*fields, example_id=i) for i, fields in zip(ids, zip(*columns))]
             return examples, json.loads(metadata["report"])
