@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,22 @@ def barrier() -> None:
 
     if dist.is_initialized():
         dist.barrier()
+
+
+def main_rank_first(dist: DistEnv, work: Callable[[], T]) -> T:
+    """``work()`` on rank 0, then on the other ranks once it has ended: what rank 0 leaves in a
+    shared cache, the others read instead of all doing the same work at once. Every rank passes
+    the barrier exactly once, so a failure on rank 0 blocks no one: it raises there, and the
+    others meet it themselves."""
+    if dist.world_size == 1:
+        return work()
+    if dist.is_main:
+        try:
+            return work()
+        finally:
+            barrier()
+    barrier()
+    return work()
 
 
 def all_reduce_sum(tensor):

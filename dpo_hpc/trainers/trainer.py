@@ -30,7 +30,7 @@ from ..data.sampler import eval_batch_indices, global_batch_indices, steps_per_e
 from ..data.tokenize import SpecialTokens
 from ..filelock import FileLock
 from ..fsutil import atomic_write_bytes
-from ..runtime import all_reduce_sum, barrier, init_distributed
+from ..runtime import all_reduce_sum, barrier, init_distributed, main_rank_first
 from ..runtime.failures import RunFailure, explain, out_of_memory
 from ..runtime.stop import StopSignal
 from .engine import (build_engine, check_packing, check_precision, checkpoint_blocks, compile_blocks,
@@ -193,9 +193,14 @@ class Trainer:
     def load_data(self) -> dict:
         """The train and validation examples and the step counts; returns the data report."""
         training, dist = self.training, self.dist
-        self.train_set, self.val_set, report = load_splits(
-            self.cfg.dataset, self.tokenizer, self.algo.kind, getattr(training, "assistant_turns", "all"),
-            train_rows=self.train_rows, eval_rows=self.eval_rows, say=self.say)
+
+        def load():
+            return load_splits(self.cfg.dataset, self.tokenizer, self.algo.kind,
+                               getattr(training, "assistant_turns", "all"), train_rows=self.train_rows,
+                               eval_rows=self.eval_rows, say=self.say)
+
+        # with a cache, rank 0 tokenizes on every core and the other ranks read its files
+        self.train_set, self.val_set, report = main_rank_first(dist, load) if self.cfg.dataset.cache_dir else load()
         for line in report_lines(report):
             self.say(line)
         self.global_batch = training.batch_size * training.gradient_accumulation_steps * dist.world_size

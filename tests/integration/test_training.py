@@ -275,6 +275,7 @@ def test_two_ranks_under_torchrun_match_one_rank_with_accumulation(tmp_path, mic
     one = {**run_config(tmp_path / "one", micro_model, data, "dpo_training", gradient_accumulation_steps=2, **common), **algo}
     two = {**run_config(tmp_path / "two", micro_model, data, "dpo_training", gradient_accumulation_steps=1, **common), **algo}
     two["deepspeed"] = {"zero_stage": 3}
+    two["dataset"]["cache_dir"] = str(tmp_path / "data_cache")  # rank 0 tokenizes, rank 1 reads its files
     result = run_cli(["train", "dynamic-beta-dpo", "--config", str(write_config(tmp_path, one, "one.yaml"))])
     assert result.returncode == 0, result.stderr[-3000:]
     result = subprocess.run(
@@ -285,6 +286,7 @@ def test_two_ranks_under_torchrun_match_one_rank_with_accumulation(tmp_path, mic
     assert result.returncode == 0, result.stderr[-4000:]
     manifest = json.loads((Path(two["dpo_training"]["save_dir"]) / "run_manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["status"] == "completed"
+    assert len(list((tmp_path / "data_cache").glob("*.safetensors"))) == 2
     a = load_file(Path(one["dpo_training"]["save_dir"]) / "model.safetensors")
     b = load_file(Path(two["dpo_training"]["save_dir"]) / "model.safetensors")
     for key in a:  # Adam divides by sqrt(v): on near-zero gradients it magnifies the different summation order
