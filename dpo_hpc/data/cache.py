@@ -29,6 +29,10 @@ from .tokenize import TokenizedConversation, TokenizedPair
 FORMAT = 1
 
 
+FIELDS = {"pair": ("prompt_ids", "chosen_ids", "rejected_ids"), "conversation": ("input_ids", "loss_mask")}
+"""The token lists stored per example kind (each as one flat array with offsets)."""
+
+
 @functools.lru_cache(maxsize=None)
 def code_identity() -> str:
     """A hash of the code that turns rows into examples (this package's sources) and of the
@@ -41,9 +45,6 @@ def code_identity() -> str:
     for source in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(source.read_bytes())
     return digest.hexdigest()
-
-FIELDS = {"pair": ("prompt_ids", "chosen_ids", "rejected_ids"), "conversation": ("input_ids", "loss_mask")}
-"""The token lists stored per example kind (each as one flat array with offsets)."""
 
 
 def tokenizer_identity(tokenizer) -> Optional[str]:
@@ -63,7 +64,8 @@ class SplitCache:
         self.folder, self.tokenizer_id = Path(folder), tokenizer_id
 
     def path(self, split_fingerprint: str) -> Path:
-        made_of = {"format": FORMAT, "code": code_identity(), "tokenizer": self.tokenizer_id, "split": split_fingerprint}
+        made_of = {"format": FORMAT, "code": code_identity(), "tokenizer": self.tokenizer_id,
+                   "split": split_fingerprint}
         key = hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:20]
         return self.folder / f"{key}.safetensors"
 

@@ -142,7 +142,8 @@ def render_hh(turns: list[Turn], assistant_turns: str) -> RenderedConversation:
     return RenderedConversation(text, tuple(spans))
 
 
-def parse_sft_row(row: dict[str, Any], assistant_turns: str = "all") -> tuple[Optional[RenderedConversation], Optional[str]]:
+def parse_sft_row(row: dict[str, Any],
+                  assistant_turns: str = "all") -> tuple[Optional[RenderedConversation], Optional[str]]:
     """A row's chosen conversation -> (its text with the spans trained on, None) or (None, reason).
 
     An HH transcript (in ``chosen``, or split over ``prompt`` + ``chosen``) trains its assistant

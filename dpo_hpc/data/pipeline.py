@@ -154,7 +154,7 @@ class SplitReader:
     parse: RowParser
     tokenizer: Any
     encode: Callable
-    """``encode(tokenizer, parsed, notes)``: one parsed row -> (example, None) or (None, drop reason)."""
+    """``encode(encoder, parsed, notes)``: one parsed row -> (example, None) or (None, drop reason)."""
     name: str
     settings: dict[str, Any]
     flip: Callable[[str], bool]
@@ -169,7 +169,8 @@ class SplitReader:
         split_fingerprint = fingerprint(ids, {**self.settings, "split": split})
         found = self.cache.load(split_fingerprint)
         if found is not None:
-            self.say(f"data {split}: {len(found[0]):,} tokenized examples read from {self.cache.path(split_fingerprint)}")
+            self.say(f"data {split}: {len(found[0]):,} tokenized examples read from "
+                     f"{self.cache.path(split_fingerprint)}")
             return ExampleSet(found[0], split_fingerprint), SplitReport.of(found[1])
         examples, report = self.tokenize(ds, positions, split, ids)
         try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dpo_hpc.data import hh
-from dpo_hpc.data.hh import (PreferencePair, RenderedConversation, Turn, parse_preference_row, parse_sft_row, parse_turns,
-                             render_turns)
+from dpo_hpc.data.hh import (PreferencePair, RenderedConversation, Turn, parse_preference_row, parse_sft_row,
+                             parse_turns, render_turns)
 
 P = "\n\nHuman: Hi there\n\nAssistant:"
 
