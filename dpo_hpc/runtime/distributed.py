@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -104,20 +105,40 @@ def barrier() -> None:
         dist.barrier()
 
 
-def main_rank_first(dist: DistEnv, work: Callable[[], T]) -> T:
+def main_rank_first(dist: DistEnv, work: Callable[[], T], poll_s: float = 5.0) -> T:
     """``work()`` on rank 0, then on the other ranks once it has ended: what rank 0 leaves in a
-    shared cache, the others read instead of all doing the same work at once. Every rank passes
-    the barrier exactly once, so a failure on rank 0 blocks no one: it raises there, and the
-    others meet it themselves."""
+    shared cache, the others read instead of all doing the same work at once.
+
+    Meanwhile the ranks meet every ``poll_s`` in a short broadcast, never in one long collective
+    (a GPU collective's watchdog ends a wait of many minutes). A failure on rank 0 raises there
+    once the others know it ended; they then meet it themselves."""
     if dist.world_size == 1:
         return work()
+    import torch.distributed
+
+    outcome: dict = {}
+    worker = None
     if dist.is_main:
-        try:
-            return work()
-        finally:
-            barrier()
-    barrier()
-    return work()
+        def run() -> None:
+            try:
+                outcome["value"] = work()
+            except BaseException as exc:  # raised again on this rank's own thread below
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=run, name="main-rank-first", daemon=True)
+        worker.start()
+    while True:
+        ended = [worker is not None and not worker.is_alive()]
+        torch.distributed.broadcast_object_list(ended, src=0)
+        if ended[0]:
+            break
+        if worker is not None:
+            worker.join(poll_s)  # the other ranks wait in the next broadcast meanwhile
+    if not dist.is_main:
+        return work()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def all_reduce_sum(tensor):

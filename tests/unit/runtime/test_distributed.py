@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,7 @@ def _rank(rank: int, folder: str, fail_on_main: bool) -> None:
 
     def work():
         if rank == 0:
+            time.sleep(0.5)  # several polls: the ranks meet in short broadcasts meanwhile
             if fail_on_main:
                 raise ValueError("rank 0's data is bad")
             made.write_text("tokenized")
@@ -41,7 +43,7 @@ def _rank(rank: int, folder: str, fail_on_main: bool) -> None:
         return rank
 
     try:
-        assert main_rank_first(DistEnv(rank, rank, 2), work) == rank
+        assert main_rank_first(DistEnv(rank, rank, 2), work, poll_s=0.05) == rank
     except ValueError:
         (Path(folder) / f"rank_{rank}").write_text("raised")
     dist.barrier()  # the ranks still meet afterwards: nobody was left waiting
