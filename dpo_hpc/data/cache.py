@@ -69,7 +69,7 @@ class SplitCache:
         key = hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:20]
         return self.folder / f"{key}.safetensors"
 
-    def save(self, split_fingerprint: str, examples: list, report: dict) -> Path:
+    def save(self, split_fingerprint: str, examples: list, report: dict) -> None:
         from safetensors.numpy import save_file
 
         kind = "conversation" if examples and isinstance(examples[0], TokenizedConversation) else "pair"
@@ -80,9 +80,7 @@ class SplitCache:
             arrays[f"{name}_offsets"] = np.cumsum([0] + [len(ids) for ids in lists], dtype=np.int64)
         metadata = {"kind": kind, "example_ids": json.dumps([e.example_id for e in examples]),
                     "report": json.dumps(report), "sha256": _checksum(arrays)}
-        path = self.path(split_fingerprint)
-        write_aside(path, lambda tmp: save_file(arrays, str(tmp), metadata=metadata))
-        return path
+        write_aside(self.path(split_fingerprint), lambda tmp: save_file(arrays, str(tmp), metadata=metadata))
 
     def load(self, split_fingerprint: str) -> Optional[tuple[list, dict]]:
         """(examples, the split's data report), or None when absent or not whole."""

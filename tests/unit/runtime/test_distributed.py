@@ -32,6 +32,13 @@ def _rank(rank: int, folder: str, fail_on_main: bool) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
     made = Path(folder) / "made_by_rank_0"
+    meetings, broadcast = [], dist.broadcast_object_list
+
+    def counted(*args, **kwargs):  # the real broadcast, counted
+        meetings.append(1)
+        return broadcast(*args, **kwargs)
+
+    dist.broadcast_object_list = counted
 
     def work():
         if rank == 0:
@@ -46,6 +53,7 @@ def _rank(rank: int, folder: str, fail_on_main: bool) -> None:
         assert main_rank_first(DistEnv(rank, rank, 2), work, poll_s=0.05) == rank
     except ValueError:
         (Path(folder) / f"rank_{rank}").write_text("raised")
+    (Path(folder) / f"meetings_{rank}").write_text(str(len(meetings)))
     dist.barrier()  # the ranks still meet afterwards: nobody was left waiting
     dist.destroy_process_group()
 
@@ -57,3 +65,5 @@ def test_main_rank_first_runs_rank_0_then_the_others_and_never_strands_them(tmp_
     mp.start_processes(_rank, args=(str(tmp_path), fail_on_main), nprocs=2, start_method="spawn", join=True)
     states = [(tmp_path / f"rank_{r}").read_text() for r in (0, 1)]
     assert states == (["raised", "not there"] if fail_on_main else ["found", "found"])
+    # rank 0's 0.5 s of work at polls of 0.05 s: many short meetings, not one long wait
+    assert all(int((tmp_path / f"meetings_{r}").read_text()) >= 5 for r in (0, 1))
