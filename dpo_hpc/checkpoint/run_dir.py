@@ -23,7 +23,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .. import __version__
 from ..config import ConfigError, to_dict, to_identity
@@ -31,6 +31,10 @@ from ..fsutil import atomic_write_json, blocking_file
 
 MANIFEST = "run_manifest.json"
 PROGRESS = "progress.json"
+MODEL_CONFIG, ADAPTER_CONFIG = "config.json", "adapter_config.json"
+SAVED_MODEL_FILES = (MODEL_CONFIG, ADAPTER_CONFIG)
+"""A folder is a saved model when it holds one of these (a full model's config, a LoRA adapter's)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _LIBRARIES = ("torch", "transformers", "datasets", "deepspeed", "tokenizers", "submitit", "tensorboard", "numpy")
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT", "SLURM_JOB_NODELIST")
 
@@ -148,3 +152,18 @@ class RunDir:
     def finish(self, manifest: dict[str, Any], **extra: Any) -> None:
         manifest.update(extra, status="completed", end_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         atomic_write_json(self.manifest_path, manifest)
+
+
+def not_loadable(name: str, what: str, files: tuple[str, ...]) -> Optional[str]:
+    """Why the local folder ``name`` cannot be loaded as a ``what`` (it holds none of ``files``), or
+    None (it holds one, or it is not a local folder). The usual cause is a run directory whose run
+    has not finished, and the line says so; transformers' own error there is about sentencepiece."""
+    folder = Path(name).expanduser()
+    if not folder.is_dir() or any((folder / file).exists() for file in files):
+        return None
+    manifest = RunDir(folder).read_manifest()
+    if manifest is not None and manifest.get("status") != "completed":
+        return (f"{what} '{name}' is the directory of a {manifest.get('trainer', '')} run that has not finished "
+                f"(status {manifest.get('status')!r}): its model is written there when the run completes; "
+                "finish that run first")
+    return f"{what} '{name}' is a folder without {' or '.join(files[:2])} (not a saved {what})"

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..checkpoint.run_dir import SAVED_MODEL_FILES, not_loadable
 from ..config import ALGORITHMS, validate_mapping
 from ..experiment import Plan
 from ..fsutil import blocking_file, existing_ancestor
@@ -48,10 +49,10 @@ def check_model(name: str, what: str, env: dict[str, str], found: Findings, wher
     """A local folder with a config, or a hub name the job can get; False when it cannot."""
     path = Path(name).expanduser()
     if path.is_dir():
-        if (path / "config.json").exists() or (path / "adapter_config.json").exists():
-            return True
-        found.problems.append(f"{where}: {what} '{name}' is a folder without config.json (not a saved model)")
-        return False
+        problem = not_loadable(name, what, SAVED_MODEL_FILES)
+        if problem is not None:
+            found.problems.append(f"{where}: {problem}")
+        return problem is None
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
     if looks_local:
         found.problems.append(f"{where}: {what} '{name}': no such local folder")

@@ -9,8 +9,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..checkpoint.run_dir import SAVED_MODEL_FILES, TOKENIZER_FILES, not_loadable
 from ..config import ConfigError, DeepSpeedConfig, TrainingConfig
-from ..runtime.failures import model_not_found
+from ..runtime.failures import RunFailure, model_not_found
 from . import lora, varlen_attention
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -29,9 +30,13 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise ConfigError([f"precision: fp16 needs a CUDA GPU (this run trains on {device.type}); use fp32 or bf16"])
 
 
-def _loading(name: str, load):
+def _loading(name: str, what: str, files: tuple[str, ...], load):
     """``load()``, with what goes wrong loading by name in one clear line: a model that needs its
-    own code (refused unless trusted), and one that is not there (a path, the cache, the hub)."""
+    own code (refused unless trusted), one that is not there (a path, the cache, the hub), and a
+    local folder without the ``what`` (``files``), such as a run's directory before it finished."""
+    problem = not_loadable(name, what, files)
+    if problem is not None:
+        raise RunFailure(problem)
     try:
         return load()
     except ValueError as exc:
@@ -50,7 +55,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, pad_token: Option
     rows: loss masks come from lengths)."""
     from transformers import AutoTokenizer
 
-    tokenizer = _loading(name, lambda: AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code))
+    tokenizer = _loading(name, "tokenizer", TOKENIZER_FILES,
+                         lambda: AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code))
     if not tokenizer.is_fast:
         raise ConfigError([f"tokenizer '{name}' is not a fast tokenizer; SFT loss masks need its offsets"])
     if pad_token is not None:
@@ -85,14 +91,23 @@ def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implemen
     def from_pretrained(name: str):
         if lora.is_adapter_folder(name):  # a LoRA run's output: its base (maybe another run's) + the adapter
             return lora.load_merged(name, from_pretrained)
-        return _loading(name, lambda: AutoModelForCausalLM.from_pretrained(
+        return _loading(name, "model", SAVED_MODEL_FILES, lambda: AutoModelForCausalLM.from_pretrained(
             name, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code))
 
-    if isinstance(name_or_model, str):
-        model = from_pretrained(name_or_model)
-    else:
-        model = name_or_model.to(dtype)
-        model.set_attn_implementation(attn_implementation)
+    try:
+        if isinstance(name_or_model, str):
+            model = from_pretrained(name_or_model)
+        else:
+            model = name_or_model.to(dtype)
+            model.set_attn_implementation(attn_implementation)
+    except ValueError as exc:
+        if "does not support" not in str(exc) or "ttention" not in str(exc):
+            raise
+        # e.g. Gemma-2 (soft-capped attention scores) has no sdpa path; transformers' message says
+        # to file an issue, ours names the key
+        model_class = str(exc).split(" does not support")[0]
+        raise ConfigError([f"attn_implementation = {attn_implementation!r}: {model_class} does not support it; set "
+                           "attn_implementation = \"eager\", which every model supports"]) from None
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

@@ -16,10 +16,10 @@ from typing import Optional
 
 import torch
 
+from ..checkpoint.run_dir import ADAPTER_CONFIG, MODEL_CONFIG
 from ..config import ConfigError
 from ..config.schema import LoraConfig
 
-ADAPTER_CONFIG = "adapter_config.json"
 MERGED = "merged"
 """Subfolder of a LoRA run's directory with the merged model (beside the adapter, transformers
 would load the adapter from the same folder)."""
@@ -53,7 +53,7 @@ def add_adapters(model, cfg: LoraConfig, base_name: Optional[str] = None):
 
 def is_adapter_folder(name: str) -> bool:
     path = Path(name)
-    return path.is_dir() and (path / ADAPTER_CONFIG).exists() and not (path / "config.json").exists()
+    return path.is_dir() and (path / ADAPTER_CONFIG).exists() and not (path / MODEL_CONFIG).exists()
 
 
 def load_merged(folder: str, load_base):

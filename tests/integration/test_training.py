@@ -563,6 +563,19 @@ def test_a_model_that_is_not_there_fails_in_one_line_before_the_run_directory_is
     assert not (Path(raw["dpo_training"]["save_dir"]) / "run_manifest.json").exists()  # checks come before writes
 
 
+def test_starting_from_a_run_that_has_not_finished_says_so_in_one_line(tmp_path, micro_model):
+    """A DPO config pointing at an SFT run that failed: transformers would talk of sentencepiece."""
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "run_manifest.json").write_text(json.dumps({"trainer": "sft", "status": "failed"}))
+    raw = run_config(tmp_path, micro_model, small_data(tmp_path, 20), "dpo_training", max_steps=2, batch_size=4)
+    raw["policy_name"] = raw["ref_name"] = str(sft)
+    result = run_cli(["train", "dpo", "--config", str(write_config(tmp_path, raw))])
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert f"'{sft}' is the directory of a sft run that has not finished (status 'failed')" in line
+
+
 def test_a_failure_while_training_is_recorded_with_the_traceback_in_the_run(tmp_path, micro_model, monkeypatch):
     from dpo_hpc.config import algorithm
     from dpo_hpc.trainers.trainer import Trainer

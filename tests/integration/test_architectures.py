@@ -1,0 +1,139 @@
+"""The model families researchers bring, not only Llama: GPT-2 (tied head, Conv1D layers, no
+padding token), Qwen2 and Qwen3, Mistral, Gemma-2 (soft-capped logits, no sdpa), Phi-3,
+GPT-NeoX (Pythia) and OPT, each a tiny random model saved to a folder and loaded by path.
+
+For each: the completion log-probs and their gradients equal a float64 log-softmax over the full
+logits (the split head where the logits are a plain ``lm_head(h)``, the full logits elsewhere);
+the padding-free check says yes exactly where packed rows do score as padded ones; and a DPO run
+trains through DeepSpeed, starting at ln 2, and saves a model that loads again.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_config
+from test_training import scalars
+from dpo_hpc.algorithms.logprobs import CompletionScorer, sequence_logps
+from dpo_hpc.config import ConfigError, validate_mapping
+from dpo_hpc.data.collate import TokenizedPair, collate_pairs
+from dpo_hpc.tiny_model import build_byte_tokenizer
+
+pytestmark = pytest.mark.slow
+
+SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+FAMILIES = {  # model_type -> config, tiny
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=256),
+    "qwen2": dict(SHAPE, num_key_value_heads=2),
+    "qwen3": dict(SHAPE, num_key_value_heads=2, head_dim=8),
+    "mistral": dict(SHAPE, num_key_value_heads=2),
+    "gemma2": dict(SHAPE, num_key_value_heads=2, head_dim=8),
+    "phi3": dict(SHAPE, num_key_value_heads=4),
+    "gpt_neox": dict(SHAPE),
+    "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32),
+}
+SPLIT_HEAD = set(FAMILIES) - {"gemma2"}  # Gemma-2 soft-caps its logits: the full head is kept
+EAGER_ONLY = {"gemma2"}  # no sdpa path in transformers
+PACKED_ROWS_LEAK = {"opt"}  # its sdpa attention ignores restarting position ids (transformers 5.25)
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory) -> dict[str, Path]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("families")
+    tokenizer = build_byte_tokenizer()
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    folders = {}
+    for family, shape in FAMILIES.items():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **shape, **ids))
+        folders[family] = root / family
+        model.save_pretrained(folders[family])
+        if family == "gpt2":  # GPT-2's tokenizer has no padding token
+            tokenizer.pad_token = None
+        tokenizer.save_pretrained(folders[family])
+    return folders
+
+
+def attention(family: str) -> str:
+    return "eager" if family in EAGER_ONLY else "sdpa"
+
+
+def load(folder: Path, family: str):
+    from dpo_hpc.trainers.engine import load_causal_lm
+
+    return load_causal_lm(str(folder), "fp32", trainable=True, attn_implementation=attention(family))
+
+
+def random_batch(seed: int, count: int, layout: str = "padded") -> dict:
+    g = torch.Generator().manual_seed(seed)
+    pairs = [TokenizedPair(*(torch.randint(3, 250, (int(k),), generator=g).tolist() for k in lengths))
+             for lengths in torch.randint(1, 12, (count, 3), generator=g)]
+    return collate_pairs(pairs, pad_id=0, layout=layout)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_log_probs_and_gradients_equal_a_float64_log_softmax(family_models, family):
+    model = load(family_models[family], family)
+    scorer = CompletionScorer(chunk_rows=5)
+    assert (scorer.splittable_head(model) is not None) == (family in SPLIT_HEAD)
+    batch = random_batch(1, 4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours = scorer.sequence_logps(model, batch)
+    our_grads = torch.autograd.grad(ours.sum(), params)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    exact = sequence_logps(logits, batch["input_ids"], batch["loss_mask"]).double()
+    exact_grads = torch.autograd.grad(exact.sum(), params)
+    torch.testing.assert_close(ours.double(), exact, rtol=0, atol=1e-5)
+    for a, b in zip(our_grads, exact_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_padding_free_check_says_yes_exactly_where_packed_rows_score_as_padded(family_models, family):
+    from dpo_hpc.trainers.engine import check_packing
+
+    model = load(family_models[family], family)
+    scorer = CompletionScorer()
+    with torch.no_grad():
+        padded = scorer.sequence_logps(model, random_batch(2, 6))
+        packed = scorer.sequence_logps(model, random_batch(2, 6, layout="packed"))
+    kept_apart = torch.allclose(packed, padded, rtol=0, atol=1e-4)
+    if kept_apart:
+        check_packing(model)
+    else:
+        with pytest.raises(ConfigError, match=r"padding_free: .* lets packed sequences attend to each other"):
+            check_packing(model)
+    assert kept_apart == (family not in PACKED_ROWS_LEAK)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dpo_trains_each_family_and_saves_a_model_that_loads(tmp_path, family_models, reverse_data, family):
+    from transformers import AutoModelForCausalLM
+
+    from dpo_hpc.trainers.trainer import train
+
+    raw = run_config(tmp_path, family_models[family], reverse_data, "dpo_training", learning_rate=1e-3,
+                     max_steps=2, batch_size=4)
+    raw["attn_implementation"] = attention(family)
+    summary = train(validate_mapping(raw, "dpo"), "dpo")
+    assert summary["status"] == "completed"
+    run = Path(raw["dpo_training"]["save_dir"])
+    losses = [v for _, v in scalars(run / "tensorboard")["loss"]]
+    assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    saved = AutoModelForCausalLM.from_pretrained(run, attn_implementation=attention(family))
+    assert type(saved).__name__ == type(load(family_models[family], family)).__name__
+
+
+def test_a_model_without_sdpa_is_told_which_attn_implementation_to_set(family_models):
+    from dpo_hpc.trainers.engine import load_causal_lm
+
+    with pytest.raises(ConfigError, match=r"attn_implementation = 'sdpa': Gemma2ForCausalLM does not support it; "
+                                          r"set attn_implementation = \"eager\""):
+        load_causal_lm(str(family_models["gemma2"]), "fp32", trainable=True)
