@@ -346,6 +346,11 @@ class ModelSettings:
     pad_token: Optional[str] = Field(
         None, description="Padding token (TRL's name); default the tokenizer's, else its EOS (Llama 3 has none). "
                           "Padding never enters a loss: masks come from lengths.")
+    chat_template: Optional[str] = Field(
+        None, description="Jinja chat template that renders conversational rows, in place of the tokenizer's "
+                          "(transformers' attribute, alignment-handbook's key): for a base model without one. "
+                          "Saved with the run's tokenizer, so a stage that starts from the run renders as it "
+                          "trained.")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     lora: Optional[LoraConfig] = Field(
         None, description="LoRA adapters instead of a full fine-tune (a [lora] section; needs dpo-hpc[peft]).")

@@ -46,15 +46,26 @@ def with_system(messages: list[dict], system_prompt: Optional[str]) -> list[dict
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
+class TemplateRefused(ValueError):
+    """The chat template raised on a row's messages (its ``raise_exception``: a system message it
+    does not take, roles that do not alternate): a mismatch of template and data, not a bad row."""
+
+
 class ChatRenderer:
     """The tokenizer's chat template, applied the same way for every row."""
 
     def __init__(self, tokenizer, system_prompt: Optional[str] = None):
+        from jinja2 import TemplateError  # what transformers' template rendering raises
+
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
+        self._template_error = TemplateError
 
     def render(self, messages: list[dict], generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except self._template_error as exc:
+            raise TemplateRefused(str(exc)) from None
 
     def preference(self, row: dict[str, Any]) -> tuple[Optional[PreferencePair], Optional[str]]:
         """A conversational preference row -> (pair of strings, None) or (None, drop reason)."""

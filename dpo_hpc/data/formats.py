@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from .chat import NOT_MESSAGES, TEMPLATE_NOT_PREFIX, ChatRenderer
+from .chat import NOT_MESSAGES, TEMPLATE_NOT_PREFIX, ChatRenderer, TemplateRefused
 from .hh import DROP_REASONS as TEXT_DROP_REASONS
 from .hh import parse_preference_row, parse_sft_row
 from .sources import DataError
@@ -53,14 +53,22 @@ class RowParser:
         if self._chat is None:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise DataError(f"dataset '{self.dataset}' has conversational rows, but the tokenizer has no chat "
-                                "template to render them; use a tokenizer with one (tokenizer_name) or text rows")
+                                "template to render them; set chat_template, use a tokenizer with one "
+                                "(tokenizer_name), or use text rows")
             self._chat = ChatRenderer(self.tokenizer, self.system_prompt)
         return self._chat
 
-    def __call__(self, row: dict[str, Any]):
-        if self.format_of(row) == "conversational":
+    def __call__(self, row: dict[str, Any], position: Optional[int] = None):
+        """``position``: the row's place in the dataset, named if the chat template refuses it."""
+        if self.format_of(row) != "conversational":
+            return parse_preference_row(row) if self.kind == "preference" else parse_sft_row(row, self.assistant_turns)
+        try:
             return self.chat.preference(row) if self.kind == "preference" else self.chat.sft(row, self.assistant_turns)
-        return parse_preference_row(row) if self.kind == "preference" else parse_sft_row(row, self.assistant_turns)
+        except TemplateRefused as exc:  # every such row would fail alike: stop, not drop
+            where = f" row {position}" if position is not None else ""
+            system = " (dataset.system_prompt adds a system message to every row)" if self.system_prompt else ""
+            raise DataError(f"dataset '{self.dataset}'{where}: the chat template refused its messages: {exc}; change "
+                            f"the rows{system} or the template (chat_template, or tokenizer_name)") from None
 
     def expected(self) -> str:
         """What rows must look like, for an error about a split with no usable row."""

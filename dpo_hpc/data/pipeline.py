@@ -187,7 +187,7 @@ class SplitReader:
         ids = ids if known else []
         started = last_said = time.monotonic()
         for rows in _blocks(ds):
-            parsed_rows = [self.parse(row) for row in rows]
+            parsed_rows = [self.parse(row, int(positions[report.rows + i])) for i, row in enumerate(rows)]
             texts = [text for parsed, _ in parsed_rows if parsed is not None for text in texts_encoded(parsed)]
             encoder = BatchEncodings(self.tokenizer, texts, offsets=self.parse.kind == "sft")
             for row, (parsed, reason) in zip(rows, parsed_rows):

@@ -95,7 +95,7 @@ def check_data(cfg, trainer: str, tokenizer_name: Optional[str], env: dict[str, 
     tokenizer = None
     if tokenizer_name is not None:
         try:
-            tokenizer = load_tokenizer(tokenizer_name, cfg.trust_remote_code, cfg.pad_token)
+            tokenizer = load_tokenizer(tokenizer_name, cfg.trust_remote_code, cfg.pad_token, cfg.chat_template)
         except Exception as exc:  # said in one line
             from ..runtime.failures import explain
 
@@ -157,7 +157,7 @@ def check_config(cfg, trainer: str, found: Findings, where: str, env: Optional[d
         tokenizer = tokenizer if ok.get(tokenizer) else None
     elif not cfg.tokenizer_name:
         tokenizer = None
-    dataset_key = ("data", trainer, repr(cfg.dataset), tokenizer)
+    dataset_key = ("data", trainer, repr(cfg.dataset), tokenizer, cfg.chat_template)
     found.once(dataset_key, lambda: check_data(cfg, trainer, tokenizer, env, found, where))
     found.once(("writable", existing_ancestor(Path(cfg.training.save_dir))),
                lambda: check_writable(Path(cfg.training.save_dir), found, where))

@@ -50,9 +50,10 @@ def _loading(name: str, what: str, files: tuple[str, ...], load):
         raise model_not_found(name) from exc
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False, pad_token: Optional[str] = None):
+def load_tokenizer(name: str, trust_remote_code: bool = False, pad_token: Optional[str] = None,
+                   chat_template: Optional[str] = None):
     """The fast tokenizer of ``name``; ``pad_token`` replaces its padding token (which only fills
-    rows: loss masks come from lengths)."""
+    rows: loss masks come from lengths), ``chat_template`` its chat template."""
     from transformers import AutoTokenizer
 
     tokenizer = _loading(name, "tokenizer", TOKENIZER_FILES,
@@ -63,6 +64,14 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, pad_token: Option
         if tokenizer.convert_tokens_to_ids(pad_token) in (None, tokenizer.unk_token_id):
             raise ConfigError([f"pad_token = {pad_token!r} is not a token of tokenizer '{name}'"])
         tokenizer.pad_token = pad_token
+    if chat_template is not None:
+        import jinja2
+
+        try:
+            jinja2.Environment().parse(chat_template)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ConfigError([f"chat_template: not a Jinja template: {exc.message} (line {exc.lineno})"]) from None
+        tokenizer.chat_template = chat_template
     return tokenizer
 
 

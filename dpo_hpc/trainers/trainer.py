@@ -149,7 +149,8 @@ class Trainer:
         check_trackers(self.training.report_to)
         seed_everything(self.training.seed)
         self.tokenizer = self.tokenizer or load_tokenizer(self.cfg.tokenizer_name or self.cfg.policy_name,
-                                                          self.cfg.trust_remote_code, self.cfg.pad_token)
+                                                          self.cfg.trust_remote_code, self.cfg.pad_token,
+                                                          self.cfg.chat_template)
         report = self.load_data()
         self.check_resume()
         self.lock_run_dir()

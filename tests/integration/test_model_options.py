@@ -13,6 +13,7 @@ import torch
 from conftest import run_config
 from dpo_hpc.config import ConfigError, validate_mapping
 from dpo_hpc.data.hh import PreferencePair, RenderedConversation
+from dpo_hpc.data.sources import DataError
 from dpo_hpc.data.tokenize import SpecialTokens, tokenize_conversation, tokenize_pair
 from dpo_hpc.tiny_model import build_byte_tokenizer
 
@@ -79,3 +80,31 @@ def test_pad_token_and_truncation_mode(micro_model):
     assert tok.decode(kept_start.input_ids) == "<s>question an"
     assert tokenize_conversation(tok, conversation, special, 8, Counter(), "keep_start") == \
         (None, "too_long_after_truncation")  # nothing of the reply left
+
+
+def test_chat_template_renders_conversational_rows_for_a_base_tokenizer_and_is_saved_with_the_model(tmp_path,
+                                                                                                   micro_model):
+    """A base model's tokenizer has no chat template (Mistral v0.1, many base models): SFT on
+    conversational rows with ``chat_template``, and the run's tokenizer carries it on."""
+    from transformers import AutoTokenizer
+
+    from dpo_hpc.data.verifiable import write_dataset
+    from dpo_hpc.tiny_model import CHAT_TEMPLATE
+    from dpo_hpc.trainers.engine import load_tokenizer
+    from dpo_hpc.trainers.trainer import train
+
+    base = build_byte_tokenizer()
+    base.chat_template = None
+    base.save_pretrained(tmp_path / "base_tokenizer")
+    with pytest.raises(ConfigError, match=r"chat_template: not a Jinja template: .* \(line 1\)"):
+        load_tokenizer(str(tmp_path / "base_tokenizer"), chat_template="{% for m in messages %}")
+    write_dataset(tmp_path / "data", n_train=40, n_test=4, seed=0, label_noise=0.0, data_format="conversational")
+    raw = run_config(tmp_path, micro_model, tmp_path / "data/train.jsonl", "sft_training", max_steps=1, batch_size=4)
+    raw["tokenizer_name"] = str(tmp_path / "base_tokenizer")
+    with pytest.raises(DataError, match="set chat_template, use a tokenizer with one"):
+        train(validate_mapping(raw, "sft"), "sft")
+    template = CHAT_TEMPLATE.replace("<|", "[").replace("|>", "]")
+    raw["chat_template"] = template
+    raw["sft_training"]["save_dir"] = str(tmp_path / "with_template")
+    assert train(validate_mapping(raw, "sft"), "sft")["status"] == "completed"
+    assert AutoTokenizer.from_pretrained(tmp_path / "with_template").chat_template == template

@@ -126,6 +126,33 @@ def test_conversational_rows_need_a_chat_template(tmp_path, hf_cache):
         load_splits(cfg(path), plain, "preference")
 
 
+NO_SYSTEM_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                      "supported') }}{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+"""Gemma's and Mistral's templates refuse a system message this way (``raise_exception``)."""
+
+
+@pytest.mark.parametrize("system_prompt, kind", [(None, "preference"), ("Be brief.", "preference"),
+                                                 ("Be brief.", "sft")])
+def test_a_template_that_refuses_the_messages_stops_the_run_naming_the_row(tmp_path, hf_cache, system_prompt, kind):
+    strict = build_byte_tokenizer()
+    strict.chat_template = NO_SYSTEM_TEMPLATE
+    rows = [conversational(i) for i in range(4)]
+    rows[2]["prompt"] = [{"role": "system", "content": "Answer in one word."}, *rows[2]["prompt"]]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    row = 2 if system_prompt is None else 0
+    hint = r" \(dataset.system_prompt adds a system message to every row\)" if system_prompt else ""
+    with pytest.raises(DataError, match=rf"dataset '{path}' row {row}: the chat template refused its messages: "
+                                        rf"System role not supported; change the rows{hint} or the template "
+                                        r"\(chat_template, or tokenizer_name\)"):
+        load_splits(cfg(path, val_ratio=0.0, system_prompt=system_prompt), strict, kind)
+    rows[2]["prompt"] = rows[2]["prompt"][1:]
+    write_jsonl(path, rows)
+    if system_prompt is None:
+        train, _, _ = load_splits(cfg(path, val_ratio=0.0), strict, kind)
+        assert len(train) == 4
+
+
 def test_columns_map_other_names(tmp_path, tok, hf_cache):
     rows = [{"question": f"Reverse: w{i} =", "response_j": f" {i}w", "response_k": " no"} for i in range(4)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
