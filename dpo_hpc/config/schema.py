@@ -45,7 +45,12 @@ class DatasetConfig:
     subset: str = "train"
     """Split expression passed to ``datasets`` (``train``, ``train[:30%]``, ``test``)."""
     val_ratio: float = Field(0.1, ge=0.0, lt=1.0)
-    """Fraction of the loaded rows held out for validation (0 disables evaluation)."""
+    """Fraction of the loaded rows held out for validation (0 disables evaluation). Not used with
+    ``eval_subset``."""
+    eval_subset: Optional[str] = None
+    """Split expression of the validation rows (TRL's ``dataset_test_split``: ``test``,
+    ``test_prefs``, ``test[:1000]``), in place of a ``val_ratio`` share: the whole ``subset`` then
+    trains. A local folder's splits are its files' names (``train.jsonl``, ``test.jsonl``)."""
     seed: int = 42
     """Seed of the train/validation split."""
     max_length: int = Field(512, ge=8)

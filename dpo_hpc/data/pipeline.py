@@ -270,6 +270,8 @@ def load_splits(
             return tokenize_pair(encoder, pair, special, cfg.max_length, cfg.max_prompt_length, notes,
                                  cfg.truncation_mode)
 
+    if eval_rows is None and cfg.eval_subset is not None and train_rows is None:
+        eval_rows = load_raw(cfg, split_key="eval_subset")
     if eval_rows is None:
         train_idx, val_idx = split_indices(len(raw), cfg.val_ratio, cfg.seed)
         train_raw, val_raw = raw.select(train_idx), raw.select(val_idx)
@@ -288,6 +290,7 @@ def load_splits(
     report = {
         "dataset_name": cfg.dataset_name,
         "subset": cfg.subset,
+        "eval_subset": cfg.eval_subset,
         "train": {**train_report.as_dict(), "fingerprint": train.fingerprint},
         "validation": {**val_report.as_dict(), "fingerprint": val.fingerprint},
     }

@@ -27,11 +27,12 @@ def _slice(ds, spec: str):
     return ds.select(indices)
 
 
-def load_raw(cfg: DatasetConfig, source: str = "dataset.dataset_name"):
-    """The raw rows named by ``dataset_name`` / ``subset`` as a ``datasets.Dataset``."""
+def load_raw(cfg: DatasetConfig, source: str = "dataset.dataset_name", split_key: str = "subset"):
+    """The raw rows named by ``dataset_name`` and the split expression in ``split_key`` (``subset``,
+    or ``eval_subset``) as a ``datasets.Dataset``."""
     import datasets
 
-    name, subset = cfg.dataset_name, cfg.subset
+    name, subset = cfg.dataset_name, getattr(cfg, split_key)
     path = Path(name).expanduser()
     try:
         if path.is_file():
@@ -39,7 +40,8 @@ def load_raw(cfg: DatasetConfig, source: str = "dataset.dataset_name"):
             if builder is None:
                 raise DataError(f"{source}: {path}: unsupported file type; expected one of {', '.join(FILE_BUILDERS)}")
             if subset.split("[", 1)[0] != "train":
-                raise DataError(f"{source}: {path} is a single file, so its only split is 'train'; got subset '{subset}'")
+                raise DataError(f"{source}: {path} is a single file, so its only split is 'train'; got {split_key} "
+                                f"'{subset}' (a folder of train.jsonl and test.jsonl has both splits)")
             return datasets.load_dataset(builder, data_files={"train": str(path)}, split=subset)
         if path.is_dir():
             if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
@@ -47,7 +49,8 @@ def load_raw(cfg: DatasetConfig, source: str = "dataset.dataset_name"):
                 if isinstance(loaded, datasets.DatasetDict):
                     split_name = subset.split("[", 1)[0]
                     if split_name not in loaded:
-                        raise DataError(f"{source}: {path} has splits {sorted(loaded)}; subset asks for '{split_name}'")
+                        raise DataError(f"{source}: {path} has splits {sorted(loaded)}; {split_key} asks for "
+                                        f"'{split_name}'")
                     loaded = loaded[split_name]
                 return _slice(loaded, subset)
             return datasets.load_dataset(str(path), split=subset)
@@ -65,7 +68,8 @@ def load_raw(cfg: DatasetConfig, source: str = "dataset.dataset_name"):
             if found:
                 raise DataError(f"{source}: {path}: {found}") from exc
         detail = " ".join(str(exc).split())[:400]
-        raise DataError(f"{source}: could not load '{name}' (subset '{subset}'): {type(exc).__name__}: {detail}") from exc
+        raise DataError(f"{source}: could not load '{name}' ({split_key} '{subset}'): {type(exc).__name__}: "
+                        f"{detail}") from exc
 
 
 def _offline_snapshot(name: str) -> str | None:

@@ -89,6 +89,8 @@ def check_data(cfg, trainer: str, tokenizer_name: Optional[str], env: dict[str, 
     kind = ALGORITHMS[trainer].kind
     try:
         raw = mapped_columns(load_raw(dataset), dataset, kind, dataset.dataset_name)
+        if dataset.eval_subset is not None:
+            mapped_columns(load_raw(dataset, split_key="eval_subset"), dataset, kind, dataset.dataset_name)
     except DataError as exc:
         found.problems.append(f"{where}: {exc}")
         return

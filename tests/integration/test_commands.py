@@ -96,8 +96,16 @@ dataset = {{ dataset_name = "{reverse_data}", format = "conversational" }}
 dpo_training = {{ learning_rate = 1e-3, batch_size = 4 }}
 [stages.format.slurm.container]
 image = "{tmp_path / 'nope.sif'}"
+[stages.split]
+trainer = "sft"
+[stages.split.config]
+policy_name = "{tmp_path / 'failed_sft'}"
+dataset = {{ dataset_name = "{reverse_data}", eval_subset = "test" }}
+sft_training = {{ learning_rate = 1e-3, batch_size = 4 }}
 """
     (tmp_path / "bad.toml").write_text(text)
+    (tmp_path / "failed_sft").mkdir()
+    (tmp_path / "failed_sft/run_manifest.json").write_text('{"trainer": "sft", "status": "failed"}')
     result = dpo_hpc(tmp_path, "submit", "bad.toml", "--dry-run")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -107,7 +115,9 @@ image = "{tmp_path / 'nope.sif'}"
                 "meta-llama/Llama-3.2-1B` with the jobs' HF_HOME)",
                 f"local path '{tmp_path / 'missing.jsonl'}' does not exist",
                 "none of the first 32 rows is usable (dropped: not_messages=32); expected format 'conversational'",
-                f"stages.format.slurm.container.image: '{tmp_path / 'nope.sif'}' does not exist"]
+                f"stages.format.slurm.container.image: '{tmp_path / 'nope.sif'}' does not exist",
+                f"policy_name '{tmp_path / 'failed_sft'}' is the directory of a sft run that has not finished",
+                "is a single file, so its only split is 'train'; got eval_subset 'test'"]
     for fragment in expected:
         assert sum(fragment in line for line in errors) == 1, (fragment, errors)
     assert len(errors) == len(expected)

@@ -160,6 +160,31 @@ def test_parquet_saved_dataset_and_split_slices(tmp_path, tok, hf_cache):
         load_raw(cfg(tmp_path / "saved", subset="validation"))
 
 
+def test_eval_subset_validates_on_the_datasets_own_test_split(tmp_path, tok, hf_cache):
+    """TRL's dataset_test_split: a folder of train.jsonl + test.jsonl (or a saved DatasetDict, or a
+    hub dataset's splits); the whole training split then trains."""
+    import datasets
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", rows(30))
+    write_jsonl(folder / "test.jsonl", rows(36)[30:])
+    train, val, report = load_splits(cfg(folder, eval_subset="test"), tok, "preference")
+    assert (len(train), len(val)) == (30, 6) and report["eval_subset"] == "test"
+    held_out, _, _ = load_splits(cfg(folder), tok, "preference")
+    assert {e.example_id for e in val}.isdisjoint({e.example_id for e in train})
+    assert len(held_out) == 24  # without it: a val_ratio share of the training split
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows(30)),
+                          "test_prefs": datasets.Dataset.from_list(rows(40)[30:])}).save_to_disk(str(tmp_path / "saved"))
+    _, val, _ = load_splits(cfg(tmp_path / "saved", eval_subset="test_prefs[:4]"), tok, "preference")
+    assert len(val) == 4
+    with pytest.raises(DataError, match=r"has splits \['test_prefs', 'train'\]; eval_subset asks for 'test'"):
+        load_splits(cfg(tmp_path / "saved", eval_subset="test"), tok, "preference")
+    with pytest.raises(DataError, match=r"is a single file, so its only split is 'train'; got eval_subset 'test' "
+                                        r"\(a folder of train.jsonl and test.jsonl has both splits\)"):
+        load_splits(cfg(folder / "train.jsonl", eval_subset="test"), tok, "preference")
+
+
 def test_hub_name_fails_clearly_offline(tok, hf_cache, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError, match="could not load 'nobody/no-such-dataset'"):
