@@ -69,12 +69,20 @@ class ChatRenderer:
 
     def preference(self, row: dict[str, Any]) -> tuple[Optional[PreferencePair], Optional[str]]:
         """A conversational preference row -> (pair of strings, None) or (None, drop reason)."""
-        if row.get("prompt") is not None:
+        text_prompt = isinstance(row.get("prompt"), str)
+        if row.get("prompt") is not None and not text_prompt:
             problem = _messages(row, "prompt", "chosen", "rejected")
             if problem:
                 return None, problem
             prompt, chosen, rejected = (_plain(row[k]) for k in ("prompt", "chosen", "rejected"))
-        else:  # implicit prompt: every message but the last one is shared
+        elif text_prompt and is_messages(row.get("chosen")) and row["chosen"][0]["role"] == "assistant":
+            problem = _messages(row, "chosen", "rejected")  # replies alone: the text prompt is the user's turn
+            if problem:
+                return None, problem
+            prompt = [{"role": "user", "content": row["prompt"]}]
+            chosen, rejected = _plain(row["chosen"]), _plain(row["rejected"])
+        else:  # implicit prompt: every message but the last one is shared. A text prompt beside whole
+            # conversations repeats their user turn (UltraFeedback-binarized); TRL reads the conversations too
             problem = _messages(row, "chosen", "rejected")
             if problem:
                 return None, problem
@@ -132,6 +140,12 @@ class ChatRenderer:
         if row.get("messages") is not None:
             problem = _messages(row, "messages")
             return (None, problem) if problem else self.conversation(row["messages"], assistant_turns)
+        if isinstance(row.get("prompt"), str):  # a text prompt beside conversational replies, as for preference
+            problem = _messages(row, "chosen")
+            if problem:
+                return None, problem
+            user = [{"role": "user", "content": row["prompt"]}] if row["chosen"][0]["role"] == "assistant" else []
+            return self.conversation(user + row["chosen"], assistant_turns)
         keys = ("prompt", "chosen") if row.get("prompt") is not None else ("chosen",)
         problem = _messages(row, *keys)
         if problem:

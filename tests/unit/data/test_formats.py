@@ -126,6 +126,24 @@ def test_conversational_rows_need_a_chat_template(tmp_path, hf_cache):
         load_splits(cfg(path), plain, "preference")
 
 
+@pytest.mark.parametrize("kind", ["preference", "sft"])
+def test_a_text_prompt_beside_conversational_replies_reads_as_the_explicit_form(tmp_path, tok, hf_cache, kind):
+    """HuggingFaceH4/ultrafeedback_binarized: ``prompt`` a string that repeats the user turn of the
+    whole conversations in ``chosen``/``rejected`` (TRL reads the conversations); and a string
+    prompt beside assistant replies alone (the prompt is the user's turn). Both as the explicit form."""
+    explicit = [conversational(i) for i in range(3)]
+    ultrafeedback = [{"prompt": r["prompt"][0]["content"], "prompt_id": str(i), "score_chosen": 8.0,
+                      "chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}
+                     for i, r in enumerate(explicit)]
+    replies_only = [{**r, "prompt": r["prompt"][0]["content"]} for r in explicit]
+    loaded = []
+    for name, rows in (("explicit", explicit), ("ultrafeedback", ultrafeedback), ("replies", replies_only)):
+        train, _, report = load_splits(cfg(write_jsonl(tmp_path / f"{name}.jsonl", rows)), tok, kind)
+        assert report["train"]["kept"] == 3, (name, report["train"])
+        loaded.append([{k: v for k, v in vars(e).items() if k != "example_id"} for e in train])
+    assert loaded[0] == loaded[1] == loaded[2]
+
+
 NO_SYSTEM_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
                       "supported') }}{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
                       "{% if add_generation_prompt %}<|assistant|>{% endif %}")
