@@ -3,8 +3,10 @@ assistant spans the tokenizer sees, rendered with the tokenizer's chat template.
 
 A preference row has ``prompt`` (messages) and ``chosen``/``rejected`` (the assistant reply, one
 or more messages), or no prompt and ``chosen``/``rejected`` as whole conversations that share
-every message but the last (the implicit prompt). An SFT row has ``messages`` (or a conversational
-``prompt`` + ``chosen``). The prompt is the template's rendering with the generation prompt, a
+every message but the last (the implicit prompt); a text ``prompt`` beside them is the user's turn
+of replies alone, and beside whole conversations repeats theirs (UltraFeedback-binarized). An SFT
+row has ``messages`` (or a conversational ``prompt`` + ``chosen``). ShareGPT's messages
+(``{"from": "human" | "gpt", "value": ...}``) read as TRL's. The prompt is the template's rendering with the generation prompt, a
 completion is what the full conversation's rendering adds after it, and an SFT conversation's
 trained spans are what each assistant message adds to the rendering before it: all read from the
 template itself, never from role names in the text. A rendering that is not an extension of the
@@ -21,11 +23,34 @@ from .hh import (EMPTY_PROMPT, EMPTY_RESPONSE, IDENTICAL_RESPONSES, MISSING_FIEL
 NOT_MESSAGES = "not_messages"
 TEMPLATE_NOT_PREFIX = "template_not_prefix"
 ROLES = ("system", "user", "assistant")
+ROLE_NAMES = {**{role: role for role in ROLES}, "human": "user", "gpt": "assistant"}
+"""Roles by the names datasets give them: TRL's, and ShareGPT's (``{"from": "human" | "gpt",
+"value": ...}`` messages, the SFT format axolotl users bring), which read as TRL's."""
 
 
 def is_messages(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(
         isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value)
+
+
+def standard_messages(value: Any) -> Any:
+    """A list of messages as plain ``{role, content}`` dicts with TRL's role names (ShareGPT's
+    ``{from, value}`` converted); anything else as it is, for ``_messages`` to drop."""
+    if not isinstance(value, list):
+        return value
+    messages = []
+    for message in value:
+        if not isinstance(message, dict):
+            return value
+        role, content = message.get("role", message.get("from")), message.get("content", message.get("value"))
+        if role not in ROLE_NAMES or not isinstance(content, str):
+            return value
+        messages.append({"role": ROLE_NAMES[role], "content": content})
+    return messages
+
+
+def _standard_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: standard_messages(value) for key, value in row.items()}
 
 
 def _messages(row: dict[str, Any], *keys: str) -> Optional[str]:
@@ -34,10 +59,6 @@ def _messages(row: dict[str, Any], *keys: str) -> Optional[str]:
         if row.get(key) is None:
             return MISSING_FIELD
     return None if all(is_messages(row[key]) for key in keys) else NOT_MESSAGES
-
-
-def _plain(messages: list[dict]) -> list[dict[str, str]]:
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def with_system(messages: list[dict], system_prompt: Optional[str]) -> list[dict]:
@@ -69,24 +90,25 @@ class ChatRenderer:
 
     def preference(self, row: dict[str, Any]) -> tuple[Optional[PreferencePair], Optional[str]]:
         """A conversational preference row -> (pair of strings, None) or (None, drop reason)."""
+        row = _standard_row(row)
         text_prompt = isinstance(row.get("prompt"), str)
         if row.get("prompt") is not None and not text_prompt:
             problem = _messages(row, "prompt", "chosen", "rejected")
             if problem:
                 return None, problem
-            prompt, chosen, rejected = (_plain(row[k]) for k in ("prompt", "chosen", "rejected"))
+            prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
         elif text_prompt and is_messages(row.get("chosen")) and row["chosen"][0]["role"] == "assistant":
             problem = _messages(row, "chosen", "rejected")  # replies alone: the text prompt is the user's turn
             if problem:
                 return None, problem
             prompt = [{"role": "user", "content": row["prompt"]}]
-            chosen, rejected = _plain(row["chosen"]), _plain(row["rejected"])
+            chosen, rejected = row["chosen"], row["rejected"]
         else:  # implicit prompt: every message but the last one is shared. A text prompt beside whole
             # conversations repeats their user turn (UltraFeedback-binarized); TRL reads the conversations too
             problem = _messages(row, "chosen", "rejected")
             if problem:
                 return None, problem
-            whole_chosen, whole_rejected = _plain(row["chosen"]), _plain(row["rejected"])
+            whole_chosen, whole_rejected = row["chosen"], row["rejected"]
             prompt, chosen, rejected = whole_chosen[:-1], whole_chosen[-1:], whole_rejected[-1:]
             if whole_rejected[:-1] != prompt:
                 return None, PROMPT_MISMATCH
@@ -112,7 +134,7 @@ class ChatRenderer:
         """Messages -> (text with the spans of its assistant replies, None) or (None, drop reason).
         A reply's span runs from the end of the rendering with the generation prompt before it to
         the end of the rendering that includes it (its end-of-turn tokens are trained too)."""
-        messages = _plain(messages)
+        messages = list(messages)
         while messages and messages[-1]["role"] != "assistant":
             messages.pop()  # a trailing user turn has no reply to learn
         if not messages:
@@ -137,6 +159,7 @@ class ChatRenderer:
 
     def sft(self, row: dict[str, Any], assistant_turns: str) -> tuple[Optional[RenderedConversation], Optional[str]]:
         """An SFT row: ``messages``, or a conversational ``prompt`` + ``chosen``."""
+        row = _standard_row(row)
         if row.get("messages") is not None:
             problem = _messages(row, "messages")
             return (None, problem) if problem else self.conversation(row["messages"], assistant_turns)

@@ -232,8 +232,9 @@ def mapped_columns(ds, cfg: DatasetConfig, kind: str, name: str):
     needs = [("chosen",), ("messages",)] if kind == "sft" else [("chosen", "rejected")]
     if not any(set(need) <= columns for need in needs):
         wanted = " or ".join(" and ".join(need) for need in needs)
+        example = ' = { messages = "conversations" } for ShareGPT rows' if "conversations" in columns else ""
         raise DataError(f"dataset '{name}': expected columns {wanted} (optionally prompt; in HH, text or "
-                        f"conversational form); found {sorted(columns)}; map other names with dataset.columns")
+                        f"conversational form); found {sorted(columns)}; map other names with dataset.columns{example}")
     return ds
 
 

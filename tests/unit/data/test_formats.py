@@ -188,3 +188,30 @@ def test_dataset_options_are_validated():
         validate_as(DatasetConfig, {"dataset_name": "d", "columns": {"answer": "a"}}, source="f")
     with pytest.raises(ConfigError, match="system_prompt applies to conversational rows"):
         validate_as(DatasetConfig, {"dataset_name": "d", "format": "text", "system_prompt": "x"}, source="f")
+
+
+@pytest.mark.parametrize("kind", ["preference", "sft"])
+def test_sharegpt_messages_read_as_trls(tmp_path, tok, hf_cache, kind):
+    """axolotl users' SFT data: ``conversations`` of ``{"from": "human" | "gpt", "value": ...}``."""
+    def sharegpt(messages):
+        names = {"user": "human", "assistant": "gpt", "system": "system"}
+        return [{"from": names[m["role"]], "value": m["content"]} for m in messages]
+
+    trl = [{**conversational(i), "messages": conversational(i)["prompt"] + conversational(i)["chosen"]}
+           for i in range(3)]
+    trl[1]["prompt"] = [{"role": "system", "content": "Be brief."}, *trl[1]["prompt"]]
+    theirs = [{"conversations": sharegpt(r["messages"]), **{k: sharegpt(r[k]) for k in ("prompt", "chosen", "rejected")}}
+              for r in trl]
+    loaded = []
+    for name, rows, columns in (("trl", trl, {}), ("sharegpt", theirs, {"messages": "conversations"})):
+        train, _, report = load_splits(cfg(write_jsonl(tmp_path / f"{name}.jsonl", rows), columns=columns), tok, kind)
+        assert report["train"]["kept"] == 3, (name, report["train"])
+        loaded.append([{k: v for k, v in vars(e).items() if k != "example_id"} for e in train])
+    assert loaded[0] == loaded[1]
+    with pytest.raises(DataError, match=r"map other names with dataset.columns = \{ messages = \"conversations\" \} "
+                                        r"for ShareGPT rows"):
+        load_splits(cfg(tmp_path / "sharegpt.jsonl"), tok, "sft")
+    unknown = [{"conversations": [{"from": "narrator", "value": "x"}, {"from": "gpt", "value": "y"}]}]
+    with pytest.raises(DataError, match="not_messages=1"):
+        load_splits(cfg(write_jsonl(tmp_path / "unknown.jsonl", unknown), columns={"messages": "conversations"}),
+                    tok, "sft")
