@@ -210,7 +210,8 @@ def test_sharegpt_messages_read_as_trls(tmp_path, tok, hf_cache, kind):
     assert loaded[0] == loaded[1]
     with pytest.raises(DataError, match=r"map other names with dataset.columns = \{ messages = \"conversations\" \} "
                                         r"for ShareGPT rows"):
-        load_splits(cfg(tmp_path / "sharegpt.jsonl"), tok, "sft")
+        load_splits(cfg(write_jsonl(tmp_path / "only.jsonl", [{"conversations": r["conversations"]} for r in theirs])),
+                    tok, "sft")
     unknown = [{"conversations": [{"from": "narrator", "value": "x"}, {"from": "gpt", "value": "y"}]}]
     with pytest.raises(DataError, match="not_messages=1"):
         load_splits(cfg(write_jsonl(tmp_path / "unknown.jsonl", unknown), columns={"messages": "conversations"}),
