@@ -24,6 +24,24 @@ def aside_suffix() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def umask_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask. Read from /proc: os.umask
+    can only be read by setting it, which races with other threads creating files."""
+    try:
+        with open("/proc/self/status") as status:
+            mask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):  # not Linux, or a kernel before 4.7
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def as_umask_allows(path: str | Path) -> None:
+    """Give a file we wrote the mode the umask allows: some writers (safetensors >= 0.8) create
+    files 0600 whatever the umask, and a lab sharing a project folder could not read the model."""
+    os.chmod(path, umask_mode())
+
+
 def write_aside(path: str | Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` to a file beside ``path``, fsync it, rename it over ``path``: a reader sees the
     old file or the whole new one (for writers that take a path, such as a profiler's trace)."""
@@ -32,6 +50,7 @@ def write_aside(path: str | Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{aside_suffix()}")
     try:
         write(tmp)
+        as_umask_allows(tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -66,10 +85,12 @@ def files_identity(folder: str | Path) -> list:
     return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).iterdir() if p.is_file())
 
 
-def fsync_tree(root: Path) -> None:
-    """fsync every file and folder under root (before publishing it by rename)."""
+def seal_tree(root: Path) -> None:
+    """Before publishing a tree by rename: fsync every file and folder under root, each file with
+    the mode the umask allows (``as_umask_allows``)."""
     for folder, _, files in os.walk(root):
         for name in files:
+            as_umask_allows(os.path.join(folder, name))
             fd = os.open(os.path.join(folder, name), os.O_RDONLY)
             try:
                 os.fsync(fd)

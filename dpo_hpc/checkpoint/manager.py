@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Protocol
 import numpy as np
 import torch
 
-from ..fsutil import atomic_write_json, fsync_dir, fsync_tree, remove_tree, sha256_file
+from ..fsutil import atomic_write_json, fsync_dir, seal_tree, remove_tree, sha256_file
 from ..runtime import DistEnv, barrier
 from ..runtime.failures import disk_full, no_space
 from . import layout
@@ -240,7 +240,7 @@ class Checkpointer:
         shared = {name: piece.state_dict() for name, piece in self.shared.items()}
         atomic_write_json(tmp / layout.SHARED_STATE, {"step": step, "world_size": self.dist.world_size,
                                                       "pieces": shared})
-        fsync_tree(tmp)
+        seal_tree(tmp)
         files = {}
         for folder, _, names in os.walk(tmp):
             for file_name in names:

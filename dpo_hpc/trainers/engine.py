@@ -362,7 +362,7 @@ def save_final_model(engine, tokenizer, out_dir: Path, is_main: bool, merge_adap
 
 
 def _write_final_model(module, state_dict: dict, tokenizer, staging: Path, merge_adapter: bool) -> None:
-    from ..fsutil import fsync_tree
+    from ..fsutil import seal_tree
 
     module.config.use_cache = True
     state_dict = {k: v.detach().cpu() for k, v in state_dict.items()}
@@ -371,4 +371,4 @@ def _write_final_model(module, state_dict: dict, tokenizer, staging: Path, merge
     else:
         module.save_pretrained(staging, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
-    fsync_tree(staging)
+    seal_tree(staging)

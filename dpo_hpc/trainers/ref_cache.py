@@ -29,7 +29,7 @@ from ..data.cache import tokenizer_identity
 from ..data.collate import to_device
 from ..data.sampler import eval_batch_indices
 from ..filelock import FileLock
-from ..fsutil import aside_suffix, files_identity, fsync_tree, remove_tree
+from ..fsutil import aside_suffix, files_identity, seal_tree, remove_tree
 from ..runtime import DistEnv, barrier
 
 FORMAT = 2  # 2: the tokenizer's chat template and special tokens are part of the key
@@ -58,7 +58,7 @@ class RefLogpsTable:
         save_file({"logps": self.logps.contiguous()}, tmp / "logps.safetensors")
         (tmp / "ids.json").write_text(json.dumps(self.ids))
         (tmp / "meta.json").write_text(json.dumps(made_of, indent=2, sort_keys=True, default=str))
-        fsync_tree(tmp)
+        seal_tree(tmp)
         remove_tree(folder)  # a table that no longer covers the data (saved under the lock)
         try:
             os.replace(tmp, folder)

@@ -21,6 +21,7 @@ from torch._dynamo.utils import counters
 from conftest import BIN, REPO, run_config
 from dpo_hpc.checkpoint import layout
 from dpo_hpc.config import validate_mapping
+from dpo_hpc.fsutil import umask_mode
 
 pytestmark = pytest.mark.slow
 
@@ -92,6 +93,7 @@ def test_sft_lowers_loss_on_a_fixed_batch_and_saves_a_loadable_model(tmp_path, m
     assert losses[-1] < losses[0] - 0.5, losses
     model = AutoModelForCausalLM.from_pretrained(run)
     AutoTokenizer.from_pretrained(run)
+    assert (run / "model.safetensors").stat().st_mode & 0o777 == umask_mode()  # safetensors alone makes it 0600
     initial = AutoModelForCausalLM.from_pretrained(micro_model)
     assert not torch.equal(model.model.embed_tokens.weight, initial.model.embed_tokens.weight)
     manifest = json.loads((run / "run_manifest.json").read_text())

@@ -1,0 +1,59 @@
+"""Durable writes: a reader sees the old file or the whole new one, never a torn one; and what we
+publish gets the mode the umask allows, whatever mode the library that wrote it chose."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dpo_hpc.fsutil import seal_tree, umask_mode, write_aside
+
+
+@pytest.fixture(params=[0o022, 0o002, 0o077])
+def umask(request):
+    previous = os.umask(request.param)
+    yield request.param
+    os.umask(previous)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_umask_mode_is_read_without_changing_the_umask(umask):
+    assert umask_mode() == 0o666 & ~umask
+    assert os.umask(umask) == umask  # still what the fixture set
+
+
+def test_files_written_aside_get_the_umasks_mode_though_safetensors_makes_them_0600(tmp_path, umask):
+    target = tmp_path / "a.safetensors"
+    write_aside(target, lambda tmp: save_file({"x": torch.arange(3.0)}, str(tmp)))
+    assert mode(target) == 0o666 & ~umask
+    assert torch.equal(load_file(target)["x"], torch.arange(3.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "a.json"
+    target.write_text("old")
+
+    def fails(tmp):
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_aside(target, fails)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_a_sealed_tree_has_every_file_at_the_umasks_mode(tmp_path, umask):
+    (tmp_path / "sub").mkdir()
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "sub" / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    os.chmod(tmp_path / "config.json", 0o600)
+    seal_tree(tmp_path)
+    assert {mode(p) for p in tmp_path.rglob("*") if p.is_file()} == {0o666 & ~umask}
