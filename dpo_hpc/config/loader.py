@@ -174,6 +174,23 @@ def _class_at(cls, loc: tuple) -> Any:
     return cls
 
 
+TRL_NAMES = {
+    "per_device_train_batch_size": "batch_size", "per_device_eval_batch_size": "eval_batch_size",
+    "num_train_epochs": "epochs", "lr_scheduler_type": "lr_scheduler", "output_dir": "save_dir",
+    "warmup_ratio": "warmup_steps (a number of optimizer steps)", "eval_strategy": "eval_steps (0: only at the end)",
+    "save_strategy": "save_steps (0: only at the end)", "bf16": 'the top-level precision = "bf16"',
+    "fp16": 'the top-level precision = "fp16"', "model_name_or_path": "policy_name",
+    "ref_model": "ref_name", "dataset_train_split": "dataset.subset", "dataset_test_split": "dataset.eval_subset",
+    "max_length": "dataset.max_length", "max_seq_length": "dataset.max_length",
+    "max_prompt_length": "dataset.max_prompt_length", "chat_template_path": "chat_template (the template's text)",
+    "model_init_kwargs": "the top-level torch_dtype, attn_implementation and trust_remote_code",
+    "use_peft": "a [lora] section", "lora_r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules",
+}
+"""TRL's names of settings this schema names otherwise (the original framework's names, or a
+section of their own), for the error a TRL config meets: said, never read as aliases."""
+
+
 def _describe(error: dict, root_cls) -> str:
     loc = tuple(str(p) for p in error["loc"])
     key = ".".join(loc) if loc else "<top level>"
@@ -184,6 +201,8 @@ def _describe(error: dict, root_cls) -> str:
         valid = _field_names(holder) if holder else []
         close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else (f"; valid keys: {', '.join(sorted(valid))}" if valid else "")
+        if loc and loc[-1] in TRL_NAMES:
+            hint = f"; that is TRL's name: here it is {TRL_NAMES[loc[-1]]}"
         return f"{key}: unknown key{hint}"
     if kind == "missing":
         return f"{key}: required key is missing"

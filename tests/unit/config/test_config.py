@@ -79,6 +79,19 @@ def test_misspelled_key_suggests_the_nearest():
     assert errors({**VALID_DPO, "polcy_name": "x"}) == ["f.yaml: polcy_name: unknown key; did you mean 'policy_name'?"]
 
 
+def test_a_trl_config_is_told_each_settings_name_here():
+    """TRL's names are said, never silently read as aliases (one name per setting)."""
+    trl = {**VALID_DPO, "bf16": True, "dpo_training": {**VALID_DPO["dpo_training"], "per_device_train_batch_size": 8,
+                                                      "warmup_ratio": 0.1, "max_length": 1024}}
+    assert sorted(errors(trl)) == [
+        "f.yaml: bf16: unknown key; that is TRL's name: here it is the top-level precision = \"bf16\"",
+        "f.yaml: dpo_training.max_length: unknown key; that is TRL's name: here it is dataset.max_length",
+        "f.yaml: dpo_training.per_device_train_batch_size: unknown key; that is TRL's name: here it is batch_size",
+        "f.yaml: dpo_training.warmup_ratio: unknown key; that is TRL's name: here it is warmup_steps (a number of "
+        "optimizer steps)",
+    ]
+
+
 def test_unknown_section_lists_valid_keys():
     (problem,) = errors({**VALID_DPO, "zzz": 1})
     assert problem.startswith("f.yaml: zzz: unknown key; valid keys: ") and "dpo_training" in problem
