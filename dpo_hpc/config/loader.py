@@ -177,7 +177,7 @@ def _class_at(cls, loc: tuple) -> Any:
 TRL_NAMES = {
     "per_device_train_batch_size": "batch_size", "per_device_eval_batch_size": "eval_batch_size",
     "num_train_epochs": "epochs", "lr_scheduler_type": "lr_scheduler", "output_dir": "save_dir",
-    "warmup_ratio": "warmup_steps (a number of optimizer steps)", "eval_strategy": "eval_steps (0: only at the end)",
+    "eval_strategy": "eval_steps (0: only at the end)",
     "save_strategy": "save_steps (0: only at the end)", "bf16": 'the top-level precision = "bf16"',
     "fp16": 'the top-level precision = "fp16"', "model_name_or_path": "policy_name",
     "ref_model": "ref_name", "dataset_train_split": "dataset.subset", "dataset_test_split": "dataset.eval_subset",

@@ -14,6 +14,8 @@ No torch here: configs load on a login node in milliseconds.
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -123,6 +125,9 @@ class TrainingConfig:
     """Decay after warmup: constant, linear to 0, or cosine to 0."""
     warmup_steps: int = Field(0, ge=0)
     """Optimizer steps of linear learning-rate warmup from 0."""
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    """Warmup as a fraction of the run's optimizer steps, rounded up (TRL's name), for a run sized
+    by ``epochs``; instead of ``warmup_steps``."""
     weight_decay: float = Field(0.0, ge=0.0)
     """AdamW decoupled weight decay."""
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
@@ -190,6 +195,17 @@ class TrainingConfig:
     policy and reference, and for bf16/fp16 models the output head's softmax work on each chunk
     of logits: faster steps after a one-time compile of tens of seconds, with dynamic shapes (no
     recompile as sequence lengths vary). Not with ZeRO-3."""
+
+    @model_validator(mode="after")
+    def _one_warmup(self):
+        if self.warmup_ratio and self.warmup_steps:
+            raise ValueError(f"warmup_steps = {self.warmup_steps} and warmup_ratio = {self.warmup_ratio} both set the "
+                             "warmup; keep one")
+        return self
+
+    def warmup(self, total_steps: int) -> int:
+        """Optimizer steps of warmup in a run of ``total_steps``."""
+        return self.warmup_steps or math.ceil(self.warmup_ratio * total_steps)
 
     @model_validator(mode="after")
     def _checkpointing_every(self):

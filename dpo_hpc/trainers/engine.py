@@ -293,7 +293,7 @@ def build_engine(model, training: TrainingConfig, ds_cfg: dict, total_steps: int
         fused=fused,  # else PyTorch's default, as HF's adamw_torch: multi-tensor kernels on CUDA, a loop on CPU
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(training.lr_scheduler, training.warmup_steps, total_steps)
+        optimizer, lr_lambda(training.lr_scheduler, training.warmup(total_steps), total_steps)
     )
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg

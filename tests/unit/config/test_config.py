@@ -82,13 +82,12 @@ def test_misspelled_key_suggests_the_nearest():
 def test_a_trl_config_is_told_each_settings_name_here():
     """TRL's names are said, never silently read as aliases (one name per setting)."""
     trl = {**VALID_DPO, "bf16": True, "dpo_training": {**VALID_DPO["dpo_training"], "per_device_train_batch_size": 8,
-                                                      "warmup_ratio": 0.1, "max_length": 1024}}
+                                                      "num_train_epochs": 1, "max_length": 1024}}
     assert sorted(errors(trl)) == [
         "f.yaml: bf16: unknown key; that is TRL's name: here it is the top-level precision = \"bf16\"",
         "f.yaml: dpo_training.max_length: unknown key; that is TRL's name: here it is dataset.max_length",
+        "f.yaml: dpo_training.num_train_epochs: unknown key; that is TRL's name: here it is epochs",
         "f.yaml: dpo_training.per_device_train_batch_size: unknown key; that is TRL's name: here it is batch_size",
-        "f.yaml: dpo_training.warmup_ratio: unknown key; that is TRL's name: here it is warmup_steps (a number of "
-        "optimizer steps)",
     ]
 
 
@@ -315,3 +314,13 @@ def test_a_run_never_writes_over_what_it_reads(tmp_path):
     data = json.loads(json.dumps(VALID_DPO))
     data["policy_name"], data["dpo_training"]["save_dir"] = str(model), str(tmp_path / "elsewhere")
     assert validate_mapping(data, "dpo")
+
+
+def test_warmup_ratio_is_a_rounded_up_share_of_the_run_and_excludes_warmup_steps():
+    from dpo_hpc.config import validate_mapping
+
+    ratio = validate_mapping(with_("dpo_training", warmup_ratio=0.25), "dpo").dpo_training
+    assert [ratio.warmup(n) for n in (10, 12, 1)] == [3, 3, 1]  # HF's ceil(total x ratio)
+    assert validate_mapping(with_("dpo_training", warmup_steps=4), "dpo").dpo_training.warmup(10) == 4
+    (problem,) = errors(with_("dpo_training", warmup_steps=4, warmup_ratio=0.1))
+    assert problem == "f.yaml: dpo_training: warmup_steps = 4 and warmup_ratio = 0.1 both set the warmup; keep one"
