@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Protocol
 import numpy as np
 import torch
 
-from ..fsutil import atomic_write_json, fsync_dir, seal_tree, remove_tree, sha256_file
+from ..fsutil import atomic_write_json, fsync_dir, remove_tree, seal_tree, sha256_file
 from ..runtime import DistEnv, barrier
 from ..runtime.failures import disk_full, no_space
 from . import layout

@@ -15,7 +15,6 @@ No torch here: configs load on a login node in milliseconds.
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 from typing import Literal, Optional, Union
 

@@ -6,11 +6,12 @@ or more messages), or no prompt and ``chosen``/``rejected`` as whole conversatio
 every message but the last (the implicit prompt); a text ``prompt`` beside them is the user's turn
 of replies alone, and beside whole conversations repeats theirs (UltraFeedback-binarized). An SFT
 row has ``messages`` (or a conversational ``prompt`` + ``chosen``). ShareGPT's messages
-(``{"from": "human" | "gpt", "value": ...}``) read as TRL's. The prompt is the template's rendering with the generation prompt, a
-completion is what the full conversation's rendering adds after it, and an SFT conversation's
-trained spans are what each assistant message adds to the rendering before it: all read from the
-template itself, never from role names in the text. A rendering that is not an extension of the
-previous one (a template that rewrites history) drops the row, counted.
+(``{"from": "human" | "gpt", "value": ...}``) read as TRL's. The prompt is the template's
+rendering with the generation prompt, a completion is what the full conversation's rendering adds
+after it, and an SFT conversation's trained spans are what each assistant message adds to the
+rendering before it: all read from the template itself, never from role names in the text. A
+rendering that is not an extension of the previous one (a template that rewrites history) drops
+the row, counted.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from ..data.cache import tokenizer_identity
 from ..data.collate import to_device
 from ..data.sampler import eval_batch_indices
 from ..filelock import FileLock
-from ..fsutil import aside_suffix, files_identity, seal_tree, remove_tree
+from ..fsutil import aside_suffix, files_identity, remove_tree, seal_tree
 from ..runtime import DistEnv, barrier
 
 FORMAT = 2  # 2: the tokenizer's chat template and special tokens are part of the key
