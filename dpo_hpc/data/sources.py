@@ -67,17 +67,26 @@ def load_raw(cfg: DatasetConfig, source: str = "dataset.dataset_name", split_key
             found = json_file_problem(path)
             if found:
                 raise DataError(f"{source}: {path}: {found}") from exc
+        if _offline() and not path.exists() and "offline" in f"{type(exc).__name__} {exc}".lower():
+            raise DataError(f"{source}: '{name}' is not in the Hugging Face cache and the job runs offline "
+                            "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); run `dpo-hpc prefetch EXPERIMENT` on a login "
+                            f"node (or `huggingface-cli download --repo-type dataset {name}` with the jobs' HF_HOME)"
+                            ) from exc
         detail = " ".join(str(exc).split())[:400]
         raise DataError(f"{source}: could not load '{name}' ({split_key} '{subset}'): {type(exc).__name__}: "
                         f"{detail}") from exc
 
 
+def _offline() -> bool:
+    import os
+
+    return "1" in (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("HF_DATASETS_OFFLINE"))
+
+
 def _offline_snapshot(name: str) -> str | None:
     """The hub cache's copy of dataset repository ``name`` when offline (None online, or when not
     cached: ``datasets`` then says what it says)."""
-    import os
-
-    if "1" not in (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("HF_DATASETS_OFFLINE")):
+    if not _offline():
         return None
     from huggingface_hub import snapshot_download
 

@@ -187,7 +187,8 @@ def test_eval_subset_validates_on_the_datasets_own_test_split(tmp_path, tok, hf_
 
 def test_hub_name_fails_clearly_offline(tok, hf_cache, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DataError, match="could not load 'nobody/no-such-dataset'"):
+    with pytest.raises(DataError, match=r"'nobody/no-such-dataset' is not in the Hugging Face cache and the job runs "
+                                        r"offline .* run `dpo-hpc prefetch EXPERIMENT` on a login node"):
         load_raw(cfg("nobody/no-such-dataset"))
 
 

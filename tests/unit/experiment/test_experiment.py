@@ -17,7 +17,7 @@ from dpo_hpc.experiment import load_plan, time_to_minutes
 from dpo_hpc.launch.submission import write_plan_files
 
 GOLDEN = Path(__file__).parent / "golden"
-EXAMPLES = ["tiny", "hh_llama3_1b", "chat"]
+EXAMPLES = ["tiny", "hh_llama3_1b", "chat", "ultrafeedback_qwen"]
 
 def plan_of(tmp_path, text, name="exp.toml"):
     path = tmp_path / name
