@@ -1,6 +1,7 @@
 """The model families researchers bring, not only Llama: GPT-2 (tied head, Conv1D layers, no
-padding token), Qwen2 and Qwen3, Mistral, Gemma-2 (soft-capped logits, no sdpa), Phi-3,
-GPT-NeoX (Pythia) and OPT, each a tiny random model saved to a folder and loaded by path.
+padding token), Qwen2 and Qwen3, Mistral, Gemma-2 (soft-capped logits, no sdpa), Gemma-3, Phi-3,
+GPT-NeoX (Pythia), OPT, OLMo-2 and the mixtures of experts Mixtral and Qwen3-MoE, each a tiny
+random model saved to a folder and loaded by path.
 
 For each: the completion log-probs and their gradients equal a float64 log-softmax over the full
 logits (the split head where the logits are a plain ``lm_head(h)``, the full logits elsewhere);
@@ -35,6 +36,11 @@ FAMILIES = {  # model_type -> config, tiny
     "phi3": dict(SHAPE, num_key_value_heads=4),
     "gpt_neox": dict(SHAPE),
     "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32),
+    "gemma3_text": dict(SHAPE, num_key_value_heads=2, head_dim=8),
+    "qwen3_moe": dict(SHAPE, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32),
+    "mixtral": dict(SHAPE, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    "olmo2": dict(SHAPE, num_key_value_heads=2),
 }
 SPLIT_HEAD = set(FAMILIES) - {"gemma2"}  # Gemma-2 soft-caps its logits: the full head is kept
 EAGER_ONLY = {"gemma2"}  # no sdpa path in transformers
