@@ -4,7 +4,8 @@ queued (``validate``, ``submit --dry-run``, ``submit``).
 For every run (each distinct input checked once): the dataset resolves and its first rows parse
 into usable examples in the configured format (with the tokenizer, for chat templates); the
 model and tokenizer resolve (a local folder holds a config; a hub name is in the local cache
-when the job runs offline, else the exact command to fetch it); the output root is writable; a
+when the job runs offline, else the exact command to fetch it) and the policy builds with its
+attention implementation; the output root is writable; a
 container image exists. A run that starts from another run's model is checked against that run
 instead (its folder does not exist yet). Problems are errors (exit 2, one line each); what
 cannot be known before the job (a hub dataset the job will download) is a note.
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..checkpoint.run_dir import SAVED_MODEL_FILES, not_loadable
-from ..config import ALGORITHMS, validate_mapping
+from ..config import ALGORITHMS, ConfigError, validate_mapping
 from ..experiment import Plan
 from ..fsutil import blocking_file, existing_ancestor
 from .sbatch import stage_slurm
@@ -128,6 +129,22 @@ def check_data(cfg, trainer: str, tokenizer_name: Optional[str], env: dict[str, 
                               f"usable (dropped: {drops}); {parse.expected()}")
 
 
+def check_attention(cfg, found: Findings, where: str) -> None:
+    """The policy builds with ``attn_implementation`` (Gemma-2 has no sdpa): said here, not after
+    the job waited in the queue."""
+    from ..trainers.engine import ATTENTION_PACKAGES
+    from ..trainers.engine import check_attention as builds
+
+    if cfg.attn_implementation in ATTENTION_PACKAGES:
+        return  # the job's image may hold the package that this host lacks
+    try:
+        builds(cfg.policy_name, cfg.attn_implementation, cfg.trust_remote_code)
+    except ConfigError as exc:
+        found.problems.extend(f"{where}: {problem}" for problem in exc.problems)
+    except Exception:  # a model that does not load is check_model's to say, or the job's
+        pass
+
+
 def check_writable(folder: Path, found: Findings, where: str) -> None:
     probe = existing_ancestor(folder)
     if blocking_file(folder):
@@ -157,6 +174,9 @@ def check_config(cfg, trainer: str, found: Findings, where: str, env: Optional[d
         ok = {name: found.once(("model", name), lambda n=name, w=what: check_model(n, w, env, found, where))
               for name, what in names.items()}
         tokenizer = tokenizer if ok.get(tokenizer) else None
+        if ok[cfg.policy_name]:
+            found.once(("attention", cfg.policy_name, cfg.attn_implementation),
+                       lambda: check_attention(cfg, found, where))
     elif not cfg.tokenizer_name:
         tokenizer = None
     dataset_key = ("data", trainer, repr(cfg.dataset), tokenizer, cfg.chat_template)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -75,8 +76,37 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, pad_token: Option
     return tokenizer
 
 
+@contextlib.contextmanager
+def _attention_refused_said(attn_implementation: str):
+    """transformers refusing ``attn_implementation`` for a model (Gemma-2 has no sdpa path: its
+    attention scores are soft-capped) as one line naming the key; its own message says to file an
+    issue."""
+    try:
+        yield
+    except ValueError as exc:
+        if "does not support" not in str(exc) or "ttention" not in str(exc):
+            raise
+        model_class = str(exc).split(" does not support")[0]
+        raise ConfigError([f"attn_implementation = {attn_implementation!r}: {model_class} does not support it; set "
+                           "attn_implementation = \"eager\", which every model supports"]) from None
+
+
+def check_attention(name: str, attn_implementation: str, trust_remote_code: bool = False) -> None:
+    """ConfigError if the model ``name`` refuses ``attn_implementation``: the model is built from its
+    config on the meta device (no weights read, no memory), so a pre-flight tells before a job waits
+    in the queue."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if attn_implementation == varlen_attention.NAME:
+        varlen_attention.register()
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    with _attention_refused_said(attn_implementation), torch.device("meta"):
+        AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
+                                         trust_remote_code=trust_remote_code)
+
+
 # attn_implementation -> the package it needs
-_ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 
 
 def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implementation: str = "sdpa",
@@ -91,7 +121,7 @@ def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implemen
 
     if attn_implementation == varlen_attention.NAME:
         varlen_attention.register()
-    package = _ATTENTION_PACKAGES.get(attn_implementation)
+    package = ATTENTION_PACKAGES.get(attn_implementation)
     if package and importlib.util.find_spec(package) is None:
         raise ConfigError([f"attn_implementation = {attn_implementation!r} needs the {package} package, which is "
                            f"not installed here; install it or use attn_implementation = \"sdpa\""])
@@ -103,20 +133,12 @@ def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implemen
         return _loading(name, "model", SAVED_MODEL_FILES, lambda: AutoModelForCausalLM.from_pretrained(
             name, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code))
 
-    try:
+    with _attention_refused_said(attn_implementation):
         if isinstance(name_or_model, str):
             model = from_pretrained(name_or_model)
         else:
             model = name_or_model.to(dtype)
             model.set_attn_implementation(attn_implementation)
-    except ValueError as exc:
-        if "does not support" not in str(exc) or "ttention" not in str(exc):
-            raise
-        # e.g. Gemma-2 (soft-capped attention scores) has no sdpa path; transformers' message says
-        # to file an issue, ours names the key
-        model_class = str(exc).split(" does not support")[0]
-        raise ConfigError([f"attn_implementation = {attn_implementation!r}: {model_class} does not support it; set "
-                           "attn_implementation = \"eager\", which every model supports"]) from None
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

@@ -143,3 +143,21 @@ def test_a_model_without_sdpa_is_told_which_attn_implementation_to_set(family_mo
     with pytest.raises(ConfigError, match=r"attn_implementation = 'sdpa': Gemma2ForCausalLM does not support it; "
                                           r"set attn_implementation = \"eager\""):
         load_causal_lm(str(family_models["gemma2"]), "fp32", trainable=True)
+
+
+def test_pre_flight_refuses_a_model_without_the_attention_it_is_given(tmp_path, family_models, reverse_data):
+    """Before a job waits in the queue: the policy is built on the meta device with the config's
+    attn_implementation."""
+    from test_commands import dpo_hpc
+
+    for attention, code in (("sdpa", 2), ("eager", 0)):
+        config = tmp_path / f"{attention}.yaml"
+        config.write_text(f"policy_name: {family_models['gemma2']}\nattn_implementation: {attention}\n"
+                          f"dataset: {{dataset_name: {reverse_data}}}\n"
+                          f"dpo_training: {{learning_rate: 1.0e-6, batch_size: 2, save_dir: {tmp_path}/run}}\n")
+        result = dpo_hpc(tmp_path, "validate", str(config))
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == code and "Traceback" not in result.stderr, result.stderr[-2000:]
+        if code:
+            assert errors == [f"error: {config}: attn_implementation = 'sdpa': Gemma2ForCausalLM does not support it; "
+                              "set attn_implementation = \"eager\", which every model supports"], errors
