@@ -34,17 +34,30 @@ def is_messages(value: Any) -> bool:
         isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value)
 
 
+def _text(content: Any) -> Optional[str]:
+    """A message's text: a string, or content parts that are all text (``[{"type": "text", "text":
+    ...}]``, the multimodal form text-only rows sometimes take); None for anything else (an image)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(
+            isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            for part in content):
+        return "".join(part["text"] for part in content)
+    return None
+
+
 def standard_messages(value: Any) -> Any:
-    """A list of messages as plain ``{role, content}`` dicts with TRL's role names (ShareGPT's
-    ``{from, value}`` converted); anything else as it is, for ``_messages`` to drop."""
+    """A list of messages as plain ``{role, content}`` dicts with TRL's role names and text content
+    (ShareGPT's ``{from, value}`` and text-only content parts converted); anything else as it is,
+    for ``_messages`` to drop."""
     if not isinstance(value, list):
         return value
     messages = []
     for message in value:
         if not isinstance(message, dict):
             return value
-        role, content = message.get("role", message.get("from")), message.get("content", message.get("value"))
-        if role not in ROLE_NAMES or not isinstance(content, str):
+        role, content = message.get("role", message.get("from")), _text(message.get("content", message.get("value")))
+        if role not in ROLE_NAMES or content is None:
             return value
         messages.append({"role": ROLE_NAMES[role], "content": content})
     return messages

@@ -191,7 +191,7 @@ def test_dataset_options_are_validated():
 
 
 @pytest.mark.parametrize("kind", ["preference", "sft"])
-def test_sharegpt_messages_read_as_trls(tmp_path, tok, hf_cache, kind):
+def test_sharegpt_messages_and_text_parts_read_as_trls(tmp_path, tok, hf_cache, kind):
     """axolotl users' SFT data: ``conversations`` of ``{"from": "human" | "gpt", "value": ...}``."""
     def sharegpt(messages):
         names = {"user": "human", "assistant": "gpt", "system": "system"}
@@ -212,6 +212,16 @@ def test_sharegpt_messages_read_as_trls(tmp_path, tok, hf_cache, kind):
                                         r"for ShareGPT rows"):
         load_splits(cfg(write_jsonl(tmp_path / "only.jsonl", [{"conversations": r["conversations"]} for r in theirs])),
                     tok, "sft")
+    parts = [{**r, "messages": [{"role": m["role"], "content": [{"type": "text", "text": m["content"][:2]},
+                                                                 {"type": "text", "text": m["content"][2:]}]}
+                                for m in r["messages"]]} for r in trl]
+    train, _, _ = load_splits(cfg(write_jsonl(tmp_path / "parts.jsonl", parts)), tok, "sft")
+    if kind == "sft":  # content as text parts, joined
+        assert [{k: v for k, v in vars(e).items() if k != "example_id"} for e in train] == loaded[0]
+    image = [{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]},
+                           {"role": "assistant", "content": "y"}]}]
+    with pytest.raises(DataError, match="not_messages=1"):
+        load_splits(cfg(write_jsonl(tmp_path / "image.jsonl", image)), tok, "sft")
     unknown = [{"conversations": [{"from": "narrator", "value": "x"}, {"from": "gpt", "value": "y"}]}]
     with pytest.raises(DataError, match="not_messages=1"):
         load_splits(cfg(write_jsonl(tmp_path / "unknown.jsonl", unknown), columns={"messages": "conversations"}),
