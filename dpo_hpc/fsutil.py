@@ -38,8 +38,12 @@ def umask_mode() -> int:
 
 def as_umask_allows(path: str | Path) -> None:
     """Give a file we wrote the mode the umask allows: some writers (safetensors >= 0.8) create
-    files 0600 whatever the umask, and a lab sharing a project folder could not read the model."""
-    os.chmod(path, umask_mode())
+    files 0600 whatever the umask, and a lab sharing a project folder could not read the model.
+    A courtesy: where the filesystem refuses modes (some FUSE and SMB mounts), the write goes on."""
+    try:
+        os.chmod(path, umask_mode())
+    except OSError:
+        pass
 
 
 def write_aside(path: str | Path, write: Callable[[Path], None]) -> None:

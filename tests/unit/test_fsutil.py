@@ -57,3 +57,13 @@ def test_a_sealed_tree_has_every_file_at_the_umasks_mode(tmp_path, umask):
     os.chmod(tmp_path / "config.json", 0o600)
     seal_tree(tmp_path)
     assert {mode(p) for p in tmp_path.rglob("*") if p.is_file()} == {0o666 & ~umask}
+
+
+def test_a_filesystem_that_refuses_modes_does_not_fail_the_write(tmp_path, monkeypatch):
+    def refuse(path, mode):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(os, "chmod", refuse)
+    write_aside(tmp_path / "a.json", lambda tmp: tmp.write_text("{}"))
+    seal_tree(tmp_path)
+    assert (tmp_path / "a.json").read_text() == "{}"
