@@ -182,7 +182,8 @@ TRL_NAMES = {
     "fp16": 'the top-level precision = "fp16"', "model_name_or_path": "policy_name",
     "ref_model": "ref_name", "dataset_train_split": "dataset.subset", "dataset_test_split": "dataset.eval_subset",
     "max_length": "dataset.max_length", "max_seq_length": "dataset.max_length",
-    "max_prompt_length": "dataset.max_prompt_length", "chat_template_path": "chat_template (the template's text)",
+    "max_prompt_length": "dataset.max_prompt_length", "max_completion_length": "dataset.max_length (the whole "
+    "sequence; completions are cut to fit it)", "chat_template_path": "chat_template (the template's text)",
     "model_init_kwargs": "the top-level torch_dtype, attn_implementation and trust_remote_code",
     "use_peft": "a [lora] section", "lora_r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
     "lora_target_modules": "lora.target_modules",
