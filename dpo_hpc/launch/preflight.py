@@ -137,12 +137,12 @@ def check_attention(cfg, found: Findings, where: str) -> None:
 
     if cfg.attn_implementation in ATTENTION_PACKAGES:
         return  # the job's image may hold the package that this host lacks
-    folder = cfg.policy_name
-    if not Path(folder).expanduser().is_dir():  # a hub name: its cached config, with no network call
-        from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
 
-        folder = os.path.dirname(try_to_load_from_cache(cfg.policy_name, "config.json"))
     try:
+        folder = cfg.policy_name
+        if not Path(folder).expanduser().is_dir():  # a hub name: its cached config, with no network call
+            folder = os.path.dirname(try_to_load_from_cache(cfg.policy_name, "config.json"))
         builds(folder, cfg.attn_implementation, cfg.trust_remote_code)
     except ConfigError as exc:
         found.problems.extend(f"{where}: {problem}" for problem in exc.problems)
