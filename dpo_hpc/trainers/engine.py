@@ -77,10 +77,13 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, pad_token: Option
 
 
 @contextlib.contextmanager
-def _attention_refused_said(attn_implementation: str):
-    """transformers refusing ``attn_implementation`` for a model (Gemma-2 has no sdpa path: its
-    attention scores are soft-capped) as one line naming the key; its own message says to file an
-    issue."""
+def _attention(attn_implementation: str):
+    """Around building a model with ``attn_implementation``: ours (``varlen_attn``) registered with
+    transformers, and transformers refusing one for a model (Gemma-2 has no sdpa path: its
+    attention scores are soft-capped) said in one line naming the key, where its own message says
+    to file an issue."""
+    if attn_implementation == varlen_attention.NAME:
+        varlen_attention.register()
     try:
         yield
     except ValueError as exc:
@@ -97,10 +100,8 @@ def check_attention(name: str, attn_implementation: str, trust_remote_code: bool
     in the queue."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if attn_implementation == varlen_attention.NAME:
-        varlen_attention.register()
     config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    with _attention_refused_said(attn_implementation), torch.device("meta"):
+    with _attention(attn_implementation), torch.device("meta"):
         AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
                                          trust_remote_code=trust_remote_code)
 
@@ -119,8 +120,6 @@ def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implemen
 
     from transformers import AutoModelForCausalLM
 
-    if attn_implementation == varlen_attention.NAME:
-        varlen_attention.register()
     package = ATTENTION_PACKAGES.get(attn_implementation)
     if package and importlib.util.find_spec(package) is None:
         raise ConfigError([f"attn_implementation = {attn_implementation!r} needs the {package} package, which is "
@@ -133,7 +132,7 @@ def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implemen
         return _loading(name, "model", SAVED_MODEL_FILES, lambda: AutoModelForCausalLM.from_pretrained(
             name, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code))
 
-    with _attention_refused_said(attn_implementation):
+    with _attention(attn_implementation):
         if isinstance(name_or_model, str):
             model = from_pretrained(name_or_model)
         else:
