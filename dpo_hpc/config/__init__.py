@@ -5,6 +5,7 @@ from .loader import (detect_trainer, load_config, parse_override, read_mapping, 
                      validate_as, validate_mapping)
 from .registry import ALGORITHMS, Algorithm, algorithm, by_command
 from .schema import (
+    ROW_FIELDS,
     STRICT,
     BetaDPORunConfig,
     BetaDPOSectionConfig,
@@ -21,7 +22,7 @@ from .schema import (
 )
 
 __all__ = [
-    "ALGORITHMS", "STRICT", "Algorithm", "BetaDPORunConfig", "BetaDPOSectionConfig", "BetaUpdateConfig",
+    "ALGORITHMS", "ROW_FIELDS", "STRICT", "Algorithm", "BetaDPORunConfig", "BetaDPOSectionConfig", "BetaUpdateConfig",
     "ConfigError", "DatasetConfig", "DeepSpeedConfig", "DPORunConfig", "DPOTrainingConfig",
     "DynamicBetaDPORunConfig", "RiskTestConfig", "SFTRunConfig", "SFTTrainingConfig", "TrainingConfig",
     "algorithm", "by_command", "detect_trainer", "load_config", "parse_override", "read_mapping", "set_dotted",

@@ -37,6 +37,9 @@ LOCATION = {"resumable": True, "outside_identity": True}
 PERMISSION = {"resumable": True, "outside_identity": True}
 """A one-time permission given when (re)starting a run: not part of what the run is."""
 
+ROW_FIELDS = ("prompt", "chosen", "rejected", "messages", "system")
+"""The columns dataset rows are read by (``dataset.columns`` maps a dataset's own names onto them)."""
+
 
 @dataclass(config=STRICT, kw_only=True)
 class DatasetConfig:
@@ -67,11 +70,13 @@ class DatasetConfig:
     (lists of {role, content} messages rendered with the tokenizer's chat template; SFT also reads
     ``messages``), or ``auto``: each row by its values."""
     columns: dict[str, str] = Field(default_factory=dict)
-    """The dataset's names for the columns read (``prompt``, ``chosen``, ``rejected``, ``messages``),
-    e.g. ``{ chosen = "response_j", rejected = "response_k", prompt = "question" }``."""
+    """The dataset's names for the columns read (``prompt``, ``chosen``, ``rejected``, ``messages``,
+    ``system``), e.g. ``{ chosen = "response_j", rejected = "response_k", prompt = "question" }``.
+    A ``system`` column holds each row's own system message (Orca's ``system``); a row with one is
+    conversational."""
     system_prompt: Optional[str] = None
-    """A system message put first in every conversational row that has none (text rows are
-    used as they are)."""
+    """A system message put first in every conversational row that has none of its own (in its
+    messages or its ``system`` column); text rows are used as they are."""
     label_noise: float = Field(0.0, ge=0.0, le=1.0)
     """Fraction of preference pairs whose chosen and rejected are swapped, to study noisy labels
     on any dataset. Which pairs is fixed by each row's content and ``label_noise_seed``, not by the
@@ -87,11 +92,12 @@ class DatasetConfig:
 
     @model_validator(mode="after")
     def _known_columns(self):
-        unknown = sorted(set(self.columns) - {"prompt", "chosen", "rejected", "messages"})
+        unknown = sorted(set(self.columns) - set(ROW_FIELDS))
         if unknown:
-            raise ValueError(f"columns: unknown field(s) {', '.join(unknown)}; expected prompt, chosen, rejected, messages")
-        if self.system_prompt is not None and self.format == "text":
-            raise ValueError("system_prompt applies to conversational rows; format = 'text' has none")
+            raise ValueError(f"columns: unknown field(s) {', '.join(unknown)}; expected {', '.join(ROW_FIELDS)}")
+        if self.format == "text" and (self.system_prompt is not None or "system" in self.columns):
+            key = "system_prompt" if self.system_prompt is not None else "columns.system"
+            raise ValueError(f"{key} applies to conversational rows; format = 'text' has none")
         return self
 
 

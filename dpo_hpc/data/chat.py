@@ -4,9 +4,11 @@ assistant spans the tokenizer sees, rendered with the tokenizer's chat template.
 A preference row has ``prompt`` (messages) and ``chosen``/``rejected`` (the assistant reply, one
 or more messages), or no prompt and ``chosen``/``rejected`` as whole conversations that share
 every message but the last (the implicit prompt); a text ``prompt`` beside them is the user's turn
-of replies alone, and beside whole conversations repeats theirs (UltraFeedback-binarized). An SFT
+of replies alone, and beside whole conversations repeats theirs (UltraFeedback-binarized); text
+replies beside a prompt are the assistant's (Orca's strings, read through the template). An SFT
 row has ``messages`` (or a conversational ``prompt`` + ``chosen``). ShareGPT's messages
-(``{"from": "human" | "gpt", "value": ...}``) read as TRL's. The prompt is the template's
+(``{"from": "human" | "gpt", "value": ...}``) read as TRL's. A row's ``system`` text is its system
+message, put first unless its messages have one. The prompt is the template's
 rendering with the generation prompt, a completion is what the full conversation's rendering adds
 after it, and an SFT conversation's trained spans are what each assistant message adds to the
 rendering before it: all read from the template itself, never from role names in the text. A
@@ -64,7 +66,19 @@ def standard_messages(value: Any) -> Any:
 
 
 def _standard_row(row: dict[str, Any]) -> dict[str, Any]:
-    return {key: standard_messages(value) for key, value in row.items()}
+    """The row's messages in TRL's form, and text replies beside a prompt as the assistant's messages."""
+    row = {key: standard_messages(value) for key, value in row.items()}
+    if row.get("prompt") is not None:
+        for key in ("chosen", "rejected"):
+            if isinstance(row.get(key), str):
+                row[key] = [{"role": "assistant", "content": row[key]}]
+    return row
+
+
+def row_system(row: dict[str, Any]) -> Optional[str]:
+    """The row's own system message (its ``system`` column), if it has a non-blank one."""
+    system = row.get("system")
+    return system if isinstance(system, str) and system.strip() else None
 
 
 def _messages(row: dict[str, Any], *keys: str) -> Optional[str]:
@@ -134,7 +148,7 @@ class ChatRenderer:
             return None, EMPTY_RESPONSE
         if chosen == rejected:
             return None, IDENTICAL_RESPONSES
-        prompt = with_system(prompt, self.system_prompt)
+        prompt = with_system(prompt, row_system(row) or self.system_prompt)
         prompt_text = self.render(prompt, generation_prompt=True)
         completions = []
         for reply in (chosen, rejected):
@@ -144,8 +158,10 @@ class ChatRenderer:
             completions.append(full[len(prompt_text):])
         return PreferencePair(prompt_text, *completions, add_eos=False), None
 
-    def conversation(self, messages: list[dict], assistant_turns: str) -> tuple[Optional[RenderedConversation], Optional[str]]:
-        """Messages -> (text with the spans of its assistant replies, None) or (None, drop reason).
+    def conversation(self, messages: list[dict], assistant_turns: str, system: Optional[str] = None,
+                     ) -> tuple[Optional[RenderedConversation], Optional[str]]:
+        """Messages -> (text with the spans of its assistant replies, None) or (None, drop reason);
+        ``system``: the row's own system message, first unless the messages have one.
         A reply's span runs from the end of the rendering with the generation prompt before it to
         the end of the rendering that includes it (its end-of-turn tokens are trained too)."""
         messages = list(messages)
@@ -157,7 +173,7 @@ class ChatRenderer:
             return None, EMPTY_PROMPT
         if not messages[-1]["content"].strip():
             return None, EMPTY_RESPONSE
-        messages = with_system(messages, self.system_prompt)
+        messages = with_system(messages, system or self.system_prompt)
         replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if assistant_turns == "last":
             replies = replies[-1:]
@@ -174,17 +190,18 @@ class ChatRenderer:
     def sft(self, row: dict[str, Any], assistant_turns: str) -> tuple[Optional[RenderedConversation], Optional[str]]:
         """An SFT row: ``messages``, or a conversational ``prompt`` + ``chosen``."""
         row = _standard_row(row)
+        system = row_system(row)
         if row.get("messages") is not None:
             problem = _messages(row, "messages")
-            return (None, problem) if problem else self.conversation(row["messages"], assistant_turns)
+            return (None, problem) if problem else self.conversation(row["messages"], assistant_turns, system)
         if isinstance(row.get("prompt"), str):  # a text prompt beside conversational replies, as for preference
             problem = _messages(row, "chosen")
             if problem:
                 return None, problem
             user = [{"role": "user", "content": row["prompt"]}] if row["chosen"][0]["role"] == "assistant" else []
-            return self.conversation(user + row["chosen"], assistant_turns)
+            return self.conversation(user + row["chosen"], assistant_turns, system)
         keys = ("prompt", "chosen") if row.get("prompt") is not None else ("chosen",)
         problem = _messages(row, *keys)
         if problem:
             return None, problem
-        return self.conversation([m for key in keys for m in row[key]], assistant_turns)
+        return self.conversation([m for key in keys for m in row[key]], assistant_turns, system)

@@ -4,8 +4,11 @@
   last assistant marker), or an explicit ``prompt`` with ``chosen``/``rejected`` completions
   joined as they are.
 - ``conversational``: lists of ``{role, content}`` messages (TRL's format), rendered with the
-  tokenizer's chat template; for SFT also ``messages``.
-- ``auto`` (default): each row by its values: lists of messages are conversational, strings text.
+  tokenizer's chat template; for SFT also ``messages``. A text prompt is the user's turn and text
+  replies beside a prompt the assistant's, so prompt/completion strings meet an instruct model's
+  template; a ``system`` column is each row's system message.
+- ``auto`` (default): each row by its values: lists of messages, or a system column, are
+  conversational; strings alone text.
 
 Either way a preference row becomes a ``PreferencePair`` of strings and an SFT row a
 ``RenderedConversation`` (text and trained spans); tokenization does not know the format.
@@ -15,7 +18,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from .chat import NOT_MESSAGES, TEMPLATE_NOT_PREFIX, ChatRenderer, TemplateRefused
+from ..config import ROW_FIELDS
+from .chat import NOT_MESSAGES, TEMPLATE_NOT_PREFIX, ChatRenderer, TemplateRefused, row_system
 from .hh import DROP_REASONS as TEXT_DROP_REASONS
 from .hh import parse_preference_row, parse_sft_row
 from .sources import DataError
@@ -23,14 +27,12 @@ from .sources import DataError
 DROP_REASONS = TEXT_DROP_REASONS + (NOT_MESSAGES, TEMPLATE_NOT_PREFIX)
 """Every reason a row is dropped, in the order the data report lists them."""
 
-FIELDS = ("prompt", "chosen", "rejected", "messages")
-"""The column names rows are read by (``dataset.columns`` maps a dataset's own names onto them)."""
 
 EXPECTED = {
     "text": "prompt/chosen/rejected as strings, or HH transcripts ('\\n\\nHuman: ... \\n\\nAssistant: ...') in "
             "chosen/rejected",
     "conversational": "prompt/chosen/rejected (for SFT: messages) as lists of {role, content} messages with roles "
-                      "system, user, assistant",
+                      "system, user, assistant, or a text prompt with text or message replies",
 }
 
 
@@ -46,7 +48,10 @@ class RowParser:
     def format_of(self, row: dict[str, Any]) -> str:
         if self.format != "auto":
             return self.format
-        return "conversational" if any(isinstance(row.get(k), list) for k in FIELDS) else "text"
+        # A system message has a place only in a chat template's rendering; a system column makes
+        # every row conversational, blank ones too, so that all of a dataset's rows render alike.
+        conversational = any(isinstance(row.get(k), list) for k in ROW_FIELDS) or isinstance(row.get("system"), str)
+        return "conversational" if conversational else "text"
 
     @property
     def chat(self) -> ChatRenderer:
@@ -66,7 +71,8 @@ class RowParser:
             return self.chat.preference(row) if self.kind == "preference" else self.chat.sft(row, self.assistant_turns)
         except TemplateRefused as exc:  # every such row would fail alike: stop, not drop
             where = f" row {position}" if position is not None else ""
-            system = " (dataset.system_prompt adds a system message to every row)" if self.system_prompt else ""
+            system = (" (its system column adds a system message)" if row_system(row) else
+                      " (dataset.system_prompt adds a system message to every row)" if self.system_prompt else "")
             raise DataError(f"dataset '{self.dataset}'{where}: the chat template refused its messages: {exc}; change "
                             f"the rows{system} or the template (chat_template, or tokenizer_name)") from None
 

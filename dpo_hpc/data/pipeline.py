@@ -249,6 +249,9 @@ def load_splits(
     split instead of a ``val_ratio`` share of the training rows. ``say`` gets the progress lines.
     """
     raw = mapped_columns(load_raw(cfg) if train_rows is None else as_dataset(train_rows), cfg, kind, cfg.dataset_name)
+    if cfg.format == "text" and "system" in raw.column_names:
+        say(f"note: dataset '{cfg.dataset_name}': its system column is not read: format = 'text' renders no chat "
+            "template to put a system message in ('auto' or 'conversational' would)")
     special = SpecialTokens.of(tokenizer)
     parse = RowParser(kind, cfg.format, tokenizer, cfg.dataset_name, cfg.system_prompt, assistant_turns)
     settings: dict[str, Any] = {"kind": kind, "max_length": cfg.max_length, "format": cfg.format,

@@ -100,7 +100,7 @@ def test_mixed_formats_load_and_bad_rows_are_counted_by_reason(tmp_path, tok, hf
     standard = {"prompt": "Reverse: cd =", "chosen": " dc", "rejected": " cd"}
     bad = [
         {"prompt": [user("x")], "chosen": [{"role": "robot", "content": "y"}], "rejected": [assistant("z")]},
-        {"prompt": [user("x")], "chosen": [assistant("y")], "rejected": "z"},
+        {"prompt": [user("x")], "chosen": [assistant("y")], "rejected": 5},
         {"prompt": [user("x")], "chosen": [assistant("y")], "rejected": [assistant("y")]},
     ]
     path = write_jsonl(tmp_path / "d.jsonl", [conversational(i) for i in range(5)] + [hh, standard] + bad)
@@ -112,7 +112,8 @@ def test_mixed_formats_load_and_bad_rows_are_counted_by_reason(tmp_path, tok, hf
 
 
 def test_rows_in_the_wrong_format_name_the_format_expected(tmp_path, tok, hf_cache):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x", "chosen": " y", "rejected": " z"}] * 3)
+    hh = {"chosen": "\n\nHuman: x\n\nAssistant: y", "rejected": "\n\nHuman: x\n\nAssistant: z"}
+    path = write_jsonl(tmp_path / "d.jsonl", [hh] * 3)
     with pytest.raises(DataError, match=r"0 usable rows out of 3; .*not_messages=3.*expected format "
                                         r"'conversational': prompt/chosen/rejected .* lists of \{role, content\}"):
         load_splits(cfg(path, format="conversational"), tok, "preference")
@@ -184,10 +185,69 @@ def test_columns_map_other_names(tmp_path, tok, hf_cache):
 
 
 def test_dataset_options_are_validated():
-    with pytest.raises(ConfigError, match="columns: unknown field.* answer; expected prompt, chosen, rejected, messages"):
+    with pytest.raises(ConfigError, match="columns: unknown field.* answer; expected prompt, chosen, rejected, "
+                                          "messages, system"):
         validate_as(DatasetConfig, {"dataset_name": "d", "columns": {"answer": "a"}}, source="f")
     with pytest.raises(ConfigError, match="system_prompt applies to conversational rows"):
         validate_as(DatasetConfig, {"dataset_name": "d", "format": "text", "system_prompt": "x"}, source="f")
+    with pytest.raises(ConfigError, match="columns.system applies to conversational rows; format = 'text' has none"):
+        validate_as(DatasetConfig, {"dataset_name": "d", "format": "text", "columns": {"system": "s"}}, source="f")
+
+
+def examples(rows):
+    return [{k: v for k, v in vars(e).items() if k != "example_id"} for e in rows]
+
+
+@pytest.mark.parametrize("kind", ["preference", "sft"])
+def test_text_rows_with_a_system_column_render_with_the_template(tmp_path, tok, hf_cache, kind):
+    """Intel/orca_dpo_pairs (system, question, chosen, rejected as strings) and Open-Orca's SFT rows
+    (system_prompt, question, response): the question is the user's turn, the replies the
+    assistant's, the system text the row's system message; a blank one is no message, and
+    ``dataset.system_prompt`` fills it. Equal to the same rows written as messages."""
+    system = ["You are an AI assistant.", "", "Answer briefly."]
+    orca = [{"system": s, "question": f"Reverse: w{i}", "chosen": f"{i}w", "rejected": "nope"}
+            for i, s in enumerate(system)]
+    mapped = {"prompt": "question"}
+    if kind == "sft":
+        orca = [{"system_prompt": r["system"], "question": r["question"], "response": r["chosen"]} for r in orca]
+        mapped = {"prompt": "question", "chosen": "response", "system": "system_prompt"}
+    as_messages = [{**conversational(i), "prompt": [{"role": "system", "content": s}] * bool(s) + [
+        user(f"Reverse: w{i}")]} for i, s in enumerate(system)]
+    path = write_jsonl(tmp_path / "orca.jsonl", orca)
+    train, _, report = load_splits(cfg(path, columns=mapped), tok, kind)
+    assert report["train"]["kept"] == 3
+    expected, _, _ = load_splits(cfg(write_jsonl(tmp_path / "m.jsonl", as_messages)), tok, kind)
+    assert examples(train) == examples(expected)
+    filled, _, _ = load_splits(cfg(path, columns=mapped, system_prompt="Be brief."), tok, kind)
+    as_messages[1]["prompt"].insert(0, {"role": "system", "content": "Be brief."})
+    expected, _, _ = load_splits(cfg(write_jsonl(tmp_path / "m.jsonl", as_messages)), tok, kind)
+    assert examples(filled) == examples(expected)
+    assert examples(filled)[0] == examples(train)[0]  # a row's own system message wins
+    strict = build_byte_tokenizer()
+    strict.chat_template = NO_SYSTEM_TEMPLATE
+    with pytest.raises(DataError, match=r"row 0: the chat template refused its messages: System role not supported; "
+                                        r"change the rows \(its system column adds a system message\) or"):
+        load_splits(cfg(path, columns=mapped), strict, kind)
+
+
+def test_text_prompt_and_replies_read_through_the_template_when_asked(tmp_path, tok, hf_cache):
+    """Prompt/completion strings for an instruct model: ``format = "conversational"`` renders them as
+    a user turn and assistant replies; ``auto`` keeps them text (TRL's standard format), and
+    ``text`` says that it leaves a system column unread."""
+    rows = [{"prompt": f"Reverse: w{i}", "chosen": f"{i}w", "rejected": "nope"} for i in range(3)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    chat, _, _ = load_splits(cfg(path, format="conversational"), tok, "preference")
+    expected, _, _ = load_splits(cfg(write_jsonl(tmp_path / "m.jsonl", [conversational(i) for i in range(3)])),
+                                 tok, "preference")
+    assert examples(chat) == examples(expected)
+    text, _, _ = load_splits(cfg(path), tok, "preference")
+    assert decode(tok, text[0].prompt_ids + text[0].chosen_ids) == "<s>Reverse: w00w</s>"
+    said = []
+    write_jsonl(path, [{**row, "system": "Be brief."} for row in rows])
+    as_text, _, _ = load_splits(cfg(path, format="text"), tok, "preference", say=said.append)
+    assert examples(as_text) == examples(text)
+    assert said[0] == (f"note: dataset '{path}': its system column is not read: format = 'text' renders no chat "
+                       "template to put a system message in ('auto' or 'conversational' would)")
 
 
 @pytest.mark.parametrize("kind", ["preference", "sft"])
