@@ -26,6 +26,7 @@ from .data.sources import DataError
 from .data.verifiable import is_task_prompt, prompt_for, reward
 from .experiment import EVALUATIONS
 from .fsutil import atomic_write_json, files_identity, remove_tree, sha256_file
+from .trainers.samples import greedy_completions
 
 
 @torch.no_grad()
@@ -34,21 +35,10 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     model.eval()
     answers = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        rows = [special.prefix + tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), special.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, width - len(row):] = torch.tensor(row)
-            attention[i, width - len(row):] = 1
-        out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=special.eos_id, pad_token_id=special.pad_id)
-        for row in out[:, width:]:
-            ids = row.tolist()
-            if special.eos_id in ids:
-                ids = ids[:ids.index(special.eos_id)]
-            answers.append(tokenizer.decode(ids))
+        rows = [special.prefix + tokenizer(p, add_special_tokens=False)["input_ids"]
+                for p in prompts[start:start + batch_size]]
+        for ids in greedy_completions(model, rows, special.pad_id, [special.eos_id], max_new_tokens):
+            answers.append(tokenizer.decode(ids[:-1] if ids[-1:] == [special.eos_id] else ids))
     return answers
 
 

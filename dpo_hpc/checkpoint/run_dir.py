@@ -9,6 +9,7 @@
       progress.json          latest step and metrics (what ``dpo_hpc.status`` shows)
       requeues.jsonl         one line per requeue (Slurm job, cause, step; see dpo_hpc.launch.requeue)
       tensorboard/           event files
+      samples/step_*.jsonl   the policy's completions of validation prompts (generate_during_eval)
       checkpoints/step_*/    resumable training state (see dpo_hpc.checkpoint.layout)
       config.json, model.safetensors, tokenizer files   the final model (save_pretrained)
 """
@@ -95,6 +96,10 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
+
+    def samples(self, step: int) -> Path:
+        """Where the sample generations of an evaluation at ``step`` go (8 digits, as checkpoints)."""
+        return self.root / "samples" / f"step_{step:08d}.jsonl"
 
     @property
     def manifest_path(self) -> Path:

@@ -151,6 +151,16 @@ class TrainingConfig:
     """Evaluate every this many optimizer steps (0: only at the end)."""
     eval_batch_size: Optional[int] = Field(None, ge=1, json_schema_extra=RESUMABLE)
     """Micro-batch size for evaluation (defaults to batch_size)."""
+    generate_during_eval: bool = Field(False, json_schema_extra=RESUMABLE)
+    """At each evaluation, and before the first step, the policy's greedy completions of the first
+    ``generation_samples`` validation prompts (TRL's name), beside the data's reply: in TensorBoard's
+    Text tab (``eval/samples``), W&B, and ``<save_dir>/samples/step_<N>.jsonl``. Seconds per
+    evaluation on a GPU; the training is unchanged (no random draw is taken)."""
+    generation_samples: int = Field(4, ge=1, le=64, json_schema_extra=RESUMABLE)
+    """Validation prompts completed with ``generate_during_eval``: the same ones at every evaluation."""
+    max_new_tokens: int = Field(128, ge=1, json_schema_extra=RESUMABLE)
+    """Longest completion generated with ``generate_during_eval`` (generation stops at EOS or the
+    chat template's end of turn)."""
     save_steps: int = Field(0, ge=0, json_schema_extra=RESUMABLE)
     """Write a resumable checkpoint every this many optimizer steps (0: none before the end)."""
     save_total_limit: int = Field(2, ge=1, json_schema_extra=RESUMABLE)

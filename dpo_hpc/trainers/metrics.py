@@ -4,6 +4,7 @@ lines, ``progress.json``) on rank 0 and is closed once, however the run ends."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from typing import Callable, Sequence
@@ -12,6 +13,7 @@ import torch
 
 from ..algorithms.objectives import Stats
 from ..checkpoint import RunDir
+from ..fsutil import atomic_write_bytes
 from ..runtime import all_reduce_sum
 from .trackers import EVAL, TRAIN, Tracker
 
@@ -119,6 +121,16 @@ class MetricsLogger:
             tracker.scalars(EVAL, metrics, step)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if not k.startswith("logps/"))
         self.say(f"eval at step {step}: {shown}")
+
+    def log_samples(self, step: int, rows: list[dict]) -> None:
+        """Sample generations: ``samples/step_<N>.jsonl`` and the trackers (rank 0)."""
+        if not self.is_main or not rows:
+            return
+        path = self.run.samples(step)
+        atomic_write_bytes(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode())
+        for tracker in self.trackers:
+            tracker.samples(EVAL, rows, step)
+        self.say(f"samples at step {step}: {path} (first: {rows[0]['completion'][:80]!r})")
 
     def _write_progress(self) -> None:
         if self.is_main:

@@ -27,6 +27,8 @@ class Tracker(Protocol):
 
     def histograms(self, split: str, values: dict[str, torch.Tensor], step: int) -> None: ...
 
+    def samples(self, split: str, rows: list[dict[str, Any]], step: int) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -67,8 +69,28 @@ class TensorBoard:
             if tensor.numel():
                 self.writer.add_histogram(f"{split}/{name}", tensor.double().cpu(), step)
 
+    def samples(self, split, rows, step):
+        self.writer.add_text(f"{split}/samples", samples_markdown(rows), step)
+
     def close(self):
         self.writer.close()
+
+
+SAMPLE_TEXTS = (("prompt", "prompt"), ("the data's reply", "reference"), ("the policy's completion", "completion"))
+
+
+def samples_markdown(rows: list[dict[str, Any]]) -> str:
+    """Sample generations as TensorBoard's Text tab shows them: each text as an indented block, so
+    that markup and whitespace in it show as they are."""
+    def block(text: str) -> str:
+        return "\n".join("    " + line for line in text.split("\n"))
+
+    shown = []
+    for row in rows:
+        ending = "" if row["stopped"] else ", cut at max_new_tokens"
+        texts = "\n\n".join(f"*{label}*\n\n{block(row[key])}" for label, key in SAMPLE_TEXTS)
+        shown.append(f"**sample {row['sample']}** ({row['completion_tokens']} tokens{ending})\n\n{texts}")
+    return "\n\n---\n\n".join(shown)
 
 
 def wandb_run_id(run: RunDir) -> str:
@@ -105,6 +127,12 @@ class WandB:
                  if t.numel()}
         if shown:
             self.run.log(shown, step=step)
+
+    def samples(self, split, rows, step):
+        if rows:
+            columns = list(rows[0])
+            self.run.log({f"{split}/samples": self.wandb.Table(columns=columns, data=[[r[c] for c in columns]
+                                                                                      for r in rows])}, step=step)
 
     def close(self):
         self.run.finish()

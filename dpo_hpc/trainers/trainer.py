@@ -1,7 +1,7 @@
 """The Trainer: one run of any registered algorithm, in phases.
 
-    train():  completed? -> setup -> resume -> for each step: train_step, log, maybe_eval,
-              checkpointer.maybe_save, stop? -> finish
+    train():  completed? -> setup -> resume -> for each step: train_step, log, maybe_eval (and
+              samples), checkpointer.maybe_save, stop? -> finish
 
 ``train()`` is the whole story on one screen; each phase below is short. The algorithm (its
 objective) only says how a batch becomes a loss; the checkpointer saves named state pieces on
@@ -36,7 +36,7 @@ from ..runtime.stop import StopSignal
 from .engine import (build_engine, check_packing, check_precision, checkpoint_blocks, compile_blocks,
                      deepspeed_config, device, load_causal_lm, load_tokenizer, prepare_reference, save_final_model,
                      unclipped_grad_norm)
-from . import lora, ref_cache, varlen_attention
+from . import lora, ref_cache, samples, varlen_attention
 from .metrics import MetricsLogger, MetricSums
 from .profiling import StepProfiler
 from .progress import TrainProgress
@@ -93,6 +93,8 @@ class Trainer:
         self.say(f"{self.total_steps} steps of {self.global_batch} "
                  f"{'rows' if self.algo.kind == 'sft' else 'pairs'} ({self.steps_per_epoch} steps/epoch, "
                  f"world size {self.dist.world_size}); run dir {self.run.root}")
+        if start == 0:
+            self.generate_samples(0)  # the policy before training: what each later sample is read against
         with StepProfiler(self.training.profile_steps, self.run.root / "profile", self.dist.rank, self.say) as profiler:
             for step in range(start, self.total_steps):
                 done = step + 1
@@ -204,6 +206,9 @@ class Trainer:
         self.train_set, self.val_set, report = main_rank_first(dist, load) if self.cfg.dataset.cache_dir else load()
         for line in report_lines(report):
             self.say(line)
+        if training.generate_during_eval and not self.val_set:
+            self.say("note: generate_during_eval has no validation prompts to complete (dataset.val_ratio = 0 and "
+                     "no eval_subset): no samples")
         self.global_batch = training.batch_size * training.gradient_accumulation_steps * dist.world_size
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), self.global_batch)
         self.total_steps = training.max_steps or training.epochs * self.steps_per_epoch
@@ -400,6 +405,28 @@ class Trainer:
         every = self.training.eval_steps
         if self.val_set and every and step % every == 0 and step < self.total_steps:
             self.logger.log_eval(step, self.evaluate())
+            self.generate_samples(step)
+
+    def generate_samples(self, step: int) -> None:
+        """``generate_during_eval``: the policy's greedy completions of the first validation prompts.
+        Rank 0 generates; under ZeRO-3 every rank does, since each forward gathers weights from all."""
+        training, dist = self.training, self.dist
+        prompts = samples.sample_prompts(self.val_set, training.generation_samples) \
+            if training.generate_during_eval else []
+        synced = self.cfg.deepspeed.zero_stage == 3 and dist.world_size > 1
+        if not prompts or not (dist.is_main or synced):
+            return
+        model = self.engine.module
+        stop_ids = samples.stop_token_ids(self.tokenizer, model)
+        self.engine.eval()
+        try:
+            with samples.decoding(model):
+                completions = samples.greedy_completions(model, [p.prompt_ids for p in prompts],
+                                                         SpecialTokens.of(self.tokenizer).pad_id, stop_ids,
+                                                         training.max_new_tokens, synced)
+        finally:
+            self.engine.train()
+        self.logger.log_samples(step, samples.sample_rows(step, prompts, completions, self.tokenizer, stop_ids))
 
     def stop_agreed(self, step: int) -> Optional[str]:
         """The signal any rank got (its name), or None (a collective: every rank asks at every step)."""
@@ -453,6 +480,7 @@ class Trainer:
         """Final evaluation and model; the manifest says ``completed``."""
         if self.val_set:
             self.logger.log_eval(self.total_steps, self.evaluate())
+            self.generate_samples(self.total_steps)
         save_final_model(self.engine, self.tokenizer, self.run.root, self.dist.is_main,
                          merge_adapter=self.cfg.lora is not None and self.cfg.lora.merge)
         keep = {"all": None, "last": 1, "none": 0}[self.training.checkpoints_at_end]

@@ -50,7 +50,7 @@ def test_lora_dpo_trains_adapters_against_its_own_base_and_resumes_exactly(tmp_p
     from dpo_hpc.trainers.trainer import Trainer, train
     from dpo_hpc.config import algorithm
 
-    straight = lora_dpo(tmp_path, micro_model, reverse_data, "straight", zero_stage)
+    straight = lora_dpo(tmp_path, micro_model, reverse_data, "straight", zero_stage, eval_steps=2)
     trainer = Trainer(validate_mapping(straight, "dpo"), algorithm("dpo"))
     summary = trainer.train()
     assert summary["reference"] == "policy with adapters off" and summary["reference_forwards"] > 0
@@ -62,8 +62,10 @@ def test_lora_dpo_trains_adapters_against_its_own_base_and_resumes_exactly(tmp_p
 
     assert scalars(run_dir / "tensorboard")["loss"][0][1] == pytest.approx(math.log(2), abs=1e-5)  # B = 0 at start
 
-    # Stopped after step 2 (checkpoint), then resumed: the same adapter as the straight run.
-    resumed = lora_dpo(tmp_path, micro_model, reverse_data, "resumed", zero_stage)
+    # Stopped after step 2 (checkpoint), then resumed: the same adapter as the straight run, with
+    # sample generations on the way (they change nothing).
+    resumed = lora_dpo(tmp_path, micro_model, reverse_data, "resumed", zero_stage, eval_steps=2,
+                       generate_during_eval=True, max_new_tokens=4)
     cfg = validate_mapping(resumed, "dpo")
     assert train(cfg, "dpo", stop=StopAt(2))["status"] == "preempted"
     ckpt = Path(resumed["dpo_training"]["save_dir"]) / "checkpoints" / layout.step_dir_name(2)
@@ -74,6 +76,8 @@ def test_lora_dpo_trains_adapters_against_its_own_base_and_resumes_exactly(tmp_p
     assert train(cfg, "dpo")["status"] == "completed"
     again = load_file(Path(resumed["dpo_training"]["save_dir"]) / "adapter_model.safetensors")
     assert again.keys() == adapter.keys() and all(torch.equal(again[k], adapter[k]) for k in adapter)
+    assert sorted(p.name for p in (Path(resumed["dpo_training"]["save_dir"]) / "samples").iterdir()) == \
+        ["step_00000000.jsonl", "step_00000002.jsonl", "step_00000004.jsonl"]
 
 
 def test_the_reference_with_adapters_off_is_the_base_model(micro_model):

@@ -49,7 +49,8 @@ def test_wandb_offline_and_tensorboard_get_the_same_train_and_eval_metrics(tmp_p
     monkeypatch.setenv("WANDB_PROJECT", "dpo-hpc-tests")
     monkeypatch.setenv("WANDB_SILENT", "true")
     raw = run_config(tmp_path, micro_model, reverse_data, "dpo_training", max_steps=4, batch_size=4, eval_steps=2,
-                     report_to=["tensorboard", "wandb"], run_name="dpo-test beta=0.1")
+                     report_to=["tensorboard", "wandb"], run_name="dpo-test beta=0.1", generate_during_eval=True,
+                     max_new_tokens=4)
     train(validate_mapping(raw, "dpo"), "dpo")
     run_dir = Path(raw["dpo_training"]["save_dir"])
     (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
@@ -69,6 +70,8 @@ def test_wandb_offline_and_tensorboard_get_the_same_train_and_eval_metrics(tmp_p
         assert [v for _, v in history[tag]] == pytest.approx([v for _, v in tensorboard[tag]], rel=1e-6), tag
     assert [step for step, _ in history["eval/loss"]] == [2, 4]
     assert any(key.startswith("train/margins") for key in history), sorted(history)  # the margins histogram
+    assert history["eval/samples/_type"] == [(step, "table-file") for step in (0, 2, 4)]  # the samples, as a table
+    assert [rows for _, rows in history["eval/samples/nrows"]] == [4, 4, 4]
 
 
 def test_tensorboard_only_when_asked_and_wandb_without_the_package_says_how(tmp_path, micro_model, reverse_data,
