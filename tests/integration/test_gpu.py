@@ -35,10 +35,13 @@ def train_on_gpu(tmp_path: Path, trainer: str, raw: dict) -> dict:
 
 
 def test_bf16_dpo_runs_on_the_gpu_with_nccl_and_reports_mfu_and_memory(tmp_path, micro_model, reverse_data):
-    raw = run_config(tmp_path, micro_model, reverse_data, "dpo_training", max_steps=4, batch_size=8)
+    raw = run_config(tmp_path, micro_model, reverse_data, "dpo_training", max_steps=4, batch_size=8, eval_steps=2,
+                     generate_during_eval=True, max_new_tokens=8)
     raw["precision"] = "bf16"
     manifest = train_on_gpu(tmp_path, "dpo", raw)
     assert manifest["status"] == "completed"
+    samples = sorted((Path(raw["dpo_training"]["save_dir"]) / "samples").glob("step_*.jsonl"))
+    assert [len(path.read_text().splitlines()) for path in samples] == [4, 4, 4]  # steps 0, 2, 4
     assert manifest["device"].startswith("cuda") and manifest["device"].endswith("nccl")
     assert 0 < manifest["peak_memory_gib"] < torch.cuda.get_device_properties(0).total_memory / 2**30
     assert 0 < manifest["resident_memory_gib"] < manifest["peak_memory_gib"]
@@ -81,16 +84,17 @@ def test_padding_free_with_varlen_attn_trains_as_padded_rows_in_bf16(tmp_path, m
     from safetensors.torch import load_file
 
     weights, manifests = {}, {}
-    for name, options in (("padded", {}), ("flat", {"padding_free": True})):
+    for name, options in (("padded", {}), ("flat", {"padding_free": True, "generate_during_eval": True})):
         raw = run_config(tmp_path / name, micro_model, reverse_data, "dpo_training", max_steps=3, batch_size=8,
                          **options)
         raw["precision"] = "bf16"
         if options:
-            raw["attn_implementation"] = "varlen_attn"
+            raw["attn_implementation"] = "varlen_attn"  # and its samples decode through sdpa
         (tmp_path / name).mkdir()
         manifests[name] = train_on_gpu(tmp_path / name, "dpo", raw)
         weights[name] = load_file(Path(raw["dpo_training"]["save_dir"]) / "model.safetensors")
     assert "varlen_attn: PyTorch's variable-length flash-attention kernel" in manifests["flat"]["stdout"]
+    assert manifests["flat"]["stdout"].count("samples at step") == 2  # before training and at the end
     assert manifests["flat"]["median_padding_fraction"] == 0.0 < manifests["padded"]["median_padding_fraction"]
     gaps = torch.cat([(weights["flat"][k].float() - weights["padded"][k].float()).abs().flatten()
                       for k in weights["padded"]])
