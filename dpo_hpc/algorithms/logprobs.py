@@ -138,6 +138,23 @@ def model_inputs(batch: dict) -> dict:
     return inputs
 
 
+@dataclass(frozen=True)
+class Scored:
+    """One forward's log-probs of the loss tokens, each with its sequence; and the router's
+    load-balancing loss, where the model returns one (a mixture of experts set to output its
+    router logits)."""
+
+    rows: torch.Tensor
+    logps: torch.Tensor
+    sequences: int
+    aux_loss: torch.Tensor | None = None
+
+    def sequence_sums(self) -> torch.Tensor:
+        """Per-sequence sums of the log-probs, shape (sequences,), fp32."""
+        return torch.zeros(self.sequences, dtype=torch.float32, device=self.logps.device).index_add(
+            0, self.rows, self.logps)
+
+
 class CompletionScorer:
     """Log-probs of the loss tokens of a batch under a causal LM (a transformers model, or a
     DeepSpeed engine around one).
@@ -170,23 +187,26 @@ class CompletionScorer:
             return None
         return head
 
-    def _forward(self, model, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(final hidden states, head weight), or (logits, None) on the full-logits path."""
+    def _forward(self, model, batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(final hidden states, head weight), or (logits, None) on the full-logits path; and the
+        router's load-balancing loss where the model returns one."""
         head = self.splittable_head(model)
         if head is None:
-            return model(**model_inputs(batch)).logits, None
+            out = model(**model_inputs(batch))
+            return out.logits, None, getattr(out, "aux_loss", None)
         head.forward = _identity  # shadows Linear.forward for this call only: the model returns h
         try:
-            out = model(**model_inputs(batch)).logits
+            out = model(**model_inputs(batch))
         finally:
             del head.forward
-        if out.shape[-1] != head.in_features:  # the model computed logits without calling its head
-            return out, None
-        return out, head.weight
+        aux_loss = getattr(out, "aux_loss", None)
+        if out.logits.shape[-1] != head.in_features:  # the model computed logits without calling its head
+            return out.logits, None, aux_loss
+        return out.logits, head.weight, aux_loss
 
-    def token_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sequence of each loss token, its log-prob), over the tokens where ``loss_mask`` is 1."""
-        out, weight = self._forward(model, batch)
+    def score(self, model, batch) -> Scored:
+        """The log-prob of every token where ``loss_mask`` is 1, and the sequence it belongs to."""
+        out, weight, aux_loss = self._forward(model, batch)
         rows, positions = batch["loss_rows"], batch["loss_positions"]  # position t predicts token t + 1
         if weight is not None:
             logps = target_logps(out[rows, positions], weight, batch["input_ids"][rows, positions + 1], self.chunk_rows,
@@ -195,10 +215,13 @@ class CompletionScorer:
             logps = token_logps(out, batch["input_ids"])[rows, positions]
         if "sequence_ids" in batch:  # packed: rows hold several sequences
             rows = batch["sequence_ids"][rows, positions]
-        return rows, logps
+        return Scored(rows, logps, batch["sequence_lengths"].shape[0], aux_loss)
+
+    def token_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence of each loss token, its log-prob), over the tokens where ``loss_mask`` is 1."""
+        scored = self.score(model, batch)
+        return scored.rows, scored.logps
 
     def sequence_logps(self, model, batch) -> torch.Tensor:
         """Per-sequence sums of the loss tokens' log-probs, shape (sequences,), fp32."""
-        rows, logps = self.token_logps(model, batch)
-        sequences = batch["sequence_lengths"].shape[0]
-        return torch.zeros(sequences, dtype=torch.float32, device=logps.device).index_add(0, rows, logps)
+        return self.score(model, batch).sequence_sums()

@@ -49,15 +49,32 @@ class Objective(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+def with_router_loss(loss_sum: torch.Tensor, stats: Stats, aux_loss: Optional[torch.Tensor],
+                     coef: Optional[float], units: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+    """A mixture of experts' router load-balancing loss (``router_aux_loss_coef``) added as TRL adds
+    it, ``coef * aux_loss`` on top of the mean loss, and logged as ``aux_loss``. In the sum the
+    trainer normalises it stands once per loss unit, so a step weighs its micro-batches' router
+    losses by their units, whatever the split over ranks and accumulation steps."""
+    if coef is None or aux_loss is None:
+        return loss_sum, stats
+    aux_loss = aux_loss.to(loss_sum.device, torch.float32)
+    total, count = stats["loss"]
+    stats = {**stats, "loss": (total + coef * aux_loss.detach() * count, count),
+             "aux_loss": (aux_loss.detach(), torch.tensor(1.0))}
+    return loss_sum + coef * aux_loss * units.to(loss_sum.device), stats
+
+
 class SFTObjective:
     """Next-token NLL on assistant tokens, averaged over the loss tokens of the global batch."""
 
     kind = "sft"
 
-    def __init__(self, pad_id: int, scorer: CompletionScorer, layout: Layout = "padded"):
+    def __init__(self, pad_id: int, scorer: CompletionScorer, layout: Layout = "padded",
+                 router_aux_loss_coef: Optional[float] = None):
         self.pad_id = pad_id
         self.scorer = scorer
         self.layout = layout
+        self.router_aux_loss_coef = router_aux_loss_coef
 
     def collate(self, examples):
         return collate_conversations(examples, self.pad_id, self.layout)
@@ -66,9 +83,11 @@ class SFTObjective:
         return batch["loss_tokens"].sum().float()
 
     def _stats(self, model, batch):
-        _, logps = self.scorer.token_logps(model, batch)
-        nll_sum = -logps.sum()
-        return nll_sum, {"loss": (nll_sum.detach(), torch.tensor(float(logps.numel())))}
+        scored = self.scorer.score(model, batch)
+        nll_sum = -scored.logps.sum()
+        tokens = torch.tensor(float(scored.logps.numel()))
+        return with_router_loss(nll_sum, {"loss": (nll_sum.detach(), tokens)}, scored.aux_loss,
+                                self.router_aux_loss_coef, tokens)
 
     def loss_and_stats(self, model, batch):
         return self._stats(model, batch)
@@ -104,8 +123,9 @@ class PreferenceObjective:
 
     def __init__(self, reference, loss: PairwiseLoss, policy: BetaPolicy, pad_id: int, collective: Collective,
                  scorer: CompletionScorer, ref_table: Optional[RefLogps] = None, rpo_alpha: Optional[float] = None,
-                 layout: Layout = "padded"):
+                 layout: Layout = "padded", router_aux_loss_coef: Optional[float] = None):
         self.reference = reference
+        self.router_aux_loss_coef = router_aux_loss_coef
         self.layout = layout
         self.rpo_alpha = rpo_alpha
         self.ref_table = ref_table
@@ -128,15 +148,16 @@ class PreferenceObjective:
         pairs = batch["loss_tokens"].shape[0] // 2
         return torch.tensor(self.policy.loss_units(pairs, self.collective.world_size), dtype=torch.float32)
 
-    def _logps(self, model, batch) -> PairLogps:
-        policy = self.scorer.sequence_logps(model, batch)
+    def _logps(self, model, batch) -> tuple[PairLogps, Optional[torch.Tensor]]:
+        """The pairs' log-probs, and the policy forward's router loss (None for a dense model)."""
+        policy = self.scorer.score(model, batch)
         if "ref_logps" in batch:
             ref = batch["ref_logps"]
         else:
             with torch.no_grad():
                 ref = self.scorer.sequence_logps(self.reference, batch)
             self.reference_forwards += 1
-        return PairLogps.of_rows(policy, ref, batch["loss_tokens"])
+        return PairLogps.of_rows(policy.sequence_sums(), ref, batch["loss_tokens"]), policy.aux_loss
 
     def _pair_losses(self, logps: PairLogps, margins: torch.Tensor, beta) -> tuple[torch.Tensor, Stats]:
         """The loss of every pair (with RPO's chosen NLL when set) and the extra per-pair metrics."""
@@ -154,24 +175,27 @@ class PreferenceObjective:
         return stats
 
     def loss_and_stats(self, model, batch):
-        logps = self._logps(model, batch)
+        logps, aux_loss = self._logps(model, batch)
         margins = self.loss.margins(logps)
         detached = margins.detach().float()
         self._step_margins.append(detached)  # for the policy's end of step and the histogram
         beta, weights = self.policy.train_beta(detached)
         losses, extra = self._pair_losses(logps, margins, beta)
         if weights is None:
-            return losses.sum(), self._stats(logps, losses, beta, extra)
-        weights = weights.to(losses.device, losses.dtype)
-        losses = losses * weights
-        return losses.sum(), self._stats(logps, losses, beta, extra, loss_count=weights.sum())
+            stats = self._stats(logps, losses, beta, extra)
+        else:
+            weights = weights.to(losses.device, losses.dtype)
+            losses = losses * weights
+            stats = self._stats(logps, losses, beta, extra, loss_count=weights.sum())
+        return with_router_loss(losses.sum(), stats, aux_loss, self.router_aux_loss_coef, self.units(batch))
 
     def eval_stats(self, model, batch):
         with torch.no_grad():
-            logps = self._logps(model, batch)
+            logps, aux_loss = self._logps(model, batch)
             beta = self.policy.eval_beta()
             losses, extra = self._pair_losses(logps, self.loss.margins(logps), beta)
-            return self._stats(logps, losses, beta, extra)
+            stats = self._stats(logps, losses, beta, extra)
+            return with_router_loss(losses.sum(), stats, aux_loss, self.router_aux_loss_coef, self.units(batch))[1]
 
     def end_step(self):
         self._step = torch.cat(self._step_margins) if self._step_margins else torch.zeros(0)
@@ -217,9 +241,9 @@ def build_scorer(cfg) -> CompletionScorer:
 def build_objective(algorithm, cfg, pad_id: int, collective: Collective, reference=None,
                     ref_table: Optional[RefLogps] = None) -> Objective:
     """The objective of a registered algorithm (``dpo_hpc.config.registry``)."""
-    scorer, layout = build_scorer(cfg), batch_layout(cfg)
+    scorer, layout, router = build_scorer(cfg), batch_layout(cfg), cfg.router_aux_loss_coef
     if algorithm.kind == "sft":
-        return SFTObjective(pad_id, scorer, layout)
+        return SFTObjective(pad_id, scorer, layout, router_aux_loss_coef=router)
     policy = resolve(algorithm.beta_policy).from_config(cfg, collective)
     return PreferenceObjective(reference, build_loss(cfg.training), policy, pad_id, collective, scorer, ref_table,
-                               rpo_alpha=cfg.training.rpo_alpha, layout=layout)
+                               rpo_alpha=cfg.training.rpo_alpha, layout=layout, router_aux_loss_coef=router)

@@ -129,21 +129,24 @@ def check_data(cfg, trainer: str, tokenizer_name: Optional[str], env: dict[str, 
                               f"usable (dropped: {drops}); {parse.expected()}")
 
 
-def check_attention(cfg, found: Findings, where: str) -> None:
-    """The policy builds with ``attn_implementation`` (Gemma-2 has no sdpa): said here, not after
-    the job waited in the queue."""
+def check_model_options(cfg, found: Findings, where: str) -> None:
+    """The policy builds with ``attn_implementation`` (Gemma-2 has no sdpa) and has a router where
+    ``router_aux_loss_coef`` is set: said here, not after the job waited in the queue."""
     from ..trainers.engine import ATTENTION_PACKAGES
-    from ..trainers.engine import check_attention as builds
+    from ..trainers.engine import check_model as builds
 
-    if cfg.attn_implementation in ATTENTION_PACKAGES:
-        return  # the job's image may hold the package that this host lacks
+    attention = cfg.attn_implementation
+    if attention in ATTENTION_PACKAGES:  # the job's image may hold the package that this host lacks
+        if cfg.router_aux_loss_coef is None:
+            return
+        attention = "eager"
     from huggingface_hub import try_to_load_from_cache
 
     try:
         folder = cfg.policy_name
         if not Path(folder).expanduser().is_dir():  # a hub name: its cached config, with no network call
             folder = os.path.dirname(try_to_load_from_cache(cfg.policy_name, "config.json"))
-        builds(folder, cfg.attn_implementation, cfg.trust_remote_code)
+        builds(folder, attention, cfg.trust_remote_code, router_logits=cfg.router_aux_loss_coef is not None)
     except ConfigError as exc:
         found.problems.extend(f"{where}: {problem}" for problem in exc.problems)
     except Exception:  # a model that does not load is check_model's to say, or the job's
@@ -180,8 +183,8 @@ def check_config(cfg, trainer: str, found: Findings, where: str, env: Optional[d
               for name, what in names.items()}
         tokenizer = tokenizer if ok.get(tokenizer) else None
         if ok[cfg.policy_name]:
-            found.once(("attention", cfg.policy_name, cfg.attn_implementation),
-                       lambda: check_attention(cfg, found, where))
+            found.once(("model options", cfg.policy_name, cfg.attn_implementation, cfg.router_aux_loss_coef is None),
+                       lambda: check_model_options(cfg, found, where))
     elif not cfg.tokenizer_name:
         tokenizer = None
     dataset_key = ("data", trainer, repr(cfg.dataset), tokenizer, cfg.chat_template)

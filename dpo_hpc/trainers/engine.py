@@ -94,16 +94,28 @@ def _attention(attn_implementation: str):
                            "attn_implementation = \"eager\", which every model supports"]) from None
 
 
-def check_attention(name: str, attn_implementation: str, trust_remote_code: bool = False) -> None:
-    """ConfigError if the model ``name`` refuses ``attn_implementation``: the model is built from its
-    config on the meta device (no weights read, no memory), so a pre-flight tells before a job waits
-    in the queue."""
+def check_model(name: str, attn_implementation: str, trust_remote_code: bool = False,
+                router_logits: bool = False) -> None:
+    """ConfigError if the model ``name`` refuses ``attn_implementation``, or has no router to take
+    ``router_aux_loss_coef``: the model is built from its config on the meta device (no weights
+    read, no memory), so a pre-flight tells before a job waits in the queue."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     with _attention(attn_implementation), torch.device("meta"):
-        AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
-                                         trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
+                                                 trust_remote_code=trust_remote_code)
+    if router_logits:
+        output_router_logits(model)
+
+
+def output_router_logits(model) -> None:
+    """A mixture of experts made to return its router's load-balancing loss (``aux_loss``) from
+    every forward; a model without a router is a ConfigError naming the key."""
+    if not hasattr(model.config, "output_router_logits"):
+        raise ConfigError([f"router_aux_loss_coef: {type(model).__name__} has no router (it is not a mixture of "
+                           "experts); leave the key out"])
+    model.config.output_router_logits = True
 
 
 # attn_implementation -> the package it needs
@@ -111,11 +123,11 @@ ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "f
 
 
 def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implementation: str = "sdpa",
-                   trust_remote_code: bool = False, torch_dtype: Optional[str] = None):
+                   trust_remote_code: bool = False, torch_dtype: Optional[str] = None, router_logits: bool = False):
     """A causal LM (loaded by name, or a model passed in) with dropout off (margins at step 0 must
     be exactly 0, spec pitfall P5); a reference is frozen and in eval mode. Weights load in
     ``torch_dtype`` when given, else fp32 for a trained model (DeepSpeed's master weights) and
-    ``precision`` for a reference."""
+    ``precision`` for a reference. ``router_logits``: a mixture of experts returns its router loss."""
     import importlib.util
 
     from transformers import AutoModelForCausalLM
@@ -145,6 +157,8 @@ def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implemen
         if hasattr(model.config, attr):
             setattr(model.config, attr, 0.0)
     model.config.use_cache = False
+    if router_logits:
+        output_router_logits(model)
     if not trainable:
         model.eval()
         model.requires_grad_(False)

@@ -231,7 +231,8 @@ class Trainer:
                 ref_table, reference = self.reference_table(reference), None
         model = load_causal_lm(self.model if self.model is not None else cfg.policy_name, cfg.precision,
                                trainable=True, attn_implementation=cfg.attn_implementation,
-                               trust_remote_code=cfg.trust_remote_code, torch_dtype=cfg.torch_dtype)
+                               trust_remote_code=cfg.trust_remote_code, torch_dtype=cfg.torch_dtype,
+                               router_logits=cfg.router_aux_loss_coef is not None)
         if training.padding_free:  # on the training device: its attention kernels are the ones to check
             check_packing(model.to(self.device), batch_layout(cfg), cfg.precision)
         if training.gradient_checkpointing:

@@ -161,3 +161,83 @@ def test_pre_flight_refuses_a_model_without_the_attention_it_is_given(tmp_path, 
         if code:
             assert errors == [f"error: {config}: attn_implementation = 'sdpa': Gemma2ForCausalLM does not support it; "
                               "set attn_implementation = \"eager\", which every model supports"], errors
+
+
+MIXTURES = {"mixtral": ("num_local_experts", "num_experts_per_tok"), "qwen3_moe": ("num_experts", "num_experts_per_tok")}
+
+
+def naive_router_loss(router_logits, attention_mask, experts: int, top_k: int) -> torch.Tensor:
+    """Switch Transformer's load-balancing loss over every layer's router, on the real tokens only:
+    experts x sum over experts of (share of the tokens' top-k choices that go to it, one share per
+    k) x (its mean router probability)."""
+    real = attention_mask.reshape(-1).bool()
+    logits = torch.cat([layer[real] for layer in router_logits]).detach().double()  # (tokens x layers, experts)
+    probs = logits.softmax(-1)
+    chosen = torch.zeros(logits.shape[0], top_k, experts, dtype=torch.float64)
+    chosen.scatter_(2, probs.topk(top_k, dim=-1).indices.unsqueeze(-1), 1.0)
+    return experts * (chosen.mean(0) * probs.mean(0)).sum()
+
+
+@pytest.mark.parametrize("family", MIXTURES)
+def test_router_aux_loss_is_added_to_the_loss_of_each_pair_and_trains_the_router(tmp_path, family_models,
+                                                                                reverse_data, family):
+    """``router_aux_loss_coef``: the objective's loss is the pairwise loss plus coef x the router's
+    load-balancing loss (equal to a naive one), with gradient into the routers; a run logs it as
+    ``aux_loss``, starting at ln 2 + coef x aux_loss."""
+    from dpo_hpc.algorithms.beta.fixed import FixedBeta
+    from dpo_hpc.algorithms.losses import Sigmoid
+    from dpo_hpc.algorithms.objectives import PreferenceObjective, SFTObjective
+    from dpo_hpc.data.collate import collate_conversations
+    from dpo_hpc.data.tokenize import TokenizedConversation
+    from dpo_hpc.runtime import init_distributed
+    from dpo_hpc.trainers.engine import load_causal_lm
+    from dpo_hpc.trainers.trainer import train
+
+    model = load_causal_lm(str(family_models[family]), "fp32", trainable=True, router_logits=True)
+    batch = random_batch(3, 4)
+    batch["ref_logps"] = torch.zeros(8)
+    coef = 0.25
+    objective = PreferenceObjective(None, Sigmoid(), FixedBeta(0.1), 0, init_distributed(), CompletionScorer(),
+                                    router_aux_loss_coef=coef)
+    plain = PreferenceObjective(None, Sigmoid(), FixedBeta(0.1), 0, init_distributed(), CompletionScorer())
+    loss, stats = objective.loss_and_stats(model, batch)
+    pairwise, _ = plain.loss_and_stats(model, batch)
+    forward = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
+    experts, top_k = (getattr(model.config, key) for key in MIXTURES[family])
+    aux = naive_router_loss(forward.router_logits, batch["attention_mask"], experts, top_k)
+    assert aux > 0
+    torch.testing.assert_close(stats["aux_loss"][0].double(), aux, rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss.double(), pairwise.double() + coef * aux * 4, rtol=1e-5, atol=0)
+    assert stats["loss"][0] / stats["loss"][1] == pytest.approx(float(pairwise.detach() / 4 + coef * aux), rel=1e-5)
+    routers = [p for name, p in model.named_parameters() if "gate" in name and "proj" not in name]
+    assert routers and all(g.abs().sum() > 0 for g in torch.autograd.grad(loss, routers))
+    sft_batch = collate_conversations([TokenizedConversation([1, 7, 8, 9, 2], [0, 0, 1, 1, 1]),
+                                       TokenizedConversation([1, 5, 6, 2], [0, 1, 1, 1])], pad_id=0)
+    sft_loss, sft_stats = SFTObjective(0, CompletionScorer(), router_aux_loss_coef=coef).loss_and_stats(model, sft_batch)
+    nll, _ = SFTObjective(0, CompletionScorer()).loss_and_stats(model, sft_batch)
+    forward = model(input_ids=sft_batch["input_ids"], attention_mask=sft_batch["attention_mask"],
+                    output_router_logits=True)
+    aux = naive_router_loss(forward.router_logits, sft_batch["attention_mask"], experts, top_k)
+    torch.testing.assert_close(sft_loss.double(), nll.double() + coef * aux * 6, rtol=1e-5, atol=0)  # 6 tokens
+
+    raw = run_config(tmp_path, family_models[family], reverse_data, "dpo_training", max_steps=2, batch_size=4)
+    raw["router_aux_loss_coef"] = coef
+    train(validate_mapping(raw, "dpo"), "dpo")
+    logged = scalars(Path(raw["dpo_training"]["save_dir"]) / "tensorboard")
+    (step, first_aux), _ = logged["aux_loss"]
+    assert step == 1 and first_aux > 0
+    assert logged["loss"][0][1] == pytest.approx(math.log(2) + coef * first_aux, abs=1e-6)
+
+
+def test_router_aux_loss_on_a_dense_model_is_refused_before_the_queue(tmp_path, family_models, reverse_data):
+    from test_commands import dpo_hpc
+
+    config = tmp_path / "dense.yaml"
+    config.write_text(f"policy_name: {family_models['qwen3']}\nrouter_aux_loss_coef: 0.02\n"
+                      f"dataset: {{dataset_name: {reverse_data}}}\n"
+                      f"dpo_training: {{learning_rate: 1.0e-6, batch_size: 2, save_dir: {tmp_path}/run}}\n")
+    result = dpo_hpc(tmp_path, "validate", str(config))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and errors == [
+        f"error: {config}: router_aux_loss_coef: Qwen3ForCausalLM has no router (it is not a mixture of experts); "
+        "leave the key out"], result.stderr[-2000:]
