@@ -8,6 +8,8 @@ Writes into ``<root>/report/`` (or ``--out``):
   named ``*.seed``), and the number of runs done;
 - with matplotlib (``pip install 'dpo-hpc[plots]'``), PNG plots per stage: each metric's curve per
   grid point (mean over seeds), and each final eval metric against each numeric grid axis;
+- ``samples.md``, where runs generated samples (``generate_during_eval``): per stage and prompt,
+  every run's last completion, so settings read side by side;
 - for each evaluate stage (``dpo_hpc.scoreboard``): a section of report.md with the scores per
   stage and setting, paired differences with 95% intervals, ``<stage>.csv``, and plots of
   accuracy against step and against each numeric grid axis.
@@ -125,6 +127,33 @@ def write_tables(plan: Plan, rows: dict[str, dict], out: Path) -> tuple[Path, Pa
     return csv_path, md_path
 
 
+def samples_markdown(plan: Plan) -> Optional[str]:
+    """Per stage and sample prompt, every run's last completion of it (``generate_during_eval``):
+    what each setting writes to the same prompt. None when no run generated samples."""
+    from .trainers.trackers import indented
+
+    parts = [f"# {plan.experiment.experiment.name}: sample generations\n",
+             "Each run's last greedy completions of its first validation prompts (`generate_during_eval`).\n"]
+    for stage in plan.stage_order:
+        if plan.experiment.stages[stage].trainer is None:
+            continue
+        by_prompt: dict[str, list[tuple[Run, dict]]] = {}
+        for run in plan.stage_runs(stage):
+            for record in RunDir(run.run_dir).latest_samples():
+                by_prompt.setdefault(record["prompt"], []).append((run, record))
+        if not by_prompt:
+            continue
+        parts.append(f"## {stage}\n")
+        for number, (prompt, found) in enumerate(by_prompt.items()):
+            parts.append(f"### prompt {number}\n\n{indented(prompt)}\n\n*the data's reply*\n\n"
+                         f"{indented(found[0][1]['reference'])}\n")
+            for run, record in found:
+                label = " ".join(f"{axis.split('.')[-1]}={value}" for axis, value in run.grid_values.items())
+                parts.append(f"**{label or stage}** ({run.run_id}, step {record['step']})\n\n"
+                             f"{indented(record['completion'])}\n")
+    return "\n".join(parts) if len(parts) > 2 else None
+
+
 def write_plots(plan: Plan, rows: dict[str, dict], out: Path) -> list[Path]:
     """PNG curves and final-metric plots per stage (matplotlib)."""
     import matplotlib
@@ -211,6 +240,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     csv_path, md_path = write_tables(plan, rows, out)
     print(md_path.read_text())
     print(f"[report] tables: {md_path}, {csv_path}")
+    samples = samples_markdown(plan)
+    if samples is not None:
+        (out / "samples.md").write_text(samples)
+        print(f"[report] sample generations, run beside run: {out / 'samples.md'}")
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -31,6 +31,7 @@ from ..config import ConfigError, to_dict, to_identity
 from ..fsutil import atomic_write_json, blocking_file
 
 MANIFEST = "run_manifest.json"
+SAMPLES = "samples"
 PROGRESS = "progress.json"
 MODEL_CONFIG, ADAPTER_CONFIG = "config.json", "adapter_config.json"
 SAVED_MODEL_FILES = (MODEL_CONFIG, ADAPTER_CONFIG)
@@ -99,7 +100,16 @@ class RunDir:
 
     def samples(self, step: int) -> Path:
         """Where the sample generations of an evaluation at ``step`` go (8 digits, as checkpoints)."""
-        return self.root / "samples" / f"step_{step:08d}.jsonl"
+        return self.root / SAMPLES / f"step_{step:08d}.jsonl"
+
+    def latest_samples(self) -> list[dict[str, Any]]:
+        """The records of the last sample generations written (``generate_during_eval``), or []."""
+        for path in sorted((self.root / SAMPLES).glob("step_*.jsonl"), reverse=True):
+            try:
+                return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue  # not ours (our files are written whole): an older one
+        return []
 
     @property
     def manifest_path(self) -> Path:

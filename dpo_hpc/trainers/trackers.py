@@ -79,16 +79,17 @@ class TensorBoard:
 SAMPLE_TEXTS = (("prompt", "prompt"), ("the data's reply", "reference"), ("the policy's completion", "completion"))
 
 
-def samples_markdown(rows: list[dict[str, Any]]) -> str:
-    """Sample generations as TensorBoard's Text tab shows them: each text as an indented block, so
-    that markup and whitespace in it show as they are."""
-    def block(text: str) -> str:
-        return "\n".join("    " + line for line in text.split("\n"))
+def indented(text: str) -> str:
+    """Text as a Markdown code block (indented): markup and whitespace in it show as they are."""
+    return "\n".join("    " + line for line in text.split("\n"))
 
+
+def samples_markdown(rows: list[dict[str, Any]]) -> str:
+    """Sample generations as TensorBoard's Text tab shows them."""
     shown = []
     for row in rows:
         ending = "" if row["stopped"] else ", cut at max_new_tokens"
-        texts = "\n\n".join(f"*{label}*\n\n{block(row[key])}" for label, key in SAMPLE_TEXTS)
+        texts = "\n\n".join(f"*{label}*\n\n{indented(row[key])}" for label, key in SAMPLE_TEXTS)
         shown.append(f"**sample {row['sample']}** ({row['completion_tokens']} tokens{ending})\n\n{texts}")
     return "\n\n---\n\n".join(shown)
 

@@ -41,7 +41,8 @@ SEEDED_DPO = DPO.replace('"dpo_training.beta" = [0.1, 0.3]', '"dpo_training.beta
 
 def test_report_tables_and_plots_of_a_finished_experiment(tmp_path, micro_model, reverse_data):
     path = experiment(tmp_path, micro_model, reverse_data, SFT + SEEDED_DPO, name="rep")
-    done = dpo_hpc(tmp_path, "submit", path.name, "--local", "--set", "training.max_steps=2")
+    done = dpo_hpc(tmp_path, "submit", path.name, "--local", "--set", "training.max_steps=2", "--set",
+                   "training.generate_during_eval=true", "--set", "training.max_new_tokens=4")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "--set over every stage that has the key: training.max_steps=2" in done.stdout
     result = dpo_hpc(tmp_path, "report", path.name)  # the plan as submitted, --set included
@@ -60,6 +61,18 @@ def test_report_tables_and_plots_of_a_finished_experiment(tmp_path, micro_model,
     markdown = (out / "report.md").read_text()
     table = markdown.split("## dpo (dpo)")[1]
     assert "| beta | runs done |" in table and table.count("| 2/2 |") == 2 and " ± " in table  # 2 seeds each
+    samples = (out / "samples.md").read_text()  # every run's last completions, run beside run, per prompt
+    assert f"[report] sample generations, run beside run: {out / 'samples.md'}" in result.stdout
+    dpo_part = samples.split("## dpo\n")[1]
+    first_prompt = dpo_part.split("### prompt 1")[0]
+    for row in rows:
+        if row["stage"] == "dpo":
+            run_dir = tmp_path / "out/rep/dpo" / row["run_id"]
+            (last, *_), = [[json.loads(line) for line in p.read_text().splitlines()]
+                           for p in sorted(run_dir.glob("samples/step_*.jsonl"))[-1:]]
+            label = f"**beta={row['dpo_training.beta']} seed={row['dpo_training.seed']}** ({row['run_id']}, step 2)"
+            assert label + "\n\n" + "\n".join("    " + x for x in last["completion"].split("\n")) in first_prompt
+    assert "## sft\n" in samples
     pngs = sorted(out.glob("*.png"))
     assert any(p.name == "dpo_train_loss.png" for p in pngs)
     assert any(p.name.startswith("dpo_final_eval_rewards_accuracies_by_beta") for p in pngs)
