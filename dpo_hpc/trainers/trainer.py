@@ -412,10 +412,11 @@ class Trainer:
         """``generate_during_eval``: the policy's greedy completions of the first validation prompts.
         Rank 0 generates; under ZeRO-3 every rank does, since each forward gathers weights from all."""
         training, dist = self.training, self.dist
-        prompts = samples.sample_prompts(self.val_set, training.generation_samples) \
-            if training.generate_during_eval else []
         synced = self.cfg.deepspeed.zero_stage == 3 and dist.world_size > 1
-        if not prompts or not (dist.is_main or synced):
+        if not training.generate_during_eval or not (dist.is_main or synced):
+            return
+        prompts = samples.sample_prompts(self.val_set, training.generation_samples)
+        if not prompts:
             return
         model = self.engine.module
         stop_ids = samples.stop_token_ids(self.tokenizer, model)

@@ -364,17 +364,20 @@ def test_memory_and_speed_options_keep_the_math(tmp_path, micro_model):
     rows (compiled or not, or one flat row through varlen_attn) change how, not what: the weights
     after 3 steps match the plain run, and compiled blocks compile no more as lengths change;
     grouping by length changes the order (a new run) and cuts padding, as packing does, and the
-    flat row has none."""
+    flat row has none. Sample generations ride along where they meet each option's hazard (a
+    checkpointed, a compiled packed, a varlen_attn policy: the KV cache they turn off)."""
     from dpo_hpc.trainers.trainer import train
 
     data = small_data(tmp_path, 120)
     common = dict(max_steps=3, batch_size=4, gradient_accumulation_steps=2, learning_rate=2e-3)
-    variants = {"plain": {}, "checkpointing": {"gradient_checkpointing": True},
+    samples = {"generate_during_eval": True, "max_new_tokens": 4}
+    variants = {"plain": {}, "checkpointing": {"gradient_checkpointing": True, **samples},
                 "every_2nd_block": {"gradient_checkpointing": True, "gradient_checkpointing_every_n_layers": 2},
                 "fused": {"optim": "adamw_torch_fused"},
                 "grouped": {"group_by_length": True}, "compiled": {"torch_compile": True},
-                "packed": {"padding_free": True}, "compiled_packed": {"torch_compile": True, "padding_free": True},
-                "varlen": {"padding_free": True, "attn_implementation": "varlen_attn"}}
+                "packed": {"padding_free": True},
+                "compiled_packed": {"torch_compile": True, "padding_free": True, **samples},
+                "varlen": {"padding_free": True, "attn_implementation": "varlen_attn", **samples}}
     weights, padding, graphs = {}, {}, {}
     for name, options in variants.items():
         top = {key: options.pop(key) for key in ("attn_implementation",) if key in options}
@@ -395,6 +398,8 @@ def test_memory_and_speed_options_keep_the_math(tmp_path, micro_model):
     assert padding["grouped"] < padding["plain"] / 2, padding
     assert padding["packed"] <= padding["plain"], padding  # rows as long as the longest: similar pairs rarely share
     assert padding["varlen"] == 0.0, padding
+    for name in ("checkpointing", "compiled_packed", "varlen"):
+        assert len(list((tmp_path / name / "run" / "samples").glob("step_*.jsonl"))) == 2, name  # steps 0 and 3
     # Compiled: a graph for each way the blocks run (training, the reference's no-grad forward, the
     # policy's no-grad evaluation; an fp32 head stays eager), none more as lengths change
     assert graphs["compiled"] <= 3, graphs
