@@ -1,14 +1,17 @@
 """Pairwise preference losses, one class each (declared in ``dpo_hpc.config.losses``).
 
-A loss says which margin it is a function of (``margins``: the summed log-ratio margin M, or
-IPO's length-averaged one) and maps that margin and the beta in force (a float, or one value
-per pair, never trained) to the loss of every pair. The beta policy reads the same margin, so a
-policy never needs to know which loss it is combined with. To add a loss: a class here, an
-entry in ``dpo_hpc.config.losses.LOSSES``, and a test against a naive implementation.
+A loss says which margin the beta policies read (``margins``: the summed log-ratio margin M, or
+a length-averaged one) and maps the batch's pairs and the beta in force (a float, or one value
+per pair, never trained) to the loss of every pair. Most losses are a function of that margin
+alone; a few weigh the chosen and the rejected log-ratio apart, and read them from the pairs.
+Either way a policy never needs to know which loss it is combined with. To add a loss: a class
+here (its constructor takes the training options it reads), an entry in
+``dpo_hpc.config.losses.LOSSES``, and a test against a naive implementation.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -19,10 +22,10 @@ from .preference import PairLogps
 
 class PairwiseLoss(Protocol):
     def margins(self, pairs: PairLogps) -> torch.Tensor:
-        """The margin of every pair the loss is a function of (with gradient)."""
+        """The margin of every pair that the beta policies read (with gradient)."""
 
-    def __call__(self, margins: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:
-        """The loss of every pair."""
+    def __call__(self, margins: torch.Tensor, beta: float | torch.Tensor, pairs: PairLogps) -> torch.Tensor:
+        """The loss of every pair; ``margins`` is ``self.margins(pairs)``."""
 
 
 def _beta(beta: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -48,7 +51,7 @@ class Sigmoid(SummedMargin):
     def __init__(self, label_smoothing: float = 0.0):
         self.eps = label_smoothing
 
-    def __call__(self, margins, beta):
+    def __call__(self, margins, beta, pairs=None):
         if not self.eps:
             return dpo_sigmoid_loss(margins, beta)
         z = _beta(beta, margins) * margins
@@ -62,7 +65,7 @@ class Robust(SummedMargin):
     def __init__(self, label_smoothing: float = 0.0):
         self.eps = label_smoothing
 
-    def __call__(self, margins, beta):
+    def __call__(self, margins, beta, pairs=None):
         z = _beta(beta, margins) * margins
         return (-(1 - self.eps) * F.logsigmoid(z) + self.eps * F.logsigmoid(-z)) / (1 - 2 * self.eps)
 
@@ -70,23 +73,101 @@ class Robust(SummedMargin):
 class Hinge(SummedMargin):
     """SLiC / RSO: max(0, 1 - bM)."""
 
-    def __init__(self, label_smoothing: float = 0.0):
-        pass
-
-    def __call__(self, margins, beta):
+    def __call__(self, margins, beta, pairs=None):
         return torch.relu(1 - _beta(beta, margins) * margins)
 
 
-class IPO:
-    """IPO: (M_avg - 1/(2b))^2 over length-averaged log-probs (each sequence's sum divided by its
-    completion tokens, as TRL does); b plays the paper's tau."""
+class ExoPair(SummedMargin):
+    """EXO (Ji et al., 2024, eq. 16): KL(q || p) between q = (s(bM), s(-bM)) over the pair and the
+    target p = (1 - eps, eps); eps > 0 (``label_smoothing``; the paper uses 1e-3)."""
 
-    def __init__(self, label_smoothing: float = 0.0):
-        pass
+    def __init__(self, label_smoothing: float):
+        self.log_p = (math.log1p(-label_smoothing), math.log(label_smoothing))
+
+    def __call__(self, margins, beta, pairs=None):
+        z = _beta(beta, margins) * margins
+        log_q_chosen, log_q_rejected = F.logsigmoid(z), F.logsigmoid(-z)
+        return (log_q_chosen.exp() * (log_q_chosen - self.log_p[0])
+                + log_q_rejected.exp() * (log_q_rejected - self.log_p[1]))
+
+
+class DiscoPOP(SummedMargin):
+    """DiscoPOP (Lu et al., 2024, eq. 5): the logistic loss -log s(bM) blended into the
+    exponential exp(-bM) by s(bM / tau) (``discopop_tau``)."""
+
+    def __init__(self, discopop_tau: float = 0.05):
+        self.tau = discopop_tau
+
+    def __call__(self, margins, beta, pairs=None):
+        z = _beta(beta, margins) * margins
+        blend = torch.sigmoid(z / self.tau)
+        return -F.logsigmoid(z) * (1 - blend) + torch.exp(-z) * blend
+
+
+class LengthAveragedMargin:
+    """Losses of the margin over length-averaged log-probs (each sequence's sum divided by its
+    completion tokens, as TRL computes them)."""
 
     @staticmethod
     def margins(pairs: PairLogps) -> torch.Tensor:
         return pairs.mean_margins
 
-    def __call__(self, margins, beta):
+
+class IPO(LengthAveragedMargin):
+    """IPO: (M_avg - 1/(2b))^2; b plays the paper's tau."""
+
+    def __call__(self, margins, beta, pairs=None):
         return (margins - 1 / (2 * _beta(beta, margins))) ** 2
+
+
+class SigmoidNorm(LengthAveragedMargin):
+    """DPO's -log s(b M_avg) on the length-averaged margin (TRL's ``sigmoid_norm``)."""
+
+    def __call__(self, margins, beta, pairs=None):
+        return -F.logsigmoid(_beta(beta, margins) * margins)
+
+
+class NCAPair(SummedMargin):
+    """NCA (Chen et al., 2024), pairwise: -log s(r_w) - log s(-r_w)/2 - log s(-r_l)/2 with each
+    side's reward r = b x its log-ratio: the chosen likelihood is pushed up, not only the margin."""
+
+    def __call__(self, margins, beta, pairs):
+        b = _beta(beta, margins)
+        chosen, rejected = b * pairs.chosen_logratios, b * pairs.rejected_logratios
+        return -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
+
+
+class BCOPair(SummedMargin):
+    """BCO on pairs (Jung et al., 2024; TRL's form): chosen classified good, rejected bad,
+    -log s(r_w) - log s(-r_l)."""
+
+    def __call__(self, margins, beta, pairs):
+        b = _beta(beta, margins)
+        return -F.logsigmoid(b * pairs.chosen_logratios) - F.logsigmoid(-b * pairs.rejected_logratios)
+
+
+class SPPOHard(SummedMargin):
+    """SPPO with hard win probabilities (Wu et al., 2024, eq. 4.7 with P = 1 for the winner):
+    (log-ratio_w - 1/(2b))^2 + (log-ratio_l + 1/(2b))^2."""
+
+    def __call__(self, margins, beta, pairs):
+        half = 0.5 / _beta(beta, margins)
+        return (pairs.chosen_logratios - half) ** 2 + (pairs.rejected_logratios + half) ** 2
+
+
+class APOZero(SummedMargin):
+    """APO-zero (D'Oosterlinck et al., 2024, eq. 7), for chosen replies better than the model's own:
+    1 - s(r_w) + s(r_l): the chosen likelihood up, the rejected down."""
+
+    def __call__(self, margins, beta, pairs):
+        b = _beta(beta, margins)
+        return 1 - torch.sigmoid(b * pairs.chosen_logratios) + torch.sigmoid(b * pairs.rejected_logratios)
+
+
+class APODown(SummedMargin):
+    """APO-down (eq. 8), for chosen replies worse than the model's own: s(r_w) + 1 - s(bM): both
+    likelihoods down, the rejected more."""
+
+    def __call__(self, margins, beta, pairs):
+        b = _beta(beta, margins)
+        return torch.sigmoid(b * pairs.chosen_logratios) + 1 - torch.sigmoid(b * margins)

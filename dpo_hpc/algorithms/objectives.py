@@ -161,7 +161,7 @@ class PreferenceObjective:
 
     def _pair_losses(self, logps: PairLogps, margins: torch.Tensor, beta) -> tuple[torch.Tensor, Stats]:
         """The loss of every pair (with RPO's chosen NLL when set) and the extra per-pair metrics."""
-        losses = self.loss(margins, beta)
+        losses = self.loss(margins, beta, logps)
         if self.rpo_alpha is None:
             return losses, {}
         return losses + self.rpo_alpha * logps.chosen_nll, {"nll_loss": logps.chosen_nll.detach().float()}
@@ -221,7 +221,8 @@ def resolve(reference: str):
 
 def build_loss(training) -> PairwiseLoss:
     """The pairwise loss a DPO training section names (``dpo_hpc.config.losses``)."""
-    return resolve(LOSSES[training.loss_type].implementation)(label_smoothing=training.label_smoothing)
+    spec = LOSSES[training.loss_type]
+    return resolve(spec.implementation)(**{option: getattr(training, option) for option in spec.options})
 
 
 def batch_layout(cfg) -> Layout:

@@ -41,6 +41,15 @@ class PairLogps:
         return margins(self.policy_chosen, self.policy_rejected, self.ref_chosen, self.ref_rejected)
 
     @cached_property
+    def chosen_logratios(self) -> torch.Tensor:
+        """log pi(chosen) - log ref(chosen) per pair: the chosen side's implicit reward over beta."""
+        return self.policy_chosen - self.ref_chosen
+
+    @cached_property
+    def rejected_logratios(self) -> torch.Tensor:
+        return self.policy_rejected - self.ref_rejected
+
+    @cached_property
     def mean_margins(self) -> torch.Tensor:
         """The margin over length-averaged log-probs (each sum divided by its completion tokens)."""
         chosen, rejected = self._lengths()

@@ -18,18 +18,33 @@ class LossSpec:
     """``"module:Class"`` of the loss (``dpo_hpc.algorithms.losses``)."""
     source: str
     """Where the loss is defined."""
-    label_smoothing: bool
-    """Whether ``label_smoothing`` (assumed fraction of flipped labels) applies to it."""
+    options: tuple[str, ...] = ()
+    """The ``dpo_training`` keys the loss reads besides beta (its constructor's arguments); the
+    others are refused with it."""
 
 
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
     LossSpec("sigmoid", "dpo_hpc.algorithms.losses:Sigmoid",
-             "DPO (Rafailov et al., 2023); with label_smoothing: conservative DPO (Mitchell, 2023)", True),
+             "DPO (Rafailov et al., 2023); with label_smoothing: conservative DPO (Mitchell, 2023)",
+             ("label_smoothing",)),
     LossSpec("robust", "dpo_hpc.algorithms.losses:Robust",
-             "robust DPO (Chowdhury et al., 2024), unbiased under label_smoothing flipped labels", True),
-    LossSpec("hinge", "dpo_hpc.algorithms.losses:Hinge", "SLiC-HF (Zhao et al., 2023) / RSO (Liu et al., 2024)", False),
+             "robust DPO (Chowdhury et al., 2024), unbiased under label_smoothing flipped labels", ("label_smoothing",)),
+    LossSpec("hinge", "dpo_hpc.algorithms.losses:Hinge", "SLiC-HF (Zhao et al., 2023) / RSO (Liu et al., 2024)"),
     LossSpec("ipo", "dpo_hpc.algorithms.losses:IPO",
-             "IPO (Azar et al., 2024), on length-averaged log-probs as TRL computes it; beta plays tau", False),
+             "IPO (Azar et al., 2024), on length-averaged log-probs as TRL computes it; beta plays tau"),
+    LossSpec("sigmoid_norm", "dpo_hpc.algorithms.losses:SigmoidNorm", "DPO on length-averaged log-probs (TRL)"),
+    LossSpec("exo_pair", "dpo_hpc.algorithms.losses:ExoPair",
+             "EXO (Ji et al., 2024); label_smoothing > 0 is its target's weight on the rejected reply",
+             ("label_smoothing",)),
+    LossSpec("discopop", "dpo_hpc.algorithms.losses:DiscoPOP", "DiscoPOP (Lu et al., 2024)", ("discopop_tau",)),
+    LossSpec("nca_pair", "dpo_hpc.algorithms.losses:NCAPair", "NCA (Chen et al., 2024)"),
+    LossSpec("bco_pair", "dpo_hpc.algorithms.losses:BCOPair", "BCO (Jung et al., 2024), on pairs as TRL has it"),
+    LossSpec("sppo_hard", "dpo_hpc.algorithms.losses:SPPOHard", "SPPO (Wu et al., 2024) with hard win probabilities"),
+    LossSpec("apo_zero", "dpo_hpc.algorithms.losses:APOZero", "APO-zero (D'Oosterlinck et al., 2024)"),
+    LossSpec("apo_down", "dpo_hpc.algorithms.losses:APODown", "APO-down (D'Oosterlinck et al., 2024)"),
 )}
+
+LOSS_OPTIONS = tuple(dict.fromkeys(option for spec in LOSSES.values() for option in spec.options))
+"""Every loss-specific ``dpo_training`` key."""
 
 LossType = Literal[tuple(LOSSES)]  # type: ignore[valid-type]

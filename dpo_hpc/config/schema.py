@@ -21,7 +21,7 @@ from typing import Literal, Optional, Union
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 
-from .losses import LOSSES, LossType
+from .losses import LOSS_OPTIONS, LOSSES, LossType
 
 STRICT = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 """The pydantic config of every config dataclass: unknown keys and loose types are errors."""
@@ -256,21 +256,30 @@ class DPOTrainingConfig(TrainingConfig):
     """Folder of cached reference log-prob tables (default: ``<save_dir>/ref_log_probs``); point
     the runs of a sweep at one folder to share one reference pass."""
     loss_type: LossType = "sigmoid"
-    """Pairwise loss (TRL's names): sigmoid (DPO), robust (rDPO), hinge (SLiC/RSO) or ipo (IPO, on
-    length-averaged log-probs). Each composes with every beta policy."""
+    """Pairwise loss (TRL's names): sigmoid (DPO), robust (rDPO), hinge (SLiC/RSO), ipo (IPO, on
+    length-averaged log-probs), sigmoid_norm, exo_pair, discopop, nca_pair, bco_pair, sppo_hard,
+    apo_zero or apo_down. Each composes with every beta policy."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     """Assumed fraction of flipped preference labels: conservative DPO with ``sigmoid``, robust DPO
-    with ``robust``; not used by hinge or ipo."""
+    with ``robust``; with ``exo_pair`` (which needs it > 0) its target's weight on the rejected reply."""
+    discopop_tau: float = Field(0.05, gt=0.0)
+    """With ``discopop``: the temperature of the blend between its logistic and exponential parts
+    (TRL's name; the paper's 0.05)."""
     rpo_alpha: Optional[float] = Field(None, ge=0.0)
     """Weight of an NLL term on the chosen response (RPO, Pang et al. 2024: the chosen's mean token
     NLL per pair) that keeps the chosen likelihood from falling; none by default."""
 
     @model_validator(mode="after")
-    def _smoothing_where_it_applies(self):
-        if self.label_smoothing and not LOSSES[self.loss_type].label_smoothing:
-            takes = ", ".join(name for name, spec in LOSSES.items() if spec.label_smoothing)
-            raise ValueError(f"label_smoothing applies to loss_type {takes}, not {self.loss_type}; "
-                             "set label_smoothing = 0 or choose one of those")
+    def _loss_options_where_they_apply(self):
+        defaults = {key: type(self).__pydantic_fields__[key].default for key in LOSS_OPTIONS}
+        for key in LOSS_OPTIONS:
+            if getattr(self, key) != defaults[key] and key not in LOSSES[self.loss_type].options:
+                takes = ", ".join(name for name, spec in LOSSES.items() if key in spec.options)
+                raise ValueError(f"{key} applies to loss_type {takes}, not {self.loss_type}; "
+                                 f"set {key} = {defaults[key]} or choose one of those")
+        if self.loss_type == "exo_pair" and not self.label_smoothing:
+            raise ValueError("loss_type exo_pair needs label_smoothing > 0 (its target's weight on the rejected "
+                             "reply; the EXO paper uses 1e-3)")
         return self
 
 

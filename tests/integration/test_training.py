@@ -132,7 +132,9 @@ def test_dpo_lowers_loss_with_zero2_and_accumulation(tmp_path, micro_model):
     assert logged["rewards/margins"][-1][1] > 0
 
 
-@pytest.mark.parametrize("trainer, loss_type", [("dynamic_beta_dpo", "ipo"), ("beta_dpo", "robust"), ("dpo", "hinge")])
+@pytest.mark.parametrize("trainer, loss_type", [("dynamic_beta_dpo", "ipo"), ("beta_dpo", "robust"), ("dpo", "hinge"),
+                                               ("dynamic_beta_dpo", "apo_zero"), ("beta_dpo", "nca_pair"),
+                                               ("dpo", "discopop")])
 def test_loss_types_with_rpo_train_with_each_beta_policy(tmp_path, micro_model, trainer, loss_type):
     """Each loss with RPO's chosen NLL through the real trainer: the first logged loss is the loss
     at margin 0 plus alpha x the chosen NLL (logged as nll_loss), and the margins grow."""
@@ -150,7 +152,8 @@ def test_loss_types_with_rpo_train_with_each_beta_policy(tmp_path, micro_model, 
     assert summary["status"] == "completed"
     logged = scalars(Path(raw["dpo_training"]["save_dir"]) / "tensorboard")
     first_loss, first_nll = logged["loss"][0][1], logged["nll_loss"][0][1]
-    at_zero = {"ipo": (1 / (2 * 0.1)) ** 2, "robust": math.log(2), "hinge": 1.0}[loss_type]  # beta_0 = 0.1
+    at_zero = {"ipo": (1 / (2 * 0.1)) ** 2, "robust": math.log(2), "hinge": 1.0, "apo_zero": 1.0,  # beta_0 = 0.1
+               "nca_pair": 2 * math.log(2), "discopop": 0.5 * math.log(2) + 0.5}[loss_type]
     assert first_loss == pytest.approx(at_zero + 0.5 * first_nll, rel=1e-4)
     assert logged["rewards/margins"][-1][1] > 0
 

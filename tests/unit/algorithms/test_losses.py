@@ -101,19 +101,50 @@ def _log_sigmoid(x: float) -> float:
     return -math.log1p(math.exp(-x)) if x > -30 else x - math.log1p(math.exp(x))
 
 
-def naive_loss(loss_type: str, pc, pr, rc, rr, lc, lr, beta: float, eps: float) -> float:
-    """TRL's per-example formulas (spec algorithms.md section 1.3), in float64 by hand."""
-    if loss_type == "ipo":
+def _sigmoid(x: float) -> float:
+    return math.exp(_log_sigmoid(x))
+
+
+def naive_loss(loss_type: str, pc, pr, rc, rr, lc, lr, beta: float, eps: float, tau: float) -> float:
+    """TRL 1.16's per-example formulas (spec algorithms.md section 1.3 for the first four), in
+    float64 by hand."""
+    if loss_type in ("ipo", "sigmoid_norm"):
         h = (pc / lc - rc / lc) - (pr / lr - rr / lr)
-        return (h - 1 / (2 * beta)) ** 2
-    h = (pc - rc) - (pr - rr)
+        return (h - 1 / (2 * beta)) ** 2 if loss_type == "ipo" else -_log_sigmoid(beta * h)
+    h, chosen, rejected = (pc - rc) - (pr - rr), beta * (pc - rc), beta * (pr - rr)
+    z = beta * h
     if loss_type == "sigmoid":
-        return -(1 - eps) * _log_sigmoid(beta * h) - eps * _log_sigmoid(-beta * h)
+        return -(1 - eps) * _log_sigmoid(z) - eps * _log_sigmoid(-z)
     if loss_type == "robust":
-        return (-(1 - eps) * _log_sigmoid(beta * h) + eps * _log_sigmoid(-beta * h)) / (1 - 2 * eps)
+        return (-(1 - eps) * _log_sigmoid(z) + eps * _log_sigmoid(-z)) / (1 - 2 * eps)
     if loss_type == "hinge":
-        return max(0.0, 1 - beta * h)
+        return max(0.0, 1 - z)
+    if loss_type == "exo_pair":
+        return (_sigmoid(z) * (_log_sigmoid(z) - math.log(1 - eps))
+                + _sigmoid(-z) * (_log_sigmoid(-z) - math.log(eps)))
+    if loss_type == "discopop":
+        blend = _sigmoid(z / tau)
+        return -_log_sigmoid(z) * (1 - blend) + math.exp(-z) * blend
+    if loss_type == "nca_pair":
+        return -_log_sigmoid(chosen) - 0.5 * _log_sigmoid(-chosen) - 0.5 * _log_sigmoid(-rejected)
+    if loss_type == "bco_pair":
+        return -_log_sigmoid(chosen) - _log_sigmoid(-rejected)
+    if loss_type == "sppo_hard":
+        return ((pc - rc) - 0.5 / beta) ** 2 + ((pr - rr) + 0.5 / beta) ** 2
+    if loss_type == "apo_zero":
+        return 1 - _sigmoid(chosen) + _sigmoid(rejected)
+    if loss_type == "apo_down":
+        return _sigmoid(chosen) + 1 - _sigmoid(z)
     raise KeyError(loss_type)
+
+
+OPTION_VALUES = {"label_smoothing": 0.2, "discopop_tau": 0.3}
+"""Values the tests give the losses' options (not their defaults, so that each is seen to act)."""
+
+
+def make_loss(loss_type: str):
+    spec = LOSSES[loss_type]
+    return resolve(spec.implementation)(**{option: OPTION_VALUES[option] for option in spec.options})
 
 
 @pytest.mark.parametrize("loss_type", list(LOSSES))
@@ -123,14 +154,28 @@ def test_every_loss_matches_its_naive_formula(loss_type, seed):
     pc, pr, rc, rr = (-torch.rand(6, generator=g, dtype=torch.float64) * 40 for _ in range(4))
     lengths = torch.randint(1, 30, (12,), generator=g)
     beta = torch.rand(6, generator=g, dtype=torch.float64) + 0.05  # one beta per pair, as Beta-DPO gives
-    eps = 0.2 if LOSSES[loss_type].label_smoothing else 0.0
+    options = LOSSES[loss_type].options
+    eps = OPTION_VALUES["label_smoothing"] if "label_smoothing" in options else 0.0
     pairs = PairLogps(pc, pr, rc, rr, lengths[:6], lengths[6:])
-    loss = resolve(LOSSES[loss_type].implementation)(label_smoothing=eps)
-    got = loss(loss.margins(pairs), beta)
+    loss = make_loss(loss_type)
+    got = loss(loss.margins(pairs), beta, pairs)
     for i in range(6):
         expected = naive_loss(loss_type, *(float(t[i]) for t in (pc, pr, rc, rr)), float(lengths[i]),
-                              float(lengths[6 + i]), float(beta[i]), eps)
+                              float(lengths[6 + i]), float(beta[i]), eps, OPTION_VALUES["discopop_tau"])
         assert float(got[i]) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_losses_of_each_side_push_the_chosen_likelihood_as_their_papers_say():
+    """The gradient of the chosen log-prob: up (negative loss gradient) for NCA, BCO, SPPO and
+    APO-zero even where the margin is already large; down for APO-down."""
+    chosen = torch.tensor([5.0], dtype=torch.float64, requires_grad=True)
+    for loss_type, sign in (("nca_pair", -1), ("bco_pair", -1), ("sppo_hard", -1), ("apo_zero", -1),
+                            ("apo_down", 1)):
+        pairs = PairLogps(chosen, torch.tensor([-30.0], dtype=torch.float64), torch.tensor([5.0], dtype=torch.float64),
+                          torch.tensor([0.0], dtype=torch.float64))
+        loss = make_loss(loss_type)
+        (grad,) = torch.autograd.grad(loss(loss.margins(pairs), 0.1, pairs).sum(), chosen)
+        assert math.copysign(1, grad.item()) == sign and grad.item() != 0, loss_type
 
 
 def test_loss_hand_values_at_zero_margin():
@@ -140,6 +185,12 @@ def test_loss_hand_values_at_zero_margin():
     assert Hinge()(zero.margins, 0.1).item() == 1.0
     assert IPO()(IPO.margins(zero), 0.1).item() == pytest.approx(25.0)  # (0 - 1/(2 * 0.1))^2
     assert Sigmoid(0.0)(torch.tensor([2.0]), 0.5).item() == pytest.approx(math.log1p(math.exp(-1.0)))
+    at_zero = {"sigmoid_norm": math.log(2), "nca_pair": 2 * math.log(2), "bco_pair": 2 * math.log(2),
+               "sppo_hard": 2 * 25.0, "apo_zero": 1.0, "apo_down": 1.0, "discopop": 0.5 * math.log(2) + 0.5,
+               "exo_pair": 0.5 * (math.log(0.5) - math.log(0.8)) + 0.5 * (math.log(0.5) - math.log(0.2))}
+    for loss_type, value in at_zero.items():  # policy = reference, beta 0.1, the test options
+        loss = make_loss(loss_type)
+        assert loss(loss.margins(zero), 0.1, zero).item() == pytest.approx(value), loss_type
 
 
 def test_ipo_margin_is_length_averaged_and_needs_lengths():

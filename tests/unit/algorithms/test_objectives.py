@@ -14,11 +14,12 @@ from dpo_hpc.algorithms.beta.beta_dpo import BetaDPOController, BetaDPOPolicy, k
 from dpo_hpc.algorithms.beta.dynamic_beta import DynamicBetaController, DynamicBetaPolicy
 from dpo_hpc.algorithms.beta.fixed import FixedBeta
 from dpo_hpc.algorithms.logprobs import CompletionScorer
-from dpo_hpc.algorithms.losses import Sigmoid
+from dpo_hpc.algorithms.losses import LengthAveragedMargin, Sigmoid
 from dpo_hpc.algorithms.objectives import PreferenceObjective, resolve
 from dpo_hpc.config import BetaDPOSectionConfig, BetaUpdateConfig, RiskTestConfig
 from dpo_hpc.config.losses import LOSSES
 from dpo_hpc.data.tokenize import TokenizedPair
+from test_losses import make_loss
 
 
 class ToyLM(torch.nn.Module):
@@ -130,7 +131,7 @@ POLICIES = {
 def test_every_loss_composes_with_every_beta_policy(loss_type, policy_name):
     """Three steps of each combination: finite loss and gradient, and the beta policy reads the
     margin the loss is a function of (IPO's is length-averaged)."""
-    loss = resolve(LOSSES[loss_type].implementation)(label_smoothing=0.1 if LOSSES[loss_type].label_smoothing else 0.0)
+    loss = make_loss(loss_type)
     obj = PreferenceObjective(ToyLM(1), loss, POLICIES[policy_name](), pad_id=0, collective=LOCAL,
                               scorer=CompletionScorer(), rpo_alpha=0.2)
     model = ToyLM(0)
@@ -141,7 +142,7 @@ def test_every_loss_composes_with_every_beta_policy(loss_type, policy_name):
         assert torch.isfinite(loss_sum) and torch.isfinite(model.table.weight.grad).all()
         obj.end_step()
     naive = naive_margins(model, obj.reference, examples)
-    if loss_type == "ipo":
+    if isinstance(loss, LengthAveragedMargin):
         naive = [((naive_logp(model, p.prompt_ids, p.chosen_ids) - naive_logp(obj.reference, p.prompt_ids, p.chosen_ids))
                   / len(p.chosen_ids))
                  - ((naive_logp(model, p.prompt_ids, p.rejected_ids)

@@ -19,6 +19,8 @@ from dpo_hpc.config import (
     to_dict,
     validate_mapping,
 )
+from dpo_hpc.algorithms.objectives import build_loss
+from dpo_hpc.config.losses import LOSSES
 from dpo_hpc.config.schema import DeepSpeedConfig, TrainingConfig
 from dpo_hpc.trainers.engine import deepspeed_config
 
@@ -161,11 +163,17 @@ def test_fixed_beta_refused_where_beta_is_adaptive():
     assert "takes its initial beta from beta_update.beta_0" in problem
 
 
-def test_loss_type_and_label_smoothing_are_checked():
+def test_loss_type_and_the_options_of_each_loss_are_checked():
     (problem,) = errors(with_("dpo_training", loss_type="kto"))
-    assert "dpo_training.loss_type" in problem and all(name in problem for name in ("sigmoid", "robust", "hinge", "ipo"))
+    assert "dpo_training.loss_type" in problem and all(name in problem for name in LOSSES)
     (problem,) = errors(with_("dpo_training", loss_type="hinge", label_smoothing=0.1))
-    assert "label_smoothing applies to loss_type sigmoid, robust, not hinge" in problem
+    assert "label_smoothing applies to loss_type sigmoid, robust, exo_pair, not hinge; set label_smoothing = 0.0" in problem
+    (problem,) = errors(with_("dpo_training", discopop_tau=0.1))
+    assert "discopop_tau applies to loss_type discopop, not sigmoid; set discopop_tau = 0.05" in problem
+    (problem,) = errors(with_("dpo_training", loss_type="exo_pair"))
+    assert "loss_type exo_pair needs label_smoothing > 0" in problem
+    cfg = validate_mapping(with_("dpo_training", loss_type="discopop", discopop_tau=0.1), "dpo")
+    assert build_loss(cfg.training).tau == 0.1  # each loss gets the options it reads
     assert errors(with_("dpo_training", label_smoothing=0.5))  # robust DPO divides by 1 - 2 eps
     cfg = validate_mapping(with_("dpo_training", loss_type="robust", label_smoothing=0.2, rpo_alpha=1.0), "beta_dpo")
     assert (cfg.training.loss_type, cfg.training.label_smoothing, cfg.training.rpo_alpha) == ("robust", 0.2, 1.0)
@@ -270,6 +278,16 @@ def test_cli_wrong_trainer_for_file_says_so():
                              "--config", str(SEED / "config_dpo.yaml")], capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "look like a 'dynamic_beta_dpo' config, not 'sft'" in result.stderr
+
+
+def test_readme_losses_table_has_a_row_per_loss():
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("| `loss_type` | per-pair loss |"):text.index("A loss's option set with another loss")]
+    rows = [line.split("|")[1].strip().split()[0].strip("`") for line in table.splitlines()[2:] if line.strip()]
+    assert rows == list(LOSSES)
+    for name, spec in LOSSES.items():  # each loss's options named in its row
+        row = next(line for line in table.splitlines() if line.startswith(f"| `{name}`"))
+        assert all(f"`{option}`" in row for option in spec.options), name
 
 
 def test_readme_configuration_reference_matches_the_schema():
