@@ -240,9 +240,10 @@ def build_scorer(cfg) -> CompletionScorer:
 
 
 def build_objective(algorithm, cfg, pad_id: int, collective: Collective, reference=None,
-                    ref_table: Optional[RefLogps] = None) -> Objective:
-    """The objective of a registered algorithm (``dpo_hpc.config.registry``)."""
-    scorer, layout, router = build_scorer(cfg), batch_layout(cfg), cfg.router_aux_loss_coef
+                    ref_table: Optional[RefLogps] = None, router_aux_loss_coef: Optional[float] = None) -> Objective:
+    """The objective of a registered algorithm (``dpo_hpc.config.registry``); ``router_aux_loss_coef``:
+    the weight of the policy's router loss, where it has one (``engine.router_loss_weight``)."""
+    scorer, layout, router = build_scorer(cfg), batch_layout(cfg), router_aux_loss_coef
     if algorithm.kind == "sft":
         return SFTObjective(pad_id, scorer, layout, router_aux_loss_coef=router)
     policy = resolve(algorithm.beta_policy).from_config(cfg, collective)

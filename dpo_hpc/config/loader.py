@@ -187,7 +187,9 @@ TRL_NAMES = {
     "model_init_kwargs": "the top-level torch_dtype, attn_implementation and trust_remote_code",
     "use_peft": "a [lora] section", "lora_r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
     "lora_target_modules": "lora.target_modules",
-    "output_router_logits": "router_aux_loss_coef (the router's load-balancing loss, with its weight)",
+    "output_router_logits": "the top-level router_aux_loss_coef (the router's load-balancing loss, with its weight)",
+    "router_aux_loss_coef": "the top-level router_aux_loss_coef", "disable_dropout": "always on (no key)",
+    "precompute_ref_batch_size": "eval_batch_size (the reference pass's micro-batch too)",
 }
 """TRL's names of settings this schema names otherwise (the original framework's names, or a
 section of their own), for the error a TRL config meets: said, never read as aliases."""

@@ -397,11 +397,10 @@ class ModelSettings:
                           "Saved with the run's tokenizer, so a stage that starts from the run renders as it "
                           "trained.")
     router_aux_loss_coef: Optional[float] = Field(
-        None, ge=0.0, description="Mixtures of experts (Mixtral, Qwen-MoE, OLMoE): the router's load-balancing loss, "
-                                  "added to the policy's loss with this weight (transformers' name; a model's config "
-                                  "holds the weight it was pre-trained with, Mixtral's 0.02) and logged as aux_loss, "
-                                  "as TRL adds it where model_init_kwargs set output_router_logits. Default: none "
-                                  "(TRL's default). A model without a router is refused.")
+        None, ge=0.0, description="Mixtures of experts (Mixtral, Qwen-MoE, OLMoE): the weight of the router's "
+                                  "load-balancing loss, added to the policy's loss and logged as aux_loss (TRL 1.16's "
+                                  "name and rule). Default: the model config's own coefficient (Mixtral's 0.02); 0 "
+                                  "turns it off. A dense model refuses a weight.")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     lora: Optional[LoraConfig] = Field(
         None, description="LoRA adapters instead of a full fine-tune (a [lora] section; needs dpo-hpc[peft]).")

@@ -137,7 +137,7 @@ def check_model_options(cfg, found: Findings, where: str) -> None:
 
     attention = cfg.attn_implementation
     if attention in ATTENTION_PACKAGES:  # the job's image may hold the package that this host lacks
-        if cfg.router_aux_loss_coef is None:
+        if not cfg.router_aux_loss_coef:
             return
         attention = "eager"
     from huggingface_hub import try_to_load_from_cache
@@ -146,7 +146,7 @@ def check_model_options(cfg, found: Findings, where: str) -> None:
         folder = cfg.policy_name
         if not Path(folder).expanduser().is_dir():  # a hub name: its cached config, with no network call
             folder = os.path.dirname(try_to_load_from_cache(cfg.policy_name, "config.json"))
-        builds(folder, attention, cfg.trust_remote_code, router_logits=cfg.router_aux_loss_coef is not None)
+        builds(folder, attention, cfg.trust_remote_code, cfg.router_aux_loss_coef)
     except ConfigError as exc:
         found.problems.extend(f"{where}: {problem}" for problem in exc.problems)
     except Exception:  # a model that does not load is check_model's to say, or the job's
@@ -183,7 +183,7 @@ def check_config(cfg, trainer: str, found: Findings, where: str, env: Optional[d
               for name, what in names.items()}
         tokenizer = tokenizer if ok.get(tokenizer) else None
         if ok[cfg.policy_name]:
-            found.once(("model options", cfg.policy_name, cfg.attn_implementation, cfg.router_aux_loss_coef is None),
+            found.once(("model options", cfg.policy_name, cfg.attn_implementation, bool(cfg.router_aux_loss_coef)),
                        lambda: check_model_options(cfg, found, where))
     elif not cfg.tokenizer_name:
         tokenizer = None

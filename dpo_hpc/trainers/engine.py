@@ -95,9 +95,9 @@ def _attention(attn_implementation: str):
 
 
 def check_model(name: str, attn_implementation: str, trust_remote_code: bool = False,
-                router_logits: bool = False) -> None:
-    """ConfigError if the model ``name`` refuses ``attn_implementation``, or has no router to take
-    ``router_aux_loss_coef``: the model is built from its config on the meta device (no weights
+                router_aux_loss_coef: Optional[float] = None) -> None:
+    """ConfigError if the model ``name`` refuses ``attn_implementation``, or has no router for a
+    ``router_aux_loss_coef`` set: the model is built from its config on the meta device (no weights
     read, no memory), so a pre-flight tells before a job waits in the queue."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -105,17 +105,22 @@ def check_model(name: str, attn_implementation: str, trust_remote_code: bool = F
     with _attention(attn_implementation), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
                                                  trust_remote_code=trust_remote_code)
-    if router_logits:
-        output_router_logits(model)
+    router_loss_weight(model, router_aux_loss_coef)
 
 
-def output_router_logits(model) -> None:
-    """A mixture of experts made to return its router's load-balancing loss (``aux_loss``) from
-    every forward; a model without a router is a ConfigError naming the key."""
-    if not hasattr(model.config, "output_router_logits"):
-        raise ConfigError([f"router_aux_loss_coef: {type(model).__name__} has no router (it is not a mixture of "
-                           "experts); leave the key out"])
-    model.config.output_router_logits = True
+def router_loss_weight(model, router_aux_loss_coef: Optional[float]) -> Optional[float]:
+    """The weight of a mixture of experts' router load-balancing loss, as TRL 1.16 sets it: the
+    key's value, else the model config's own coefficient; the model is made to return the loss
+    (``aux_loss``) where the weight is not 0. None for a dense model, which refuses a weight."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if not hasattr(config, "output_router_logits"):
+        if router_aux_loss_coef:
+            raise ConfigError([f"router_aux_loss_coef = {router_aux_loss_coef}: {type(model).__name__} has no router "
+                               "(it is not a mixture of experts); leave the key out"])
+        return None
+    weight = getattr(config, "router_aux_loss_coef", 0.0) if router_aux_loss_coef is None else router_aux_loss_coef
+    config.output_router_logits = bool(weight)  # what the model was saved with must not decide it
+    return weight or None
 
 
 # attn_implementation -> the package it needs
@@ -123,11 +128,11 @@ ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "f
 
 
 def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implementation: str = "sdpa",
-                   trust_remote_code: bool = False, torch_dtype: Optional[str] = None, router_logits: bool = False):
+                   trust_remote_code: bool = False, torch_dtype: Optional[str] = None):
     """A causal LM (loaded by name, or a model passed in) with dropout off (margins at step 0 must
     be exactly 0, spec pitfall P5); a reference is frozen and in eval mode. Weights load in
     ``torch_dtype`` when given, else fp32 for a trained model (DeepSpeed's master weights) and
-    ``precision`` for a reference. ``router_logits``: a mixture of experts returns its router loss."""
+    ``precision`` for a reference."""
     import importlib.util
 
     from transformers import AutoModelForCausalLM
@@ -157,8 +162,6 @@ def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implemen
         if hasattr(model.config, attr):
             setattr(model.config, attr, 0.0)
     model.config.use_cache = False
-    if router_logits:
-        output_router_logits(model)
     if not trainable:
         model.eval()
         model.requires_grad_(False)

@@ -34,8 +34,8 @@ from ..runtime import all_reduce_sum, barrier, init_distributed, main_rank_first
 from ..runtime.failures import RunFailure, explain, out_of_memory
 from ..runtime.stop import StopSignal
 from .engine import (build_engine, check_packing, check_precision, checkpoint_blocks, compile_blocks,
-                     deepspeed_config, device, load_causal_lm, load_tokenizer, prepare_reference, save_final_model,
-                     unclipped_grad_norm)
+                     deepspeed_config, device, load_causal_lm, load_tokenizer, prepare_reference, router_loss_weight,
+                     save_final_model, unclipped_grad_norm)
 from . import lora, ref_cache, samples, varlen_attention
 from .metrics import MetricsLogger, MetricSums
 from .profiling import StepProfiler
@@ -231,8 +231,12 @@ class Trainer:
                 ref_table, reference = self.reference_table(reference), None
         model = load_causal_lm(self.model if self.model is not None else cfg.policy_name, cfg.precision,
                                trainable=True, attn_implementation=cfg.attn_implementation,
-                               trust_remote_code=cfg.trust_remote_code, torch_dtype=cfg.torch_dtype,
-                               router_logits=cfg.router_aux_loss_coef is not None)
+                               trust_remote_code=cfg.trust_remote_code, torch_dtype=cfg.torch_dtype)
+        router_weight = router_loss_weight(model, cfg.router_aux_loss_coef)
+        if router_weight is not None:
+            self.say(f"router load-balancing loss added with weight {router_weight:g} "
+                     f"({'router_aux_loss_coef' if cfg.router_aux_loss_coef else 'the model config'}'s; "
+                     "router_aux_loss_coef = 0 turns it off)")
         if training.padding_free:  # on the training device: its attention kernels are the ones to check
             check_packing(model.to(self.device), batch_layout(cfg), cfg.precision)
         if training.gradient_checkpointing:
@@ -249,7 +253,7 @@ class Trainer:
             self.ref_summary["reference"] = ("table" if ref_table is not None else
                                              "policy with adapters off" if base_is_reference else "model")
         self.objective = build_objective(self.algo, cfg, SpecialTokens.of(self.tokenizer).pad_id, self.dist,
-                                         reference, ref_table)
+                                         reference, ref_table, router_weight)
         self.flops = FlopsModel.of(model)  # before DeepSpeed partitions the parameters
         self.reference_online = reference is not None
         self.engine, _, self.scheduler = build_engine(model, training, ds_cfg, self.total_steps)

@@ -11,6 +11,7 @@ trains through DeepSpeed, starting at ln 2, and saves a model that loads again.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -131,8 +132,14 @@ def test_dpo_trains_each_family_and_saves_a_model_that_loads(tmp_path, family_mo
     summary = train(validate_mapping(raw, "dpo"), "dpo")
     assert summary["status"] == "completed"
     run = Path(raw["dpo_training"]["save_dir"])
-    losses = [v for _, v in scalars(run / "tensorboard")["loss"]]
-    assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    logged = scalars(run / "tensorboard")
+    losses = [v for _, v in logged["loss"]]
+    # a mixture of experts adds its router loss with its config's weight, as TRL 1.16 does
+    router = family_models[family].joinpath("config.json").read_text().count('"output_router_logits"')
+    assert ("aux_loss" in logged) == bool(router)
+    router_term = json.loads((family_models[family] / "config.json").read_text())["router_aux_loss_coef"] * \
+        logged["aux_loss"][0][1] if router else 0.0
+    assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2) + router_term, abs=1e-6)
     saved = AutoModelForCausalLM.from_pretrained(run, attn_implementation=attention(family))
     assert type(saved).__name__ == type(load(family_models[family], family)).__name__
 
@@ -183,20 +190,22 @@ def test_router_aux_loss_is_added_to_the_loss_of_each_pair_and_trains_the_router
                                                                                 reverse_data, family):
     """``router_aux_loss_coef``: the objective's loss is the pairwise loss plus coef x the router's
     load-balancing loss (equal to a naive one), with gradient into the routers; a run logs it as
-    ``aux_loss``, starting at ln 2 + coef x aux_loss."""
+    ``aux_loss``, starting at ln 2 + coef x aux_loss; 0 turns it off. (Left out, the model config's
+    weight applies: the test of every family above.)"""
     from dpo_hpc.algorithms.beta.fixed import FixedBeta
     from dpo_hpc.algorithms.losses import Sigmoid
     from dpo_hpc.algorithms.objectives import PreferenceObjective, SFTObjective
     from dpo_hpc.data.collate import collate_conversations
     from dpo_hpc.data.tokenize import TokenizedConversation
     from dpo_hpc.runtime import init_distributed
-    from dpo_hpc.trainers.engine import load_causal_lm
+    from dpo_hpc.trainers.engine import load_causal_lm, router_loss_weight
     from dpo_hpc.trainers.trainer import train
 
-    model = load_causal_lm(str(family_models[family]), "fp32", trainable=True, router_logits=True)
+    coef = 0.25
+    model = load_causal_lm(str(family_models[family]), "fp32", trainable=True)
+    assert router_loss_weight(model, coef) == coef
     batch = random_batch(3, 4)
     batch["ref_logps"] = torch.zeros(8)
-    coef = 0.25
     objective = PreferenceObjective(None, Sigmoid(), FixedBeta(0.1), 0, init_distributed(), CompletionScorer(),
                                     router_aux_loss_coef=coef)
     plain = PreferenceObjective(None, Sigmoid(), FixedBeta(0.1), 0, init_distributed(), CompletionScorer())
@@ -220,13 +229,18 @@ def test_router_aux_loss_is_added_to_the_loss_of_each_pair_and_trains_the_router
     aux = naive_router_loss(forward.router_logits, sft_batch["attention_mask"], experts, top_k)
     torch.testing.assert_close(sft_loss.double(), nll.double() + coef * aux * 6, rtol=1e-5, atol=0)  # 6 tokens
 
-    raw = run_config(tmp_path, family_models[family], reverse_data, "dpo_training", max_steps=2, batch_size=4)
-    raw["router_aux_loss_coef"] = coef
-    train(validate_mapping(raw, "dpo"), "dpo")
-    logged = scalars(Path(raw["dpo_training"]["save_dir"]) / "tensorboard")
-    (step, first_aux), _ = logged["aux_loss"]
-    assert step == 1 and first_aux > 0
-    assert logged["loss"][0][1] == pytest.approx(math.log(2) + coef * first_aux, abs=1e-6)
+    for name, weight in (("set", coef), ("off", 0.0)):
+        raw = run_config(tmp_path / name, family_models[family], reverse_data, "dpo_training", max_steps=2,
+                         batch_size=4)
+        raw["router_aux_loss_coef"] = weight
+        train(validate_mapping(raw, "dpo"), "dpo")
+        logged = scalars(Path(raw["dpo_training"]["save_dir"]) / "tensorboard")
+        if not weight:  # 0 turns it off: no router loss in the loss or the logs
+            assert "aux_loss" not in logged and logged["loss"][0][1] == pytest.approx(math.log(2), abs=1e-6)
+            continue
+        (step, first_aux), _ = logged["aux_loss"]
+        assert step == 1 and first_aux > 0
+        assert logged["loss"][0][1] == pytest.approx(math.log(2) + coef * first_aux, abs=1e-6)
 
 
 def test_router_aux_loss_on_a_dense_model_is_refused_before_the_queue(tmp_path, family_models, reverse_data):
@@ -239,5 +253,5 @@ def test_router_aux_loss_on_a_dense_model_is_refused_before_the_queue(tmp_path, 
     result = dpo_hpc(tmp_path, "validate", str(config))
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and errors == [
-        f"error: {config}: router_aux_loss_coef: Qwen3ForCausalLM has no router (it is not a mixture of experts); "
-        "leave the key out"], result.stderr[-2000:]
+        f"error: {config}: router_aux_loss_coef = 0.02: Qwen3ForCausalLM has no router (it is not a mixture of "
+        "experts); leave the key out"], result.stderr[-2000:]
