@@ -122,21 +122,14 @@ def test_batched_greedy_completions_equal_one_prompt_at_a_time(micro_model, attn
 def test_two_ranks_generate_samples_rank_0_writes_them(tmp_path, micro_model, zero_stage):
     """torchrun, 2 ranks: rank 0 generates (under ZeRO-3 both do, each forward gathering the
     partitioned weights); the final samples are the saved model's own greedy completions."""
-    import subprocess
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from conftest import BIN, REPO
-    from test_training import clean_env, free_port, small_data, write_config
+    from test_training import small_data, torchrun_train, write_config
 
     raw = run_config(tmp_path, micro_model, small_data(tmp_path, 40), "dpo_training", max_steps=3, batch_size=4,
                      eval_steps=2, generate_during_eval=True, generation_samples=2, max_new_tokens=6)
     raw["deepspeed"] = {"zero_stage": zero_stage}
-    result = subprocess.run(
-        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "dpo_hpc", "train",
-         "dpo", "--config", str(write_config(tmp_path, raw))],
-        capture_output=True, text=True, env=clean_env(OMP_NUM_THREADS="1"), cwd=REPO, timeout=300,
-    )
+    result = torchrun_train(write_config(tmp_path, raw))
     assert result.returncode == 0, result.stderr[-4000:]
     run_dir = Path(raw["dpo_training"]["save_dir"])
     found = read_samples(run_dir)

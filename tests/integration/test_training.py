@@ -73,6 +73,15 @@ def run_cli(args, env=None, **kw):
                           env=env or clean_env(), cwd=REPO, **kw)
 
 
+def torchrun_train(config: Path, command: str = "dpo", ranks: int = 2) -> subprocess.CompletedProcess:
+    """``dpo-hpc train COMMAND --config CONFIG`` on ``ranks`` CPU ranks under torchrun."""
+    return subprocess.run(
+        [str(BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(free_port()), "-m", "dpo_hpc",
+         "train", command, "--config", str(config)],
+        capture_output=True, text=True, env=clean_env(OMP_NUM_THREADS="1"), cwd=REPO, timeout=300,
+    )
+
+
 def test_sft_lowers_loss_on_a_fixed_batch_and_saves_a_loadable_model(tmp_path, micro_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -283,11 +292,7 @@ def test_two_ranks_under_torchrun_match_one_rank_with_accumulation(tmp_path, mic
     two["dataset"]["cache_dir"] = str(tmp_path / "data_cache")  # rank 0 tokenizes, rank 1 reads its files
     result = run_cli(["train", "dynamic-beta-dpo", "--config", str(write_config(tmp_path, one, "one.yaml"))])
     assert result.returncode == 0, result.stderr[-3000:]
-    result = subprocess.run(
-        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "dpo_hpc", "train", "dynamic-beta-dpo",
-         "--config", str(write_config(tmp_path, two, "two.yaml"))],
-        capture_output=True, text=True, env=clean_env(OMP_NUM_THREADS="1"), cwd=REPO, timeout=300,
-    )
+    result = torchrun_train(write_config(tmp_path, two, "two.yaml"), "dynamic-beta-dpo")
     assert result.returncode == 0, result.stderr[-4000:]
     manifest = json.loads((Path(two["dpo_training"]["save_dir"]) / "run_manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["status"] == "completed"
@@ -508,11 +513,7 @@ def test_two_ranks_share_the_reference_pass(tmp_path, micro_model, zero_stage):
     raw = run_config(tmp_path, micro_model, data, "dpo_training", max_steps=3, batch_size=4,
                      precompute_ref_log_probs=True)
     raw["deepspeed"] = {"zero_stage": zero_stage}
-    result = subprocess.run(
-        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "dpo_hpc", "train",
-         "dpo", "--config", str(write_config(tmp_path, raw))],
-        capture_output=True, text=True, env=clean_env(OMP_NUM_THREADS="1"), cwd=REPO, timeout=300,
-    )
+    result = torchrun_train(write_config(tmp_path, raw))
     assert result.returncode == 0, result.stderr[-4000:]
     run_dir = Path(raw["dpo_training"]["save_dir"])
     manifest = json.loads((run_dir / "run_manifest.json").read_text())
