@@ -361,6 +361,16 @@ CASES = [
     Case("config", "required key missing (learning_rate)", trainer_config(lambda r: {**r, "dpo_training": {k: v for k, v in r["dpo_training"].items() if k != "learning_rate"}})),
     Case("config", "--set =3", trainer_config(lambda r: r, "--set", "=3")),
     Case("config", "--set of an unknown key", trainer_config(lambda r: r, "--set", "dpo_training.lr=1")),
+    Case("config", "a loss's option with another loss (discopop_tau, sigmoid)", trainer_config(
+        lambda r: {**r, "dpo_training": {**r["dpo_training"], "discopop_tau": 0.1}})),
+    Case("config", "exo_pair without label_smoothing", trainer_config(
+        lambda r: {**r, "dpo_training": {**r["dpo_training"], "loss_type": "exo_pair"}})),
+    Case("config", "router_aux_loss_coef on a dense model", trainer_config(lambda r: {**r, "router_aux_loss_coef": 0.02})),
+    Case("config", "a system column mapped under format = text", trainer_config(
+        lambda r: {**r, "dataset": {**r["dataset"], "format": "text", "columns": {"system": "sys"}}})),
+    Case("config", "generate_during_eval with no validation rows (runs, says so)", trainer_config(
+        lambda r: {**r, "dataset": {**r["dataset"], "val_ratio": 0.0},
+                   "dpo_training": {**r["dpo_training"], "generate_during_eval": True}}), succeeds=True),
     Case("config", "an experiment file given to train", lambda d: (d.train(d.write(d.folder(), EXPERIMENT, "x.toml")), None)),
     Case("experiment", "output_root is a file (submit --no-preflight)", experiment(out="<file>", command=("submit", "--local", "--no-preflight"))),
     Case("experiment", "output_root is a file (status)", experiment(out="<file>", command=("status",))),

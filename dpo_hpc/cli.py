@@ -55,7 +55,10 @@ def _run_training(config: str, trainer: str, overrides: Sequence[str]) -> int:
 
     # Under sbatch with --signal=USR2@LEAD (see hpc/train.sbatch), a stop signal checkpoints and requeues.
     caps = caps_of(int(os.environ["DPO_HPC_MAX_REQUEUES"]) if "DPO_HPC_MAX_REQUEUES" in os.environ else None)
-    train_and_requeue(cfg, trainer, caps, config, float(os.environ.get("DPO_HPC_SIGNAL_LEAD_S", DEFAULT_SIGNAL_LEAD_S)))
+    try:
+        train_and_requeue(cfg, trainer, caps, config, float(os.environ.get("DPO_HPC_SIGNAL_LEAD_S", DEFAULT_SIGNAL_LEAD_S)))
+    except ConfigError as exc:  # found once the run met its models (their attention, a router): name the file too
+        raise ConfigError([p if p.startswith(f"{config}:") else f"{config}: {p}" for p in exc.problems]) from None
     return 0
 
 
