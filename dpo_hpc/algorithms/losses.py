@@ -127,6 +127,19 @@ class SigmoidNorm(LengthAveragedMargin):
         return -F.logsigmoid(_beta(beta, margins) * margins)
 
 
+class SimPO(LengthAveragedMargin):
+    """SimPO: -log s(b M_avg - gamma) (``simpo_gamma``), with label smoothing as TRL's CPO has it.
+    Reference-free: the objective gives it zero reference log-probs, so M_avg is the policy's own
+    length-averaged margin."""
+
+    def __init__(self, simpo_gamma: float = 0.5, label_smoothing: float = 0.0):
+        self.gamma, self.eps = simpo_gamma, label_smoothing
+
+    def __call__(self, margins, beta, pairs=None):
+        z = _beta(beta, margins) * margins - self.gamma
+        return -(1 - self.eps) * F.logsigmoid(z) - self.eps * F.logsigmoid(-z)
+
+
 class NCAPair(SummedMargin):
     """NCA (Chen et al., 2024), pairwise: -log s(r_w) - log s(-r_w)/2 - log s(-r_l)/2 with each
     side's reward r = b x its log-ratio: the chosen likelihood is pushed up, not only the margin."""

@@ -116,15 +116,18 @@ class RefLogps(Protocol):
 
 class PreferenceObjective:
     """One policy forward over chosen+rejected and the reference's log-probs (a forward of the
-    reference model, or a precomputed table), a pairwise loss, and a beta policy that chooses the
-    loss's beta (and, for Beta-DPO, which pairs count); optionally RPO's NLL on the chosen side."""
+    reference model, a precomputed table, or none for a reference-free loss), a pairwise loss, and
+    a beta policy that chooses the loss's beta (and, for Beta-DPO, which pairs count); optionally
+    RPO's NLL on the chosen side."""
 
     kind = "preference"
 
     def __init__(self, reference, loss: PairwiseLoss, policy: BetaPolicy, pad_id: int, collective: Collective,
                  scorer: CompletionScorer, ref_table: Optional[RefLogps] = None, rpo_alpha: Optional[float] = None,
-                 layout: Layout = "padded", router_aux_loss_coef: Optional[float] = None):
+                 layout: Layout = "padded", router_aux_loss_coef: Optional[float] = None,
+                 reference_free: bool = False):
         self.reference = reference
+        self.reference_free = reference_free
         self.router_aux_loss_coef = router_aux_loss_coef
         self.layout = layout
         self.rpo_alpha = rpo_alpha
@@ -151,7 +154,9 @@ class PreferenceObjective:
     def _logps(self, model, batch) -> tuple[PairLogps, Optional[torch.Tensor]]:
         """The pairs' log-probs, and the policy forward's router loss (None for a dense model)."""
         policy = self.scorer.score(model, batch)
-        if "ref_logps" in batch:
+        if self.reference_free:
+            ref = torch.zeros(policy.sequences, dtype=torch.float32, device=policy.logps.device)
+        elif "ref_logps" in batch:
             ref = batch["ref_logps"]
         else:
             with torch.no_grad():
@@ -248,4 +253,5 @@ def build_objective(algorithm, cfg, pad_id: int, collective: Collective, referen
         return SFTObjective(pad_id, scorer, layout, router_aux_loss_coef=router)
     policy = resolve(algorithm.beta_policy).from_config(cfg, collective)
     return PreferenceObjective(reference, build_loss(cfg.training), policy, pad_id, collective, scorer, ref_table,
-                               rpo_alpha=cfg.training.rpo_alpha, layout=layout, router_aux_loss_coef=router)
+                               rpo_alpha=cfg.training.rpo_alpha, layout=layout, router_aux_loss_coef=router,
+                               reference_free=LOSSES[cfg.training.loss_type].reference_free)

@@ -21,6 +21,9 @@ class LossSpec:
     options: tuple[str, ...] = ()
     """The ``dpo_training`` keys the loss reads besides beta (its constructor's arguments); the
     others are refused with it."""
+    reference_free: bool = False
+    """The loss reads no reference log-probs: no reference model is loaded, and no reference pass
+    runs (``ref_name`` and ``precompute_ref_log_probs`` have nothing to do)."""
 
 
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
@@ -42,6 +45,9 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
     LossSpec("sppo_hard", "dpo_hpc.algorithms.losses:SPPOHard", "SPPO (Wu et al., 2024) with hard win probabilities"),
     LossSpec("apo_zero", "dpo_hpc.algorithms.losses:APOZero", "APO-zero (D'Oosterlinck et al., 2024)"),
     LossSpec("apo_down", "dpo_hpc.algorithms.losses:APODown", "APO-down (D'Oosterlinck et al., 2024)"),
+    LossSpec("simpo", "dpo_hpc.algorithms.losses:SimPO",
+             "SimPO (Meng et al., 2024): no reference model, length-averaged log-probs, a target margin",
+             ("simpo_gamma", "label_smoothing"), reference_free=True),
 )}
 
 LOSS_OPTIONS = tuple(dict.fromkeys(option for spec in LOSSES.values() for option in spec.options))

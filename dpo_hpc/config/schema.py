@@ -258,13 +258,18 @@ class DPOTrainingConfig(TrainingConfig):
     loss_type: LossType = "sigmoid"
     """Pairwise loss (TRL's names): sigmoid (DPO), robust (rDPO), hinge (SLiC/RSO), ipo (IPO, on
     length-averaged log-probs), sigmoid_norm, exo_pair, discopop, nca_pair, bco_pair, sppo_hard,
-    apo_zero or apo_down. Each composes with every beta policy."""
+    apo_zero, apo_down, or simpo (SimPO: no reference model at all). Each composes with every beta
+    policy."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
-    """Assumed fraction of flipped preference labels: conservative DPO with ``sigmoid``, robust DPO
-    with ``robust``; with ``exo_pair`` (which needs it > 0) its target's weight on the rejected reply."""
+    """Assumed fraction of flipped preference labels: conservative DPO with ``sigmoid`` (and
+    ``simpo``), robust DPO with ``robust``; with ``exo_pair`` (which needs it > 0) its target's
+    weight on the rejected reply."""
     discopop_tau: float = Field(0.05, gt=0.0)
     """With ``discopop``: the temperature of the blend between its logistic and exponential parts
     (TRL's name; the paper's 0.05)."""
+    simpo_gamma: float = Field(0.5, ge=0.0)
+    """With ``simpo``: the target reward margin gamma (TRL's CPO name and default; the paper tunes
+    gamma / beta in 0.3-0.8 with beta 2-10)."""
     rpo_alpha: Optional[float] = Field(None, ge=0.0)
     """Weight of an NLL term on the chosen response (RPO, Pang et al. 2024: the chosen's mean token
     NLL per pair) that keeps the chosen likelihood from falling; none by default."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..config import ALGORITHMS, ConfigError, read_mapping, set_dotted, to_dict, to_identity, validate_mapping
+from ..config.losses import LOSSES
 from .schema import EVALUATION_REPORT_ONLY, ExperimentConfig, StageConfig
 
 
@@ -352,7 +353,8 @@ def with_reference_passes(runs: list[Run], root: Path) -> list[Run]:
         if run.role != "train":
             continue
         training = run.config.get(ALGORITHMS[run.trainer].training_section, {})
-        if training.get("precompute_ref_log_probs"):
+        reference_free = "loss_type" in training and LOSSES[training["loss_type"]].reference_free
+        if training.get("precompute_ref_log_probs") and not reference_free:
             parent_dir = run_dirs.get(run.parent or "")
             inputs = {key: "<parent>" if parent_dir and run.config.get(key) == parent_dir else run.config.get(key)
                       for key in REFERENCE_INPUTS}

@@ -24,6 +24,7 @@ from ..algorithms.objectives import batch_layout, build_objective, build_scorer
 from ..checkpoint import CheckpointError, RunDir, config_hash
 from ..checkpoint.manager import Checkpointer, peek_shared
 from ..config import Algorithm, algorithm, to_dict, to_identity
+from ..config.losses import LOSSES
 from ..data.collate import collate_pairs, to_device
 from ..data.pipeline import load_splits, report_lines, write_report
 from ..data.sampler import eval_batch_indices, global_batch_indices, steps_per_epoch
@@ -222,9 +223,12 @@ class Trainer:
         cfg, training = self.cfg, self.training
         ds_cfg = deepspeed_config(training, cfg.deepspeed, cfg.precision, self.dist.world_size)
         reference, ref_table = None, None
-        preference = self.algo.kind == "preference"
+        reference_free = self.algo.kind == "preference" and LOSSES[training.loss_type].reference_free
+        preference = self.algo.kind == "preference" and not reference_free  # needs reference log-probs
         base_is_reference = (cfg.lora is not None and self.ref_model is None
                              and getattr(cfg, "ref_name", None) in (None, cfg.policy_name))
+        if reference_free:
+            self.say(f"loss_type {training.loss_type} is reference-free: no reference model, no reference pass")
         if preference and (training.precompute_ref_log_probs or not base_is_reference):
             reference = self.load_reference(ds_cfg)
             if training.precompute_ref_log_probs:
@@ -249,8 +253,9 @@ class Trainer:
             self.say(f"torch.compile: {compile_blocks(model)} blocks of the policy (compiled on first use)")
         if preference and base_is_reference and ref_table is None:
             reference = lora.AdaptersOff(model)
-        if preference:  # what the run's reference log-probs came from, for its manifest
-            self.ref_summary["reference"] = ("table" if ref_table is not None else
+        if preference or reference_free:  # what the run's reference log-probs came from, for its manifest
+            self.ref_summary["reference"] = ("none (reference-free loss)" if reference_free else
+                                             "table" if ref_table is not None else
                                              "policy with adapters off" if base_is_reference else "model")
         self.objective = build_objective(self.algo, cfg, SpecialTokens.of(self.tokenizer).pad_id, self.dist,
                                          reference, ref_table, router_weight)
@@ -459,8 +464,7 @@ class Trainer:
         off = [text for text, is_off in (
             ("gradient_checkpointing = true", not training.gradient_checkpointing),
             ("gradient_checkpointing_every_n_layers = 1", training.gradient_checkpointing_every_n_layers > 1),
-            ("precompute_ref_log_probs = true",
-             self.algo.kind == "preference" and not getattr(training, "precompute_ref_log_probs", True)),
+            ("precompute_ref_log_probs = true", self.reference_online and not training.precompute_ref_log_probs),
             ("a [lora] section", cfg.lora is None),
             ("deepspeed.zero_stage = 3", cfg.deepspeed.zero_stage < 3)) if is_off]
         return out_of_memory(training.batch_size, "rows" if self.algo.kind == "sft" else "pairs", off)

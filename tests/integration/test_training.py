@@ -167,6 +167,34 @@ def test_loss_types_with_rpo_train_with_each_beta_policy(tmp_path, micro_model, 
     assert logged["rewards/margins"][-1][1] > 0
 
 
+def test_simpo_trains_with_no_reference_whatever_the_reference_keys_say(tmp_path, micro_model):
+    """A reference-free loss: no reference model, no table (precompute_ref_log_probs and ref_name
+    set anyway), the reference log-probs 0 in every metric, under Dynamic-Beta DPO too; the
+    length-averaged margin grows."""
+    from dpo_hpc.trainers.trainer import train
+
+    data = small_data(tmp_path, 10)
+    for trainer in ("dpo", "dynamic_beta_dpo"):
+        raw = run_config(tmp_path / trainer, micro_model, data, "dpo_training", learning_rate=3e-3, max_steps=6,
+                         batch_size=4, loss_type="simpo", simpo_gamma=0.5, precompute_ref_log_probs=True)
+        raw["ref_name"] = str(micro_model)
+        if trainer == "dpo":
+            raw["dpo_training"]["beta"] = 2.0
+        else:
+            raw["risk_test"] = {"beta_warmup": 2}
+        summary = train(validate_mapping(raw, trainer), trainer)
+        run = Path(raw["dpo_training"]["save_dir"])
+        assert summary["reference"] == "none (reference-free loss)" and summary["reference_forwards"] == 0
+        assert "ref_log_probs" not in summary and not (run / "ref_log_probs").exists()
+        logged = scalars(run / "tensorboard")
+        for side in ("chosen", "rejected"):  # policy minus a zero reference
+            assert logged[f"logps/{side}_change"] == logged[f"logps/{side}"]
+        if trainer == "dpo":
+            assert [v for _, v in logged["rewards/chosen"]] == pytest.approx([2.0 * v for _, v in logged["logps/chosen"]],
+                                                                               rel=1e-5)
+        assert logged["loss"][-1][1] < logged["loss"][0][1]
+
+
 def test_conversational_data_trains_sft_on_messages_then_dpo(tmp_path, micro_model):
     """TRL-format rows (lists of {role, content}) through the real trainers, rendered with the
     model's chat template: every row kept, losses at their step-0 values."""

@@ -105,7 +105,7 @@ def _sigmoid(x: float) -> float:
     return math.exp(_log_sigmoid(x))
 
 
-def naive_loss(loss_type: str, pc, pr, rc, rr, lc, lr, beta: float, eps: float, tau: float) -> float:
+def naive_loss(loss_type: str, pc, pr, rc, rr, lc, lr, beta: float, eps: float, tau: float, gamma: float) -> float:
     """TRL 1.16's per-example formulas (spec algorithms.md section 1.3 for the first four), in
     float64 by hand."""
     if loss_type in ("ipo", "sigmoid_norm"):
@@ -135,10 +135,13 @@ def naive_loss(loss_type: str, pc, pr, rc, rr, lc, lr, beta: float, eps: float, 
         return 1 - _sigmoid(chosen) + _sigmoid(rejected)
     if loss_type == "apo_down":
         return _sigmoid(chosen) + 1 - _sigmoid(z)
+    if loss_type == "simpo":  # TRL's CPO: -(1-eps) log s(b M_avg - gamma) - eps log s(-(b M_avg - gamma))
+        h = (pc / lc - rc / lc) - (pr / lr - rr / lr)
+        return -(1 - eps) * _log_sigmoid(beta * h - gamma) - eps * _log_sigmoid(gamma - beta * h)
     raise KeyError(loss_type)
 
 
-OPTION_VALUES = {"label_smoothing": 0.2, "discopop_tau": 0.3}
+OPTION_VALUES = {"label_smoothing": 0.2, "discopop_tau": 0.3, "simpo_gamma": 0.7}
 """Values the tests give the losses' options (not their defaults, so that each is seen to act)."""
 
 
@@ -161,7 +164,8 @@ def test_every_loss_matches_its_naive_formula(loss_type, seed):
     got = loss(loss.margins(pairs), beta, pairs)
     for i in range(6):
         expected = naive_loss(loss_type, *(float(t[i]) for t in (pc, pr, rc, rr)), float(lengths[i]),
-                              float(lengths[6 + i]), float(beta[i]), eps, OPTION_VALUES["discopop_tau"])
+                              float(lengths[6 + i]), float(beta[i]), eps, OPTION_VALUES["discopop_tau"],
+                              OPTION_VALUES["simpo_gamma"])
         assert float(got[i]) == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
@@ -187,7 +191,8 @@ def test_loss_hand_values_at_zero_margin():
     assert Sigmoid(0.0)(torch.tensor([2.0]), 0.5).item() == pytest.approx(math.log1p(math.exp(-1.0)))
     at_zero = {"sigmoid_norm": math.log(2), "nca_pair": 2 * math.log(2), "bco_pair": 2 * math.log(2),
                "sppo_hard": 2 * 25.0, "apo_zero": 1.0, "apo_down": 1.0, "discopop": 0.5 * math.log(2) + 0.5,
-               "exo_pair": 0.5 * (math.log(0.5) - math.log(0.8)) + 0.5 * (math.log(0.5) - math.log(0.2))}
+               "exo_pair": 0.5 * (math.log(0.5) - math.log(0.8)) + 0.5 * (math.log(0.5) - math.log(0.2)),
+               "simpo": -0.8 * _log_sigmoid(-0.7) - 0.2 * _log_sigmoid(0.7)}
     for loss_type, value in at_zero.items():  # policy = reference, beta 0.1, the test options
         loss = make_loss(loss_type)
         assert loss(loss.margins(zero), 0.1, zero).item() == pytest.approx(value), loss_type

@@ -167,7 +167,7 @@ def test_loss_type_and_the_options_of_each_loss_are_checked():
     (problem,) = errors(with_("dpo_training", loss_type="kto"))
     assert "dpo_training.loss_type" in problem and all(name in problem for name in LOSSES)
     (problem,) = errors(with_("dpo_training", loss_type="hinge", label_smoothing=0.1))
-    assert "label_smoothing applies to loss_type sigmoid, robust, exo_pair, not hinge; set label_smoothing = 0.0" in problem
+    assert "label_smoothing applies to loss_type sigmoid, robust, exo_pair, simpo, not hinge; set label_smoothing = 0.0" in problem
     (problem,) = errors(with_("dpo_training", discopop_tau=0.1))
     assert "discopop_tau applies to loss_type discopop, not sigmoid; set discopop_tau = 0.05" in problem
     (problem,) = errors(with_("dpo_training", loss_type="exo_pair"))

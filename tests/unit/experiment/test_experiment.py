@@ -124,6 +124,16 @@ def test_a_lone_run_or_another_dataset_gets_its_own_table(tmp_path):
     assert len(plan_of(tmp_path, two_data).stage_runs("dpo", "reference")) == 2 * 2  # per SFT model x data
 
 
+def test_a_reference_free_loss_waits_for_no_reference_pass(tmp_path):
+    """A grid over loss_type with simpo in it: the simpo runs read no table, so only the others
+    share the pass (a lone reader then computes its own)."""
+    grid = PRECOMPUTED.replace('"dpo_training.beta" = [0.1, 0.2, 0.3]', '"dpo_training.loss_type" = ["sigmoid", "ipo", "simpo"]')
+    plan = plan_of(tmp_path, grid)
+    simpo = [r for r in plan.stage_runs("dpo") if r.config["dpo_training"]["loss_type"] == "simpo"]
+    assert len(simpo) == 2 and all(r.ref_pass is None and len(r.waits_for) == 1 for r in simpo)
+    assert len(plan.stage_runs("dpo", "reference")) == 2  # per SFT model, for sigmoid and ipo
+
+
 def test_stages_with_the_same_reference_and_data_share_one_reference_pass(tmp_path):
     """A sweep split over stages (DPO, then Beta-DPO, from one SFT model) makes one reference pass
     per SFT model: it belongs to the first stage, the later stage's array waits for it."""
