@@ -268,8 +268,8 @@ class DPOTrainingConfig(TrainingConfig):
     """With ``discopop``: the temperature of the blend between its logistic and exponential parts
     (TRL's name; the paper's 0.05)."""
     simpo_gamma: float = Field(0.5, ge=0.0)
-    """With ``simpo``: the target reward margin gamma (TRL's CPO name and default; the paper tunes
-    gamma / beta in 0.3-0.8 with beta 2-10)."""
+    """With ``simpo``: the target reward margin gamma (TRL's CPO name and default). SimPO takes a
+    larger beta than DPO (its paper's runs use 2 and more)."""
     rpo_alpha: Optional[float] = Field(None, ge=0.0)
     """Weight of an NLL term on the chosen response (RPO, Pang et al. 2024: the chosen's mean token
     NLL per pair) that keeps the chosen likelihood from falling; none by default."""
