@@ -194,6 +194,19 @@ TRL_NAMES = {
 """TRL's names of settings this schema names otherwise (the original framework's names, or a
 section of their own), for the error a TRL config meets: said, never read as aliases."""
 
+TRL_LEFT_OUT = {
+    "loss_weights": "one loss_type per run here (MPO's mixture of losses is not offered)",
+    "f_divergence_type": "the reverse KL of DPO only (f-DPO's other divergences are not offered)",
+    "f_alpha_divergence_coef": "the reverse KL of DPO only (f-DPO's other divergences are not offered)",
+    "ld_alpha": "LD-DPO's down-weighted tail is not offered",
+    "use_weighting": "WPO's weights are not offered",
+    "sync_ref_model": "the reference stays frozen (TR-DPO's updates are not offered)",
+    "ref_model_sync_steps": "the reference stays frozen (TR-DPO's updates are not offered)",
+    "ref_model_mixup_alpha": "the reference stays frozen (TR-DPO's updates are not offered)",
+    "activation_offloading": "not offered; gradient_checkpointing cuts activation memory",
+}
+"""TRL options with no counterpart here, and why: said as such, not as an unknown key."""
+
 
 def _describe(error: dict, root_cls) -> str:
     loc = tuple(str(p) for p in error["loc"])
@@ -207,6 +220,8 @@ def _describe(error: dict, root_cls) -> str:
         hint = f"; did you mean '{close[0]}'?" if close else (f"; valid keys: {', '.join(sorted(valid))}" if valid else "")
         if loc and loc[-1] in TRL_NAMES:
             hint = f"; that is TRL's name: here it is {TRL_NAMES[loc[-1]]}"
+        elif loc and loc[-1] in TRL_LEFT_OUT:
+            hint = f"; that is TRL's option: {TRL_LEFT_OUT[loc[-1]]}"
         return f"{key}: unknown key{hint}"
     if kind == "missing":
         return f"{key}: required key is missing"

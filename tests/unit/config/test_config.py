@@ -91,6 +91,13 @@ def test_a_trl_config_is_told_each_settings_name_here():
         "f.yaml: dpo_training.num_train_epochs: unknown key; that is TRL's name: here it is epochs",
         "f.yaml: dpo_training.per_device_train_batch_size: unknown key; that is TRL's name: here it is batch_size",
     ]
+    left_out = with_("dpo_training", sync_ref_model=True, router_aux_loss_coef=0.01)
+    assert sorted(errors(left_out)) == [
+        "f.yaml: dpo_training.router_aux_loss_coef: unknown key; that is TRL's name: here it is the top-level "
+        "router_aux_loss_coef",
+        "f.yaml: dpo_training.sync_ref_model: unknown key; that is TRL's option: the reference stays frozen (TR-DPO's "
+        "updates are not offered)",
+    ]
 
 
 def test_unknown_section_lists_valid_keys():
