@@ -20,7 +20,7 @@ from ..data.collate import Layout, collate_conversations, collate_pairs
 from .beta import BetaPolicy, Collective
 from .logprobs import CompletionScorer
 from .losses import PairwiseLoss
-from .preference import PairLogps, preference_metrics
+from .preference import PairLogps, Scores, f_divergence_scores, preference_metrics
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # metric -> (sum, count)
 
@@ -125,9 +125,10 @@ class PreferenceObjective:
     def __init__(self, reference, loss: PairwiseLoss, policy: BetaPolicy, pad_id: int, collective: Collective,
                  scorer: CompletionScorer, ref_table: Optional[RefLogps] = None, rpo_alpha: Optional[float] = None,
                  layout: Layout = "padded", router_aux_loss_coef: Optional[float] = None,
-                 reference_free: bool = False):
+                 reference_free: bool = False, scores: Optional[Scores] = None):
         self.reference = reference
         self.reference_free = reference_free
+        self.scores = scores  # an f-divergence's (f_divergence_type); None: DPO's log-ratios
         self.router_aux_loss_coef = router_aux_loss_coef
         self.layout = layout
         self.rpo_alpha = rpo_alpha
@@ -162,7 +163,7 @@ class PreferenceObjective:
             with torch.no_grad():
                 ref = self.scorer.sequence_logps(self.reference, batch)
             self.reference_forwards += 1
-        return PairLogps.of_rows(policy.sequence_sums(), ref, batch["loss_tokens"]), policy.aux_loss
+        return PairLogps.of_rows(policy.sequence_sums(), ref, batch["loss_tokens"], self.scores), policy.aux_loss
 
     def _pair_losses(self, logps: PairLogps, margins: torch.Tensor, beta) -> tuple[torch.Tensor, Stats]:
         """The loss of every pair (with RPO's chosen NLL when set) and the extra per-pair metrics."""
@@ -254,4 +255,6 @@ def build_objective(algorithm, cfg, pad_id: int, collective: Collective, referen
     policy = resolve(algorithm.beta_policy).from_config(cfg, collective)
     return PreferenceObjective(reference, build_loss(cfg.training), policy, pad_id, collective, scorer, ref_table,
                                rpo_alpha=cfg.training.rpo_alpha, layout=layout, router_aux_loss_coef=router,
-                               reference_free=LOSSES[cfg.training.loss_type].reference_free)
+                               reference_free=LOSSES[cfg.training.loss_type].reference_free,
+                               scores=f_divergence_scores(cfg.training.f_divergence_type,
+                                                          cfg.training.f_alpha_divergence_coef))

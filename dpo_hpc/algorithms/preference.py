@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 
 def split_chosen_rejected(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,6 +24,29 @@ def margins(
     return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
 
 
+Scores = Callable[[torch.Tensor], torch.Tensor]
+"""f'(u) of an f-divergence on the log-ratio t = log(pi / ref): what a side scores in place of t."""
+
+
+def f_divergence_scores(kind: str, alpha: float = 0.5) -> Optional[Scores]:
+    """f-DPO's (Wang et al., 2024) scores of a log-ratio t, as TRL computes them; None for the
+    reverse KL of DPO itself, whose score is t."""
+    if kind == "reverse_kl" or (kind == "alpha_divergence" and abs(alpha - 1.0) < 1e-6):
+        return None  # the alpha divergence's limit at 1 is the reverse KL
+    if kind == "forward_kl":
+        return lambda t: 1 - torch.exp(-t)
+    if kind == "js_divergence":
+        return lambda t: math.log(2) + F.logsigmoid(t)
+    if kind == "alpha_divergence":
+        def scores(t: torch.Tensor) -> torch.Tensor:
+            # exp((alpha - 1) t) in fp32 at least, capped where the result's dtype could not hold it (TRL's caps)
+            cap = {torch.float16: 11.0}.get(t.dtype, 80.0)
+            wide = ((alpha - 1) * t).to(torch.promote_types(t.dtype, torch.float32))
+            return (torch.exp(wide.clamp(max=cap)) - 1).to(t.dtype) / (alpha - 1)
+        return scores
+    raise ValueError(f"unknown f-divergence {kind!r}")
+
+
 @dataclass(frozen=True)
 class PairLogps:
     """Summed completion log-probs of a batch of pairs under the policy and the reference, the
@@ -34,10 +59,15 @@ class PairLogps:
     chosen_tokens: Optional[torch.Tensor] = None
     """Completion tokens of each chosen response (for length-averaged margins and the chosen NLL)."""
     rejected_tokens: Optional[torch.Tensor] = None
+    scores: Optional[Scores] = None
+    """An f-divergence's scores of each side's log-ratio (``f_divergence_scores``), which the
+    margins are made of; None: the log-ratios themselves (DPO's reverse KL)."""
 
     @cached_property
     def margins(self) -> torch.Tensor:
         """Computed once per batch: the loss and the beta policy read the same tensor."""
+        if self.scores is not None:
+            return self.scores(self.chosen_logratios) - self.scores(self.rejected_logratios)
         return margins(self.policy_chosen, self.policy_rejected, self.ref_chosen, self.ref_rejected)
 
     @cached_property
@@ -53,6 +83,8 @@ class PairLogps:
     def mean_margins(self) -> torch.Tensor:
         """The margin over length-averaged log-probs (each sum divided by its completion tokens)."""
         chosen, rejected = self._lengths()
+        if self.scores is not None:
+            return self.scores(self.chosen_logratios) / chosen - self.scores(self.rejected_logratios) / rejected
         return margins(self.policy_chosen / chosen, self.policy_rejected / rejected,
                        self.ref_chosen / chosen, self.ref_rejected / rejected)
 
@@ -68,12 +100,12 @@ class PairLogps:
                 self.rejected_tokens.to(self.policy_rejected.dtype).clamp(min=1))
 
     @classmethod
-    def of_rows(cls, policy: torch.Tensor, reference: torch.Tensor,
-                lengths: Optional[torch.Tensor] = None) -> "PairLogps":
+    def of_rows(cls, policy: torch.Tensor, reference: torch.Tensor, lengths: Optional[torch.Tensor] = None,
+                scores: Optional[Scores] = None) -> "PairLogps":
         """From per-row log-probs (and completion lengths) of a collated pair batch (chosen rows,
         then rejected rows)."""
         tokens = split_chosen_rejected(lengths) if lengths is not None else (None, None)
-        return cls(*split_chosen_rejected(policy), *split_chosen_rejected(reference), *tokens)
+        return cls(*split_chosen_rejected(policy), *split_chosen_rejected(reference), *tokens, scores)
 
     def __len__(self) -> int:
         return self.policy_chosen.shape[0]

@@ -24,22 +24,30 @@ class LossSpec:
     reference_free: bool = False
     """The loss reads no reference log-probs: no reference model is loaded, and no reference pass
     runs (``ref_name`` and ``precompute_ref_log_probs`` have nothing to do)."""
+    f_divergence: bool = False
+    """The loss is a function of the chosen-minus-rejected score, which ``f_divergence_type`` can
+    make another f-divergence's (TRL's set); the losses of each side's log-ratio have none."""
 
 
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
     LossSpec("sigmoid", "dpo_hpc.algorithms.losses:Sigmoid",
              "DPO (Rafailov et al., 2023); with label_smoothing: conservative DPO (Mitchell, 2023)",
-             ("label_smoothing",)),
+             ("label_smoothing",), f_divergence=True),
     LossSpec("robust", "dpo_hpc.algorithms.losses:Robust",
-             "robust DPO (Chowdhury et al., 2024), unbiased under label_smoothing flipped labels", ("label_smoothing",)),
-    LossSpec("hinge", "dpo_hpc.algorithms.losses:Hinge", "SLiC-HF (Zhao et al., 2023) / RSO (Liu et al., 2024)"),
+             "robust DPO (Chowdhury et al., 2024), unbiased under label_smoothing flipped labels", ("label_smoothing",),
+             f_divergence=True),
+    LossSpec("hinge", "dpo_hpc.algorithms.losses:Hinge", "SLiC-HF (Zhao et al., 2023) / RSO (Liu et al., 2024)",
+             f_divergence=True),
     LossSpec("ipo", "dpo_hpc.algorithms.losses:IPO",
-             "IPO (Azar et al., 2024), on length-averaged log-probs as TRL computes it; beta plays tau"),
-    LossSpec("sigmoid_norm", "dpo_hpc.algorithms.losses:SigmoidNorm", "DPO on length-averaged log-probs (TRL)"),
+             "IPO (Azar et al., 2024), on length-averaged log-probs as TRL computes it; beta plays tau",
+             f_divergence=True),
+    LossSpec("sigmoid_norm", "dpo_hpc.algorithms.losses:SigmoidNorm", "DPO on length-averaged log-probs (TRL)",
+             f_divergence=True),
     LossSpec("exo_pair", "dpo_hpc.algorithms.losses:ExoPair",
              "EXO (Ji et al., 2024); label_smoothing > 0 is its target's weight on the rejected reply",
-             ("label_smoothing",)),
-    LossSpec("discopop", "dpo_hpc.algorithms.losses:DiscoPOP", "DiscoPOP (Lu et al., 2024)", ("discopop_tau",)),
+             ("label_smoothing",), f_divergence=True),
+    LossSpec("discopop", "dpo_hpc.algorithms.losses:DiscoPOP", "DiscoPOP (Lu et al., 2024)", ("discopop_tau",),
+             f_divergence=True),
     LossSpec("nca_pair", "dpo_hpc.algorithms.losses:NCAPair", "NCA (Chen et al., 2024)"),
     LossSpec("bco_pair", "dpo_hpc.algorithms.losses:BCOPair", "BCO (Jung et al., 2024), on pairs as TRL has it"),
     LossSpec("sppo_hard", "dpo_hpc.algorithms.losses:SPPOHard", "SPPO (Wu et al., 2024) with hard win probabilities"),

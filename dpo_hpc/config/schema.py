@@ -267,6 +267,13 @@ class DPOTrainingConfig(TrainingConfig):
     discopop_tau: float = Field(0.05, gt=0.0)
     """With ``discopop``: the temperature of the blend between its logistic and exponential parts
     (TRL's name; the paper's 0.05)."""
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+    """The divergence from the reference that the loss regularizes (f-DPO, Wang et al., 2024; TRL's
+    name): DPO's reverse KL, or the forward KL, Jensen-Shannon or an alpha divergence, whose
+    scores of each side's log-ratio make the margin. For the losses of the chosen-minus-rejected
+    score (sigmoid, robust, hinge, ipo, sigmoid_norm, exo_pair, discopop)."""
+    f_alpha_divergence_coef: float = Field(0.5, gt=0.0)
+    """alpha of ``f_divergence_type = "alpha_divergence"`` (TRL's name and default)."""
     simpo_gamma: float = Field(0.5, ge=0.0)
     """With ``simpo``: the target reward margin gamma (TRL's CPO name and default). SimPO takes a
     larger beta than DPO (its paper's runs use 2 and more)."""
@@ -282,6 +289,13 @@ class DPOTrainingConfig(TrainingConfig):
                 takes = ", ".join(name for name, spec in LOSSES.items() if key in spec.options)
                 raise ValueError(f"{key} applies to loss_type {takes}, not {self.loss_type}; "
                                  f"set {key} = {defaults[key]} or choose one of those")
+        if self.f_divergence_type != "reverse_kl" and not LOSSES[self.loss_type].f_divergence:
+            takes = ", ".join(name for name, spec in LOSSES.items() if spec.f_divergence)
+            raise ValueError(f"f_divergence_type = {self.f_divergence_type!r} applies to loss_type {takes}, not "
+                             f"{self.loss_type} (a loss of each side's log-ratio has no f-divergence form)")
+        if self.f_alpha_divergence_coef != 0.5 and self.f_divergence_type != "alpha_divergence":
+            raise ValueError("f_alpha_divergence_coef applies with f_divergence_type = \"alpha_divergence\"; set that "
+                             "too, or leave the key out")
         if self.loss_type == "exo_pair" and not self.label_smoothing:
             raise ValueError("loss_type exo_pair needs label_smoothing > 0 (its target's weight on the rejected "
                              "reply; the EXO paper uses 1e-3)")

@@ -141,18 +141,18 @@ def test_dpo_lowers_loss_with_zero2_and_accumulation(tmp_path, micro_model):
     assert logged["rewards/margins"][-1][1] > 0
 
 
-@pytest.mark.parametrize("trainer, loss_type", [("dynamic_beta_dpo", "ipo"), ("beta_dpo", "robust"), ("dpo", "hinge"),
-                                               ("dynamic_beta_dpo", "apo_zero"), ("beta_dpo", "nca_pair"),
-                                               ("dpo", "discopop")])
-def test_loss_types_with_rpo_train_with_each_beta_policy(tmp_path, micro_model, trainer, loss_type):
+@pytest.mark.parametrize("trainer, loss_type, options", [
+    ("dynamic_beta_dpo", "ipo", {}), ("beta_dpo", "robust", {"label_smoothing": 0.1}), ("dpo", "hinge", {}),
+    ("dynamic_beta_dpo", "apo_zero", {}), ("beta_dpo", "nca_pair", {}), ("dpo", "discopop", {}),
+    ("dynamic_beta_dpo", "sigmoid", {"f_divergence_type": "js_divergence"})])
+def test_loss_types_with_rpo_train_with_each_beta_policy(tmp_path, micro_model, trainer, loss_type, options):
     """Each loss with RPO's chosen NLL through the real trainer: the first logged loss is the loss
     at margin 0 plus alpha x the chosen NLL (logged as nll_loss), and the margins grow."""
     from dpo_hpc.trainers.trainer import train
 
     data = small_data(tmp_path, 10)  # the same few pairs again and again: the margins must grow
-    smoothing = {"label_smoothing": 0.1} if loss_type == "robust" else {}
     raw = run_config(tmp_path, micro_model, data, "dpo_training", learning_rate=3e-3, max_steps=6, batch_size=4,
-                     loss_type=loss_type, rpo_alpha=0.5, **smoothing)
+                     loss_type=loss_type, rpo_alpha=0.5, **options)
     if trainer == "dynamic_beta_dpo":
         raw["risk_test"] = {"beta_warmup": 2}
     if trainer == "beta_dpo":
@@ -162,7 +162,7 @@ def test_loss_types_with_rpo_train_with_each_beta_policy(tmp_path, micro_model, 
     logged = scalars(Path(raw["dpo_training"]["save_dir"]) / "tensorboard")
     first_loss, first_nll = logged["loss"][0][1], logged["nll_loss"][0][1]
     at_zero = {"ipo": (1 / (2 * 0.1)) ** 2, "robust": math.log(2), "hinge": 1.0, "apo_zero": 1.0,  # beta_0 = 0.1
-               "nca_pair": 2 * math.log(2), "discopop": 0.5 * math.log(2) + 0.5}[loss_type]
+               "nca_pair": 2 * math.log(2), "discopop": 0.5 * math.log(2) + 0.5, "sigmoid": math.log(2)}[loss_type]
     assert first_loss == pytest.approx(at_zero + 0.5 * first_nll, rel=1e-4)
     assert logged["rewards/margins"][-1][1] > 0
 

@@ -205,3 +205,39 @@ def test_ipo_margin_is_length_averaged_and_needs_lengths():
     assert pairs.chosen_nll.item() == pytest.approx(2.0)
     with pytest.raises(ValueError, match="completion lengths"):
         PairLogps(*(torch.zeros(1) for _ in range(4))).mean_margins
+
+
+def naive_scores(kind: str, t: float, alpha: float) -> float:
+    """TRL 1.16's f'(u) per side, from the log-ratio t, in float64."""
+    if kind == "forward_kl":
+        return 1 - math.exp(-t)
+    if kind == "js_divergence":
+        return math.log(2) + _log_sigmoid(t)
+    if kind == "alpha_divergence":
+        return (math.exp(min((alpha - 1) * t, 80.0)) - 1) / (alpha - 1)
+    return t
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
+@pytest.mark.parametrize("seed", range(10))
+def test_f_divergences_make_the_margin_of_each_sides_scores(kind, seed):
+    """f-DPO: a margin loss (sigmoid) on score_w - score_l, a length-averaged one (ipo) on
+    score_w / len_w - score_l / len_l; reverse KL is DPO exactly (bit for bit)."""
+    from dpo_hpc.algorithms.preference import f_divergence_scores
+
+    g = torch.Generator().manual_seed(seed)
+    pc, pr, rc, rr = (-torch.rand(6, generator=g, dtype=torch.float64) * 8 for _ in range(4))
+    lengths = torch.randint(1, 30, (12,), generator=g)
+    alpha, beta = 0.3, 0.2
+    pairs = PairLogps(pc, pr, rc, rr, lengths[:6], lengths[6:], f_divergence_scores(kind, alpha))
+    sigmoid, ipo = Sigmoid()(pairs.margins, beta), IPO()(IPO.margins(pairs), beta)
+    for i in range(6):
+        chosen = naive_scores(kind, float(pc[i] - rc[i]), alpha)
+        rejected = naive_scores(kind, float(pr[i] - rr[i]), alpha)
+        assert float(sigmoid[i]) == pytest.approx(-_log_sigmoid(beta * (chosen - rejected)), rel=1e-9)
+        averaged = chosen / float(lengths[i]) - rejected / float(lengths[6 + i])
+        assert float(ipo[i]) == pytest.approx((averaged - 1 / (2 * beta)) ** 2, rel=1e-9)
+    if kind == "reverse_kl":
+        plain = PairLogps(pc, pr, rc, rr, lengths[:6], lengths[6:])
+        assert torch.equal(pairs.margins, plain.margins) and torch.equal(pairs.mean_margins, plain.mean_margins)
+    assert f_divergence_scores("alpha_divergence", 1.0) is None  # its limit at alpha = 1 is the reverse KL

@@ -179,6 +179,11 @@ def test_loss_type_and_the_options_of_each_loss_are_checked():
     assert "discopop_tau applies to loss_type discopop, not sigmoid; set discopop_tau = 0.05" in problem
     (problem,) = errors(with_("dpo_training", loss_type="exo_pair"))
     assert "loss_type exo_pair needs label_smoothing > 0" in problem
+    (problem,) = errors(with_("dpo_training", loss_type="apo_zero", f_divergence_type="js_divergence"))
+    assert "f_divergence_type = 'js_divergence' applies to loss_type sigmoid, robust, hinge, ipo, sigmoid_norm, " \
+        "exo_pair, discopop, not apo_zero" in problem
+    (problem,) = errors(with_("dpo_training", f_alpha_divergence_coef=0.3))
+    assert 'f_alpha_divergence_coef applies with f_divergence_type = "alpha_divergence"' in problem
     cfg = validate_mapping(with_("dpo_training", loss_type="discopop", discopop_tau=0.1), "dpo")
     assert build_loss(cfg.training).tau == 0.1  # each loss gets the options it reads
     assert errors(with_("dpo_training", label_smoothing=0.5))  # robust DPO divides by 1 - 2 eps
@@ -289,8 +294,9 @@ def test_cli_wrong_trainer_for_file_says_so():
 
 def test_readme_losses_table_has_a_row_per_loss():
     text = (REPO / "README.md").read_text()
-    table = text[text.index("| `loss_type` | per-pair loss |"):text.index("A loss's option set with another loss")]
-    rows = [line.split("|")[1].strip().split()[0].strip("`") for line in table.splitlines()[2:] if line.strip()]
+    start = text.index("| `loss_type` | per-pair loss |")
+    table = text[start:text.index("\n\n", start)]
+    rows = [line.split("|")[1].strip().split()[0].strip("`") for line in table.splitlines()[2:]]
     assert rows == list(LOSSES)
     for name, spec in LOSSES.items():  # each loss's options named in its row
         row = next(line for line in table.splitlines() if line.startswith(f"| `{name}`"))
