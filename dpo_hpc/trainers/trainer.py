@@ -224,12 +224,12 @@ class Trainer:
         ds_cfg = deepspeed_config(training, cfg.deepspeed, cfg.precision, self.dist.world_size)
         reference, ref_table = None, None
         reference_free = self.algo.kind == "preference" and LOSSES[training.loss_type].reference_free
-        preference = self.algo.kind == "preference" and not reference_free  # needs reference log-probs
+        needs_reference = self.algo.kind == "preference" and not reference_free
         base_is_reference = (cfg.lora is not None and self.ref_model is None
                              and getattr(cfg, "ref_name", None) in (None, cfg.policy_name))
         if reference_free:
             self.say(f"loss_type {training.loss_type} is reference-free: no reference model, no reference pass")
-        if preference and (training.precompute_ref_log_probs or not base_is_reference):
+        if needs_reference and (training.precompute_ref_log_probs or not base_is_reference):
             reference = self.load_reference(ds_cfg)
             if training.precompute_ref_log_probs:
                 ref_table, reference = self.reference_table(reference), None
@@ -238,8 +238,8 @@ class Trainer:
                                trust_remote_code=cfg.trust_remote_code, torch_dtype=cfg.torch_dtype)
         router_weight = router_loss_weight(model, cfg.router_aux_loss_coef)
         if router_weight is not None:
-            self.say(f"router load-balancing loss added with weight {router_weight:g} "
-                     f"({'router_aux_loss_coef' if cfg.router_aux_loss_coef else 'the model config'}'s; "
+            source = "router_aux_loss_coef" if cfg.router_aux_loss_coef else "the model's config"
+            self.say(f"router load-balancing loss added with weight {router_weight:g} (from {source}; "
                      "router_aux_loss_coef = 0 turns it off)")
         if training.padding_free:  # on the training device: its attention kernels are the ones to check
             check_packing(model.to(self.device), batch_layout(cfg), cfg.precision)
@@ -251,9 +251,9 @@ class Trainer:
             self.say(lora.trainable_summary(model))
         if training.torch_compile:
             self.say(f"torch.compile: {compile_blocks(model)} blocks of the policy (compiled on first use)")
-        if preference and base_is_reference and ref_table is None:
+        if needs_reference and base_is_reference and ref_table is None:
             reference = lora.AdaptersOff(model)
-        if preference or reference_free:  # what the run's reference log-probs came from, for its manifest
+        if self.algo.kind == "preference":  # what the run's reference log-probs came from, for its manifest
             self.ref_summary["reference"] = ("none (reference-free loss)" if reference_free else
                                              "table" if ref_table is not None else
                                              "policy with adapters off" if base_is_reference else "model")
