@@ -32,7 +32,7 @@ from . import scoreboard
 from .scoreboard import is_seed_axis, save_figure
 from .checkpoint import RunDir
 from .config import ALGORITHMS
-from .experiment import Plan, Run
+from .experiment import Plan, Run, grid_label
 from .launch.guard import guarded
 from .launch.plans import open_plan, plan_parser
 from .launch.jobs import plan_status
@@ -148,8 +148,8 @@ def samples_markdown(plan: Plan) -> Optional[str]:
             parts.append(f"### prompt {number}\n\n{indented(prompt)}\n\n*the data's reply*\n\n"
                          f"{indented(found[0][1]['reference'])}\n")
             for run, record in found:
-                label = " ".join(f"{axis.split('.')[-1]}={value}" for axis, value in run.grid_values.items())
-                parts.append(f"**{label or stage}** ({run.run_id}, step {record['step']})\n\n"
+                label = grid_label(run.grid_values.items()) or stage
+                parts.append(f"**{label}** ({run.run_id}, step {record['step']})\n\n"
                              f"{indented(record['completion'])}\n")
     return "\n".join(parts) if len(parts) > 2 else None
 
@@ -185,7 +185,7 @@ def write_plots(plan: Plan, rows: dict[str, dict], out: Path) -> list[Path]:
                 series = [dict(logged[r.run_id].get(metric, [])) for r in members]
                 steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
                 if steps:
-                    label = " ".join(f"{a.split('.')[-1]}={v}" for a, v in point) or stage
+                    label = grid_label(point) or stage
                     ax.plot(steps, [statistics.mean(s[t] for s in series) for t in steps], label=label, color=colour,
                             marker="o" if metric.startswith("eval/") else None, markersize=3)
             ax.set_xlabel("optimizer step")

@@ -13,7 +13,7 @@ import itertools
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 from ..config import ALGORITHMS, ConfigError, read_mapping, set_dotted, to_dict, to_identity, validate_mapping
 from ..config.losses import LOSSES
@@ -201,6 +201,11 @@ def _grid_points(stage: StageConfig) -> list[dict[str, Any]]:
     return [dict(zip(axes, values)) for values in itertools.product(*(stage.grid[a] for a in axes))]
 
 
+def grid_label(values: Iterable[tuple[str, Any]]) -> str:
+    """Grid values as runs are named and shown: each key's last part, ``beta=0.1 seed=1``."""
+    return " ".join(f"{key.split('.')[-1]}={value}" for key, value in values)
+
+
 def run_id_for(stage: str, trainer: str, identity: dict, parent: Optional[str], parent_dir: Optional[str] = None) -> str:
     """``<stage>-<10 hex>`` over the trainer, the config's identity (``config.to_identity``) without
     its run-dependent paths, and the parent id."""
@@ -284,7 +289,7 @@ def expand(exp: ExperimentConfig, source: str | Path, overrides: Sequence[tuple[
                                 str(parent.run_dir) if parent else None)
             run_dir = root / name / run_id
             resolved[section]["save_dir"] = str(run_dir)
-            grid_text = " ".join(f"{key.split('.')[-1]}={value}" for key, value in point.items())
+            grid_text = grid_label(point.items())
             resolved[section]["run_name"] = f"{resolved[section].get('run_name') or run_id} {grid_text}".strip()
             if resolved[section].get("precompute_ref_log_probs") and not resolved[section]["ref_log_probs_cache"]:
                 resolved[section]["ref_log_probs_cache"] = str(root / SHARED_REF_LOG_PROBS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable
 
-from ..experiment import Plan
+from ..experiment import Plan, grid_label
 from .jobs import RunStatus
 from .layout import job_log, logs_folder
 
@@ -17,7 +17,7 @@ def rows(plan: Plan, statuses: dict[str, RunStatus]) -> list[dict]:
         out.append({
             "stage": run.stage, "run_id": run.run_id,
             "grid": "(reference pass)" if run.role == "reference" else
-                    " ".join(f"{k.split('.')[-1]}={v}" for k, v in run.grid_values.items()) or "-",
+                    grid_label(run.grid_values.items()) or "-",
             "job": s.job_id or "-", "state": s.state + (f" ({s.requeues} requeues)" if s.requeues else ""),
             "step": f"{s.step}/{s.total_steps}" if s.step is not None else "-",
             "checkpoint": s.checkpoint or "-",
