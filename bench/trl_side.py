@@ -14,6 +14,14 @@ import resource
 import time
 
 
+def option(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -27,6 +35,8 @@ def main() -> None:
     parser.add_argument("--precompute", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a DPOConfig option (the value read as JSON, else as text)")
     args = parser.parse_args()
 
     import torch
@@ -75,7 +85,7 @@ def main() -> None:
         save_strategy="no", report_to=[], bf16=args.bf16, fp16=False, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, seed=42, beta=args.beta, max_length=None, optim="adamw_torch",
         gradient_checkpointing=args.gradient_checkpointing, precompute_ref_log_probs=args.precompute,
-        disable_tqdm=True,
+        disable_tqdm=True, **dict(option(text) for text in args.option),
     )
     trainer = InOrder(model=model, ref_model=None if args.precompute else ref, args=config, train_dataset=data,
                       processing_class=tokenizer, callbacks=[Clock()])

@@ -8,6 +8,8 @@ from typing import Callable
 
 import torch
 
+from .preference import desensitized_token_weights
+
 
 def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """log p(token_t | tokens_<t) for t >= 1, shape (B, T - 1), computed in fp32.
@@ -35,15 +37,31 @@ CHUNK_BYTES = 256 * 2**20
 """fp32 logits held at once by the chunked head (forward and backward)."""
 
 
-def chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-prob of each row's target, logsumexp of the row), fp32, from one chunk's logits.
-    Overwrites fp32 ``logits`` (the caller's own matmul output): no chunk-sized temporary."""
+def _target_and_shifted_exp(logits: torch.Tensor, targets: torch.Tensor):
+    """(target logit, row peak, exp(logits - peak)) in fp32; the exp overwrites fp32 ``logits``."""
     logits = logits.float()
     target = logits.gather(-1, targets[:, None]).squeeze(-1)
     peak = logits.amax(dim=-1, keepdim=True)
     peak = peak.masked_fill(peak.isinf(), 0.0)  # as torch.logsumexp: an infinite row stays infinite, not nan
-    lse = logits.sub_(peak).exp_().sum(dim=-1).log_().add_(peak.squeeze(-1))
+    return target, peak.squeeze(-1), logits.sub_(peak).exp_()
+
+
+def chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of each row's target, logsumexp of the row), fp32, from one chunk's logits.
+    Overwrites fp32 ``logits`` (the caller's own matmul output): no chunk-sized temporary."""
+    target, peak, exp = _target_and_shifted_exp(logits, targets)
+    lse = exp.sum(dim=-1).log_().add_(peak)
     return target - lse, lse
+
+
+def chunk_logps_sum_sq(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``chunk_logps`` and log sum_v p_v^2 of each row (WPO's weights; TRL's ``log_sum_sq_probs``):
+    with e = exp(logits - peak), sum p^2 = sum e^2 / (sum e)^2, so one more pass over the chunk."""
+    target, peak, exp = _target_and_shifted_exp(logits, targets)
+    log_total = exp.sum(dim=-1).log_()
+    lse = log_total + peak
+    log_sum_sq = exp.square_().sum(dim=-1).log_().sub_(2 * log_total)
+    return target - lse, lse, log_sum_sq
 
 
 def chunk_grad_logits(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor,
@@ -63,6 +81,7 @@ class ChunkMath:
 
     logps: Callable = chunk_logps
     grad_logits: Callable = chunk_grad_logits
+    logps_sum_sq: Callable = chunk_logps_sum_sq
 
 
 EAGER = ChunkMath()
@@ -71,7 +90,7 @@ EAGER = ChunkMath()
 @functools.cache
 def compiled_chunk_math() -> ChunkMath:
     # dynamic: the last chunk of a batch has fewer rows, and batches have different numbers of rows
-    return ChunkMath(torch.compile(chunk_logps, dynamic=True), torch.compile(chunk_grad_logits, dynamic=True))
+    return ChunkMath(*(torch.compile(f, dynamic=True) for f in (chunk_logps, chunk_grad_logits, chunk_logps_sum_sq)))
 
 
 class _TargetLogps(torch.autograd.Function):
@@ -79,18 +98,23 @@ class _TargetLogps(torch.autograd.Function):
     recomputes each chunk's logits instead of keeping them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows: int, math: ChunkMath):
+    def forward(ctx, hidden, weight, targets, chunk_rows: int, math: ChunkMath, sum_sq: bool):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
+        log_sum_sq = torch.empty_like(out) if sum_sq else out.new_empty(0)
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            out[rows], lse[rows] = math.logps(hidden[rows] @ weight.T, targets[rows])
+            if sum_sq:
+                out[rows], lse[rows], log_sum_sq[rows] = math.logps_sum_sq(hidden[rows] @ weight.T, targets[rows])
+            else:
+                out[rows], lse[rows] = math.logps(hidden[rows] @ weight.T, targets[rows])
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_rows, ctx.math = chunk_rows, math
-        return out
+        ctx.mark_non_differentiable(log_sum_sq)
+        return out, log_sum_sq
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_log_sum_sq):
         hidden, weight, targets, lse = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
@@ -105,15 +129,31 @@ class _TargetLogps(torch.autograd.Function):
                 grad_hidden[rows] = grad_logits @ weight
             if grad_weight is not None:
                 grad_weight.add_(grad_logits.T @ hidden[rows])
-        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None
+
+
+def _default_chunk_rows(weight: torch.Tensor) -> int:
+    return max(1, CHUNK_BYTES // (4 * weight.shape[0]))
 
 
 def target_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                  chunk_rows: int | None = None, math: ChunkMath = EAGER) -> torch.Tensor:
     """log p(targets[i] | hidden[i]) under the head ``weight`` (V, H), shape (N,), fp32; never more
     than ``chunk_rows`` rows of logits exist (default: ``CHUNK_BYTES`` of fp32 logits)."""
-    rows = chunk_rows or max(1, CHUNK_BYTES // (4 * weight.shape[0]))
-    return _TargetLogps.apply(hidden, weight, targets, rows, math)
+    return _TargetLogps.apply(hidden, weight, targets, chunk_rows or _default_chunk_rows(weight), math, False)[0]
+
+
+def target_logps_sum_sq(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        chunk_rows: int | None = None, math: ChunkMath = EAGER) -> tuple[torch.Tensor, torch.Tensor]:
+    """``target_logps``, and log sum_v p_v^2 of each row (detached) from the same chunks."""
+    return _TargetLogps.apply(hidden, weight, targets, chunk_rows or _default_chunk_rows(weight), math, True)
+
+
+def log_sum_sq_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log sum_v p_v^2 over the last axis, fp32, without gradient (the full-logits path)."""
+    with torch.no_grad():
+        logits = logits.float()
+        return torch.logsumexp(2 * logits, dim=-1) - 2 * torch.logsumexp(logits, dim=-1)
 
 
 # Config attributes of models whose logits are not plain ``lm_head(h)`` (soft-capping, scaling):
@@ -142,17 +182,25 @@ def model_inputs(batch: dict) -> dict:
 class Scored:
     """One forward's log-probs of the loss tokens, each with its sequence; and the router's
     load-balancing loss, where the model returns one (a mixture of experts set to output its
-    router logits)."""
+    router logits). Optionally each token's weight in its sequence's sum (LD-DPO's) and, with no
+    gradient, log sum_v p_v^2 at each token (WPO's)."""
 
     rows: torch.Tensor
     logps: torch.Tensor
     sequences: int
     aux_loss: torch.Tensor | None = None
+    token_weights: torch.Tensor | None = None
+    log_sum_sq: torch.Tensor | None = None
 
-    def sequence_sums(self) -> torch.Tensor:
-        """Per-sequence sums of the log-probs, shape (sequences,), fp32."""
-        return torch.zeros(self.sequences, dtype=torch.float32, device=self.logps.device).index_add(
-            0, self.rows, self.logps)
+    def sequence_sums(self, weighted: bool = True) -> torch.Tensor:
+        """Per-sequence sums of the log-probs (weighted by ``token_weights`` unless told not),
+        shape (sequences,), fp32."""
+        weights = self.token_weights if weighted else None
+        return self.per_sequence(self.logps if weights is None else self.logps * weights)
+
+    def per_sequence(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-sequence sums of per-token ``values``, shape (sequences,)."""
+        return torch.zeros(self.sequences, dtype=values.dtype, device=values.device).index_add(0, self.rows, values)
 
 
 class CompletionScorer:
@@ -165,9 +213,10 @@ class CompletionScorer:
     scaled logits, a model that does not call its head) the full logits are used.
     """
 
-    def __init__(self, chunk_rows: int | None = None, compiled: bool = False):
+    def __init__(self, chunk_rows: int | None = None, compiled: bool = False, ld_alpha: float | None = None):
         self.chunk_rows = chunk_rows
         self.compiled = compiled
+        self.ld_alpha = ld_alpha  # LD-DPO: a pair batch's sums weigh the longer reply's tail by it
 
     def chunk_math(self, dtype: torch.dtype) -> ChunkMath:
         """Compiled (``torch_compile``) for bf16/fp16 logits, whose fp32 copy the eager ops walk
@@ -204,18 +253,25 @@ class CompletionScorer:
             return out.logits, None, aux_loss
         return out.logits, head.weight, aux_loss
 
-    def score(self, model, batch) -> Scored:
-        """The log-prob of every token where ``loss_mask`` is 1, and the sequence it belongs to."""
+    def score(self, model, batch, sum_sq: bool = False) -> Scored:
+        """The log-prob of every token where ``loss_mask`` is 1, and the sequence it belongs to;
+        with ``sum_sq``, also log sum_v p_v^2 at each of those tokens."""
         out, weight, aux_loss = self._forward(model, batch)
         rows, positions = batch["loss_rows"], batch["loss_positions"]  # position t predicts token t + 1
+        log_sum_sq = None
         if weight is not None:
-            logps = target_logps(out[rows, positions], weight, batch["input_ids"][rows, positions + 1], self.chunk_rows,
-                                 self.chunk_math(out.dtype))
+            head = (out[rows, positions], weight, batch["input_ids"][rows, positions + 1], self.chunk_rows,
+                    self.chunk_math(out.dtype))
+            logps, log_sum_sq = target_logps_sum_sq(*head) if sum_sq else (target_logps(*head), None)
         else:
             logps = token_logps(out, batch["input_ids"])[rows, positions]
+            if sum_sq:
+                log_sum_sq = log_sum_sq_probs(out[rows, positions])
         if "sequence_ids" in batch:  # packed: rows hold several sequences
             rows = batch["sequence_ids"][rows, positions]
-        return Scored(rows, logps, batch["sequence_lengths"].shape[0], aux_loss)
+        weights = None if self.ld_alpha is None else desensitized_token_weights(rows, batch["loss_tokens"],
+                                                                                self.ld_alpha)
+        return Scored(rows, logps, batch["sequence_lengths"].shape[0], aux_loss, weights, log_sum_sq)
 
     def token_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(sequence of each loss token, its log-prob), over the tokens where ``loss_mask`` is 1."""
@@ -223,5 +279,6 @@ class CompletionScorer:
         return scored.rows, scored.logps
 
     def sequence_logps(self, model, batch) -> torch.Tensor:
-        """Per-sequence sums of the loss tokens' log-probs, shape (sequences,), fp32."""
+        """Per-sequence sums of the loss tokens' log-probs (LD-DPO's weights applied), shape
+        (sequences,), fp32."""
         return self.score(model, batch).sequence_sums()

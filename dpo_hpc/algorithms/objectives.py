@@ -20,7 +20,7 @@ from ..data.collate import Layout, collate_conversations, collate_pairs
 from .beta import BetaPolicy, Collective
 from .logprobs import CompletionScorer
 from .losses import PairwiseLoss
-from .preference import PairLogps, Scores, f_divergence_scores, preference_metrics
+from .preference import PairLogps, Scores, f_divergence_scores, preference_metrics, wpo_pair_weights
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # metric -> (sum, count)
 
@@ -118,15 +118,16 @@ class PreferenceObjective:
     """One policy forward over chosen+rejected and the reference's log-probs (a forward of the
     reference model, a precomputed table, or none for a reference-free loss), a pairwise loss, and
     a beta policy that chooses the loss's beta (and, for Beta-DPO, which pairs count); optionally
-    RPO's NLL on the chosen side."""
+    RPO's NLL on the chosen side, and WPO's weight of each pair."""
 
     kind = "preference"
 
     def __init__(self, reference, loss: PairwiseLoss, policy: BetaPolicy, pad_id: int, collective: Collective,
                  scorer: CompletionScorer, ref_table: Optional[RefLogps] = None, rpo_alpha: Optional[float] = None,
                  layout: Layout = "padded", router_aux_loss_coef: Optional[float] = None,
-                 reference_free: bool = False, scores: Optional[Scores] = None):
+                 reference_free: bool = False, scores: Optional[Scores] = None, use_weighting: bool = False):
         self.reference = reference
+        self.use_weighting = use_weighting  # WPO
         self.reference_free = reference_free
         self.scores = scores  # an f-divergence's (f_divergence_type); None: DPO's log-ratios
         self.router_aux_loss_coef = router_aux_loss_coef
@@ -152,9 +153,10 @@ class PreferenceObjective:
         pairs = batch["loss_tokens"].shape[0] // 2
         return torch.tensor(self.policy.loss_units(pairs, self.collective.world_size), dtype=torch.float32)
 
-    def _logps(self, model, batch) -> tuple[PairLogps, Optional[torch.Tensor]]:
-        """The pairs' log-probs, and the policy forward's router loss (None for a dense model)."""
-        policy = self.scorer.score(model, batch)
+    def _logps(self, model, batch) -> tuple[PairLogps, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The pairs' log-probs, the policy forward's router loss (None for a dense model), and
+        WPO's pair weights (None unless ``use_weighting``)."""
+        policy = self.scorer.score(model, batch, sum_sq=self.use_weighting)
         if self.reference_free:
             ref = torch.zeros(policy.sequences, dtype=torch.float32, device=policy.logps.device)
         elif "ref_logps" in batch:
@@ -163,14 +165,27 @@ class PreferenceObjective:
             with torch.no_grad():
                 ref = self.scorer.sequence_logps(self.reference, batch)
             self.reference_forwards += 1
-        return PairLogps.of_rows(policy.sequence_sums(), ref, batch["loss_tokens"], self.scores), policy.aux_loss
+        unweighted = None  # RPO's NLL counts every chosen token, whatever LD-DPO's weights
+        if self.rpo_alpha is not None and policy.token_weights is not None:
+            unweighted = policy.sequence_sums(weighted=False)
+        logps = PairLogps.of_rows(policy.sequence_sums(), ref, batch["loss_tokens"], self.scores, unweighted)
+        wpo = None
+        if self.use_weighting:
+            wpo = wpo_pair_weights(policy.per_sequence(policy.logps.detach() - policy.log_sum_sq), batch["loss_tokens"])
+        return logps, policy.aux_loss, wpo
 
-    def _pair_losses(self, logps: PairLogps, margins: torch.Tensor, beta) -> tuple[torch.Tensor, Stats]:
-        """The loss of every pair (with RPO's chosen NLL when set) and the extra per-pair metrics."""
-        losses = self.loss(margins, beta, logps)
-        if self.rpo_alpha is None:
-            return losses, {}
-        return losses + self.rpo_alpha * logps.chosen_nll, {"nll_loss": logps.chosen_nll.detach().float()}
+    def _pair_losses(self, logps: PairLogps, margins: torch.Tensor, beta,
+                     wpo: Optional[torch.Tensor]) -> tuple[torch.Tensor, Stats]:
+        """The loss of every pair (with RPO's chosen NLL when set; all of it times WPO's weight, as
+        TRL weighs each of its loss terms) and the extra per-pair metrics."""
+        losses, extra = self.loss(margins, beta, logps), {}
+        if self.rpo_alpha is not None:
+            losses = losses + self.rpo_alpha * logps.chosen_nll
+            extra["nll_loss"] = logps.chosen_nll.detach().float()
+        if wpo is not None:
+            losses = losses * wpo
+            extra["wpo_weights"] = wpo.float()
+        return losses, extra
 
     def _stats(self, logps: PairLogps, losses, beta, extra, loss_count=None) -> Stats:
         pairs = torch.tensor(float(len(logps)))
@@ -181,12 +196,12 @@ class PreferenceObjective:
         return stats
 
     def loss_and_stats(self, model, batch):
-        logps, aux_loss = self._logps(model, batch)
+        logps, aux_loss, wpo = self._logps(model, batch)
         margins = self.loss.margins(logps)
         detached = margins.detach().float()
         self._step_margins.append(detached)  # for the policy's end of step and the histogram
         beta, weights = self.policy.train_beta(detached)
-        losses, extra = self._pair_losses(logps, margins, beta)
+        losses, extra = self._pair_losses(logps, margins, beta, wpo)
         if weights is None:
             stats = self._stats(logps, losses, beta, extra)
         else:
@@ -197,9 +212,9 @@ class PreferenceObjective:
 
     def eval_stats(self, model, batch):
         with torch.no_grad():
-            logps, aux_loss = self._logps(model, batch)
+            logps, aux_loss, wpo = self._logps(model, batch)
             beta = self.policy.eval_beta()
-            losses, extra = self._pair_losses(logps, self.loss.margins(logps), beta)
+            losses, extra = self._pair_losses(logps, self.loss.margins(logps), beta, wpo)
             stats = self._stats(logps, losses, beta, extra)
             return with_router_loss(losses.sum(), stats, aux_loss, self.router_aux_loss_coef, self.units(batch))[1]
 
@@ -242,7 +257,7 @@ def batch_layout(cfg) -> Layout:
 
 def build_scorer(cfg) -> CompletionScorer:
     """How a run scores completions, its training steps and its reference pass alike."""
-    return CompletionScorer(compiled=cfg.training.torch_compile)
+    return CompletionScorer(compiled=cfg.training.torch_compile, ld_alpha=getattr(cfg.training, "ld_alpha", None))
 
 
 def build_objective(algorithm, cfg, pad_id: int, collective: Collective, reference=None,
@@ -257,4 +272,5 @@ def build_objective(algorithm, cfg, pad_id: int, collective: Collective, referen
                                rpo_alpha=cfg.training.rpo_alpha, layout=layout, router_aux_loss_coef=router,
                                reference_free=LOSSES[cfg.training.loss_type].reference_free,
                                scores=f_divergence_scores(cfg.training.f_divergence_type,
-                                                          cfg.training.f_alpha_divergence_coef))
+                                                          cfg.training.f_alpha_divergence_coef),
+                               use_weighting=cfg.training.use_weighting)

@@ -17,6 +17,32 @@ def split_chosen_rejected(values: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return values[:half], values[half:]
 
 
+def desensitized_token_weights(sequences: torch.Tensor, loss_tokens: torch.Tensor, alpha: float) -> torch.Tensor:
+    """LD-DPO's weight of each loss token of a pair batch (Liu et al., 2024; TRL's ``ld_alpha``): 1
+    on the first min(chosen, rejected) completion tokens of each reply of a pair, ``alpha`` on the
+    longer reply's tail, so that length alone drives the margin less. ``sequences``: each token's
+    sequence, a sequence's tokens contiguous and in order (the collator's nonzero order);
+    ``loss_tokens``: loss tokens per sequence, chosen sequences then rejected."""
+    count = sequences.shape[0]
+    order = torch.arange(count, device=sequences.device)
+    first = torch.full((loss_tokens.shape[0],), count, dtype=torch.long, device=sequences.device).scatter_reduce(
+        0, sequences, order, "amin")
+    chosen, rejected = split_chosen_rejected(loss_tokens.to(sequences.device))
+    shared = torch.minimum(chosen, rejected).repeat(2)
+    return torch.full((count,), alpha, dtype=torch.float32, device=sequences.device).masked_fill(
+        order - first[sequences] < shared[sequences], 1.0)
+
+
+def wpo_pair_weights(aligned_sums: torch.Tensor, loss_tokens: torch.Tensor) -> torch.Tensor:
+    """WPO's weight of each pair (Zhou et al., 2024, eq. 2; TRL's ``use_weighting``): the product
+    over its two replies of exp(mean over the reply's tokens of log p - log sum_v p_v^2), how
+    likely the reply is under the policy's own sampling now. ``aligned_sums``: those per-token
+    terms summed per sequence (chosen, then rejected), without gradient."""
+    weights = torch.exp(aligned_sums / loss_tokens.to(aligned_sums.device, aligned_sums.dtype).clamp(min=1))
+    chosen, rejected = split_chosen_rejected(weights)
+    return chosen * rejected
+
+
 def margins(
     policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor
 ) -> torch.Tensor:
@@ -62,6 +88,9 @@ class PairLogps:
     scores: Optional[Scores] = None
     """An f-divergence's scores of each side's log-ratio (``f_divergence_scores``), which the
     margins are made of; None: the log-ratios themselves (DPO's reverse KL)."""
+    unweighted_chosen: Optional[torch.Tensor] = None
+    """The chosen replies' log-probs summed without LD-DPO's token weights, for RPO's NLL; None:
+    ``policy_chosen`` (no weights)."""
 
     @cached_property
     def margins(self) -> torch.Tensor:
@@ -91,7 +120,8 @@ class PairLogps:
     @cached_property
     def chosen_nll(self) -> torch.Tensor:
         """Mean token NLL of each chosen response under the policy (with gradient)."""
-        return -self.policy_chosen / self._lengths()[0]
+        chosen = self.policy_chosen if self.unweighted_chosen is None else self.unweighted_chosen
+        return -chosen / self._lengths()[0]
 
     def _lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.chosen_tokens is None or self.rejected_tokens is None:
@@ -101,11 +131,12 @@ class PairLogps:
 
     @classmethod
     def of_rows(cls, policy: torch.Tensor, reference: torch.Tensor, lengths: Optional[torch.Tensor] = None,
-                scores: Optional[Scores] = None) -> "PairLogps":
+                scores: Optional[Scores] = None, unweighted: Optional[torch.Tensor] = None) -> "PairLogps":
         """From per-row log-probs (and completion lengths) of a collated pair batch (chosen rows,
-        then rejected rows)."""
+        then rejected rows); ``unweighted``: the policy's rows without LD-DPO's weights."""
         tokens = split_chosen_rejected(lengths) if lengths is not None else (None, None)
-        return cls(*split_chosen_rejected(policy), *split_chosen_rejected(reference), *tokens, scores)
+        chosen = split_chosen_rejected(unweighted)[0] if unweighted is not None else None
+        return cls(*split_chosen_rejected(policy), *split_chosen_rejected(reference), *tokens, scores, chosen)
 
     def __len__(self) -> int:
         return self.policy_chosen.shape[0]

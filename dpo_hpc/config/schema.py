@@ -280,6 +280,15 @@ class DPOTrainingConfig(TrainingConfig):
     rpo_alpha: Optional[float] = Field(None, ge=0.0)
     """Weight of an NLL term on the chosen response (RPO, Pang et al. 2024: the chosen's mean token
     NLL per pair) that keeps the chosen likelihood from falling; none by default."""
+    ld_alpha: Optional[float] = Field(None, ge=0.0, le=1.0)
+    """LD-DPO (Liu et al., 2024; TRL's name): each pair's log-probs, the policy's and the
+    reference's, weigh the longer reply's tokens beyond the shorter one's length by this factor,
+    so that verbosity alone earns less margin. 1 is plain DPO, 0 masks the tail; none by default.
+    A precomputed reference table is made for its value."""
+    use_weighting: bool = False
+    """WPO (Zhou et al., 2024; TRL's name): each pair's loss is weighted by how likely its two
+    replies are under the policy now (the exp of each reply's mean of log p - log sum_v p_v^2, no
+    gradient), so off-policy pairs count less; logged as ``wpo_weights``."""
 
     @model_validator(mode="after")
     def _loss_options_where_they_apply(self):

@@ -34,7 +34,7 @@ EVALUATIONS = "evaluations"
 
 REFERENCE_INPUTS = ("policy_name", "ref_name", "tokenizer_name", "dataset", "precision", "attn_implementation")
 """Top-level keys a reference table depends on. Runs of an experiment that agree on them (and on
-the parent and the cache folder), in whatever stages, read one table, made by one reference pass
+the parent, the cache folder and LD-DPO's ``ld_alpha``), in whatever stages, read one table, made by one reference pass
 scheduled before them.
 The table's cache key (``trainers.ref_cache``) stays the authority: this only decides scheduling."""
 
@@ -367,6 +367,8 @@ def with_reference_passes(runs: list[Run], root: Path) -> list[Run]:
             cache = training.get("ref_log_probs_cache")
             inputs.update(parent=run.parent, cache=SHARED_REF_LOG_PROBS if cache == str(root / SHARED_REF_LOG_PROBS)
                           else cache)
+            if training.get("ld_alpha") is not None:  # LD-DPO's weights are in the table's sums
+                inputs["ld_alpha"] = training["ld_alpha"]
             groups.setdefault(json.dumps(inputs, sort_keys=True, default=str), []).append(run)
     pass_before: dict[str, Run] = {}
     reads: dict[str, str] = {}

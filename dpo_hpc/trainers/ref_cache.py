@@ -79,8 +79,11 @@ class RefLogpsTable:
         return cls(ids, logps.float())
 
 
-def cache_key(reference: str, tokenizer, fingerprints: list[str], precision: str, attn: str) -> tuple[str, dict]:
-    """(key, what it is made of). A hub name stands for itself; a local folder for its files."""
+def cache_key(reference: str, tokenizer, fingerprints: list[str], precision: str, attn: str,
+              ld_alpha: Optional[float] = None) -> tuple[str, dict]:
+    """(key, what it is made of). A hub name stands for itself; a local folder for its files.
+    LD-DPO's ``ld_alpha`` weighs the sums, so it is part of the key where set (and only there:
+    the keys of tables without it stay as they were)."""
     ref_path = Path(reference)
     made_of = {
         "format": FORMAT,
@@ -92,6 +95,8 @@ def cache_key(reference: str, tokenizer, fingerprints: list[str], precision: str
         "precision": precision,
         "attn_implementation": attn,
     }
+    if ld_alpha is not None:
+        made_of["ld_alpha"] = ld_alpha
     blob = json.dumps(made_of, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16], made_of
 

@@ -295,7 +295,8 @@ class Trainer:
             table, cached = compute_table(), False
         else:
             key, made_of = ref_cache.cache_key(source, self.tokenizer, [self.train_set.fingerprint,
-                                               self.val_set.fingerprint], cfg.precision, cfg.attn_implementation)
+                                               self.val_set.fingerprint], cfg.precision, cfg.attn_implementation,
+                                               training.ld_alpha)
             root = Path(training.ref_log_probs_cache or self.run.root / "ref_log_probs")
             table, cached = ref_cache.load_or_compute(root / key, made_of, examples, compute_table, self.dist, self.say)
         self.ref_summary = {"ref_log_probs": "cache" if cached else "computed",

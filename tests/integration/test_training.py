@@ -532,6 +532,32 @@ def test_precomputed_reference_trains_without_the_reference_and_is_shared(tmp_pa
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
+def test_ld_dpo_and_wpo_train_and_ld_dpo_makes_its_own_reference_table(tmp_path, micro_model):
+    """LD-DPO with WPO through the trainer: the first loss is ln 2 times the mean WPO weight (the
+    margins are 0), a precomputed table is made for the run's ld_alpha (beside the plain one, in a
+    shared cache) and trains as the online reference does."""
+    from dpo_hpc.trainers.trainer import train
+
+    data = small_data(tmp_path, 20)
+    common = dict(max_steps=3, batch_size=4, learning_rate=2e-3, use_weighting=True)
+    online = run_config(tmp_path / "online", micro_model, data, "dpo_training", **common, ld_alpha=0.5)
+    train(validate_mapping(online, "dpo"), "dpo")
+    logged = scalars(Path(online["dpo_training"]["save_dir"]) / "tensorboard")
+    # a random model is near uniform, where a reply's weight is near 1 (p = sum_v p_v^2 = 1/V)
+    assert logged["wpo_weights"][0][1] != pytest.approx(1.0, abs=1e-3)
+    assert logged["loss"][0][1] == pytest.approx(math.log(2) * logged["wpo_weights"][0][1], rel=1e-5)
+    for name, ld_alpha in (("plain", None), ("ld", 0.5)):
+        raw = run_config(tmp_path / name, micro_model, data, "dpo_training", **common, precompute_ref_log_probs=True,
+                         ref_log_probs_cache=str(tmp_path / "cache"), **({"ld_alpha": ld_alpha} if ld_alpha else {}))
+        assert train(validate_mapping(raw, "dpo"), "dpo")["ref_log_probs"] == "computed"  # not the other's table
+    made_of = [json.loads((table / "meta.json").read_text()) for table in (tmp_path / "cache").iterdir() if table.is_dir()]
+    assert sorted(str(m.get("ld_alpha")) for m in made_of) == ["0.5", "None"]
+    a = load_file(Path(online["dpo_training"]["save_dir"]) / "model.safetensors")
+    b = load_file(tmp_path / "ld" / "run" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.multiproc
 @pytest.mark.parametrize("zero_stage", [0, 3])
 def test_two_ranks_share_the_reference_pass(tmp_path, micro_model, zero_stage):

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_hpc.algorithms.logprobs import (EAGER, CompletionScorer, chunk_logps, compiled_chunk_math, sequence_logps,
-                                         target_logps)
+from dpo_hpc.algorithms.logprobs import (EAGER, CompletionScorer, chunk_logps, compiled_chunk_math, log_sum_sq_probs,
+                                         sequence_logps, target_logps, target_logps_sum_sq)
+from dpo_hpc.algorithms.preference import desensitized_token_weights
 from dpo_hpc.data.collate import collate_pairs
 from dpo_hpc.data.tokenize import TokenizedPair
 from dpo_hpc.trainers import varlen_attention
@@ -39,6 +40,35 @@ def test_target_logps_and_gradients_match_float64(seed, math):
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(grad_h.double(), want_h, rtol=0, atol=1e-5)
     torch.testing.assert_close(grad_w.double(), want_w, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_head_gives_log_sum_sq_probs_and_the_same_log_probs_and_gradients(seed):
+    """WPO's log sum_v p_v^2 from the chunks (and from full logits) against float64; asking for it
+    leaves the log-probs and their gradients bit for bit as they were."""
+    g = torch.Generator().manual_seed(seed)
+    n, v = int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(2, 300, (1,), generator=g))
+    hidden = torch.randn(n, 16, generator=g, requires_grad=True)
+    weight = torch.randn(v, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=g)
+    chunk = int(torch.randint(1, n + 2, (1,), generator=g))
+    logps, log_sum_sq = target_logps_sum_sq(hidden, weight, targets, chunk_rows=chunk)
+    plain = target_logps(hidden, weight, targets, chunk_rows=chunk)
+    assert torch.equal(logps, plain) and not log_sum_sq.requires_grad
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(logps.sum(), (hidden, weight)),
+                                                  torch.autograd.grad(plain.sum(), (hidden, weight))))
+    probs = torch.softmax(hidden.detach().double() @ weight.detach().double().T, -1)
+    expected = probs.square().sum(-1).log()
+    torch.testing.assert_close(log_sum_sq.double(), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(log_sum_sq_probs(hidden @ weight.T).double(), expected, rtol=0, atol=1e-5)
+
+
+def test_ld_dpo_weights_are_one_up_to_the_shorter_reply_and_alpha_beyond():
+    """Hand values: two pairs, chosen replies of 3 and 2 tokens, rejected of 5 and 2, the tokens in
+    packed order (the second pair's rejected first)."""
+    sequences = torch.tensor([3, 3, 0, 0, 0, 2, 2, 2, 2, 2, 1, 1])
+    got = desensitized_token_weights(sequences, torch.tensor([3, 2, 5, 2]), 0.25)
+    assert got.tolist() == [1, 1, 1, 1, 1, 1, 1, 1, 0.25, 0.25, 1, 1]
 
 
 def test_torch_compile_compiles_the_head_math_of_half_precision_logits_only():
@@ -173,6 +203,33 @@ def test_packed_rows_hold_every_sequence_whole_and_never_more_slots(seed):
     tail = packed["sequence_ids"] == -1
     assert not packed["loss_mask"][tail].any()
     assert torch.equal(collate_pairs(pairs, pad_id=0, layout=layout)["input_ids"], packed["input_ids"])  # deterministic
+
+
+def trl_ld_logps(per_token: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    """TRL 1.16's LD-DPO sums over a padded [chosen; rejected] batch, as its trainer writes them."""
+    positions, lengths = mask.cumsum(dim=1), mask.sum(dim=1)
+    chosen, rejected = lengths.chunk(2)
+    shared = torch.minimum(chosen, rejected).repeat(2)
+    shared_mask = (positions > 0) & (positions <= shared[:, None]) & mask.bool()
+    tail_mask = (positions > shared[:, None]) & mask.bool()
+    return (per_token * shared_mask).sum(1) + alpha * (per_token * tail_mask).sum(1)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "flat"])
+def test_ld_dpo_sums_are_trls_in_every_layout(llama, layout):
+    llama.config.use_cache = False  # as load_causal_lm leaves every model: packed rows are then kept apart
+    pairs = random_pairs(5, 7)
+    batch = collate_pairs(pairs, pad_id=0, layout=layout)
+    padded = collate_pairs(pairs, pad_id=0)
+    logits = llama(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits.double()
+    per_token = torch.log_softmax(logits[:, :-1], -1).gather(-1, padded["input_ids"][:, 1:, None]).squeeze(-1)
+    expected = trl_ld_logps(per_token, padded["loss_mask"][:, 1:], 0.3)
+    for scorer in (CompletionScorer(chunk_rows=5, ld_alpha=0.3), FullLogits(ld_alpha=0.3)):
+        with torch.no_grad():
+            torch.testing.assert_close(scorer.sequence_logps(llama, batch).double(), expected, rtol=1e-6, atol=1e-5)
+    with torch.no_grad():  # 1 weighs every token as plain DPO does: the same sums, bit for bit
+        assert torch.equal(CompletionScorer(ld_alpha=1.0).sequence_logps(llama, batch),
+                           CompletionScorer().sequence_logps(llama, batch))
 
 
 @pytest.mark.parametrize("attention, layout, scorer", [

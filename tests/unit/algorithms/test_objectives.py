@@ -118,6 +118,63 @@ def test_rpo_adds_the_chosen_responses_mean_token_nll():
     assert stats["nll_loss"][0].item() == pytest.approx(sum(nll), rel=1e-5) and stats["nll_loss"][1].item() == 5
 
 
+def naive_tokens(model, prompt, completion) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per completion token, float64: log p (with gradient to ``model``) and log sum_v p_v^2."""
+    ids = prompt + completion
+    logits = model.table.weight.double()[ids[len(prompt) - 1:-1]]
+    logps = torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+    return logps, torch.softmax(logits.detach(), -1).square().sum(-1).log()
+
+
+def test_ld_dpo_weighs_the_longer_replys_tail_on_both_models_and_rpo_counts_every_token():
+    alpha, policy, examples = 0.25, ToyLM(0), pairs(8)
+    assert any(len(p.chosen_ids) != len(p.rejected_ids) for p in examples)
+    obj = PreferenceObjective(ToyLM(1), Sigmoid(), FixedBeta(0.3), pad_id=0, collective=LOCAL,
+                              scorer=CompletionScorer(ld_alpha=alpha), rpo_alpha=0.5)
+    loss_sum, stats = obj.loss_and_stats(policy, obj.collate(examples))
+
+    def ld(model, p, completion):
+        logps, _ = naive_tokens(model, p.prompt_ids, completion)
+        shared = min(len(p.chosen_ids), len(p.rejected_ids))
+        return (logps[:shared].sum() + alpha * logps[shared:].sum()).item()
+
+    expected, chosen = 0.0, 0.0
+    for p in examples:
+        m = (ld(policy, p, p.chosen_ids) - ld(obj.reference, p, p.chosen_ids)) \
+            - (ld(policy, p, p.rejected_ids) - ld(obj.reference, p, p.rejected_ids))
+        nll = -naive_logp(policy, p.prompt_ids, p.chosen_ids) / len(p.chosen_ids)  # every token, unweighted
+        expected += -math.log(1 / (1 + math.exp(-0.3 * m))) + 0.5 * nll
+        chosen += ld(policy, p, p.chosen_ids)
+    assert loss_sum.item() == pytest.approx(expected, rel=1e-5)
+    assert stats["logps/chosen"][0].item() == pytest.approx(chosen, rel=1e-5)
+
+
+def test_wpo_weighs_each_pairs_loss_by_its_replies_probability_with_no_gradient_through_it():
+    beta, policy, examples = 0.3, ToyLM(0), pairs(6)
+    obj = PreferenceObjective(ToyLM(1), Sigmoid(), FixedBeta(beta), pad_id=0, collective=LOCAL,
+                              scorer=CompletionScorer(), use_weighting=True)
+    loss_sum, stats = obj.loss_and_stats(policy, obj.collate(examples))
+    (grad,) = torch.autograd.grad(loss_sum, [policy.table.weight])
+
+    table = policy.table.weight.detach().double().requires_grad_()
+    naive_policy = SimpleNamespace(table=SimpleNamespace(weight=table))
+    expected, weights = 0.0, []
+    for p in examples:
+        sides = []
+        for completion in (p.chosen_ids, p.rejected_ids):
+            logps, log_sum_sq = naive_tokens(naive_policy, p.prompt_ids, completion)
+            ref = naive_logp(obj.reference, p.prompt_ids, completion)
+            sides.append((logps.sum() - ref, torch.exp((logps.detach() - log_sum_sq).mean())))
+        (chosen, w_chosen), (rejected, w_rejected) = sides
+        weights.append((w_chosen * w_rejected).item())
+        expected = expected - weights[-1] * torch.nn.functional.logsigmoid(beta * (chosen - rejected))
+    (want,) = torch.autograd.grad(expected, [table])
+    assert loss_sum.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(grad.double(), want, rtol=1e-4, atol=1e-6)
+    assert stats["wpo_weights"][0].item() == pytest.approx(sum(weights), rel=1e-5)
+    assert stats["wpo_weights"][1].item() == 6 and stats["loss"][1].item() == 6  # the mean stays over pairs
+
+
 POLICIES = {
     "fixed": lambda: FixedBeta(0.2),
     "dynamic_beta": lambda: DynamicBetaPolicy(DynamicBetaController(RiskTestConfig(beta_warmup=1),
@@ -129,11 +186,11 @@ POLICIES = {
 @pytest.mark.parametrize("loss_type", list(LOSSES))
 @pytest.mark.parametrize("policy_name", list(POLICIES))
 def test_every_loss_composes_with_every_beta_policy(loss_type, policy_name):
-    """Three steps of each combination: finite loss and gradient, and the beta policy reads the
-    margin the loss is a function of (IPO's is length-averaged)."""
+    """Three steps of each combination (with RPO's NLL and WPO's weights): finite loss and gradient,
+    and the beta policy reads the margin the loss is a function of (IPO's is length-averaged)."""
     loss = make_loss(loss_type)
     obj = PreferenceObjective(ToyLM(1), loss, POLICIES[policy_name](), pad_id=0, collective=LOCAL,
-                              scorer=CompletionScorer(), rpo_alpha=0.2)
+                              scorer=CompletionScorer(), rpo_alpha=0.2, use_weighting=True)
     model = ToyLM(0)
     for step in range(3):
         examples = pairs(8, seed=step)

@@ -124,6 +124,22 @@ def test_a_lone_run_or_another_dataset_gets_its_own_table(tmp_path):
     assert len(plan_of(tmp_path, two_data).stage_runs("dpo", "reference")) == 2 * 2  # per SFT model x data
 
 
+def test_ld_dpo_runs_share_a_pass_per_ld_alpha(tmp_path):
+    """LD-DPO's ld_alpha weighs the table's sums: a grid over it makes a pass per value (and per SFT
+    model), and runs without it keep theirs."""
+    grid = PRECOMPUTED.replace('"dpo_training.beta" = [0.1, 0.2, 0.3]',
+                               '"dpo_training.beta" = [0.1, 0.2]\n"dpo_training.ld_alpha" = [0.5, 1.0]')
+    plan = plan_of(tmp_path, grid)
+    passes = plan.stage_runs("dpo", "reference")
+    assert len(passes) == 2 * 2
+    for ref_pass in passes:
+        readers = [r for r in plan.stage_runs("dpo") if r.ref_pass == ref_pass.run_id]
+        assert len(readers) == 2 and {r.config["dpo_training"]["ld_alpha"] for r in readers} == \
+            {ref_pass.config["dpo_training"]["ld_alpha"]}
+    plain = {p.run_id for p in plan_of(tmp_path, PRECOMPUTED).stage_runs("dpo", "reference")}
+    assert plain.isdisjoint(p.run_id for p in passes) and len(plain) == 2
+
+
 def test_a_reference_free_loss_waits_for_no_reference_pass(tmp_path):
     """A grid over loss_type with simpo in it: the simpo runs read no table, so only the others
     share the pass (a lone reader then computes its own)."""
