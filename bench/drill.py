@@ -365,6 +365,11 @@ CASES = [
         lambda r: {**r, "dpo_training": {**r["dpo_training"], "discopop_tau": 0.1}})),
     Case("config", "exo_pair without label_smoothing", trainer_config(
         lambda r: {**r, "dpo_training": {**r["dpo_training"], "loss_type": "exo_pair"}})),
+    Case("config", "sync_ref_model with a precomputed reference table", trainer_config(
+        lambda r: {**r, "dpo_training": {**r["dpo_training"], "sync_ref_model": True,
+                                         "precompute_ref_log_probs": True}})),
+    Case("config", "ref_model_sync_steps without sync_ref_model", trainer_config(
+        lambda r: {**r, "dpo_training": {**r["dpo_training"], "ref_model_sync_steps": 64}})),
     Case("config", "router_aux_loss_coef on a dense model", trainer_config(lambda r: {**r, "router_aux_loss_coef": 0.02})),
     Case("config", "a system column mapped under format = text", trainer_config(
         lambda r: {**r, "dataset": {**r["dataset"], "format": "text", "columns": {"system": "sys"}}})),

@@ -65,6 +65,20 @@ def reverse_data(tmp_path_factory, hf_cache) -> Path:
     return out / "train.jsonl"
 
 
+def stop_at(step: int):
+    """A stop signal as if USR2 arrived during step ``step`` (the trainer asks once per step)."""
+    from dpo_hpc.runtime.stop import StopSignal
+
+    class StopAt(StopSignal):
+        asked = 0
+
+        def agreed(self, world_size, device, **_):
+            self.asked += 1
+            return "SIGUSR2" if self.asked == step else None
+
+    return StopAt()
+
+
 def run_config(tmp_path: Path, model: Path, data: Path, section: str, **training) -> dict:
     """A small trainer config dict for the micro model."""
     base = {

@@ -9,6 +9,8 @@ status listings on a login node use it too.
         trainer_state.json      shared state pieces (JSON), step, world size
         engine/                 DeepSpeed's engine, optimizer and scheduler state
         ranks/rank_00000.pt     per-rank state pieces (RNG, objective), tensors and numbers only
+        replicated/<name>.safetensors   a piece of tensors identical on every rank (TR-DPO's moved
+                                reference), written once by rank 0
       .tmp-step_00000048/       a save in progress (removed by the next save if it was interrupted)
 """
 
@@ -25,6 +27,7 @@ MANIFEST = "manifest.json"
 SHARED_STATE = "trainer_state.json"
 ENGINE_TAG = "engine"
 RANKS = "ranks"
+REPLICATED = "replicated"
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _TMP_DIR = re.compile(r"^\.tmp-step_(\d{8})$")
@@ -54,6 +57,10 @@ def step_of(path: str | Path) -> Optional[int]:
 
 def rank_file(rank: int) -> str:
     return f"{RANKS}/rank_{rank:05d}.pt"
+
+
+def replicated_file(name: str) -> str:
+    return f"{REPLICATED}/{name}.safetensors"
 
 
 def published_checkpoints(root: str | Path) -> list[Path]:

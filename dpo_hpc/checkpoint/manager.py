@@ -2,8 +2,10 @@
 
 The checkpointer gathers Stateful pieces by name (anything with ``state_dict()`` /
 ``load_state_dict()``): *shared* pieces, identical on every rank and JSON-able (the trainer's
-counters and config), and *per-rank* pieces (the objective's controllers; this process's RNG is
-always added). It owns the save interval, so the trainer only says which step it finished.
+counters and config), *per-rank* pieces (the objective's controllers; this process's RNG is
+always added), and *replicated* pieces, tensors identical on every rank (a moved reference model),
+written once as safetensors. It owns the save interval, so the trainer only says which step it
+finished.
 
 A checkpoint is written into ``.tmp-step_N``, fsynced, given a ``manifest.json`` (format
 version, sha256 and size of every file) written last, then published by renaming it to
@@ -24,6 +26,7 @@ from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..fsutil import atomic_write_json, fsync_dir, remove_tree, seal_tree, sha256_file
 from ..runtime import DistEnv, barrier
@@ -146,10 +149,13 @@ def peek_shared(root: Path, name: str) -> Optional[tuple[Path, Any]]:
 
 class Checkpointer:
     def __init__(self, root: str | Path, dist_env: DistEnv, engine, *, interval: int, keep: int,
-                 shared: dict[str, Stateful], per_rank: dict[str, Stateful], exclude_frozen: bool = False):
+                 shared: dict[str, Stateful], per_rank: dict[str, Stateful],
+                 replicated: Optional[dict[str, Stateful]] = None, exclude_frozen: bool = False):
         """``interval``: save every this many steps (0: only when asked); ``keep``: published
-        checkpoints kept. ``shared`` pieces must return JSON-able state. ``exclude_frozen``: leave
-        frozen weights out of the engine state (LoRA: they are the base model, loaded by name)."""
+        checkpoints kept. ``shared`` pieces must return JSON-able state; ``replicated`` pieces a
+        dict of tensors on rank 0 (every rank calls their ``state_dict``: it may be a collective;
+        an empty one writes no file and loads as {}). ``exclude_frozen``: leave frozen weights out
+        of the engine state (LoRA: they are the base model, loaded by name)."""
         self.root = Path(root)
         self.dist = dist_env
         self.engine = engine
@@ -157,6 +163,7 @@ class Checkpointer:
         self.keep = max(1, keep)
         self.shared = shared
         self.per_rank = {**per_rank, RNG: RNGState()}
+        self.replicated = replicated or {}
         self.exclude_frozen = exclude_frozen
         if type(getattr(engine, "checkpoint_engine", None)).__name__ == "TorchCheckpointEngine":
             engine.checkpoint_engine = tensor_only_engine()  # never unpickle code from a run directory
@@ -231,6 +238,11 @@ class Checkpointer:
         rank_path = tmp / layout.rank_file(self.dist.rank)
         rank_path.parent.mkdir(exist_ok=True)
         torch.save({name: piece.state_dict() for name, piece in self.per_rank.items()}, rank_path)
+        for name, piece in self.replicated.items():
+            state = piece.state_dict()
+            if self.dist.is_main and state:
+                (tmp / layout.REPLICATED).mkdir(exist_ok=True)
+                save_file({k: v.contiguous() for k, v in state.items()}, tmp / layout.replicated_file(name))
         barrier()
         if self.dist.is_main:
             self._publish(tmp, final, step)
@@ -295,6 +307,9 @@ class Checkpointer:
         for name, piece in self.per_rank.items():
             if name in saved:
                 piece.load_state_dict(saved[name])
+        for name, piece in self.replicated.items():
+            file = path / layout.replicated_file(name)
+            piece.load_state_dict(load_file(file) if file.is_file() else {})  # safetensors: tensors only, never code
         self.last_saved_step = shared["step"]
         return shared["step"]
 

@@ -196,9 +196,6 @@ section of their own), for the error a TRL config meets: said, never read as ali
 
 TRL_LEFT_OUT = {
     "loss_weights": "one loss_type per run here (MPO's mixture of losses is not offered)",
-    "sync_ref_model": "the reference stays frozen (TR-DPO's updates are not offered)",
-    "ref_model_sync_steps": "the reference stays frozen (TR-DPO's updates are not offered)",
-    "ref_model_mixup_alpha": "the reference stays frozen (TR-DPO's updates are not offered)",
     "activation_offloading": "not offered; gradient_checkpointing cuts activation memory",
 }
 """TRL options with no counterpart here, and why: said as such, not as an unknown key."""

@@ -289,6 +289,15 @@ class DPOTrainingConfig(TrainingConfig):
     """WPO (Zhou et al., 2024; TRL's name): each pair's loss is weighted by how likely its two
     replies are under the policy now (the exp of each reply's mean of log p - log sum_v p_v^2, no
     gradient), so off-policy pairs count less; logged as ``wpo_weights``."""
+    sync_ref_model: bool = False
+    """TR-DPO (Gorbatovski et al., 2024; TRL's name): every ``ref_model_sync_steps`` optimizer steps
+    the reference moves toward the policy, ref = alpha * policy + (1 - alpha) * ref. The moved
+    reference is checkpointed and resumed with the run. Needs the reference model in memory (not
+    ``precompute_ref_log_probs``, a reference-free loss or LoRA's adapters-off reference)."""
+    ref_model_mixup_alpha: float = Field(0.6, gt=0.0, le=1.0)
+    """With ``sync_ref_model``: the policy's share alpha of each update (TRL's name and default)."""
+    ref_model_sync_steps: int = Field(512, ge=1)
+    """With ``sync_ref_model``: optimizer steps between updates (TRL's name and default)."""
 
     @model_validator(mode="after")
     def _loss_options_where_they_apply(self):
@@ -305,6 +314,15 @@ class DPOTrainingConfig(TrainingConfig):
         if self.f_alpha_divergence_coef != 0.5 and self.f_divergence_type != "alpha_divergence":
             raise ValueError("f_alpha_divergence_coef applies with f_divergence_type = \"alpha_divergence\"; set that "
                              "too, or leave the key out")
+        if not self.sync_ref_model:
+            for key in ("ref_model_mixup_alpha", "ref_model_sync_steps"):
+                if getattr(self, key) != type(self).__pydantic_fields__[key].default:
+                    raise ValueError(f"{key} applies with sync_ref_model = true; set that too, or leave the key out")
+        elif self.precompute_ref_log_probs or LOSSES[self.loss_type].reference_free:
+            why = ("precompute_ref_log_probs: a table of a fixed reference" if self.precompute_ref_log_probs else
+                   f"loss_type {self.loss_type} has no reference at all")
+            raise ValueError(f"sync_ref_model moves the reference model during training, which a run without one "
+                             f"cannot do ({why}); set sync_ref_model = false or drop the other")
         if self.loss_type == "exo_pair" and not self.label_smoothing:
             raise ValueError("loss_type exo_pair needs label_smoothing > 0 (its target's weight on the rejected "
                              "reply; the EXO paper uses 1e-3)")
@@ -507,6 +525,14 @@ class DPORunConfig(ModelSettings):
         if data.max_prompt_length >= data.max_length:
             raise ValueError(f"dataset.max_prompt_length ({data.max_prompt_length}) must be smaller than "
                              f"dataset.max_length ({data.max_length}) so that a completion fits")
+        return self
+
+    @model_validator(mode="after")
+    def _synced_reference_is_a_model(self):
+        if self.dpo_training.sync_ref_model and self.lora is not None:
+            raise ValueError("dpo_training.sync_ref_model with [lora]: a LoRA policy's reference is its base model "
+                             "with the adapters off (or another model), not a copy that can move toward base plus "
+                             "adapters (TRL refuses it too); train without [lora] or set sync_ref_model = false")
         return self
 
     @property

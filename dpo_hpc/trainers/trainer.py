@@ -41,6 +41,7 @@ from . import lora, ref_cache, samples, varlen_attention
 from .metrics import MetricsLogger, MetricSums
 from .profiling import StepProfiler
 from .progress import TrainProgress
+from .reference_sync import ReferenceSync
 from .trackers import check_available as check_trackers, open_trackers
 from .throughput import (FlopsModel, allocator_retries, describe_device, peak_flops, peak_memory_gib,
                          resident_memory_gib)
@@ -141,6 +142,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run.checkpoints, self.dist, self.engine,
                                          interval=self.training.save_steps, keep=self.training.save_total_limit,
                                          shared={"progress": self.progress}, per_rank={"objective": self.objective},
+                                         replicated={"reference": self.reference_sync} if self.reference_sync is not None else {},
                                          exclude_frozen=self.cfg.lora is not None)
 
     def start(self) -> None:
@@ -262,6 +264,13 @@ class Trainer:
         self.flops = FlopsModel.of(model)  # before DeepSpeed partitions the parameters
         self.reference_online = reference is not None
         self.engine, _, self.scheduler = build_engine(model, training, ds_cfg, self.total_steps)
+        self.reference_sync = None
+        if self.algo.kind == "preference" and training.sync_ref_model:
+            self.reference_sync = ReferenceSync(self.engine, reference, training.ref_model_mixup_alpha,
+                                                training.ref_model_sync_steps, self.dist.is_main)
+            self.ref_summary["reference_syncs"] = self.total_steps // training.ref_model_sync_steps
+            self.say(f"TR-DPO: the reference moves toward the policy every {training.ref_model_sync_steps} steps "
+                     f"(alpha {training.ref_model_mixup_alpha:g}), {self.ref_summary['reference_syncs']} times")
         self.peak_flops = peak_flops(self.device)
 
     @property
@@ -364,6 +373,8 @@ class Trainer:
             with record_function("dpo_hpc.optimizer_step"):
                 engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             sums.add(stats)
+        if self.reference_sync is not None:
+            self.reference_sync.after_step(step + 1)  # TR-DPO: on its sync steps, the reference moves
         metrics = sums.reduce(self.device)
         metrics.update(objective.end_step())
         metrics["learning_rate"] = learning_rate
@@ -465,8 +476,9 @@ class Trainer:
         off = [text for text, is_off in (
             ("gradient_checkpointing = true", not training.gradient_checkpointing),
             ("gradient_checkpointing_every_n_layers = 1", training.gradient_checkpointing_every_n_layers > 1),
-            ("precompute_ref_log_probs = true", self.reference_online and not training.precompute_ref_log_probs),
-            ("a [lora] section", cfg.lora is None),
+            ("precompute_ref_log_probs = true", self.reference_online and not training.precompute_ref_log_probs
+             and self.reference_sync is None),  # TR-DPO's reference moves: no table of it
+            ("a [lora] section", cfg.lora is None and self.reference_sync is None),
             ("deepspeed.zero_stage = 3", cfg.deepspeed.zero_stage < 3)) if is_off]
         return out_of_memory(training.batch_size, "rows" if self.algo.kind == "sft" else "pairs", off)
 

@@ -13,27 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_config
+from conftest import run_config, stop_at
 from dpo_hpc.checkpoint import layout
 from dpo_hpc.config import validate_mapping
-from dpo_hpc.runtime.stop import StopSignal
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.slow
 
 LORA = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
-
-
-class StopAt(StopSignal):
-    """The stop signal as if USR2 arrived during step ``step`` (the trainer asks once per step)."""
-
-    def __init__(self, step: int):
-        super().__init__()
-        self.step, self.asked = step, 0
-
-    def agreed(self, world_size, device, **_):
-        self.asked += 1
-        return "SIGUSR2" if self.asked == self.step else None
 
 
 def lora_dpo(tmp_path, model, data, name, zero_stage=0, **training):
@@ -67,7 +54,7 @@ def test_lora_dpo_trains_adapters_against_its_own_base_and_resumes_exactly(tmp_p
     resumed = lora_dpo(tmp_path, micro_model, reverse_data, "resumed", zero_stage, eval_steps=2,
                        generate_during_eval=True, max_new_tokens=4)
     cfg = validate_mapping(resumed, "dpo")
-    assert train(cfg, "dpo", stop=StopAt(2))["status"] == "preempted"
+    assert train(cfg, "dpo", stop=stop_at(2))["status"] == "preempted"
     ckpt = Path(resumed["dpo_training"]["save_dir"]) / "checkpoints" / layout.step_dir_name(2)
     engine_files = list((ckpt / layout.ENGINE_TAG).glob("*model_states.pt"))
     module = torch.load(engine_files[0], weights_only=False)["module"]  # our own file, written just now

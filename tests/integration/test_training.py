@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
-from conftest import BIN, REPO, run_config
+from conftest import BIN, REPO, run_config, stop_at
 from dpo_hpc.checkpoint import layout
 from dpo_hpc.config import validate_mapping
 from dpo_hpc.fsutil import umask_mode
@@ -310,9 +310,11 @@ def test_killed_run_resumes_to_identical_weights_and_skips_a_corrupt_checkpoint(
 
 @pytest.mark.multiproc
 def test_two_ranks_under_torchrun_match_one_rank_with_accumulation(tmp_path, micro_model):
-    """Dynamic-Beta DPO: 2 ranks x GA 1 (ZeRO-3) gives the beta trajectory and weights of 1 rank x GA 2."""
+    """Dynamic-Beta DPO: 2 ranks x GA 1 (ZeRO-3) gives the beta trajectory and weights of 1 rank x GA 2,
+    with TR-DPO's reference, partitioned, moving every 2 steps and saved whole in the checkpoint."""
     data = small_data(tmp_path, 24)
-    common = dict(max_steps=5, batch_size=4, learning_rate=2e-3)
+    common = dict(max_steps=5, batch_size=4, learning_rate=2e-3, sync_ref_model=True, ref_model_sync_steps=2,
+                  save_steps=3, checkpoints_at_end="all")
     algo = {"risk_test": {"beta_warmup": 1}, "beta_update": {"alpha": 0.05}}
     one = {**run_config(tmp_path / "one", micro_model, data, "dpo_training", gradient_accumulation_steps=2, **common), **algo}
     two = {**run_config(tmp_path / "two", micro_model, data, "dpo_training", gradient_accumulation_steps=1, **common), **algo}
@@ -334,6 +336,10 @@ def test_two_ranks_under_torchrun_match_one_rank_with_accumulation(tmp_path, mic
     assert [v for _, v in logged_one["loss"]] == pytest.approx([v for _, v in logged_two["loss"]], abs=1e-5)
     beta_one, beta_two = [v for _, v in logged_one["dpo/beta"]], [v for _, v in logged_two["dpo/beta"]]
     assert beta_one == pytest.approx(beta_two, rel=1e-6) and len(set(beta_one)) > 2
+    moved = [load_file(Path(run["dpo_training"]["save_dir"]) / "checkpoints" / layout.step_dir_name(3)
+                       / layout.replicated_file("reference")) for run in (one, two)]
+    for key in a:
+        torch.testing.assert_close(moved[0][key], moved[1][key], rtol=1e-4, atol=5e-5)
 
 
 def test_train_sft_runs_the_seed_config(tmp_path, micro_model, reverse_data):
@@ -558,6 +564,41 @@ def test_ld_dpo_and_wpo_train_and_ld_dpo_makes_its_own_reference_table(tmp_path,
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_tr_dpo_moves_the_reference_on_its_steps_and_a_resume_brings_it_back(tmp_path, micro_model, zero_stage):
+    """TR-DPO (sync every 2 steps, alpha 0.5): the reference in the step-3 checkpoint is half the
+    starting model and half the policy of step 2; a run preempted at step 4 resumes to the weights
+    of one that never stopped; a frozen reference trains to other weights."""
+    from dpo_hpc.trainers.trainer import train
+
+    data = small_data(tmp_path, 40)
+
+    def run(name, stop=None, **options):
+        training = dict(max_steps=5, batch_size=4, learning_rate=2e-3, lr_scheduler="constant", save_steps=3,
+                        checkpoints_at_end="all", sync_ref_model=True, ref_model_sync_steps=2,
+                        ref_model_mixup_alpha=0.5)
+        raw = run_config(tmp_path / name, micro_model, data, "dpo_training", **{**training, **options})
+        raw["deepspeed"] = {"zero_stage": zero_stage}
+        summary = train(validate_mapping(raw, "dpo"), "dpo", stop=stop)
+        return summary, tmp_path / name / "run"
+
+    summary, straight = run("straight")
+    assert summary["reference_syncs"] == 2 and summary["reference_forwards"] > 0
+    _, short = run("short", max_steps=2)  # the same first two steps (constant learning rate)
+    start, policy_2 = load_file(micro_model / "model.safetensors"), load_file(short / "model.safetensors")
+    moved = load_file(straight / "checkpoints" / layout.step_dir_name(3) / layout.replicated_file("reference"))
+    assert moved.keys() == policy_2.keys()
+    for key in moved:
+        torch.testing.assert_close(moved[key], start[key] * 0.5 + policy_2[key] * 0.5, rtol=1e-6, atol=1e-7)
+    assert run("stopped", stop=stop_at(4))[0]["status"] == "preempted"
+    assert run("stopped")[0]["status"] == "completed"
+    a, b = load_file(straight / "model.safetensors"), load_file(tmp_path / "stopped" / "run" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed TR-DPO run diverged"
+    _, frozen = run("frozen", sync_ref_model=False, ref_model_sync_steps=512, ref_model_mixup_alpha=0.6)
+    frozen_weights = load_file(frozen / "model.safetensors")
+    assert any(not torch.equal(a[k], frozen_weights[k]) for k in a)
+
+
 @pytest.mark.multiproc
 @pytest.mark.parametrize("zero_stage", [0, 3])
 def test_two_ranks_share_the_reference_pass(tmp_path, micro_model, zero_stage):
@@ -721,25 +762,11 @@ def test_a_checkpoint_holding_code_is_refused_and_never_run(tmp_path, micro_mode
     assert not (tmp_path / "pwned").exists()
 
 
-def _stop_at_two():
-    """A preemption signal agreed at the end of step 2."""
-    from dpo_hpc.runtime.stop import StopSignal
-
-    class StopAtTwo(StopSignal):
-        asked = 0
-
-        def agreed(self, world_size, device, **_):
-            self.asked += 1
-            return "SIGUSR2" if self.asked == 2 else None
-
-    return StopAtTwo()
-
-
 def _preempted_at_two(tmp_path, micro_model, data) -> dict:
     from dpo_hpc.trainers.trainer import train
 
     raw = run_config(tmp_path, micro_model, data, "dpo_training", max_steps=4, batch_size=4)
-    assert train(validate_mapping(raw, "dpo"), "dpo", stop=_stop_at_two())["status"] == "preempted"
+    assert train(validate_mapping(raw, "dpo"), "dpo", stop=stop_at(2))["status"] == "preempted"
     return raw
 
 

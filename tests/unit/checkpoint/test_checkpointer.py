@@ -99,6 +99,37 @@ def test_pieces_and_rng_round_trip(tmp_path):
     assert torch.equal(torch.rand(2), expected[0]) and random.random() == expected[1]
 
 
+class Weights:
+    """A replicated piece: tensors, or nothing yet (as TR-DPO's reference before it moves)."""
+
+    def __init__(self, state=None):
+        self.state, self.loaded = state or {}, None
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state):
+        self.loaded = state
+
+
+def test_replicated_pieces_are_one_checksummed_safetensors_file_or_none(tmp_path):
+    def with_weights(piece):
+        return Checkpointer(tmp_path, ONE, FakeEngine(), interval=0, keep=3, shared={"progress": Progress()},
+                            per_rank={}, replicated={"reference": piece})
+
+    with_weights(Weights()).save(1)
+    with_weights(Weights({"w": torch.arange(3.0), "b": torch.ones(2, 2)})).save(2)
+    assert not (tmp_path / layout.step_dir_name(1) / layout.REPLICATED).exists()  # nothing to keep yet
+    manifest = json.loads((tmp_path / layout.step_dir_name(2) / layout.MANIFEST).read_text())
+    assert layout.replicated_file("reference") in manifest["files"]
+    piece = Weights()
+    assert with_weights(piece).resume(print)[0] == 2
+    assert set(piece.loaded) == {"w", "b"} and torch.equal(piece.loaded["w"], torch.arange(3.0))
+    piece = Weights()
+    with_weights(piece).load(tmp_path / layout.step_dir_name(1))
+    assert piece.loaded == {}
+
+
 def test_corrupt_newer_and_unknown_version_are_skipped(tmp_path):
     ckpt, _, _ = checkpointer(tmp_path, interval=0, keep=5)
     for step in (1, 2, 3):

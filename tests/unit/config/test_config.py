@@ -91,13 +91,27 @@ def test_a_trl_config_is_told_each_settings_name_here():
         "f.yaml: dpo_training.num_train_epochs: unknown key; that is TRL's name: here it is epochs",
         "f.yaml: dpo_training.per_device_train_batch_size: unknown key; that is TRL's name: here it is batch_size",
     ]
-    left_out = with_("dpo_training", sync_ref_model=True, router_aux_loss_coef=0.01)
+    left_out = with_("dpo_training", activation_offloading=True, router_aux_loss_coef=0.01)
     assert sorted(errors(left_out)) == [
+        "f.yaml: dpo_training.activation_offloading: unknown key; that is TRL's option: not offered; "
+        "gradient_checkpointing cuts activation memory",
         "f.yaml: dpo_training.router_aux_loss_coef: unknown key; that is TRL's name: here it is the top-level "
         "router_aux_loss_coef",
-        "f.yaml: dpo_training.sync_ref_model: unknown key; that is TRL's option: the reference stays frozen (TR-DPO's "
-        "updates are not offered)",
     ]
+
+
+def test_tr_dpo_needs_a_reference_model_that_can_move():
+    assert validate_mapping(with_("dpo_training", sync_ref_model=True, ref_model_sync_steps=64), "dpo").training\
+        .ref_model_mixup_alpha == 0.6
+    assert errors(with_("dpo_training", ref_model_sync_steps=64)) == [
+        "f.yaml: dpo_training: ref_model_sync_steps applies with sync_ref_model = true; set that too, or leave the "
+        "key out"]
+    (table,) = errors(with_("dpo_training", sync_ref_model=True, precompute_ref_log_probs=True))
+    assert "precompute_ref_log_probs: a table of a fixed reference" in table
+    (simpo,) = errors(with_("dpo_training", sync_ref_model=True, loss_type="simpo"))
+    assert "loss_type simpo has no reference at all" in simpo
+    (adapters,) = errors({**with_("dpo_training", sync_ref_model=True), "lora": {"r": 8}})
+    assert "sync_ref_model with [lora]" in adapters
 
 
 def test_unknown_section_lists_valid_keys():
