@@ -190,6 +190,8 @@ TRL_NAMES = {
     "output_router_logits": "the top-level router_aux_loss_coef (the router's load-balancing loss, with its weight)",
     "router_aux_loss_coef": "the top-level router_aux_loss_coef", "disable_dropout": "always on (no key)",
     "precompute_ref_batch_size": "eval_batch_size (the reference pass's micro-batch too)",
+    "truncation_mode": "dataset.truncation_mode", "data_seed": "seed (it orders the data too)",
+    "deepspeed": "the top-level [deepspeed] section (zero_stage, config_file)",
 }
 """TRL's names of settings this schema names otherwise (the original framework's names, or a
 section of their own), for the error a TRL config meets: said, never read as aliases."""
@@ -197,6 +199,27 @@ section of their own), for the error a TRL config meets: said, never read as ali
 TRL_LEFT_OUT = {
     "loss_weights": "one loss_type per run here (MPO's mixture of losses is not offered)",
     "activation_offloading": "not offered; gradient_checkpointing cuts activation memory",
+    "gradient_checkpointing_kwargs": "gradient_checkpointing is always non-reentrant here; "
+                                     "gradient_checkpointing_every_n_layers picks the blocks",
+    "resume_from_checkpoint": "a run resumes by itself from its save_dir's newest verified checkpoint",
+    "fsdp": "sharding here is DeepSpeed ZeRO (the top-level deepspeed.zero_stage = 3)",
+    "fsdp_config": "sharding here is DeepSpeed ZeRO (the top-level deepspeed.zero_stage = 3)",
+    "push_to_hub": "compute nodes are offline; save_dir holds the final model in save_pretrained form, to push "
+                   "from a login node",
+    "hub_model_id": "compute nodes are offline; save_dir holds the final model in save_pretrained form, to push "
+                    "from a login node",
+    "use_liger_kernel": "not needed: the log-probs come from a chunked head at completion tokens, never from "
+                        "full-vocabulary logits",
+    "torch_compile_mode": "torch_compile compiles each transformer block with inductor's default mode",
+    "torch_compile_backend": "torch_compile compiles each transformer block with inductor's default mode",
+    "dataset_num_proc": "rows are tokenized once (on rank 0) and cached by content, not per process",
+    "dataloader_num_workers": "batches are collated in the training process from rows tokenized once and cached",
+    "pad_to_multiple_of": "rows are padded to the micro-batch's longest; padding_free removes the padding",
+    "load_best_model_at_end": "the final model is the last step's; every evaluation is in TensorBoard and the "
+                              "experiment report",
+    "metric_for_best_model": "the final model is the last step's; every evaluation is in TensorBoard and the "
+                             "experiment report",
+    "neftune_noise_alpha": "NEFTune's embedding noise is not offered",
 }
 """TRL options with no counterpart here, and why: said as such, not as an unknown key."""
 

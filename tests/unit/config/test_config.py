@@ -91,12 +91,16 @@ def test_a_trl_config_is_told_each_settings_name_here():
         "f.yaml: dpo_training.num_train_epochs: unknown key; that is TRL's name: here it is epochs",
         "f.yaml: dpo_training.per_device_train_batch_size: unknown key; that is TRL's name: here it is batch_size",
     ]
-    left_out = with_("dpo_training", activation_offloading=True, router_aux_loss_coef=0.01)
+    left_out = with_("dpo_training", activation_offloading=True, router_aux_loss_coef=0.01, truncation_mode="keep_end",
+                     resume_from_checkpoint=True)
     assert sorted(errors(left_out)) == [
         "f.yaml: dpo_training.activation_offloading: unknown key; that is TRL's option: not offered; "
         "gradient_checkpointing cuts activation memory",
+        "f.yaml: dpo_training.resume_from_checkpoint: unknown key; that is TRL's option: a run resumes by itself "
+        "from its save_dir's newest verified checkpoint",
         "f.yaml: dpo_training.router_aux_loss_coef: unknown key; that is TRL's name: here it is the top-level "
         "router_aux_loss_coef",
+        "f.yaml: dpo_training.truncation_mode: unknown key; that is TRL's name: here it is dataset.truncation_mode",
     ]
 
 
