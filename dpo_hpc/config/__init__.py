@@ -15,6 +15,7 @@ from .schema import (
     DPORunConfig,
     DPOTrainingConfig,
     DynamicBetaDPORunConfig,
+    MixSource,
     RiskTestConfig,
     SFTRunConfig,
     SFTTrainingConfig,
@@ -24,7 +25,7 @@ from .schema import (
 __all__ = [
     "ALGORITHMS", "ROW_FIELDS", "STRICT", "Algorithm", "BetaDPORunConfig", "BetaDPOSectionConfig", "BetaUpdateConfig",
     "ConfigError", "DatasetConfig", "DeepSpeedConfig", "DPORunConfig", "DPOTrainingConfig",
-    "DynamicBetaDPORunConfig", "RiskTestConfig", "SFTRunConfig", "SFTTrainingConfig", "TrainingConfig",
+    "DynamicBetaDPORunConfig", "MixSource", "RiskTestConfig", "SFTRunConfig", "SFTTrainingConfig", "TrainingConfig",
     "algorithm", "by_command", "detect_trainer", "load_config", "parse_override", "read_mapping", "set_dotted",
     "to_dict", "to_identity", "validate_as", "validate_mapping",
 ]

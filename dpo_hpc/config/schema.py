@@ -41,6 +41,35 @@ ROW_FIELDS = ("prompt", "chosen", "rejected", "messages", "system")
 """The columns dataset rows are read by (``dataset.columns`` maps a dataset's own names onto them)."""
 
 
+def _check_columns(columns: dict[str, str]) -> None:
+    unknown = sorted(set(columns) - set(ROW_FIELDS))
+    if unknown:
+        raise ValueError(f"columns: unknown field(s) {', '.join(unknown)}; expected {', '.join(ROW_FIELDS)}")
+
+
+@dataclass(config=STRICT, kw_only=True)
+class MixSource:
+    """One more dataset whose rows join ``dataset_name``'s (a ``[[dataset.mix]]`` table)."""
+
+    dataset_name: str
+    """Hub dataset name or local path, as ``dataset.dataset_name``."""
+    subset: str = "train"
+    """Its split expression of training rows."""
+    eval_subset: Optional[str] = None
+    """Its split of validation rows, joining ``dataset.eval_subset``'s (which it needs). Without one
+    its rows only train there; under ``val_ratio`` the mixture's rows are split as one."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Its own names for the columns read, as ``dataset.columns``."""
+    fraction: float = Field(1.0, gt=0.0, le=1.0)
+    """The share of its ``subset`` rows taken: a seeded choice (``dataset.seed``), the same in every
+    run (alignment-handbook's ``dataset_mixer`` fractions)."""
+
+    @model_validator(mode="after")
+    def _known_columns(self):
+        _check_columns(self.columns)
+        return self
+
+
 @dataclass(config=STRICT, kw_only=True)
 class DatasetConfig:
     dataset_name: str
@@ -84,17 +113,30 @@ class DatasetConfig:
     flipped at 0.2 are among those flipped at 0.4. Counted in the data report (``label_flipped``)."""
     label_noise_seed: int = 0
     """Seed of which pairs ``label_noise`` flips."""
+    mix: list[MixSource] = Field(default_factory=list)
+    """More datasets mixed in (``[[dataset.mix]]`` tables: ``dataset_name``, ``subset``,
+    ``eval_subset``, ``columns``, ``fraction``): their rows join ``dataset_name``'s, each source read
+    with its own column names, in whatever form its rows take (HH, text or conversational); the
+    settings above apply to all. The data report counts the rows taken from each, and names a
+    dropped row by its source (``name[i]``)."""
     cache_dir: Optional[str] = Field(None, json_schema_extra=LOCATION)
     """Folder of tokenized splits, keyed by the rows, the settings above and the tokenizer: a run
     that finds its split there skips tokenizing (every restart, every rank, every run of a sweep
     on the same data). Default: none for a single run; an experiment's runs share
     ``<output_root>/<name>/.data_cache``. Needs a fast tokenizer."""
 
+    @property
+    def dataset_names(self) -> list[str]:
+        """Every dataset the rows come from: ``dataset_name``, then each ``mix`` source's."""
+        return [self.dataset_name, *(source.dataset_name for source in self.mix)]
+
     @model_validator(mode="after")
     def _known_columns(self):
-        unknown = sorted(set(self.columns) - set(ROW_FIELDS))
-        if unknown:
-            raise ValueError(f"columns: unknown field(s) {', '.join(unknown)}; expected {', '.join(ROW_FIELDS)}")
+        _check_columns(self.columns)
+        for index, source in enumerate(self.mix):
+            if source.eval_subset is not None and self.eval_subset is None:
+                raise ValueError(f"mix[{index}].eval_subset: validation rows come from a val_ratio share of the "
+                                 "mixture unless dataset.eval_subset is set; set that too, or leave this out")
         if self.format == "text" and (self.system_prompt is not None or "system" in self.columns):
             key = "system_prompt" if self.system_prompt is not None else "columns.system"
             raise ValueError(f"{key} applies to conversational rows; format = 'text' has none")

@@ -27,7 +27,7 @@ from ..config import DatasetConfig
 from ..fsutil import atomic_write_json
 from .cache import SplitCache, tokenizer_identity
 from .formats import DROP_REASONS, RowParser
-from .sources import DataError, as_dataset, load_raw
+from .sources import DataError, MixedRows, as_dataset, load_raw
 from .tokenize import (BatchEncodings, SpecialTokens, TokenizedPair, texts_encoded, tokenize_conversation,
                        tokenize_pair)
 
@@ -142,6 +142,9 @@ def tokenizer_threads():
 
 def _blocks(ds):
     """The rows of ``ds`` as dicts, BLOCK_ROWS at a time."""
+    if isinstance(ds, MixedRows):
+        yield from ds.blocks(BLOCK_ROWS)
+        return
     for batch in ds.iter(batch_size=BLOCK_ROWS):
         keys = list(batch)
         yield [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
@@ -162,7 +165,8 @@ class SplitReader:
     cache: Optional[SplitCache] = None
 
     def read(self, ds, positions, split: str) -> tuple[ExampleSet, SplitReport]:
-        """``positions[i]``: where ``ds``'s row i sits in the dataset as the researcher sees it."""
+        """``positions[i]``: where ``ds``'s row i sits in the dataset as the researcher sees it (its
+        index, or in a mixture ``name[index]``)."""
         if self.cache is None:
             return self.tokenize(ds, positions, split)
         ids = [row_id(row) for block in _blocks(ds) for row in block]
@@ -187,13 +191,13 @@ class SplitReader:
         ids = ids if known else []
         started = last_said = time.monotonic()
         for rows in _blocks(ds):
-            parsed_rows = [self.parse(row, int(positions[report.rows + i])) for i, row in enumerate(rows)]
+            parsed_rows = [self.parse(row, _position(positions[report.rows + i])) for i, row in enumerate(rows)]
             texts = [text for parsed, _ in parsed_rows if parsed is not None for text in texts_encoded(parsed)]
             encoder = BatchEncodings(self.tokenizer, texts, offsets=self.parse.kind == "sft")
             for row, (parsed, reason) in zip(rows, parsed_rows):
                 if not known:
                     ids.append(row_id(row))
-                position, example_id = int(positions[report.rows]), ids[report.rows]
+                position, example_id = _position(positions[report.rows]), ids[report.rows]
                 report.rows += 1
                 if parsed is not None:
                     example, reason = self.encode(encoder, parsed, report.notes)
@@ -216,26 +220,58 @@ class SplitReader:
         return ExampleSet(examples, fingerprint(ids, {**self.settings, "split": split})), report
 
 
-def mapped_columns(ds, cfg: DatasetConfig, kind: str, name: str):
-    """The rows under the names the parsers read (``dataset.columns`` renames), checked: a missing
-    or clashing column is a DataError naming it."""
+def _position(where):
+    return where if isinstance(where, str) else int(where)  # numpy ints are not JSON
+
+
+def mapped_columns(ds, columns: dict[str, str], kind: str, name: str, key: str = "dataset.columns"):
+    """The rows under the names the parsers read (``columns``: ``dataset.columns``, or a mix source's,
+    named ``key``, renames), checked: a missing or clashing column is a DataError naming it."""
     found = set(ds.column_names)
-    for ours, theirs in cfg.columns.items():
+    for ours, theirs in columns.items():
         if theirs not in found:
-            raise DataError(f"dataset '{name}': dataset.columns.{ours} = '{theirs}', but there is no column "
+            raise DataError(f"dataset '{name}': {key}.{ours} = '{theirs}', but there is no column "
                             f"'{theirs}'; found {sorted(found)}")
-        if ours in found and ours != theirs and ours not in cfg.columns.values():
-            raise DataError(f"dataset '{name}': dataset.columns.{ours} = '{theirs}', but the dataset already has a "
+        if ours in found and ours != theirs and ours not in columns.values():
+            raise DataError(f"dataset '{name}': {key}.{ours} = '{theirs}', but the dataset already has a "
                             f"column '{ours}'; map that one too or drop it")
-    ds = ds.rename_columns({theirs: ours for ours, theirs in cfg.columns.items() if theirs != ours})
+    ds = ds.rename_columns({theirs: ours for ours, theirs in columns.items() if theirs != ours})
     columns = set(ds.column_names)
     needs = [("chosen",), ("messages",)] if kind == "sft" else [("chosen", "rejected")]
     if not any(set(need) <= columns for need in needs):
         wanted = " or ".join(" and ".join(need) for need in needs)
         example = ' = { messages = "conversations" } for ShareGPT rows' if "conversations" in columns else ""
         raise DataError(f"dataset '{name}': expected columns {wanted} (optionally prompt; in HH, text or "
-                        f"conversational form); found {sorted(columns)}; map other names with dataset.columns{example}")
+                        f"conversational form); found {sorted(columns)}; map other names with {key}{example}")
     return ds
+
+
+def with_mix(main, cfg: DatasetConfig, kind: str, split_key: str, say: Callable[[str], None]):
+    """``main`` (``dataset_name``'s rows in ``split_key``, columns mapped) as it is, or with the
+    rows of each ``dataset.mix`` source in that split joined: its own columns mapped, and of its
+    training rows a seeded ``fraction``. Says what each source gave."""
+    sources = [(k, s) for k, s in enumerate(cfg.mix) if getattr(s, split_key) is not None]
+    if not sources:
+        return main
+    parts = [(cfg.dataset_name, main, list(range(len(main))))]
+    for index, source in sources:
+        key = f"dataset.mix[{index}]"
+        ds = mapped_columns(load_raw(source, f"{key}.dataset_name", split_key), source.columns, kind,
+                            source.dataset_name, f"{key}.columns")
+        origin = list(range(len(ds)))
+        if split_key == "subset" and source.fraction < 1.0:
+            taken = max(1, round(source.fraction * len(ds)))
+            origin = sorted(np.random.default_rng([cfg.seed, index]).choice(len(ds), taken, replace=False).tolist())
+            ds = ds.select(origin)
+        parts.append((source.dataset_name, ds, origin))
+        say(f"data mix ({split_key}): {len(ds):,} rows of '{source.dataset_name}' {getattr(source, split_key)}"
+            + (f" (a {source.fraction:g} share)" if split_key == "subset" and source.fraction < 1.0 else ""))
+    return MixedRows(parts)
+
+
+def _where(raw, indices) -> list:
+    """Each row's place as the data report names it: its index, or in a mixture ``name[index]``."""
+    return [raw.label(i) for i in indices] if isinstance(raw, MixedRows) else indices
 
 
 def load_splits(
@@ -247,8 +283,13 @@ def load_splits(
     Rows come from ``dataset_name``/``subset``, or from ``train_rows`` (a ``datasets.Dataset`` or a
     list of dicts, as the Python API passes them); ``eval_rows``, if given, is the validation
     split instead of a ``val_ratio`` share of the training rows. ``say`` gets the progress lines.
+    ``dataset.mix`` sources join the rows loaded by name (rows passed in are the whole dataset).
     """
-    raw = mapped_columns(load_raw(cfg) if train_rows is None else as_dataset(train_rows), cfg, kind, cfg.dataset_name)
+    mixing = bool(cfg.mix) and train_rows is None
+    raw = mapped_columns(load_raw(cfg) if train_rows is None else as_dataset(train_rows), cfg.columns, kind,
+                         cfg.dataset_name)
+    if mixing:
+        raw = with_mix(raw, cfg, kind, "subset", say)
     if cfg.format == "text" and "system" in raw.column_names:
         say(f"note: dataset '{cfg.dataset_name}': its system column is not read: format = 'text' renders no chat "
             "template to put a system message in ('auto' or 'conversational' would)")
@@ -257,6 +298,8 @@ def load_splits(
     settings: dict[str, Any] = {"kind": kind, "max_length": cfg.max_length, "format": cfg.format,
                                 "columns": cfg.columns, "system_prompt": cfg.system_prompt,
                                 "truncation_mode": cfg.truncation_mode}
+    if mixing:  # only then: the fingerprints of unmixed data stay as they were
+        settings["mix"] = [dataclasses.asdict(source) for source in cfg.mix]
     if kind == "sft":
         if cfg.label_noise:
             raise DataError(f"dataset '{cfg.dataset_name}': dataset.label_noise = {cfg.label_noise} swaps chosen and "
@@ -279,9 +322,14 @@ def load_splits(
     if eval_rows is None:
         train_idx, val_idx = split_indices(len(raw), cfg.val_ratio, cfg.seed)
         train_raw, val_raw = raw.select(train_idx), raw.select(val_idx)
+        train_where, val_where = _where(raw, train_idx), _where(raw, val_idx)
     else:
-        train_raw, val_raw = raw, mapped_columns(as_dataset(eval_rows), cfg, kind, f"{cfg.dataset_name} (eval)")
-        train_idx, val_idx = range(len(train_raw)), range(len(val_raw))
+        train_raw = raw
+        val_raw = mapped_columns(as_dataset(eval_rows), cfg.columns, kind, f"{cfg.dataset_name} (eval)")
+        if mixing:
+            val_raw = with_mix(val_raw, cfg, kind, "eval_subset", say)
+        train_where, val_where = _where(train_raw, range(len(train_raw))), _where(val_raw, range(len(val_raw)))
+
     def flip(example_id: str) -> bool:  # SFT refused label_noise above, so this is False there
         return is_flipped(example_id, cfg.label_noise, cfg.label_noise_seed)
 
@@ -289,8 +337,8 @@ def load_splits(
     reader = SplitReader(parse, tokenizer, encode, cfg.dataset_name, settings, flip, say,
                          SplitCache(cfg.cache_dir, identity) if identity else None)
     with tokenizer_threads():
-        train, train_report = reader.read(train_raw, train_idx, "train")
-        val, val_report = reader.read(val_raw, val_idx, "validation")
+        train, train_report = reader.read(train_raw, train_where, "train")
+        val, val_report = reader.read(val_raw, val_where, "validation")
     report = {
         "dataset_name": cfg.dataset_name,
         "subset": cfg.subset,
@@ -298,6 +346,8 @@ def load_splits(
         "train": {**train_report.as_dict(), "fingerprint": train.fingerprint},
         "validation": {**val_report.as_dict(), "fingerprint": val.fingerprint},
     }
+    if mixing:
+        report["mix"] = [{"dataset_name": name, "rows": len(ds)} for name, ds, _ in raw.parts]
     return train, val, report
 
 

@@ -3,8 +3,10 @@ folder of such files, a ``save_to_disk`` folder), or rows passed in by the Pytho
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 from ..config import DatasetConfig
 
@@ -132,3 +134,41 @@ def as_dataset(rows):
     import datasets
 
     return rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(list(rows))
+
+
+class MixedRows:
+    """The rows of several datasets read as one (``dataset.mix``): each source's chosen rows in
+    order, then the next source's, each row as its own source has it (the sources may differ in
+    columns and forms). What the pipeline reads of a ``datasets.Dataset``: ``len``, ``select``,
+    ``column_names``, and ``blocks`` of rows; ``label(i)`` names row i as ``name[index in its
+    source]``, for the data report."""
+
+    def __init__(self, parts: list[tuple[str, Any, list[int]]], picks: list[tuple[int, int]] | None = None):
+        self.parts = parts  # (name, dataset, each of its rows' index in the source as loaded)
+        self.picks = picks if picks is not None else [
+            (part, row) for part, (_, ds, _) in enumerate(parts) for row in range(len(ds))]
+
+    def __len__(self) -> int:
+        return len(self.picks)
+
+    @property
+    def column_names(self) -> list[str]:
+        return sorted({column for _, ds, _ in self.parts for column in ds.column_names})
+
+    def select(self, indices) -> "MixedRows":
+        return MixedRows(self.parts, [self.picks[int(i)] for i in indices])
+
+    def label(self, index: int) -> str:
+        part, row = self.picks[int(index)]
+        name, _, origin = self.parts[part]
+        return f"{name}[{origin[row]}]"
+
+    def blocks(self, size: int):
+        """The rows as dicts, ``size`` at a time; a source's run of rows is read in one call."""
+        for start in range(0, len(self.picks), size):
+            rows: list[dict] = []
+            for part, run in itertools.groupby(self.picks[start:start + size], key=lambda pick: pick[0]):
+                batch = self.parts[part][1].select([row for _, row in run])[:]
+                keys = list(batch)
+                rows += [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
+            yield rows

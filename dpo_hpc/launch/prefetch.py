@@ -62,7 +62,7 @@ def plan_assets(plan: Plan) -> list[Asset]:
         cache = hub_cache(stage_slurm(plan, stage).get("env") or {})
         for run in plan.stage_runs(stage):
             cfg = validate_mapping(run.config, run.trainer, source=run.run_id)
-            names = [("dataset", cfg.dataset.dataset_name)]
+            names = [("dataset", name) for name in cfg.dataset.dataset_names]
             if run.parent is None:  # a stage started from another stage's output names none of its own
                 names += [("model", n) for n in (cfg.policy_name, getattr(cfg, "ref_name", None), cfg.tokenizer_name) if n]
             for kind, name in names:

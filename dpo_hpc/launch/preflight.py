@@ -75,43 +75,68 @@ def check_model(name: str, what: str, env: dict[str, str], found: Findings, wher
 
 def check_data(cfg, trainer: str, tokenizer_name: Optional[str], env: dict[str, str], found: Findings,
                where: str) -> None:
-    """The dataset resolves and its first rows parse into usable examples."""
-    from ..data.formats import RowParser
-    from ..data.pipeline import mapped_columns
-    from ..data.sources import DataError, load_raw
+    """The dataset, and each ``dataset.mix`` source, resolves and its first rows parse into usable
+    examples."""
     from ..trainers.engine import load_tokenizer
 
     dataset = cfg.dataset
-    path = Path(dataset.dataset_name).expanduser()
-    if not path.exists() and not dataset.dataset_name.startswith((".", "/", "~")) and not _offline(env):
-        found.notes.append(f"dataset '{dataset.dataset_name}' is not a local path: not checked before the job, which "
-                           "loads it from the hub or its cache")
-        return
     kind = ALGORITHMS[trainer].kind
+    tokenizer, loaded = None, False
+    sources = [(dataset, dataset.columns, "dataset"), *((source, source.columns, f"dataset.mix[{index}]")
+                                                         for index, source in enumerate(dataset.mix))]
+    for source, columns, key in sources:
+        raw = _source_rows(source, columns, key, kind, env, found, where)
+        if raw is None:
+            continue
+        if not loaded and tokenizer_name is not None:
+            loaded = True
+            try:
+                tokenizer = load_tokenizer(tokenizer_name, cfg.trust_remote_code, cfg.pad_token, cfg.chat_template)
+            except Exception as exc:  # said in one line
+                from ..runtime.failures import explain
+
+                found.problems.append(f"{where}: tokenizer: {explain(exc)}")
+                return
+        _check_rows(raw, source.dataset_name, cfg, kind, tokenizer, found, where)
+
+
+def _source_rows(source, columns: dict[str, str], key: str, kind: str, env: dict[str, str], found: Findings,
+                 where: str):
+    """A source's training rows, columns mapped (its eval split checked too); None when it is not
+    checked here (a hub name) or is wrong (said in ``found``)."""
+    from ..data.pipeline import mapped_columns
+    from ..data.sources import DataError, load_raw
+
+    path = Path(source.dataset_name).expanduser()
+    if not path.exists() and not source.dataset_name.startswith((".", "/", "~")) and not _offline(env):
+        found.notes.append(f"dataset '{source.dataset_name}' is not a local path: not checked before the job, which "
+                           "loads it from the hub or its cache")
+        return None
     try:
-        raw = mapped_columns(load_raw(dataset), dataset, kind, dataset.dataset_name)
-        if dataset.eval_subset is not None:
-            mapped_columns(load_raw(dataset, split_key="eval_subset"), dataset, kind, dataset.dataset_name)
+        raw = mapped_columns(load_raw(source, f"{key}.dataset_name"), columns, kind, source.dataset_name,
+                             f"{key}.columns")
+        if source.eval_subset is not None:
+            mapped_columns(load_raw(source, f"{key}.dataset_name", split_key="eval_subset"), columns, kind,
+                           source.dataset_name, f"{key}.columns")
     except DataError as exc:
         found.problems.append(f"{where}: {exc}")
-        return
-    tokenizer = None
-    if tokenizer_name is not None:
-        try:
-            tokenizer = load_tokenizer(tokenizer_name, cfg.trust_remote_code, cfg.pad_token, cfg.chat_template)
-        except Exception as exc:  # said in one line
-            from ..runtime.failures import explain
+        return None
+    return raw
 
-            found.problems.append(f"{where}: tokenizer: {explain(exc)}")
-            return
-    parse = RowParser(kind, dataset.format, tokenizer, dataset.dataset_name, dataset.system_prompt,
+
+def _check_rows(raw, name: str, cfg, kind: str, tokenizer, found: Findings, where: str) -> None:
+    from ..data.formats import RowParser
+    from ..data.sources import DataError
+
+    dataset = cfg.dataset
+    parse = RowParser(kind, dataset.format, tokenizer, name, dataset.system_prompt,
                       getattr(cfg.training, "assistant_turns", "all"))
     reasons: dict[str, int] = {}
     rows = raw.select(range(min(FIRST_ROWS, len(raw))))
     usable = 0
     for row in rows:
         if parse.format_of(row) == "conversational" and tokenizer is None:
-            found.notes.append(f"dataset '{dataset.dataset_name}': conversational rows, checked once the tokenizer "
+            found.notes.append(f"dataset '{name}': conversational rows, checked once the tokenizer "
                                "(the parent run's) exists")
             return
         try:
@@ -125,7 +150,7 @@ def check_data(cfg, trainer: str, tokenizer_name: Optional[str], env: dict[str, 
             reasons[reason] = reasons.get(reason, 0) + 1
     if len(rows) and not usable:
         drops = ", ".join(f"{k}={v}" for k, v in sorted(reasons.items()))
-        found.problems.append(f"{where}: dataset '{dataset.dataset_name}': none of the first {len(rows)} rows is "
+        found.problems.append(f"{where}: dataset '{name}': none of the first {len(rows)} rows is "
                               f"usable (dropped: {drops}); {parse.expected()}")
 
 
@@ -170,7 +195,7 @@ def check_config(cfg, trainer: str, found: Findings, where: str, env: Optional[d
     """Every input of one trainer config (``models_exist=False``: its models are another run's
     output, not there yet; ``made_later(path)``: a [prepare] asset not made yet)."""
     env = env or {}
-    if made_later(cfg.policy_name) or made_later(cfg.dataset.dataset_name):
+    if made_later(cfg.policy_name) or any(made_later(name) for name in cfg.dataset.dataset_names):
         return
     tokenizer = cfg.tokenizer_name or cfg.policy_name
     if models_exist:

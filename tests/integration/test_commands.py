@@ -115,6 +115,14 @@ trainer = "sft"
 policy_name = "{tmp_path / 'failed_sft'}"
 dataset = {{ dataset_name = "{reverse_data}", eval_subset = "test" }}
 sft_training = {{ learning_rate = 1e-3, batch_size = 4 }}
+[stages.mix]
+trainer = "dpo"
+[stages.mix.config]
+policy_name = "{micro_model}"
+dpo_training = {{ learning_rate = 1e-3, batch_size = 4 }}
+[stages.mix.config.dataset]
+dataset_name = "{reverse_data}"
+mix = [{{ dataset_name = "{reverse_data}", columns = {{ prompt = "question" }} }}]
 """
     (tmp_path / "bad.toml").write_text(text)
     (tmp_path / "failed_sft").mkdir()
@@ -130,7 +138,8 @@ sft_training = {{ learning_rate = 1e-3, batch_size = 4 }}
                 "none of the first 32 rows is usable (dropped: not_messages=32); expected format 'conversational'",
                 f"stages.format.slurm.container.image: '{tmp_path / 'nope.sif'}' does not exist",
                 f"policy_name '{tmp_path / 'failed_sft'}' is the directory of a sft run that has not finished",
-                "is a single file, so its only split is 'train'; got eval_subset 'test'"]
+                "is a single file, so its only split is 'train'; got eval_subset 'test'",
+                "dataset.mix[0].columns.prompt = 'question', but there is no column 'question'"]
     for fragment in expected:
         assert sum(fragment in line for line in errors) == 1, (fragment, errors)
     assert len(errors) == len(expected)

@@ -77,15 +77,17 @@ def test_prefetch_finds_the_cache_the_jobs_use_and_lists_what_is_missing(tmp_pat
     path.write_text(EXPERIMENT.replace("CACHE_HOME", str(home)).replace('policy_name = "org/micro"',
                                                                    'policy_name = "org/absent"\ntokenizer_name = "MODEL"')
                     .replace("MODEL", str(micro_model)) + "\n[stages.extra]\ntrainer = \"sft\"\n[stages.extra.config]\n"
-                    f'policy_name = "{micro_model}"\ndataset = {{ dataset_name = "missing.jsonl" }}\n'
+                    f'policy_name = "{micro_model}"\ndataset = {{ dataset_name = "missing.jsonl", '
+                    'mix = [{ dataset_name = "mixed-in.jsonl" }] }\n'
                     "sft_training = { learning_rate = 1e-3, batch_size = 8 }\n")
     done = prefetch(path)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: model org/absent: not in {home / 'hub'}, and HF_HUB_OFFLINE=1 forbids fetching it; run "
                       "`dpo-hpc prefetch` where there is network, with the jobs' HF_HOME",
-                      f"error: dataset {tmp_path / 'missing.jsonl'}: no such local path"], done.stderr
-    assert f"[prefetch] model {micro_model}: local, present" in done.stdout and "2 missing" in done.stdout
+                      f"error: dataset {tmp_path / 'missing.jsonl'}: no such local path",
+                      f"error: dataset {tmp_path / 'mixed-in.jsonl'}: no such local path"], done.stderr
+    assert f"[prefetch] model {micro_model}: local, present" in done.stdout and "3 missing" in done.stdout
 
 
 def test_an_offline_job_trains_from_what_prefetch_stored(tmp_path, micro_model, reverse_data):

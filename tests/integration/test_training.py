@@ -226,6 +226,24 @@ def test_conversational_data_trains_sft_on_messages_then_dpo(tmp_path, micro_mod
     assert logged["loss"][0][1] == pytest.approx(math.log(2), abs=1e-4)
 
 
+def test_a_dataset_mixture_trains_and_its_report_counts_each_source(tmp_path, micro_model):
+    """HH pairs with prompt/chosen/rejected rows under other names mixed in (a half share), cached
+    for the resume check: the run completes and its data report names each source's rows."""
+    from dpo_hpc.trainers.trainer import train
+
+    main = small_data(tmp_path, 16)
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"q": f"Reverse: ab{i}", "good": f" {i}ba", "bad": " ab"}) + "\n"
+                             for i in range(8)))
+    raw = run_config(tmp_path, micro_model, main, "dpo_training", max_steps=2, batch_size=4)
+    raw["dataset"].update(cache_dir=str(tmp_path / "cache"), mix=[
+        {"dataset_name": str(other), "fraction": 0.5, "columns": {"prompt": "q", "chosen": "good", "rejected": "bad"}}])
+    assert train(validate_mapping(raw, "dpo"), "dpo")["status"] == "completed"
+    report = json.loads((Path(raw["dpo_training"]["save_dir"]) / "data_report.json").read_text())
+    assert report["mix"] == [{"dataset_name": str(main), "rows": 16}, {"dataset_name": str(other), "rows": 4}]
+    assert report["train"]["kept"] + report["validation"]["kept"] == 20
+
+
 def test_completed_run_is_skipped_and_a_different_config_is_refused(tmp_path, micro_model):
     from dpo_hpc.checkpoint import CheckpointError
     from dpo_hpc.trainers.trainer import train

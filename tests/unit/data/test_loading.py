@@ -305,3 +305,68 @@ def test_label_noise_swaps_a_seeded_nested_share_of_pairs_and_counts_them(tmp_pa
     assert swapped(0.0) == set()
     with pytest.raises(DataError, match="label_noise = 0.2 swaps chosen and rejected.*set it to 0"):
         load_splits(cfg(path, label_noise=0.2), tok, "sft")
+
+
+def test_a_mixture_joins_each_sources_rows_with_its_own_columns_and_a_seeded_share(tmp_path, tok, hf_cache):
+    """dataset.mix: HH rows, plus prompt/chosen/rejected strings under other names (a 0.5 share,
+    the same rows every time), plus a source with a bad row, named by its source in the report."""
+    from dpo_hpc.config import MixSource
+
+    main = write_jsonl(tmp_path / "hh.jsonl", rows(20))
+    named = write_jsonl(tmp_path / "named.jsonl", [{"question": f"Reverse: q{i}", "good": f" {i}q", "bad": " no"}
+                                                   for i in range(10)])
+    broken = rows(6)
+    broken[2] = {"chosen": P.format(w="x") + " a", "rejected": None}
+    other = write_jsonl(tmp_path / "other.jsonl", broken)
+    mix = [MixSource(dataset_name=str(named), fraction=0.5,
+                     columns={"prompt": "question", "chosen": "good", "rejected": "bad"}),
+           MixSource(dataset_name=str(other))]
+    said = []
+    train, val, report = load_splits(cfg(main, val_ratio=0.0, mix=mix), tok, "preference", say=said.append)
+    assert len(train) == 20 + 5 + 5 and val == []
+    assert report["mix"] == [{"dataset_name": str(main), "rows": 20}, {"dataset_name": str(named), "rows": 5},
+                             {"dataset_name": str(other), "rows": 6}]
+    assert report["train"]["dropped_rows"] == {"missing_field": [f"{other}[2]"]}
+    assert f"5 rows of '{named}' train (a 0.5 share)" in " ".join(said)
+    questions = [tok.decode(e.prompt_ids) for e in train[20:25]]
+    assert all("Reverse: q" in q for q in questions)
+    again, _, _ = load_splits(cfg(main, val_ratio=0.0, mix=mix), tok, "preference")
+    assert [e.example_id for e in again] == [e.example_id for e in train] and again.fingerprint == train.fingerprint
+    alone, _, _ = load_splits(cfg(main, val_ratio=0.0), tok, "preference")
+    assert alone.fingerprint != train.fingerprint and "mix" not in load_splits(cfg(main), tok, "preference")[2]
+    other_seed, _, _ = load_splits(cfg(main, val_ratio=0.0, mix=mix, seed=7), tok, "preference")
+    assert {e.example_id for e in other_seed[20:25]} != {e.example_id for e in train[20:25]}
+    shared, val, _ = load_splits(cfg(main, val_ratio=0.25, mix=mix), tok, "preference")
+    assert len(shared) + len(val) == 30 and len(val) == 8  # the mixture is split as one
+
+
+def test_a_mixture_validates_on_each_sources_own_test_split(tmp_path, tok, hf_cache):
+    from dpo_hpc.config import MixSource
+
+    for name, count in (("a", 12), ("b", 8)):
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / "train.jsonl", rows(count))
+        write_jsonl(tmp_path / name / "test.jsonl", rows(count + 3)[count:])
+    with_test = cfg(tmp_path / "a", eval_subset="test", mix=[MixSource(dataset_name=str(tmp_path / "b"),
+                                                                       eval_subset="test")])
+    train, val, _ = load_splits(with_test, tok, "preference")
+    assert (len(train), len(val)) == (20, 6)
+    train_only = cfg(tmp_path / "a", eval_subset="test", mix=[MixSource(dataset_name=str(tmp_path / "b"))])
+    train, val, _ = load_splits(train_only, tok, "preference")
+    assert (len(train), len(val)) == (20, 3)
+    with pytest.raises(DataError, match=r"dataset.mix\[0\].columns.prompt = 'question', but there is no column"):
+        load_splits(cfg(tmp_path / "a", mix=[MixSource(dataset_name=str(tmp_path / "b"),
+                                                        columns={"prompt": "question"})]), tok, "preference")
+
+
+def test_mixture_settings_are_checked():
+    from pydantic import ValidationError
+
+    from dpo_hpc.config import MixSource
+
+    with pytest.raises(ValidationError, match="mix.0..eval_subset: validation rows come from a val_ratio share"):
+        DatasetConfig(dataset_name="d", mix=[MixSource(dataset_name="e", eval_subset="test")])
+    with pytest.raises(ValidationError, match="columns: unknown field"):
+        MixSource(dataset_name="e", columns={"answer": "x"})
+    with pytest.raises(ValidationError):
+        MixSource(dataset_name="e", fraction=0.0)
