@@ -186,9 +186,10 @@ def overrides_by_stage(exp: ExperimentConfig, source: Path, overrides: Sequence[
             part = for_trainer(nested, exp.stages[name].trainer)
             if not part:
                 continue
-            axis = next((k for k in _dotted_keys(part) if k in exp.stages[name].grid), None)
+            axis = next((k for k in _dotted_keys(part) if k in exp.stages[name].varied_keys), None)
             if axis:
-                _fail(source, f"--set {key}", f"stage '{name}' varies {axis} in its grid; change the grid instead")
+                _fail(source, f"--set {key}", f"stage '{name}' varies {axis} in its grid or variants; change them "
+                                              "instead")
             patches[name] = _deep_merge(patches[name], part)
             taken.append(name)
         if not taken:
@@ -196,9 +197,23 @@ def overrides_by_stage(exp: ExperimentConfig, source: Path, overrides: Sequence[
     return patches
 
 
+VARIANT = "variant"
+"""The grid value that names a run's variant (``[stages.X.variants.NAME]``)."""
+
+
 def _grid_points(stage: StageConfig) -> list[dict[str, Any]]:
+    """The stage's grid values per run: each variant's name (if any) x each grid combination."""
     axes = list(stage.grid)
-    return [dict(zip(axes, values)) for values in itertools.product(*(stage.grid[a] for a in axes))]
+    points = [dict(zip(axes, values)) for values in itertools.product(*(stage.grid[a] for a in axes))]
+    if not stage.variants:
+        return points
+    return [{VARIANT: name, **point} for name in stage.variants for point in points]
+
+
+def _settings(stage: StageConfig, point: dict[str, Any]) -> dict[str, Any]:
+    """The config keys a grid point sets: its variant's settings and its grid values."""
+    variant = stage.variants.get(point.get(VARIANT), {}) if stage.variants else {}
+    return {**variant, **{key: value for key, value in point.items() if not (stage.variants and key == VARIANT)}}
 
 
 def grid_label(values: Iterable[tuple[str, Any]]) -> str:
@@ -253,7 +268,7 @@ def expand(exp: ExperimentConfig, source: str | Path, overrides: Sequence[tuple[
             base = _deep_merge(base, read_mapping(path if path.is_absolute() else source.parent / path))
         base = _deep_merge(_deep_merge(base, stage.config), patches[name])
         section = ALGORITHMS[stage.trainer].training_section
-        if "save_dir" in (stage.config.get(section) or {}) or f"{section}.save_dir" in stage.grid:
+        if "save_dir" in (stage.config.get(section) or {}) or f"{section}.save_dir" in stage.varied_keys:
             _fail(source, f"{where}.config.{section}.save_dir", "each run of an experiment writes its own "
                   "<output_root>/<name>/<stage>/<run id>; remove save_dir here (a config_file's is replaced)")
         if exp.experiment.seed is not None:
@@ -272,7 +287,7 @@ def expand(exp: ExperimentConfig, source: str | Path, overrides: Sequence[tuple[
         stage_runs: list[Run] = []
         for parent, point in pairs:
             config = copy.deepcopy(base)
-            for key, value in point.items():
+            for key, value in _settings(stage, point).items():
                 set_dotted(config, key, value, f"{source}: {where}.grid")
             if parent is not None:  # replaces the config file's names; an inline ref_name pins another reference
                 config["policy_name"] = str(parent.run_dir)

@@ -8,6 +8,8 @@ and out-of-range values are errors naming the key.
     [stages.NAME]           trainer, config_file and/or inline [stages.NAME.config], from, pairing
     [stages.NAME.slurm]     per-stage overrides of [slurm]
     [stages.NAME.grid]      "dotted.config.key" = [values ...], expanded as a cartesian product
+    [stages.NAME.variants.V]  "dotted.config.key" = value ...: named settings that go together,
+                            each crossed with the grid
 """
 
 from __future__ import annotations
@@ -255,6 +257,13 @@ EVALUATION_REPORT_ONLY = ("compare_to", "average_over")
 """Keys of [stages.X.evaluate] that change the report, not the scores (not part of a run's id)."""
 
 
+def _flat(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
 @dataclass(config=STRICT, kw_only=True)
 class StageConfig:
     trainer: Optional[TrainerName] = None
@@ -272,6 +281,10 @@ class StageConfig:
     """With ``from``: every parent run x every grid point (cross), or parent i with grid point i (zip)."""
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     """``"section.key" = [values]``; the stage runs once per combination (cartesian product)."""
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Named sets of settings that go together (``[stages.X.variants.NAME]``, ``"section.key" =
+    value``), e.g. a loss with its own beta and options; each variant is crossed with the grid, and
+    its name is the runs' ``variant`` grid value."""
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
     @property
@@ -287,13 +300,25 @@ class StageConfig:
                 raise ValueError(f"grid axis '{key}' is empty; give at least one value")
         return grid
 
+    @field_validator("variants")
+    @classmethod
+    def _named_and_set(cls, variants):
+        """Each variant's settings as dotted keys, however the TOML wrote them (``"a.b" = 1``, or
+        ``a.b = 1`` and ``a = { b = 1 }``, which are nested tables)."""
+        for name, settings in variants.items():
+            if not re.match(_NAME, name):
+                raise ValueError(f"variant name '{name}' must be letters, digits, '_', '.' or '-'")
+            if not settings:
+                raise ValueError(f"variant '{name}' sets nothing; give it \"section.key\" = value entries")
+        return {name: _flat(settings) for name, settings in variants.items()}
+
     @model_validator(mode="after")
     def _has_config(self):
         if (self.trainer is None) == (self.evaluate is None):
             raise ValueError("give either 'trainer' (a training stage) or 'evaluate' (a stage that scores runs)")
         if self.evaluate is not None:
-            given = [k for k, v in (("config", self.config), ("config_file", self.config_file), ("grid", self.grid))
-                     if v]
+            given = [k for k, v in (("config", self.config), ("config_file", self.config_file), ("grid", self.grid),
+                                    ("variants", self.variants)) if v]
             if given or self.pairing != "cross":
                 raise ValueError(f"an evaluate stage takes no {', '.join(given) or 'pairing'}; it scores the runs of 'from'")
             if not self.parents:
@@ -302,7 +327,16 @@ class StageConfig:
             raise ValueError("a training stage starts from one stage: give 'from' as a string")
         if self.pairing == "zip" and self.from_ is None:
             raise ValueError("pairing = 'zip' needs 'from'")
+        for name, settings in self.variants.items():
+            both = sorted(set(settings) & set(self.grid))
+            if both:
+                raise ValueError(f"variant '{name}' sets {both[0]}, which the grid varies; set it in one of them")
         return self
+
+    @property
+    def varied_keys(self) -> set[str]:
+        """The config keys the grid or a variant sets (``--set`` may not change them)."""
+        return set(self.grid).union(*self.variants.values())
 
 
 @dataclass(config=STRICT, kw_only=True)

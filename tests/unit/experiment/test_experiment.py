@@ -48,6 +48,46 @@ def test_grid_is_a_cartesian_product_crossed_with_parents(tmp_path):
     assert len({r.run_id for r in plan.runs}) == len(plan.runs)
 
 
+VARIANTS = """[stages.dpo.variants.dpo]
+"dpo_training.beta" = 0.1
+[stages.dpo.variants.simpo]
+dpo_training = { loss_type = "simpo", beta = 2.0, simpo_gamma = 0.8 }
+[stages.dpo.grid]
+"dpo_training.seed" = [1, 2]
+"""
+
+
+def test_variants_keep_their_settings_together_and_cross_the_grid(tmp_path):
+    """A loss with its own beta and option, which a cartesian grid over loss_type could not hold
+    (simpo_gamma is refused with sigmoid); the variant's name is a grid value."""
+    plan = plan_of(tmp_path, BASE + DPO + VARIANTS)
+    dpo = plan.stage_runs("dpo")
+    assert [r.grid_values for r in dpo] == [{"variant": v, "dpo_training.seed": s}
+                                            for v in ("dpo", "simpo") for s in (1, 2)]
+    for run in dpo:
+        training = run.config["dpo_training"]
+        expected = {"dpo": ("sigmoid", 0.1, 0.5), "simpo": ("simpo", 2.0, 0.8)}[run.grid_values["variant"]]
+        assert (training["loss_type"], training["beta"], training["simpo_gamma"]) == expected
+        assert training["run_name"] == f"{run.run_id} variant={run.grid_values['variant']} " \
+                                       f"seed={run.grid_values['dpo_training.seed']}"
+    assert len({r.run_id for r in dpo}) == 4
+    renamed = plan_of(tmp_path, BASE + DPO + VARIANTS.replace("variants.dpo]", "variants.sigmoid]"))
+    assert [r.run_id for r in renamed.stage_runs("dpo")] == [r.run_id for r in dpo]  # a name is not a setting
+
+
+@pytest.mark.parametrize("variants, message", [
+    ('[stages.dpo.variants.a]\n"dpo_training.seed" = 3\n[stages.dpo.grid]\n"dpo_training.seed" = [1]\n',
+     "variant 'a' sets dpo_training.seed, which the grid varies"),
+    ("[stages.dpo.variants.a]\n", "variant 'a' sets nothing"),
+    ('[stages.dpo.variants."a b"]\n"dpo_training.beta" = 0.2\n', "variant name 'a b' must be"),
+    ('[stages.dpo.variants.a]\n"dpo_training.simpo_gamma" = 0.3\n', "simpo_gamma applies to loss_type simpo"),
+    ('[stages.dpo.variants.a]\n"dpo_training.beta" = 0.2\n[stages.dpo.variants.b]\n"dpo_training.beta" = 0.2\n',
+     "duplicates another run of stage 'dpo'"),
+])
+def test_variants_that_cannot_be_are_refused(tmp_path, variants, message):
+    assert message in errors_of(tmp_path, BASE + DPO + variants)
+
+
 def test_an_inline_or_grid_save_dir_is_refused_not_silently_replaced(tmp_path):
     inline = BASE.replace("batch_size = 4 }", 'batch_size = 4, save_dir = "mine" }')
     assert "stages.sft.config.sft_training.save_dir: each run of an experiment writes its own" in errors_of(tmp_path, inline)
@@ -311,7 +351,7 @@ def test_defaults_and_set_reach_the_stages_that_have_the_key(tmp_path):
     assert short.stage_runs("sft")[0].config["sft_training"]["batch_size"] == 16
     assert short.stage_runs("dpo")[0].config["dpo_training"]["batch_size"] == 2
     assert {r.config["dataset"]["max_length"] for r in short.runs} == {300}
-    for texts, message in ((("dpo_training.beta=0.5",), "stage 'dpo' varies dpo_training.beta in its grid"),
+    for texts, message in ((("dpo_training.beta=0.5",), "stage 'dpo' varies dpo_training.beta in its grid or variants"),
                            (("risk_test.delta=0.2",), "no stage has this key's section")):
         with pytest.raises(ConfigError, match=message):
             with_set(*texts)
