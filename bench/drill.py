@@ -365,6 +365,8 @@ CASES = [
         lambda r: {**r, "dpo_training": {**r["dpo_training"], "discopop_tau": 0.1}})),
     Case("config", "exo_pair without label_smoothing", trainer_config(
         lambda r: {**r, "dpo_training": {**r["dpo_training"], "loss_type": "exo_pair"}})),
+    Case("config", "a loss mixture of simpo with sigmoid", trainer_config(
+        lambda r: {**r, "dpo_training": {**r["dpo_training"], "loss_type": ["sigmoid", "simpo"]}})),
     Case("config", "sync_ref_model with a precomputed reference table", trainer_config(
         lambda r: {**r, "dpo_training": {**r["dpo_training"], "sync_ref_model": True,
                                          "precompute_ref_log_probs": True}})),

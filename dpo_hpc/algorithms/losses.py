@@ -184,3 +184,29 @@ class APODown(SummedMargin):
     def __call__(self, margins, beta, pairs):
         b = _beta(beta, margins)
         return torch.sigmoid(b * pairs.chosen_logratios) + 1 - torch.sigmoid(b * margins)
+
+
+class ChosenNLL(SummedMargin):
+    """The chosen reply's mean token NLL under the policy (TRL's ``sft`` loss type, per pair as
+    ``rpo_alpha``'s term: TRL averages over every chosen token of the batch instead)."""
+
+    def __call__(self, margins, beta, pairs):
+        return pairs.chosen_nll
+
+
+class Mixture:
+    """TRL's list of loss types with ``loss_weights`` (MPO, Wang et al., 2024): the weighted sum
+    of each loss of a pair. The beta policies read the first loss's margin; each other loss reads
+    its own from the pairs."""
+
+    def __init__(self, losses: list, weights: list[float]):
+        self.losses, self.weights = losses, weights
+
+    def margins(self, pairs: PairLogps) -> torch.Tensor:
+        return self.losses[0].margins(pairs)
+
+    def __call__(self, margins, beta, pairs):
+        total = self.weights[0] * self.losses[0](margins, beta, pairs)
+        for loss, weight in zip(self.losses[1:], self.weights[1:]):
+            total = total + weight * loss(loss.margins(pairs), beta, pairs)
+        return total

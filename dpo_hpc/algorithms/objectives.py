@@ -14,12 +14,12 @@ from typing import Optional, Protocol
 
 import torch
 
-from ..config.losses import LOSSES
+from ..config.losses import LOSSES, is_reference_free
 from ..config.schema import SPARSE_ATTENTION
 from ..data.collate import Layout, collate_conversations, collate_pairs
 from .beta import BetaPolicy, Collective
 from .logprobs import CompletionScorer
-from .losses import PairwiseLoss
+from .losses import Mixture, PairwiseLoss
 from .preference import PairLogps, Scores, f_divergence_scores, preference_metrics, wpo_pair_weights
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # metric -> (sum, count)
@@ -165,8 +165,8 @@ class PreferenceObjective:
             with torch.no_grad():
                 ref = self.scorer.sequence_logps(self.reference, batch)
             self.reference_forwards += 1
-        unweighted = None  # RPO's NLL counts every chosen token, whatever LD-DPO's weights
-        if self.rpo_alpha is not None and policy.token_weights is not None:
+        unweighted = None  # an NLL term (RPO's, the sft loss) counts every chosen token, LD-DPO or not
+        if policy.token_weights is not None:
             unweighted = policy.sequence_sums(weighted=False)
         logps = PairLogps.of_rows(policy.sequence_sums(), ref, batch["loss_tokens"], self.scores, unweighted)
         wpo = None
@@ -241,9 +241,15 @@ def resolve(reference: str):
 
 
 def build_loss(training) -> PairwiseLoss:
-    """The pairwise loss a DPO training section names (``dpo_hpc.config.losses``)."""
-    spec = LOSSES[training.loss_type]
-    return resolve(spec.implementation)(**{option: getattr(training, option) for option in spec.options})
+    """The pairwise loss a DPO training section names (``dpo_hpc.config.losses``), or the mixture
+    of its list of losses with ``loss_weights``."""
+    def one(name: str) -> PairwiseLoss:
+        spec = LOSSES[name]
+        return resolve(spec.implementation)(**{option: getattr(training, option) for option in spec.options})
+
+    if isinstance(training.loss_type, str):
+        return one(training.loss_type)
+    return Mixture([one(name) for name in training.loss_type], training.loss_weights or [1.0] * len(training.loss_type))
 
 
 def batch_layout(cfg) -> Layout:
@@ -270,7 +276,7 @@ def build_objective(algorithm, cfg, pad_id: int, collective: Collective, referen
     policy = resolve(algorithm.beta_policy).from_config(cfg, collective)
     return PreferenceObjective(reference, build_loss(cfg.training), policy, pad_id, collective, scorer, ref_table,
                                rpo_alpha=cfg.training.rpo_alpha, layout=layout, router_aux_loss_coef=router,
-                               reference_free=LOSSES[cfg.training.loss_type].reference_free,
+                               reference_free=is_reference_free(cfg.training.loss_type),
                                scores=f_divergence_scores(cfg.training.f_divergence_type,
                                                           cfg.training.f_alpha_divergence_coef),
                                use_weighting=cfg.training.use_weighting)

@@ -197,7 +197,6 @@ TRL_NAMES = {
 section of their own), for the error a TRL config meets: said, never read as aliases."""
 
 TRL_LEFT_OUT = {
-    "loss_weights": "one loss_type per run here (MPO's mixture of losses is not offered)",
     "activation_offloading": "not offered; gradient_checkpointing cuts activation memory",
     "gradient_checkpointing_kwargs": "gradient_checkpointing is always non-reentrant here; "
                                      "gradient_checkpointing_every_n_layers picks the blocks",
@@ -261,8 +260,40 @@ def validate_as(cls, data: Mapping[str, Any], source: str = "<config>"):
         # JSON mode: strict scalars (no "16" -> 16) while nested sections may be plain tables.
         return TypeAdapter(cls).validate_json(json.dumps(dict(data), default=str))
     except ValidationError as exc:
-        problems = [f"{source}: {_describe(err, cls)}" for err in exc.errors()]
+        problems = [f"{source}: {_describe(err, cls)}" for err in _one_per_union(exc.errors())]
         raise ConfigError(problems) from None
+
+
+_SCALAR_TAGS = {"str", "int", "float", "bool"}
+
+
+def _is_branch(segment) -> bool:
+    """A union member's tag in an error's location (pydantic names each branch it tried:
+    ``str``, ``list[str]``, ``literal['a','b']``), not a key."""
+    return isinstance(segment, str) and (segment in _SCALAR_TAGS or "[" in segment)
+
+
+def _one_per_union(errors: list[dict]) -> list[dict]:
+    """Pydantic reports a value that fits no member of a union once per member (``loss_type``:
+    a name, or a list of names). Keep the member the value was meant for: the one whose errors are
+    inside the value (a list with a bad item), else the one that is not a type mismatch (a name
+    that is not a loss); if every member's type mismatches, one error naming them all."""
+    kept, unions = [], {}
+    for error in errors:
+        at = next((i for i, segment in enumerate(error["loc"]) if _is_branch(segment)), None)
+        if at is None:
+            kept.append(error)
+        else:
+            unions.setdefault(error["loc"][:at], []).append((at, error))
+    for field, members in unions.items():
+        picked = ([e for at, e in members if len(e["loc"]) > at + 1]
+                  or [e for _, e in members if not e["type"].endswith("_type")])
+        if picked:
+            kept += [{**e, "loc": tuple(s for s in e["loc"] if not _is_branch(s))} for e in picked]
+        else:
+            expected = " or ".join(dict.fromkeys(e["msg"].removeprefix("Input should be ") for _, e in members))
+            kept.append({**members[0][1], "loc": field, "msg": f"Input should be {expected}"})
+    return kept
 
 
 def load_config(path: str | Path, trainer: str | None = None):

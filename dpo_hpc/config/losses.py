@@ -56,7 +56,26 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
     LossSpec("simpo", "dpo_hpc.algorithms.losses:SimPO",
              "SimPO (Meng et al., 2024): no reference model, length-averaged log-probs, a target margin",
              ("simpo_gamma", "label_smoothing"), reference_free=True),
+    LossSpec("sft", "dpo_hpc.algorithms.losses:ChosenNLL",
+             "the chosen reply's mean token NLL (TRL's sft loss type; MPO's generation term, RPO's NLL)",
+             reference_free=True, f_divergence=True),
 )}
+
+REFERENCE_AGNOSTIC = ("sft",)
+"""Losses that read neither the reference nor a margin: they mix with any other loss. A loss that
+is reference-free because its margin is the policy's own (simpo) does not mix with losses that
+read the reference."""
+
+
+def loss_types(loss_type: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``dpo_training.loss_type`` as a tuple: one loss, or TRL's list of losses to mix."""
+    return (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+
+
+def is_reference_free(loss_type) -> bool:
+    """Whether a run of this ``loss_type`` (one, or a mixture) reads no reference log-probs."""
+    return all(LOSSES[name].reference_free for name in loss_types(loss_type))
+
 
 LOSS_OPTIONS = tuple(dict.fromkeys(option for spec in LOSSES.values() for option in spec.options))
 """Every loss-specific ``dpo_training`` key."""

@@ -21,7 +21,7 @@ from typing import Literal, Optional, Union
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 
-from .losses import LOSS_OPTIONS, LOSSES, LossType
+from .losses import LOSS_OPTIONS, LOSSES, REFERENCE_AGNOSTIC, LossType, is_reference_free, loss_types
 
 STRICT = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 """The pydantic config of every config dataclass: unknown keys and loose types are errors."""
@@ -297,11 +297,15 @@ class DPOTrainingConfig(TrainingConfig):
     ref_log_probs_cache: Optional[str] = Field(None, json_schema_extra=LOCATION)
     """Folder of cached reference log-prob tables (default: ``<save_dir>/ref_log_probs``); point
     the runs of a sweep at one folder to share one reference pass."""
-    loss_type: LossType = "sigmoid"
+    loss_type: Union[LossType, list[LossType]] = "sigmoid"
     """Pairwise loss (TRL's names): sigmoid (DPO), robust (rDPO), hinge (SLiC/RSO), ipo (IPO, on
     length-averaged log-probs), sigmoid_norm, exo_pair, discopop, nca_pair, bco_pair, sppo_hard,
-    apo_zero, apo_down, or simpo (SimPO: no reference model at all). Each composes with every beta
-    policy."""
+    apo_zero, apo_down, simpo (SimPO: no reference model at all) or sft (the chosen reply's NLL).
+    Each composes with every beta policy. A list (TRL's) mixes them: the per-pair sum weighted by
+    ``loss_weights`` (MPO: ``["sigmoid", "bco_pair", "sft"]``); the beta policy reads the first
+    one's margin."""
+    loss_weights: Optional[list[float]] = None
+    """With a list of ``loss_type``: each loss's weight, in order (TRL's name; default 1 each)."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     """Assumed fraction of flipped preference labels: conservative DPO with ``sigmoid`` (and
     ``simpo``), robust DPO with ``robust``; with ``exo_pair`` (which needs it > 0) its target's
@@ -343,16 +347,29 @@ class DPOTrainingConfig(TrainingConfig):
 
     @model_validator(mode="after")
     def _loss_options_where_they_apply(self):
+        names = loss_types(self.loss_type)
+        specs, named = [LOSSES[name] for name in names], " + ".join(names)
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"loss_type: {list(names)}: name each loss once, at least one")
+        if self.loss_weights is not None and (len(self.loss_weights) != len(names)
+                                              or not all(0 < w < float("inf") for w in self.loss_weights)):
+            raise ValueError(f"loss_weights: {self.loss_weights}: one weight > 0 for each of the {len(names)} losses "
+                             f"of loss_type ({named})")
+        own_margin = [spec.name for spec in specs if spec.reference_free and spec.name not in REFERENCE_AGNOSTIC]
+        if own_margin and not is_reference_free(names):
+            raise ValueError(f"loss_type {named}: {own_margin[0]} scores the policy alone (no reference), so it does "
+                             "not mix with losses that read the reference")
         defaults = {key: type(self).__pydantic_fields__[key].default for key in LOSS_OPTIONS}
         for key in LOSS_OPTIONS:
-            if getattr(self, key) != defaults[key] and key not in LOSSES[self.loss_type].options:
+            if getattr(self, key) != defaults[key] and not any(key in spec.options for spec in specs):
                 takes = ", ".join(name for name, spec in LOSSES.items() if key in spec.options)
-                raise ValueError(f"{key} applies to loss_type {takes}, not {self.loss_type}; "
+                raise ValueError(f"{key} applies to loss_type {takes}, not {named}; "
                                  f"set {key} = {defaults[key]} or choose one of those")
-        if self.f_divergence_type != "reverse_kl" and not LOSSES[self.loss_type].f_divergence:
+        without = [spec.name for spec in specs if not spec.f_divergence]
+        if self.f_divergence_type != "reverse_kl" and without:
             takes = ", ".join(name for name, spec in LOSSES.items() if spec.f_divergence)
             raise ValueError(f"f_divergence_type = {self.f_divergence_type!r} applies to loss_type {takes}, not "
-                             f"{self.loss_type} (a loss of each side's log-ratio has no f-divergence form)")
+                             f"{without[0]} (a loss of each side's log-ratio has no f-divergence form)")
         if self.f_alpha_divergence_coef != 0.5 and self.f_divergence_type != "alpha_divergence":
             raise ValueError("f_alpha_divergence_coef applies with f_divergence_type = \"alpha_divergence\"; set that "
                              "too, or leave the key out")
@@ -360,12 +377,12 @@ class DPOTrainingConfig(TrainingConfig):
             for key in ("ref_model_mixup_alpha", "ref_model_sync_steps"):
                 if getattr(self, key) != type(self).__pydantic_fields__[key].default:
                     raise ValueError(f"{key} applies with sync_ref_model = true; set that too, or leave the key out")
-        elif self.precompute_ref_log_probs or LOSSES[self.loss_type].reference_free:
+        elif self.precompute_ref_log_probs or is_reference_free(self.loss_type):
             why = ("precompute_ref_log_probs: a table of a fixed reference" if self.precompute_ref_log_probs else
-                   f"loss_type {self.loss_type} has no reference at all")
+                   f"loss_type {' + '.join(loss_types(self.loss_type))} has no reference at all")
             raise ValueError(f"sync_ref_model moves the reference model during training, which a run without one "
                              f"cannot do ({why}); set sync_ref_model = false or drop the other")
-        if self.loss_type == "exo_pair" and not self.label_smoothing:
+        if "exo_pair" in loss_types(self.loss_type) and not self.label_smoothing:
             raise ValueError("loss_type exo_pair needs label_smoothing > 0 (its target's weight on the rejected "
                              "reply; the EXO paper uses 1e-3)")
         return self

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from ..config import ALGORITHMS, ConfigError, read_mapping, set_dotted, to_dict, to_identity, validate_mapping
-from ..config.losses import LOSSES
+from ..config.losses import is_reference_free
 from .schema import EVALUATION_REPORT_ONLY, ExperimentConfig, StageConfig
 
 
@@ -373,7 +373,7 @@ def with_reference_passes(runs: list[Run], root: Path) -> list[Run]:
         if run.role != "train":
             continue
         training = run.config.get(ALGORITHMS[run.trainer].training_section, {})
-        reference_free = "loss_type" in training and LOSSES[training["loss_type"]].reference_free
+        reference_free = "loss_type" in training and is_reference_free(training["loss_type"])
         if training.get("precompute_ref_log_probs") and not reference_free:
             parent_dir = run_dirs.get(run.parent or "")
             inputs = {key: "<parent>" if parent_dir and run.config.get(key) == parent_dir else run.config.get(key)

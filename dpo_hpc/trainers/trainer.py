@@ -24,7 +24,7 @@ from ..algorithms.objectives import batch_layout, build_objective, build_scorer
 from ..checkpoint import CheckpointError, RunDir, config_hash
 from ..checkpoint.manager import Checkpointer, peek_shared
 from ..config import Algorithm, algorithm, to_dict, to_identity
-from ..config.losses import LOSSES
+from ..config.losses import is_reference_free, loss_types
 from ..data.collate import collate_pairs, to_device
 from ..data.pipeline import load_splits, report_lines, write_report
 from ..data.sampler import eval_batch_indices, global_batch_indices, steps_per_epoch
@@ -225,12 +225,13 @@ class Trainer:
         cfg, training = self.cfg, self.training
         ds_cfg = deepspeed_config(training, cfg.deepspeed, cfg.precision, self.dist.world_size)
         reference, ref_table = None, None
-        reference_free = self.algo.kind == "preference" and LOSSES[training.loss_type].reference_free
+        reference_free = self.algo.kind == "preference" and is_reference_free(training.loss_type)
         needs_reference = self.algo.kind == "preference" and not reference_free
         base_is_reference = (cfg.lora is not None and self.ref_model is None
                              and getattr(cfg, "ref_name", None) in (None, cfg.policy_name))
         if reference_free:
-            self.say(f"loss_type {training.loss_type} is reference-free: no reference model, no reference pass")
+            self.say(f"loss_type {' + '.join(loss_types(training.loss_type))} is reference-free: no reference model, "
+                     "no reference pass")
         if needs_reference and (training.precompute_ref_log_probs or not base_is_reference):
             reference = self.load_reference(ds_cfg)
             if training.precompute_ref_log_probs:

@@ -21,6 +21,7 @@ from torch._dynamo.utils import counters
 from conftest import BIN, REPO, run_config, stop_at
 from dpo_hpc.checkpoint import layout
 from dpo_hpc.config import validate_mapping
+from dpo_hpc.config.losses import loss_types
 from dpo_hpc.fsutil import umask_mode
 
 pytestmark = pytest.mark.slow
@@ -144,7 +145,8 @@ def test_dpo_lowers_loss_with_zero2_and_accumulation(tmp_path, micro_model):
 @pytest.mark.parametrize("trainer, loss_type, options", [
     ("dynamic_beta_dpo", "ipo", {}), ("beta_dpo", "robust", {"label_smoothing": 0.1}), ("dpo", "hinge", {}),
     ("dynamic_beta_dpo", "apo_zero", {}), ("beta_dpo", "nca_pair", {}), ("dpo", "discopop", {}),
-    ("dynamic_beta_dpo", "sigmoid", {"f_divergence_type": "js_divergence"})])
+    ("dynamic_beta_dpo", "sigmoid", {"f_divergence_type": "js_divergence"}),
+    ("beta_dpo", ["sigmoid", "bco_pair"], {"loss_weights": [0.8, 0.2]})])  # MPO's mixture
 def test_loss_types_with_rpo_train_with_each_beta_policy(tmp_path, micro_model, trainer, loss_type, options):
     """Each loss with RPO's chosen NLL through the real trainer: the first logged loss is the loss
     at margin 0 plus alpha x the chosen NLL (logged as nll_loss), and the margins grow."""
@@ -162,7 +164,8 @@ def test_loss_types_with_rpo_train_with_each_beta_policy(tmp_path, micro_model, 
     logged = scalars(Path(raw["dpo_training"]["save_dir"]) / "tensorboard")
     first_loss, first_nll = logged["loss"][0][1], logged["nll_loss"][0][1]
     at_zero = {"ipo": (1 / (2 * 0.1)) ** 2, "robust": math.log(2), "hinge": 1.0, "apo_zero": 1.0,  # beta_0 = 0.1
-               "nca_pair": 2 * math.log(2), "discopop": 0.5 * math.log(2) + 0.5, "sigmoid": math.log(2)}[loss_type]
+               "nca_pair": 2 * math.log(2), "discopop": 0.5 * math.log(2) + 0.5, "sigmoid": math.log(2),
+               "sigmoid+bco_pair": 0.8 * math.log(2) + 0.2 * 2 * math.log(2)}["+".join(loss_types(loss_type))]
     assert first_loss == pytest.approx(at_zero + 0.5 * first_nll, rel=1e-4)
     assert logged["rewards/margins"][-1][1] > 0
 

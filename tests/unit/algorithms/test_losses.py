@@ -138,6 +138,8 @@ def naive_loss(loss_type: str, pc, pr, rc, rr, lc, lr, beta: float, eps: float, 
     if loss_type == "simpo":  # TRL's CPO: -(1-eps) log s(b M_avg - gamma) - eps log s(-(b M_avg - gamma))
         h = (pc / lc - rc / lc) - (pr / lr - rr / lr)
         return -(1 - eps) * _log_sigmoid(beta * h - gamma) - eps * _log_sigmoid(gamma - beta * h)
+    if loss_type == "sft":  # the chosen reply's mean token NLL
+        return -pc / lc
     raise KeyError(loss_type)
 
 
@@ -192,7 +194,7 @@ def test_loss_hand_values_at_zero_margin():
     at_zero = {"sigmoid_norm": math.log(2), "nca_pair": 2 * math.log(2), "bco_pair": 2 * math.log(2),
                "sppo_hard": 2 * 25.0, "apo_zero": 1.0, "apo_down": 1.0, "discopop": 0.5 * math.log(2) + 0.5,
                "exo_pair": 0.5 * (math.log(0.5) - math.log(0.8)) + 0.5 * (math.log(0.5) - math.log(0.2)),
-               "simpo": -0.8 * _log_sigmoid(-0.7) - 0.2 * _log_sigmoid(0.7)}
+               "simpo": -0.8 * _log_sigmoid(-0.7) - 0.2 * _log_sigmoid(0.7), "sft": 0.0}
     for loss_type, value in at_zero.items():  # policy = reference, beta 0.1, the test options
         loss = make_loss(loss_type)
         assert loss(loss.margins(zero), 0.1, zero).item() == pytest.approx(value), loss_type
@@ -241,3 +243,23 @@ def test_f_divergences_make_the_margin_of_each_sides_scores(kind, seed):
         plain = PairLogps(pc, pr, rc, rr, lengths[:6], lengths[6:])
         assert torch.equal(pairs.margins, plain.margins) and torch.equal(pairs.mean_margins, plain.mean_margins)
     assert f_divergence_scores("alpha_divergence", 1.0) is None  # its limit at alpha = 1 is the reverse KL
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_mixture_is_the_weighted_sum_of_its_losses_and_the_policy_reads_the_first_margin(seed):
+    """MPO's mixture (TRL's list of loss types with loss_weights), against the naive formulas."""
+    from dpo_hpc.algorithms.losses import Mixture
+
+    g = torch.Generator().manual_seed(seed)
+    pc, pr, rc, rr = (-torch.rand(5, generator=g, dtype=torch.float64) * 40 for _ in range(4))
+    lengths = torch.randint(1, 30, (10,), generator=g)
+    pairs = PairLogps(pc, pr, rc, rr, lengths[:5], lengths[5:])
+    names, weights = ("ipo", "bco_pair", "sft"), [0.8, 0.2, 1.0]
+    mixture = Mixture([make_loss(name) for name in names], weights)
+    assert torch.equal(mixture.margins(pairs), pairs.mean_margins)  # IPO's length-averaged margin
+    got = mixture(mixture.margins(pairs), 0.3, pairs)
+    for i in range(5):
+        values = (float(t[i]) for t in (pc, pr, rc, rr))
+        args = (*values, float(lengths[i]), float(lengths[5 + i]), 0.3, 0.0, 0.05, 0.5)
+        expected = sum(w * naive_loss(name, *args) for name, w in zip(names, weights))
+        assert float(got[i]) == pytest.approx(expected, rel=1e-9, abs=1e-12)

@@ -147,6 +147,11 @@ def test_ld_dpo_weighs_the_longer_replys_tail_on_both_models_and_rpo_counts_ever
         chosen += ld(policy, p, p.chosen_ids)
     assert loss_sum.item() == pytest.approx(expected, rel=1e-5)
     assert stats["logps/chosen"][0].item() == pytest.approx(chosen, rel=1e-5)
+    from dpo_hpc.algorithms.losses import ChosenNLL, Mixture
+
+    mixed = PreferenceObjective(obj.reference, Mixture([Sigmoid(), ChosenNLL()], [1.0, 0.5]), FixedBeta(0.3),
+                                pad_id=0, collective=LOCAL, scorer=CompletionScorer(ld_alpha=alpha))
+    assert mixed.loss_and_stats(policy, mixed.collate(examples))[0].item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_wpo_weighs_each_pairs_loss_by_its_replies_probability_with_no_gradient_through_it():

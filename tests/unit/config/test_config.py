@@ -199,7 +199,7 @@ def test_loss_type_and_the_options_of_each_loss_are_checked():
     assert "loss_type exo_pair needs label_smoothing > 0" in problem
     (problem,) = errors(with_("dpo_training", loss_type="apo_zero", f_divergence_type="js_divergence"))
     assert "f_divergence_type = 'js_divergence' applies to loss_type sigmoid, robust, hinge, ipo, sigmoid_norm, " \
-        "exo_pair, discopop, not apo_zero" in problem
+        "exo_pair, discopop, sft, not apo_zero" in problem
     (problem,) = errors(with_("dpo_training", f_alpha_divergence_coef=0.3))
     assert 'f_alpha_divergence_coef applies with f_divergence_type = "alpha_divergence"' in problem
     cfg = validate_mapping(with_("dpo_training", loss_type="discopop", discopop_tau=0.1), "dpo")
@@ -308,6 +308,27 @@ def test_cli_wrong_trainer_for_file_says_so():
                              "--config", str(SEED / "config_dpo.yaml")], capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "look like a 'dynamic_beta_dpo' config, not 'sft'" in result.stderr
+
+
+def test_a_list_of_losses_mixes_them_where_they_can_mix():
+    mpo = validate_mapping(with_("dpo_training", loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),
+                           "dpo")
+    assert mpo.training.loss_type == ["sigmoid", "bco_pair", "sft"]
+    assert validate_mapping(with_("dpo_training", loss_type=["simpo", "sft"]), "dpo").training.loss_weights is None
+    (problem,) = errors(with_("dpo_training", loss_type=["sigmoid", "kto"]))
+    assert problem.startswith("f.yaml: dpo_training.loss_type.1: expected 'sigmoid', ")
+    (problem,) = errors(with_("dpo_training", loss_type=["sigmoid", "ipo"], loss_weights=[1.0]))
+    assert "loss_weights: [1.0]: one weight > 0 for each of the 2 losses of loss_type (sigmoid + ipo)" in problem
+    (problem,) = errors(with_("dpo_training", loss_type=["sigmoid", "sigmoid"]))
+    assert "name each loss once" in problem
+    (problem,) = errors(with_("dpo_training", loss_type=["sigmoid", "simpo"]))
+    assert "simpo scores the policy alone (no reference), so it does not mix with losses that read the reference" \
+        in problem
+    (problem,) = errors(with_("dpo_training", loss_type=["ipo", "exo_pair"]))
+    assert "loss_type exo_pair needs label_smoothing > 0" in problem
+    (problem,) = errors(with_("dpo_training", loss_type=["ipo", "hinge"], discopop_tau=0.1))
+    assert "discopop_tau applies to loss_type discopop, not ipo + hinge" in problem
+    assert validate_mapping(with_("dpo_training", loss_type=["ipo", "discopop"], discopop_tau=0.1), "dpo")
 
 
 def test_readme_losses_table_has_a_row_per_loss():
