@@ -149,7 +149,8 @@ def run_trl(folder: Path, model: Path, ordered: Path, args, tag: str, precompute
     command = [args.trl_python, str(REPO / "bench" / "trl_side.py"), "--model", str(model), "--data", str(ordered),
                "--out", str(folder / f"trl-{tag}"), "--steps", str(args.steps), "--batch", str(args.batch),
                "--lr", str(args.lr), "--threads", str(args.threads)] + (["--precompute"] if precompute else []) \
-        + (["--bf16"] if args.bf16 else []) + (["--gradient-checkpointing"] if args.trl_gradient_checkpointing else []) \
+        + (["--bf16"] if args.bf16 else []) \
+        + (["--gradient-checkpointing"] if args.trl_gradient_checkpointing else []) \
         + [word for text in args.both for word in ("--option", text)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     out = subprocess.run(command, check=True, env=env, capture_output=True, text=True)
@@ -227,7 +228,8 @@ def assets(folder: Path, args) -> tuple[Path, Path]:
 def setup(args, work: dict) -> dict:
     """What a result was measured on."""
     return {"vocab": args.vocab, "shape": args.shape, "precision": "bf16" if args.bf16 else "fp32",
-            "batch_pairs": args.batch, "steps": args.steps, "threads": args.threads, "dpo_hpc_overrides": args.set, "both_sides": args.both,
+            "batch_pairs": args.batch, "steps": args.steps, "threads": args.threads, "dpo_hpc_overrides": args.set,
+            "both_sides": args.both,
             "real_tokens_per_step": round(work["tokens"], 1), "precompute_ref_log_probs": args.precompute,
             "trl_gradient_checkpointing": args.trl_gradient_checkpointing}
 

@@ -140,6 +140,25 @@ class SimPO(LengthAveragedMargin):
         return -(1 - self.eps) * F.logsigmoid(z) - self.eps * F.logsigmoid(-z)
 
 
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable at both ends (Maechler, 2012)."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+class ORPO:
+    """ORPO (Hong et al., 2024), as published and as TRL's ORPOTrainer computes it: the chosen
+    reply's NLL plus b x -log s(log odds ratio), the odds p / (1 - p) of each reply's length-averaged
+    probability p. Reference-free; the beta policies read the log odds ratio."""
+
+    @staticmethod
+    def margins(pairs: PairLogps) -> torch.Tensor:
+        chosen, rejected = pairs.policy_means
+        return (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+
+    def __call__(self, margins, beta, pairs):
+        return pairs.chosen_nll - _beta(beta, margins) * F.logsigmoid(margins)
+
+
 class NCAPair(SummedMargin):
     """NCA (Chen et al., 2024), pairwise: -log s(r_w) - log s(-r_w)/2 - log s(-r_l)/2 with each
     side's reward r = b x its log-ratio: the chosen likelihood is pushed up, not only the margin."""

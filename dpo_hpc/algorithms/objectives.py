@@ -262,7 +262,8 @@ def batch_layout(cfg) -> Layout:
 
 
 def build_scorer(cfg) -> CompletionScorer:
-    """How a run scores completions, its training steps and its reference pass alike."""
+    """How a run scores completions, its training steps and its reference pass alike (LD-DPO's
+    token weights where ``ld_alpha`` is set; an SFT section has no such key)."""
     return CompletionScorer(compiled=cfg.training.torch_compile, ld_alpha=getattr(cfg.training, "ld_alpha", None))
 
 

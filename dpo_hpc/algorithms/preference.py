@@ -118,6 +118,12 @@ class PairLogps:
                        self.ref_chosen / chosen, self.ref_rejected / rejected)
 
     @cached_property
+    def policy_means(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's length-averaged log-probs of the chosen and the rejected replies."""
+        chosen, rejected = self._lengths()
+        return self.policy_chosen / chosen, self.policy_rejected / rejected
+
+    @cached_property
     def chosen_nll(self) -> torch.Tensor:
         """Mean token NLL of each chosen response under the policy (with gradient)."""
         chosen = self.policy_chosen if self.unweighted_chosen is None else self.unweighted_chosen

@@ -300,7 +300,8 @@ class DPOTrainingConfig(TrainingConfig):
     loss_type: Union[LossType, list[LossType]] = "sigmoid"
     """Pairwise loss (TRL's names): sigmoid (DPO), robust (rDPO), hinge (SLiC/RSO), ipo (IPO, on
     length-averaged log-probs), sigmoid_norm, exo_pair, discopop, nca_pair, bco_pair, sppo_hard,
-    apo_zero, apo_down, simpo (SimPO: no reference model at all) or sft (the chosen reply's NLL).
+    apo_zero, apo_down, simpo (SimPO: no reference model at all), orpo (ORPO: none either) or sft
+    (the chosen reply's NLL).
     Each composes with every beta policy. A list (TRL's) mixes them: the per-pair sum weighted by
     ``loss_weights`` (MPO: ``["sigmoid", "bco_pair", "sft"]``); the beta policy reads the first
     one's margin."""

@@ -139,11 +139,11 @@ class Trainer:
             self.say(varlen_attention.describe(self.device, next(self.engine.module.parameters()).dtype,
                                                self.training.padding_free))
         self.progress = self.new_progress()
+        moved = {"reference": self.reference_sync} if self.reference_sync is not None else {}  # TR-DPO's
         self.checkpointer = Checkpointer(self.run.checkpoints, self.dist, self.engine,
                                          interval=self.training.save_steps, keep=self.training.save_total_limit,
                                          shared={"progress": self.progress}, per_rank={"objective": self.objective},
-                                         replicated={"reference": self.reference_sync} if self.reference_sync is not None else {},
-                                         exclude_frozen=self.cfg.lora is not None)
+                                         replicated=moved, exclude_frozen=self.cfg.lora is not None)
 
     def start(self) -> None:
         """Check, then record: load the tokenizer and the data and run the resume guard, and only

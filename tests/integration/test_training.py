@@ -170,16 +170,18 @@ def test_loss_types_with_rpo_train_with_each_beta_policy(tmp_path, micro_model, 
     assert logged["rewards/margins"][-1][1] > 0
 
 
-def test_simpo_trains_with_no_reference_whatever_the_reference_keys_say(tmp_path, micro_model):
+@pytest.mark.parametrize("loss_type, options", [("simpo", {"simpo_gamma": 0.5}), ("orpo", {})])
+def test_reference_free_losses_train_with_no_reference_whatever_the_reference_keys_say(tmp_path, micro_model,
+                                                                                        loss_type, options):
     """A reference-free loss: no reference model, no table (precompute_ref_log_probs and ref_name
-    set anyway), the reference log-probs 0 in every metric, under Dynamic-Beta DPO too; the
-    length-averaged margin grows."""
+    set anyway), the reference log-probs 0 in every metric, under Dynamic-Beta DPO too; the loss
+    falls."""
     from dpo_hpc.trainers.trainer import train
 
     data = small_data(tmp_path, 10)
     for trainer in ("dpo", "dynamic_beta_dpo"):
         raw = run_config(tmp_path / trainer, micro_model, data, "dpo_training", learning_rate=3e-3, max_steps=6,
-                         batch_size=4, loss_type="simpo", simpo_gamma=0.5, precompute_ref_log_probs=True)
+                         batch_size=4, loss_type=loss_type, precompute_ref_log_probs=True, **options)
         raw["ref_name"] = str(micro_model)
         if trainer == "dpo":
             raw["dpo_training"]["beta"] = 2.0
@@ -577,7 +579,8 @@ def test_ld_dpo_and_wpo_train_and_ld_dpo_makes_its_own_reference_table(tmp_path,
         raw = run_config(tmp_path / name, micro_model, data, "dpo_training", **common, precompute_ref_log_probs=True,
                          ref_log_probs_cache=str(tmp_path / "cache"), **({"ld_alpha": ld_alpha} if ld_alpha else {}))
         assert train(validate_mapping(raw, "dpo"), "dpo")["ref_log_probs"] == "computed"  # not the other's table
-    made_of = [json.loads((table / "meta.json").read_text()) for table in (tmp_path / "cache").iterdir() if table.is_dir()]
+    made_of = [json.loads((table / "meta.json").read_text())
+               for table in (tmp_path / "cache").iterdir() if table.is_dir()]
     assert sorted(str(m.get("ld_alpha")) for m in made_of) == ["0.5", "None"]
     a = load_file(Path(online["dpo_training"]["save_dir"]) / "model.safetensors")
     b = load_file(tmp_path / "ld" / "run" / "model.safetensors")

@@ -140,6 +140,10 @@ def naive_loss(loss_type: str, pc, pr, rc, rr, lc, lr, beta: float, eps: float, 
         return -(1 - eps) * _log_sigmoid(beta * h - gamma) - eps * _log_sigmoid(gamma - beta * h)
     if loss_type == "sft":  # the chosen reply's mean token NLL
         return -pc / lc
+    if loss_type == "orpo":  # TRL's ORPOTrainer: NLL - beta * log s(log odds), on length-averaged log-probs
+        chosen, rejected = pc / lc, pr / lr
+        log_odds = (chosen - math.log(1 - math.exp(chosen))) - (rejected - math.log(1 - math.exp(rejected)))
+        return -chosen - beta * _log_sigmoid(log_odds)
     raise KeyError(loss_type)
 
 
@@ -198,6 +202,12 @@ def test_loss_hand_values_at_zero_margin():
     for loss_type, value in at_zero.items():  # policy = reference, beta 0.1, the test options
         loss = make_loss(loss_type)
         assert loss(loss.margins(zero), 0.1, zero).item() == pytest.approx(value), loss_type
+    # ORPO at p = 1/2 (odds 1) against p = 1/4 (odds 1/3): log odds ln 3, NLL ln 2 per chosen token
+    halves = PairLogps(torch.tensor([2 * math.log(0.5)]), torch.tensor([3 * math.log(0.25)]), torch.zeros(1),
+                       torch.zeros(1), torch.tensor([2]), torch.tensor([3]))
+    orpo = make_loss("orpo")
+    assert orpo.margins(halves).item() == pytest.approx(math.log(3))
+    assert orpo(orpo.margins(halves), 0.1, halves).item() == pytest.approx(math.log(2) - 0.1 * math.log(0.75))
 
 
 def test_ipo_margin_is_length_averaged_and_needs_lengths():

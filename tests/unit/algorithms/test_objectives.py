@@ -14,7 +14,7 @@ from dpo_hpc.algorithms.beta.beta_dpo import BetaDPOController, BetaDPOPolicy, k
 from dpo_hpc.algorithms.beta.dynamic_beta import DynamicBetaController, DynamicBetaPolicy
 from dpo_hpc.algorithms.beta.fixed import FixedBeta
 from dpo_hpc.algorithms.logprobs import CompletionScorer
-from dpo_hpc.algorithms.losses import LengthAveragedMargin, Sigmoid
+from dpo_hpc.algorithms.losses import ORPO, LengthAveragedMargin, Sigmoid
 from dpo_hpc.algorithms.objectives import PreferenceObjective, resolve
 from dpo_hpc.config import BetaDPOSectionConfig, BetaUpdateConfig, RiskTestConfig
 from dpo_hpc.config.losses import LOSSES
@@ -210,4 +210,9 @@ def test_every_loss_composes_with_every_beta_policy(loss_type, policy_name):
                  - ((naive_logp(model, p.prompt_ids, p.rejected_ids)
                      - naive_logp(obj.reference, p.prompt_ids, p.rejected_ids)) / len(p.rejected_ids))
                  for p in examples]
+    if isinstance(loss, ORPO):  # the policy's log odds ratio (a reference-free loss)
+        def log_odds(ids, p):
+            mean = naive_logp(model, p.prompt_ids, ids) / len(ids)
+            return mean - math.log(-math.expm1(mean))
+        naive = [log_odds(p.chosen_ids, p) - log_odds(p.rejected_ids, p) for p in examples]
     assert obj._step.tolist() == pytest.approx(naive, rel=1e-4, abs=1e-5)

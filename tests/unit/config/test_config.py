@@ -311,8 +311,8 @@ def test_cli_wrong_trainer_for_file_says_so():
 
 
 def test_a_list_of_losses_mixes_them_where_they_can_mix():
-    mpo = validate_mapping(with_("dpo_training", loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),
-                           "dpo")
+    mpo = validate_mapping(with_("dpo_training", loss_type=["sigmoid", "bco_pair", "sft"],
+                                 loss_weights=[0.8, 0.2, 1.0]), "dpo")
     assert mpo.training.loss_type == ["sigmoid", "bco_pair", "sft"]
     assert validate_mapping(with_("dpo_training", loss_type=["simpo", "sft"]), "dpo").training.loss_weights is None
     (problem,) = errors(with_("dpo_training", loss_type=["sigmoid", "kto"]))
