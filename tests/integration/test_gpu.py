@@ -4,6 +4,7 @@ runs go through a subprocess without DS_ACCELERATOR=cpu (which conftest sets for
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -48,6 +49,21 @@ def test_bf16_dpo_runs_on_the_gpu_with_nccl_and_reports_mfu_and_memory(tmp_path,
     assert manifest["alloc_retries"] >= 0  # expandable segments by default (runtime.init_distributed)
     if "H100" in torch.cuda.get_device_name(0) or "H200" in torch.cuda.get_device_name(0):
         assert 0 < manifest["median_mfu"] < 1
+
+
+def test_trl_options_of_the_loss_run_in_bf16_on_the_gpu(tmp_path, micro_model, reverse_data):
+    """WPO's log sum p^2 from the compiled bf16 head, LD-DPO's weights, TR-DPO's moving reference
+    (checkpointed), an MPO mixture: a bf16 run completes with finite losses."""
+    raw = run_config(tmp_path, micro_model, reverse_data, "dpo_training", max_steps=4, batch_size=8, save_steps=3,
+                     torch_compile=True, use_weighting=True, ld_alpha=0.5, sync_ref_model=True,
+                     ref_model_sync_steps=2, loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0])
+    raw["precision"] = "bf16"
+    manifest = train_on_gpu(tmp_path, "dpo", raw)
+    assert manifest["status"] == "completed" and manifest["reference_syncs"] == 2
+    run = Path(raw["dpo_training"]["save_dir"])
+    assert (run / "checkpoints" / "step_00000003" / "replicated" / "reference.safetensors").is_file()
+    train = json.loads((run / "progress.json").read_text())["train"]
+    assert math.isfinite(train["loss"]) and 0 < train["wpo_weights"] < float("inf")
 
 
 def test_sft_with_checkpointing_and_fused_adamw_on_the_gpu(tmp_path, micro_model, reverse_data):
