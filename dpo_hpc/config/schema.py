@@ -117,8 +117,8 @@ class DatasetConfig:
     """More datasets mixed in (``[[dataset.mix]]`` tables: ``dataset_name``, ``subset``,
     ``eval_subset``, ``columns``, ``fraction``): their rows join ``dataset_name``'s, each source read
     with its own column names, in whatever form its rows take (HH, text or conversational); the
-    settings above apply to all. The data report counts the rows taken from each, and names a
-    dropped row by its source (``name[i]``)."""
+    settings above apply to all. The data report counts the rows taken and kept of each (a source
+    with none usable is an error), and names a dropped row by its source (``name[i]``)."""
     cache_dir: Optional[str] = Field(None, json_schema_extra=LOCATION)
     """Folder of tokenized splits, keyed by the rows, the settings above and the tokenizer: a run
     that finds its split there skips tokenizing (every restart, every rank, every run of a sweep

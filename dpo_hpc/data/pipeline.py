@@ -44,12 +44,20 @@ class SplitReport:
     notes: Counter = field(default_factory=Counter)  # rows kept but altered (truncated, boundary merge)
     dropped_rows: dict[str, list[int]] = field(default_factory=dict)
     """Per reason, the positions (0-based, as ``dataset[i]``; a JSONL file's line i + 1) of its first rows."""
+    kept_by_source: Counter = field(default_factory=Counter)
+    """In a mixture (``dataset.mix``): the rows kept of each source, by dataset name."""
 
     @classmethod
     def of(cls, saved: dict[str, Any]) -> "SplitReport":
         """The report ``as_dict`` wrote."""
         return cls(saved["rows"], saved["kept"], Counter(saved["dropped"]), Counter(saved["notes"]),
-                   {reason: list(rows) for reason, rows in saved.get("dropped_rows", {}).items()})
+                   {reason: list(rows) for reason, rows in saved.get("dropped_rows", {}).items()},
+                   Counter(saved.get("kept_by_source", {})))
+
+    def keep(self, position) -> None:
+        self.kept += 1
+        if isinstance(position, str):  # a mixture's row, named ``name[index]``
+            self.kept_by_source[position.rsplit("[", 1)[0]] += 1
 
     def drop(self, reason: str, position: int) -> None:
         self.dropped[reason] += 1
@@ -60,9 +68,12 @@ class SplitReport:
     def as_dict(self) -> dict[str, Any]:
         known = [r for r in DROP_REASONS if self.dropped[r]]
         ordered = {r: self.dropped[r] for r in known + sorted(set(self.dropped) - set(DROP_REASONS))}
-        return {"rows": self.rows, "kept": self.kept, "dropped": ordered,
-                "dropped_rows": {r: self.dropped_rows.get(r, []) for r in ordered},
-                "notes": dict(sorted(self.notes.items()))}
+        saved = {"rows": self.rows, "kept": self.kept, "dropped": ordered,
+                 "dropped_rows": {r: self.dropped_rows.get(r, []) for r in ordered},
+                 "notes": dict(sorted(self.notes.items()))}
+        if self.kept_by_source:
+            saved["kept_by_source"] = dict(self.kept_by_source)
+        return saved
 
     def line(self) -> str:
         def shown(reason: str, count: int) -> str:
@@ -207,13 +218,13 @@ class SplitReader:
                             example = flipped(example)
                             report.notes["label_flipped"] += 1
                         examples.append(example)
+                        report.keep(position)
                         continue
                 report.drop(reason, position)
             if time.monotonic() - last_said >= PROGRESS_EVERY_S and report.rows < len(ds):
                 last_said, rate = time.monotonic(), report.rows / (time.monotonic() - started)
                 self.say(f"tokenizing {split}: {report.rows:,}/{len(ds):,} rows ({report.rows / len(ds):.0%}), "
                          f"{rate:,.0f} rows/s, eta {(len(ds) - report.rows) / rate:.0f} s")
-        report.kept = len(examples)
         if report.rows and not examples:
             raise DataError(f"dataset '{self.name}' ({split} split): 0 usable rows out of {report.rows}; "
                             f"{report.line()}; {self.parse.expected()}")
@@ -319,7 +330,8 @@ def load_splits(
 
     if eval_rows is None and cfg.eval_subset is not None and train_rows is None:
         eval_rows = load_raw(cfg, split_key="eval_subset")
-    if eval_rows is None:
+    split_of_raw = eval_rows is None
+    if split_of_raw:
         train_idx, val_idx = split_indices(len(raw), cfg.val_ratio, cfg.seed)
         train_raw, val_raw = raw.select(train_idx), raw.select(val_idx)
         train_where, val_where = _where(raw, train_idx), _where(raw, val_idx)
@@ -347,7 +359,14 @@ def load_splits(
         "validation": {**val_report.as_dict(), "fingerprint": val.fingerprint},
     }
     if mixing:
-        report["mix"] = [{"dataset_name": name, "rows": len(ds)} for name, ds, _ in raw.parts]
+        # the rows counted are the mixture's training split, and under val_ratio its validation rows too
+        kept = train_report.kept_by_source + (val_report.kept_by_source if split_of_raw else Counter())
+        report["mix"] = [{"dataset_name": name, "rows": len(ds), "kept": kept[name]} for name, ds, _ in raw.parts]
+        for source in report["mix"]:  # a source none of whose rows is usable is a mistake, not a share of 0
+            if source["rows"] and not source["kept"]:
+                raise DataError(f"dataset '{source['dataset_name']}' (in a dataset.mix mixture): 0 usable rows out "
+                                f"of {source['rows']}; {parse.expected()}; map its columns with its own columns = "
+                                "{ ... }")
     return train, val, report
 
 

@@ -245,7 +245,8 @@ def test_a_dataset_mixture_trains_and_its_report_counts_each_source(tmp_path, mi
         {"dataset_name": str(other), "fraction": 0.5, "columns": {"prompt": "q", "chosen": "good", "rejected": "bad"}}])
     assert train(validate_mapping(raw, "dpo"), "dpo")["status"] == "completed"
     report = json.loads((Path(raw["dpo_training"]["save_dir"]) / "data_report.json").read_text())
-    assert report["mix"] == [{"dataset_name": str(main), "rows": 16}, {"dataset_name": str(other), "rows": 4}]
+    assert report["mix"] == [{"dataset_name": str(main), "rows": 16, "kept": 16},
+                             {"dataset_name": str(other), "rows": 4, "kept": 4}]
     assert report["train"]["kept"] + report["validation"]["kept"] == 20
 
 

@@ -324,8 +324,10 @@ def test_a_mixture_joins_each_sources_rows_with_its_own_columns_and_a_seeded_sha
     said = []
     train, val, report = load_splits(cfg(main, val_ratio=0.0, mix=mix), tok, "preference", say=said.append)
     assert len(train) == 20 + 5 + 5 and val == []
-    assert report["mix"] == [{"dataset_name": str(main), "rows": 20}, {"dataset_name": str(named), "rows": 5},
-                             {"dataset_name": str(other), "rows": 6}]
+    assert report["mix"] == [{"dataset_name": str(main), "rows": 20, "kept": 20},
+                             {"dataset_name": str(named), "rows": 5, "kept": 5},
+                             {"dataset_name": str(other), "rows": 6, "kept": 5}]
+    assert report["train"]["kept_by_source"] == {str(main): 20, str(named): 5, str(other): 5}
     assert report["train"]["dropped_rows"] == {"missing_field": [f"{other}[2]"]}
     assert f"5 rows of '{named}' train (a 0.5 share)" in " ".join(said)
     questions = [tok.decode(e.prompt_ids) for e in train[20:25]]
@@ -354,6 +356,10 @@ def test_a_mixture_validates_on_each_sources_own_test_split(tmp_path, tok, hf_ca
     train_only = cfg(tmp_path / "a", eval_subset="test", mix=[MixSource(dataset_name=str(tmp_path / "b"))])
     train, val, _ = load_splits(train_only, tok, "preference")
     assert (len(train), len(val)) == (20, 3)
+    unusable = write_jsonl(tmp_path / "unusable.jsonl", [{"chosen": "no transcript", "rejected": "here"}] * 4)
+    with pytest.raises(DataError, match=r"dataset '.*unusable.jsonl' \(in a dataset.mix mixture\): 0 usable rows out "
+                                        r"of 4; expected"):
+        load_splits(cfg(tmp_path / "a", mix=[MixSource(dataset_name=str(unusable))]), tok, "preference")
     with pytest.raises(DataError, match=r"dataset.mix\[0\].columns.prompt = 'question', but there is no column"):
         load_splits(cfg(tmp_path / "a", mix=[MixSource(dataset_name=str(tmp_path / "b"),
                                                         columns={"prompt": "question"})]), tok, "preference")
