@@ -132,28 +132,35 @@ class _TargetLogps(torch.autograd.Function):
         return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None
 
 
-def _default_chunk_rows(weight: torch.Tensor) -> int:
-    return max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+def _default_chunk_rows(vocab: int) -> int:
+    return max(1, CHUNK_BYTES // (4 * vocab))
 
 
 def target_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                  chunk_rows: int | None = None, math: ChunkMath = EAGER) -> torch.Tensor:
     """log p(targets[i] | hidden[i]) under the head ``weight`` (V, H), shape (N,), fp32; never more
     than ``chunk_rows`` rows of logits exist (default: ``CHUNK_BYTES`` of fp32 logits)."""
-    return _TargetLogps.apply(hidden, weight, targets, chunk_rows or _default_chunk_rows(weight), math, False)[0]
+    rows = chunk_rows or _default_chunk_rows(weight.shape[0])
+    return _TargetLogps.apply(hidden, weight, targets, rows, math, False)[0]
 
 
 def target_logps_sum_sq(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                         chunk_rows: int | None = None, math: ChunkMath = EAGER) -> tuple[torch.Tensor, torch.Tensor]:
     """``target_logps``, and log sum_v p_v^2 of each row (detached) from the same chunks."""
-    return _TargetLogps.apply(hidden, weight, targets, chunk_rows or _default_chunk_rows(weight), math, True)
+    rows = chunk_rows or _default_chunk_rows(weight.shape[0])
+    return _TargetLogps.apply(hidden, weight, targets, rows, math, True)
 
 
 def log_sum_sq_probs(logits: torch.Tensor) -> torch.Tensor:
-    """log sum_v p_v^2 over the last axis, fp32, without gradient (the full-logits path)."""
+    """log sum_v p_v^2 of each row of (N, V) ``logits``, fp32, without gradient (the full-logits
+    path), ``CHUNK_BYTES`` of fp32 rows at a time: no second full-size fp32 copy."""
+    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    rows = _default_chunk_rows(logits.shape[-1])
     with torch.no_grad():
-        logits = logits.float()
-        return torch.logsumexp(2 * logits, dim=-1) - 2 * torch.logsumexp(logits, dim=-1)
+        for start in range(0, logits.shape[0], rows):
+            chunk = logits[start:start + rows].float()
+            out[start:start + rows] = torch.logsumexp(2 * chunk, dim=-1) - 2 * torch.logsumexp(chunk, dim=-1)
+    return out
 
 
 # Config attributes of models whose logits are not plain ``lm_head(h)`` (soft-capping, scaling):
