@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .evaluate import EVALUATION_FILE
-from .experiment import Plan, Run
+from .experiment import VARIANT, Plan, Run
 
 # Two-sided 95% Student t quantiles by degrees of freedom (1..30); the normal 1.96 beyond.
 _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -83,18 +83,25 @@ def _cell(values: list[float], digits: int = 3, signed: bool = False) -> str:
 
 
 def paired_differences(scores: list[Scored], compare_to: str) -> dict[str, list[float]]:
-    """Run id -> [its accuracy minus that of the ``compare_to`` run with the same values on the
-    grid axes both runs have (same noise, same seed, whichever trainer's seed) and the same baseline]."""
+    """Run id -> [its accuracy minus that of the ``compare_to`` run (a stage's, or ``STAGE.VARIANT``:
+    that variant's) with the same values on the grid axes both runs have (same noise, same seed,
+    whichever trainer's seed) and the same baseline]."""
     def values(s: Scored) -> dict[str, Any]:  # every trainer's seed is one axis: an SFT run pairs by seed too
         return {("seed" if is_seed_axis(a) else a): v for a, v in s.target.grid_values.items()}
 
-    reference = [s for s in scores if s.target.stage == compare_to]
+    stages = {s.target.stage for s in scores}
+    stage, variant = (compare_to, None) if compare_to in stages else compare_to.rpartition(".")[::2]
+    reference = [s for s in scores if s.target.stage == stage
+                 and (variant is None or s.target.grid_values.get(VARIANT) == variant)]
+    compared = {r.target.run_id for r in reference}
     out: dict[str, list[float]] = {}
     for s in scores:
-        if s.target.stage == compare_to:
+        if s.target.run_id in compared:
             continue
         for r in reference:
             mine, theirs = values(s), values(r)
+            if variant is not None:  # runs of the other variants: paired by their other axes (the seed)
+                mine.pop(VARIANT, None), theirs.pop(VARIANT, None)
             if all(mine[a] == theirs[a] for a in set(mine) & set(theirs)) \
                     and (s.result.get("baseline") or {}).get("run") == (r.result.get("baseline") or {}).get("run"):
                 out.setdefault(s.target.run_id, []).append(s.final["accuracy"] - r.final["accuracy"])

@@ -336,11 +336,16 @@ def evaluation_runs(name: str, stage: StageConfig, by_stage: dict[str, list[Run]
     comes from what it scores and how (not from the report-only keys)."""
     section = to_dict(stage.evaluate)
     where = f"stages.{name}.evaluate"
-    for key in ("baseline", "compare_to"):
-        if section[key] is not None and section[key] not in by_stage:
-            _fail(source, f"{where}.{key}", f"unknown stage '{section[key]}'; stages are {', '.join(by_stage)}")
-    if section["compare_to"] is not None and section["compare_to"] not in stage.parents:
-        _fail(source, f"{where}.compare_to", f"'{section['compare_to']}' is not scored here; from = {stage.parents}")
+    compared = section["compare_to"]
+    if compared is not None and compared not in by_stage and "." in compared:  # STAGE.VARIANT
+        compared, _, variant = compared.rpartition(".")
+        if compared in by_stage and not any(r.grid_values.get(VARIANT) == variant for r in by_stage[compared]):
+            _fail(source, f"{where}.compare_to", f"stage '{compared}' has no variant '{variant}'")
+    for key, value in (("baseline", section["baseline"]), ("compare_to", compared)):
+        if value is not None and value not in by_stage:
+            _fail(source, f"{where}.{key}", f"unknown stage '{value}'; stages are {', '.join(by_stage)}")
+    if compared is not None and compared not in stage.parents:
+        _fail(source, f"{where}.compare_to", f"'{compared}' is not scored here; from = {stage.parents}")
     out: list[Run] = []
     for parent_stage in stage.parents:
         if by_stage[parent_stage] and by_stage[parent_stage][0].role == "evaluate":

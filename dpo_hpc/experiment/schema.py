@@ -246,8 +246,9 @@ class EvaluationSection:
     batch_size: int = Field(64, ge=1)
     """Prompts per generation batch."""
     compare_to: Optional[str] = None
-    """Report only: a scored stage every other one is compared with, run by run where they share
-    grid values (same noise, same seed): the mean difference with a 95% interval."""
+    """Report only: a scored stage (or one variant of it, ``STAGE.VARIANT``) every other run is
+    compared with, run by run where they share grid values (same noise, same seed): the mean
+    difference with a 95% interval."""
     average_over: list[str] = Field(default_factory=list)
     """Report only: grid axes averaged in the report's table beside the seeds (``dataset.label_noise``
     to rank settings by their mean over noise levels)."""

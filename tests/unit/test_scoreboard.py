@@ -40,6 +40,17 @@ def test_runs_pair_on_the_grid_values_both_have_and_on_their_baseline():
     assert paired_differences(dpo + [control], "dpo") == {control.target.run_id: [pytest.approx(-0.08)]}
 
 
+def test_runs_pair_with_one_variant_of_their_stage_by_seed():
+    """compare_to = "losses.dpo": every other variant's run against the dpo variant's run of the
+    same seed (the variant itself is the axis that differs)."""
+    runs = [scored("losses", accuracy, variant=variant, seed=seed)
+            for variant, seed, accuracy in (("dpo", 1, 0.30), ("dpo", 2, 0.34), ("rpo", 1, 0.40), ("rpo", 2, 0.41),
+                                            ("orpo", 1, 0.35))]
+    diffs = paired_differences(runs, "losses.dpo")
+    assert diffs == {runs[2].target.run_id: [pytest.approx(0.10)], runs[3].target.run_id: [pytest.approx(0.07)],
+                     runs[4].target.run_id: [pytest.approx(0.05)]}
+
+
 def test_plots_and_table_from_scores_with_a_gridless_baseline_run(tmp_path):
     pytest.importorskip("matplotlib")
     from dpo_hpc.experiment import load_plan

@@ -444,3 +444,31 @@ def test_the_quality_benchmark_gives_every_method_the_same_budget():
         {a for a in shared_axes(tuning["tune_dpo"], ("learning_rate", "noise")) if ("label_noise", 0.0) in a}
     scored = {plan.run(r.parent).stage for stage in plan.stage_order for r in plan.stage_runs(stage, "evaluate")}
     assert scored == {stage for stage in plan.stage_order if plan.experiment.stages[stage].trainer}
+
+
+def test_the_losses_experiment_gives_every_variant_the_same_budget_and_scores_each():
+    plan = load_plan(REPO / "experiments/losses.toml")
+    runs = plan.stage_runs("losses")
+    variants = plan.experiment.stages["losses"].variants
+    assert len(runs) == 2 * len(variants) and {r.grid_values["dpo_training.seed"] for r in runs} == {1, 2}
+    budget = {(t["batch_size"], t["max_steps"], t["learning_rate"], t["warmup_steps"])
+              for t in (r.config["dpo_training"] for r in runs if r.grid_values["variant"] != "simpo")}
+    assert budget == {(64, 40, 1.6e-4, 3)}  # SimPO differs in its beta alone (its paper's 2.0)
+    by_variant = {r.grid_values["variant"]: r.config["dpo_training"] for r in runs}
+    assert by_variant["mpo"]["loss_type"] == ["sigmoid", "bco_pair", "sft"] and by_variant["tr_dpo"]["sync_ref_model"]
+    # one reference pass per table: the plain sums, and LD-DPO's
+    passes = plan.stage_runs("losses", "reference")
+    assert len(passes) == 2 and {p.config["dpo_training"]["ld_alpha"] for p in passes} == {None, 0.5}
+    readers = {r.grid_values["variant"] for r in runs if r.ref_pass}
+    assert readers == set(variants) - {"tr_dpo", "orpo", "simpo"}  # a moving reference; no reference at all
+    scored = {plan.run(r.parent).run_id for r in plan.stage_runs("scores", "evaluate")}
+    assert scored == {r.run_id for r in runs} | {plan.stage_runs("sft")[0].run_id}
+
+
+def test_compare_to_names_a_stage_or_one_of_its_variants(tmp_path):
+    scores = '[stages.scores]\nfrom = ["dpo"]\nevaluate = { data = "t.jsonl", compare_to = "COMPARED" }\n'
+    plan = plan_of(tmp_path, BASE + DPO + VARIANTS + scores.replace("COMPARED", "dpo.simpo"))
+    assert len(plan.stage_runs("scores", "evaluate")) == 4
+    assert "stage 'dpo' has no variant 'orpo'" in errors_of(tmp_path, BASE + DPO + VARIANTS
+                                                            + scores.replace("COMPARED", "dpo.orpo"))
+    assert "unknown stage 'nope'" in errors_of(tmp_path, BASE + DPO + VARIANTS + scores.replace("COMPARED", "nope"))
