@@ -450,7 +450,7 @@ def test_the_losses_experiment_gives_every_variant_the_same_budget_and_scores_ea
     plan = load_plan(REPO / "experiments/losses.toml")
     runs = plan.stage_runs("losses")
     variants = plan.experiment.stages["losses"].variants
-    assert len(runs) == 2 * len(variants) and {r.grid_values["dpo_training.seed"] for r in runs} == {1, 2}
+    assert len(runs) == 3 * len(variants) and {r.grid_values["dpo_training.seed"] for r in runs} == {1, 2, 3}
     budget = {(t["batch_size"], t["max_steps"], t["learning_rate"], t["warmup_steps"])
               for t in (r.config["dpo_training"] for r in runs if r.grid_values["variant"] != "simpo")}
     assert budget == {(64, 40, 1.6e-4, 3)}  # SimPO differs in its beta alone (its paper's 2.0)
