@@ -301,10 +301,9 @@ class DPOTrainingConfig(TrainingConfig):
     """Pairwise loss (TRL's names): sigmoid (DPO), robust (rDPO), hinge (SLiC/RSO), ipo (IPO, on
     length-averaged log-probs), sigmoid_norm, exo_pair, discopop, nca_pair, bco_pair, sppo_hard,
     apo_zero, apo_down, simpo (SimPO: no reference model at all), orpo (ORPO: none either) or sft
-    (the chosen reply's NLL).
-    Each composes with every beta policy. A list (TRL's) mixes them: the per-pair sum weighted by
-    ``loss_weights`` (MPO: ``["sigmoid", "bco_pair", "sft"]``); the beta policy reads the first
-    one's margin."""
+    (the chosen reply's NLL). Each composes with every beta policy. A list (TRL's) mixes them: the
+    per-pair sum weighted by ``loss_weights`` (MPO: ``["sigmoid", "bco_pair", "sft"]``); the beta
+    policy reads the first one's margin."""
     loss_weights: Optional[list[float]] = None
     """With a list of ``loss_type``: each loss's weight, in order (TRL's name; default 1 each)."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)

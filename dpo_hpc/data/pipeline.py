@@ -365,8 +365,8 @@ def load_splits(
         for source in report["mix"]:  # a source none of whose rows is usable is a mistake, not a share of 0
             if source["rows"] and not source["kept"]:
                 raise DataError(f"dataset '{source['dataset_name']}' (in a dataset.mix mixture): 0 usable rows out "
-                                f"of {source['rows']}; {parse.expected()}; map its columns with its own columns = "
-                                "{ ... }")
+                                f"of {source['rows']}; {parse.expected()}; a source whose columns are named "
+                                "otherwise maps them in its own table (columns = { ... })")
     return train, val, report
 
 

@@ -34,8 +34,8 @@ EVALUATIONS = "evaluations"
 
 REFERENCE_INPUTS = ("policy_name", "ref_name", "tokenizer_name", "dataset", "precision", "attn_implementation")
 """Top-level keys a reference table depends on. Runs of an experiment that agree on them (and on
-the parent, the cache folder and LD-DPO's ``ld_alpha``), in whatever stages, read one table, made by one reference pass
-scheduled before them.
+the parent, the cache folder and LD-DPO's ``ld_alpha``), in whatever stages, read one table, made
+by one reference pass scheduled before them.
 The table's cache key (``trainers.ref_cache``) stays the authority: this only decides scheduling."""
 
 
@@ -212,8 +212,9 @@ def _grid_points(stage: StageConfig) -> list[dict[str, Any]]:
 
 def _settings(stage: StageConfig, point: dict[str, Any]) -> dict[str, Any]:
     """The config keys a grid point sets: its variant's settings and its grid values."""
-    variant = stage.variants.get(point.get(VARIANT), {}) if stage.variants else {}
-    return {**variant, **{key: value for key, value in point.items() if not (stage.variants and key == VARIANT)}}
+    if not stage.variants:
+        return point
+    return {**stage.variants[point[VARIANT]], **{key: value for key, value in point.items() if key != VARIANT}}
 
 
 def grid_label(values: Iterable[tuple[str, Any]]) -> str:
