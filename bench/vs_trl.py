@@ -160,12 +160,13 @@ def run_trl(folder: Path, model: Path, ordered: Path, args, tag: str, precompute
 def summary(runs: list[dict], warmup: int, work: dict) -> dict:
     """Median step time over repeats; pairs/s, real tokens/s and MFU from it (the same FLOPs count,
     perf.md section 3, for both sides: 6N + attention for the policy, 2N + attention for an online
-    reference, real tokens only); peak memory."""
+    reference, real tokens only); peak memory; the first run's first 10 losses (two ``--sides ours``
+    calls, with and without an option, show what the option changes)."""
     steps = [statistics.median(r["step_seconds"][warmup:]) for r in runs]
     step = statistics.median(steps)
     out = {"median_step_s": round(step, 4), "per_repeat_step_s": [round(s, 4) for s in steps],
            "pairs_per_s": round(work["pairs"] / step, 2), "real_tokens_per_s": round(work["tokens"] / step, 1),
-           "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+           "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "first_losses": runs[0]["losses"][:10]}
     if work["peak_flops"]:
         out["mfu"] = round(work["flops"] / step / work["peak_flops"], 4)
     cuda = [r["peak_cuda_gib"] for r in runs if r.get("peak_cuda_gib") is not None]
