@@ -1,4 +1,5 @@
-"""The TRL side of bench/vs_trl.py: TRL's DPOTrainer on the same model, data and batch order.
+"""The TRL side of bench/vs_trl.py: TRL's DPOTrainer (or KTOTrainer) on the same model, data and
+batch order.
 
 Run by bench/vs_trl.py with the Python of a separate virtual environment that has TRL (TRL is
 never a dependency of dpo-hpc). Prints one JSON line: per-step losses (recorded from the loss
@@ -25,7 +26,9 @@ def option(text: str) -> tuple[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True, help="JSONL of prompt/chosen/rejected, already in batch order")
+    parser.add_argument("--data", required=True, help="JSONL of prompt/chosen/rejected (KTO: prompt/completion/"
+                        "label), already in batch order")
+    parser.add_argument("--trainer", choices=("dpo", "kto"), default="dpo")
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--batch", type=int, required=True)
@@ -36,7 +39,7 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="a DPOConfig option (the value read as JSON, else as text)")
+                        help="a DPOConfig (KTOConfig) option (the value read as JSON, else as text)")
     args = parser.parse_args()
 
     import torch
@@ -45,7 +48,7 @@ def main() -> None:
     from datasets import load_dataset
     from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -57,7 +60,9 @@ def main() -> None:
     losses: list[float] = []
     step_times: list[float] = []
 
-    class InOrder(DPOTrainer):
+    Config, Trainer = (DPOConfig, DPOTrainer) if args.trainer == "dpo" else (KTOConfig, KTOTrainer)
+
+    class InOrder(Trainer):
         def _get_train_sampler(self, *unused, **unused_kw):
             return SequentialSampler(self.train_dataset)  # the batches dpo-hpc's sampler drew, in its order
 
@@ -78,7 +83,7 @@ def main() -> None:
             if torch.cuda.is_available():  # after the optimizer step: weights, gradients, Adam state
                 resident.append(torch.cuda.memory_allocated() / 2**30)
 
-    config = DPOConfig(
+    config = Config(
         output_dir=args.out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
         adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, max_steps=args.steps, logging_steps=1,

@@ -14,7 +14,7 @@ What it does (perf.md section 4, the fair protocol):
   in the exact order dpo-hpc's sampler draws them, so both train on identical batches;
 - fp32 on both sides, same AdamW, constant learning rate, clipping at 1.0, beta 0.1, no gradient
   checkpointing, ``--threads`` threads;
-- the correctness gate: the first loss is ln 2 on both sides and the first 10 losses agree within
+- the correctness gate: the first loss is ln 2 (KTO: 0.5) on both sides and the first 10 losses agree within
   1e-5; a speed ratio is only reported when the gate holds;
 - step time: median of the steps after ``--warmup``; peak RSS of each process.
 
@@ -27,7 +27,8 @@ an option both sides name alike with ``--both KEY=VALUE`` (``ld_alpha=0.5``, ``u
 ``loss_type="ipo"``: the loss gate then checks the two implementations of that option against each
 other, and not the first loss's ln 2), and an ablation of one dpo-hpc option at a time with
 ``--set dpo_training.KEY=VALUE``
-(``gradient_checkpointing``, ``optim``, ``group_by_length``, ``torch_compile``); ``--sides ours``
+(``gradient_checkpointing``, ``optim``, ``group_by_length``, ``torch_compile``); ``--trainer kto``
+compares TRL's KTOTrainer with ours on the pairs' sides as labelled completions; ``--sides ours``
 runs dpo-hpc alone (a micro-batch TRL is not compared at), ``--assets DIR`` reuses the model and
 pairs of an earlier call. ``bench/gpu_session.sh`` runs all of these on a lent GPU machine. Pairs/s,
 real tokens/s and MFU are computed the same way for both sides from the measured batches; on CUDA
@@ -51,6 +52,11 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+TRAINERS = {"dpo": {"section": "dpo_training", "first_loss": math.log(2)},
+            "kto": {"section": "kto_training", "first_loss": 0.5}}
+"""What ``--trainer`` compares (TRL's DPOTrainer or KTOTrainer): our config section and the first
+loss both sides must give (policy = reference: DPO's ln 2, KTO's 1 - sigmoid(0))."""
 
 
 SHAPES = {
@@ -99,6 +105,15 @@ def build_assets(folder: Path, vocab: int, pairs: int, seed: int, shape: str = "
     return model_dir, data
 
 
+def unpaired(data: Path, out: Path) -> Path:
+    """KTO's rows of the pairs: each pair's chosen completion desirable and its rejected one not, in
+    the order dpo-hpc unpairs them."""
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    out.write_text("".join(json.dumps({"prompt": row["prompt"], "completion": row[side], "label": side == "chosen"})
+                           + "\n" for row in rows for side in ("chosen", "rejected")))
+    return out
+
+
 def trl_order(data: Path, out: Path, steps: int, batch: int, seed: int) -> Path:
     """The rows of dpo-hpc's first ``steps`` batches, in order, for TRL's sequential sampler."""
     from dpo_hpc.data.sampler import global_batch_indices
@@ -118,7 +133,7 @@ def run_ours(folder: Path, model: Path, data: Path, args, tag: str, precompute: 
     config = {
         "policy_name": str(model), "precision": "bf16" if args.bf16 else "fp32",
         "dataset": {"dataset_name": str(data), "val_ratio": 0.0, "max_length": 4096, "max_prompt_length": 2048},
-        "dpo_training": {"learning_rate": args.lr, "batch_size": args.batch, "max_steps": args.steps,
+        TRAINERS[args.trainer]["section"]: {"learning_rate": args.lr, "batch_size": args.batch, "max_steps": args.steps,
                          "lr_scheduler": "constant", "max_grad_norm": 1.0, "beta": 0.1, "seed": args.seed,
                          "logging_steps": 1000, "save_dir": str(run_dir), "precompute_ref_log_probs": precompute,
                          "ref_log_probs_cache": str(folder / f"ref-cache-{tag}")},
@@ -127,8 +142,8 @@ def run_ours(folder: Path, model: Path, data: Path, args, tag: str, precompute: 
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     overrides = [word for text in args.set for word in ("--set", text)]
-    overrides += [word for text in args.both for word in ("--set", f"dpo_training.{text}")]
-    subprocess.run([sys.executable, "-m", "dpo_hpc", "train", "dpo", "--config", str(path), *overrides], check=True,
+    overrides += [word for text in args.both for word in ("--set", f"{TRAINERS[args.trainer]['section']}.{text}")]
+    subprocess.run([sys.executable, "-m", "dpo_hpc", "train", args.trainer, "--config", str(path), *overrides], check=True,
                    env=env, cwd=REPO, stdout=subprocess.DEVNULL)
     logged = read_scalars(run_dir / "tensorboard")
     manifest = json.loads((run_dir / "run_manifest.json").read_text())
@@ -148,7 +163,8 @@ def run_ours(folder: Path, model: Path, data: Path, args, tag: str, precompute: 
 def run_trl(folder: Path, model: Path, ordered: Path, args, tag: str, precompute: bool) -> dict:
     command = [args.trl_python, str(REPO / "bench" / "trl_side.py"), "--model", str(model), "--data", str(ordered),
                "--out", str(folder / f"trl-{tag}"), "--steps", str(args.steps), "--batch", str(args.batch),
-               "--lr", str(args.lr), "--threads", str(args.threads)] + (["--precompute"] if precompute else []) \
+               "--lr", str(args.lr), "--threads", str(args.threads), "--trainer", args.trainer] \
+        + (["--precompute"] if precompute else []) \
         + (["--bf16"] if args.bf16 else []) \
         + (["--gradient-checkpointing"] if args.trl_gradient_checkpointing else []) \
         + [word for text in args.both for word in ("--option", text)]
@@ -186,7 +202,9 @@ def summary(runs: list[dict], warmup: int, work: dict) -> dict:
 
 
 def step_work(model: Path, data: Path, args) -> dict:
-    """Mean pairs, real tokens and FLOPs of a measured step (the batches after the warm-up)."""
+    """Mean pairs (KTO: completions), real tokens and FLOPs of a measured step (the batches after the
+    warm-up); KTO's KL sequences (each prompt with the previous completion of its batch) run forward
+    only, on the policy and an online reference."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -200,13 +218,19 @@ def step_work(model: Path, data: Path, args) -> dict:
     tokens = total = 0.0
     measured = range(args.warmup, args.steps)
     for step in measured:
-        lengths = []
-        for i in global_batch_indices(len(rows), step, args.batch, 1, 1, 0, args.seed)[0]:
+        lengths, kl_lengths = [], []
+        batch = global_batch_indices(len(rows), step, args.batch, 1, 1, 0, args.seed)[0]
+        for k, i in enumerate(batch):
             prompt = len(tokenizer(rows[i]["prompt"])["input_ids"])  # BOS included
-            lengths += [prompt + len(rows[i][side].split()) + 1 for side in ("chosen", "rejected")]  # + EOS
-        lengths = torch.tensor(lengths)
+            sides = ("completion",) if args.trainer == "kto" else ("chosen", "rejected")
+            lengths += [prompt + len(rows[i][side].split()) + 1 for side in sides]  # + EOS
+            if args.trainer == "kto":
+                kl_lengths.append(prompt + len(rows[batch[k - 1]]["completion"].split()) + 1)
+        lengths, kl_lengths = torch.tensor(lengths), torch.tensor(kl_lengths or [0])
         tokens += float(lengths.sum())
         total += flops.train(lengths) + (0.0 if args.precompute else flops.forward(lengths))
+        if args.trainer == "kto":
+            total += flops.forward(kl_lengths) * (1 if args.precompute else 2)
     n = len(measured)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     return {"pairs": args.batch, "tokens": tokens / n, "flops": total / n, "peak_flops": peak_flops(device)}
@@ -228,7 +252,7 @@ def assets(folder: Path, args) -> tuple[Path, Path]:
 
 def setup(args, work: dict) -> dict:
     """What a result was measured on."""
-    return {"vocab": args.vocab, "shape": args.shape, "precision": "bf16" if args.bf16 else "fp32",
+    return {"trainer": args.trainer, "vocab": args.vocab, "shape": args.shape, "precision": "bf16" if args.bf16 else "fp32",
             "batch_pairs": args.batch, "steps": args.steps, "threads": args.threads, "dpo_hpc_overrides": args.set,
             "both_sides": args.both,
             "real_tokens_per_step": round(work["tokens"], 1), "precompute_ref_log_probs": args.precompute,
@@ -238,6 +262,8 @@ def setup(args, work: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trl-python", help="python of a virtual environment with trl installed")
+    parser.add_argument("--trainer", choices=list(TRAINERS), default="dpo",
+                        help="kto: TRL's KTOTrainer against ours, on each pair's sides as labelled completions")
     parser.add_argument("--sides", choices=("both", "ours"), default="both",
                         help="ours: dpo-hpc alone (a micro-batch TRL is not run at, e.g. the largest that fits)")
     parser.add_argument("--assets", type=Path, help="folder of the model and pairs, built once and reused by "
@@ -268,6 +294,8 @@ def main() -> None:
 
     folder = Path(tempfile.mkdtemp(prefix="dpo_hpc_vs_trl_"))
     model, data = assets(args.assets or folder, args)
+    if args.trainer == "kto":
+        data = unpaired(data, folder / "completions.jsonl")
     work = step_work(model, data, args)
     if args.sides == "ours":
         ours = [run_ours(folder, model, data, args, str(repeat), args.precompute) for repeat in range(args.repeats)]
@@ -283,7 +311,8 @@ def main() -> None:
     gap = max(abs(a - b) for a, b in zip(ours[0]["losses"][:10], theirs[0]["losses"][:10]))
     # an option on both sides (WPO's weights, another loss) may move the first loss off ln 2: then the
     # two sides are checked against each other only
-    first_ok = bool(args.both) or all(abs(run[0]["losses"][0] - math.log(2)) < (1e-3 if args.bf16 else 1e-4)
+    first_loss = TRAINERS[args.trainer]["first_loss"]
+    first_ok = bool(args.both) or all(abs(run[0]["losses"][0] - first_loss) < (1e-3 if args.bf16 else 1e-4)
                                       for run in (ours, theirs))
     gate = first_ok and (args.bf16 or gap < 1e-5)  # bf16 rounding makes a 1e-5 loss parity meaningless
     mine, trl = summary(ours, args.warmup, work), summary(theirs, args.warmup, work)

@@ -1,5 +1,5 @@
-"""How a batch becomes a loss: SFT, and one preference objective composed of a pairwise loss and
-a beta policy. The trainer drives these.
+"""How a batch becomes a loss: SFT, one preference objective composed of a pairwise loss and a
+beta policy, and KTO's on unpaired completions (``kto``). The trainer drives these.
 
 An objective returns the SUM of its per-unit losses (tokens for SFT, pairs for DPO) and
 per-metric (sum, count) pairs; the trainer normalises by the global unit count of the optimizer
@@ -18,15 +18,16 @@ from ..config.losses import LOSSES, is_reference_free
 from ..config.schema import SPARSE_ATTENTION
 from ..data.collate import Layout, collate_conversations, collate_pairs
 from .beta import BetaPolicy, Collective
+from .kto import KTOObjective
 from .logprobs import CompletionScorer
 from .losses import Mixture, PairwiseLoss
 from .preference import PairLogps, Scores, f_divergence_scores, preference_metrics, wpo_pair_weights
+from .stats import Stats, with_router_loss
 
-Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # metric -> (sum, count)
 
 
 class Objective(Protocol):
-    kind: str  # "sft" or "preference": what the data pipeline produces for it
+    kind: str  # "sft", "preference" or "unpaired": what the data pipeline produces for it
 
     def collate(self, examples: list) -> dict[str, torch.Tensor]: ...
 
@@ -36,6 +37,9 @@ class Objective(Protocol):
     def loss_and_stats(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]: ...
 
     def eval_stats(self, model, batch: dict[str, torch.Tensor]) -> Stats: ...
+
+    def derived(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Metrics computed from a step's (or an evaluation's) reduced means."""
 
     def end_step(self) -> dict[str, float]:
         """Once per optimizer step on every rank after its micro-batches; values to log that are
@@ -47,21 +51,6 @@ class Objective(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
-
-
-def with_router_loss(loss_sum: torch.Tensor, stats: Stats, aux_loss: Optional[torch.Tensor],
-                     coef: Optional[float], units: torch.Tensor) -> tuple[torch.Tensor, Stats]:
-    """A mixture of experts' router load-balancing loss (``router_aux_loss_coef``) added as TRL adds
-    it, ``coef * aux_loss`` on top of the mean loss, and logged as ``aux_loss``. In the sum the
-    trainer normalises it stands once per loss unit, so a step weighs its micro-batches' router
-    losses by their units, whatever the split over ranks and accumulation steps."""
-    if coef is None or aux_loss is None:
-        return loss_sum, stats
-    aux_loss = aux_loss.to(loss_sum.device, torch.float32)
-    total, count = stats["loss"]
-    stats = {**stats, "loss": (total + coef * aux_loss.detach() * count, count),
-             "aux_loss": (aux_loss.detach(), torch.tensor(1.0))}
-    return loss_sum + coef * aux_loss * units.to(loss_sum.device), stats
 
 
 class SFTObjective:
@@ -95,6 +84,9 @@ class SFTObjective:
     def eval_stats(self, model, batch):
         with torch.no_grad():
             return self._stats(model, batch)[1]
+
+    def derived(self, metrics):
+        return {}
 
     def end_step(self):
         return {}
@@ -218,6 +210,9 @@ class PreferenceObjective:
             stats = self._stats(logps, losses, beta, extra)
             return with_router_loss(losses.sum(), stats, aux_loss, self.router_aux_loss_coef, self.units(batch))[1]
 
+    def derived(self, metrics):
+        return {}
+
     def end_step(self):
         self._step = torch.cat(self._step_margins) if self._step_margins else torch.zeros(0)
         self._step_margins = []
@@ -274,6 +269,11 @@ def build_objective(algorithm, cfg, pad_id: int, collective: Collective, referen
     scorer, layout, router = build_scorer(cfg), batch_layout(cfg), router_aux_loss_coef
     if algorithm.kind == "sft":
         return SFTObjective(pad_id, scorer, layout, router_aux_loss_coef=router)
+    if algorithm.kind == "unpaired":
+        training = cfg.training
+        return KTOObjective(reference, pad_id, collective, scorer, loss_type=training.loss_type, beta=training.beta,
+                            desirable_weight=training.desirable_weight, undesirable_weight=training.undesirable_weight,
+                            ref_table=ref_table, layout=layout, router_aux_loss_coef=router)
     policy = resolve(algorithm.beta_policy).from_config(cfg, collective)
     return PreferenceObjective(reference, build_loss(cfg.training), policy, pad_id, collective, scorer, ref_table,
                                rpo_alpha=cfg.training.rpo_alpha, layout=layout, router_aux_loss_coef=router,

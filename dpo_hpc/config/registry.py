@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from .errors import ConfigError
-from .schema import BetaDPORunConfig, DPORunConfig, DynamicBetaDPORunConfig, SFTRunConfig
+from .schema import BetaDPORunConfig, DPORunConfig, DynamicBetaDPORunConfig, KTORunConfig, SFTRunConfig
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,8 @@ class Algorithm:
     """The run config dataclass a file of this trainer validates against."""
     training_section: str
     """The section holding the optimisation settings and ``save_dir``."""
-    kind: Literal["sft", "preference"]
-    """What the data pipeline yields for it: conversations or preference pairs."""
+    kind: Literal["sft", "preference", "unpaired"]
+    """What the data pipeline yields for it: conversations, preference pairs or labelled completions."""
     marker_sections: tuple[str, ...] = ()
     """Sections only this trainer's files have; they identify a file that names no trainer."""
     beta_policy: Optional[str] = None
@@ -47,6 +47,7 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
               beta_policy="dpo_hpc.algorithms.beta.dynamic_beta:DynamicBetaPolicy", legacy_command="train-dpo"),
     Algorithm("beta_dpo", "beta-dpo", BetaDPORunConfig, "dpo_training", "preference", marker_sections=("beta_dpo",),
               beta_policy="dpo_hpc.algorithms.beta.beta_dpo:BetaDPOPolicy", legacy_command="train-beta-dpo"),
+    Algorithm("kto", "kto", KTORunConfig, "kto_training", "unpaired", marker_sections=("kto_training",)),
 )}
 
 TrainerName = Literal[tuple(ALGORITHMS)]  # type: ignore[valid-type]  # for schemas that name a trainer

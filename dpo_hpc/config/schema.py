@@ -37,7 +37,7 @@ LOCATION = {"resumable": True, "outside_identity": True}
 PERMISSION = {"resumable": True, "outside_identity": True}
 """A one-time permission given when (re)starting a run: not part of what the run is."""
 
-ROW_FIELDS = ("prompt", "chosen", "rejected", "messages", "system")
+ROW_FIELDS = ("prompt", "chosen", "rejected", "messages", "system", "completion", "label")
 """The columns dataset rows are read by (``dataset.columns`` maps a dataset's own names onto them)."""
 
 
@@ -286,17 +286,23 @@ class SFTTrainingConfig(TrainingConfig):
 
 
 @dataclass(config=STRICT, kw_only=True)
-class DPOTrainingConfig(TrainingConfig):
-    beta: Optional[float] = Field(None, gt=0.0)
-    """Fixed beta of plain DPO (default 0.1). Dynamic-Beta DPO and Beta-DPO take beta_0 from
-    their own sections instead, and refuse this key."""
+class ReferenceTrainingConfig(TrainingConfig):
+    """The settings of a trainer with a reference model (DPO's, KTO's)."""
+
     precompute_ref_log_probs: bool = False
-    """Compute the reference log-probs of every pair once, before training, and train with no
+    """Compute the reference log-probs of every example once, before training, and train with no
     reference model in memory (TRL's name). The table is cached and reused by any run with the same
     reference, tokenizer, data and precision."""
     ref_log_probs_cache: Optional[str] = Field(None, json_schema_extra=LOCATION)
     """Folder of cached reference log-prob tables (default: ``<save_dir>/ref_log_probs``); point
     the runs of a sweep at one folder to share one reference pass."""
+
+
+@dataclass(config=STRICT, kw_only=True)
+class DPOTrainingConfig(ReferenceTrainingConfig):
+    beta: Optional[float] = Field(None, gt=0.0)
+    """Fixed beta of plain DPO (default 0.1). Dynamic-Beta DPO and Beta-DPO take beta_0 from
+    their own sections instead, and refuse this key."""
     loss_type: Union[LossType, list[LossType]] = "sigmoid"
     """Pairwise loss (TRL's names): sigmoid (DPO), robust (rDPO), hinge (SLiC/RSO), ipo (IPO, on
     length-averaged log-probs), sigmoid_norm, exo_pair, discopop, nca_pair, bco_pair, sppo_hard,
@@ -386,6 +392,24 @@ class DPOTrainingConfig(TrainingConfig):
             raise ValueError("loss_type exo_pair needs label_smoothing > 0 (its target's weight on the rejected "
                              "reply; the EXO paper uses 1e-3)")
         return self
+
+
+@dataclass(config=STRICT, kw_only=True)
+class KTOTrainingConfig(ReferenceTrainingConfig):
+    """KTO (Ethayarajh et al., 2024; TRL's KTOTrainer) on unpaired completions, each desirable or not."""
+
+    beta: float = Field(0.1, gt=0.0)
+    """How far the policy may move from the reference (TRL's name and default)."""
+    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
+    """KTO's loss (TRL's names): kto, against a reference point that estimates KL(policy || reference)
+    from each prompt with another example's completion in its micro-batch; or apo_zero_unpaired
+    (APO-zero's unpaired form, no reference point: for completions better than the model's own)."""
+    desirable_weight: float = Field(1.0, gt=0.0)
+    """Weight of the desirable completions' losses (TRL's name): with unequal counts, the KTO paper
+    asks desirable_weight x desirable / (undesirable_weight x undesirable) in [1, 4/3]; the data
+    report counts both and the run says when the weights are outside it."""
+    undesirable_weight: float = Field(1.0, gt=0.0)
+    """Weight of the undesirable completions' losses (TRL's name)."""
 
 
 @dataclass(config=STRICT, kw_only=True)
@@ -579,12 +603,8 @@ class DPORunConfig(ModelSettings):
         return self.dpo_training
 
     @model_validator(mode="after")
-    def _prompt_shorter_than_sequence(self):  # here, not in DatasetConfig: SFT has no prompt budget
-        data = self.dataset
-        if data.max_prompt_length >= data.max_length:
-            raise ValueError(f"dataset.max_prompt_length ({data.max_prompt_length}) must be smaller than "
-                             f"dataset.max_length ({data.max_length}) so that a completion fits")
-        return self
+    def _prompt_shorter_than_sequence(self):
+        return _completion_fits(self)
 
     @model_validator(mode="after")
     def _synced_reference_is_a_model(self):
@@ -597,6 +617,36 @@ class DPORunConfig(ModelSettings):
     @property
     def beta(self) -> float:
         return 0.1 if self.dpo_training.beta is None else self.dpo_training.beta
+
+
+def _completion_fits(cfg):
+    """Here, not in DatasetConfig: SFT has no prompt budget."""
+    data = cfg.dataset
+    if data.max_prompt_length >= data.max_length:
+        raise ValueError(f"dataset.max_prompt_length ({data.max_prompt_length}) must be smaller than "
+                         f"dataset.max_length ({data.max_length}) so that a completion fits")
+    return cfg
+
+
+@dataclass(config=STRICT, kw_only=True)
+class KTORunConfig(ModelSettings):
+    """``dpo-hpc train kto``: KTO on completions labelled desirable or not (or on preference pairs,
+    each a desirable and an undesirable completion)."""
+
+    policy_name: str
+    """Hub id or local folder of the policy (usually the SFT result)."""
+    dataset: DatasetConfig
+    kto_training: KTOTrainingConfig
+    ref_name: Optional[str] = None
+    """Frozen reference model (defaults to policy_name)."""
+
+    @property
+    def training(self) -> KTOTrainingConfig:
+        return self.kto_training
+
+    @model_validator(mode="after")
+    def _prompt_shorter_than_sequence(self):
+        return _completion_fits(self)
 
 
 def _refuse_fixed_beta(cfg, section: str):

@@ -24,13 +24,16 @@ from typing import Optional
 import numpy as np
 
 from ..fsutil import write_aside
-from .tokenize import TokenizedConversation, TokenizedPair
+from .tokenize import TokenizedCompletion, TokenizedConversation, TokenizedPair
 
 FORMAT = 1
 
 
-FIELDS = {"pair": ("prompt_ids", "chosen_ids", "rejected_ids"), "conversation": ("input_ids", "loss_mask")}
+FIELDS = {"pair": ("prompt_ids", "chosen_ids", "rejected_ids"), "conversation": ("input_ids", "loss_mask"),
+          "completion": ("prompt_ids", "completion_ids")}
 """The token lists stored per example kind (each as one flat array with offsets)."""
+
+KINDS = {"pair": TokenizedPair, "conversation": TokenizedConversation, "completion": TokenizedCompletion}
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,8 +75,10 @@ class SplitCache:
     def save(self, split_fingerprint: str, examples: list, report: dict) -> None:
         from safetensors.numpy import save_file
 
-        kind = "conversation" if examples and isinstance(examples[0], TokenizedConversation) else "pair"
+        kind = next((k for k, made in KINDS.items() if examples and isinstance(examples[0], made)), "pair")
         arrays = {}
+        if kind == "completion":  # KTO's: one bool per example
+            arrays["label"] = np.array([e.label for e in examples], dtype=np.int8)
         for name in FIELDS[kind]:
             lists = [getattr(e, name) for e in examples]
             arrays[name] = np.fromiter((t for ids in lists for t in ids), dtype=np.int32)
@@ -101,8 +106,11 @@ class SplitCache:
                     return None
                 # per example: one whole-split list of Python ints would double the peak memory
                 columns.append([flat[a:b].tolist() for a, b in zip(offsets, offsets[1:])])
-            make = TokenizedPair if kind == "pair" else TokenizedConversation
-            examples = [make(*fields, example_id=i) for i, fields in zip(ids, zip(*columns))]
+            if kind == "completion":
+                if len(arrays["label"]) != len(ids):
+                    return None
+                columns.append(arrays["label"].astype(bool).tolist())
+            examples = [KINDS[kind](*fields, example_id=i) for i, fields in zip(ids, zip(*columns))]
             return examples, json.loads(metadata["report"])
         except Exception:  # missing, torn or not ours: tokenized again
             return None

@@ -6,7 +6,8 @@ or more messages), or no prompt and ``chosen``/``rejected`` as whole conversatio
 every message but the last (the implicit prompt); a text ``prompt`` beside them is the user's turn
 of replies alone, and beside whole conversations repeats theirs (UltraFeedback-binarized); text
 replies beside a prompt are the assistant's (Orca's strings, read through the template). An SFT
-row has ``messages`` (or a conversational ``prompt`` + ``chosen``). ShareGPT's messages
+row has ``messages`` (or a conversational ``prompt`` + ``chosen``); an unpaired (KTO) row a
+``prompt`` and one ``completion`` with its ``label``. ShareGPT's messages
 (``{"from": "human" | "gpt", "value": ...}``) read as TRL's. A row's ``system`` text is its system
 message, put first unless its messages have one. The prompt is the template's
 rendering with the generation prompt, a completion is what the full conversation's rendering adds
@@ -20,8 +21,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from .hh import (EMPTY_PROMPT, EMPTY_RESPONSE, IDENTICAL_RESPONSES, MISSING_FIELD, NO_ASSISTANT_TURN, PROMPT_MISMATCH,
-                 PreferencePair, RenderedConversation)
+from .hh import (EMPTY_PROMPT, EMPTY_RESPONSE, IDENTICAL_RESPONSES, MISSING_FIELD, NO_ASSISTANT_TURN, NOT_BOOL_LABEL,
+                 PROMPT_MISMATCH, LabelledCompletion, PreferencePair, RenderedConversation, row_label)
 
 NOT_MESSAGES = "not_messages"
 TEMPLATE_NOT_PREFIX = "template_not_prefix"
@@ -65,11 +66,11 @@ def standard_messages(value: Any) -> Any:
     return messages
 
 
-def _standard_row(row: dict[str, Any]) -> dict[str, Any]:
+def _standard_row(row: dict[str, Any], replies: tuple[str, ...] = ("chosen", "rejected")) -> dict[str, Any]:
     """The row's messages in TRL's form, and text replies beside a prompt as the assistant's messages."""
     row = {key: standard_messages(value) for key, value in row.items()}
     if row.get("prompt") is not None:
-        for key in ("chosen", "rejected"):
+        for key in replies:
             if isinstance(row.get(key), str):
                 row[key] = [{"role": "assistant", "content": row[key]}]
     return row
@@ -148,15 +149,50 @@ class ChatRenderer:
             return None, EMPTY_RESPONSE
         if chosen == rejected:
             return None, IDENTICAL_RESPONSES
+        rendered = self._completions(row, prompt, (chosen, rejected))
+        if isinstance(rendered, str):
+            return None, rendered
+        return PreferencePair(rendered[0], *rendered[1], add_eos=False), None
+
+    def unpaired(self, row: dict[str, Any]) -> tuple[Optional[LabelledCompletion], Optional[str]]:
+        """A conversational unpaired row (``prompt`` messages or text, ``completion`` messages or
+        text, a bool ``label``) -> (labelled completion, None) or (None, drop reason)."""
+        row = _standard_row(row, replies=("completion",))
+        if row.get("label") is None:
+            return None, MISSING_FIELD
+        label = row_label(row)
+        if label is None:
+            return None, NOT_BOOL_LABEL
+        if isinstance(row.get("prompt"), str):  # a text prompt is the user's turn
+            row = {**row, "prompt": [{"role": "user", "content": row["prompt"]}]}
+        problem = _messages(row, "prompt", "completion")
+        if problem:
+            return None, problem
+        prompt, completion = row["prompt"], row["completion"]
+        if not any(m["role"] == "user" and m["content"].strip() for m in prompt):
+            return None, EMPTY_PROMPT
+        if not all(m["role"] == "assistant" for m in completion):
+            return None, NOT_MESSAGES
+        if not "".join(m["content"] for m in completion).strip():
+            return None, EMPTY_RESPONSE
+        rendered = self._completions(row, prompt, (completion,))
+        if isinstance(rendered, str):
+            return None, rendered
+        return LabelledCompletion(rendered[0], rendered[1][0], label, add_eos=False), None
+
+    def _completions(self, row: dict[str, Any], prompt: list[dict],
+                     replies: tuple[list[dict], ...]) -> tuple[str, list[str]] | str:
+        """(the prompt's rendering with the generation prompt, what each reply's full rendering adds
+        after it), or the drop reason of a template whose full rendering does not extend the prompt's."""
         prompt = with_system(prompt, row_system(row) or self.system_prompt)
         prompt_text = self.render(prompt, generation_prompt=True)
         completions = []
-        for reply in (chosen, rejected):
+        for reply in replies:
             full = self.render(prompt + reply)
             if not full.startswith(prompt_text):
-                return None, TEMPLATE_NOT_PREFIX
+                return TEMPLATE_NOT_PREFIX
             completions.append(full[len(prompt_text):])
-        return PreferencePair(prompt_text, *completions, add_eos=False), None
+        return prompt_text, completions
 
     def conversation(self, messages: list[dict], assistant_turns: str, system: Optional[str] = None,
                      ) -> tuple[Optional[RenderedConversation], Optional[str]]:

@@ -1,7 +1,10 @@
 """Batches of token rows with loss masks built from lengths: right-padded, or packed.
 
 A DPO batch holds the B chosen sequences and then the B rejected ones (2B sequences), so the
-policy and the reference each run one forward per batch. ``loss_mask[r, t]`` is 1 when token t
+policy and the reference each run one forward per batch. A KTO batch holds B labelled
+completions (``labels``) and, under ``kl_`` keys, the same layout of each prompt with another
+example's completion (the KL estimate's sequences, scored without gradient); the reference pass
+lays both out as one batch of 2B sequences instead. ``loss_mask[r, t]`` is 1 when token t
 of row r is a completion token; the log-prob of token t is read from the logits at t - 1.
 
 Layouts (``Layout``):
@@ -32,7 +35,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from .tokenize import TokenizedConversation, TokenizedPair
+from .tokenize import TokenizedCompletion, TokenizedConversation, TokenizedPair
 
 
 Layout = Literal["padded", "packed", "flat"]
@@ -142,3 +145,30 @@ def collate_conversations(convs: Sequence[TokenizedConversation], pad_id: int,
                           layout: Layout = "padded") -> Batch:
     """B sequences in ``layout``."""
     return layout_rows([c.input_ids for c in convs], [c.loss_mask for c in convs], pad_id, layout)
+
+
+def collate_completions(examples: Sequence[TokenizedCompletion], pad_id: int, layout: Layout = "padded",
+                        kl: bool = True) -> Batch:
+    """Sequences [0, B) each prompt with its completion and, with ``kl``, [B, 2B) each prompt with
+    its KL completion, in one batch (what the reference scores)."""
+    rows = [e.prompt_ids + e.completion_ids for e in examples]
+    masks = [[0] * len(e.prompt_ids) + [1] * len(e.completion_ids) for e in examples]
+    if kl:
+        rows += [e.prompt_ids + list(e.kl_completion_ids) for e in examples]
+        masks += [[0] * len(e.prompt_ids) + [1] * len(e.kl_completion_ids) for e in examples]
+    return layout_rows(rows, masks, pad_id, layout)
+
+
+def collate_unpaired(examples: Sequence[TokenizedCompletion], pad_id: int, layout: Layout = "padded") -> Batch:
+    """KTO's training batch: the B completions in ``layout`` with their ``labels``, and the KL
+    sequences as a batch of their own under ``kl_`` keys (``sub_batch(batch, "kl_")``)."""
+    batch = collate_completions(examples, pad_id, layout, kl=False)
+    kl = layout_rows([e.prompt_ids + list(e.kl_completion_ids) for e in examples],
+                     [[0] * len(e.prompt_ids) + [1] * len(e.kl_completion_ids) for e in examples], pad_id, layout)
+    return {**batch, "labels": torch.tensor([e.label for e in examples], dtype=torch.bool),
+            **{f"kl_{key}": value for key, value in kl.items()}}
+
+
+def sub_batch(batch: Batch, prefix: str) -> Batch:
+    """The batch stored under ``prefix``'d keys, with its own key names."""
+    return {key[len(prefix):]: value for key, value in batch.items() if key.startswith(prefix)}

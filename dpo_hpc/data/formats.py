@@ -10,8 +10,10 @@
 - ``auto`` (default): each row by its values: lists of messages, or a system column, are
   conversational; strings alone text.
 
-Either way a preference row becomes a ``PreferencePair`` of strings and an SFT row a
-``RenderedConversation`` (text and trained spans); tokenization does not know the format.
+Either way a preference row becomes a ``PreferencePair`` of strings, an unpaired (KTO) row
+(``prompt``, ``completion``, bool ``label``) a ``LabelledCompletion`` and an SFT row a
+``RenderedConversation`` (text and trained spans); tokenization does not know the format. KTO
+also reads preference rows, each as a desirable and an undesirable completion.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, Optional
 from ..config import ROW_FIELDS
 from .chat import NOT_MESSAGES, TEMPLATE_NOT_PREFIX, ChatRenderer, TemplateRefused, row_system
 from .hh import DROP_REASONS as TEXT_DROP_REASONS
-from .hh import parse_preference_row, parse_sft_row
+from .hh import parse_preference_row, parse_sft_row, parse_unpaired_row
 from .sources import DataError
 
 DROP_REASONS = TEXT_DROP_REASONS + (NOT_MESSAGES, TEMPLATE_NOT_PREFIX)
@@ -37,7 +39,7 @@ EXPECTED = {
 
 
 class RowParser:
-    """Row -> (parsed, None) or (None, drop reason), for one kind ('sft' or 'preference')."""
+    """Row -> (parsed, None) or (None, drop reason), for one kind ('sft', 'preference' or 'unpaired')."""
 
     def __init__(self, kind: str, fmt: str, tokenizer, dataset: str, system_prompt: Optional[str] = None,
                  assistant_turns: str = "all"):
@@ -65,10 +67,14 @@ class RowParser:
 
     def __call__(self, row: dict[str, Any], position: Optional[int] = None):
         """``position``: the row's place in the dataset, named if the chat template refuses it."""
+        # KTO reads unpaired rows, and preference pairs as two of them (unpaired after tokenization)
+        kind = "preference" if self.kind == "unpaired" and row.get("completion") is None else self.kind
         if self.format_of(row) != "conversational":
-            return parse_preference_row(row) if self.kind == "preference" else parse_sft_row(row, self.assistant_turns)
+            return {"preference": parse_preference_row, "unpaired": parse_unpaired_row,
+                    "sft": lambda r: parse_sft_row(r, self.assistant_turns)}[kind](row)
         try:
-            return self.chat.preference(row) if self.kind == "preference" else self.chat.sft(row, self.assistant_turns)
+            return {"preference": self.chat.preference, "unpaired": self.chat.unpaired,
+                    "sft": lambda r: self.chat.sft(r, self.assistant_turns)}[kind](row)
         except TemplateRefused as exc:  # every such row would fail alike: stop, not drop
             where = f" row {position}" if position is not None else ""
             system = (" (its system column adds a system message)" if row_system(row) else
@@ -78,6 +84,7 @@ class RowParser:
 
     def expected(self) -> str:
         """What rows must look like, for an error about a split with no usable row."""
+        unpaired = "; or prompt/completion with a bool label (unpaired, for KTO)" if self.kind == "unpaired" else ""
         if self.format != "auto":
-            return f"expected format '{self.format}': {EXPECTED[self.format]}"
-        return "expected " + "; or ".join(f"{name}: {text}" for name, text in EXPECTED.items())
+            return f"expected format '{self.format}': {EXPECTED[self.format]}{unpaired}"
+        return "expected " + "; or ".join(f"{name}: {text}" for name, text in EXPECTED.items()) + unpaired

@@ -1,4 +1,5 @@
-"""Anthropic HH transcripts -> prompt/chosen/rejected pairs and SFT conversations (pure strings).
+"""Anthropic HH transcripts -> prompt/chosen/rejected pairs and SFT conversations (pure strings);
+and TRL's unpaired rows (prompt, completion, label) -> labelled completions.
 
 A transcript is ``"\\n\\nHuman: ...\\n\\nAssistant: ...(\\n\\nHuman: ...\\n\\nAssistant: ...)*"``.
 The prompt is everything up to and including the LAST ``"\\n\\nAssistant:"``; a response keeps its
@@ -25,9 +26,10 @@ EMPTY_PROMPT = "empty_prompt"
 EMPTY_RESPONSE = "empty_response"
 IDENTICAL_RESPONSES = "identical_responses"
 TOO_LONG = "too_long_after_truncation"
+NOT_BOOL_LABEL = "label_not_bool"
 DROP_REASONS = (
     MISSING_FIELD, NOT_STRING, NO_ASSISTANT_TURN, PROMPT_MISMATCH,
-    EMPTY_PROMPT, EMPTY_RESPONSE, IDENTICAL_RESPONSES, TOO_LONG,
+    EMPTY_PROMPT, EMPTY_RESPONSE, IDENTICAL_RESPONSES, NOT_BOOL_LABEL, TOO_LONG,
 )
 
 
@@ -39,6 +41,17 @@ class PreferencePair:
     add_eos: bool = True
     """Text rows: EOS is appended to each completion (unless there already). A chat template ends
     its turns itself (as in TRL)."""
+
+
+@dataclass(frozen=True)
+class LabelledCompletion:
+    """One completion of a prompt, desirable (``label`` True) or not: KTO's unpaired example."""
+
+    prompt: str
+    completion: str
+    label: bool
+    add_eos: bool = True
+    """As ``PreferencePair.add_eos``."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,35 @@ def parse_preference_row(row: dict[str, Any]) -> tuple[Optional[PreferencePair],
     if chosen == rejected:
         return None, IDENTICAL_RESPONSES
     return PreferencePair(prompt, chosen, rejected), None
+
+
+def row_label(row: dict[str, Any]) -> Optional[bool]:
+    """An unpaired row's ``label`` as a bool (true/false, or 1/0 as CSV files store it); None if it is neither."""
+    label = row.get("label")
+    if isinstance(label, bool):
+        return label
+    if isinstance(label, int) and label in (0, 1):
+        return bool(label)
+    return None
+
+
+def parse_unpaired_row(row: dict[str, Any]) -> tuple[Optional[LabelledCompletion], Optional[str]]:
+    """A row of TRL's unpaired form, ``prompt`` + ``completion`` strings and a bool ``label``
+    (desirable or not) -> (completion, None) or (None, drop reason)."""
+    problem = _check_strings(row, ("prompt", "completion"))
+    if problem:
+        return None, problem
+    if row.get("label") is None:
+        return None, MISSING_FIELD
+    label = row_label(row)
+    if label is None:
+        return None, NOT_BOOL_LABEL
+    prompt, completion = normalize_newlines(row["prompt"]), normalize_newlines(row["completion"])
+    if not _TURN.sub("", prompt).strip():
+        return None, EMPTY_PROMPT
+    if not completion.strip():
+        return None, EMPTY_RESPONSE
+    return LabelledCompletion(prompt, completion, label), None
 
 
 def parse_turns(transcript: str) -> list[Turn]:

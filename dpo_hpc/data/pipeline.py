@@ -28,8 +28,9 @@ from ..fsutil import atomic_write_json
 from .cache import SplitCache, tokenizer_identity
 from .formats import DROP_REASONS, RowParser
 from .sources import DataError, MixedRows, as_dataset, load_raw
-from .tokenize import (BatchEncodings, SpecialTokens, TokenizedPair, texts_encoded, tokenize_conversation,
-                       tokenize_pair)
+from .hh import LabelledCompletion
+from .tokenize import (BatchEncodings, SpecialTokens, TokenizedCompletion, TokenizedPair, texts_encoded,
+                       tokenize_completion, tokenize_conversation, tokenize_pair, unpaired)
 
 
 SHOWN_DROPS = 3
@@ -123,10 +124,13 @@ def is_flipped(example_id: str, label_noise: float, seed: int) -> bool:
     return draw < label_noise
 
 
-def flipped(pair: TokenizedPair) -> TokenizedPair:
-    """The pair with chosen and rejected swapped, under an id of its own (caches key on ids)."""
-    return dataclasses.replace(pair, chosen_ids=pair.rejected_ids, rejected_ids=pair.chosen_ids,
-                               example_id=f"{pair.example_id}~flipped")
+def flipped(example: TokenizedPair | TokenizedCompletion) -> TokenizedPair | TokenizedCompletion:
+    """The pair with chosen and rejected swapped (a labelled completion with its label negated),
+    under an id of its own (caches key on ids)."""
+    if isinstance(example, TokenizedCompletion):
+        return dataclasses.replace(example, label=not example.label, example_id=f"{example.example_id}~flipped")
+    return dataclasses.replace(example, chosen_ids=example.rejected_ids, rejected_ids=example.chosen_ids,
+                               example_id=f"{example.example_id}~flipped")
 
 
 BLOCK_ROWS = 1024
@@ -174,6 +178,8 @@ class SplitReader:
     flip: Callable[[str], bool]
     say: Callable[[str], None]
     cache: Optional[SplitCache] = None
+    examples_of: Callable[[Any], tuple] = lambda example: (example,)
+    """A kept row's examples (KTO's: a pair's two sides)."""
 
     def read(self, ds, positions, split: str) -> tuple[ExampleSet, SplitReport]:
         """``positions[i]``: where ``ds``'s row i sits in the dataset as the researcher sees it (its
@@ -217,7 +223,7 @@ class SplitReader:
                         if self.flip(example_id):
                             example = flipped(example)
                             report.notes["label_flipped"] += 1
-                        examples.append(example)
+                        examples.extend(self.examples_of(example))
                         report.keep(position)
                         continue
                 report.drop(reason, position)
@@ -248,7 +254,8 @@ def mapped_columns(ds, columns: dict[str, str], kind: str, name: str, key: str =
                             f"column '{ours}'; map that one too or drop it")
     ds = ds.rename_columns({theirs: ours for ours, theirs in columns.items() if theirs != ours})
     columns = set(ds.column_names)
-    needs = [("chosen",), ("messages",)] if kind == "sft" else [("chosen", "rejected")]
+    needs = {"sft": [("chosen",), ("messages",)], "preference": [("chosen", "rejected")],
+             "unpaired": [("prompt", "completion", "label"), ("chosen", "rejected")]}[kind]
     if not any(set(need) <= columns for need in needs):
         wanted = " or ".join(" and ".join(need) for need in needs)
         example = ' = { messages = "conversations" } for ShareGPT rows' if "conversations" in columns else ""
@@ -289,7 +296,8 @@ def load_splits(
     cfg: DatasetConfig, tokenizer, kind: str, assistant_turns: str = "all", train_rows=None, eval_rows=None,
     say: Callable[[str], None] = lambda _: None,
 ) -> tuple[ExampleSet, ExampleSet, dict]:
-    """Train and validation examples for ``kind`` ('sft' or 'preference') plus the data report.
+    """Train and validation examples for ``kind`` ('sft', 'preference' or 'unpaired': KTO's
+    labelled completions, a preference row giving two) plus the data report.
 
     Rows come from ``dataset_name``/``subset``, or from ``train_rows`` (a ``datasets.Dataset`` or a
     list of dicts, as the Python API passes them); ``eval_rows``, if given, is the validation
@@ -324,9 +332,10 @@ def load_splits(
         if cfg.label_noise:
             settings.update(label_noise=cfg.label_noise, label_noise_seed=cfg.label_noise_seed)
 
-        def encode(encoder, pair, notes):
-            return tokenize_pair(encoder, pair, special, cfg.max_length, cfg.max_prompt_length, notes,
-                                 cfg.truncation_mode)
+        def encode(encoder, parsed, notes):
+            tokenize = tokenize_completion if isinstance(parsed, LabelledCompletion) else tokenize_pair
+            return tokenize(encoder, parsed, special, cfg.max_length, cfg.max_prompt_length, notes,
+                            cfg.truncation_mode)
 
     if eval_rows is None and cfg.eval_subset is not None and train_rows is None:
         eval_rows = load_raw(cfg, split_key="eval_subset")
@@ -347,7 +356,8 @@ def load_splits(
 
     identity = tokenizer_identity(tokenizer) if cfg.cache_dir and train_rows is None else None
     reader = SplitReader(parse, tokenizer, encode, cfg.dataset_name, settings, flip, say,
-                         SplitCache(cfg.cache_dir, identity) if identity else None)
+                         SplitCache(cfg.cache_dir, identity) if identity else None,
+                         **({"examples_of": unpaired} if kind == "unpaired" else {}))
     with tokenizer_threads():
         train, train_report = reader.read(train_raw, train_where, "train")
         val, val_report = reader.read(val_raw, val_where, "validation")
@@ -355,8 +365,8 @@ def load_splits(
         "dataset_name": cfg.dataset_name,
         "subset": cfg.subset,
         "eval_subset": cfg.eval_subset,
-        "train": {**train_report.as_dict(), "fingerprint": train.fingerprint},
-        "validation": {**val_report.as_dict(), "fingerprint": val.fingerprint},
+        "train": {**train_report.as_dict(), "fingerprint": train.fingerprint, **labels_of(train, kind)},
+        "validation": {**val_report.as_dict(), "fingerprint": val.fingerprint, **labels_of(val, kind)},
     }
     if mixing:
         # the rows counted are the mixture's training split, and under val_ratio its validation rows too
@@ -370,11 +380,28 @@ def load_splits(
     return train, val, report
 
 
+def with_kl_completions(examples: ExampleSet, partners) -> ExampleSet:
+    """KTO's examples, each with its partner's completion (``partners[i]``: the index of example
+    i's) as its KL completion; the fingerprint stays the rows'."""
+    return ExampleSet([dataclasses.replace(e, kl_completion_ids=tuple(examples[int(j)].completion_ids))
+                       for e, j in zip(examples, partners)], examples.fingerprint)
+
+
+def labels_of(examples: list, kind: str) -> dict[str, int]:
+    """KTO's split: how many of its examples are desirable and how many not (the data report's)."""
+    if kind != "unpaired":
+        return {}
+    desirable = sum(e.label for e in examples)
+    return {"desirable": desirable, "undesirable": len(examples) - desirable}
+
+
 def report_lines(report: dict) -> list[str]:
     lines = []
     for split in ("train", "validation"):
         r = SplitReport.of(report[split])
-        lines.append(f"data {split}: {r.line()} (fingerprint {report[split]['fingerprint']})")
+        labels = (f"; {report[split]['desirable']} desirable and {report[split]['undesirable']} undesirable examples"
+                  if "desirable" in report[split] else "")
+        lines.append(f"data {split}: {r.line()}{labels} (fingerprint {report[split]['fingerprint']})")
     return lines
 
 

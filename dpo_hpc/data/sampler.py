@@ -72,3 +72,24 @@ def eval_batch_indices(n: int, batch: int, world_size: int, rank: int) -> list[l
         start = b * per_round + rank * batch
         out.append(list(range(start, min(start + batch, n))))
     return out
+
+
+def kl_partners(n: int, micro_batch: int, seed: int) -> np.ndarray:
+    """KTO: the example whose completion each training example's prompt is scored with for the KL
+    estimate. Within each micro-batch of the first epoch (the chunks of ``micro_batch`` rows of its
+    permutation, whatever the world size and accumulation) completions rotate by one, as TRL does
+    within its batches: the KL sequences of such a micro-batch are its own completions after other
+    prompts. The pairing is fixed for the run (later epochs, length grouping and a precomputed
+    reference table keep it)."""
+    order = np.random.default_rng([seed, 0]).permutation(n)
+    return rotated_within(order, micro_batch)
+
+
+def rotated_within(order: np.ndarray, size: int) -> np.ndarray:
+    """``partner[order[j]] = order[j - 1]`` within each chunk of ``size`` of ``order`` (cyclic: a
+    chunk's first takes its last; a chunk of one is its own partner)."""
+    partner = np.empty(len(order), dtype=np.int64)
+    for start in range(0, len(order), size):
+        chunk = order[start:start + size]
+        partner[chunk] = np.roll(chunk, 1)
+    return partner

@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from .hh import TOO_LONG, PreferencePair, RenderedConversation
+from .hh import TOO_LONG, LabelledCompletion, PreferencePair, RenderedConversation
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,22 @@ class TokenizedPair:
 
 
 @dataclass(frozen=True)
+class TokenizedCompletion:
+    """Token ids of one labelled completion (KTO); ``kl_completion_ids``: another example's
+    completion, which KTO's KL estimate scores after this prompt (set by the trainer, never cached)."""
+
+    prompt_ids: list[int]  # BOS included
+    completion_ids: list[int]
+    label: bool  # desirable
+    example_id: str = ""  # the source row's content id (set by the pipeline; a pair's sides add :chosen/:rejected)
+    kl_completion_ids: tuple[int, ...] | list[int] = ()
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + max(len(self.completion_ids), len(self.kl_completion_ids))
+
+
+@dataclass(frozen=True)
 class TokenizedConversation:
     input_ids: list[int]  # BOS included
     loss_mask: list[int]  # 1 on tokens whose prediction is trained (assistant text and final EOS)
@@ -65,11 +81,14 @@ class TokenizedConversation:
         return len(self.input_ids)
 
 
-def texts_encoded(item: PreferencePair | RenderedConversation) -> tuple[str, ...]:
-    """The texts ``tokenize_pair``/``tokenize_conversation`` encode for ``item`` (what a batched
-    encoder prepares): a pair's prompt and each completion joined to it; a conversation's text."""
+def texts_encoded(item: PreferencePair | LabelledCompletion | RenderedConversation) -> tuple[str, ...]:
+    """The texts ``tokenize_pair``/``tokenize_completion``/``tokenize_conversation`` encode for
+    ``item`` (what a batched encoder prepares): a prompt and each completion joined to it; a
+    conversation's text."""
     if isinstance(item, PreferencePair):
         return item.prompt, item.prompt + item.chosen, item.prompt + item.rejected
+    if isinstance(item, LabelledCompletion):
+        return item.prompt, item.prompt + item.completion
     return (item.text,)
 
 
@@ -120,15 +139,15 @@ def _ended(special: SpecialTokens, ids: list[int], add_eos: bool) -> list[int]:
     return ids if not add_eos or ids[-1:] == [special.eos_id] else ids + [special.eos_id]
 
 
-def tokenize_pair(
-    tokenizer, pair: PreferencePair, special: SpecialTokens, max_length: int, max_prompt_length: int, stats: Counter,
-    truncation_mode: str = "keep_end",
-) -> tuple[Optional[TokenizedPair], Optional[str]]:
-    """Tokenize and truncate one pair -> (pair, None) or (None, drop reason)."""
-    prompt_body = _encode(tokenizer, pair.prompt)
-    chosen = _ended(special, encode_completion(tokenizer, pair.prompt, prompt_body, pair.chosen, stats), pair.add_eos)
-    rejected = _ended(special, encode_completion(tokenizer, pair.prompt, prompt_body, pair.rejected, stats),
-                      pair.add_eos)
+def _prompt_and_completions(
+    tokenizer, prompt_text: str, completions: tuple[str, ...], add_eos: bool, special: SpecialTokens, max_length: int,
+    max_prompt_length: int, stats: Counter, truncation_mode: str,
+) -> tuple[Optional[tuple[list[int], list[list[int]]]], Optional[str]]:
+    """Tokenize a prompt and its completions and truncate them alike -> ((prompt ids, completion
+    ids), None) or (None, drop reason)."""
+    prompt_body = _encode(tokenizer, prompt_text)
+    replies = [_ended(special, encode_completion(tokenizer, prompt_text, prompt_body, text, stats), add_eos)
+               for text in completions]
     prompt = special.prefix + _without_special_ends(special, prompt_body)[0]
     if len(prompt) > max_prompt_length:
         prompt = prompt[-max_prompt_length:] if truncation_mode == "keep_end" else prompt[:max_prompt_length]
@@ -136,9 +155,39 @@ def tokenize_pair(
     budget = max_length - len(prompt)
     if budget < 1:
         return None, TOO_LONG
-    if len(chosen) > budget or len(rejected) > budget:
+    if any(len(reply) > budget for reply in replies):
         stats["completion_truncated"] += 1
-    return TokenizedPair(prompt, chosen[:budget], rejected[:budget]), None
+    return (prompt, [reply[:budget] for reply in replies]), None
+
+
+def tokenize_pair(
+    tokenizer, pair: PreferencePair, special: SpecialTokens, max_length: int, max_prompt_length: int, stats: Counter,
+    truncation_mode: str = "keep_end",
+) -> tuple[Optional[TokenizedPair], Optional[str]]:
+    """Tokenize and truncate one pair -> (pair, None) or (None, drop reason)."""
+    tokens, reason = _prompt_and_completions(tokenizer, pair.prompt, (pair.chosen, pair.rejected), pair.add_eos,
+                                             special, max_length, max_prompt_length, stats, truncation_mode)
+    return (None, reason) if tokens is None else (TokenizedPair(tokens[0], *tokens[1]), None)
+
+
+def tokenize_completion(
+    tokenizer, item: LabelledCompletion, special: SpecialTokens, max_length: int, max_prompt_length: int,
+    stats: Counter, truncation_mode: str = "keep_end",
+) -> tuple[Optional[TokenizedCompletion], Optional[str]]:
+    """Tokenize and truncate one labelled completion as a pair's sides are -> (completion, None)
+    or (None, drop reason)."""
+    tokens, reason = _prompt_and_completions(tokenizer, item.prompt, (item.completion,), item.add_eos, special,
+                                             max_length, max_prompt_length, stats, truncation_mode)
+    return (None, reason) if tokens is None else (TokenizedCompletion(tokens[0], tokens[1][0], item.label), None)
+
+
+def unpaired(example: TokenizedPair | TokenizedCompletion) -> tuple[TokenizedCompletion, ...]:
+    """KTO's examples of a tokenized row: a pair's chosen side desirable and its rejected side not,
+    each under an id of its own; a labelled completion as it is."""
+    if isinstance(example, TokenizedCompletion):
+        return (example,)
+    return (TokenizedCompletion(example.prompt_ids, example.chosen_ids, True, f"{example.example_id}:chosen"),
+            TokenizedCompletion(example.prompt_ids, example.rejected_ids, False, f"{example.example_id}:rejected"))
 
 
 def tokenize_conversation(

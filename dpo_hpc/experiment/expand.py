@@ -34,7 +34,7 @@ EVALUATIONS = "evaluations"
 
 REFERENCE_INPUTS = ("policy_name", "ref_name", "tokenizer_name", "dataset", "precision", "attn_implementation")
 """Top-level keys a reference table depends on. Runs of an experiment that agree on them (and on
-the parent, the cache folder and LD-DPO's ``ld_alpha``), in whatever stages, read one table, made
+the parent, the cache folder, LD-DPO's ``ld_alpha`` and KTO's pairing), in whatever stages, read one table, made
 by one reference pass scheduled before them.
 The table's cache key (``trainers.ref_cache``) stays the authority: this only decides scheduling."""
 
@@ -378,8 +378,9 @@ def with_reference_passes(runs: list[Run], root: Path) -> list[Run]:
     for run in runs:
         if run.role != "train":
             continue
-        training = run.config.get(ALGORITHMS[run.trainer].training_section, {})
-        reference_free = "loss_type" in training and is_reference_free(training["loss_type"])
+        algo = ALGORITHMS[run.trainer]
+        training = run.config.get(algo.training_section, {})
+        reference_free = algo.kind == "preference" and "loss_type" in training and is_reference_free(training["loss_type"])
         if training.get("precompute_ref_log_probs") and not reference_free:
             parent_dir = run_dirs.get(run.parent or "")
             inputs = {key: "<parent>" if parent_dir and run.config.get(key) == parent_dir else run.config.get(key)
@@ -390,6 +391,8 @@ def with_reference_passes(runs: list[Run], root: Path) -> list[Run]:
                           else cache)
             if training.get("ld_alpha") is not None:  # LD-DPO's weights are in the table's sums
                 inputs["ld_alpha"] = training["ld_alpha"]
+            if algo.kind == "unpaired":  # KTO's KL completions pair the examples by these
+                inputs["kl_pairing"] = {key: training.get(key) for key in ("seed", "batch_size", "eval_batch_size")}
             groups.setdefault(json.dumps(inputs, sort_keys=True, default=str), []).append(run)
     pass_before: dict[str, Run] = {}
     reads: dict[str, str] = {}

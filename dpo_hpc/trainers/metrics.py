@@ -34,14 +34,15 @@ class MetricSums:
             self.counts[name] = self.counts.get(name, 0) + count
 
     def reduce(self, dev: torch.device) -> dict[str, float]:
-        """Means over every rank (call on every rank: it is a collective)."""
+        """Means over every rank (call on every rank: it is a collective); a metric no unit of the
+        step counted (KTO's desirable rewards in a batch of undesirable completions) is left out."""
         names = sorted(self.sums)
         parts = [self.sums[n] for n in names] + [self.counts[n] for n in names]
         flat = torch.stack([torch.as_tensor(p, dtype=torch.float64).to(dev).reshape(()) for p in parts]) \
             if parts else torch.zeros(0, dtype=torch.float64, device=dev)
         all_reduce_sum(flat)
         values, k = flat.tolist(), len(names)
-        return {n: values[i] / values[k + i] if values[k + i] > 0 else float("nan") for i, n in enumerate(names)}
+        return {n: values[i] / values[k + i] for i, n in enumerate(names) if values[k + i] > 0}
 
 
 THROUGHPUT = {"tokens_per_sec": ("median_tokens_per_sec", statistics.median),
@@ -66,6 +67,8 @@ def progress_line(step: int, total: int, metrics: dict[str, float], step_time: f
     if "rewards/accuracies" in metrics:
         parts.append(f"acc {metrics['rewards/accuracies']:.3f}")
         parts.append(f"margin {metrics['rewards/margins']:.4f}")
+    if "kl" in metrics:  # KTO's reference point
+        parts.append(f"kl {metrics['kl']:.4f}")
     for name, label in (("dpo/beta", "beta"), ("beta_dpo/beta_used", "beta")):
         if name in metrics:
             parts.append(f"{label} {metrics[name]:.4f}")

@@ -5,7 +5,7 @@ files), the tokenizer, the train and validation fingerprints (rows, order, trunc
 precision and the attention kernel. Any run with the same key reads the table instead of
 running the reference, so a sweep over beta makes one reference pass::
 
-    <cache>/<key>/logps.safetensors   (N, 2) fp32: chosen, rejected
+    <cache>/<key>/logps.safetensors   (N, 2) fp32: chosen, rejected (KTO: completion, KL completion)
     <cache>/<key>/ids.json            the N example ids, in the table's order
     <cache>/<key>/meta.json           what the key was made of
 
@@ -79,11 +79,23 @@ class RefLogpsTable:
         return cls(ids, logps.float())
 
 
+def kl_pairing(examples: list) -> Optional[str]:
+    """KTO's: a hash of every example's KL completion (a table holds their log-probs too); None
+    for other examples."""
+    if not examples or not hasattr(examples[0], "kl_completion_ids"):
+        return None
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps(list(example.kl_completion_ids)).encode())
+    return digest.hexdigest()[:16]
+
+
 def cache_key(reference: str, tokenizer, fingerprints: list[str], precision: str, attn: str,
-              ld_alpha: Optional[float] = None) -> tuple[str, dict]:
+              ld_alpha: Optional[float] = None, kl_pairs: Optional[str] = None) -> tuple[str, dict]:
     """(key, what it is made of). A hub name stands for itself; a local folder for its files.
-    LD-DPO's ``ld_alpha`` weighs the sums, so it is part of the key where set (and only there:
-    the keys of tables without it stay as they were)."""
+    LD-DPO's ``ld_alpha`` weighs the sums and KTO's KL completions (``kl_pairing``) are scored,
+    so each is part of the key where set (and only there: the keys of tables without them stay
+    as they were)."""
     ref_path = Path(reference)
     made_of = {
         "format": FORMAT,
@@ -97,6 +109,8 @@ def cache_key(reference: str, tokenizer, fingerprints: list[str], precision: str
     }
     if ld_alpha is not None:
         made_of["ld_alpha"] = ld_alpha
+    if kl_pairs is not None:
+        made_of["kl_pairing"] = kl_pairs
     blob = json.dumps(made_of, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16], made_of
 

@@ -20,14 +20,15 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
+from ..algorithms.kto import weight_advice
 from ..algorithms.objectives import batch_layout, build_objective, build_scorer
 from ..checkpoint import CheckpointError, RunDir, config_hash
 from ..checkpoint.manager import Checkpointer, peek_shared
 from ..config import Algorithm, algorithm, to_dict, to_identity
 from ..config.losses import is_reference_free, loss_types
-from ..data.collate import collate_pairs, to_device
-from ..data.pipeline import load_splits, report_lines, write_report
-from ..data.sampler import eval_batch_indices, global_batch_indices, steps_per_epoch
+from ..data.collate import collate_completions, collate_pairs, to_device
+from ..data.pipeline import load_splits, report_lines, with_kl_completions, write_report
+from ..data.sampler import eval_batch_indices, global_batch_indices, kl_partners, rotated_within, steps_per_epoch
 from ..data.tokenize import SpecialTokens
 from ..filelock import FileLock
 from ..fsutil import atomic_write_bytes
@@ -45,6 +46,10 @@ from .reference_sync import ReferenceSync
 from .trackers import check_available as check_trackers, open_trackers
 from .throughput import (FlopsModel, allocator_retries, describe_device, peak_flops, peak_memory_gib,
                          resident_memory_gib)
+
+UNITS = {"sft": "rows", "preference": "pairs", "unpaired": "completions"}
+"""What a batch of each data kind counts (``batch_size`` is this many)."""
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -93,7 +98,7 @@ class Trainer:
         start = self.resume()
         self.logger = self.open_logger(start)
         self.say(f"{self.total_steps} steps of {self.global_batch} "
-                 f"{'rows' if self.algo.kind == 'sft' else 'pairs'} ({self.steps_per_epoch} steps/epoch, "
+                 f"{UNITS[self.algo.kind]} ({self.steps_per_epoch} steps/epoch, "
                  f"world size {self.dist.world_size}); run dir {self.run.root}")
         if start == 0:
             self.generate_samples(0)  # the policy before training: what each later sample is read against
@@ -209,6 +214,8 @@ class Trainer:
         self.train_set, self.val_set, report = main_rank_first(dist, load) if self.cfg.dataset.cache_dir else load()
         for line in report_lines(report):
             self.say(line)
+        if self.algo.kind == "unpaired":
+            self.pair_kl_completions(report)
         if training.generate_during_eval and not self.val_set:
             self.say("note: generate_during_eval has no validation prompts to complete (dataset.val_ratio = 0 and "
                      "no eval_subset): no samples")
@@ -218,6 +225,19 @@ class Trainer:
         self.lengths = np.array([e.length for e in self.train_set]) if training.group_by_length else None
         return report
 
+    def pair_kl_completions(self, report: dict) -> None:
+        """KTO: each example's KL completion, another example's of its micro-batch (``kl_partners``);
+        and a note when the loss weights do not balance the labels' counts."""
+        training = self.training
+        self.train_set = with_kl_completions(self.train_set, kl_partners(len(self.train_set), training.batch_size,
+                                                                         training.seed))
+        eval_batch = training.eval_batch_size or training.batch_size
+        self.val_set = with_kl_completions(self.val_set, rotated_within(np.arange(len(self.val_set)), eval_batch))
+        advice = weight_advice(report["train"]["desirable"], report["train"]["undesirable"],
+                               training.desirable_weight, training.undesirable_weight)
+        if advice:
+            self.say(advice)
+
     def build_models(self) -> None:
         """The reference first: with precomputed log-probs it is gone before the policy and its
         optimizer state exist, so the two never share memory. A LoRA policy whose reference is its
@@ -226,7 +246,7 @@ class Trainer:
         ds_cfg = deepspeed_config(training, cfg.deepspeed, cfg.precision, self.dist.world_size)
         reference, ref_table = None, None
         reference_free = self.algo.kind == "preference" and is_reference_free(training.loss_type)
-        needs_reference = self.algo.kind == "preference" and not reference_free
+        needs_reference = self.algo.kind != "sft" and not reference_free
         base_is_reference = (cfg.lora is not None and self.ref_model is None
                              and getattr(cfg, "ref_name", None) in (None, cfg.policy_name))
         if reference_free:
@@ -256,7 +276,7 @@ class Trainer:
             self.say(f"torch.compile: {compile_blocks(model)} blocks of the policy (compiled on first use)")
         if needs_reference and base_is_reference and ref_table is None:
             reference = lora.AdaptersOff(model)
-        if self.algo.kind == "preference":  # what the run's reference log-probs came from, for its manifest
+        if self.algo.kind != "sft":  # what the run's reference log-probs came from, for its manifest
             self.ref_summary["reference"] = ("none (reference-free loss)" if reference_free else
                                              "table" if ref_table is not None else
                                              "policy with adapters off" if base_is_reference else "model")
@@ -296,17 +316,19 @@ class Trainer:
         pad_id = SpecialTokens.of(self.tokenizer).pad_id
         started = time.perf_counter()
 
+        collate = collate_completions if self.algo.kind == "unpaired" else collate_pairs
+
         def compute_table():
-            return ref_cache.compute(reference, build_scorer(cfg),
-                                     lambda rows: collate_pairs(rows, pad_id, batch_layout(cfg)), examples,
-                                     training.eval_batch_size or training.batch_size, self.dist, self.device, self.say)
+            return ref_cache.compute(reference, build_scorer(cfg), lambda rows: collate(rows, pad_id, batch_layout(cfg)),
+                                     examples, training.eval_batch_size or training.batch_size, self.dist, self.device,
+                                     self.say)
 
         if not isinstance(source, str):
             table, cached = compute_table(), False
         else:
             key, made_of = ref_cache.cache_key(source, self.tokenizer, [self.train_set.fingerprint,
                                                self.val_set.fingerprint], cfg.precision, cfg.attn_implementation,
-                                               training.ld_alpha)
+                                               getattr(training, "ld_alpha", None), ref_cache.kl_pairing(examples))
             root = Path(training.ref_log_probs_cache or self.run.root / "ref_log_probs")
             table, cached = ref_cache.load_or_compute(root / key, made_of, examples, compute_table, self.dist, self.say)
         self.ref_summary = {"ref_log_probs": "cache" if cached else "computed",
@@ -326,10 +348,12 @@ class Trainer:
         finally:
             if getattr(self, "lock", None) is not None:
                 self.lock.release()
-        summary = {"status": "completed", "role": "reference", "pairs": len(table.ids), **self.ref_summary}
+        units = UNITS[self.algo.kind]
+        summary = {"status": "completed", "role": "reference", units: len(table.ids), **self.ref_summary}
         if self.dist.is_main:
             self.run.finish(self.manifest, **summary)
-            self.say(f"reference pass done: {len(table.ids)} pairs in {self.ref_summary['ref_precompute_seconds']:.0f} s")
+            self.say(f"reference pass done: {len(table.ids)} {units} in "
+                     f"{self.ref_summary['ref_precompute_seconds']:.0f} s")
         barrier()
         return summary
 
@@ -377,6 +401,7 @@ class Trainer:
         if self.reference_sync is not None:
             self.reference_sync.after_step(step + 1)  # TR-DPO: on its sync steps, the reference moves
         metrics = sums.reduce(self.device)
+        metrics.update(objective.derived(metrics))
         metrics.update(objective.end_step())
         metrics["learning_rate"] = learning_rate
         metrics.update(self.perf_metrics(work, time.perf_counter() - started, data_seconds))
@@ -391,6 +416,9 @@ class Trainer:
         """[real tokens, FLOPs run on them, token slots incl. padding] of this rank's micro-batches."""
         lengths = torch.cat([b["sequence_lengths"] for b in batches])
         flops = self.flops.train(lengths) + (self.flops.forward(lengths) if self.reference_online else 0.0)
+        for b in batches:  # KTO's KL sequences: forward only, the policy's and an online reference's
+            if "kl_sequence_lengths" in b:
+                flops += self.flops.forward(b["kl_sequence_lengths"]) * (1 + self.reference_online)
         slots = sum(b["input_ids"].numel() for b in batches)
         return torch.tensor([float(lengths.sum()), flops, float(slots)], dtype=torch.float64)
 
@@ -422,7 +450,8 @@ class Trainer:
             batch = to_device(self.objective.collate([self.val_set[i] for i in (indices or [0])]), self.device)
             sums.add(self.objective.eval_stats(self.engine, batch), weight)
         self.engine.train()
-        return sums.reduce(self.device)
+        metrics = sums.reduce(self.device)
+        return {**metrics, **self.objective.derived(metrics)}
 
     def maybe_eval(self, step: int) -> None:
         every = self.training.eval_steps
@@ -481,7 +510,7 @@ class Trainer:
              and self.reference_sync is None),  # TR-DPO's reference moves: no table of it
             ("a [lora] section", cfg.lora is None and self.reference_sync is None),
             ("deepspeed.zero_stage = 3", cfg.deepspeed.zero_stage < 3)) if is_off]
-        return out_of_memory(training.batch_size, "rows" if self.algo.kind == "sft" else "pairs", off)
+        return out_of_memory(training.batch_size, UNITS[self.algo.kind], off)
 
     def record_failure(self, exc: BaseException) -> None:
         """Rank 0, once the run has started: the manifest says ``failed`` (or ``interrupted`` on
