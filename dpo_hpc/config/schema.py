@@ -296,6 +296,27 @@ class ReferenceTrainingConfig(TrainingConfig):
     ref_log_probs_cache: Optional[str] = Field(None, json_schema_extra=LOCATION)
     """Folder of cached reference log-prob tables (default: ``<save_dir>/ref_log_probs``); point
     the runs of a sweep at one folder to share one reference pass."""
+    sync_ref_model: bool = False
+    """TR-DPO (Gorbatovski et al., 2024; TRL's name): every ``ref_model_sync_steps`` optimizer steps
+    the reference moves toward the policy, ref = alpha * policy + (1 - alpha) * ref. The moved
+    reference is checkpointed and resumed with the run. Needs the reference model in memory (not
+    ``precompute_ref_log_probs``, a reference-free loss or LoRA's adapters-off reference)."""
+    ref_model_mixup_alpha: float = Field(0.6, gt=0.0, le=1.0)
+    """With ``sync_ref_model``: the policy's share alpha of each update (TRL's name and default)."""
+    ref_model_sync_steps: int = Field(512, ge=1)
+    """With ``sync_ref_model``: optimizer steps between updates (TRL's name and default)."""
+
+    @model_validator(mode="after")
+    def _sync_options_with_sync(self):
+        if not self.sync_ref_model:
+            for key in ("ref_model_mixup_alpha", "ref_model_sync_steps"):
+                if getattr(self, key) != type(self).__pydantic_fields__[key].default:
+                    raise ValueError(f"{key} applies with sync_ref_model = true; set that too, or leave the key out")
+        elif self.precompute_ref_log_probs:
+            raise ValueError("sync_ref_model moves the reference model during training, which a run without one "
+                             "cannot do (precompute_ref_log_probs: a table of a fixed reference); set "
+                             "sync_ref_model = false or drop the other")
+        return self
 
 
 @dataclass(config=STRICT, kw_only=True)
@@ -341,16 +362,6 @@ class DPOTrainingConfig(ReferenceTrainingConfig):
     """WPO (Zhou et al., 2024; TRL's name): each pair's loss is weighted by how likely its two
     replies are under the policy now (the exp of each reply's mean of log p - log sum_v p_v^2, no
     gradient), so off-policy pairs count less; logged as ``wpo_weights``."""
-    sync_ref_model: bool = False
-    """TR-DPO (Gorbatovski et al., 2024; TRL's name): every ``ref_model_sync_steps`` optimizer steps
-    the reference moves toward the policy, ref = alpha * policy + (1 - alpha) * ref. The moved
-    reference is checkpointed and resumed with the run. Needs the reference model in memory (not
-    ``precompute_ref_log_probs``, a reference-free loss or LoRA's adapters-off reference)."""
-    ref_model_mixup_alpha: float = Field(0.6, gt=0.0, le=1.0)
-    """With ``sync_ref_model``: the policy's share alpha of each update (TRL's name and default)."""
-    ref_model_sync_steps: int = Field(512, ge=1)
-    """With ``sync_ref_model``: optimizer steps between updates (TRL's name and default)."""
-
     @model_validator(mode="after")
     def _loss_options_where_they_apply(self):
         names = loss_types(self.loss_type)
@@ -379,15 +390,10 @@ class DPOTrainingConfig(ReferenceTrainingConfig):
         if self.f_alpha_divergence_coef != 0.5 and self.f_divergence_type != "alpha_divergence":
             raise ValueError("f_alpha_divergence_coef applies with f_divergence_type = \"alpha_divergence\"; set that "
                              "too, or leave the key out")
-        if not self.sync_ref_model:
-            for key in ("ref_model_mixup_alpha", "ref_model_sync_steps"):
-                if getattr(self, key) != type(self).__pydantic_fields__[key].default:
-                    raise ValueError(f"{key} applies with sync_ref_model = true; set that too, or leave the key out")
-        elif self.precompute_ref_log_probs or is_reference_free(self.loss_type):
-            why = ("precompute_ref_log_probs: a table of a fixed reference" if self.precompute_ref_log_probs else
-                   f"loss_type {' + '.join(loss_types(self.loss_type))} has no reference at all")
+        if self.sync_ref_model and is_reference_free(self.loss_type):
             raise ValueError(f"sync_ref_model moves the reference model during training, which a run without one "
-                             f"cannot do ({why}); set sync_ref_model = false or drop the other")
+                             f"cannot do (loss_type {' + '.join(loss_types(self.loss_type))} has no reference at "
+                             "all); set sync_ref_model = false or drop the other")
         if "exo_pair" in loss_types(self.loss_type) and not self.label_smoothing:
             raise ValueError("loss_type exo_pair needs label_smoothing > 0 (its target's weight on the rejected "
                              "reply; the EXO paper uses 1e-3)")
@@ -608,15 +614,19 @@ class DPORunConfig(ModelSettings):
 
     @model_validator(mode="after")
     def _synced_reference_is_a_model(self):
-        if self.dpo_training.sync_ref_model and self.lora is not None:
-            raise ValueError("dpo_training.sync_ref_model with [lora]: a LoRA policy's reference is its base model "
-                             "with the adapters off (or another model), not a copy that can move toward base plus "
-                             "adapters (TRL refuses it too); train without [lora] or set sync_ref_model = false")
-        return self
+        return _synced_reference_is_a_model(self, "dpo_training")
 
     @property
     def beta(self) -> float:
         return 0.1 if self.dpo_training.beta is None else self.dpo_training.beta
+
+
+def _synced_reference_is_a_model(cfg, section: str):
+    if cfg.training.sync_ref_model and cfg.lora is not None:
+        raise ValueError(f"{section}.sync_ref_model with [lora]: a LoRA policy's reference is its base model "
+                         "with the adapters off (or another model), not a copy that can move toward base plus "
+                         "adapters (TRL refuses it too); train without [lora] or set sync_ref_model = false")
+    return cfg
 
 
 def _completion_fits(cfg):
@@ -647,6 +657,10 @@ class KTORunConfig(ModelSettings):
     @model_validator(mode="after")
     def _prompt_shorter_than_sequence(self):
         return _completion_fits(self)
+
+    @model_validator(mode="after")
+    def _synced_reference_is_a_model(self):
+        return _synced_reference_is_a_model(self, "kto_training")
 
 
 def _refuse_fixed_beta(cfg, section: str):

@@ -286,7 +286,7 @@ class Trainer:
         self.reference_online = reference is not None
         self.engine, _, self.scheduler = build_engine(model, training, ds_cfg, self.total_steps)
         self.reference_sync = None
-        if self.algo.kind == "preference" and training.sync_ref_model:
+        if self.algo.kind != "sft" and training.sync_ref_model:
             self.reference_sync = ReferenceSync(self.engine, reference, training.ref_model_mixup_alpha,
                                                 training.ref_model_sync_steps, self.dist.is_main)
             self.ref_summary["reference_syncs"] = self.total_steps // training.ref_model_sync_steps

@@ -49,22 +49,35 @@ def test_kto_trains_on_pairs_as_labelled_completions_and_logs_trls_metrics(tmp_p
     assert (run / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
-def test_a_preempted_kto_run_resumes_to_the_weights_of_one_that_never_stopped(tmp_path, micro_model, loss_type):
+@pytest.mark.parametrize("options", [{}, {"loss_type": "apo_zero_unpaired"},
+                                     {"sync_ref_model": True, "ref_model_sync_steps": 2}, {"lora": True}],
+                         ids=["kto", "apo_zero_unpaired", "tr_kto", "lora"])
+def test_a_preempted_kto_run_resumes_to_the_weights_of_one_that_never_stopped(tmp_path, micro_model, options):
+    """Also with TR-DPO's moving reference (TRL's KTO has it too), and with LoRA, whose reference
+    is the policy with its adapters off."""
     from dpo_hpc.trainers.trainer import train
 
+    options = dict(options)
+    lora = options.pop("lora", False)
+    if lora:
+        pytest.importorskip("peft")
     data = small_data(tmp_path, 30)
 
     def run(name, stop=None):
         raw = kto_config(tmp_path / name, micro_model, data, max_steps=6, batch_size=4, learning_rate=2e-3,
-                         gradient_accumulation_steps=2, save_steps=2, loss_type=loss_type)
+                         gradient_accumulation_steps=2, save_steps=2, **options)
+        if lora:
+            raw["lora"] = {"r": 4, "target_modules": "all-linear"}
         return train(validate_mapping(raw, "kto"), "kto", stop=stop), tmp_path / name / "run"
 
-    _, straight = run("straight")
+    summary, straight = run("straight")
+    assert summary.get("reference_syncs", 0) == (3 if options.get("sync_ref_model") else 0)
+    assert summary["reference"] == ("policy with adapters off" if lora else "model")
     assert run("stopped", stop=stop_at(3))[0]["status"] == "preempted"
     summary, resumed = run("stopped")
     assert summary["status"] == "completed"
-    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    a, b = load_file(straight / weights), load_file(resumed / weights)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged"
     once, twice = scalars(straight / "tensorboard"), scalars(resumed / "tensorboard")
     assert [s for s, _ in twice["loss"]] == list(range(1, 7))

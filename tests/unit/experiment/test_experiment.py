@@ -180,6 +180,22 @@ def test_ld_dpo_runs_share_a_pass_per_ld_alpha(tmp_path):
     assert plain.isdisjoint(p.run_id for p in passes) and len(plain) == 2
 
 
+def test_kto_runs_share_a_pass_per_pairing_of_their_kl_completions(tmp_path):
+    """KTO's table holds its KL completions' log-probs, paired by seed and micro-batch: a grid over
+    beta and loss_type shares a pass; one over seed or batch_size makes a pass per value."""
+    kto = ('[stages.kto]\ntrainer = "kto"\nfrom = "sft"\n[stages.kto.config]\ndataset = { dataset_name = "data.jsonl" }\n'
+           'kto_training = { learning_rate = 1e-6, batch_size = 2, precompute_ref_log_probs = true }\n'
+           '[stages.kto.grid]\n"kto_training.beta" = [0.1, 0.2]\n"kto_training.loss_type" = ["kto", "apo_zero_unpaired"]\n')
+    plan = plan_of(tmp_path, BASE + kto)
+    passes = plan.stage_runs("kto", "reference")
+    assert len(passes) == 1 and all(r.ref_pass == passes[0].run_id for r in plan.stage_runs("kto"))
+    assert passes[0].config["kto_training"]["save_dir"] == str(passes[0].run_dir)
+    seeds = plan_of(tmp_path, BASE + kto + '"kto_training.seed" = [1, 2]\n')
+    assert len(seeds.stage_runs("kto", "reference")) == 2
+    batches = plan_of(tmp_path, BASE + kto + '"kto_training.batch_size" = [2, 4]\n')
+    assert len(batches.stage_runs("kto", "reference")) == 2
+
+
 def test_a_reference_free_loss_waits_for_no_reference_pass(tmp_path):
     """A grid over loss_type with simpo in it: the simpo runs read no table, so only the others
     share the pass (a lone reader then computes its own)."""
