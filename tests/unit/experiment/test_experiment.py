@@ -477,8 +477,14 @@ def test_the_losses_experiment_gives_every_variant_the_same_budget_and_scores_ea
     assert len(passes) == 2 and {p.config["dpo_training"]["ld_alpha"] for p in passes} == {None, 0.5}
     readers = {r.grid_values["variant"] for r in runs if r.ref_pass}
     assert readers == set(variants) - {"tr_dpo", "orpo", "simpo"}  # a moving reference; no reference at all
+    # KTO on the same pairs: 128 completions (64 pairs) a step, the same steps and learning rate;
+    # a reference pass per seed (the seed pairs its KL completions)
+    kto = plan.stage_runs("kto")
+    assert len(kto) == 6 and {(t["batch_size"], t["max_steps"], t["learning_rate"], t["warmup_steps"])
+                              for t in (r.config["kto_training"] for r in kto)} == {(128, 40, 1.6e-4, 3)}
+    assert len(plan.stage_runs("kto", "reference")) == 3 and all(r.ref_pass for r in kto)
     scored = {plan.run(r.parent).run_id for r in plan.stage_runs("scores", "evaluate")}
-    assert scored == {r.run_id for r in runs} | {plan.stage_runs("sft")[0].run_id}
+    assert scored == {r.run_id for r in runs + kto} | {plan.stage_runs("sft")[0].run_id}
 
 
 def test_compare_to_names_a_stage_or_one_of_its_variants(tmp_path):
