@@ -147,6 +147,18 @@ def with_data(content: str):
     return run
 
 
+def kto_data(rows: list[dict]):
+    """``dpo-hpc train kto`` on ``rows`` (a [kto_training] section instead of [dpo_training])."""
+    def run(d: Drill):
+        where = d.folder()
+        (where / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        raw = d.config(where)
+        raw["dataset"]["dataset_name"] = str(where / "data.jsonl")
+        raw["kto_training"] = raw.pop("dpo_training")
+        return d.cli("train", "kto", "--config", d.write(where, raw)), None
+    return run
+
+
 EXPERIMENT = """
 [experiment]
 name = "x"
@@ -392,6 +404,10 @@ CASES = [
     Case("data", "a JSONL line that is not JSON", with_data('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": x\n')),
     Case("data", "rows without the expected columns", with_data('{"question": "a", "answer": "b"}\n' * 5)),
     Case("data", "data regenerated in another order, then resumed", changed_data),
+    Case("data", "KTO rows whose labels are words ('yes'/'no')", kto_data(
+        [{"prompt": f"Q{i}:", "completion": f" a{i}", "label": "yes" if i % 2 else "no"} for i in range(40)])),
+    Case("data", "KTO rows all desirable (runs, says the weights are off)", kto_data(
+        [{"prompt": f"Q{i}:", "completion": f" a{i}", "label": True} for i in range(40)]), succeeds=True),
     Case("paths", "save_dir = the policy's folder", save_dir_is_the_policy),
     Case("paths", "save_dir = \"\"", trainer_config(lambda r: {**r, "dpo_training": {**r["dpo_training"], "save_dir": ""}})),
     Case("paths", "save_dir is a file", trainer_config(lambda r: (Path(r["dpo_training"]["save_dir"]).write_text("x"), r)[1])),

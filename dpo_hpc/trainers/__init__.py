@@ -2,11 +2,13 @@
 metrics, and the original framework's API (``from src.trainers import ...`` there)::
 
     from dpo_hpc.trainers import DynamicBetaDPOTrainer, DynamicBetaDPOConfig, BetaDPOTrainer, BetaDPOConfig
+    from dpo_hpc.trainers import KTOTrainer, KTOTrainingConfig   # KTO, as TRL's KTOTrainer
 
 Imports are lazy so that ``import dpo_hpc.trainers`` stays cheap (no torch/deepspeed until used).
 """
 
-_API = {"DynamicBetaDPOTrainer", "BetaDPOTrainer", "DPOTrainingConfig", "DynamicBetaDPOConfig", "BetaDPOConfig"}
+_API = {"DynamicBetaDPOTrainer", "BetaDPOTrainer", "DPOTrainingConfig", "DynamicBetaDPOConfig", "BetaDPOConfig",
+        "KTOTrainer", "KTOTrainingConfig"}
 _TRAINER = {"Trainer", "train"}
 __all__ = sorted(_API | _TRAINER)
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from ..config import (BetaDPOSectionConfig, BetaUpdateConfig, ConfigError, DatasetConfig, DeepSpeedConfig,
-                      DPOTrainingConfig, RiskTestConfig, to_dict, validate_as, validate_mapping)
+from ..config import (ALGORITHMS, BetaDPOSectionConfig, BetaUpdateConfig, ConfigError, DatasetConfig, DeepSpeedConfig,
+                      DPOTrainingConfig, KTOTrainingConfig, RiskTestConfig, to_dict, validate_as, validate_mapping)
 
 
 class _SectionView:
@@ -105,6 +105,7 @@ class BetaDPOConfig(_SectionView):
 
 class _PreferenceTrainer:
     trainer_name = ""
+    args_class: type = DPOTrainingConfig
 
     def __init__(self, model, ref_model, args, train_dataset, eval_dataset, tokenizer, precision, max_length,
                  max_prompt_length, zero_stage, sections: dict[str, Any]):
@@ -113,7 +114,7 @@ class _PreferenceTrainer:
         if ref_model is None or ref_model is model:
             raise ValueError("ref_model must be a separate frozen copy of the policy (e.g. loaded from the same path)")
         if isinstance(args, dict):
-            args = DPOTrainingConfig(**args)
+            args = self.args_class(**args)
         name = getattr(model, "name_or_path", None) or "<in-memory model>"
         raw = {
             "policy_name": str(name),
@@ -121,7 +122,7 @@ class _PreferenceTrainer:
             "precision": precision,
             "dataset": to_dict(DatasetConfig(dataset_name="<in-memory dataset>", val_ratio=0.0, max_length=max_length,
                                              max_prompt_length=max_prompt_length)),
-            "dpo_training": to_dict(args),
+            ALGORITHMS[self.trainer_name].training_section: to_dict(args),
             "deepspeed": to_dict(DeepSpeedConfig(zero_stage=zero_stage)),
             **sections,
         }
@@ -164,4 +165,20 @@ class BetaDPOTrainer(_PreferenceTrainer):
                          (beta_dpo_cfg or BetaDPOConfig()).sections())
 
 
-__all__ = ["BetaDPOConfig", "BetaDPOTrainer", "DPOTrainingConfig", "DynamicBetaDPOConfig", "DynamicBetaDPOTrainer"]
+class KTOTrainer(_PreferenceTrainer):
+    """KTO (TRL's ``KTOTrainer``): ``train_dataset`` rows of ``prompt``/``completion``/``label`` (or
+    preference rows, each a desirable and an undesirable completion); ``args`` a
+    ``KTOTrainingConfig`` or a dict of the ``kto_training`` keys."""
+
+    trainer_name = "kto"
+    args_class = KTOTrainingConfig
+
+    def __init__(self, model, ref_model, args, train_dataset=None, eval_dataset=None, tokenizer=None,
+                 processing_class=None, precision: str = "fp32", max_length: int = 512, max_prompt_length: int = 256,
+                 zero_stage: int = 0):
+        super().__init__(model, ref_model, args, train_dataset, eval_dataset, tokenizer or processing_class,
+                         precision, max_length, max_prompt_length, zero_stage, {})
+
+
+__all__ = ["BetaDPOConfig", "BetaDPOTrainer", "DPOTrainingConfig", "DynamicBetaDPOConfig", "DynamicBetaDPOTrainer",
+           "KTOTrainer", "KTOTrainingConfig"]

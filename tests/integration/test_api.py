@@ -75,3 +75,25 @@ def test_api_refuses_a_shared_reference(micro_model):
     with pytest.raises(ValueError, match="ref_model must be a separate frozen copy"):
         DynamicBetaDPOTrainer(model=policy, ref_model=policy, tokenizer=tok, train_dataset=[],
                               args=DPOTrainingConfig(learning_rate=1e-3, batch_size=2, save_dir="x"))
+
+
+def test_kto_trainer_api_on_labelled_completions(tmp_path, micro_model):
+    from dpo_hpc.data.hh import parse_preference_row
+    from dpo_hpc.trainers import KTOTrainer, KTOTrainingConfig
+
+    policy, ref, tok = load(micro_model)
+    rows, _, _ = generate(24, 0, seed=3)
+    pairs = [parse_preference_row(r)[0] for r in rows]  # HH transcripts -> prompt, chosen, rejected
+    completions = [{"prompt": p.prompt, "completion": getattr(p, side), "label": side == "chosen"}
+                   for p in pairs for side in ("chosen", "rejected")]
+    trainer = KTOTrainer(model=policy, ref_model=ref,
+                         args=KTOTrainingConfig(learning_rate=1e-3, batch_size=4, max_steps=3, desirable_weight=1.2,
+                                                save_dir=str(tmp_path / "kto")),
+                         train_dataset=completions[:40], eval_dataset=completions[40:], processing_class=tok,
+                         max_length=96, max_prompt_length=64)
+    summary = trainer.train()
+    assert {"kl", "rewards/margins"} <= set(summary["final_eval"])
+    resolved = json.loads((tmp_path / "kto" / "config.resolved.json").read_text())
+    assert resolved["kto_training"]["desirable_weight"] == 1.2
+    report = json.loads((tmp_path / "kto" / "data_report.json").read_text())
+    assert (report["train"]["desirable"], report["validation"]["undesirable"]) == (20, 4)
