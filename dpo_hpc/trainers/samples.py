@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from ..config.schema import VARLEN_ATTN
-from ..data.tokenize import TokenizedPair
+from ..data.tokenize import TokenizedCompletion, TokenizedPair
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,10 @@ def sample_prompts(examples: Sequence, count: int) -> list[SamplePrompt]:
     for example in examples:
         if isinstance(example, TokenizedPair):
             prompt = SamplePrompt(list(example.prompt_ids), list(example.chosen_ids))
+        elif isinstance(example, TokenizedCompletion):  # KTO's: a desirable completion is the data's reply
+            if not example.label:
+                continue
+            prompt = SamplePrompt(list(example.prompt_ids), list(example.completion_ids))
         else:  # an SFT conversation: everything before its last reply is the prompt
             start, end = last_trained_span(example.loss_mask)
             prompt = SamplePrompt(list(example.input_ids[:start]), list(example.input_ids[start:end]))

@@ -28,7 +28,8 @@ def kto_config(tmp_path, model, data, **training):
 
 def test_kto_trains_on_pairs_as_labelled_completions_and_logs_trls_metrics(tmp_path, micro_model):
     data = small_data(tmp_path, 40)
-    raw = kto_config(tmp_path, micro_model, data, max_steps=6, batch_size=4, learning_rate=2e-3, desirable_weight=1.2)
+    raw = kto_config(tmp_path, micro_model, data, max_steps=6, batch_size=4, learning_rate=2e-3, desirable_weight=1.2,
+                     generate_during_eval=True, generation_samples=2, max_new_tokens=8)
     result = run_cli(["train", "kto", "--config", str(write_config(tmp_path, raw))])
     assert result.returncode == 0, result.stderr[-3000:]
     run = Path(raw["kto_training"]["save_dir"])
@@ -47,6 +48,8 @@ def test_kto_trains_on_pairs_as_labelled_completions_and_logs_trls_metrics(tmp_p
     assert manifest["status"] == "completed" and manifest["reference"] == "model"
     assert {"eval/kl", "eval/rewards/margins"} <= {f"eval/{k}" for k in manifest["final_eval"]}
     assert (run / "model.safetensors").exists()
+    samples = [json.loads(line) for line in (run / "samples" / "step_00000006.jsonl").read_text().splitlines()]
+    assert len(samples) == 2  # the desirable completions' prompts, with the data's reply beside the model's
 
 
 @pytest.mark.parametrize("options", [{}, {"loss_type": "apo_zero_unpaired"},
