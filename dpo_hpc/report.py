@@ -40,11 +40,11 @@ from .launch.submission import ledger_of
 from .trainers.metrics import THROUGHPUT
 
 CURVES = ("train/loss", "train/rewards/margins", "train/rewards/accuracies", "train/logps/chosen_change",
-          "train/dpo/beta", "train/beta_dpo/beta_used", "eval/loss", "eval/rewards/accuracies",
+          "train/dpo/beta", "train/beta_dpo/beta_used", "train/kl", "eval/loss", "eval/rewards/accuracies",
           "eval/rewards/margins")
 """Metrics drawn as curves, where a stage logged them."""
 
-FINAL = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen_change")
+FINAL = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen_change", "kl")
 """Final metrics in the tables (eval, else train), where a run has them."""
 
 
