@@ -49,7 +49,10 @@ def weight_advice(desirable: int, undesirable: int, desirable_weight: float, und
     """A note when the weights do not balance unequal counts as the KTO paper advises (its Eq. 8:
     desirable_weight x desirable / (undesirable_weight x undesirable) in [1, 4/3]), with the range
     of each weight that would; None when they do, or the counts are equal."""
-    desirable, undesirable = max(desirable, 1), max(undesirable, 1)
+    if not desirable or not undesirable:
+        present, absent = ("desirable", "undesirable") if desirable else ("undesirable", "desirable")
+        return (f"note: the training split has no {absent} examples: only the {present} completions' loss "
+                "trains, with no counterweight")
     if desirable == undesirable:
         return None
     ratio = desirable_weight * desirable / (undesirable_weight * undesirable)

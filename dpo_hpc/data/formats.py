@@ -84,7 +84,8 @@ class RowParser:
 
     def expected(self) -> str:
         """What rows must look like, for an error about a split with no usable row."""
-        unpaired = "; or prompt/completion with a bool label (unpaired, for KTO)" if self.kind == "unpaired" else ""
+        unpaired = ("prompt and completion (strings, or messages) with a bool label (true/false or 1/0); or "
+                    "preference rows, " if self.kind == "unpaired" else "")
         if self.format != "auto":
-            return f"expected format '{self.format}': {EXPECTED[self.format]}{unpaired}"
-        return "expected " + "; or ".join(f"{name}: {text}" for name, text in EXPECTED.items()) + unpaired
+            return f"expected {unpaired}format '{self.format}': {EXPECTED[self.format]}"
+        return f"expected {unpaired}" + "; or ".join(f"{name}: {text}" for name, text in EXPECTED.items())

@@ -81,6 +81,7 @@ def test_weight_advice_follows_the_kto_papers_range():
     advice = weight_advice(100, 50, 1.0, 1.0)  # TRL's bounds for these counts: [0.5, 0.67] and [1.5, 2.0]
     assert "desirable_weight in [0.50, 0.67] or undesirable_weight in [1.50, 2.00]" in advice
     assert weight_advice(100, 50, 0.6, 1.0) is None
+    assert "no undesirable examples: only the desirable completions' loss trains" in weight_advice(40, 0, 1.0, 1.0)
 
 
 def completions(n: int, seed: int = 0) -> ExampleSet:

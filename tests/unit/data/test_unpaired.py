@@ -91,8 +91,8 @@ def test_unpaired_and_paired_rows_load_together_and_the_report_counts_the_labels
 
 def test_no_usable_unpaired_row_names_what_was_expected(tmp_path, tok, hf_cache):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q", "completion": " a", "label": "x"}] * 2)
-    with pytest.raises(DataError, match="0 usable rows out of 2; .*label_not_bool=2.*prompt/completion with a bool "
-                                        "label"):
+    with pytest.raises(DataError, match="0 usable rows out of 2; .*label_not_bool=2.*; expected prompt and "
+                                        r"completion \(strings, or messages\) with a bool label"):
         load_splits(cfg(path), tok, "unpaired")
     with pytest.raises(DataError, match="expected columns prompt and completion and label or chosen and rejected"):
         load_splits(cfg(write_jsonl(tmp_path / "e.jsonl", [{"prompt": "Q", "answer": " a"}])), tok, "unpaired")
