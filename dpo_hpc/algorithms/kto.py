@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..data.collate import Layout, collate_unpaired, sub_batch
 from .beta import Collective
 from .logprobs import CompletionScorer
-from .stats import with_router_loss
+from .stats import StepStateless, with_router_loss
 
 KTO_LOSSES = ("kto", "apo_zero_unpaired")
 """TRL's KTO ``loss_type`` names; the first is the default."""
@@ -74,7 +74,7 @@ def kl_estimate(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, colle
     return (sums[0::2].sum() / sums[1::2].sum()).clamp(min=0)
 
 
-class KTOObjective:
+class KTOObjective(StepStateless):
     """KTO on a batch of labelled completions: the policy's log-probs of the completions (with
     gradient) and of the KL sequences (without), the reference's of both (a forward of the
     reference model or a precomputed table), the reference point and ``kto_losses``."""
@@ -152,15 +152,3 @@ class KTOObjective:
         if "rewards/chosen" in metrics and "rewards/rejected" in metrics:
             return {"rewards/margins": metrics["rewards/chosen"] - metrics["rewards/rejected"]}
         return {}
-
-    def end_step(self):
-        return {}
-
-    def histograms(self):
-        return {}
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass

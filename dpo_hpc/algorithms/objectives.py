@@ -22,7 +22,7 @@ from .kto import KTOObjective
 from .logprobs import CompletionScorer
 from .losses import Mixture, PairwiseLoss
 from .preference import PairLogps, Scores, f_divergence_scores, preference_metrics, wpo_pair_weights
-from .stats import Stats, with_router_loss
+from .stats import Stats, StepStateless, with_router_loss
 
 
 
@@ -53,7 +53,7 @@ class Objective(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-class SFTObjective:
+class SFTObjective(StepStateless):
     """Next-token NLL on assistant tokens, averaged over the loss tokens of the global batch."""
 
     kind = "sft"
@@ -84,21 +84,6 @@ class SFTObjective:
     def eval_stats(self, model, batch):
         with torch.no_grad():
             return self._stats(model, batch)[1]
-
-    def derived(self, metrics):
-        return {}
-
-    def end_step(self):
-        return {}
-
-    def histograms(self):
-        return {}
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
 
 class RefLogps(Protocol):

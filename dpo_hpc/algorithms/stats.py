@@ -23,3 +23,23 @@ def with_router_loss(loss_sum: torch.Tensor, stats: Stats, aux_loss: Optional[to
     stats = {**stats, "loss": (total + coef * aux_loss.detach() * count, count),
              "aux_loss": (aux_loss.detach(), torch.tensor(1.0))}
     return loss_sum + coef * aux_loss * units.to(loss_sum.device), stats
+
+
+class StepStateless:
+    """An objective's hooks when it keeps nothing across steps (SFT's, KTO's): nothing derived,
+    logged at a step's end, drawn, saved or restored."""
+
+    def derived(self, metrics: dict[str, float]) -> dict[str, float]:
+        return {}
+
+    def end_step(self) -> dict[str, float]:
+        return {}
+
+    def histograms(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -594,73 +594,60 @@ class SFTRunConfig(ModelSettings):
 
 
 @dataclass(config=STRICT, kw_only=True)
-class DPORunConfig(ModelSettings):
+class ReferenceRunConfig(ModelSettings):
+    """The keys of a run trained against a reference model (DPO's, KTO's); each subclass adds its
+    training section and names it in ``training``."""
+
+    policy_name: str = Field(description="Hub id or local folder of the policy (usually the SFT result).")
+    dataset: DatasetConfig
+    ref_name: Optional[str] = Field(None, description="Frozen reference model (defaults to policy_name).")
+
+    @property
+    def training(self) -> ReferenceTrainingConfig:
+        raise NotImplementedError
+
+    @model_validator(mode="after")
+    def _prompt_shorter_than_sequence(self):  # here, not in DatasetConfig: SFT has no prompt budget
+        data = self.dataset
+        if data.max_prompt_length >= data.max_length:
+            raise ValueError(f"dataset.max_prompt_length ({data.max_prompt_length}) must be smaller than "
+                             f"dataset.max_length ({data.max_length}) so that a completion fits")
+        return self
+
+    @model_validator(mode="after")
+    def _synced_reference_is_a_model(self):
+        if self.training.sync_ref_model and self.lora is not None:
+            raise ValueError("sync_ref_model with [lora]: a LoRA policy's reference is its base model with the "
+                             "adapters off (or another model), not a copy that can move toward base plus adapters "
+                             "(TRL refuses it too); train without [lora] or set sync_ref_model = false")
+        return self
+
+
+@dataclass(config=STRICT, kw_only=True)
+class DPORunConfig(ReferenceRunConfig):
     """``dpo-hpc train dpo``: DPO with a fixed beta."""
 
-    policy_name: str
-    """Hub id or local folder of the policy (usually the SFT result)."""
-    dataset: DatasetConfig
     dpo_training: DPOTrainingConfig
-    ref_name: Optional[str] = None
-    """Frozen reference model (defaults to policy_name)."""
 
     @property
     def training(self) -> DPOTrainingConfig:
         return self.dpo_training
-
-    @model_validator(mode="after")
-    def _prompt_shorter_than_sequence(self):
-        return _completion_fits(self)
-
-    @model_validator(mode="after")
-    def _synced_reference_is_a_model(self):
-        return _synced_reference_is_a_model(self, "dpo_training")
 
     @property
     def beta(self) -> float:
         return 0.1 if self.dpo_training.beta is None else self.dpo_training.beta
 
 
-def _synced_reference_is_a_model(cfg, section: str):
-    if cfg.training.sync_ref_model and cfg.lora is not None:
-        raise ValueError(f"{section}.sync_ref_model with [lora]: a LoRA policy's reference is its base model "
-                         "with the adapters off (or another model), not a copy that can move toward base plus "
-                         "adapters (TRL refuses it too); train without [lora] or set sync_ref_model = false")
-    return cfg
-
-
-def _completion_fits(cfg):
-    """Here, not in DatasetConfig: SFT has no prompt budget."""
-    data = cfg.dataset
-    if data.max_prompt_length >= data.max_length:
-        raise ValueError(f"dataset.max_prompt_length ({data.max_prompt_length}) must be smaller than "
-                         f"dataset.max_length ({data.max_length}) so that a completion fits")
-    return cfg
-
-
 @dataclass(config=STRICT, kw_only=True)
-class KTORunConfig(ModelSettings):
+class KTORunConfig(ReferenceRunConfig):
     """``dpo-hpc train kto``: KTO on completions labelled desirable or not (or on preference pairs,
     each a desirable and an undesirable completion)."""
 
-    policy_name: str
-    """Hub id or local folder of the policy (usually the SFT result)."""
-    dataset: DatasetConfig
     kto_training: KTOTrainingConfig
-    ref_name: Optional[str] = None
-    """Frozen reference model (defaults to policy_name)."""
 
     @property
     def training(self) -> KTOTrainingConfig:
         return self.kto_training
-
-    @model_validator(mode="after")
-    def _prompt_shorter_than_sequence(self):
-        return _completion_fits(self)
-
-    @model_validator(mode="after")
-    def _synced_reference_is_a_model(self):
-        return _synced_reference_is_a_model(self, "kto_training")
 
 
 def _refuse_fixed_beta(cfg, section: str):
