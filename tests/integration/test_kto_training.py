@@ -135,3 +135,18 @@ def test_two_kto_ranks_match_one_rank_with_accumulation(tmp_path, micro_model):
     assert result.returncode == 0, result.stderr[-4000:]
     kl = [v for _, v in scalars(tmp_path / "kto" / "run" / "tensorboard")["kl"]]
     assert len(kl) == 4 and all(v >= 0 for v in kl) and any(v > 0 for v in kl)
+
+
+def test_padding_free_kto_trains_as_padded(tmp_path, micro_model):
+    """The completions and the KL sequences packed alike (position ids restarting per sequence)."""
+    from dpo_hpc.trainers.trainer import train
+
+    data = small_data(tmp_path, 30)
+    weights = {}
+    for name, packed in (("padded", False), ("packed", True)):
+        raw = kto_config(tmp_path / name, micro_model, data, max_steps=3, batch_size=4, learning_rate=2e-3,
+                         padding_free=packed)
+        assert train(validate_mapping(raw, "kto"), "kto")["status"] == "completed"
+        weights[name] = load_file(tmp_path / name / "run" / "model.safetensors")
+    for key in weights["padded"]:
+        torch.testing.assert_close(weights["padded"][key], weights["packed"][key], rtol=1e-4, atol=1e-5)
