@@ -15,18 +15,20 @@ desirable completion, sigmoid(beta r) for an undesirable one.
 
 from __future__ import annotations
 
+import typing
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..config.schema import KTOLossType
 from ..data.collate import Layout, collate_unpaired, sub_batch
 from .beta import Collective
 from .logprobs import CompletionScorer
 from .stats import StepStateless, with_router_loss
 
-KTO_LOSSES = ("kto", "apo_zero_unpaired")
-"""TRL's KTO ``loss_type`` names; the first is the default."""
+KTO_LOSSES = typing.get_args(KTOLossType)
+"""KTO's ``loss_type`` names (TRL's), as the config declares them."""
 
 
 def kto_losses(logratios: torch.Tensor, labels: torch.Tensor, kl: torch.Tensor, beta: float, loss_type: str,

@@ -400,13 +400,17 @@ class DPOTrainingConfig(ReferenceTrainingConfig):
         return self
 
 
+KTOLossType = Literal["kto", "apo_zero_unpaired"]
+"""KTO's losses, by TRL's names (``dpo_hpc.algorithms.kto`` computes them)."""
+
+
 @dataclass(config=STRICT, kw_only=True)
 class KTOTrainingConfig(ReferenceTrainingConfig):
     """KTO (Ethayarajh et al., 2024; TRL's KTOTrainer) on unpaired completions, each desirable or not."""
 
     beta: float = Field(0.1, gt=0.0)
     """How far the policy may move from the reference (TRL's name and default)."""
-    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
+    loss_type: KTOLossType = "kto"
     """KTO's loss (TRL's names): kto, against a reference point that estimates KL(policy || reference)
     from each prompt with another example's completion in its micro-batch; or apo_zero_unpaired
     (APO-zero's unpaired form, no reference point: for completions better than the model's own)."""

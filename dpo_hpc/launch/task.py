@@ -9,6 +9,7 @@ loop resumes from the checkpoint.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
@@ -50,6 +51,9 @@ def train_and_requeue(cfg, trainer: str, caps: dict[str, int], label: str,
     from ..runtime.stop import DEADLINE, StopSignal
     from ..trainers.trainer import train
 
+    # A rank that dies in native code (an abort in a collective or its teardown, a segfault in a
+    # kernel) prints every thread's Python stack to its log: where it died, not only that it did.
+    faulthandler.enable()
     run_dir = Path(cfg.training.save_dir)
     stop = StopSignal(end_time=job_end_time(), lead_s=signal_lead_s).install()
     try:
