@@ -147,24 +147,29 @@ def collate_conversations(convs: Sequence[TokenizedConversation], pad_id: int,
     return layout_rows([c.input_ids for c in convs], [c.loss_mask for c in convs], pad_id, layout)
 
 
+def _prompted(examples: Sequence[TokenizedCompletion], kl: bool) -> tuple[list[list[int]], list[list[int]]]:
+    """Each prompt with its completion (or, with ``kl``, its KL completion), and their loss masks."""
+    replies = [list(e.kl_completion_ids) if kl else e.completion_ids for e in examples]
+    return ([e.prompt_ids + reply for e, reply in zip(examples, replies)],
+            [[0] * len(e.prompt_ids) + [1] * len(reply) for e, reply in zip(examples, replies)])
+
+
 def collate_completions(examples: Sequence[TokenizedCompletion], pad_id: int, layout: Layout = "padded",
                         kl: bool = True) -> Batch:
     """Sequences [0, B) each prompt with its completion and, with ``kl``, [B, 2B) each prompt with
     its KL completion, in one batch (what the reference scores)."""
-    rows = [e.prompt_ids + e.completion_ids for e in examples]
-    masks = [[0] * len(e.prompt_ids) + [1] * len(e.completion_ids) for e in examples]
+    rows, masks = _prompted(examples, kl=False)
     if kl:
-        rows += [e.prompt_ids + list(e.kl_completion_ids) for e in examples]
-        masks += [[0] * len(e.prompt_ids) + [1] * len(e.kl_completion_ids) for e in examples]
+        kl_rows, kl_masks = _prompted(examples, kl=True)
+        rows, masks = rows + kl_rows, masks + kl_masks
     return layout_rows(rows, masks, pad_id, layout)
 
 
 def collate_unpaired(examples: Sequence[TokenizedCompletion], pad_id: int, layout: Layout = "padded") -> Batch:
     """KTO's training batch: the B completions in ``layout`` with their ``labels``, and the KL
     sequences as a batch of their own under ``kl_`` keys (``sub_batch(batch, "kl_")``)."""
-    batch = collate_completions(examples, pad_id, layout, kl=False)
-    kl = layout_rows([e.prompt_ids + list(e.kl_completion_ids) for e in examples],
-                     [[0] * len(e.prompt_ids) + [1] * len(e.kl_completion_ids) for e in examples], pad_id, layout)
+    batch = layout_rows(*_prompted(examples, kl=False), pad_id, layout)
+    kl = layout_rows(*_prompted(examples, kl=True), pad_id, layout)
     return {**batch, "labels": torch.tensor([e.label for e in examples], dtype=torch.bool),
             **{f"kl_{key}": value for key, value in kl.items()}}
 

@@ -380,11 +380,13 @@ def load_splits(
     return train, val, report
 
 
-def with_kl_completions(examples: ExampleSet, partners) -> ExampleSet:
+def with_kl_completions(examples: ExampleSet, partners, max_length: int) -> ExampleSet:
     """KTO's examples, each with its partner's completion (``partners[i]``: the index of example
-    i's) as its KL completion; the fingerprint stays the rows'."""
-    return ExampleSet([dataclasses.replace(e, kl_completion_ids=tuple(examples[int(j)].completion_ids))
-                       for e, j in zip(examples, partners)], examples.fingerprint)
+    i's) as its KL completion, cut to fit ``max_length`` after its prompt (as TRL cuts the
+    sequence); the fingerprint stays the rows'."""
+    return ExampleSet([dataclasses.replace(e, kl_completion_ids=tuple(
+        examples[int(j)].completion_ids[:max_length - len(e.prompt_ids)])) for e, j in zip(examples, partners)],
+        examples.fingerprint)
 
 
 def labels_of(examples: list, kind: str) -> dict[str, int]:

@@ -228,11 +228,12 @@ class Trainer:
     def pair_kl_completions(self, report: dict) -> None:
         """KTO: each example's KL completion, another example's of its micro-batch (``kl_partners``);
         and a note when the loss weights do not balance the labels' counts."""
-        training = self.training
+        training, longest = self.training, self.cfg.dataset.max_length
         self.train_set = with_kl_completions(self.train_set, kl_partners(len(self.train_set), training.batch_size,
-                                                                         training.seed))
+                                                                         training.seed), longest)
         eval_batch = training.eval_batch_size or training.batch_size
-        self.val_set = with_kl_completions(self.val_set, rotated_within(np.arange(len(self.val_set)), eval_batch))
+        self.val_set = with_kl_completions(self.val_set, rotated_within(np.arange(len(self.val_set)), eval_batch),
+                                           longest)
         advice = weight_advice(report["train"]["desirable"], report["train"]["undesirable"],
                                training.desirable_weight, training.undesirable_weight)
         if advice:

@@ -91,7 +91,7 @@ def completions(n: int, seed: int = 0) -> ExampleSet:
         prompt, completion = (torch.randint(1, 11, (int(k),), generator=gen).tolist()
                               for k in torch.randint(1, 5, (2,), generator=gen))
         out.append(TokenizedCompletion(prompt, completion, bool(i % 3), f"e{i}"))
-    return with_kl_completions(ExampleSet(out, "fp"), rotated_within(torch.arange(n).numpy(), n))
+    return with_kl_completions(ExampleSet(out, "fp"), rotated_within(torch.arange(n).numpy(), n), 64)
 
 
 def naive_kto(policy, reference, batch, beta, loss_type) -> float:
