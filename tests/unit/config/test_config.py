@@ -394,3 +394,12 @@ def test_warmup_ratio_is_a_rounded_up_share_of_the_run_and_excludes_warmup_steps
     assert validate_mapping(with_("dpo_training", warmup_steps=4), "dpo").dpo_training.warmup(10) == 4
     (problem,) = errors(with_("dpo_training", warmup_steps=4, warmup_ratio=0.1))
     assert problem == "f.yaml: dpo_training: warmup_steps = 4 and warmup_ratio = 0.1 both set the warmup; keep one"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments" / "single").glob("*.toml")), ids=lambda p: p.name)
+def test_the_single_run_configs_validate_as_their_trainer(path):
+    """experiments/single/: the README's one-trainer configs, each detected by its sections."""
+    from dpo_hpc.config import detect_trainer, load_config, read_mapping
+
+    assert detect_trainer(read_mapping(path)) == path.stem
+    assert load_config(path).training.save_dir == f"runs/tiny-single/{path.stem}"
