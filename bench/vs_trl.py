@@ -143,8 +143,8 @@ def run_ours(folder: Path, model: Path, data: Path, args, tag: str, precompute: 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     overrides = [word for text in args.set for word in ("--set", text)]
     overrides += [word for text in args.both for word in ("--set", f"{TRAINERS[args.trainer]['section']}.{text}")]
-    subprocess.run([sys.executable, "-m", "dpo_hpc", "train", args.trainer, "--config", str(path), *overrides], check=True,
-                   env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "dpo_hpc", "train", args.trainer, "--config", str(path), *overrides],
+                   check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
     logged = read_scalars(run_dir / "tensorboard")
     manifest = json.loads((run_dir / "run_manifest.json").read_text())
     profiles = sorted((run_dir / "profile").glob("*.txt"))  # with --set dpo_training.profile_steps=[a, b]
@@ -252,7 +252,8 @@ def assets(folder: Path, args) -> tuple[Path, Path]:
 
 def setup(args, work: dict) -> dict:
     """What a result was measured on."""
-    return {"trainer": args.trainer, "vocab": args.vocab, "shape": args.shape, "precision": "bf16" if args.bf16 else "fp32",
+    return {"trainer": args.trainer, "vocab": args.vocab,
+            "shape": args.shape, "precision": "bf16" if args.bf16 else "fp32",
             "batch_pairs": args.batch, "steps": args.steps, "threads": args.threads, "dpo_hpc_overrides": args.set,
             "both_sides": args.both,
             "real_tokens_per_step": round(work["tokens"], 1), "precompute_ref_log_probs": args.precompute,

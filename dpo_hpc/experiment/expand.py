@@ -34,8 +34,8 @@ EVALUATIONS = "evaluations"
 
 REFERENCE_INPUTS = ("policy_name", "ref_name", "tokenizer_name", "dataset", "precision", "attn_implementation")
 """Top-level keys a reference table depends on. Runs of an experiment that agree on them (and on
-the parent, the cache folder, LD-DPO's ``ld_alpha`` and KTO's pairing), in whatever stages, read one table, made
-by one reference pass scheduled before them.
+the parent, the cache folder, LD-DPO's ``ld_alpha`` and KTO's pairing), in whatever stages, read
+one table, made by one reference pass scheduled before them.
 The table's cache key (``trainers.ref_cache``) stays the authority: this only decides scheduling."""
 
 
@@ -380,7 +380,8 @@ def with_reference_passes(runs: list[Run], root: Path) -> list[Run]:
             continue
         algo = ALGORITHMS[run.trainer]
         training = run.config.get(algo.training_section, {})
-        reference_free = algo.kind == "preference" and "loss_type" in training and is_reference_free(training["loss_type"])
+        reference_free = (algo.kind == "preference" and "loss_type" in training
+                          and is_reference_free(training["loss_type"]))
         if training.get("precompute_ref_log_probs") and not reference_free:
             parent_dir = run_dirs.get(run.parent or "")
             inputs = {key: "<parent>" if parent_dir and run.config.get(key) == parent_dir else run.config.get(key)

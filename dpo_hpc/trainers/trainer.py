@@ -320,9 +320,9 @@ class Trainer:
         collate = collate_completions if self.algo.kind == "unpaired" else collate_pairs
 
         def compute_table():
-            return ref_cache.compute(reference, build_scorer(cfg), lambda rows: collate(rows, pad_id, batch_layout(cfg)),
-                                     examples, training.eval_batch_size or training.batch_size, self.dist, self.device,
-                                     self.say)
+            return ref_cache.compute(reference, build_scorer(cfg),
+                                     lambda rows: collate(rows, pad_id, batch_layout(cfg)), examples,
+                                     training.eval_batch_size or training.batch_size, self.dist, self.device, self.say)
 
         if not isinstance(source, str):
             table, cached = compute_table(), False

@@ -44,7 +44,8 @@ def test_kto_losses_match_trls_formula_in_float64(loss_type):
         kl, beta, wd, wu = torch.rand((), generator=gen, dtype=torch.float64), 0.3, 1.3, 0.7
         chosen, rejected = logratios[labels], logratios[~labels]
         if loss_type == "kto":
-            trl = torch.cat([wd * (1 - torch.sigmoid(beta * (chosen - kl))), wu * (1 - torch.sigmoid(beta * (kl - rejected)))])
+            trl = torch.cat([wd * (1 - torch.sigmoid(beta * (chosen - kl))),
+                             wu * (1 - torch.sigmoid(beta * (kl - rejected)))])
         else:
             trl = torch.cat([wd * (1 - torch.sigmoid(beta * chosen)), wu * torch.sigmoid(beta * rejected)])
         ours = kto_losses(logratios, labels, kl, beta, loss_type, wd, wu)
