@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from conftest import REPO, run_config
+from dpo_hpc.config import ALGORITHMS
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -30,7 +31,7 @@ def train_on_gpu(tmp_path: Path, trainer: str, raw: dict) -> dict:
     result = subprocess.run([sys.executable, "-m", "dpo_hpc", "train", trainer, "--config", str(path)],
                             capture_output=True, text=True, env=gpu_env(), cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    section = "sft_training" if trainer == "sft" else "dpo_training"
+    section = ALGORITHMS[trainer].training_section
     manifest = json.loads((Path(raw[section]["save_dir"]) / "run_manifest.json").read_text())
     return {**manifest, "stdout": result.stdout}
 
@@ -64,6 +65,18 @@ def test_trl_options_of_the_loss_run_in_bf16_on_the_gpu(tmp_path, micro_model, r
     assert (run / "checkpoints" / "step_00000003" / "replicated" / "reference.safetensors").is_file()
     train = json.loads((run / "progress.json").read_text())["train"]
     assert math.isfinite(train["loss"]) and 0 < train["wpo_weights"] < float("inf")
+
+
+def test_kto_runs_in_bf16_on_the_gpu_from_a_reference_table(tmp_path, micro_model, reverse_data):
+    """KTO with the compiled bf16 head and a precomputed table (completions and KL sequences):
+    finite losses, the reference point logged, no reference forward while training."""
+    raw = run_config(tmp_path, micro_model, reverse_data, "kto_training", max_steps=4, batch_size=8,
+                     torch_compile=True, precompute_ref_log_probs=True)
+    raw["precision"] = "bf16"
+    manifest = train_on_gpu(tmp_path, "kto", raw)
+    assert manifest["status"] == "completed" and manifest["reference_forwards"] == 0
+    train = json.loads((Path(raw["kto_training"]["save_dir"]) / "progress.json").read_text())["train"]
+    assert math.isfinite(train["loss"]) and train["kl"] >= 0
 
 
 def test_sft_with_checkpointing_and_fused_adamw_on_the_gpu(tmp_path, micro_model, reverse_data):
