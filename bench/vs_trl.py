@@ -53,10 +53,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-TRAINERS = {"dpo": {"section": "dpo_training", "first_loss": math.log(2)},
-            "kto": {"section": "kto_training", "first_loss": 0.5}}
-"""What ``--trainer`` compares (TRL's DPOTrainer or KTOTrainer): our config section and the first
-loss both sides must give (policy = reference: DPO's ln 2, KTO's 1 - sigmoid(0))."""
+FIRST_LOSS = {"dpo": math.log(2), "kto": 0.5}
+"""What ``--trainer`` compares (TRL's DPOTrainer or KTOTrainer) and the first loss both sides must
+give (policy = reference: DPO's ln 2, KTO's 1 - sigmoid(0))."""
+
+
+def section(trainer: str) -> str:
+    """Our config section of ``trainer`` (the registry's)."""
+    from dpo_hpc.config import ALGORITHMS
+
+    return ALGORITHMS[trainer].training_section
 
 
 SHAPES = {
@@ -133,7 +139,7 @@ def run_ours(folder: Path, model: Path, data: Path, args, tag: str, precompute: 
     config = {
         "policy_name": str(model), "precision": "bf16" if args.bf16 else "fp32",
         "dataset": {"dataset_name": str(data), "val_ratio": 0.0, "max_length": 4096, "max_prompt_length": 2048},
-        TRAINERS[args.trainer]["section"]: {"learning_rate": args.lr, "batch_size": args.batch, "max_steps": args.steps,
+        section(args.trainer): {"learning_rate": args.lr, "batch_size": args.batch, "max_steps": args.steps,
                          "lr_scheduler": "constant", "max_grad_norm": 1.0, "beta": 0.1, "seed": args.seed,
                          "logging_steps": 1000, "save_dir": str(run_dir), "precompute_ref_log_probs": precompute,
                          "ref_log_probs_cache": str(folder / f"ref-cache-{tag}")},
@@ -142,7 +148,7 @@ def run_ours(folder: Path, model: Path, data: Path, args, tag: str, precompute: 
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     overrides = [word for text in args.set for word in ("--set", text)]
-    overrides += [word for text in args.both for word in ("--set", f"{TRAINERS[args.trainer]['section']}.{text}")]
+    overrides += [word for text in args.both for word in ("--set", f"{section(args.trainer)}.{text}")]
     subprocess.run([sys.executable, "-m", "dpo_hpc", "train", args.trainer, "--config", str(path), *overrides],
                    check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
     logged = read_scalars(run_dir / "tensorboard")
@@ -263,7 +269,7 @@ def setup(args, work: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trl-python", help="python of a virtual environment with trl installed")
-    parser.add_argument("--trainer", choices=list(TRAINERS), default="dpo",
+    parser.add_argument("--trainer", choices=list(FIRST_LOSS), default="dpo",
                         help="kto: TRL's KTOTrainer against ours, on each pair's sides as labelled completions")
     parser.add_argument("--sides", choices=("both", "ours"), default="both",
                         help="ours: dpo-hpc alone (a micro-batch TRL is not run at, e.g. the largest that fits)")
@@ -312,7 +318,7 @@ def main() -> None:
     gap = max(abs(a - b) for a, b in zip(ours[0]["losses"][:10], theirs[0]["losses"][:10]))
     # an option on both sides (WPO's weights, another loss) may move the first loss off ln 2: then the
     # two sides are checked against each other only
-    first_loss = TRAINERS[args.trainer]["first_loss"]
+    first_loss = FIRST_LOSS[args.trainer]
     first_ok = bool(args.both) or all(abs(run[0]["losses"][0] - first_loss) < (1e-3 if args.bf16 else 1e-4)
                                       for run in (ours, theirs))
     gate = first_ok and (args.bf16 or gap < 1e-5)  # bf16 rounding makes a 1e-5 loss parity meaningless

@@ -149,7 +149,7 @@ def collate_conversations(convs: Sequence[TokenizedConversation], pad_id: int,
 
 def _prompted(examples: Sequence[TokenizedCompletion], kl: bool) -> tuple[list[list[int]], list[list[int]]]:
     """Each prompt with its completion (or, with ``kl``, its KL completion), and their loss masks."""
-    replies = [list(e.kl_completion_ids) if kl else e.completion_ids for e in examples]
+    replies = [e.kl_completion_ids if kl else e.completion_ids for e in examples]
     return ([e.prompt_ids + reply for e, reply in zip(examples, replies)],
             [[0] * len(e.prompt_ids) + [1] * len(reply) for e, reply in zip(examples, replies)])
 

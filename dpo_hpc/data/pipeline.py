@@ -384,9 +384,11 @@ def with_kl_completions(examples: ExampleSet, partners, max_length: int) -> Exam
     """KTO's examples, each with its partner's completion (``partners[i]``: the index of example
     i's) as its KL completion, cut to fit ``max_length`` after its prompt (as TRL cuts the
     sequence); the fingerprint stays the rows'."""
-    return ExampleSet([dataclasses.replace(e, kl_completion_ids=tuple(
-        examples[int(j)].completion_ids[:max_length - len(e.prompt_ids)])) for e, j in zip(examples, partners)],
-        examples.fingerprint)
+    def paired(example, partner):
+        cut = max_length - len(example.prompt_ids)
+        return dataclasses.replace(example, kl_completion_ids=partner.completion_ids[:cut])
+
+    return ExampleSet([paired(e, examples[int(j)]) for e, j in zip(examples, partners)], examples.fingerprint)
 
 
 def labels_of(examples: list, kind: str) -> dict[str, int]:

@@ -13,7 +13,7 @@ dropped. Loss masks come from lengths, never from token ids (pad may equal EOS).
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -63,7 +63,7 @@ class TokenizedCompletion:
     completion_ids: list[int]
     label: bool  # desirable
     example_id: str = ""  # the source row's content id (set by the pipeline; a pair's sides add :chosen/:rejected)
-    kl_completion_ids: tuple[int, ...] | list[int] = ()
+    kl_completion_ids: list[int] = field(default_factory=list)
 
     @property
     def length(self) -> int:

@@ -86,7 +86,7 @@ def kl_pairing(examples: list) -> Optional[str]:
         return None
     digest = hashlib.sha256()
     for example in examples:
-        digest.update(json.dumps(list(example.kl_completion_ids)).encode())
+        digest.update(json.dumps(example.kl_completion_ids).encode())
     return digest.hexdigest()[:16]
 
 

@@ -145,14 +145,30 @@ def test_a_reference_table_gives_the_online_references_loss_and_gradient_without
     assert cached.reference_forwards == 0
 
 
-def test_the_kl_sequences_carry_no_gradient():
-    batch = completions(4, seed=2)
-    policy = ToyLM(5)
-    objective = KTOObjective(ToyLM(6), 0, LOCAL, CompletionScorer(), loss_type="kto", beta=1.0)
+def torch_logp(weight, prompt, completion) -> torch.Tensor:
+    """log p(completion | prompt) of a toy model with logits table ``weight`` (float64, differentiable)."""
+    ids = prompt + list(completion)
+    return sum(torch.log_softmax(weight[ids[t - 1]], -1)[ids[t]] for t in range(len(prompt), len(ids)))
+
+
+@pytest.mark.parametrize("z_has_gradient", [False, True])
+def test_the_reference_point_carries_no_gradient(z_has_gradient):
+    """The objective's gradient is the float64 loss's with z held constant, and not the one where
+    z is differentiated too (so the comparison can tell them apart)."""
+    batch, beta = completions(6, seed=2), 2.0
+    policy, reference = ToyLM(5), ToyLM(6)
+    objective = KTOObjective(reference, 0, LOCAL, CompletionScorer(), loss_type="kto", beta=beta)
     loss, _ = objective.loss_and_stats(policy, objective.collate(batch))
-    loss.backward()
-    # only the completions' tokens (and their contexts) get a gradient: rows used by KL sequences alone do not
-    used = {t for e in batch for t in e.prompt_ids + e.completion_ids}
-    for token in range(11):
-        if token not in used:
-            assert policy.table.weight.grad[token].abs().sum() == 0
+    (loss / len(batch)).backward()
+    weight, ref = policy.table.weight.detach().double().requires_grad_(), reference.table.weight.detach().double()
+    with torch.enable_grad() if z_has_gradient else torch.no_grad():
+        z = sum(torch_logp(weight, e.prompt_ids, e.kl_completion_ids)
+                - torch_logp(ref, e.prompt_ids, e.kl_completion_ids) for e in batch) / len(batch)
+    z = z.clamp(min=0)
+    assert z.item() > 0  # the clamp is not what keeps z's gradient out
+    naive = sum(1 - torch.sigmoid(beta * (r - z)) if e.label else 1 - torch.sigmoid(beta * (z - r))
+                for e in batch for r in [torch_logp(weight, e.prompt_ids, e.completion_ids)
+                                         - torch_logp(ref, e.prompt_ids, e.completion_ids)]) / len(batch)
+    naive.backward()
+    close = torch.allclose(policy.table.weight.grad.double(), weight.grad, atol=1e-6)
+    assert close != z_has_gradient

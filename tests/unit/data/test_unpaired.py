@@ -135,9 +135,9 @@ def test_kto_batches_hold_the_completions_their_labels_and_the_kl_sequences():
     examples = ExampleSet([TokenizedCompletion([1, 4], [5, 2], True, "a"),
                            TokenizedCompletion([1], [6, 7, 2], False, "b")], "fp")
     paired = with_kl_completions(examples, [1, 0], max_length=64)
-    assert paired.fingerprint == "fp" and paired[0].kl_completion_ids == (6, 7, 2)
+    assert paired.fingerprint == "fp" and paired[0].kl_completion_ids == [6, 7, 2]
     cut = with_kl_completions(examples, [1, 0], max_length=4)  # the KL sequence fits max_length, as TRL cuts it
-    assert cut[0].kl_completion_ids == (6, 7) and cut[1].kl_completion_ids == (5, 2)
+    assert cut[0].kl_completion_ids == [6, 7] and cut[1].kl_completion_ids == [5, 2]
     batch = collate_unpaired(paired, pad_id=0)
     assert batch["labels"].tolist() == [True, False]
     assert batch["input_ids"].tolist() == [[1, 4, 5, 2], [1, 6, 7, 2]]
