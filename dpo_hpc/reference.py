@@ -20,11 +20,12 @@ BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 _SECTIONS = [
     ("Top level", S.DPORunConfig, "", None),
     ("`[dataset]`", S.DatasetConfig, "dataset.", None),
-    ("`[sft_training]`, `[dpo_training]` and `[kto_training]`", S.TrainingConfig, "", None),
+    ("`[sft_training]`, `[dpo_training]`, `[kto_training]` and `[reward_training]`", S.TrainingConfig, "", None),
     ("`[sft_training]` only", S.SFTTrainingConfig, "sft_training.", S.TrainingConfig),
     ("`[dpo_training]` and `[kto_training]`", S.ReferenceTrainingConfig, "", S.TrainingConfig),
     ("`[dpo_training]` only", S.DPOTrainingConfig, "dpo_training.", S.ReferenceTrainingConfig),
     ("`[kto_training]` only (kto)", S.KTOTrainingConfig, "kto_training.", S.ReferenceTrainingConfig),
+    ("`[reward_training]` only (reward)", S.RewardTrainingConfig, "reward_training.", S.TrainingConfig),
     ("`[deepspeed]`", S.DeepSpeedConfig, "deepspeed.", None),
     ("`[risk_test]` (dynamic_beta_dpo)", S.RiskTestConfig, "risk_test.", None),
     ("`[beta_update]` (dynamic_beta_dpo)", S.BetaUpdateConfig, "beta_update.", None),

@@ -1,5 +1,6 @@
 """How a batch becomes a loss: SFT, one preference objective composed of a pairwise loss and a
-beta policy, and KTO's on unpaired completions (``kto``). The trainer drives these.
+beta policy, KTO's on unpaired completions (``kto``) and a reward model's (``reward``). The
+trainer drives these.
 
 An objective returns the SUM of its per-unit losses (tokens for SFT, pairs for DPO) and
 per-metric (sum, count) pairs; the trainer normalises by the global unit count of the optimizer
@@ -22,6 +23,7 @@ from .kto import KTOObjective
 from .logprobs import CompletionScorer
 from .losses import Mixture, PairwiseLoss
 from .preference import PairLogps, Scores, f_divergence_scores, preference_metrics, wpo_pair_weights
+from .reward import RewardObjective
 from .stats import Stats, StepStateless, with_router_loss
 
 
@@ -252,6 +254,8 @@ def build_objective(algorithm, cfg, pad_id: int, collective: Collective, referen
     """The objective of a registered algorithm (``dpo_hpc.config.registry``); ``router_aux_loss_coef``:
     the weight of the policy's router loss, where it has one (``engine.router_loss_weight``)."""
     scorer, layout, router = build_scorer(cfg), batch_layout(cfg), router_aux_loss_coef
+    if algorithm.model == "reward_model":
+        return RewardObjective(pad_id, collective, layout, cfg.training.center_rewards_coefficient)
     if algorithm.kind == "sft":
         return SFTObjective(pad_id, scorer, layout, router_aux_loss_coef=router)
     if algorithm.kind == "unpaired":

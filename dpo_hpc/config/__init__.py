@@ -18,6 +18,8 @@ from .schema import (
     KTORunConfig,
     KTOTrainingConfig,
     MixSource,
+    RewardRunConfig,
+    RewardTrainingConfig,
     RiskTestConfig,
     SFTRunConfig,
     SFTTrainingConfig,
@@ -27,8 +29,8 @@ from .schema import (
 __all__ = [
     "ALGORITHMS", "ROW_FIELDS", "STRICT", "Algorithm", "BetaDPORunConfig", "BetaDPOSectionConfig", "BetaUpdateConfig",
     "ConfigError", "DatasetConfig", "DeepSpeedConfig", "DPORunConfig", "DPOTrainingConfig",
-    "DynamicBetaDPORunConfig", "KTORunConfig", "KTOTrainingConfig", "MixSource", "RiskTestConfig", "SFTRunConfig",
-    "SFTTrainingConfig", "TrainingConfig",
+    "DynamicBetaDPORunConfig", "KTORunConfig", "KTOTrainingConfig", "MixSource", "RewardRunConfig",
+    "RewardTrainingConfig", "RiskTestConfig", "SFTRunConfig", "SFTTrainingConfig", "TrainingConfig",
     "algorithm", "by_command", "detect_trainer", "load_config", "parse_override", "read_mapping", "set_dotted",
     "to_dict", "to_identity", "validate_as", "validate_mapping",
 ]

@@ -3,7 +3,7 @@
 The CLI's trainer names, the experiment schema's ``trainer`` values, expansion's training
 section, config detection and objective building all read this table. Adding an algorithm is
 one entry here plus its config class (``schema.py``) and, for a preference method, its beta
-policy. No torch here: the beta policy is named as ``"module:Class"`` and imported only by
+policy (``build_objective`` picks the objective by ``kind`` and ``model``). No torch here: the beta policy is named as ``"module:Class"`` and imported only by
 the trainer, so configs and experiments still load on a login node.
 """
 
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from .errors import ConfigError
-from .schema import BetaDPORunConfig, DPORunConfig, DynamicBetaDPORunConfig, KTORunConfig, SFTRunConfig
+from .schema import (BetaDPORunConfig, DPORunConfig, DynamicBetaDPORunConfig, KTORunConfig, RewardRunConfig,
+                     SFTRunConfig)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,13 @@ class Algorithm:
     """Preference methods: ``"module:Class"`` of the beta policy (with a ``from_config``)."""
     legacy_command: Optional[str] = None
     """The original framework's console command for this trainer, if it had one."""
+    model: Literal["causal_lm", "reward_model"] = "causal_lm"
+    """What it trains: a causal LM (a policy), or a reward model (a scalar score head on the last token)."""
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether its runs read a reference model (or its log-probs): the preference policies' trainers."""
+        return self.kind != "sft" and self.model == "causal_lm"
 
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
@@ -48,6 +56,8 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("beta_dpo", "beta-dpo", BetaDPORunConfig, "dpo_training", "preference", marker_sections=("beta_dpo",),
               beta_policy="dpo_hpc.algorithms.beta.beta_dpo:BetaDPOPolicy", legacy_command="train-beta-dpo"),
     Algorithm("kto", "kto", KTORunConfig, "kto_training", "unpaired", marker_sections=("kto_training",)),
+    Algorithm("reward", "reward", RewardRunConfig, "reward_training", "preference",
+              marker_sections=("reward_training",), model="reward_model"),
 )}
 
 TrainerName = Literal[tuple(ALGORITHMS)]  # type: ignore[valid-type]  # for schemas that name a trainer

@@ -423,6 +423,22 @@ class KTOTrainingConfig(ReferenceTrainingConfig):
 
 
 @dataclass(config=STRICT, kw_only=True)
+class RewardTrainingConfig(TrainingConfig):
+    """A Bradley-Terry reward model (TRL's RewardTrainer): a scalar score of each prompt and reply,
+    trained so that the chosen reply scores above the rejected one, -log sigmoid(r_chosen - r_rejected)."""
+
+    center_rewards_coefficient: Optional[float] = Field(None, ge=0.0)
+    """Adds coef x (r_chosen + r_rejected)^2 to each pair's loss, so that rewards centre on 0
+    (Eisenstein et al., 2023, Eq. 2; TRL's name; it recommends 0.01)."""
+
+    @model_validator(mode="after")
+    def _no_generation(self):
+        if self.generate_during_eval:
+            raise ValueError("generate_during_eval: a reward model scores replies and writes none; leave the key out")
+        return self
+
+
+@dataclass(config=STRICT, kw_only=True)
 class RiskTestConfig:
     delta: float = Field(0.1, gt=0.0, lt=1.0)
     """Target tail probability: tau tracks the (1 - delta)-quantile of the margins."""
@@ -598,16 +614,15 @@ class SFTRunConfig(ModelSettings):
 
 
 @dataclass(config=STRICT, kw_only=True)
-class ReferenceRunConfig(ModelSettings):
-    """The keys of a run trained against a reference model (DPO's, KTO's); each subclass adds its
-    training section and names it in ``training``."""
+class PromptedRunConfig(ModelSettings):
+    """The keys of a run on prompts with replies (DPO's, KTO's, a reward model's); each subclass
+    adds its training section and names it in ``training``."""
 
     policy_name: str = Field(description="Hub id or local folder of the policy (usually the SFT result).")
     dataset: DatasetConfig
-    ref_name: Optional[str] = Field(None, description="Frozen reference model (defaults to policy_name).")
 
     @property
-    def training(self) -> ReferenceTrainingConfig:
+    def training(self) -> TrainingConfig:
         raise NotImplementedError
 
     @model_validator(mode="after")
@@ -617,6 +632,17 @@ class ReferenceRunConfig(ModelSettings):
             raise ValueError(f"dataset.max_prompt_length ({data.max_prompt_length}) must be smaller than "
                              f"dataset.max_length ({data.max_length}) so that a completion fits")
         return self
+
+
+@dataclass(config=STRICT, kw_only=True)
+class ReferenceRunConfig(PromptedRunConfig):
+    """The keys of a run trained against a reference model (DPO's, KTO's)."""
+
+    ref_name: Optional[str] = Field(None, description="Frozen reference model (defaults to policy_name).")
+
+    @property
+    def training(self) -> ReferenceTrainingConfig:
+        raise NotImplementedError
 
     @model_validator(mode="after")
     def _synced_reference_is_a_model(self):
@@ -652,6 +678,25 @@ class KTORunConfig(ReferenceRunConfig):
     @property
     def training(self) -> KTOTrainingConfig:
         return self.kto_training
+
+
+@dataclass(config=STRICT, kw_only=True)
+class RewardRunConfig(PromptedRunConfig):
+    """``dpo-hpc train reward``: a reward model from preference pairs. ``policy_name`` is the model
+    it starts from (usually the SFT result), whose output head gives way to a scalar score head."""
+
+    reward_training: RewardTrainingConfig
+
+    @property
+    def training(self) -> RewardTrainingConfig:
+        return self.reward_training
+
+    @model_validator(mode="after")
+    def _no_router_loss(self):
+        if self.router_aux_loss_coef:
+            raise ValueError("router_aux_loss_coef: transformers' sequence-classification models (a reward model) "
+                             "return no router loss to weigh; leave the key out")
+        return self
 
 
 def _refuse_fixed_beta(cfg, section: str):

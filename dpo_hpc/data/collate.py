@@ -177,3 +177,16 @@ def collate_unpaired(examples: Sequence[TokenizedCompletion], pad_id: int, layou
 def sub_batch(batch: Batch, prefix: str) -> Batch:
     """The batch stored under ``prefix``'d keys, with its own key names."""
     return {key[len(prefix):]: value for key, value in batch.items() if key.startswith(prefix)}
+
+
+def sequence_ends(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, position) of each sequence's last token, in sequence order, in any layout: where a
+    reward model reads its score. Found on the host, before the batch moves to the device."""
+    if "sequence_ids" not in batch:  # padded: one sequence per row
+        lengths = batch["sequence_lengths"]
+        return torch.arange(len(lengths)), lengths - 1
+    ids = batch["sequence_ids"]
+    following = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -1)], dim=1)
+    rows, positions = ((ids >= 0) & (ids != following)).nonzero(as_tuple=True)
+    order = ids[rows, positions].argsort()
+    return rows[order], positions[order]

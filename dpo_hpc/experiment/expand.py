@@ -275,6 +275,8 @@ def expand(exp: ExperimentConfig, source: str | Path, overrides: Sequence[tuple[
         if exp.experiment.seed is not None:
             base.setdefault(section, {}).setdefault("seed", exp.experiment.seed)
         parents = by_stage[stage.from_] if stage.from_ else [None]
+        if stage.from_:
+            _refuse_reward_models(parents, source, f"{where}.from", "a trainer starts from a policy (a causal LM)")
         if stage.from_ and "policy_name" in stage.config:
             _fail(source, f"{where}.config", f"'from = \"{stage.from_}\"' sets policy_name; remove policy_name here")
         points = _grid_points(stage)
@@ -292,7 +294,7 @@ def expand(exp: ExperimentConfig, source: str | Path, overrides: Sequence[tuple[
                 set_dotted(config, key, value, f"{source}: {where}.grid")
             if parent is not None:  # replaces the config file's names; an inline ref_name pins another reference
                 config["policy_name"] = str(parent.run_dir)
-                if stage.trainer != "sft":
+                if ALGORITHMS[stage.trainer].uses_reference:
                     config["ref_name"] = stage.config.get("ref_name", str(parent.run_dir))
             label = f"{where} (grid {json.dumps(point)})" if point else where
             config.setdefault(section, {})["save_dir"] = "<run dir>"
@@ -331,6 +333,13 @@ def ancestor_in(run: Run, stage: str, runs: list[Run]) -> Optional[Run]:
     return node
 
 
+def _refuse_reward_models(parents: list[Optional[Run]], source: Path, where: str, needs: str) -> None:
+    for parent in parents:
+        if parent is not None and parent.role == "train" and ALGORITHMS[parent.trainer].model == "reward_model":
+            _fail(source, where, f"stage '{parent.stage}' trains a reward model, and {needs}; "
+                                 "start from a policy's stage")
+
+
 def evaluation_runs(name: str, stage: StageConfig, by_stage: dict[str, list[Run]], runs: list[Run],
                     source: Path) -> list[Run]:
     """One scoring per run of the ``from`` stages, into ``<run dir>/evaluations/<name>/``; its id
@@ -351,6 +360,8 @@ def evaluation_runs(name: str, stage: StageConfig, by_stage: dict[str, list[Run]
     for parent_stage in stage.parents:
         if by_stage[parent_stage] and by_stage[parent_stage][0].role == "evaluate":
             _fail(source, f"stages.{name}.from", f"'{parent_stage}' is an evaluate stage; score training stages")
+        _refuse_reward_models(by_stage[parent_stage], source, f"stages.{name}.from",
+                              "scoring answers a policy (a causal LM) generates")
         for target in by_stage[parent_stage]:
             baseline = ancestor_in(target, section["baseline"], runs) if section["baseline"] else None
             config = {"evaluate": section, "target": str(target.run_dir),

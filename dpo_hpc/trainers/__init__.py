@@ -3,12 +3,13 @@ metrics, and the original framework's API (``from src.trainers import ...`` ther
 
     from dpo_hpc.trainers import DynamicBetaDPOTrainer, DynamicBetaDPOConfig, BetaDPOTrainer, BetaDPOConfig
     from dpo_hpc.trainers import KTOTrainer, KTOTrainingConfig   # KTO, as TRL's KTOTrainer
+    from dpo_hpc.trainers import RewardTrainer, RewardTrainingConfig   # a reward model, as TRL's RewardTrainer
 
 Imports are lazy so that ``import dpo_hpc.trainers`` stays cheap (no torch/deepspeed until used).
 """
 
 _API = {"DynamicBetaDPOTrainer", "BetaDPOTrainer", "DPOTrainingConfig", "DynamicBetaDPOConfig", "BetaDPOConfig",
-        "KTOTrainer", "KTOTrainingConfig"}
+        "KTOTrainer", "KTOTrainingConfig", "RewardTrainer", "RewardTrainingConfig"}
 _TRAINER = {"Trainer", "train"}
 __all__ = sorted(_API | _TRAINER)
 

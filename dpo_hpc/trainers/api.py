@@ -25,7 +25,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..config import (ALGORITHMS, BetaDPOSectionConfig, BetaUpdateConfig, ConfigError, DatasetConfig, DeepSpeedConfig,
-                      DPOTrainingConfig, KTOTrainingConfig, RiskTestConfig, to_dict, validate_as, validate_mapping)
+                      DPOTrainingConfig, KTOTrainingConfig, RewardTrainingConfig, RiskTestConfig, to_dict, validate_as,
+                      validate_mapping)
 
 
 class _SectionView:
@@ -109,16 +110,18 @@ class _PreferenceTrainer:
 
     def __init__(self, model, ref_model, args, train_dataset, eval_dataset, tokenizer, precision, max_length,
                  max_prompt_length, zero_stage, sections: dict[str, Any]):
+        uses_reference = ALGORITHMS[self.trainer_name].uses_reference
         if tokenizer is None:
             raise ValueError("tokenizer is required (the original API's tokenizer= / processing_class=)")
-        if ref_model is None or ref_model is model:
+        if uses_reference and (ref_model is None or ref_model is model):
             raise ValueError("ref_model must be a separate frozen copy of the policy (e.g. loaded from the same path)")
         if isinstance(args, dict):
             args = self.args_class(**args)
-        name = getattr(model, "name_or_path", None) or "<in-memory model>"
+        name = model if isinstance(model, str) else getattr(model, "name_or_path", None) or "<in-memory model>"
+        model = None if isinstance(model, str) else model  # a name loads as the config's policy_name
         raw = {
             "policy_name": str(name),
-            "ref_name": str(getattr(ref_model, "name_or_path", None) or name),
+            **({"ref_name": str(getattr(ref_model, "name_or_path", None) or name)} if uses_reference else {}),
             "precision": precision,
             "dataset": to_dict(DatasetConfig(dataset_name="<in-memory dataset>", val_ratio=0.0, max_length=max_length,
                                              max_prompt_length=max_prompt_length)),
@@ -180,5 +183,20 @@ class KTOTrainer(_PreferenceTrainer):
                          precision, max_length, max_prompt_length, zero_stage, {})
 
 
+class RewardTrainer(_PreferenceTrainer):
+    """A reward model (TRL's ``RewardTrainer``): ``model`` a sequence-classification model with one
+    output (``AutoModelForSequenceClassification``, ``num_labels=1``), or a model's name or folder,
+    which loads as one (a causal LM's head gives way to a fresh score head); ``train_dataset``
+    preference rows; ``args`` a ``RewardTrainingConfig`` or a dict of the ``reward_training`` keys."""
+
+    trainer_name = "reward"
+    args_class = RewardTrainingConfig
+
+    def __init__(self, model, args, train_dataset=None, eval_dataset=None, tokenizer=None, processing_class=None,
+                 precision: str = "fp32", max_length: int = 512, max_prompt_length: int = 256, zero_stage: int = 0):
+        super().__init__(model, None, args, train_dataset, eval_dataset, tokenizer or processing_class,
+                         precision, max_length, max_prompt_length, zero_stage, {})
+
+
 __all__ = ["BetaDPOConfig", "BetaDPOTrainer", "DPOTrainingConfig", "DynamicBetaDPOConfig", "DynamicBetaDPOTrainer",
-           "KTOTrainer", "KTOTrainingConfig"]
+           "KTOTrainer", "KTOTrainingConfig", "RewardTrainer", "RewardTrainingConfig"]

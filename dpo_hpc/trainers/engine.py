@@ -128,14 +128,19 @@ ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "f
 
 
 def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implementation: str = "sdpa",
-                   trust_remote_code: bool = False, torch_dtype: Optional[str] = None):
+                   trust_remote_code: bool = False, torch_dtype: Optional[str] = None, reward_model: bool = False):
     """A causal LM (loaded by name, or a model passed in) with dropout off (margins at step 0 must
     be exactly 0, spec pitfall P5); a reference is frozen and in eval mode. Weights load in
     ``torch_dtype`` when given, else fp32 for a trained model (DeepSpeed's master weights) and
-    ``precision`` for a reference."""
+    ``precision`` for a reference. With ``reward_model``, the same model as a reward model (a
+    sequence-classification model with one output: a causal LM's head gives way to a fresh score
+    head, drawn from the seeded generator)."""
     import importlib.util
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto_class, extra = ((AutoModelForSequenceClassification, {"num_labels": 1}) if reward_model
+                         else (AutoModelForCausalLM, {}))
 
     package = ATTENTION_PACKAGES.get(attn_implementation)
     if package and importlib.util.find_spec(package) is None:
@@ -146,8 +151,8 @@ def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implemen
     def from_pretrained(name: str):
         if lora.is_adapter_folder(name):  # a LoRA run's output: its base (maybe another run's) + the adapter
             return lora.load_merged(name, from_pretrained)
-        return _loading(name, "model", SAVED_MODEL_FILES, lambda: AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code))
+        return _loading(name, "model", SAVED_MODEL_FILES, lambda: auto_class.from_pretrained(
+            name, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, **extra))
 
     with _attention(attn_implementation):
         if isinstance(name_or_model, str):
@@ -175,6 +180,7 @@ def check_packing(model, layout: str = "packed", precision: str = "fp32") -> Non
     sequences, in the run's ``layout`` and padded, must agree first. On a GPU under the run's
     ``precision`` (autocast), so that the attention kernels checked are the ones training runs."""
     from ..algorithms.logprobs import model_inputs
+    from ..algorithms.reward import position_scores
     from ..data.collate import layout_rows, pad_rows, to_device
 
     generator = torch.Generator().manual_seed(0)
@@ -183,9 +189,13 @@ def check_packing(model, layout: str = "packed", precision: str = "fp32") -> Non
     masks = [[1] * len(r) for r in rows]
     padded, packed = pad_rows(rows, masks, 0), layout_rows(rows, masks, 0, layout)
     device = next(model.parameters()).device
+    reward_model = model.get_output_embeddings() is None
 
-    def log_probs(batch):  # called as the trainer calls it
-        return model(**model_inputs(to_device(batch, device))).logits.float().log_softmax(-1)
+    def log_probs(batch):  # called as the trainer calls it; a reward model's scores at every position
+        batch = to_device(batch, device)
+        if reward_model:
+            return position_scores(model, batch).float()[..., None]
+        return model(**model_inputs(batch)).logits.float().log_softmax(-1)
 
     # what training computes in: the weights' dtype (pure bf16 included), or on a GPU DeepSpeed's
     # mixed precision over fp32 master weights
@@ -204,7 +214,7 @@ def check_packing(model, layout: str = "packed", precision: str = "fp32") -> Non
         if gap > tolerance:
             raise ConfigError([f"padding_free: {type(model).__name__} with attn_implementation = "
                                f"{model.config._attn_implementation!r} lets packed sequences attend to each other "
-                               f"(log-probs differ by {gap:.3g} from the padded batch); use another "
+                               f"(outputs differ by {gap:.3g} from the padded batch); use another "
                                "attn_implementation or set padding_free = false"])
 
 

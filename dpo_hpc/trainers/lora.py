@@ -34,13 +34,14 @@ def _peft():
     return peft
 
 
-def add_adapters(model, cfg: LoraConfig, base_name: Optional[str] = None):
+def add_adapters(model, cfg: LoraConfig, base_name: Optional[str] = None, task_type: str = "CAUSAL_LM"):
     """The model with fresh LoRA adapters (B = 0: the policy starts equal to its base).
     ``base_name`` is what the saved adapter names as its base: the name the policy was loaded by
-    (for a policy that was itself a LoRA run, that run's folder, not the model under it)."""
+    (for a policy that was itself a LoRA run, that run's folder, not the model under it).
+    ``task_type`` is peft's: ``SEQ_CLS`` (a reward model) also trains the new score head whole."""
     peft = _peft()
     config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                             target_modules=cfg.target_modules, bias="none", task_type="CAUSAL_LM")
+                             target_modules=cfg.target_modules, bias="none", task_type=task_type)
     try:
         model = peft.get_peft_model(model, config)
     except ValueError as exc:  # e.g. target modules not found in the model

@@ -246,8 +246,9 @@ class Trainer:
         cfg, training = self.cfg, self.training
         ds_cfg = deepspeed_config(training, cfg.deepspeed, cfg.precision, self.dist.world_size)
         reference, ref_table = None, None
-        reference_free = self.algo.kind == "preference" and is_reference_free(training.loss_type)
-        needs_reference = self.algo.kind != "sft" and not reference_free
+        reference_free = self.algo.uses_reference and self.algo.kind == "preference" \
+            and is_reference_free(training.loss_type)
+        needs_reference = self.algo.uses_reference and not reference_free
         base_is_reference = (cfg.lora is not None and self.ref_model is None
                              and getattr(cfg, "ref_name", None) in (None, cfg.policy_name))
         if reference_free:
@@ -257,10 +258,17 @@ class Trainer:
             reference = self.load_reference(ds_cfg)
             if training.precompute_ref_log_probs:
                 ref_table, reference = self.reference_table(reference), None
+        reward_model = self.algo.model == "reward_model"
         model = load_causal_lm(self.model if self.model is not None else cfg.policy_name, cfg.precision,
                                trainable=True, attn_implementation=cfg.attn_implementation,
-                               trust_remote_code=cfg.trust_remote_code, torch_dtype=cfg.torch_dtype)
-        router_weight = router_loss_weight(model, cfg.router_aux_loss_coef)
+                               trust_remote_code=cfg.trust_remote_code, torch_dtype=cfg.torch_dtype,
+                               reward_model=reward_model)
+        if reward_model:  # saved with it, so that transformers' pooling (a pipeline's) finds each reply's end
+            model.config.pad_token_id = SpecialTokens.of(self.tokenizer).pad_id
+            self.say("reward model: each prompt and reply scored at the reply's last token by the score head of "
+                     f"{type(model).__name__} (fresh where the model had none: a causal LM's head is left out)")
+        # transformers' sequence-classification models return no router loss (the config refuses a weight)
+        router_weight = None if reward_model else router_loss_weight(model, cfg.router_aux_loss_coef)
         if router_weight is not None:
             source = "router_aux_loss_coef" if cfg.router_aux_loss_coef else "the model's config"
             self.say(f"router load-balancing loss added with weight {router_weight:g} (from {source}; "
@@ -271,13 +279,14 @@ class Trainer:
             checkpointed, blocks = checkpoint_blocks(model, training.gradient_checkpointing_every_n_layers)
             self.say(f"gradient checkpointing: {checkpointed} of {blocks} blocks")
         if cfg.lora is not None:
-            model = lora.add_adapters(model, cfg.lora, cfg.policy_name if self.model is None else None)
+            model = lora.add_adapters(model, cfg.lora, cfg.policy_name if self.model is None else None,
+                                      task_type="SEQ_CLS" if reward_model else "CAUSAL_LM")
             self.say(lora.trainable_summary(model))
         if training.torch_compile:
             self.say(f"torch.compile: {compile_blocks(model)} blocks of the policy (compiled on first use)")
         if needs_reference and base_is_reference and ref_table is None:
             reference = lora.AdaptersOff(model)
-        if self.algo.kind != "sft":  # what the run's reference log-probs came from, for its manifest
+        if self.algo.uses_reference:  # what the run's reference log-probs came from, for its manifest
             self.ref_summary["reference"] = ("none (reference-free loss)" if reference_free else
                                              "table" if ref_table is not None else
                                              "policy with adapters off" if base_is_reference else "model")
@@ -287,7 +296,7 @@ class Trainer:
         self.reference_online = reference is not None
         self.engine, _, self.scheduler = build_engine(model, training, ds_cfg, self.total_steps)
         self.reference_sync = None
-        if self.algo.kind != "sft" and training.sync_ref_model:
+        if self.algo.uses_reference and training.sync_ref_model:
             self.reference_sync = ReferenceSync(self.engine, reference, training.ref_model_mixup_alpha,
                                                 training.ref_model_sync_steps, self.dist.is_main)
             self.ref_summary["reference_syncs"] = self.total_steps // training.ref_model_sync_steps

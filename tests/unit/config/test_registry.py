@@ -42,5 +42,7 @@ def test_each_preference_algorithm_builds_its_beta_policy():
                                                                  "save_dir": "r"}}, algo.name)
         objective = build_objective(algo, cfg, pad_id=0, collective=LOCAL)
         assert objective.kind == algo.kind
-        if algo.kind == "preference":
+        if algo.model == "reward_model":
+            assert type(objective).__name__ == "RewardObjective" and algo.beta_policy is None
+        elif algo.kind == "preference":
             assert type(objective.policy).__name__ == algo.beta_policy.rsplit(":", 1)[1]
