@@ -97,3 +97,26 @@ def test_kto_trainer_api_on_labelled_completions(tmp_path, micro_model):
     assert resolved["kto_training"]["desirable_weight"] == 1.2
     report = json.loads((tmp_path / "kto" / "data_report.json").read_text())
     assert (report["train"]["desirable"], report["validation"]["undesirable"]) == (20, 4)
+
+
+def test_reward_trainer_api_from_a_model_name_or_a_reward_model(tmp_path, micro_model):
+    """As TRL's RewardTrainer: ``model`` a name (a causal LM's, loaded as a reward model) or a
+    sequence-classification model; no reference."""
+    from transformers import AutoModelForSequenceClassification
+
+    from dpo_hpc.trainers import RewardTrainer, RewardTrainingConfig
+
+    _, _, tok = load(micro_model)
+    rows, _, _ = generate(24, 0, seed=3)
+    args = dict(learning_rate=1e-3, batch_size=4, max_steps=2, center_rewards_coefficient=0.01)
+    by_name = RewardTrainer(model=str(micro_model), args=RewardTrainingConfig(**args, save_dir=str(tmp_path / "a")),
+                            train_dataset=rows[:20], eval_dataset=rows[20:], processing_class=tok,
+                            max_length=96, max_prompt_length=64).train()
+    assert {"rewards/accuracies", "rewards/margins"} <= set(by_name["final_eval"])
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "a")
+    assert model.config.num_labels == 1
+    again = RewardTrainer(model=model, args={**args, "save_dir": str(tmp_path / "b")}, train_dataset=rows[:20],
+                          tokenizer=tok, max_length=96, max_prompt_length=64).train()
+    assert again["status"] == "completed"
+    resolved = json.loads((tmp_path / "b" / "config.resolved.json").read_text())
+    assert resolved["reward_training"]["center_rewards_coefficient"] == 0.01 and "ref_name" not in resolved

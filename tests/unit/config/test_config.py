@@ -403,3 +403,20 @@ def test_the_single_run_configs_validate_as_their_trainer(path):
 
     assert detect_trainer(read_mapping(path)) == path.stem
     assert load_config(path).training.save_dir == f"runs/tiny-single/{path.stem}"
+
+
+def test_a_reward_config_refuses_what_a_reward_model_cannot_do():
+    reward = {"policy_name": "m", "dataset": {"dataset_name": "d"},
+              "reward_training": {"learning_rate": 1e-5, "batch_size": 2, "save_dir": "out"}}
+    cfg = validate_mapping(reward, "reward")
+    assert cfg.training.center_rewards_coefficient is None and not hasattr(cfg, "ref_name")
+    generating = json.loads(json.dumps(reward))
+    generating["reward_training"]["generate_during_eval"] = True
+    assert "a reward model scores replies and writes none" in errors(generating, "reward")[0]
+    routed = {**reward, "router_aux_loss_coef": 0.02}
+    assert "return no router loss to weigh" in errors(routed, "reward")[0]
+    for key, value in (("ref_name", "m"), ("reward_training.beta", 0.1)):
+        data = json.loads(json.dumps(reward))
+        section, _, name = key.rpartition(".")
+        (data[section] if section else data)[name] = value
+        assert any(name in problem for problem in errors(data, "reward")), key

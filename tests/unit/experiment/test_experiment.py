@@ -494,3 +494,22 @@ def test_compare_to_names_a_stage_or_one_of_its_variants(tmp_path):
     assert "stage 'dpo' has no variant 'orpo'" in errors_of(tmp_path, BASE + DPO + VARIANTS
                                                             + scores.replace("COMPARED", "dpo.orpo"))
     assert "unknown stage 'nope'" in errors_of(tmp_path, BASE + DPO + VARIANTS + scores.replace("COMPARED", "nope"))
+
+
+REWARD = ('[stages.rm]\ntrainer = "reward"\nfrom = "sft"\n[stages.rm.config]\ndataset = { dataset_name = "data.jsonl" }\n'
+          'reward_training = { learning_rate = 1e-5, batch_size = 2 }\n')
+
+
+def test_a_reward_stage_starts_from_the_sft_model_and_nothing_starts_from_it(tmp_path):
+    """A reward model reads no reference, so the stage gets no ref_name; it is no policy, so neither
+    a trainer stage nor an evaluate stage may take it as ``from``."""
+    plan = plan_of(tmp_path, BASE + REWARD)
+    (run,) = plan.stage_runs("rm")
+    assert run.config["policy_name"] == str(plan.stage_runs("sft")[0].run_dir) and "ref_name" not in run.config
+    assert run.waits_for == [plan.stage_runs("sft")[0].run_id]
+    after = DPO.replace('from = "sft"', 'from = "rm"')
+    problem = errors_of(tmp_path, BASE + REWARD + after)
+    assert "stages.dpo.from: stage 'rm' trains a reward model, and a trainer starts from a policy" in problem
+    scored = '[stages.score]\nfrom = "rm"\n[stages.score.evaluate]\ndata = "test.jsonl"\n'
+    problem = errors_of(tmp_path, BASE + REWARD + scored)
+    assert "stages.score.from: stage 'rm' trains a reward model" in problem
