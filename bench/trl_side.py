@@ -1,5 +1,5 @@
-"""The TRL side of bench/vs_trl.py: TRL's DPOTrainer (or KTOTrainer) on the same model, data and
-batch order.
+"""The TRL side of bench/vs_trl.py: TRL's DPOTrainer (or KTOTrainer, or RewardTrainer) on the same
+model, data and batch order.
 
 Run by bench/vs_trl.py with the Python of a separate virtual environment that has TRL (TRL is
 never a dependency of dpo-hpc). Prints one JSON line: per-step losses (recorded from the loss
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True, help="JSONL of prompt/chosen/rejected (KTO: prompt/completion/"
                         "label), already in batch order")
-    parser.add_argument("--trainer", choices=("dpo", "kto"), default="dpo")
+    parser.add_argument("--trainer", choices=("dpo", "kto", "reward"), default="dpo")
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--batch", type=int, required=True)
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="a DPOConfig (KTOConfig) option (the value read as JSON, else as text)")
+                        help="a DPOConfig (KTOConfig, RewardConfig) option (the value read as JSON, else as text)")
     args = parser.parse_args()
 
     import torch
@@ -47,20 +47,26 @@ def main() -> None:
     import trl
     from datasets import load_dataset
     from torch.utils.data import SequentialSampler
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, RewardConfig, RewardTrainer
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-    ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    reward = args.trainer == "reward"
+    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    model = auto.from_pretrained(args.model, dtype=dtype)
+    ref = None if reward or args.precompute else AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data = load_dataset("json", data_files=args.data, split="train")
     losses: list[float] = []
     step_times: list[float] = []
 
-    Config, Trainer = (DPOConfig, DPOTrainer) if args.trainer == "dpo" else (KTOConfig, KTOTrainer)
+    Config, Trainer = {"dpo": (DPOConfig, DPOTrainer), "kto": (KTOConfig, KTOTrainer),
+                       "reward": (RewardConfig, RewardTrainer)}[args.trainer]
+    # a reward model has no reference, so no beta and nothing to precompute
+    with_reference = {} if reward else {"beta": args.beta, "precompute_ref_log_probs": args.precompute}
+    reference = {} if reward else {"ref_model": ref}
 
     class InOrder(Trainer):
         def _get_train_sampler(self, *unused, **unused_kw):
@@ -88,12 +94,12 @@ def main() -> None:
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
         adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, max_steps=args.steps, logging_steps=1,
         save_strategy="no", report_to=[], bf16=args.bf16, fp16=False, use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0, seed=42, beta=args.beta, max_length=None, optim="adamw_torch",
-        gradient_checkpointing=args.gradient_checkpointing, precompute_ref_log_probs=args.precompute,
-        disable_tqdm=True, **dict(option(text) for text in args.option),
+        dataloader_num_workers=0, seed=42, max_length=None, optim="adamw_torch",
+        gradient_checkpointing=args.gradient_checkpointing, disable_tqdm=True, **with_reference,
+        **dict(option(text) for text in args.option),
     )
-    trainer = InOrder(model=model, ref_model=None if args.precompute else ref, args=config, train_dataset=data,
-                      processing_class=tokenizer, callbacks=[Clock()])
+    trainer = InOrder(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[Clock()],
+                      **reference)
     init_s = time.perf_counter() - started
     trainer.train()
     print(json.dumps({

@@ -28,7 +28,8 @@ an option both sides name alike with ``--both KEY=VALUE`` (``ld_alpha=0.5``, ``u
 other, and not the first loss's ln 2), and an ablation of one dpo-hpc option at a time with
 ``--set dpo_training.KEY=VALUE``
 (``gradient_checkpointing``, ``optim``, ``group_by_length``, ``torch_compile``); ``--trainer kto``
-compares TRL's KTOTrainer with ours on the pairs' sides as labelled completions; ``--sides ours``
+compares TRL's KTOTrainer with ours on the pairs' sides as labelled completions, ``--trainer reward``
+TRL's RewardTrainer with ours (the model with a score head at 0); ``--sides ours``
 runs dpo-hpc alone (a micro-batch TRL is not compared at), ``--assets DIR`` reuses the model and
 pairs of an earlier call. ``bench/gpu_session.sh`` runs all of these on a lent GPU machine. Pairs/s,
 real tokens/s and MFU are computed the same way for both sides from the measured batches; on CUDA
@@ -53,16 +54,35 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-FIRST_LOSS = {"dpo": math.log(2), "kto": 0.5}
-"""What ``--trainer`` compares (TRL's DPOTrainer or KTOTrainer) and the first loss both sides must
-give (policy = reference: DPO's ln 2, KTO's 1 - sigmoid(0))."""
+FIRST_LOSS = {"dpo": math.log(2), "kto": 0.5, "reward": math.log(2)}
+"""What ``--trainer`` compares (TRL's DPOTrainer, KTOTrainer or RewardTrainer) and the first loss both
+sides must give (policy = reference: DPO's ln 2, KTO's 1 - sigmoid(0); a reward model whose score
+head starts at 0: ln 2)."""
+
+
+def algorithm(trainer: str):
+    """The registry's entry of ``trainer``: its config section, and whether it reads a reference."""
+    from dpo_hpc.config import ALGORITHMS
+
+    return ALGORITHMS[trainer]
 
 
 def section(trainer: str) -> str:
-    """Our config section of ``trainer`` (the registry's)."""
-    from dpo_hpc.config import ALGORITHMS
+    return algorithm(trainer).training_section
 
-    return ALGORITHMS[trainer].training_section
+
+def reward_model(model: Path, out: Path) -> Path:
+    """The causal LM as a reward model with its score head at 0 (every reward 0 at the first step,
+    so both sides' first loss is ln 2), saved once for both sides to load."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if not (out / "config.json").exists():
+        scorer = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
+        torch.nn.init.zeros_(scorer.score.weight)
+        scorer.save_pretrained(out)
+        AutoTokenizer.from_pretrained(model).save_pretrained(out)
+    return out
 
 
 SHAPES = {
@@ -140,10 +160,12 @@ def run_ours(folder: Path, model: Path, data: Path, args, tag: str, precompute: 
         "policy_name": str(model), "precision": "bf16" if args.bf16 else "fp32",
         "dataset": {"dataset_name": str(data), "val_ratio": 0.0, "max_length": 4096, "max_prompt_length": 2048},
         section(args.trainer): {"learning_rate": args.lr, "batch_size": args.batch, "max_steps": args.steps,
-                         "lr_scheduler": "constant", "max_grad_norm": 1.0, "beta": 0.1, "seed": args.seed,
-                         "logging_steps": 1000, "save_dir": str(run_dir), "precompute_ref_log_probs": precompute,
-                         "ref_log_probs_cache": str(folder / f"ref-cache-{tag}")},
+                                "lr_scheduler": "constant", "max_grad_norm": 1.0, "seed": args.seed,
+                                "logging_steps": 1000, "save_dir": str(run_dir)},
     }
+    if algorithm(args.trainer).uses_reference:
+        config[section(args.trainer)].update(beta=0.1, precompute_ref_log_probs=precompute,
+                                             ref_log_probs_cache=str(folder / f"ref-cache-{tag}"))
     path = folder / f"ours-{tag}.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -212,14 +234,17 @@ def step_work(model: Path, data: Path, args) -> dict:
     warm-up); KTO's KL sequences (each prompt with the previous completion of its batch) run forward
     only, on the policy and an online reference."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from dpo_hpc.data.sampler import global_batch_indices
     from dpo_hpc.trainers.throughput import FlopsModel, peak_flops
 
     tokenizer = AutoTokenizer.from_pretrained(model)
+    scored = algorithm(args.trainer).model == "reward_model"  # a score head, not the vocabulary's
+    online_reference = algorithm(args.trainer).uses_reference and not args.precompute
     with torch.device("meta"):
-        flops = FlopsModel.of(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)))
+        auto = AutoModelForSequenceClassification if scored else AutoModelForCausalLM
+        flops = FlopsModel.of(auto.from_config(AutoConfig.from_pretrained(model)))
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     tokens = total = 0.0
     measured = range(args.warmup, args.steps)
@@ -234,7 +259,7 @@ def step_work(model: Path, data: Path, args) -> dict:
                 kl_lengths.append(prompt + len(rows[batch[k - 1]]["completion"].split()) + 1)
         lengths, kl_lengths = torch.tensor(lengths), torch.tensor(kl_lengths or [0])
         tokens += float(lengths.sum())
-        total += flops.train(lengths) + (0.0 if args.precompute else flops.forward(lengths))
+        total += flops.train(lengths) + (flops.forward(lengths) if online_reference else 0.0)
         if args.trainer == "kto":
             total += flops.forward(kl_lengths) * (1 if args.precompute else 2)
     n = len(measured)
@@ -270,7 +295,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trl-python", help="python of a virtual environment with trl installed")
     parser.add_argument("--trainer", choices=list(FIRST_LOSS), default="dpo",
-                        help="kto: TRL's KTOTrainer against ours, on each pair's sides as labelled completions")
+                        help="kto: TRL's KTOTrainer against ours, on each pair's sides as labelled completions; "
+                             "reward: TRL's RewardTrainer against ours, from the model with a score head at 0")
     parser.add_argument("--sides", choices=("both", "ours"), default="both",
                         help="ours: dpo-hpc alone (a micro-batch TRL is not run at, e.g. the largest that fits)")
     parser.add_argument("--assets", type=Path, help="folder of the model and pairs, built once and reused by "
@@ -303,6 +329,10 @@ def main() -> None:
     model, data = assets(args.assets or folder, args)
     if args.trainer == "kto":
         data = unpaired(data, folder / "completions.jsonl")
+    if args.trainer == "reward":
+        if args.precompute:
+            parser.error("--precompute: a reward model reads no reference")
+        model = reward_model(model, (args.assets or folder) / "reward_model")
     work = step_work(model, data, args)
     if args.sides == "ours":
         ours = [run_ours(folder, model, data, args, str(repeat), args.precompute) for repeat in range(args.repeats)]
