@@ -3,8 +3,9 @@
 The CLI's trainer names, the experiment schema's ``trainer`` values, expansion's training
 section, config detection and objective building all read this table. Adding an algorithm is
 one entry here plus its config class (``schema.py``) and, for a preference method, its beta
-policy (``build_objective`` picks the objective by ``kind`` and ``model``). No torch here: the beta policy is named as ``"module:Class"`` and imported only by
-the trainer, so configs and experiments still load on a login node.
+policy (``build_objective`` picks the objective by ``kind`` and ``model``). No torch here: the
+beta policy is named as ``"module:Class"`` and imported only by the trainer, so configs and
+experiments still load on a login node.
 """
 
 from __future__ import annotations

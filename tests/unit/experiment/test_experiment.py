@@ -496,8 +496,8 @@ def test_compare_to_names_a_stage_or_one_of_its_variants(tmp_path):
     assert "unknown stage 'nope'" in errors_of(tmp_path, BASE + DPO + VARIANTS + scores.replace("COMPARED", "nope"))
 
 
-REWARD = ('[stages.rm]\ntrainer = "reward"\nfrom = "sft"\n[stages.rm.config]\ndataset = { dataset_name = "data.jsonl" }\n'
-          'reward_training = { learning_rate = 1e-5, batch_size = 2 }\n')
+REWARD = ('[stages.rm]\ntrainer = "reward"\nfrom = "sft"\n[stages.rm.config]\n'
+          'dataset = { dataset_name = "data.jsonl" }\nreward_training = { learning_rate = 1e-5, batch_size = 2 }\n')
 
 
 def test_a_reward_stage_starts_from_the_sft_model_and_nothing_starts_from_it(tmp_path):
