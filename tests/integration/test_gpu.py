@@ -79,6 +79,17 @@ def test_kto_runs_in_bf16_on_the_gpu_from_a_reference_table(tmp_path, micro_mode
     assert math.isfinite(train["loss"]) and train["kl"] >= 0
 
 
+def test_a_reward_model_trains_packed_in_bf16_on_the_gpu(tmp_path, micro_model, reverse_data):
+    """The score read at each sequence's end of packed rows, in bf16 with the compiled blocks."""
+    raw = run_config(tmp_path, micro_model, reverse_data, "reward_training", max_steps=4, batch_size=8,
+                     torch_compile=True, padding_free=True)
+    raw["precision"] = "bf16"
+    manifest = train_on_gpu(tmp_path, "reward", raw)
+    assert manifest["status"] == "completed" and manifest["median_padding_fraction"] < 0.5
+    train = json.loads((Path(raw["reward_training"]["save_dir"]) / "progress.json").read_text())["train"]
+    assert math.isfinite(train["loss"]) and 0 <= train["rewards/accuracies"] <= 1
+
+
 def test_sft_with_checkpointing_and_fused_adamw_on_the_gpu(tmp_path, micro_model, reverse_data):
     raw = run_config(tmp_path, micro_model, reverse_data, "sft_training", max_steps=3, batch_size=8,
                      gradient_checkpointing=True, optim="adamw_torch_fused")
