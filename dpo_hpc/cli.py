@@ -116,8 +116,11 @@ def _accept_launcher_rank(parser: argparse.ArgumentParser) -> None:
 def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate
 
+    if (args.data is None) == (args.reward_model is None):
+        raise ConfigError(["evaluate: give --data (the verifiable task's prompts) or --reward-model (a judge of "
+                           "replies to the run's validation prompts), one of the two"])
     result = evaluate(args.model, args.data, baseline=args.baseline, limit=args.limit,
-                      max_new_tokens=args.max_new_tokens)
+                      max_new_tokens=args.max_new_tokens, reward_model=args.reward_model)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
@@ -176,10 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training rows as HH transcripts (text) or TRL's message lists (conversational)")
     p.set_defaults(func=_cmd_make_data)
 
-    p = sub.add_parser("evaluate", help="greedy answers on held-out verifiable prompts, scored exactly")
-    p.add_argument("model", help="model folder (save_pretrained)")
-    p.add_argument("--data", required=True, help="test.jsonl written by make-data")
-    p.add_argument("--baseline", help="second model folder: report its accuracy and the win rate against it")
+    p = sub.add_parser("evaluate", help="greedy answers on held-out prompts, scored exactly (the verifiable task) "
+                                        "or by a reward model")
+    p.add_argument("model", help="model folder (save_pretrained; a run directory with --reward-model)")
+    p.add_argument("--data", help="test.jsonl written by make-data")
+    p.add_argument("--reward-model", help="a reward model's folder: it scores greedy replies to the run's "
+                   "validation prompts instead")
+    p.add_argument("--baseline", help="second model folder: report its scores and the win rate against it")
     p.add_argument("--limit", type=int, help="first N prompts only")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--out", help="also write the JSON result here")

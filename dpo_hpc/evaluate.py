@@ -1,7 +1,10 @@
-"""Ground-truth evaluation on the verifiable task: greedy answers to held-out prompts, scored
-with the task's exact reward; optionally the win rate against a baseline model (e.g. the SFT one).
+"""Scoring trained models on held-out prompts: greedy answers to the verifiable task's prompts,
+scored with the task's exact reward; or greedy replies to a training run's validation prompts,
+scored by a reward model (the judge). Optionally the win rate against a baseline model (e.g. the
+SFT one), prompt by prompt.
 
     dpo-hpc evaluate runs/tiny-single/dpo --data runs/tiny/data/test.jsonl --baseline runs/tiny-single/sft
+    dpo-hpc evaluate runs/tiny-single/dpo --reward-model runs/tiny-single/reward --baseline runs/tiny-single/sft
 
 Prompts use the training convention ([BOS] + prompt, no special tokens added by the tokenizer)
 and are left-padded in batches; generation stops at EOS.
@@ -105,23 +108,26 @@ def _mean(values: Sequence[float]) -> float:
 
 @dataclass
 class Scores:
-    """One model on one prompt set: greedy answers, their exact rewards, and (with reference
-    answers) the summed log-prob of each right answer."""
+    """One model on one prompt set: greedy answers, their rewards, and (with reference answers)
+    the summed log-prob of each right answer."""
 
     answers: list[str]
     rewards: list[float]
     logps: Optional[list[float]]
+    metric: str = "accuracy"
+    """What the rewards' mean is: ``accuracy`` (the verifiable task's exact 0/1) or ``reward`` (a
+    reward model's scores)."""
 
     def summary(self) -> dict:
-        out = {"accuracy": _mean(self.rewards)}
+        out = {self.metric: _mean(self.rewards)}
         if self.logps:
             out["answer_logp"] = _mean(self.logps)
         return out
 
     def against(self, baseline: "Scores") -> dict:
-        """Win rate, and the changes of accuracy and answer log-prob, against a baseline model."""
+        """Win rate, and the changes of the mean reward and answer log-prob, against a baseline model."""
         out = {"win_rate_vs_baseline": win_rate(self.rewards, baseline.rewards),
-               "accuracy_change_vs_baseline": _mean(self.rewards) - _mean(baseline.rewards)}
+               f"{self.metric}_change_vs_baseline": _mean(self.rewards) - _mean(baseline.rewards)}
         if self.logps and baseline.logps:
             out["answer_logp_change_vs_baseline"] = _mean(self.logps) - _mean(baseline.logps)
         return out
@@ -134,26 +140,120 @@ def score(model, tokenizer, prompts: Sequence[str], references: Optional[Sequenc
     return Scores(answers, [reward(p, a) for p, a in zip(prompts, answers)], logps)
 
 
-def evaluate(model_dir: str, data: str, baseline: Optional[str] = None, limit: Optional[int] = None,
-             max_new_tokens: int = 16, batch_size: int = 64) -> dict:
-    """Accuracy (exact reward of greedy answers); with reference answers, their mean log-prob; with a
-    baseline, its figures, the win rate against it and the change of the answer log-prob."""
+class VerifiablePrompts:
+    """The verifiable task's held-out prompts (``data``), each greedy answer scored by the task's
+    exact reward, and the log-prob of the right answer where the rows give it."""
+
+    metric = "accuracy"
+
+    def __init__(self, data: str, limit: Optional[int], max_new_tokens: int, batch_size: int):
+        self.prompts, self.references = load_test_rows(data, limit)
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.identity = {"data": sha256_file(data)}
+        """What the scores depend on besides the scored model (a baseline's cache key)."""
+
+    def score(self, model, tokenizer) -> Scores:
+        return score(model, tokenizer, self.prompts, self.references, self.max_new_tokens, self.batch_size)
+
+    def examples(self, scores: Scores, tokenizer) -> list[dict]:
+        """The first prompts with the model's answers and their rewards."""
+        return [{"prompt": p, "answer": a, "reward": r}
+                for p, a, r in list(zip(self.prompts, scores.answers, scores.rewards))[:5]]
+
+
+def validation_prompts(run_dir: str | Path, tokenizer, limit: Optional[int] = None) -> list[list[int]]:
+    """The prompts of a training run's validation split, tokenized as it trained (the split it
+    held out, from its resolved config): each pair's or completion's prompt, an SFT conversation's
+    part before its last reply."""
+    from .config import ALGORITHMS, validate_mapping
+    from .data.pipeline import load_splits
+    from .trainers.samples import sample_prompts
+
+    path = Path(run_dir) / "config.resolved.json"
+    try:
+        resolved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not readable ({exc}); the reward model judges replies to a training run's "
+                        "validation prompts, so score a run directory") from None
+    trainer = resolved.pop("trainer", None)
+    if trainer not in ALGORITHMS or ALGORITHMS[trainer].model != "causal_lm":
+        raise DataError(f"{run_dir}: a {trainer} run has no policy whose replies a reward model could judge")
+    cfg = validate_mapping(resolved, trainer, source=str(path))
+    _, held_out, _ = load_splits(cfg.dataset, tokenizer, ALGORITHMS[trainer].kind,
+                                 getattr(cfg.training, "assistant_turns", "all"))
+    prompts = [p.prompt_ids for p in sample_prompts(held_out, limit or len(held_out))]
+    if not prompts:
+        raise DataError(f"{run_dir}: its data holds out no validation prompts (dataset.val_ratio = 0 and no "
+                        "eval_subset), so there is nothing unseen to judge; train with a validation split")
+    return prompts
+
+
+class RewardModelJudge:
+    """A training run's validation prompts; each model's greedy reply scored by a reward model
+    (``dpo-hpc train reward``, or any sequence-classification model with one output and the
+    policy's tokenizer), on a GPU where there is one."""
+
+    metric = "reward"
+
+    def __init__(self, reward_model: str, run_dir: str | Path, tokenizer, limit: Optional[int],
+                 max_new_tokens: int, batch_size: int):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if AutoTokenizer.from_pretrained(reward_model).get_vocab() != tokenizer.get_vocab():
+            raise DataError(f"reward model {reward_model}: its tokenizer is not the policy's, and it scores the "
+                            "policy's tokens; use a reward model trained from the same base (dpo-hpc train reward)")
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.judge = AutoModelForSequenceClassification.from_pretrained(reward_model).to(self.device).eval()
+        self.prompt_ids = validation_prompts(run_dir, tokenizer, limit)
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        prompts = hashlib.sha256(json.dumps(self.prompt_ids).encode()).hexdigest()
+        self.identity = {"reward_model": files_identity(Path(reward_model)) if Path(reward_model).is_dir()
+                         else reward_model, "prompts": prompts}
+
+    @torch.no_grad()
+    def score(self, model, tokenizer) -> Scores:
+        from .algorithms.reward import reward_scores
+        from .trainers.samples import stop_token_ids
+
+        special, model = SpecialTokens.of(tokenizer), model.to(self.device).eval()
+        stops = stop_token_ids(tokenizer, model)
+        replies: list[list[int]] = []
+        for start in range(0, len(self.prompt_ids), self.batch_size):
+            replies += greedy_completions(model, self.prompt_ids[start:start + self.batch_size], special.pad_id,
+                                          stops, self.max_new_tokens)
+        # scored as the reward model trained: prompt, reply, EOS (added to a reply cut at max_new_tokens)
+        rows = [prompt + reply + ([] if reply[-1:] == [special.eos_id] else [special.eos_id])
+                for prompt, reply in zip(self.prompt_ids, replies)]
+        rewards = reward_scores(self.judge, rows, special.pad_id, self.batch_size)
+        return Scores([tokenizer.decode(r, skip_special_tokens=True) for r in replies], rewards, None, self.metric)
+
+    def examples(self, scores: Scores, tokenizer) -> list[dict]:
+        return [{"prompt": tokenizer.decode(p, skip_special_tokens=True), "answer": a, "reward": r}
+                for p, a, r in list(zip(self.prompt_ids, scores.answers, scores.rewards))[:5]]
+
+
+def evaluate(model_dir: str, data: Optional[str] = None, baseline: Optional[str] = None, limit: Optional[int] = None,
+             max_new_tokens: int = 16, batch_size: int = 64, reward_model: Optional[str] = None) -> dict:
+    """Accuracy (exact reward of greedy answers to ``data``); with reference answers, their mean
+    log-prob. Or, with ``reward_model``, the mean reward of greedy replies to the run's validation
+    prompts. With a baseline, its figures, the win rate against it and the changes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    prompts, references = load_test_rows(data, limit)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = RewardModelJudge(reward_model, model_dir, tokenizer, limit, max_new_tokens, batch_size) \
+        if reward_model else VerifiablePrompts(data, limit, max_new_tokens, batch_size)
 
     def scored(path) -> Scores:
-        return score(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), prompts,
-                     references, max_new_tokens, batch_size)
+        return prompts.score(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path))
 
     mine = scored(model_dir)
-    result = {"model": model_dir, "data": data, "prompts": len(prompts), **mine.summary()}
+    result = {"model": model_dir, **({"reward_model": reward_model} if reward_model else {"data": data}),
+              "prompts": len(mine.rewards), **mine.summary()}
     if baseline:
         base = scored(baseline)
         result.update(baseline=baseline, **{f"baseline_{k}": v for k, v in base.summary().items()},
                       **mine.against(base))
-    result["examples"] = [{"prompt": p, "answer": a, "reward": r}
-                          for p, a, r in list(zip(prompts, mine.answers, mine.rewards))[:5]]
+    result["examples"] = prompts.examples(mine, tokenizer)
     return result
 
 
@@ -163,7 +263,7 @@ BASELINE_SCORES = ".baseline_scores"
 """In a baseline run's ``evaluations/``: its scores per prompt set and settings (``<key>.json``)."""
 EVALUATION_FILE = "evaluation.json"
 """In ``<run dir>/evaluations/<stage>/``: the scores of the run (final model, checkpoints, baseline)."""
-CURVE_METRICS = ("accuracy", "answer_logp")
+CURVE_METRICS = ("accuracy", "reward", "answer_logp")
 """Scalars written per scored step to the evaluation's TensorBoard folder (``eval/task_<name>``)."""
 
 
@@ -200,12 +300,14 @@ def _load_weights(model, weights: dict) -> str:
     return ""
 
 
-def baseline_scores(baseline: Path, section: dict, n_prompts: int, score_it: Callable[[], Scores]) -> Scores:
-    """The baseline's scores, from its cache when they were made from the same model files, data
-    and settings (every run of a sweep is scored against one baseline); else ``score_it()``, cached.
-    The cache is only a saving: a baseline folder that cannot be written is scored each time."""
+def baseline_scores(baseline: Path, section: dict, identity: dict, n_prompts: int,
+                    score_it: Callable[[], Scores]) -> Scores:
+    """The baseline's scores, from its cache when they were made from the same model files, prompts
+    (``identity``: the data, or the reward model and prompt ids) and settings (every run of a sweep
+    is scored against one baseline); else ``score_it()``, cached. The cache is only a saving: a
+    baseline folder that cannot be written is scored each time."""
     made_of = json.loads(json.dumps({
-        "format": 1, "model": files_identity(baseline), "data": sha256_file(section["data"]),
+        "format": 1, "model": files_identity(baseline), **identity,
         **{key: section[key] for key in ("limit", "max_new_tokens", "batch_size")}}))
     key = hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:16]
     path = baseline / EVALUATIONS / BASELINE_SCORES / f"{key}.json"
@@ -214,11 +316,11 @@ def baseline_scores(baseline: Path, section: dict, n_prompts: int, score_it: Cal
     except (OSError, ValueError):
         cached = None
     if isinstance(cached, dict) and cached.get("made_of") == made_of and len(cached.get("rewards") or []) == n_prompts:
-        return Scores(cached["answers"], cached["rewards"], cached["logps"])
+        return Scores(cached["answers"], cached["rewards"], cached["logps"], cached.get("metric", "accuracy"))
     scores = score_it()
     try:
         atomic_write_json(path, {"made_of": made_of, "answers": scores.answers, "rewards": scores.rewards,
-                                 "logps": scores.logps})
+                                 "logps": scores.logps, "metric": scores.metric})
     except OSError as exc:
         print(f"[evaluate] baseline scores not cached ({exc}); every run scored against it scores it again",
               flush=True)
@@ -255,21 +357,26 @@ def evaluate_run(config: dict, out_dir: str) -> dict:
     atomic_write_json(manifest_path, {"status": "running", "kind": "evaluation", "target": str(target)})
     started = time.perf_counter()
     try:
-        prompts, references = load_test_rows(section["data"], section["limit"])
         tokenizer = AutoTokenizer.from_pretrained(target)
+        judge = config.get("reward_model")
+        prompts = RewardModelJudge(judge, target, tokenizer, section["limit"], section["max_new_tokens"],
+                                   section["batch_size"]) if judge else \
+            VerifiablePrompts(section["data"], section["limit"], section["max_new_tokens"], section["batch_size"])
         model = AutoModelForCausalLM.from_pretrained(target)
 
         def scored(m) -> Scores:
-            return score(m, tokenizer, prompts, references, section["max_new_tokens"], section["batch_size"])
+            return prompts.score(m, tokenizer)
 
         final = scored(model)
         final_step = (RunDir(target).read_manifest() or {}).get("final_step")
-        result: dict = {"target": str(target), "data": section["data"], "prompts": len(prompts),
-                        "final": {"step": final_step, **final.summary()},
-                        "correct": "".join("1" if r else "0" for r in final.rewards), "baseline": None,
+        result: dict = {"target": str(target), **({"reward_model": judge} if judge else {"data": section["data"]}),
+                        "prompts": len(final.rewards), "metric": final.metric,
+                        "final": {"step": final_step, **final.summary()}, "baseline": None,
                         "by_step": [], "checkpoints_not_scored": {}}
+        if final.metric == "accuracy":  # which prompts were answered right, for paired comparisons
+            result["correct"] = "".join("1" if r else "0" for r in final.rewards)
         if config.get("baseline"):
-            base = baseline_scores(Path(config["baseline"]), section, len(prompts),
+            base = baseline_scores(Path(config["baseline"]), section, prompts.identity, len(final.rewards),
                                    lambda: scored(AutoModelForCausalLM.from_pretrained(config["baseline"])))
             result["baseline"] = {"run": config["baseline"], **base.summary()}
             result["final"].update(final.against(base))
@@ -287,8 +394,7 @@ def evaluate_run(config: dict, out_dir: str) -> dict:
                 result["by_step"].append({"step": step_of(checkpoint), **scored(model).summary()})
         if final_step is not None:
             result["by_step"].append({"step": final_step, **final.summary()})
-        result["examples"] = [{"prompt": p, "answer": a, "reward": r}
-                              for p, a, r in list(zip(prompts, final.answers, final.rewards))[:5]]
+        result["examples"] = prompts.examples(final, tokenizer)
         result["seconds"] = round(time.perf_counter() - started, 1)
         atomic_write_json(out / EVALUATION_FILE, result)
         _write_curve(out / "tensorboard", result["by_step"])
@@ -300,7 +406,8 @@ def evaluate_run(config: dict, out_dir: str) -> dict:
                                       "final_step": final_step, "final_eval": result["final"],
                                       "seconds": result["seconds"]})
     skipped = sum(result["checkpoints_not_scored"].values())
-    print(f"[evaluate] {target.name}: accuracy {result['final']['accuracy']:.3f} on {len(prompts)} prompts, "
+    print(f"[evaluate] {target.name}: {final.metric} {result['final'][final.metric]:.3f} on {len(final.rewards)} "
+          "prompts, "
           f"{len(result['by_step'])} step(s) scored" + (f", {skipped} checkpoint(s) not scored: "
           f"{result['checkpoints_not_scored']}" if skipped else "") + f" ({result['seconds']} s)", flush=True)
     return {"status": "completed", **result["final"]}

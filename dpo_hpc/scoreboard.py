@@ -1,5 +1,7 @@
 """The report of an experiment's evaluate stages: scores per method and setting, paired
-comparisons with confidence intervals, accuracy against step and against a grid axis.
+comparisons with confidence intervals, the score against step and against a grid axis. The score
+is the verifiable task's accuracy, or a reward model's mean reward (each evaluation names its
+``metric``).
 
 Read back from ``<run dir>/evaluations/<stage>/evaluation.json`` (written by the stage's tasks),
 so it can be made while scoring is still going. ``dpo-hpc report`` calls it for every evaluate
@@ -59,6 +61,12 @@ class Scored:
         return tuple((a, v) for a, v in self.target.grid_values.items() if not is_seed_axis(a) and a not in averaged)
 
 
+def headline(scores: list[Scored]) -> str:
+    """The stage's score: ``accuracy`` or ``reward`` (the metric its evaluations name; older ones
+    name none and are the verifiable task's)."""
+    return scores[0].result.get("metric", "accuracy") if scores else "accuracy"
+
+
 def read_scores(plan: Plan, stage: str) -> list[Scored]:
     scored = []
     for run in plan.stage_runs(stage, "evaluate"):
@@ -83,13 +91,13 @@ def _cell(values: list[float], digits: int = 3, signed: bool = False) -> str:
 
 
 def paired_differences(scores: list[Scored], compare_to: str) -> dict[str, list[float]]:
-    """Run id -> [its accuracy minus that of the ``compare_to`` run (a stage's, or ``STAGE.VARIANT``:
+    """Run id -> [its score minus that of the ``compare_to`` run (a stage's, or ``STAGE.VARIANT``:
     that variant's) with the same values on the grid axes both runs have (same noise, same seed,
     whichever trainer's seed) and the same baseline]."""
     def values(s: Scored) -> dict[str, Any]:  # every trainer's seed is one axis: an SFT run pairs by seed too
         return {("seed" if is_seed_axis(a) else a): v for a, v in s.target.grid_values.items()}
 
-    stages = {s.target.stage for s in scores}
+    metric, stages = headline(scores), {s.target.stage for s in scores}
     stage, variant = (compare_to, None) if compare_to in stages else compare_to.rpartition(".")[::2]
     reference = [s for s in scores if s.target.stage == stage
                  and (variant is None or s.target.grid_values.get(VARIANT) == variant)]
@@ -104,7 +112,7 @@ def paired_differences(scores: list[Scored], compare_to: str) -> dict[str, list[
                 mine.pop(VARIANT, None), theirs.pop(VARIANT, None)
             if all(mine[a] == theirs[a] for a in set(mine) & set(theirs)) \
                     and (s.result.get("baseline") or {}).get("run") == (r.result.get("baseline") or {}).get("run"):
-                out.setdefault(s.target.run_id, []).append(s.final["accuracy"] - r.final["accuracy"])
+                out.setdefault(s.target.run_id, []).append(s.final[metric] - r.final[metric])
     return out
 
 
@@ -117,17 +125,18 @@ def stage_table(plan: Plan, stage: str, scores: list[Scored]) -> str:
     for s in scores:
         groups.setdefault((s.target.stage, s.setting(averaged)), []).append(s)
     paired = paired_differences(scores, section.compare_to) if section.compare_to else {}
-    header = ["stage", "setting", "runs", "accuracy", "Δ accuracy vs baseline", "Δ log p(answer) vs baseline",
+    metric = headline(scores)
+    header = ["stage", "setting", "runs", metric, f"Δ {metric} vs baseline", "Δ log p(answer) vs baseline",
               "win rate vs baseline"]
     if section.compare_to:
-        header.append(f"Δ accuracy vs {section.compare_to} (95% CI, paired)")
+        header.append(f"Δ {metric} vs {section.compare_to} (95% CI, paired)")
     baselines = {s.result["baseline"]["run"]: s.result["baseline"] for s in scores if s.result.get("baseline")}
     scored_dirs = {str(s.target.run_dir) for s in scores}
     rows = []
     for (target_stage, setting), members in groups.items():
-        accuracy = [m.final["accuracy"] for m in members]
-        cells = [target_stage, _text(setting), str(len(members)), _cell(accuracy),
-                 _cell([m.final.get("accuracy_change_vs_baseline") for m in members], signed=True),
+        means = [m.final[metric] for m in members]
+        cells = [target_stage, _text(setting), str(len(members)), _cell(means),
+                 _cell([m.final.get(f"{metric}_change_vs_baseline") for m in members], signed=True),
                  _cell([m.final.get("answer_logp_change_vs_baseline") for m in members], 2, signed=True),
                  _cell([m.final.get("win_rate_vs_baseline") for m in members])]
         if section.compare_to:
@@ -137,7 +146,7 @@ def stage_table(plan: Plan, stage: str, scores: list[Scored]) -> str:
             cells.append("-" if mean is None else f"{mean:+.3f}{interval} (n={len(diffs)})")
         if {str(m.target.run_dir) for m in members} <= set(baselines):
             cells[0] += " (baseline)"
-        rows.append((order[target_stage], statistics.mean(accuracy), setting, cells))
+        rows.append((order[target_stage], statistics.mean(means), setting, cells))
     if averaged:  # ranking settings: best first within each stage, the best marked
         rows.sort(key=lambda r: (r[0], -r[1]))
         best: dict[int, list] = {}
@@ -152,11 +161,11 @@ def stage_table(plan: Plan, stage: str, scores: list[Scored]) -> str:
     for run_dir, base in baselines.items():
         if run_dir in scored_dirs:  # scored here too: its own row says so
             continue
-        lines.append(f"| baseline `{Path(base['run']).name}` | - | 1 | {base['accuracy']:.3f} |"
+        lines.append(f"| baseline `{Path(base['run']).name}` | - | 1 | {base[metric]:.3f} |"
                      + " - |" * (len(header) - 4))
     lines += ["| " + " | ".join(cells) + " |" for *_, cells in rows]
     prompts = sorted({s.result["prompts"] for s in scores})
-    note = (f"\n\n{len(scores)} runs scored on {', '.join(map(str, prompts))} prompts of `{section.data}`; "
+    note = (f"\n\n{len(scores)} runs scored on {', '.join(map(str, prompts))} prompts ({section.prompts}); "
             "mean ± sample sd over seeds" + (f" and {', '.join(map(short, averaged))}" if averaged else "") + ".")
     if section.compare_to:
         note += (f" Paired: each run against the `{section.compare_to}` run with the same grid values on "
@@ -171,9 +180,10 @@ def stage_table(plan: Plan, stage: str, scores: list[Scored]) -> str:
 
 
 def write_csv(scores: list[Scored], path: Path) -> None:
+    metric = headline(scores)
     rows = [{"stage": s.target.stage, "run_id": s.target.run_id, **s.target.grid_values,
              **{k: v for k, v in s.final.items()},
-             "baseline_accuracy": (s.result.get("baseline") or {}).get("accuracy")} for s in scores]
+             f"baseline_{metric}": (s.result.get("baseline") or {}).get(metric)} for s in scores]
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
@@ -193,14 +203,14 @@ def save_figure(plt, fig, path: Path) -> Path:
 
 
 def write_plots(plan: Plan, stage: str, scores: list[Scored], out: Path, max_panels: int = 12) -> list[Path]:
-    """Accuracy against step (one panel per setting, a line per scored stage, mean over seeds) and
-    final accuracy / answer log-prob change against each numeric grid axis (mean ± sd)."""
+    """The score against step (one panel per setting, a line per scored stage, mean over seeds) and
+    the final score / answer log-prob change against each numeric grid axis (mean ± sd)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
+    written, metric = [], headline(scores)
     averaged = set(plan.experiment.stages[stage].evaluate.average_over)
     # Runs without grid values (a lone SFT run) are the baseline line, not a curve of their own.
     gridded = [s for s in scores if s.target.grid_values]
@@ -219,7 +229,7 @@ def write_plots(plan: Plan, stage: str, scores: list[Scored], out: Path, max_pan
             ax.set_visible(False)
         for ax, (panel, members) in zip(axes.flat, sorted(panels.items())):
             for name in stages:
-                curves = [{p["step"]: p["accuracy"] for p in m.result["by_step"]} for m in members
+                curves = [{p["step"]: p[metric] for p in m.result["by_step"]} for m in members
                           if m.target.stage == name]
                 steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
                 if steps:
@@ -228,29 +238,29 @@ def write_plots(plan: Plan, stage: str, scores: list[Scored], out: Path, max_pan
             ax.set_title(_text(panel), fontsize=9)
             ax.set_xlabel("optimizer step")
         for row in axes:
-            row[0].set_ylabel("accuracy (mean over seeds)")
+            row[0].set_ylabel(f"{metric} (mean over seeds)")
         handles = {}  # one entry per line label over every panel (a stage may be in some panels only)
         for ax in axes.flat[:len(panels)]:
             for handle, label in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(label, handle)
         axes.flat[len(panels) - 1].legend(handles.values(), handles.keys(), fontsize=7)
-        fig.suptitle(f"{stage}: accuracy against step", fontsize=10)
-        path = out / f"{stage}_accuracy_by_step.png"
+        fig.suptitle(f"{stage}: {metric} against step", fontsize=10)
+        path = out / f"{stage}_{metric}_by_step.png"
         written.append(save_figure(plt, fig, path))
     numeric = [a for a in shared if all(isinstance(s.target.grid_values[a], (int, float)) for s in gridded)]
-    baselines = [s.result["baseline"]["accuracy"] for s in scores if s.result.get("baseline")]
+    baselines = [s.result["baseline"][metric] for s in scores if s.result.get("baseline")]
     for axis in numeric:
         values = [s.target.grid_values[axis] for s in gridded]
         log_axis = min(values) > 0 and max(values) >= 10 * min(values)  # learning rates and the like
-        for metric, label in (("accuracy", "final accuracy"), ("answer_logp_change_vs_baseline",
-                                                               "Δ log p(right answer) vs baseline")):
+        for plotted, label in ((metric, f"final {metric}"), ("answer_logp_change_vs_baseline",
+                                                            "Δ log p(right answer) vs baseline")):
             fig, ax = plt.subplots(figsize=(5.5, 3.8))
             drawn = False
             for i, name in enumerate(stages):
                 by_value: dict[Any, list[float]] = {}
                 for s in gridded:
-                    if s.target.stage == name and isinstance(s.final.get(metric), (int, float)):
-                        by_value.setdefault(s.target.grid_values[axis], []).append(s.final[metric])
+                    if s.target.stage == name and isinstance(s.final.get(plotted), (int, float)):
+                        by_value.setdefault(s.target.grid_values[axis], []).append(s.final[plotted])
                 if not by_value:
                     continue
                 xs = sorted(by_value)
@@ -263,7 +273,7 @@ def write_plots(plan: Plan, stage: str, scores: list[Scored], out: Path, max_pan
             if not drawn:
                 plt.close(fig)
                 continue
-            if metric == "accuracy" and baselines:
+            if plotted == metric and baselines:
                 ax.axhline(statistics.mean(baselines), color="gray", linestyle="--", label="baseline")
             ax.set_xlabel(axis)
             if log_axis:
@@ -271,6 +281,6 @@ def write_plots(plan: Plan, stage: str, scores: list[Scored], out: Path, max_pan
             ax.set_ylabel(label)
             ax.set_title(f"{stage}: {label} by {short(axis)} (mean ± sd over runs)", fontsize=9)
             ax.legend(fontsize=7)
-            path = out / f"{stage}_{metric}_by_{short(axis)}.png"
+            path = out / f"{stage}_{plotted}_by_{short(axis)}.png"
             written.append(save_figure(plt, fig, path))
     return written

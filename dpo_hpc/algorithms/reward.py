@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from ..data.collate import Layout, collate_pairs, sequence_ends
+from ..data.collate import Layout, collate_pairs, layout_rows, sequence_ends, to_device
 from .beta import Collective
 from .logprobs import model_inputs
 from .stats import StepStateless
@@ -62,6 +62,19 @@ def position_scores(model, batch) -> torch.Tensor:
 def sequence_rewards(model, batch) -> torch.Tensor:
     """Each sequence's reward, the score at its last token (``end_rows``/``end_positions``), fp32."""
     return position_scores(model, batch)[batch["end_rows"], batch["end_positions"]].float()
+
+
+@torch.no_grad()
+def reward_scores(model, rows: list[list[int]], pad_id: int, batch_size: int = 16) -> list[float]:
+    """A reward model's score of each token row (a prompt and its reply), in padded batches."""
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        batch = layout_rows(chunk, [[1] * len(row) for row in chunk], pad_id, "padded")
+        batch["end_rows"], batch["end_positions"] = sequence_ends(batch)
+        scores += sequence_rewards(model, to_device(batch, device)).tolist()
+    return scores
 
 
 class RewardObjective(StepStateless):

@@ -58,16 +58,22 @@ class Run:
     (``trainer`` is "evaluate", ``grid_values`` are the scored run's)."""
     ref_pass: Optional[str] = None
     """Run id of the reference pass this run reads its reference log-probs from."""
+    judge: Optional[str] = None
+    """An evaluation's: run id of the reward model that scores the replies (a reward stage's run)."""
 
     @property
     def waits_for(self) -> list[str]:
         """Run ids that must be done before this one starts."""
-        return [r for r in (self.parent, self.ref_pass) if r]
+        return [r for r in (self.parent, self.ref_pass, self.judge) if r]
+
+    def what_is(self, run_id: str) -> str:
+        """What ``run_id`` is to this run, in words."""
+        return {self.parent: "parent", self.ref_pass: "reference pass", self.judge: "reward model"}[run_id]
 
     def manifest_row(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "stage": self.stage, "index": self.index, "trainer": self.trainer,
                 "role": self.role, "grid": self.grid_values, "parent": self.parent, "ref_pass": self.ref_pass,
-                "run_dir": str(self.run_dir), "config": self.config}
+                **({"judge": self.judge} if self.judge else {}), "run_dir": str(self.run_dir), "config": self.config}
 
 
 @dataclass(frozen=True)
@@ -114,13 +120,17 @@ def stage_order(exp: ExperimentConfig, source: Path) -> list[str]:
                 _fail(source, f"stages.{name}.from", f"unknown stage '{parent}'; stages are {', '.join(stages)}")
     order: list[str] = []
 
+    def upstream(stage) -> list[str]:  # an evaluate stage also waits for the reward stage that judges
+        judge = stage.evaluate.reward_model if stage.evaluate is not None else None
+        return stage.parents + ([judge] if judge in stages else [])
+
     def visit(name: str, chain: list[str]) -> None:
         if name in order:
             return
         if name in chain:
             cycle = chain[chain.index(name):] + [name]
             _fail(source, f"stages.{chain[0]}.from", f"stages form a cycle: {' -> '.join(cycle)}")
-        for parent in stages[name].parents:
+        for parent in upstream(stages[name]):
             visit(parent, chain + [name])
         order.append(name)
 
@@ -356,6 +366,10 @@ def evaluation_runs(name: str, stage: StageConfig, by_stage: dict[str, list[Run]
             _fail(source, f"{where}.{key}", f"unknown stage '{value}'; stages are {', '.join(by_stage)}")
     if compared is not None and compared not in stage.parents:
         _fail(source, f"{where}.compare_to", f"'{compared}' is not scored here; from = {stage.parents}")
+    judges = by_stage.get(section["reward_model"] or "")
+    if judges is not None and not all(ALGORITHMS[r.trainer].model == "reward_model" for r in judges):
+        _fail(source, f"{where}.reward_model", f"stage '{section['reward_model']}' trains no reward model; name a "
+                                               "stage with trainer = \"reward\" (or a reward model's folder)")
     out: list[Run] = []
     for parent_stage in stage.parents:
         if by_stage[parent_stage] and by_stage[parent_stage][0].role == "evaluate":
@@ -364,18 +378,37 @@ def evaluation_runs(name: str, stage: StageConfig, by_stage: dict[str, list[Run]
                               "scoring answers a policy (a causal LM) generates")
         for target in by_stage[parent_stage]:
             baseline = ancestor_in(target, section["baseline"], runs) if section["baseline"] else None
+            judge = _judge_of(target, judges, runs, source, f"{where}.reward_model") if judges is not None else None
             config = {"evaluate": section, "target": str(target.run_dir),
                       "baseline": str(baseline.run_dir) if baseline else None,
-                      "baseline_is_start": baseline is not None and baseline.run_id == target.parent}
+                      "baseline_is_start": baseline is not None and baseline.run_id == target.parent,
+                      "reward_model": str(judge.run_dir) if judge else section["reward_model"]}
             identity = {k: v for k, v in section.items() if k not in EVALUATION_REPORT_ONLY}
-            blob = json.dumps({"evaluate": identity, "target": target.run_id,
-                               "baseline": baseline.run_id if baseline else None}, sort_keys=True, default=str)
+            blob = json.dumps({"evaluate": identity, "target": target.run_id, "baseline": baseline.run_id if baseline
+                               else None, **({"judge": judge.run_id} if judge else {})}, sort_keys=True, default=str)
             out.append(Run(stage=name, index=len(out), run_id=f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}",
                            trainer="evaluate", grid_values=target.grid_values, parent=target.run_id, config=config,
-                           run_dir=target.run_dir / EVALUATIONS / name, role="evaluate"))
+                           run_dir=target.run_dir / EVALUATIONS / name, role="evaluate",
+                           judge=judge.run_id if judge else None))
     if section["baseline"] and not any(r.config["baseline"] for r in out):
         _fail(source, f"{where}.baseline", f"no scored run descends from stage '{section['baseline']}'")
     return out
+
+
+def _judge_of(target: Run, judges: list[Run], runs: list[Run], source: Path, where: str) -> Run:
+    """The reward stage's run that scores ``target``: its only run, else the one that starts from an
+    ancestor of ``target`` (the reward model trained from the scored run's SFT model)."""
+    if len(judges) == 1:
+        return judges[0]
+    by_id, ancestors, node = {r.run_id: r for r in runs}, set(), target
+    while node is not None:
+        ancestors.add(node.run_id)
+        node = by_id.get(node.parent or "")
+    related = [j for j in judges if j.parent in ancestors]
+    if len(related) != 1:
+        _fail(source, where, f"{len(judges)} reward models, and {len(related)} of them start from an ancestor of "
+                             f"{target.run_id}; give the reward stage one run, or one per model it could score")
+    return related[0]
 
 
 def with_reference_passes(runs: list[Run], root: Path) -> list[Run]:

@@ -226,13 +226,19 @@ SLURM_DEFAULTS = {"time": "60", "nodes": 1, "gpus_per_node": 0, "array_paralleli
 
 @dataclass(config=STRICT, kw_only=True)
 class EvaluationSection:
-    """Score the models of earlier stages on held-out prompts of the verifiable task: greedy
-    answers checked by its exact reward, and the log-prob of the right answer. Each run is scored
-    by one task of the stage's array, into ``<run dir>/evaluations/<stage>/``."""
+    """Score the models of earlier stages on held-out prompts: the verifiable task's (``data``),
+    greedy answers checked by its exact reward, and the log-prob of the right answer; or each run's
+    own validation prompts, greedy replies scored by a reward model (``reward_model``). Each run is
+    scored by one task of the stage's array, into ``<run dir>/evaluations/<stage>/``."""
 
-    data: str
+    data: Optional[str] = None
     """Prompts with answers (``test.jsonl`` or ``dev.jsonl`` as ``dpo-hpc make-data`` writes them);
     relative to the experiment file."""
+    reward_model: Optional[str] = None
+    """Instead of ``data``: a reward stage of this experiment (``trainer = "reward"``; its run that
+    shares the scored run's start, or its only run), or a reward model's folder, that scores each
+    model's greedy replies to the scored run's validation prompts (mean ``reward``, and the win rate
+    against the baseline prompt by prompt). Set ``max_new_tokens`` to the replies' length."""
     baseline: Optional[str] = None
     """A stage the scored runs descend from (``sft``): each run is compared with its own ancestor
     in that stage (win rate, change of the right answer's log-prob)."""
@@ -252,6 +258,18 @@ class EvaluationSection:
     average_over: list[str] = Field(default_factory=list)
     """Report only: grid axes averaged in the report's table beside the seeds (``dataset.label_noise``
     to rank settings by their mean over noise levels)."""
+
+    @model_validator(mode="after")
+    def _one_judge(self):
+        if (self.data is None) == (self.reward_model is None):
+            raise ValueError("give data (the verifiable task's prompts, scored exactly) or reward_model (a judge of "
+                             "replies to each run's validation prompts), one of the two")
+        return self
+
+    @property
+    def prompts(self) -> str:
+        """Which prompts the stage scores, in words (plans and reports)."""
+        return self.data or f"each run's validation split, judged by {self.reward_model}"
 
 
 EVALUATION_REPORT_ONLY = ("compare_to", "average_over")

@@ -246,7 +246,8 @@ def check_plan(plan: Plan, root_only: bool = False) -> Findings:
                 found.once(("image", container["image"]), lambda: found.problems.append(
                     f"stages.{stage}.slurm.container.image: '{container['image']}' does not exist"))
             section = plan.experiment.stages[stage].evaluate
-            if section is not None and not Path(section.data).exists() and not made_later(section.data):
+            if section is not None and section.data and not Path(section.data).exists() \
+                    and not made_later(section.data):
                 found.problems.append(f"{plan.source}: stages.{stage}.evaluate.data: '{section.data}' does not exist "
                                       f"(relative to {plan.base}); `dpo-hpc make-data` writes test.jsonl and dev.jsonl")
             for run in plan.stage_runs(stage):

@@ -45,6 +45,8 @@ def _waits_text(plan: Plan, stage: str, role: str) -> Optional[str]:
         passes = {r.ref_pass for r in plan.stage_runs(stage) if r.ref_pass}
         owners = {r.stage for r in plan.runs if r.run_id in passes}
         waits += [f"<job ids of the {owner} reference passes>" for owner in plan.stage_order if owner in owners]
+    judges = {plan.run(r.judge).stage for r in plan.stage_runs(stage, role) if r.judge}
+    waits += [f"<job ids of the {judge} tasks>" for judge in sorted(judges)]
     return "afterok:" + ":".join(waits) if waits else None
 
 
@@ -88,7 +90,7 @@ def print_plan(plan: Plan, statuses: Optional[dict[str, RunStatus]], decisions: 
         runs = plan.stage_runs(stage, role)
         origin = f", from {cfg.from_} ({cfg.pairing})" if cfg.trainer and cfg.from_ else ""
         if role == "evaluate":
-            origin = f" of {', '.join(cfg.parents)} on {cfg.evaluate.data}"
+            origin = f" of {', '.join(cfg.parents)} on {cfg.evaluate.prompts}"
         what = ROLE_WORDS[role]
         print(f"  stage {stage} [{cfg.trainer or 'evaluate'}{origin}]: {len(runs)} {what}, one array; time {slurm['time']}, "
               f"{slurm['nodes']} node(s) x {slurm['ntasks_per_node']} rank(s)")
@@ -152,17 +154,17 @@ def decide(plan: Plan, selected: list[Run], statuses: dict[str, RunStatus]) -> d
         for waited in run.waits_for:  # one that will be neither done nor queued blocks this run
             state = statuses[waited].state
             if state != "done" and state not in ACTIVE_STATES and decisions.get(waited) != "submit":
-                what = "parent" if waited == run.parent else "reference pass"
-                decisions[run.run_id] = f"blocked: {what} {waited} is {state}"
+                decisions[run.run_id] = f"blocked: {run.what_is(waited)} {waited} is {state}"
                 break
     return decisions
 
 
 def _dependency(plan: Plan, stage: str, array_runs: list[Run], job_of: dict[str, str],
                 submitted: dict[str, str]) -> Optional[str]:
-    """afterok on the parents and reference passes still queued or running; aftercorr when a
-    stage zips 1:1 onto a parent array submitted just now (task i then waits for parent task i only)."""
-    conditions, after_ok = [], {job_of[r.ref_pass] for r in array_runs if r.ref_pass and r.ref_pass in job_of}
+    """afterok on the parents, reference passes and reward models still queued or running; aftercorr
+    when a stage zips 1:1 onto a parent array submitted just now (task i then waits for parent task i only)."""
+    conditions = []
+    after_ok = {job_of[w] for r in array_runs for w in r.waits_for if w != r.parent and w in job_of}
     parents = [r.parent for r in array_runs if r.parent and r.parent in job_of]
     if parents:
         jobs = [job_of[p] for p in parents]

@@ -346,6 +346,10 @@ def build_engine(model, training: TrainingConfig, ds_cfg: dict, total_steps: int
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
     )
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+        # Averaging over one rank changes nothing, yet ZeRO-0 would copy every gradient into flat
+        # buckets (up to 500M elements: as much memory again as the gradients) and copy it back.
+        engine.enable_backward_allreduce = False
     return engine, optimizer, scheduler
 
 

@@ -34,6 +34,9 @@ def test_version_and_files_of_the_other_kind(tmp_path):
     dry = dpo_hpc(REPO, "submit", "experiments/tiny.toml", "--dry-run", "--out", str(tmp_path / "dry"))
     assert dry.returncode == 0 and (tmp_path / "dry/manifest.jsonl").exists(), dry.stderr
     assert dpo_hpc(REPO, "submit", "--help").stdout.startswith("usage: python -m dpo_hpc.submit")
+    for judges in ([], ["--data", "t.jsonl", "--reward-model", "rm"]):  # evaluate scores one way
+        wrong = dpo_hpc(REPO, "evaluate", str(tmp_path), *judges)
+        assert wrong.returncode == 2 and "give --data" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
 SEEDED_DPO = DPO.replace('"dpo_training.beta" = [0.1, 0.3]', '"dpo_training.beta" = [0.1, 0.3]\n"dpo_training.seed" = [1, 2]')

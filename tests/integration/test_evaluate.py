@@ -1,5 +1,5 @@
-"""Ground-truth evaluation: batched left-padded greedy decoding equals one-by-one decoding,
-and scores/win rates are computed exactly."""
+"""Evaluation: batched left-padded greedy decoding equals one-by-one decoding, scores/win rates
+are computed exactly, and a reward model judges replies as it scores them alone."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from dpo_hpc.data.verifiable import write_dataset
 from dpo_hpc.evaluate import answer_logps, greedy_answers, load_test_prompts, load_test_rows, win_rate
@@ -92,6 +93,7 @@ def test_a_baseline_is_scored_once_per_model_data_and_settings(tmp_path, micro_m
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dpo_hpc.evaluate import BASELINE_SCORES, baseline_scores, score
+    from dpo_hpc.fsutil import sha256_file
 
     baseline = tmp_path / "sft"
     shutil.copytree(micro_model, baseline)
@@ -100,27 +102,30 @@ def test_a_baseline_is_scored_once_per_model_data_and_settings(tmp_path, micro_m
     section = {"data": str(paths["test"]), "limit": None, "max_new_tokens": 4, "batch_size": 2}
     scorings = []
 
+    def prompts_of():  # what VerifiablePrompts names as the prompts' identity, read again at each call
+        return {"data": sha256_file(paths["test"])}
+
     def score_it():
         scorings.append(1)
         return score(AutoModelForCausalLM.from_pretrained(baseline), AutoTokenizer.from_pretrained(baseline),
                      prompts, references, section["max_new_tokens"], section["batch_size"])
 
-    first = baseline_scores(baseline, section, len(prompts), score_it)
-    again = baseline_scores(baseline, section, len(prompts), score_it)
+    first = baseline_scores(baseline, section, prompts_of(), len(prompts), score_it)
+    again = baseline_scores(baseline, section, prompts_of(), len(prompts), score_it)
     assert len(scorings) == 1 and again == first and len(first.rewards) == 5 and len(first.logps) == 5
     (cached,) = (baseline / "evaluations" / BASELINE_SCORES).iterdir()
-    baseline_scores(baseline, {**section, "max_new_tokens": 5}, len(prompts), score_it)  # other settings
+    baseline_scores(baseline, {**section, "max_new_tokens": 5}, prompts_of(), len(prompts), score_it)  # other settings
     assert len(scorings) == 2
     cached.write_text("{not json")  # a damaged cache is scored again, never trusted
-    assert baseline_scores(baseline, section, len(prompts), score_it) == first and len(scorings) == 3
+    assert baseline_scores(baseline, section, prompts_of(), len(prompts), score_it) == first and len(scorings) == 3
     with open(paths["test"], "a") as f:  # other prompts
         f.write(json.dumps({"prompt": "\n\nHuman: Reverse: abc\n\nAssistant:", "answer": " cba"}) + "\n")
-    baseline_scores(baseline, section, len(prompts), score_it)
+    baseline_scores(baseline, section, prompts_of(), len(prompts), score_it)
     assert len(scorings) == 4
     assert len(list((baseline / "evaluations" / BASELINE_SCORES).iterdir())) == 3  # prompts, settings
     config = json.loads((baseline / "config.json").read_text())
     (baseline / "config.json").write_text(json.dumps({**config, "retrained": True}))  # new model files
-    baseline_scores(baseline, section, len(prompts), score_it)
+    baseline_scores(baseline, section, prompts_of(), len(prompts), score_it)
     assert len(scorings) == 5  # and the scores of the old files, which no key can reach, are gone
     assert len(list((baseline / "evaluations" / BASELINE_SCORES).iterdir())) == 1
 
@@ -150,3 +155,48 @@ def test_checkpoints_without_whole_weights_are_counted_as_not_scored(tmp_path, m
     written = json.loads((run_dir / "evaluations/x/evaluation.json").read_text())
     assert scored["status"] == "completed" and [p["step"] for p in written["by_step"]] == [2]
     assert [(reason.split(" (")[0], n) for reason, n in written["checkpoints_not_scored"].items()] == [(why, 1)]
+
+
+def test_a_reward_model_judges_greedy_replies_to_the_runs_validation_prompts(tmp_path, micro_model):
+    """Each reward is the reward model's own score (transformers' pooling) of prompt, greedy reply
+    and EOS; a judge with another tokenizer, and a reward run as the scored model, are refused."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from dpo_hpc.config import validate_mapping
+    from dpo_hpc.data import DataError
+    from dpo_hpc.evaluate import evaluate, validation_prompts
+    from dpo_hpc.trainers.samples import greedy_completions
+    from dpo_hpc.trainers.trainer import train
+    from conftest import run_config
+    from test_training import small_data
+
+    data = small_data(tmp_path, 40)
+    raw = run_config(tmp_path / "dpo", micro_model, data, "dpo_training", max_steps=2, batch_size=4)
+    train(validate_mapping(raw, "dpo"), "dpo")
+    run_dir = tmp_path / "dpo" / "run"
+    tokenizer = AutoTokenizer.from_pretrained(micro_model)
+    judge = AutoModelForSequenceClassification.from_pretrained(micro_model, num_labels=1)
+    judge.config.pad_token_id = tokenizer.pad_token_id
+    judge.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+
+    result = evaluate(str(run_dir), reward_model=str(tmp_path / "rm"), baseline=str(micro_model), limit=3,
+                      max_new_tokens=4)
+    assert result["prompts"] == 3 and {"reward", "baseline_reward", "win_rate_vs_baseline",
+                                       "reward_change_vs_baseline"} <= set(result)
+    prompt = validation_prompts(run_dir, tokenizer, limit=1)[0]
+    reply = greedy_completions(AutoModelForCausalLM.from_pretrained(run_dir).eval(), [prompt], tokenizer.pad_token_id,
+                               [tokenizer.eos_token_id], 4)[0]
+    ids = prompt + reply + ([] if reply[-1:] == [tokenizer.eos_token_id] else [tokenizer.eos_token_id])
+    with torch.no_grad():
+        alone = judge.eval()(input_ids=torch.tensor([ids])).logits[0, 0].item()
+    assert result["examples"][0]["reward"] == pytest.approx(alone, abs=1e-5)
+
+    tokenizer.add_tokens(["<not-in-the-policy>"])
+    tokenizer.save_pretrained(tmp_path / "rm")
+    with pytest.raises(DataError, match="its tokenizer is not the policy's"):
+        evaluate(str(run_dir), reward_model=str(tmp_path / "rm"), limit=3)
+    resolved = json.loads((run_dir / "config.resolved.json").read_text())
+    (run_dir / "config.resolved.json").write_text(json.dumps({**resolved, "trainer": "reward"}))
+    with pytest.raises(DataError, match="a reward run has no policy"):
+        validation_prompts(run_dir, tokenizer)

@@ -1,11 +1,14 @@
 """Evaluate stages end to end through the local executor: SFT, then DPO and Beta-DPO over label
 noise x seed, each run scored (final model, every checkpoint, against its SFT start) into its run
-directory, and the report's paired comparison, CSV and plots read back."""
+directory, and the report's paired comparison, CSV and plots read back; and a reward model trained
+in the experiment judging the policies' replies."""
 
 from __future__ import annotations
 
 import csv
 import json
+
+import pytest
 
 from test_slurm import DPO, SFT, experiment
 from test_submit_local import run
@@ -75,3 +78,47 @@ def test_evaluate_stage_scores_each_run_and_the_report_compares_them(tmp_path, m
     for name in ("scores_accuracy_by_step.png", "scores_accuracy_by_label_noise.png",
                  "scores_answer_logp_change_vs_baseline_by_label_noise.png"):
         assert (root / "report" / name).stat().st_size > 5000
+
+
+REWARD_JUDGE = DPO + """
+[stages.rm]
+trainer = "reward"
+from = "sft"
+[stages.rm.config]
+dataset = { dataset_name = "DATA", val_ratio = 0.1, max_length = 96, max_prompt_length = 64 }
+reward_training = { learning_rate = 1e-3, batch_size = 4, max_steps = 3, logging_steps = 1 }
+
+[stages.judged]
+from = ["sft", "dpo"]
+evaluate = { reward_model = "rm", baseline = "sft", compare_to = "dpo", limit = 6, max_new_tokens = 8, batch_size = 4 }
+"""
+
+
+def test_a_reward_model_judges_each_runs_replies_to_its_validation_prompts(tmp_path, micro_model, reverse_data):
+    """SFT, two DPO runs and a reward model from the SFT model; an evaluate stage that waits for the
+    reward model scores each policy's greedy replies, against the SFT model's, prompt by prompt."""
+    path = experiment(tmp_path, micro_model, reverse_data, SFT + REWARD_JUDGE, name="judged")
+    dry = run(tmp_path, "dpo_hpc.submit", path.name, "--dry-run")
+    assert "judged by rm" in dry.stdout, dry.stdout
+    result = run(tmp_path, "dpo_hpc.submit", path.name, "--local")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "7 of 7 run(s) done" in result.stdout  # sft, 2 dpo, rm; 3 scored
+
+    root = tmp_path / "out/judged"
+    (rm_dir,) = (root / "rm").iterdir()
+    for run_dir in (root / "dpo").iterdir():
+        scores = json.loads((run_dir / "evaluations/judged/evaluation.json").read_text())
+        assert scores["metric"] == "reward" and scores["reward_model"] == str(rm_dir) and scores["prompts"] == 6
+        assert "correct" not in scores and len(scores["examples"]) == 5
+        final, base = scores["final"], scores["baseline"]
+        assert final["reward_change_vs_baseline"] == pytest.approx(final["reward"] - base["reward"])
+        assert 0.0 <= final["win_rate_vs_baseline"] <= 1.0
+        curve = read_scalars(run_dir / "evaluations/judged/tensorboard")["eval/task_reward"]
+        assert [step for step, _ in curve] == [0, 3]  # the SFT start and the end
+    report = run(tmp_path, "dpo_hpc.report", path.name)
+    assert report.returncode == 0, report.stdout + report.stderr
+    text = (root / "report/report.md").read_text()
+    assert "| stage | setting | runs | reward | Δ reward vs baseline |" in text and "Δ reward vs dpo" in text
+    assert "judged by" in text
+    table = list(csv.DictReader((root / "report/judged.csv").open()))
+    assert len(table) == 3 and all(row["reward"] for row in table)

@@ -427,7 +427,11 @@ def test_an_evaluate_stage_scores_every_run_of_its_stages_into_their_run_dirs(tm
     (lambda t: t.replace('compare_to = "dpo"', 'compare_to = "sftx"'), "evaluate.compare_to: unknown stage 'sftx'"),
     (lambda t: t.replace('from = "sft"', 'from = ["sft"]'), "a training stage starts from one stage"),
     (lambda t: t + '[stages.again]\nfrom = "eval"\nevaluate = { data = "x.jsonl" }\n', "'eval' is an evaluate stage"),
-    (lambda t: t.replace('data = "test.jsonl", ', ''), "stages.eval.evaluate.data: required key is missing"),
+    (lambda t: t.replace('data = "test.jsonl", ', ''), "stages.eval.evaluate: give data (the verifiable task's "
+                                                         "prompts, scored exactly) or reward_model"),
+    (lambda t: t.replace('data = "test.jsonl", ', 'data = "test.jsonl", reward_model = "rm", '), "one of the two"),
+    (lambda t: t.replace('data = "test.jsonl", ', 'reward_model = "dpo", '),
+     "stages.eval.evaluate.reward_model: stage 'dpo' trains no reward model"),
 ])
 def test_bad_evaluate_stages_name_the_key(tmp_path, edit, expected):
     text = errors_of(tmp_path, edit(BASE + DPO + EVALUATE))
@@ -513,3 +517,34 @@ def test_a_reward_stage_starts_from_the_sft_model_and_nothing_starts_from_it(tmp
     scored = '[stages.score]\nfrom = "rm"\n[stages.score.evaluate]\ndata = "test.jsonl"\n'
     problem = errors_of(tmp_path, BASE + REWARD + scored)
     assert "stages.score.from: stage 'rm' trains a reward model" in problem
+
+
+JUDGED = ('[stages.judged]\nfrom = ["sft", "dpo"]\n'
+          'evaluate = { reward_model = "rm", baseline = "sft", max_new_tokens = 64 }\n')
+
+
+def test_an_evaluate_stage_judged_by_a_reward_stage_waits_for_the_reward_model_of_each_runs_start(tmp_path):
+    """Two SFT seeds, a reward model from each, DPO from each: every scoring waits for the reward
+    model trained from its own SFT model (listed after it in the file, the stage still runs first)."""
+    sft_seeds = '[stages.sft.grid]\n"sft_training.seed" = [1, 2]\n'
+    plan = plan_of(tmp_path, BASE + sft_seeds + JUDGED + DPO + REWARD)
+    assert plan.stage_order.index("rm") < plan.stage_order.index("judged")
+    judges = {r.parent: r for r in plan.stage_runs("rm")}
+    scored = plan.stage_runs("judged", "evaluate")
+    assert len(scored) == 2 + 2
+    for run in scored:
+        target = plan.run(run.parent)
+        start = target.run_id if target.stage == "sft" else target.parent
+        assert run.judge == judges[start].run_id and run.judge in run.waits_for
+        assert run.config["reward_model"] == str(judges[start].run_dir) and run.what_is(run.judge) == "reward model"
+    write_plan_files(plan, tmp_path / "dry")
+    script = (tmp_path / "dry" / "sbatch" / "judged.sh").read_text()
+    assert "--dependency='afterok:<job ids of the sft tasks>:<job ids of the dpo tasks>:<job ids of the rm tasks>'" \
+        in script
+    rows = [json.loads(line) for line in (tmp_path / "dry" / "manifest.jsonl").read_text().splitlines()]
+    assert {row.get("judge") for row in rows if row["stage"] == "judged"} == set(judges[s].run_id for s in judges)
+    ambiguous = BASE + JUDGED + DPO + REWARD + '[stages.rm.grid]\n"reward_training.seed" = [1, 2]\n'
+    assert "2 reward models, and 2 of them start from an ancestor of" in errors_of(tmp_path, ambiguous)
+    folder = plan_of(tmp_path, BASE + JUDGED.replace('"rm"', '"judges/rm"') + DPO)  # a model's folder
+    assert {r.judge for r in folder.stage_runs("judged", "evaluate")} == {None}
+    assert {r.config["reward_model"] for r in folder.stage_runs("judged", "evaluate")} == {"judges/rm"}

@@ -65,3 +65,27 @@ def test_checkpointing_every_needs_checkpointing_on():
 
     with pytest.raises(ValueError, match="every_n_layers = 2 applies with gradient_checkpointing = true"):
         TrainingConfig(learning_rate=1e-3, batch_size=1, save_dir="x", gradient_checkpointing_every_n_layers=2)
+
+
+def test_one_rank_under_zero0_skips_the_gradient_allreduce_and_trains_bit_for_bit_the_same():
+    """Averaging over one rank is the identity; DeepSpeed's ZeRO-0 path would still copy every
+    gradient into flat buckets and back. Without it, the weights after 3 steps are the same bits."""
+    from dpo_hpc.config import DeepSpeedConfig, SFTTrainingConfig
+    from dpo_hpc.runtime import init_distributed
+    from dpo_hpc.trainers.engine import build_engine, deepspeed_config
+
+    init_distributed()
+    training = SFTTrainingConfig(learning_rate=1e-2, batch_size=2, save_dir="unused")
+    input_ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    weights = []
+    for allreduce in (False, True):
+        engine, _, _ = build_engine(_llama(2), training, deepspeed_config(training, DeepSpeedConfig(), "fp32", 1), 3)
+        assert engine.enable_backward_allreduce is False
+        engine.enable_backward_allreduce = allreduce
+        for _ in range(3):
+            engine.backward(engine(input_ids=input_ids, labels=input_ids).loss)
+            engine.step()
+        weights.append({name: p.detach().clone() for name, p in engine.module.named_parameters()})
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    start = dict(_llama(2).named_parameters())
+    assert not all(torch.equal(weights[0][name], start[name]) for name in weights[0])  # it trained
