@@ -159,6 +159,16 @@ def kto_data(rows: list[dict]):
     return run
 
 
+def reward_config(change: Callable[[dict], dict]):
+    """``dpo-hpc train reward`` on the drill's config with a [reward_training] section, changed."""
+    def run(d: Drill):
+        where = d.folder()
+        raw = d.config(where)
+        raw["reward_training"] = {k: v for k, v in raw.pop("dpo_training").items() if k != "beta"}
+        return d.cli("train", "reward", "--config", d.write(where, change(raw))), None
+    return run
+
+
 EXPERIMENT = """
 [experiment]
 name = "x"
@@ -408,6 +418,12 @@ CASES = [
         [{"prompt": f"Q{i}:", "completion": f" a{i}", "label": "yes" if i % 2 else "no"} for i in range(40)])),
     Case("data", "KTO rows all desirable (runs, says the weights are off)", kto_data(
         [{"prompt": f"Q{i}:", "completion": f" a{i}", "label": True} for i in range(40)]), succeeds=True),
+    Case("config", "a reward model asked for sample replies", reward_config(
+        lambda r: {**r, "reward_training": {**r["reward_training"], "generate_during_eval": True}})),
+    Case("experiment", "an evaluate stage judged by a DPO stage", experiment(extra=(
+        '[stages.dpo]\ntrainer = "dpo"\nfrom = "sft"\n[stages.dpo.config]\ndataset = { dataset_name = "d" }\n'
+        'dpo_training = { learning_rate = 1e-3, batch_size = 4 }\n'
+        '[stages.judged]\nfrom = "dpo"\nevaluate = { reward_model = "dpo" }\n'))),
     Case("paths", "save_dir = the policy's folder", save_dir_is_the_policy),
     Case("paths", "save_dir = \"\"", trainer_config(lambda r: {**r, "dpo_training": {**r["dpo_training"], "save_dir": ""}})),
     Case("paths", "save_dir is a file", trainer_config(lambda r: (Path(r["dpo_training"]["save_dir"]).write_text("x"), r)[1])),
