@@ -250,6 +250,11 @@ def check_plan(plan: Plan, root_only: bool = False) -> Findings:
                     and not made_later(section.data):
                 found.problems.append(f"{plan.source}: stages.{stage}.evaluate.data: '{section.data}' does not exist "
                                       f"(relative to {plan.base}); `dpo-hpc make-data` writes test.jsonl and dev.jsonl")
+            judge = section.reward_model if section is not None else None
+            if judge and judge not in plan.experiment.stages and not Path(judge).exists() and "/" not in judge:
+                found.problems.append(f"{plan.source}: stages.{stage}.evaluate.reward_model: '{judge}' is neither a "
+                                      f"stage of this experiment ({', '.join(plan.experiment.stages)}) nor a folder "
+                                      f"(relative to {plan.base})")
             for run in plan.stage_runs(stage):
                 cfg = validate_mapping(run.config, run.trainer, source=run.run_id)
                 check_config(cfg, run.trainer, found, f"{plan.source}: stages.{stage} ({run.run_id})",

@@ -126,6 +126,9 @@ dpo_training = {{ learning_rate = 1e-3, batch_size = 4 }}
 [stages.mix.config.dataset]
 dataset_name = "{reverse_data}"
 mix = [{{ dataset_name = "{reverse_data}", columns = {{ prompt = "question" }} }}]
+[stages.judged]
+from = "mix"
+evaluate = {{ reward_model = "rn" }}
 """
     (tmp_path / "bad.toml").write_text(text)
     (tmp_path / "failed_sft").mkdir()
@@ -142,7 +145,8 @@ mix = [{{ dataset_name = "{reverse_data}", columns = {{ prompt = "question" }} }
                 f"stages.format.slurm.container.image: '{tmp_path / 'nope.sif'}' does not exist",
                 f"policy_name '{tmp_path / 'failed_sft'}' is the directory of a sft run that has not finished",
                 "is a single file, so its only split is 'train'; got eval_subset 'test'",
-                "dataset.mix[0].columns.prompt = 'question', but there is no column 'question'"]
+                "dataset.mix[0].columns.prompt = 'question', but there is no column 'question'",
+                "stages.judged.evaluate.reward_model: 'rn' is neither a stage of this experiment"]
     for fragment in expected:
         assert sum(fragment in line for line in errors) == 1, (fragment, errors)
     assert len(errors) == len(expected)
