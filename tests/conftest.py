@@ -65,6 +65,21 @@ def reverse_data(tmp_path_factory, hf_cache) -> Path:
     return out / "train.jsonl"
 
 
+def assert_resumed_as_straight(straight: Path, resumed: Path, weights: str, curve: str, steps: int) -> None:
+    """A run stopped and resumed ends with the weights (``weights``, a file of its run directory) of
+    the run that never stopped, and logged ``curve`` at every step 1..``steps``, value for value."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dpo_hpc.trainers.trackers import read_scalars
+
+    a, b = load_file(straight / weights), load_file(resumed / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged"
+    once, twice = read_scalars(straight / "tensorboard"), read_scalars(resumed / "tensorboard")
+    assert [s for s, _ in twice[f"train/{curve}"]] == list(range(1, steps + 1))
+    assert [v for _, v in twice[f"train/{curve}"]] == [v for _, v in once[f"train/{curve}"]]
+
+
 def stop_at(step: int):
     """A stop signal as if USR2 arrived during step ``step`` (the trainer asks once per step)."""
     from dpo_hpc.runtime.stop import StopSignal

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_config, stop_at
+from conftest import assert_resumed_as_straight, run_config, stop_at
 from dpo_hpc.config import validate_mapping
 from test_training import run_cli, scalars, small_data, torchrun_train, write_config
 
@@ -79,12 +79,8 @@ def test_a_preempted_kto_run_resumes_to_the_weights_of_one_that_never_stopped(tm
     assert run("stopped", stop=stop_at(3))[0]["status"] == "preempted"
     summary, resumed = run("stopped")
     assert summary["status"] == "completed"
-    weights = "adapter_model.safetensors" if lora else "model.safetensors"
-    a, b = load_file(straight / weights), load_file(resumed / weights)
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged"
-    once, twice = scalars(straight / "tensorboard"), scalars(resumed / "tensorboard")
-    assert [s for s, _ in twice["loss"]] == list(range(1, 7))
-    assert [v for _, v in twice["kl"]] == [v for _, v in once["kl"]]
+    assert_resumed_as_straight(straight, resumed, "adapter_model.safetensors" if lora else "model.safetensors",
+                               "kl", 6)
 
 
 def test_a_precomputed_kto_table_trains_as_the_online_reference_and_is_shared(tmp_path, micro_model):
