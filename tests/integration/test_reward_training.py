@@ -111,13 +111,14 @@ def test_a_preempted_reward_run_resumes_to_the_weights_of_one_that_never_stopped
 
 
 def test_padding_free_reward_training_equals_padded(tmp_path, micro_model):
+    """Packed pairs (with gradient checkpointing, an exact recompute) train to the padded run's weights."""
     from dpo_hpc.trainers.trainer import train
 
     data = small_data(tmp_path, 30)
     weights = {}
     for name, packed in (("padded", False), ("packed", True)):
         raw = reward_config(tmp_path / name, micro_model, data, max_steps=3, batch_size=4, learning_rate=2e-3,
-                            padding_free=packed, adam_epsilon=EPS)
+                            padding_free=packed, gradient_checkpointing=packed, adam_epsilon=EPS)
         assert train(validate_mapping(raw, "reward"), "reward")["status"] == "completed"
         weights[name] = load_file(tmp_path / name / "run" / "model.safetensors")
     for key in weights["padded"]:
