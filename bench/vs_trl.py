@@ -140,6 +140,16 @@ def unpaired(data: Path, out: Path) -> Path:
     return out
 
 
+def with_margins(data: Path, out: Path, seed: int) -> Path:
+    """The pairs, each with a ``margin`` in [0, 2) (TRL's reward-model column; both sides read it)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    out.write_text("".join(json.dumps({**row, "margin": round(2 * rng.random(), 3)}) + "\n" for row in rows))
+    return out
+
+
 def trl_order(data: Path, out: Path, steps: int, batch: int, seed: int) -> Path:
     """The rows of dpo-hpc's first ``steps`` batches, in order, for TRL's sequential sampler."""
     from dpo_hpc.data.sampler import global_batch_indices
@@ -297,6 +307,8 @@ def main() -> None:
     parser.add_argument("--trainer", choices=list(FIRST_LOSS), default="dpo",
                         help="kto: TRL's KTOTrainer against ours, on each pair's sides as labelled completions; "
                              "reward: TRL's RewardTrainer against ours, from the model with a score head at 0")
+    parser.add_argument("--margins", action="store_true",
+                        help="reward: give each pair a margin (TRL's column), which both sides' losses read")
     parser.add_argument("--sides", choices=("both", "ours"), default="both",
                         help="ours: dpo-hpc alone (a micro-batch TRL is not run at, e.g. the largest that fits)")
     parser.add_argument("--assets", type=Path, help="folder of the model and pairs, built once and reused by "
@@ -333,6 +345,10 @@ def main() -> None:
         if args.precompute:
             parser.error("--precompute: a reward model reads no reference")
         model = reward_model(model, (args.assets or folder) / "reward_model")
+        if args.margins:
+            data = with_margins(data, folder / "pairs_with_margins.jsonl", args.seed)
+    elif args.margins:
+        parser.error("--margins: only a reward model reads them (--trainer reward)")
     work = step_work(model, data, args)
     if args.sides == "ours":
         ours = [run_ours(folder, model, data, args, str(repeat), args.precompute) for repeat in range(args.repeats)]
@@ -346,11 +362,11 @@ def main() -> None:
         print(json.dumps({"repeat": repeat, "ours": summary(ours[-1:], args.warmup, work),
                           "trl": summary(theirs[-1:], args.warmup, work)}), flush=True)
     gap = max(abs(a - b) for a, b in zip(ours[0]["losses"][:10], theirs[0]["losses"][:10]))
-    # an option on both sides (WPO's weights, another loss) may move the first loss off ln 2: then the
-    # two sides are checked against each other only
+    # an option on both sides (WPO's weights, another loss, a reward model's margins) may move the first
+    # loss off ln 2: then the two sides are checked against each other only
     first_loss = FIRST_LOSS[args.trainer]
-    first_ok = bool(args.both) or all(abs(run[0]["losses"][0] - first_loss) < (1e-3 if args.bf16 else 1e-4)
-                                      for run in (ours, theirs))
+    first_ok = bool(args.both) or args.margins or all(
+        abs(run[0]["losses"][0] - first_loss) < (1e-3 if args.bf16 else 1e-4) for run in (ours, theirs))
     gate = first_ok and (args.bf16 or gap < 1e-5)  # bf16 rounding makes a 1e-5 loss parity meaningless
     mine, trl = summary(ours, args.warmup, work), summary(theirs, args.warmup, work)
     result = {

@@ -3,10 +3,11 @@
 A sequence-classification model with one output (transformers' ``AutoModelForSequenceClassification``,
 ``num_labels = 1``) scores each prompt and reply at the reply's last token, r. A pair's loss is
 
-    -log sigmoid(r_chosen - r_rejected)  [+ c (r_chosen + r_rejected)^2, ``center_rewards_coefficient``]
+    -log sigmoid(r_chosen - r_rejected - m)  [+ c (r_chosen + r_rejected)^2, ``center_rewards_coefficient``]
 
-so the chosen reply learns to score above the rejected one, and the optional term keeps rewards
-centred on 0 (Eisenstein et al., 2023).
+so the chosen reply learns to score above the rejected one, by the row's margin m where the data
+has a ``margin`` column (Llama 2's rating margins; 0 otherwise), and the optional term keeps
+rewards centred on 0 (Eisenstein et al., 2023).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ SCORE_HEAD = "score"
 """transformers' name of a decoder's sequence-classification head (Llama, Qwen, Mistral, Gemma...)."""
 
 
-def reward_losses(chosen: torch.Tensor, rejected: torch.Tensor,
-                  center_rewards_coefficient: Optional[float] = None) -> torch.Tensor:
-    """Per-pair losses (B,) of the chosen and rejected replies' rewards (B,) each."""
-    losses = -F.logsigmoid(chosen - rejected)
+def reward_losses(chosen: torch.Tensor, rejected: torch.Tensor, center_rewards_coefficient: Optional[float] = None,
+                  margins: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-pair losses (B,) of the chosen and rejected replies' rewards (B,) each; ``margins`` (B,):
+    how far above the rejected reply the chosen one must score (the data's ``margin`` column)."""
+    losses = -F.logsigmoid(chosen - rejected - (0.0 if margins is None else margins))
     if center_rewards_coefficient is not None:
         losses = losses + center_rewards_coefficient * (chosen + rejected).square()
     return losses
@@ -103,7 +105,7 @@ class RewardObjective(StepStateless):
         """The pairs' losses, their rewards (chosen then rejected, detached) and the metrics."""
         rewards = sequence_rewards(model, batch)
         chosen, rejected = rewards.chunk(2)
-        losses = reward_losses(chosen, rejected, self.center_rewards_coefficient)
+        losses = reward_losses(chosen, rejected, self.center_rewards_coefficient, batch.get("margins"))
         pairs = torch.tensor(float(len(losses)))
         per_pair = {"loss": losses, "rewards/chosen": chosen, "rewards/rejected": rejected,
                     "rewards/margins": chosen - rejected, "rewards/accuracies": (chosen > rejected).float()}

@@ -37,7 +37,7 @@ LOCATION = {"resumable": True, "outside_identity": True}
 PERMISSION = {"resumable": True, "outside_identity": True}
 """A one-time permission given when (re)starting a run: not part of what the run is."""
 
-ROW_FIELDS = ("prompt", "chosen", "rejected", "messages", "system", "completion", "label")
+ROW_FIELDS = ("prompt", "chosen", "rejected", "messages", "system", "completion", "label", "margin")
 """The columns dataset rows are read by (``dataset.columns`` maps a dataset's own names onto them)."""
 
 

@@ -79,6 +79,8 @@ class SplitCache:
         arrays = {}
         if kind == "completion":  # KTO's: one bool per example
             arrays["label"] = np.array([e.label for e in examples], dtype=np.int8)
+        if kind == "pair":  # each row's margin, NaN where it has none
+            arrays["margin"] = np.array([np.nan if e.margin is None else e.margin for e in examples], dtype=np.float64)
         for name in FIELDS[kind]:
             lists = [getattr(e, name) for e in examples]
             arrays[name] = np.fromiter((t for ids in lists for t in ids), dtype=np.int32)
@@ -106,11 +108,17 @@ class SplitCache:
                     return None
                 # per example: one whole-split list of Python ints would double the peak memory
                 columns.append([flat[a:b].tolist() for a, b in zip(offsets, offsets[1:])])
+            extra: list[dict] = [{} for _ in ids]
             if kind == "completion":
                 if len(arrays["label"]) != len(ids):
                     return None
                 columns.append(arrays["label"].astype(bool).tolist())
-            examples = [KINDS[kind](*fields, example_id=i) for i, fields in zip(ids, zip(*columns))]
+            if kind == "pair":
+                if len(arrays["margin"]) != len(ids):
+                    return None
+                extra = [{"margin": None if np.isnan(m) else float(m)} for m in arrays["margin"]]
+            examples = [KINDS[kind](*fields, example_id=i, **more)
+                        for i, fields, more in zip(ids, zip(*columns), extra)]
             return examples, json.loads(metadata["report"])
         except Exception:  # missing, torn or not ours: tokenized again
             return None

@@ -131,14 +131,18 @@ def layout_rows(rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], p
 
 
 def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, layout: Layout = "padded") -> Batch:
-    """Sequences [0, B) chosen, [B, 2B) rejected, in ``layout``."""
+    """Sequences [0, B) chosen, [B, 2B) rejected, in ``layout``; and, where any pair has a
+    ``margin``, the pairs' ``margins`` (B,), 0 where one has none."""
     rows, masks = [], []
     for side in ("chosen_ids", "rejected_ids"):
         for pair in pairs:
             completion = getattr(pair, side)
             rows.append(pair.prompt_ids + completion)
             masks.append([0] * len(pair.prompt_ids) + [1] * len(completion))
-    return layout_rows(rows, masks, pad_id, layout)
+    batch = layout_rows(rows, masks, pad_id, layout)
+    if any(pair.margin is not None for pair in pairs):
+        batch["margins"] = torch.tensor([pair.margin or 0.0 for pair in pairs], dtype=torch.float32)
+    return batch
 
 
 def collate_conversations(convs: Sequence[TokenizedConversation], pad_id: int,

@@ -23,7 +23,7 @@ from typing import Any, Optional
 from ..config import ROW_FIELDS
 from .chat import NOT_MESSAGES, TEMPLATE_NOT_PREFIX, ChatRenderer, TemplateRefused, row_system
 from .hh import DROP_REASONS as TEXT_DROP_REASONS
-from .hh import parse_preference_row, parse_sft_row, parse_unpaired_row
+from .hh import parse_preference_row, parse_sft_row, parse_unpaired_row, with_margin
 from .sources import DataError
 
 DROP_REASONS = TEXT_DROP_REASONS + (NOT_MESSAGES, TEMPLATE_NOT_PREFIX)
@@ -70,11 +70,13 @@ class RowParser:
         # KTO reads unpaired rows, and preference pairs as two of them (unpaired after tokenization)
         kind = "preference" if self.kind == "unpaired" and row.get("completion") is None else self.kind
         if self.format_of(row) != "conversational":
-            return {"preference": parse_preference_row, "unpaired": parse_unpaired_row,
-                    "sft": lambda r: parse_sft_row(r, self.assistant_turns)}[kind](row)
+            parsed = {"preference": parse_preference_row, "unpaired": parse_unpaired_row,
+                      "sft": lambda r: parse_sft_row(r, self.assistant_turns)}[kind](row)
+            return with_margin(*parsed, row) if kind == "preference" else parsed
         try:
-            return {"preference": self.chat.preference, "unpaired": self.chat.unpaired,
-                    "sft": lambda r: self.chat.sft(r, self.assistant_turns)}[kind](row)
+            parsed = {"preference": self.chat.preference, "unpaired": self.chat.unpaired,
+                      "sft": lambda r: self.chat.sft(r, self.assistant_turns)}[kind](row)
+            return with_margin(*parsed, row) if kind == "preference" else parsed
         except TemplateRefused as exc:  # every such row would fail alike: stop, not drop
             where = f" row {position}" if position is not None else ""
             system = (" (its system column adds a system message)" if row_system(row) else

@@ -9,6 +9,8 @@ not silently lost: each parser returns a drop reason that the loader counts and 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -27,9 +29,10 @@ EMPTY_RESPONSE = "empty_response"
 IDENTICAL_RESPONSES = "identical_responses"
 TOO_LONG = "too_long_after_truncation"
 NOT_BOOL_LABEL = "label_not_bool"
+NOT_NUMBER_MARGIN = "margin_not_a_number"
 DROP_REASONS = (
     MISSING_FIELD, NOT_STRING, NO_ASSISTANT_TURN, PROMPT_MISMATCH,
-    EMPTY_PROMPT, EMPTY_RESPONSE, IDENTICAL_RESPONSES, NOT_BOOL_LABEL, TOO_LONG,
+    EMPTY_PROMPT, EMPTY_RESPONSE, IDENTICAL_RESPONSES, NOT_BOOL_LABEL, NOT_NUMBER_MARGIN, TOO_LONG,
 )
 
 
@@ -41,6 +44,8 @@ class PreferencePair:
     add_eos: bool = True
     """Text rows: EOS is appended to each completion (unless there already). A chat template ends
     its turns itself (as in TRL)."""
+    margin: Optional[float] = None
+    """The row's ``margin``: how much better chosen is than rejected (TRL's reward-model column)."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,18 @@ def parse_preference_row(row: dict[str, Any]) -> tuple[Optional[PreferencePair],
     if chosen == rejected:
         return None, IDENTICAL_RESPONSES
     return PreferencePair(prompt, chosen, rejected), None
+
+
+def with_margin(pair: Optional[PreferencePair], reason: Optional[str],
+                row: dict[str, Any]) -> tuple[Optional[PreferencePair], Optional[str]]:
+    """A parsed pair with its row's ``margin`` (a finite number, where the row has one), or the
+    row's drop reason."""
+    margin = row.get("margin")
+    if pair is None or margin is None:
+        return pair, reason
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        return None, NOT_NUMBER_MARGIN
+    return dataclasses.replace(pair, margin=float(margin)), None
 
 
 def row_label(row: dict[str, Any]) -> Optional[bool]:

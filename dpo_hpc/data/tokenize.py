@@ -47,6 +47,7 @@ class TokenizedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     example_id: str = ""  # the source row's content id (set by the pipeline)
+    margin: Optional[float] = None  # the row's margin (a reward model's loss reads it), if it has one
 
     @property
     def length(self) -> int:
@@ -167,7 +168,7 @@ def tokenize_pair(
     """Tokenize and truncate one pair -> (pair, None) or (None, drop reason)."""
     tokens, reason = _prompt_and_completions(tokenizer, pair.prompt, (pair.chosen, pair.rejected), pair.add_eos,
                                              special, max_length, max_prompt_length, stats, truncation_mode)
-    return (None, reason) if tokens is None else (TokenizedPair(tokens[0], *tokens[1]), None)
+    return (None, reason) if tokens is None else (TokenizedPair(tokens[0], *tokens[1], margin=pair.margin), None)
 
 
 def tokenize_completion(

@@ -4,6 +4,7 @@ alone, in float64, gradient included."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -24,6 +25,8 @@ def test_reward_losses_at_hand_values():
     assert reward_losses(chosen, rejected).tolist() == pytest.approx(expected, abs=1e-6)
     centred = reward_losses(chosen, rejected, center_rewards_coefficient=0.01)
     assert centred.tolist() == pytest.approx([expected[0] + 0.01, expected[1], expected[2] + 0.01], abs=1e-6)
+    margins = reward_losses(chosen, rejected, margins=torch.tensor([1.0, -1.0, 0.0]))  # Llama 2's: r_c - r_r - m
+    assert margins.tolist() == pytest.approx([math.log(2), -math.log(1 / (1 + math.exp(-1))), expected[2]], abs=1e-6)
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed", "flat"])
@@ -69,7 +72,9 @@ def test_rewards_are_transformers_scores_of_each_sequence_alone(layout):
 
 
 def test_the_objective_matches_a_float64_bradley_terry_loss_with_its_gradient():
+    """With the centring term, and the data's margins where some pairs have one."""
     coefficient, batch_pairs = 0.05, pairs(6, seed=1)
+    batch_pairs = [dataclasses.replace(p, margin=0.3 * i) if i % 2 else p for i, p in enumerate(batch_pairs)]
     model, naive = tiny_reward_model(), tiny_reward_model().double()
     objective = RewardObjective(PAD, LOCAL, "padded", center_rewards_coefficient=coefficient)
     loss_sum, stats = objective.loss_and_stats(model, objective.collate(batch_pairs))
@@ -77,7 +82,8 @@ def test_the_objective_matches_a_float64_bradley_terry_loss_with_its_gradient():
     expected = 0
     for p in batch_pairs:
         chosen, rejected = alone(naive, p.prompt_ids + p.chosen_ids), alone(naive, p.prompt_ids + p.rejected_ids)
-        expected = expected - torch.nn.functional.logsigmoid(chosen - rejected) + coefficient * (chosen + rejected) ** 2
+        expected = expected - torch.nn.functional.logsigmoid(chosen - rejected - (p.margin or 0.0)) \
+            + coefficient * (chosen + rejected) ** 2
     expected.backward()
     assert loss_sum.item() == pytest.approx(expected.item(), rel=1e-5)
     assert stats["loss"][1].item() == 6 and objective.units(objective.collate(batch_pairs)).item() == 6
