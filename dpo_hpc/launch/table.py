@@ -21,12 +21,19 @@ def rows(plan: Plan, statuses: dict[str, RunStatus]) -> list[dict]:
             "job": s.job_id or "-", "state": s.state + (f" ({s.requeues} requeues)" if s.requeues else ""),
             "step": f"{s.step}/{s.total_steps}" if s.step is not None else "-",
             "checkpoint": s.checkpoint or "-",
-            "eval acc": f"{s.eval['rewards/accuracies']:.3f}" if "rewards/accuracies" in s.eval else "-",
-            "eval margin": f"{s.eval['rewards/margins']:.3f}" if "rewards/margins" in s.eval else
-                           (f"loss {s.eval['loss']:.3f}" if "loss" in s.eval else "-"),
+            "eval acc": _first(s.eval, ("rewards/accuracies", "accuracy")),  # a trainer's, an evaluation's
+            "eval margin": _first(s.eval, ("rewards/margins", "loss", "reward"), labelled=("loss", "reward")),
             "detail": s.detail,
         })
     return out
+
+
+def _first(metrics: dict, names: tuple[str, ...], labelled: tuple[str, ...] = ()) -> str:
+    """The first of ``names`` the metrics hold, to 3 decimals (named where it is in ``labelled``)."""
+    name = next((n for n in names if n in metrics), None)
+    if name is None:
+        return "-"
+    return f"{name} {metrics[name]:.3f}" if name in labelled else f"{metrics[name]:.3f}"
 
 
 def json_rows(plan: Plan, statuses: dict[str, RunStatus]) -> list[dict]:

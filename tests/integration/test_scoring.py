@@ -115,6 +115,9 @@ def test_a_reward_model_judges_each_runs_replies_to_its_validation_prompts(tmp_p
         assert 0.0 <= final["win_rate_vs_baseline"] <= 1.0
         curve = read_scalars(run_dir / "evaluations/judged/tensorboard")["eval/task_reward"]
         assert [step for step, _ in curve] == [0, 3]  # the SFT start and the end
+    status = run(tmp_path, "dpo_hpc.status", path.name).stdout
+    judged = [line for line in status.splitlines() if line.startswith("judged")]
+    assert len(judged) == 3 and all(" reward " in line for line in judged), status  # each one's mean reward
     report = run(tmp_path, "dpo_hpc.report", path.name)
     assert report.returncode == 0, report.stdout + report.stderr
     text = (root / "report/report.md").read_text()
