@@ -40,6 +40,12 @@ class Algorithm:
     """What it trains: a causal LM (a policy), or a reward model (a scalar score head on the last token)."""
 
     @property
+    def reads_margins(self) -> bool:
+        """Whether its data's rows give their ``margin`` column (TRL's reward-model column); the other
+        trainers neither read nor check it."""
+        return self.model == "reward_model"
+
+    @property
     def uses_reference(self) -> bool:
         """Whether its runs read a reference model (or its log-probs): the preference policies' trainers."""
         return self.kind != "sft" and self.model == "causal_lm"

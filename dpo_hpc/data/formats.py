@@ -42,8 +42,9 @@ class RowParser:
     """Row -> (parsed, None) or (None, drop reason), for one kind ('sft', 'preference' or 'unpaired')."""
 
     def __init__(self, kind: str, fmt: str, tokenizer, dataset: str, system_prompt: Optional[str] = None,
-                 assistant_turns: str = "all"):
+                 assistant_turns: str = "all", margins: bool = False):
         self.kind, self.format, self.dataset = kind, fmt, dataset
+        self.margins = margins  # read each preference row's margin column (a reward model's data)
         self.tokenizer, self.system_prompt, self.assistant_turns = tokenizer, system_prompt, assistant_turns
         self._chat: Optional[ChatRenderer] = None
 
@@ -72,11 +73,11 @@ class RowParser:
         if self.format_of(row) != "conversational":
             parsed = {"preference": parse_preference_row, "unpaired": parse_unpaired_row,
                       "sft": lambda r: parse_sft_row(r, self.assistant_turns)}[kind](row)
-            return with_margin(*parsed, row) if kind == "preference" else parsed
+            return with_margin(*parsed, row) if kind == "preference" and self.margins else parsed
         try:
             parsed = {"preference": self.chat.preference, "unpaired": self.chat.unpaired,
                       "sft": lambda r: self.chat.sft(r, self.assistant_turns)}[kind](row)
-            return with_margin(*parsed, row) if kind == "preference" else parsed
+            return with_margin(*parsed, row) if kind == "preference" and self.margins else parsed
         except TemplateRefused as exc:  # every such row would fail alike: stop, not drop
             where = f" row {position}" if position is not None else ""
             system = (" (its system column adds a system message)" if row_system(row) else

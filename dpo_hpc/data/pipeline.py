@@ -294,7 +294,7 @@ def _where(raw, indices) -> list:
 
 def load_splits(
     cfg: DatasetConfig, tokenizer, kind: str, assistant_turns: str = "all", train_rows=None, eval_rows=None,
-    say: Callable[[str], None] = lambda _: None,
+    say: Callable[[str], None] = lambda _: None, margins: bool = False,
 ) -> tuple[ExampleSet, ExampleSet, dict]:
     """Train and validation examples for ``kind`` ('sft', 'preference' or 'unpaired': KTO's
     labelled completions, a preference row giving two) plus the data report.
@@ -303,6 +303,7 @@ def load_splits(
     list of dicts, as the Python API passes them); ``eval_rows``, if given, is the validation
     split instead of a ``val_ratio`` share of the training rows. ``say`` gets the progress lines.
     ``dataset.mix`` sources join the rows loaded by name (rows passed in are the whole dataset).
+    ``margins``: pairs carry their rows' ``margin`` column (a reward model's data).
     """
     mixing = bool(cfg.mix) and train_rows is None
     raw = mapped_columns(load_raw(cfg) if train_rows is None else as_dataset(train_rows), cfg.columns, kind,
@@ -313,10 +314,12 @@ def load_splits(
         say(f"note: dataset '{cfg.dataset_name}': its system column is not read: format = 'text' renders no chat "
             "template to put a system message in ('auto' or 'conversational' would)")
     special = SpecialTokens.of(tokenizer)
-    parse = RowParser(kind, cfg.format, tokenizer, cfg.dataset_name, cfg.system_prompt, assistant_turns)
+    parse = RowParser(kind, cfg.format, tokenizer, cfg.dataset_name, cfg.system_prompt, assistant_turns, margins)
     settings: dict[str, Any] = {"kind": kind, "max_length": cfg.max_length, "format": cfg.format,
                                 "columns": cfg.columns, "system_prompt": cfg.system_prompt,
                                 "truncation_mode": cfg.truncation_mode}
+    if margins:  # only then: the fingerprints (and cached splits) of other trainers' data stay as they were
+        settings["margins"] = True
     if mixing:  # only then: the fingerprints of unmixed data stay as they were
         settings["mix"] = [dataclasses.asdict(source) for source in cfg.mix]
     if kind == "sft":

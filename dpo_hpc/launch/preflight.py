@@ -97,7 +97,7 @@ def check_data(cfg, trainer: str, tokenizer_name: Optional[str], env: dict[str, 
 
                 found.problems.append(f"{where}: tokenizer: {explain(exc)}")
                 return
-        _check_rows(raw, source.dataset_name, cfg, kind, tokenizer, found, where)
+        _check_rows(raw, source.dataset_name, cfg, kind, tokenizer, found, where, ALGORITHMS[trainer].reads_margins)
 
 
 def _source_rows(source, columns: dict[str, str], key: str, kind: str, env: dict[str, str], found: Findings,
@@ -124,13 +124,13 @@ def _source_rows(source, columns: dict[str, str], key: str, kind: str, env: dict
     return raw
 
 
-def _check_rows(raw, name: str, cfg, kind: str, tokenizer, found: Findings, where: str) -> None:
+def _check_rows(raw, name: str, cfg, kind: str, tokenizer, found: Findings, where: str, margins: bool) -> None:
     from ..data.formats import RowParser
     from ..data.sources import DataError
 
     dataset = cfg.dataset
     parse = RowParser(kind, dataset.format, tokenizer, name, dataset.system_prompt,
-                      getattr(cfg.training, "assistant_turns", "all"))
+                      getattr(cfg.training, "assistant_turns", "all"), margins)
     reasons: dict[str, int] = {}
     rows = raw.select(range(min(FIRST_ROWS, len(raw))))
     usable = 0

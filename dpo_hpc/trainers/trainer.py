@@ -208,7 +208,7 @@ class Trainer:
         def load():
             return load_splits(self.cfg.dataset, self.tokenizer, self.algo.kind,
                                getattr(training, "assistant_turns", "all"), train_rows=self.train_rows,
-                               eval_rows=self.eval_rows, say=self.say)
+                               eval_rows=self.eval_rows, say=self.say, margins=self.algo.reads_margins)
 
         # with a cache, rank 0 tokenizes on every core and the other ranks read its files
         self.train_set, self.val_set, report = main_rank_first(dist, load) if self.cfg.dataset.cache_dir else load()

@@ -1,6 +1,7 @@
-"""TRL's reward-model ``margin`` column: read from text and conversational preference rows (and
-through ``dataset.columns``), refused when it is not a number, carried through tokenization, the
-tokenized cache and collation, and absent where the data has none."""
+"""TRL's reward-model ``margin`` column: read for a reward model from text and conversational
+preference rows (and through ``dataset.columns``), refused when it is not a number, carried through
+tokenization, the tokenized cache and collation, absent where the data has none, and neither read
+nor checked for the other trainers."""
 
 from __future__ import annotations
 
@@ -31,23 +32,27 @@ def text_row(i: int, **extra) -> dict:
 def test_margins_of_text_and_conversational_rows_reach_the_tokenized_pairs(tmp_path, tok, hf_cache):
     rows = [text_row(0, margin=1.5), text_row(1), text_row(2, margin=0), {**conversational(3), "margin": 2},
             text_row(4, margin=None)]
-    train, _, report = load_splits(cfg(write_jsonl(tmp_path / "d.jsonl", rows)), tok, "preference")
+    train, _, report = load_splits(cfg(write_jsonl(tmp_path / "d.jsonl", rows)), tok, "preference", margins=True)
     assert [p.margin for p in train] == [1.5, None, 0.0, 2.0, None] and not report["train"]["dropped"]
+    ignored, _, _ = load_splits(cfg(write_jsonl(tmp_path / "d.jsonl", rows)), tok, "preference")  # DPO's data
+    assert [p.margin for p in ignored] == [None] * 5 and ignored.fingerprint != train.fingerprint
 
 
 @pytest.mark.parametrize("margin", [True, "2", float("nan"), float("inf"), [1.0]])
 def test_a_margin_that_is_not_a_finite_number_drops_its_row(tok, margin):
     """In-memory rows keep their Python types (a JSONL file's column is unified by its loader)."""
-    parse = RowParser("preference", "auto", tok, "rows")
+    parse = RowParser("preference", "auto", tok, "rows", margins=True)
     assert parse(text_row(1, margin=margin)) == (None, "margin_not_a_number")
     assert parse({**conversational(1), "margin": margin}) == (None, "margin_not_a_number")
     assert parse(text_row(1, margin=-0.5))[0].margin == -0.5
+    unread = RowParser("preference", "auto", tok, "rows")  # another trainer's: the column is not its business
+    assert unread(text_row(1, margin=margin))[0].margin is None
 
 
 def test_a_margin_column_of_another_name_is_mapped_like_the_others(tmp_path, tok, hf_cache):
     rows = [text_row(i, strength=i / 2) for i in range(4)]
     train, _, _ = load_splits(cfg(write_jsonl(tmp_path / "d.jsonl", rows), columns={"margin": "strength"}), tok,
-                              "preference")
+                              "preference", margins=True)
     assert [p.margin for p in train] == [0.0, 0.5, 1.0, 1.5]
 
 
