@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import assert_resumed_as_straight, run_config, stop_at
 from dpo_hpc.config import validate_mapping
-from test_training import run_cli, scalars, small_data, torchrun_train, write_config
+from test_training import one_rank_and_two, run_cli, scalars, small_data, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -132,12 +132,4 @@ def test_two_reward_ranks_under_zero3_match_one_rank_with_accumulation(tmp_path,
     one = reward_config(tmp_path / "one", micro_model, data, gradient_accumulation_steps=2, **common)
     two = reward_config(tmp_path / "two", micro_model, data, **common)
     two["deepspeed"] = {"zero_stage": 3}
-    result = run_cli(["train", "reward", "--config", str(write_config(tmp_path, one, "one.yaml"))])
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = torchrun_train(write_config(tmp_path, two, "two.yaml"), "reward")
-    assert result.returncode == 0, result.stderr[-4000:]
-    a = load_file(tmp_path / "one" / "run" / "model.safetensors")
-    b = load_file(tmp_path / "two" / "run" / "model.safetensors")
-    assert "score.weight" in a
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=5e-5)
+    assert "score.weight" in one_rank_and_two(tmp_path, "reward", one, two)[0]

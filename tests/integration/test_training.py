@@ -83,6 +83,21 @@ def torchrun_train(config: Path, command: str = "dpo", ranks: int = 2) -> subpro
     )
 
 
+def one_rank_and_two(tmp_path: Path, command: str, one: dict, two: dict) -> tuple[dict, dict]:
+    """``one`` trained on 1 rank and ``two`` on 2 ranks under torchrun (``dpo-hpc train COMMAND``):
+    the final weights of each, after checking that their values agree (Adam divides by sqrt(v): on
+    near-zero gradients it magnifies the different summation order, hence the tolerance)."""
+    result = run_cli(["train", command, "--config", str(write_config(tmp_path, one, "one.yaml"))])
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun_train(write_config(tmp_path, two, "two.yaml"), command)
+    assert result.returncode == 0, result.stderr[-4000:]
+    weights = [load_file(Path(next(v for k, v in raw.items() if k.endswith("_training"))["save_dir"])
+                         / "model.safetensors") for raw in (one, two)]
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-4, atol=5e-5)
+    return weights[0], weights[1]
+
+
 def test_sft_lowers_loss_on_a_fixed_batch_and_saves_a_loadable_model(tmp_path, micro_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -344,17 +359,10 @@ def test_two_ranks_under_torchrun_match_one_rank_with_accumulation(tmp_path, mic
     two = {**run_config(tmp_path / "two", micro_model, data, "dpo_training", gradient_accumulation_steps=1, **common), **algo}
     two["deepspeed"] = {"zero_stage": 3}
     two["dataset"]["cache_dir"] = str(tmp_path / "data_cache")  # rank 0 tokenizes, rank 1 reads its files
-    result = run_cli(["train", "dynamic-beta-dpo", "--config", str(write_config(tmp_path, one, "one.yaml"))])
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = torchrun_train(write_config(tmp_path, two, "two.yaml"), "dynamic-beta-dpo")
-    assert result.returncode == 0, result.stderr[-4000:]
+    weights, _ = one_rank_and_two(tmp_path, "dynamic-beta-dpo", one, two)
     manifest = json.loads((Path(two["dpo_training"]["save_dir"]) / "run_manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["status"] == "completed"
     assert len(list((tmp_path / "data_cache").glob("*.safetensors"))) == 2
-    a = load_file(Path(one["dpo_training"]["save_dir"]) / "model.safetensors")
-    b = load_file(Path(two["dpo_training"]["save_dir"]) / "model.safetensors")
-    for key in a:  # Adam divides by sqrt(v): on near-zero gradients it magnifies the different summation order
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=5e-5)
     logged_one = scalars(Path(one["dpo_training"]["save_dir"]) / "tensorboard")
     logged_two = scalars(Path(two["dpo_training"]["save_dir"]) / "tensorboard")
     assert [v for _, v in logged_one["loss"]] == pytest.approx([v for _, v in logged_two["loss"]], abs=1e-5)
@@ -362,7 +370,7 @@ def test_two_ranks_under_torchrun_match_one_rank_with_accumulation(tmp_path, mic
     assert beta_one == pytest.approx(beta_two, rel=1e-6) and len(set(beta_one)) > 2
     moved = [load_file(Path(run["dpo_training"]["save_dir"]) / "checkpoints" / layout.step_dir_name(3)
                        / layout.replicated_file("reference")) for run in (one, two)]
-    for key in a:
+    for key in weights:
         torch.testing.assert_close(moved[0][key], moved[1][key], rtol=1e-4, atol=5e-5)
 
 
