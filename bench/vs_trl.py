@@ -73,15 +73,14 @@ def section(trainer: str) -> str:
 
 def reward_model(model: Path, out: Path) -> Path:
     """The causal LM as a reward model with its score head at 0 (every reward 0 at the first step,
-    so both sides' first loss is ln 2), saved once for both sides to load."""
+    so both sides' first loss is ln 2), saved for both sides to load."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    if not (out / "config.json").exists():
-        scorer = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
-        torch.nn.init.zeros_(scorer.score.weight)
-        scorer.save_pretrained(out)
-        AutoTokenizer.from_pretrained(model).save_pretrained(out)
+    scorer = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
+    torch.nn.init.zeros_(scorer.score.weight)
+    scorer.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model).save_pretrained(out)
     return out
 
 
@@ -344,7 +343,7 @@ def main() -> None:
     if args.trainer == "reward":
         if args.precompute:
             parser.error("--precompute: a reward model reads no reference")
-        model = reward_model(model, (args.assets or folder) / "reward_model")
+        model = reward_model(model, folder / "reward_model")  # this call's: --assets may have been rebuilt
         if args.margins:
             data = with_margins(data, folder / "pairs_with_margins.jsonl", args.seed)
     elif args.margins:
