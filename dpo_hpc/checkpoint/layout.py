@@ -12,6 +12,8 @@ status listings on a login node use it too.
         replicated/<name>.safetensors   a piece of tensors identical on every rank (TR-DPO's moved
                                 reference), written once by rank 0
       .tmp-step_00000048/       a save in progress (removed by the next save if it was interrupted)
+      .reshard-step_00000040/   step_00000040's engine state in DeepSpeed's universal format, while a
+                                run on another world size loads it (removed once loaded)
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ RANKS = "ranks"
 REPLICATED = "replicated"
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-_TMP_DIR = re.compile(r"^\.tmp-step_(\d{8})$")
+_SCRATCH_DIR = re.compile(r"^\.(tmp|reshard)-step_(\d{8})$")
 
 
 class CheckpointError(Exception):
@@ -45,8 +47,13 @@ def tmp_dir_name(step: int) -> str:
     return f".tmp-{step_dir_name(step)}"
 
 
-def is_tmp_dir(name: str) -> bool:
-    return _TMP_DIR.match(name) is not None
+def reshard_dir_name(step_dir: str) -> str:
+    return f".reshard-{step_dir}"
+
+
+def is_scratch_dir(name: str) -> bool:
+    """A save in progress or a universal form being loaded: left behind only by a process that died."""
+    return _SCRATCH_DIR.match(name) is not None
 
 
 def step_of(path: str | Path) -> Optional[int]:

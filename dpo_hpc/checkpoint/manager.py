@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from ..fsutil import atomic_write_json, fsync_dir, remove_tree, seal_tree, sha256_file
 from ..runtime import DistEnv, barrier
 from ..runtime.failures import disk_full, no_space
-from . import layout
+from . import layout, reshard
 from .layout import CheckpointError
 from .safe_load import load_tensors_only, tensor_only_engine
 
@@ -229,8 +229,8 @@ class Checkpointer:
         if self.dist.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.iterdir():
-                if layout.is_tmp_dir(stale.name):
-                    remove_tree(stale)  # an interrupted save of ours
+                if layout.is_scratch_dir(stale.name):
+                    remove_tree(stale)  # an interrupted save or load of ours
             tmp.mkdir()
         barrier()
         self.engine.save_checkpoint(str(tmp), tag=layout.ENGINE_TAG, save_latest=False,
@@ -283,22 +283,26 @@ class Checkpointer:
         return removed
 
     # ----- load -----------------------------------------------------------------------------
-    def load(self, path: Path) -> int:
+    def load(self, path: Path, log: Callable[[str], None] = print) -> int:
         """Restore every piece from ``path`` and return its step. Shared pieces load first (a
-        piece may refuse the checkpoint before the engine is touched); per-rank pieces come from
-        this rank's file, or rank 0's when the world size changed (the RNG is then left as seeded)."""
+        piece may refuse the checkpoint before the engine is touched). When the world size changed,
+        a sliced engine state is resharded (``reshard``) and per-rank pieces come from rank 0's
+        file (they are the same on every rank; the RNG is then left as seeded)."""
         shared = shared_state(path)
         for name, piece in self.shared.items():
             try:
                 piece.load_state_dict(shared["pieces"][name])
             except CheckpointError as exc:
                 raise CheckpointError(f"{path}: {exc}") from None
-        load_path, _ = self.engine.load_checkpoint(str(path), tag=layout.ENGINE_TAG, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True,
-                                                   load_module_strict=not self.exclude_frozen)
-        if load_path is None:
-            raise CheckpointError(f"DeepSpeed could not load the engine state from {path}")
         same_world = shared["world_size"] == self.dist.world_size
+        if same_world or not reshard.sliced(path / layout.ENGINE_TAG):
+            load_path, _ = self.engine.load_checkpoint(str(path), tag=layout.ENGINE_TAG, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True,
+                                                       load_module_strict=not self.exclude_frozen)
+            if load_path is None:
+                raise CheckpointError(f"DeepSpeed could not load the engine state from {path}")
+        else:
+            reshard.load_resharded(self.engine, path, self.dist, shared["world_size"], not self.exclude_frozen, log)
         saved = load_tensors_only(path / layout.rank_file(self.dist.rank if same_world else 0))
         if "objective" not in saved and "state" in saved:  # format 1: one unnamed objective state
             saved = {RNG: saved["rng"], "objective": saved["state"]}
@@ -318,4 +322,4 @@ class Checkpointer:
         latest = self.latest_valid(log)
         if latest is None:
             return 0, None
-        return self.load(latest), latest
+        return self.load(latest, log), latest

@@ -17,6 +17,8 @@ import torch
 
 from .layout import CheckpointError
 
+_torch_load = torch.load  # as imported: ``reshard.tensors_only`` routes torch.load here for a while
+
 
 def deepspeed_state_classes() -> list:
     """The DeepSpeed classes in its checkpoint files: plain state, no behaviour on load."""
@@ -31,7 +33,7 @@ def load_tensors_only(path, map_location=None):
     """``torch.load`` that refuses every global outside the allowlist (a CheckpointError)."""
     try:
         with torch.serialization.safe_globals(deepspeed_state_classes()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return _torch_load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         refused = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), str(exc).splitlines()[0])
         raise CheckpointError(f"{path} holds objects a checkpoint must not hold, so it was not loaded "

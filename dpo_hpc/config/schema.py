@@ -158,16 +158,22 @@ class TrainingConfig:
 
     learning_rate: float = Field(gt=0.0)
     """Peak learning rate of AdamW."""
-    batch_size: int = Field(ge=1)
-    """Micro-batch size per process (rows for SFT, preference pairs for DPO)."""
+    batch_size: int = Field(ge=1, json_schema_extra=RESUMABLE)
+    """Micro-batch size per process (rows for SFT, preference pairs for DPO). A run resumes with
+    another one, or another ``gradient_accumulation_steps`` or world size, as long as the global
+    batch stays the same."""
     save_dir: str = Field(json_schema_extra=LOCATION)
     """Run directory: resolved config, data report, TensorBoard events, checkpoints, final model."""
     epochs: int = Field(1, ge=1, json_schema_extra=RESUMABLE)
     """Passes over the training split (``max_steps`` overrides it)."""
     max_steps: Optional[int] = Field(None, ge=1, json_schema_extra=RESUMABLE)
     """Stop after this many optimizer steps."""
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1, json_schema_extra=RESUMABLE)
     """Micro-batches per optimizer step; global batch = batch_size x this x world size."""
+    global_batch_size: Optional[int] = Field(None, ge=1)
+    """The global batch (rows or pairs per optimizer step; DeepSpeed's ``train_batch_size``)
+    instead of ``gradient_accumulation_steps``, which is then derived at each start as this /
+    (batch_size x world size): the run is the same on any number of GPUs, and resumes on another."""
     lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
     """Decay after warmup: constant, linear to 0, or cosine to 0."""
     warmup_steps: int = Field(0, ge=0)
@@ -259,6 +265,30 @@ class TrainingConfig:
             raise ValueError(f"warmup_steps = {self.warmup_steps} and warmup_ratio = {self.warmup_ratio} both set the "
                              "warmup; keep one")
         return self
+
+    @model_validator(mode="after")
+    def _one_accumulation(self):
+        if self.global_batch_size is not None:
+            if self.gradient_accumulation_steps != 1:
+                raise ValueError(f"global_batch_size = {self.global_batch_size} and gradient_accumulation_steps = "
+                                 f"{self.gradient_accumulation_steps} both set the accumulation; keep one")
+            if self.global_batch_size % self.batch_size:
+                raise ValueError(f"global_batch_size = {self.global_batch_size} is not a multiple of batch_size = "
+                                 f"{self.batch_size}")
+        return self
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on ``world_size`` ranks (ValueError: none fits)."""
+        if self.global_batch_size is None:
+            return self.gradient_accumulation_steps
+        if self.global_batch_size % world_size:
+            raise ValueError(f"global_batch_size = {self.global_batch_size} cannot be shared by {world_size} ranks; "
+                             "run on a number of ranks that divides it")
+        share = self.global_batch_size // world_size
+        if share % self.batch_size:
+            raise ValueError(f"global_batch_size = {self.global_batch_size} on {world_size} ranks is {share} per rank, "
+                             f"not a multiple of batch_size = {self.batch_size}; choose a batch_size that divides {share}")
+        return share // self.batch_size
 
     def warmup(self, total_steps: int) -> int:
         """Optimizer steps of warmup in a run of ``total_steps``."""

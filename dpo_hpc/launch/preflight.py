@@ -218,6 +218,15 @@ def check_config(cfg, trainer: str, found: Findings, where: str, env: Optional[d
                lambda: check_writable(Path(cfg.training.save_dir), found, where))
 
 
+def check_batch(cfg, trainer: str, ranks: int, found: Findings, where: str) -> None:
+    """A ``global_batch_size`` that the stage's ranks (nodes x ntasks_per_node) can share."""
+    try:
+        cfg.training.accumulation_steps(ranks)
+    except ValueError as exc:
+        found.problems.append(f"{where}: {ALGORITHMS[trainer].training_section}.{exc} (the stage's nodes x "
+                              "ntasks_per_node)")
+
+
 def check_plan(plan: Plan, root_only: bool = False) -> Findings:
     """Every run of an experiment, before anything is queued (``root_only``: the output root)."""
     found = Findings()
@@ -255,10 +264,13 @@ def check_plan(plan: Plan, root_only: bool = False) -> Findings:
                 found.problems.append(f"{plan.source}: stages.{stage}.evaluate.reward_model: '{judge}' is neither a "
                                       f"stage of this experiment ({', '.join(plan.experiment.stages)}) nor a folder "
                                       f"(relative to {plan.base})")
+            ranks = slurm["nodes"] * slurm["ntasks_per_node"]
             for run in plan.stage_runs(stage):
                 cfg = validate_mapping(run.config, run.trainer, source=run.run_id)
-                check_config(cfg, run.trainer, found, f"{plan.source}: stages.{stage} ({run.run_id})",
-                             slurm.get("env") or {}, models_exist=run.parent is None, made_later=made_later)
+                where = f"{plan.source}: stages.{stage} ({run.run_id})"
+                check_batch(cfg, run.trainer, ranks, found, where)
+                check_config(cfg, run.trainer, found, where, slurm.get("env") or {}, models_exist=run.parent is None,
+                             made_later=made_later)
     finally:
         os.chdir(here)
     return found

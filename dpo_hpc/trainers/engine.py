@@ -277,8 +277,8 @@ def deepspeed_config(
     """The DeepSpeed JSON config: generated from ours, merged with ``deepspeed.config_file``."""
     generated: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": training.batch_size,
-        "gradient_accumulation_steps": training.gradient_accumulation_steps,
-        "train_batch_size": training.batch_size * training.gradient_accumulation_steps * world_size,
+        "gradient_accumulation_steps": training.accumulation_steps(world_size),
+        "train_batch_size": training.batch_size * training.accumulation_steps(world_size) * world_size,
         "gradient_clipping": training.max_grad_norm,
         "zero_optimization": {"stage": ds.zero_stage},
         "bf16": {"enabled": precision == "bf16"},

@@ -51,7 +51,9 @@ class TrainProgress:
             raise CheckpointError("its config does not validate any more: " + "; ".join(exc.problems)) from None
         changes = config_changes(saved, self.config)
         if state["global_batch"] != self.global_batch:
-            changes.append(f"global batch {state['global_batch']} -> {self.global_batch}")
+            changes.append(f"global batch {state['global_batch']} -> {self.global_batch} (batch_size x "
+                           "gradient_accumulation_steps x world size; any split of the same global batch resumes, "
+                           "and global_batch_size keeps it on any world size)")
         if changes:
             raise CheckpointError(f"checkpoint at step {state['step']} was written with a different config; "
                                   "refusing to resume: " + "; ".join(changes))

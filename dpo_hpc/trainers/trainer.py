@@ -24,7 +24,7 @@ from ..algorithms.kto import weight_advice
 from ..algorithms.objectives import batch_layout, build_objective, build_scorer
 from ..checkpoint import CheckpointError, RunDir, config_hash
 from ..checkpoint.manager import Checkpointer, peek_shared
-from ..config import Algorithm, algorithm, to_dict, to_identity
+from ..config import Algorithm, ConfigError, algorithm, to_dict, to_identity
 from ..config.losses import is_reference_free, loss_types
 from ..data.collate import collate_completions, collate_pairs, to_device
 from ..data.pipeline import load_splits, report_lines, with_kl_completions, write_report
@@ -219,7 +219,11 @@ class Trainer:
         if training.generate_during_eval and not self.val_set:
             self.say("note: generate_during_eval has no validation prompts to complete (dataset.val_ratio = 0 and "
                      "no eval_subset): no samples")
-        self.global_batch = training.batch_size * training.gradient_accumulation_steps * dist.world_size
+        try:
+            self.accumulation = training.accumulation_steps(dist.world_size)
+        except ValueError as exc:
+            raise ConfigError([f"{self.algo.training_section}.{exc}"]) from None
+        self.global_batch = training.batch_size * self.accumulation * dist.world_size
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), self.global_batch)
         self.total_steps = training.max_steps or training.epochs * self.steps_per_epoch
         self.lengths = np.array([e.length for e in self.train_set]) if training.group_by_length else None
@@ -388,15 +392,15 @@ class Trainer:
         learning_rate = self.scheduler.get_last_lr()[0]
         collated = [objective.collate([self.train_set[i] for i in indices])
                     for indices in global_batch_indices(len(self.train_set), step, training.batch_size,
-                                                        training.gradient_accumulation_steps, dist.world_size,
-                                                        dist.rank, training.seed, self.lengths)]
+                                                        self.accumulation, dist.world_size, dist.rank, training.seed,
+                                                        self.lengths)]
         work = self.work_of(collated)  # counted on the host: no device sync per micro-batch
         batches = [to_device(b, self.device) for b in collated]
         data_seconds = time.perf_counter() - started  # host work before the device has any
         # Each micro-loss is a SUM over its units; scaling by (GA x world) / global units turns
         # DeepSpeed's 1/GA and cross-rank averaging into one mean over the global batch.
         global_units = all_reduce_sum(torch.stack([objective.units(b).to(self.device) for b in batches]).sum())
-        scale = training.gradient_accumulation_steps * dist.world_size / global_units
+        scale = self.accumulation * dist.world_size / global_units
         sums, fallback_grad_norm = MetricSums(), None
         for k, batch in enumerate(batches):
             with record_function("dpo_hpc.forward_loss"):  # the phases a profile's table starts with

@@ -129,6 +129,13 @@ mix = [{{ dataset_name = "{reverse_data}", columns = {{ prompt = "question" }} }
 [stages.judged]
 from = "mix"
 evaluate = {{ reward_model = "rn" }}
+[stages.shares]
+trainer = "sft"
+slurm = {{ ntasks_per_node = 4 }}
+[stages.shares.config]
+policy_name = "{micro_model}"
+dataset = {{ dataset_name = "{reverse_data}" }}
+sft_training = {{ learning_rate = 1e-3, batch_size = 2, global_batch_size = 6 }}
 """
     (tmp_path / "bad.toml").write_text(text)
     (tmp_path / "failed_sft").mkdir()
@@ -146,7 +153,9 @@ evaluate = {{ reward_model = "rn" }}
                 f"policy_name '{tmp_path / 'failed_sft'}' is the directory of a sft run that has not finished",
                 "is a single file, so its only split is 'train'; got eval_subset 'test'",
                 "dataset.mix[0].columns.prompt = 'question', but there is no column 'question'",
-                "stages.judged.evaluate.reward_model: 'rn' is neither a stage of this experiment"]
+                "stages.judged.evaluate.reward_model: 'rn' is neither a stage of this experiment",
+                "sft_training.global_batch_size = 6 cannot be shared by 4 ranks; run on a number of ranks that divides "
+                "it (the stage's nodes x ntasks_per_node)"]
     for fragment in expected:
         assert sum(fragment in line for line in errors) == 1, (fragment, errors)
     assert len(errors) == len(expected)

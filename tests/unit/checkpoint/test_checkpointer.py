@@ -80,7 +80,7 @@ def test_interval_rotation_and_manifest(tmp_path):
     manifest = json.loads((tmp_path / layout.step_dir_name(5) / layout.MANIFEST).read_text())
     assert manifest["format_version"] == layout.FORMAT_VERSION and manifest["step"] == 5
     assert set(manifest["files"]) == {layout.SHARED_STATE, layout.rank_file(0), "engine/model_states.pt"}
-    assert not any(layout.is_tmp_dir(p.name) for p in tmp_path.iterdir())
+    assert not any(layout.is_scratch_dir(p.name) for p in tmp_path.iterdir())
 
 
 def test_pieces_and_rng_round_trip(tmp_path):

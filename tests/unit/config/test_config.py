@@ -396,6 +396,25 @@ def test_warmup_ratio_is_a_rounded_up_share_of_the_run_and_excludes_warmup_steps
     assert problem == "f.yaml: dpo_training: warmup_steps = 4 and warmup_ratio = 0.1 both set the warmup; keep one"
 
 
+def test_global_batch_size_derives_the_accumulation_from_the_world_size():
+    training = validate_mapping(with_("dpo_training", batch_size=2, global_batch_size=8), "dpo").dpo_training
+    assert [training.accumulation_steps(world) for world in (1, 2, 4)] == [4, 2, 1]
+    with pytest.raises(ValueError, match="global_batch_size = 8 cannot be shared by 3 ranks"):
+        training.accumulation_steps(3)
+    with pytest.raises(ValueError, match="global_batch_size = 8 on 8 ranks is 1 per rank, not a multiple of "
+                                         "batch_size = 2; choose a batch_size that divides 1"):
+        training.accumulation_steps(8)
+    assert validate_mapping(with_("dpo_training", gradient_accumulation_steps=3), "dpo").dpo_training \
+        .accumulation_steps(4) == 3  # without it, the key as given
+    merged = deepspeed_config(training, DeepSpeedConfig(), "fp32", world_size=2)
+    assert merged["gradient_accumulation_steps"] == 2 and merged["train_batch_size"] == 8
+    (problem,) = errors(with_("dpo_training", global_batch_size=8, gradient_accumulation_steps=2))
+    assert problem == ("f.yaml: dpo_training: global_batch_size = 8 and gradient_accumulation_steps = 2 both set the "
+                       "accumulation; keep one")
+    (problem,) = errors(with_("dpo_training", batch_size=3, global_batch_size=8))
+    assert problem == "f.yaml: dpo_training: global_batch_size = 8 is not a multiple of batch_size = 3"
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "experiments" / "single").glob("*.toml")), ids=lambda p: p.name)
 def test_the_single_run_configs_validate_as_their_trainer(path):
     """experiments/single/: the README's one-trainer configs, each detected by its sections."""

@@ -121,6 +121,15 @@ def test_run_ids_are_stable_and_follow_the_config(tmp_path):
     assert [r.run_id for r in plan_of(tmp_path, explicit).runs] == first
 
 
+def test_a_run_keeps_its_id_on_another_number_of_ranks(tmp_path):
+    """The Slurm shape is not part of a run: with global_batch_size, the run is the same on any
+    number of ranks, so a stage moved to another shape resumes its runs."""
+    text = BASE + DPO.replace("batch_size = 2 }", "batch_size = 2, global_batch_size = 8 }")
+    first = [r.run_id for r in plan_of(tmp_path, text).runs]
+    wider = plan_of(tmp_path, text + "[stages.dpo.slurm]\nnodes = 2\nntasks_per_node = 2\n")
+    assert [r.run_id for r in wider.runs] == first
+
+
 def test_precomputed_reference_runs_share_one_cache_outside_their_identity(tmp_path):
     text = BASE + DPO.replace("batch_size = 2 }", "batch_size = 2, precompute_ref_log_probs = true }") + \
         '[stages.dpo.grid]\n"dpo_training.beta" = [0.1, 0.2]\n'

@@ -24,6 +24,17 @@ def test_same_config_resumes_and_step_counts_may_change():
     assert longer.step == 7
 
 
+def test_the_global_batch_may_be_split_otherwise_but_not_changed():
+    saved = {**progress(global_batch=8).state_dict(), "step": 5}
+    halved = progress({**RAW, "dpo_training": {**RAW["dpo_training"], "batch_size": 1,
+                                                "gradient_accumulation_steps": 2}}, global_batch=8)
+    halved.load_state_dict(saved)  # what the out-of-memory advice says to do, on any world size
+    assert halved.step == 5
+    with pytest.raises(CheckpointError, match=r"global batch 8 -> 4 \(batch_size x gradient_accumulation_steps x "
+                                              r"world size; .*global_batch_size keeps it on any world size\)"):
+        progress(global_batch=4).load_state_dict(saved)
+
+
 def test_a_key_unknown_when_the_checkpoint_was_written_is_not_a_change():
     saved = progress().state_dict()
     del saved["config"]["dpo_training"]["weight_decay"]  # as if written before the key existed
