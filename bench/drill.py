@@ -272,6 +272,25 @@ def refused_resume(d: Drill):
     return outcome, None if digest(run) == before else "the refused resume changed the run directory"
 
 
+def batch_changed(split: bool):
+    """Resume with half the micro-batch: alone (another global batch, refused), or with twice the
+    accumulation (the out-of-memory advice: the same global batch, resumed)."""
+    def run(d: Drill):
+        where = d.folder()
+        raw = d.trained(where)
+        before = digest(Path(raw["dpo_training"]["save_dir"]))
+        raw["dpo_training"]["batch_size"] = 2
+        if split:
+            raw["dpo_training"]["gradient_accumulation_steps"] = 2
+        outcome = d.train(d.write(where, raw))
+        if split:
+            return outcome, None if "resumed from" in outcome.out and "at step 2/4" in outcome.out else \
+                "did not resume from its last checkpoint (step 2)"
+        return outcome, None if digest(Path(raw["dpo_training"]["save_dir"])) == before else \
+            "the refused resume changed the run directory"
+    return run
+
+
 def changed_data(d: Drill):
     where = d.folder()
     data = where / "data.jsonl"
@@ -394,6 +413,9 @@ CASES = [
                                          "precompute_ref_log_probs": True}})),
     Case("config", "ref_model_sync_steps without sync_ref_model", trainer_config(
         lambda r: {**r, "dpo_training": {**r["dpo_training"], "ref_model_sync_steps": 64}})),
+    Case("config", "global_batch_size and gradient_accumulation_steps both", trainer_config(
+        lambda r: {**r, "dpo_training": {**r["dpo_training"], "global_batch_size": 8,
+                                         "gradient_accumulation_steps": 2}})),
     Case("config", "router_aux_loss_coef on a dense model", trainer_config(lambda r: {**r, "router_aux_loss_coef": 0.02})),
     Case("config", "a system column mapped under format = text", trainer_config(
         lambda r: {**r, "dataset": {**r["dataset"], "format": "text", "columns": {"system": "sys"}}})),
@@ -435,6 +457,9 @@ CASES = [
     Case("checkpoint", "every checkpoint corrupt", all_corrupt),
     Case("checkpoint", "resume with another learning rate", refused_resume),
     Case("checkpoint", "run directory moved, then resumed", moved_run, succeeds=True),
+    Case("checkpoint", "resume with half the micro-batch (another global batch)", batch_changed(split=False)),
+    Case("checkpoint", "resume with half the micro-batch and twice the accumulation", batch_changed(split=True),
+         succeeds=True),
     Case("checkpoint", "links planted at data_report.json, .final-model.tmp, .tmp-step_*", links_planted, succeeds=True),
     Case("checkpoint", "a link planted as the only checkpoint (step_*)", link_as_the_only_checkpoint),
     Case("runtime", "a second trainer on a running run's save_dir", second_writer),

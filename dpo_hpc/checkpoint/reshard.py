@@ -25,6 +25,7 @@ import torch
 
 from ..fsutil import remove_tree
 from ..runtime import DistEnv, barrier, main_rank_first
+from ..runtime.failures import disk_full, no_space
 from . import layout
 from .layout import CheckpointError
 from .safe_load import load_tensors_only
@@ -77,11 +78,16 @@ def load_resharded(engine, path: Path, dist: DistEnv, saved_world: int, strict: 
             try:
                 convert(path / layout.ENGINE_TAG, scratch / layout.ENGINE_TAG)
             except Exception as exc:
+                full = disk_full(exc, path.parent)  # before the cleanup frees space again
                 remove_tree(scratch)
+                if full:
+                    raise no_space(path.parent, f"converting checkpoint {path.name} for world size "
+                                                f"{dist.world_size}") from exc
                 if isinstance(exc, CheckpointError):
                     raise
                 raise CheckpointError(f"{path}: DeepSpeed could not convert it for world size {dist.world_size} "
-                                      f"({type(exc).__name__}: {exc}); resume it with world size {saved_world}") from exc
+                                      f"({type(exc).__name__}: {exc}); resume it with world size "
+                                      f"{saved_world}") from exc
             log(f"converted in {time.perf_counter() - started:.0f} s")
         elif not (scratch / layout.ENGINE_TAG).is_dir():
             raise CheckpointError(f"{path}: rank 0 did not convert it for world size {dist.world_size} (see its log)")

@@ -287,7 +287,8 @@ class TrainingConfig:
         share = self.global_batch_size // world_size
         if share % self.batch_size:
             raise ValueError(f"global_batch_size = {self.global_batch_size} on {world_size} ranks is {share} per rank, "
-                             f"not a multiple of batch_size = {self.batch_size}; choose a batch_size that divides {share}")
+                             f"not a multiple of batch_size = {self.batch_size}; choose a batch_size that divides "
+                             f"{share}")
         return share // self.batch_size
 
     def warmup(self, total_steps: int) -> int:

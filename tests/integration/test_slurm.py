@@ -395,6 +395,50 @@ def test_two_ranks_under_srun_in_one_array_task(tmp_path, micro_model, reverse_d
     assert (states[0]["beta"], states[0]["tau"]) == (states[1]["beta"], states[1]["tau"])
 
 
+SHAPED = """
+[stages.dpo]
+trainer = "dpo"
+[stages.dpo.slurm]
+ntasks_per_node = 2
+max_requeues = { preemption = 0 }
+[stages.dpo.config]
+policy_name = "MODEL"
+dataset = { dataset_name = "DATA", val_ratio = 0.1, max_length = 96, max_prompt_length = 64 }
+deepspeed = { zero_stage = 2 }
+[stages.dpo.config.dpo_training]
+learning_rate = 1e-3
+batch_size = 2
+global_batch_size = 4
+max_steps = 160
+logging_steps = 1
+"""
+
+
+def test_a_stage_given_fewer_ranks_resumes_its_run_on_them(tmp_path, micro_model, reverse_data):
+    """global_batch_size: a run stopped on 2 ranks, resubmitted with ntasks_per_node = 1, is the same
+    run (same id); its task converts the ZeRO-2 checkpoint and trains on with twice the accumulation."""
+    path = experiment(tmp_path, micro_model, reverse_data, SHAPED, name="shape")
+    submit(path)
+    row = wait_for(path, lambda r: r["state"] == "running" and (r["step"] or 0) >= 3, "not training on 2 ranks")
+    subprocess.run(["scancel", "--signal=USR2", row["job"]], check=True)
+    row = wait_for(path, lambda r: r["state"] == "stopped", "the USR2 did not stop the run")
+    (run_dir,) = (tmp_path / "out/shape/dpo").iterdir()
+    stopped = manifest(run_dir)["step"]
+    assert manifest(run_dir)["world_size"] == 2 and 3 <= stopped < 160
+    assert (run_dir / "checkpoints" / layout.step_dir_name(stopped) / "engine" /
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
+    path.write_text(path.read_text().replace("ntasks_per_node = 2", "ntasks_per_node = 1"))
+    submit(path)
+    rows = wait_settled(path)
+    assert [r["state"] for r in rows.values()] == ["done"], rows
+    assert [p.name for p in (tmp_path / "out/shape/dpo").iterdir()] == [run_dir.name]  # the same run
+    m = manifest(run_dir)
+    assert m["status"] == "completed" and m["world_size"] == 1 and m["starts"] == 2 and m["final_step"] == 160
+    log = "\n".join(p.read_text() for p in (tmp_path / "out/shape/.submit").rglob("*.out"))
+    assert f"checkpoint {layout.step_dir_name(stopped)} was written with world size 2, this run has 1" in log
+    assert f"at step {stopped}/160" in log
+
+
 def test_train_sbatch_template_runs_one_trainer(tmp_path, micro_model, reverse_data):
     """hpc/train.sbatch: a single trainer config as a plain sbatch job (srun, USR2 handling)."""
     config = {"policy_name": str(micro_model), "precision": "fp32",
