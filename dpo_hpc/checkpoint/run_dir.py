@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import socket
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -29,6 +28,7 @@ from typing import Any, Optional
 from .. import __version__
 from ..config import ConfigError, to_dict, to_identity
 from ..fsutil import atomic_write_json, blocking_file
+from . import provenance
 
 MANIFEST = "run_manifest.json"
 SAMPLES = "samples"
@@ -37,7 +37,6 @@ MODEL_CONFIG, ADAPTER_CONFIG = "config.json", "adapter_config.json"
 SAVED_MODEL_FILES = (MODEL_CONFIG, ADAPTER_CONFIG)
 """A folder is a saved model when it holds one of these (a full model's config, a LoRA adapter's)."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-_LIBRARIES = ("torch", "transformers", "datasets", "deepspeed", "tokenizers", "submitit", "tensorboard", "numpy")
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT", "SLURM_JOB_NODELIST")
 
 
@@ -45,29 +44,6 @@ def config_hash(cfg) -> str:
     """Hash of the run's identity (its non-default values; see ``config.to_identity``)."""
     blob = json.dumps(to_identity(cfg), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _git_sha() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in _LIBRARIES:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return found
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -129,8 +105,10 @@ class RunDir:
             "trainer": trainer,
             "config_hash": config_hash(cfg),
             "package_version": __version__,
-            "git_sha": _git_sha(),
-            "libraries": _versions(),
+            **provenance.git_state(Path(__file__).resolve().parent),
+            "libraries": provenance.library_versions(),
+            "environment": provenance.environment(),
+            "container": provenance.container(),
             "python": platform.python_version(),
             "seed": cfg.training.seed,
             "world_size": world_size,
