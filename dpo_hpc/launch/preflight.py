@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..checkpoint.run_dir import SAVED_MODEL_FILES, not_loadable
+from ..checkpoint.run_dir import SAVED_MODEL_FILES, RunDir, not_loadable
 from ..config import ALGORITHMS, ConfigError, validate_mapping
 from ..experiment import Plan
 from ..fsutil import blocking_file, existing_ancestor
@@ -227,6 +227,26 @@ def check_batch(cfg, trainer: str, ranks: int, found: Findings, where: str) -> N
                               "ntasks_per_node)")
 
 
+def check_resumable(cfg, ranks: int, found: Findings, where: str) -> None:
+    """A stopped run resubmitted on another shape: its checkpoint's global batch must be what this
+    shape gives, or the trainer refuses to resume, once the job starts (maybe hours later)."""
+    from ..checkpoint.manager import peek_shared
+
+    run = RunDir(cfg.training.save_dir)
+    if (run.read_manifest() or {}).get("status") == "completed":
+        return  # not resubmitted
+    newest = peek_shared(run.checkpoints, "progress")
+    try:
+        batch = cfg.training.batch_size * cfg.training.accumulation_steps(ranks) * ranks
+    except ValueError:
+        return  # check_batch says why
+    if newest is not None and newest[1].get("global_batch") not in (None, batch):
+        found.problems.append(f"{where}: its checkpoint {newest[0].name} was trained with a global batch of "
+                              f"{newest[1]['global_batch']}, which this stage's {ranks} rank(s) (nodes x "
+                              f"ntasks_per_node) make {batch}, so it would not resume; give the stage its shape back "
+                              "(global_batch_size keeps the global batch on any shape, in a new run)")
+
+
 def check_plan(plan: Plan, root_only: bool = False) -> Findings:
     """Every run of an experiment, before anything is queued (``root_only``: the output root)."""
     found = Findings()
@@ -269,6 +289,7 @@ def check_plan(plan: Plan, root_only: bool = False) -> Findings:
                 cfg = validate_mapping(run.config, run.trainer, source=run.run_id)
                 where = f"{plan.source}: stages.{stage} ({run.run_id})"
                 check_batch(cfg, run.trainer, ranks, found, where)
+                check_resumable(cfg, ranks, found, where)
                 check_config(cfg, run.trainer, found, where, slurm.get("env") or {}, models_exist=run.parent is None,
                              made_later=made_later)
     finally:
