@@ -68,7 +68,8 @@ def container(env: Optional[dict[str, str]] = None) -> Optional[dict[str, Any]]:
         found: dict[str, Any] = {"runtime": "apptainer", "image": image}
         try:
             stat = Path(image).stat()
-            found.update(size=stat.st_size, modified=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(stat.st_mtime)))
+            found.update(size=stat.st_size,
+                         modified=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(stat.st_mtime)))
         except OSError:
             pass  # a sandbox folder or an image not visible from inside: its path still says which
         return found

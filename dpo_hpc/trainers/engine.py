@@ -128,13 +128,15 @@ ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "f
 
 
 def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implementation: str = "sdpa",
-                   trust_remote_code: bool = False, torch_dtype: Optional[str] = None, reward_model: bool = False):
+                   trust_remote_code: bool = False, torch_dtype: Optional[str] = None, reward_model: bool = False,
+                   partition_with: Optional[dict] = None):
     """A causal LM (loaded by name, or a model passed in) with dropout off (margins at step 0 must
     be exactly 0, spec pitfall P5); a reference is frozen and in eval mode. Weights load in
     ``torch_dtype`` when given, else fp32 for a trained model (DeepSpeed's master weights) and
     ``precision`` for a reference. With ``reward_model``, the same model as a reward model (a
     sequence-classification model with one output: a causal LM's head gives way to a fresh score
-    head, drawn from the seeded generator)."""
+    head, drawn from the seeded generator). ``partition_with``, a ZeRO-3 DeepSpeed config: a model
+    loaded by name is built already cut into each rank's slice (``partitioned_loading``)."""
     import importlib.util
 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -156,7 +158,10 @@ def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implemen
 
     with _attention(attn_implementation):
         if isinstance(name_or_model, str):
-            model = from_pretrained(name_or_model)
+            # an adapter folder is merged into its base: that needs the whole weights
+            partition = partition_with is not None and not lora.is_adapter_folder(name_or_model)
+            with partitioned_loading(partition_with) if partition else contextlib.nullcontext():
+                model = from_pretrained(name_or_model)
         else:
             model = name_or_model.to(dtype)
             model.set_attn_implementation(attn_implementation)
@@ -171,6 +176,36 @@ def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implemen
         model.eval()
         model.requires_grad_(False)
     return model
+
+
+@contextlib.contextmanager
+def partitioned_loading(ds_cfg: dict):
+    """Models loaded by name in this block are built under ``deepspeed.zero.Init`` and read into
+    each rank's ZeRO-3 slice (rank 0 reads the files, the others take their slices from it): no
+    rank ever holds the whole model, in host or device memory, so a model larger than one node's
+    memory per rank loads. transformers reads the setting from a module-level weak reference,
+    set only for the block: later loads in this process (a test suite's) build whole models."""
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    class ZeroThree:  # all transformers asks of the setting; its own class would need accelerate
+        config = ds_cfg
+
+        @staticmethod
+        def is_zero3() -> bool:
+            return True
+
+    setting = ZeroThree()  # the weak reference lives as long as this
+    set_hf_deepspeed_config(setting)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del setting
+
+
+def param_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's full shape, also when ZeRO-3 holds only this rank's slice of it."""
+    return getattr(param, "ds_shape", param.shape)
 
 
 def check_packing(model, layout: str = "packed", precision: str = "fp32") -> None:
@@ -330,7 +365,7 @@ def build_engine(model, training: TrainingConfig, ds_cfg: dict, total_steps: int
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            (decay if len(param_shape(param)) >= 2 else no_decay).append(param)
     fused = training.optim == "adamw_torch_fused"
     groups = [{"params": decay, "weight_decay": training.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(

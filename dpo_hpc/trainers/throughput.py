@@ -50,7 +50,7 @@ class FlopsModel:
         head = model.get_output_embeddings()
         seen, params, frozen = set(), 0, 0
         for p in model.parameters():
-            if p.ndim >= 2 and id(p) not in seen:
+            if len(getattr(p, "ds_shape", p.shape)) >= 2 and id(p) not in seen:  # ZeRO-3: a slice
                 seen.add(id(p))
                 params += getattr(p, "ds_numel", p.numel())
                 frozen += 0 if p.requires_grad else getattr(p, "ds_numel", p.numel())

@@ -263,10 +263,11 @@ class Trainer:
             if training.precompute_ref_log_probs:
                 ref_table, reference = self.reference_table(reference), None
         reward_model = self.algo.model == "reward_model"
+        partition_with = ds_cfg if cfg.deepspeed.zero_stage == 3 else None  # no rank holds the whole model
         model = load_causal_lm(self.model if self.model is not None else cfg.policy_name, cfg.precision,
                                trainable=True, attn_implementation=cfg.attn_implementation,
                                trust_remote_code=cfg.trust_remote_code, torch_dtype=cfg.torch_dtype,
-                               reward_model=reward_model)
+                               reward_model=reward_model, partition_with=partition_with)
         if reward_model:  # saved with it, so that transformers' pooling (a pipeline's) finds each reply's end
             model.config.pad_token_id = SpecialTokens.of(self.tokenizer).pad_id
             self.say("reward model: each prompt and reply scored at the reply's last token by the score head of "
@@ -277,7 +278,11 @@ class Trainer:
             source = "router_aux_loss_coef" if cfg.router_aux_loss_coef else "the model's config"
             self.say(f"router load-balancing loss added with weight {router_weight:g} (from {source}; "
                      "router_aux_loss_coef = 0 turns it off)")
-        if training.padding_free:  # on the training device: its attention kernels are the ones to check
+        partitioned = any(hasattr(p, "ds_shape") for p in model.parameters())
+        if partitioned:
+            self.say(f"ZeRO-3: the policy was loaded straight into each rank's slice ({self.dist.world_size} "
+                     "rank(s)); no rank held it whole")
+        if training.padding_free and not partitioned:  # on the training device: its kernels are the ones to check
             check_packing(model.to(self.device), batch_layout(cfg), cfg.precision)
         if training.gradient_checkpointing:
             checkpointed, blocks = checkpoint_blocks(model, training.gradient_checkpointing_every_n_layers)
@@ -299,6 +304,8 @@ class Trainer:
         self.flops = FlopsModel.of(model)  # before DeepSpeed partitions the parameters
         self.reference_online = reference is not None
         self.engine, _, self.scheduler = build_engine(model, training, ds_cfg, self.total_steps)
+        if training.padding_free and partitioned:  # the engine gathers each layer's slices as it runs
+            check_packing(self.engine.module, batch_layout(cfg), cfg.precision)
         self.reference_sync = None
         if self.algo.uses_reference and training.sync_ref_model:
             self.reference_sync = ReferenceSync(self.engine, reference, training.ref_model_mixup_alpha,
@@ -317,7 +324,8 @@ class Trainer:
         cfg = self.cfg
         reference = load_causal_lm(self.reference_source, cfg.precision, trainable=False,
                                    attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
-                                   torch_dtype=cfg.torch_dtype)
+                                   torch_dtype=cfg.torch_dtype,
+                                   partition_with=ds_cfg if cfg.deepspeed.zero_stage == 3 else None)
         if self.training.torch_compile:
             compile_blocks(reference)
         return prepare_reference(reference, ds_cfg)

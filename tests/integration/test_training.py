@@ -131,6 +131,29 @@ def test_sft_lowers_loss_on_a_fixed_batch_and_saves_a_loadable_model(tmp_path, m
     assert resolved["trainer"] == "sft" and resolved["sft_training"]["max_steps"] == 8
 
 
+def test_zero3_loads_the_policy_and_reference_straight_into_slices(tmp_path, micro_model, capsys):
+    """ZeRO-3: the models are built partitioned (no rank holds one whole), training goes on as
+    before, and transformers' ZeRO-3 setting is off again once they are loaded."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from dpo_hpc.trainers.engine import deepspeed_config, load_causal_lm, partitioned_loading
+    from dpo_hpc.trainers.trainer import train
+
+    raw = run_config(tmp_path, micro_model, small_data(tmp_path, 10), "dpo_training", max_steps=2)
+    raw["deepspeed"] = {"zero_stage": 3}
+    assert train(validate_mapping(raw, "dpo"), "dpo")["status"] == "completed"
+    assert "ZeRO-3: the policy was loaded straight into each rank's slice (1 rank(s))" in capsys.readouterr().out
+    assert not is_deepspeed_zero3_enabled()
+    cfg = validate_mapping(raw, "dpo")
+    ds = deepspeed_config(cfg.dpo_training, cfg.deepspeed, "fp32", 1)
+    with partitioned_loading(ds):
+        assert is_deepspeed_zero3_enabled()
+    model = load_causal_lm(str(micro_model), "fp32", trainable=True, partition_with=ds)
+    assert all(p.numel() == 0 and len(p.ds_shape) >= 1 for p in model.parameters())  # slices, held by DeepSpeed
+    whole = load_causal_lm(str(micro_model), "fp32", trainable=True)
+    assert all(p.numel() > 0 for p in whole.parameters()) and not is_deepspeed_zero3_enabled()
+
+
 def test_dpo_lowers_loss_with_zero2_and_accumulation(tmp_path, micro_model):
     from dpo_hpc.trainers.trainer import train
 
