@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -82,29 +81,31 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "bench/results_zero3_loading.json"))
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
+    with tempfile.TemporaryDirectory(prefix="dpo-hpc-zero3-") as work:
+        result = measure(Path(work), args)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
+    return 0
+
+
+def measure(work: Path, args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from dpo_hpc.tiny_model import make_tiny_model
 
-    work = Path(tempfile.mkdtemp(prefix="dpo-hpc-zero3-"))
-    try:
-        model = make_tiny_model(work / "model", hidden_size=args.hidden, num_layers=args.layers,
-                                num_heads=max(1, args.hidden // 64), intermediate_size=args.hidden * 11 // 4)
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        # stored in bf16 as released models are: the trained policy loads in fp32 (DeepSpeed's master weights)
-        AutoModelForCausalLM.from_pretrained(model).to(torch.bfloat16).save_pretrained(model)
-        size_mb = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 2**20
-        result = {"model_bf16_file_mb": round(size_mb, 1), "ranks": args.ranks}
-        for way in ("whole", "partitioned"):
-            per_rank = load_on_ranks(model, way, args.ranks)
-            result[way] = {"private_memory_growth_mb_per_rank": [round(g, 1) for g, _ in per_rank],
-                           "weights_kept_mb_per_rank": [round(h, 1) for _, h in per_rank]}
-            print(f"[zero3_loading] {way}: {result[way]}", flush=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-        print(json.dumps(result))
-        return 0
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    model = make_tiny_model(work / "model", hidden_size=args.hidden, num_layers=args.layers,
+                            num_heads=max(1, args.hidden // 64), intermediate_size=args.hidden * 11 // 4)
+    # stored in bf16 as released models are: the trained policy loads in fp32 (DeepSpeed's master weights)
+    AutoModelForCausalLM.from_pretrained(model).to(torch.bfloat16).save_pretrained(model)
+    size_mb = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 2**20
+    result = {"model_bf16_file_mb": round(size_mb, 1), "ranks": args.ranks}
+    for way in ("whole", "partitioned"):
+        per_rank = load_on_ranks(model, way, args.ranks)
+        result[way] = {"private_memory_growth_mb_per_rank": [round(g, 1) for g, _ in per_rank],
+                       "weights_kept_mb_per_rank": [round(h, 1) for _, h in per_rank]}
+        print(f"[zero3_loading] {way}: {result[way]}", flush=True)
+    return result
 
 
 if __name__ == "__main__":
