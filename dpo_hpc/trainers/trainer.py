@@ -23,7 +23,7 @@ from torch.profiler import record_function
 from ..algorithms.kto import weight_advice
 from ..algorithms.objectives import batch_layout, build_objective, build_scorer
 from ..checkpoint import CheckpointError, RunDir, config_hash
-from ..checkpoint.manager import Checkpointer, peek_shared
+from ..checkpoint.manager import Checkpointer, peek_shared, shared_state
 from ..config import Algorithm, ConfigError, algorithm, to_dict, to_identity
 from ..config.losses import is_reference_free, loss_types
 from ..data.collate import collate_completions, collate_pairs, to_device
@@ -391,6 +391,10 @@ class Trainer:
         step, path = self.checkpointer.resume(self.say)
         if path is not None:
             self.say(f"resumed from {path} at step {step}/{self.total_steps}")
+            if self.dist.is_main:  # with the manifest's own world size: whether the run changed shape
+                resumed = {"checkpoint": path.name, "step": step, "world_size": shared_state(path)["world_size"]}
+                self.manifest["resumed_from"] = resumed
+                self.run.annotate(resumed_from=resumed)
         return step
 
     def train_step(self, step: int) -> dict[str, float]:

@@ -85,6 +85,7 @@ def test_zero3_state_of_two_ranks_resumes_on_one_with_the_accumulation_derived(t
     assert not any(layout.is_scratch_dir(p.name) for p in (run_b / "checkpoints").iterdir())  # converted, loaded, gone
     manifest = json.loads((run_b / "run_manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["world_size"] == 1 and manifest["starts"] == 2
+    assert manifest["resumed_from"] == {"checkpoint": layout.step_dir_name(stopped), "step": stopped, "world_size": 2}
     assert_same_weights(Path(straight["dpo_training"]["save_dir"]), run_b)
     logged, straight_logged = scalars(run_b / "tensorboard"), scalars(Path(straight["dpo_training"]["save_dir"]) /
                                                                       "tensorboard")
