@@ -97,6 +97,17 @@ def test_sft_with_checkpointing_and_fused_adamw_on_the_gpu(tmp_path, micro_model
     assert train_on_gpu(tmp_path, "sft", raw)["status"] == "completed"
 
 
+def test_zero3_loads_into_gpu_slices_with_nccl(tmp_path, micro_model, reverse_data):
+    """ZeRO-3 in bf16 over nccl: the policy and reference are built partitioned on the GPU, padded
+    rows are checked against packed ones through the engine, and the run completes."""
+    raw = run_config(tmp_path, micro_model, reverse_data, "dpo_training", max_steps=4, batch_size=8, save_steps=2,
+                     padding_free=True)
+    raw.update(precision="bf16", deepspeed={"zero_stage": 3})
+    manifest = train_on_gpu(tmp_path, "dpo", raw)
+    assert manifest["status"] == "completed" and manifest["device"].endswith("nccl")
+    assert "ZeRO-3: the policy was loaded straight into each rank's slice (1 rank(s))" in manifest["stdout"]
+
+
 def test_padding_free_with_flex_attention_trains_as_padded_rows(tmp_path, micro_model, reverse_data):
     """The flat layout (one row, no padding) through flex attention's block-sparse kernel, whose
     backward exists only on GPUs: the weights after 3 steps match padded rows through sdpa."""
