@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from .engine import param_shape
+
 # Dense bf16 peak (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name(); the
 # first match wins, so the specific names come first.
 PEAK_BF16_TFLOPS = (
@@ -50,7 +52,7 @@ class FlopsModel:
         head = model.get_output_embeddings()
         seen, params, frozen = set(), 0, 0
         for p in model.parameters():
-            if len(getattr(p, "ds_shape", p.shape)) >= 2 and id(p) not in seen:  # ZeRO-3: a slice
+            if len(param_shape(p)) >= 2 and id(p) not in seen:
                 seen.add(id(p))
                 params += getattr(p, "ds_numel", p.numel())
                 frozen += 0 if p.requires_grad else getattr(p, "ds_numel", p.numel())
