@@ -152,6 +152,17 @@ def test_zero3_loads_the_policy_and_reference_straight_into_slices(tmp_path, mic
     assert all(p.numel() == 0 and len(p.ds_shape) >= 1 for p in model.parameters())  # slices, held by DeepSpeed
     whole = load_causal_lm(str(micro_model), "fp32", trainable=True)
     assert all(p.numel() > 0 for p in whole.parameters()) and not is_deepspeed_zero3_enabled()
+    # accelerate is not a runtime dependency (transformers' own ZeRO-3 setting class needs it): a fresh
+    # process where it cannot be imported loads partitioned all the same
+    script = (f"import sys; sys.modules['accelerate'] = None\n"
+              f"from dpo_hpc.runtime import init_distributed; init_distributed()\n"
+              f"from dpo_hpc.trainers.engine import load_causal_lm\n"
+              f"model = load_causal_lm({str(micro_model)!r}, 'fp32', True, partition_with={ds!r})\n"
+              f"print('sliced', all(hasattr(p, 'ds_shape') for p in model.parameters()))")
+    blocked = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300,
+                             env=clean_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                                           MASTER_PORT=str(free_port())))
+    assert blocked.returncode == 0 and "sliced True" in blocked.stdout, blocked.stderr[-2000:]
 
 
 def test_dpo_lowers_loss_with_zero2_and_accumulation(tmp_path, micro_model):
