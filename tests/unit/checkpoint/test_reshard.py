@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import re
 
 import pytest
 import torch
@@ -71,3 +72,29 @@ def test_an_interrupted_conversion_is_cleared_by_the_next_save(tmp_path):
                         shared={"progress": Progress()}, per_rank={})
     ckpt.save(5)
     assert not stale.exists() and [p.name for p in tmp_path.iterdir()] == [layout.step_dir_name(5)]
+
+
+@pytest.mark.parametrize("raised, expected", [
+    (OSError(28, "No space left on device"), "no space left on the device holding"),
+    (ValueError("an unexpected layout"), "DeepSpeed could not convert it for world size 1 (ValueError: an unexpected "
+                                         "layout); resume it with world size 2"),
+])
+def test_a_failed_conversion_is_one_line_and_leaves_no_scratch_folder(tmp_path, monkeypatch, raised, expected):
+    from dpo_hpc.checkpoint import reshard
+    from dpo_hpc.runtime.failures import RunFailure
+
+    checkpoint = tmp_path / layout.step_dir_name(4)
+    (checkpoint / layout.ENGINE_TAG).mkdir(parents=True)
+
+    def convert(engine_dir, out_dir):
+        out_dir.mkdir(parents=True)
+        (out_dir / "half-written.pt").write_bytes(b"x")
+        raise raised
+
+    monkeypatch.setattr(reshard, "convert", convert)
+    said = []
+    with pytest.raises((CheckpointError, RunFailure), match=re.escape(expected)):
+        reshard.load_resharded(object(), checkpoint, DistEnv(rank=0, local_rank=0, world_size=1), saved_world=2,
+                               strict=True, log=said.append)
+    assert not (tmp_path / layout.reshard_dir_name(checkpoint.name)).exists()
+    assert said[0].startswith(f"checkpoint {checkpoint.name} was written with world size 2, this run has 1")
