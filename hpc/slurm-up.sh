@@ -87,7 +87,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 # requeued jobs become eligible again after cred_expire seconds (default 120)
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 CryptoType=crypto/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
@@ -103,7 +103,8 @@ SlurmdLogFile=/var/log/slurm/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
 SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
+# a requeued job's begin time passing is no event: without a short periodic pass it waits ~20 s
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=0,bf_interval=1,sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 JobAcctGatherType=jobacct_gather/linux
