@@ -150,16 +150,19 @@ def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implemen
                            f"not installed here; install it or use attn_implementation = \"sdpa\""])
     dtype = getattr(torch, torch_dtype) if torch_dtype else torch.float32 if trainable else _DTYPES[precision]
 
+    # an adapter folder (a LoRA run's output) is merged into its base: in slices when it is plain
+    # LoRA, else by peft, which needs the base whole
+    partition = partition_with is not None and isinstance(name_or_model, str) and (
+        not lora.is_adapter_folder(name_or_model) or lora.merges_in_slices(name_or_model))
+
     def from_pretrained(name: str):
-        if lora.is_adapter_folder(name):  # a LoRA run's output: its base (maybe another run's) + the adapter
-            return lora.load_merged(name, from_pretrained)
+        if lora.is_adapter_folder(name):  # its base may be another run's adapter folder
+            return lora.load_merged(name, from_pretrained, in_slices=partition)
         return _loading(name, "model", SAVED_MODEL_FILES, lambda: auto_class.from_pretrained(
             name, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, **extra))
 
     with _attention(attn_implementation):
         if isinstance(name_or_model, str):
-            # an adapter folder is merged into its base: that needs the whole weights
-            partition = partition_with is not None and not lora.is_adapter_folder(name_or_model)
             with partitioned_loading(partition_with) if partition else contextlib.nullcontext():
                 model = from_pretrained(name_or_model)
         else:

@@ -11,6 +11,7 @@ an adapter loads as its base with the adapter merged in, so a DPO stage can star
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +21,13 @@ from ..checkpoint.run_dir import ADAPTER_CONFIG, MODEL_CONFIG
 from ..config import ConfigError
 from ..config.schema import LoraConfig
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+"""What peft puts before a layer's name in the adapter file's keys."""
+NOT_PLAIN_LORA = ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern", "layer_replication", "lora_bias",
+                  "trainable_token_indices")
+"""Adapter options that make a merge more than ``W += B @ A x scaling`` (or add whole layers):
+such an adapter is merged by peft, which needs its base whole."""
 MERGED = "merged"
 """Subfolder of a LoRA run's directory with the merged model (beside the adapter, transformers
 would load the adapter from the same folder)."""
@@ -57,13 +65,62 @@ def is_adapter_folder(name: str) -> bool:
     return path.is_dir() and (path / ADAPTER_CONFIG).exists() and not (path / MODEL_CONFIG).exists()
 
 
-def load_merged(folder: str, load_base):
-    """An adapter-only folder -> its base model (``load_base(name)``) with the adapter merged in."""
-    peft = _peft()
+def load_merged(folder: str, load_base, in_slices: bool = False):
+    """An adapter-only folder -> its base model (``load_base(name)``) with the adapter merged in;
+    ``in_slices``: the base loads in ZeRO-3 slices and the adapter is added one layer at a time
+    (``merge_in_slices``; only for ``merges_in_slices(folder)``)."""
     base_name = json.loads((Path(folder) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     if not base_name:
         raise ConfigError([f"{folder}: {ADAPTER_CONFIG} names no base model (base_model_name_or_path)"])
-    return peft.PeftModel.from_pretrained(load_base(base_name), folder).merge_and_unload()
+    if in_slices:
+        return merge_in_slices(load_base(base_name), folder)
+    return _peft().PeftModel.from_pretrained(load_base(base_name), folder).merge_and_unload()
+
+
+def merges_in_slices(folder: str) -> bool:
+    """Whether the adapter in ``folder``, and every adapter folder its base chain goes through, is
+    plain LoRA on weight matrices in safetensors, which ``merge_in_slices`` adds to a base that
+    ZeRO-3 loaded in slices (anything else is merged by peft, into a whole base)."""
+    from safetensors import safe_open
+
+    path = Path(folder)
+    config = json.loads((path / ADAPTER_CONFIG).read_text())
+    if (config.get("peft_type") != "LORA" or config.get("bias", "none") != "none"
+            or any(config.get(option) for option in NOT_PLAIN_LORA) or not (path / ADAPTER_WEIGHTS).is_file()):
+        return False
+    with safe_open(path / ADAPTER_WEIGHTS, "pt") as tensors:
+        if not all(key.endswith((".lora_A.weight", ".lora_B.weight")) for key in tensors.keys()):
+            return False
+    base = config.get("base_model_name_or_path")
+    return not (base and is_adapter_folder(base)) or merges_in_slices(base)
+
+
+def merge_in_slices(model, folder: str):
+    """``model``, its weights in ZeRO-3 slices, with the plain-LoRA adapter in ``folder`` added:
+    ``W += B @ A x scaling`` as peft merges it (the same float32 arithmetic), each weight gathered
+    alone, so a rank holds at most one whole weight matrix beyond its slice."""
+    import deepspeed
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
+    rank = config["r"]
+    scaling = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    tensors = load_file(Path(folder) / ADAPTER_WEIGHTS)
+    layers = dict(model.named_modules())
+    for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):  # every rank gathers in the same order
+        name = key.removesuffix(".lora_A.weight").removeprefix(PEFT_PREFIX)
+        weight = getattr(layers.get(name), "weight", None)
+        if not isinstance(weight, torch.nn.Parameter):
+            raise ConfigError([f"{folder}: the adapter has {name}, which is not a layer of its base model"])
+        delta = tensors[key.replace(".lora_A.", ".lora_B.")].float() @ tensors[key].float()
+        if config.get("fan_in_fan_out"):
+            delta = delta.T
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
+            if weight.shape != delta.shape:
+                raise ConfigError([f"{folder}: the adapter of {name} is for a {tuple(delta.shape)} weight; "
+                                   f"its base model's is {tuple(weight.shape)}"])
+            weight.data += delta * scaling  # each rank alike; rank 0's result is cut into the slices
+    return model
 
 
 class AdaptersOff(torch.nn.Module):

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_config, stop_at
+from conftest import BIN, REPO, run_config, stop_at
 from dpo_hpc.checkpoint import layout
 from dpo_hpc.config import validate_mapping
 
@@ -109,3 +110,76 @@ def test_lora_sft_then_dpo_from_its_adapter_folder_and_merged_output(tmp_path, m
     on_load = load_causal_lm(str(dpo_dir), "fp32", trainable=True)  # the adapter folder, merged when loaded
     for name, weight in merged.state_dict().items():
         torch.testing.assert_close(on_load.state_dict()[name], weight)
+
+
+def saved_adapter(model, folder: Path, base: str, **options) -> Path:
+    """``model`` with fresh LoRA adapters moved off zero, saved by peft naming ``base``."""
+    import peft
+
+    policy = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **options))
+    policy.peft_config["default"].base_model_name_or_path = base
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    policy.save_pretrained(folder)
+    return folder
+
+
+def test_zero3_loads_a_lora_chain_in_slices_equal_to_peft_merging_it_whole(tmp_path, micro_model):
+    """An adapter over an adapter over the model (a LoRA DPO run from a LoRA SFT run) loads under
+    ZeRO-3 with its base in slices and each adapter added layer by layer: the same weights, bit
+    for bit, as peft merging both into a whole model. An adapter that is more than plain LoRA
+    (here DoRA) is merged by peft, which needs the base whole."""
+    import deepspeed
+    from test_training import clean_env, free_port
+
+    from dpo_hpc.runtime import init_distributed
+    from dpo_hpc.trainers import lora
+    from dpo_hpc.trainers.engine import load_causal_lm
+
+    init_distributed()  # one rank, in this process
+
+    def load(name, partition_with=None):
+        return load_causal_lm(str(name), "fp32", trainable=True, partition_with=partition_with)
+
+    sft = saved_adapter(load(micro_model), tmp_path / "sft", str(micro_model), r=4, lora_alpha=8.0,
+                        target_modules="all-linear")
+    dpo = saved_adapter(load(sft), tmp_path / "dpo", str(sft), r=2, lora_alpha=4.0, use_rslora=True,
+                        target_modules=["q_proj", "v_proj", "down_proj"])
+    assert lora.merges_in_slices(str(dpo))
+    zero3 = {"train_batch_size": 2, "zero_optimization": {"stage": 3}}  # 1 or 2 ranks
+    sliced, whole = load(dpo, zero3), load(dpo)
+    assert all(p.numel() == 0 for p in sliced.parameters())  # no rank held it whole
+    with deepspeed.zero.GatheredParameters(list(sliced.parameters())):
+        gathered = {name: p.detach().clone() for name, p in sliced.named_parameters()}
+    expected = dict(whole.named_parameters())
+    assert gathered.keys() == expected.keys()
+    assert all(torch.equal(gathered[name], expected[name]) for name in gathered)
+    assert not torch.equal(expected["model.layers.0.self_attn.q_proj.weight"],
+                           dict(load(micro_model).named_parameters())["model.layers.0.self_attn.q_proj.weight"])
+
+    # Two ranks, each merging into its own slices: the slices put together are the same weights.
+    script = tmp_path / "two_ranks.py"
+    script.write_text(
+        "import deepspeed, torch\n"
+        "from safetensors.torch import save_file\n"
+        "from dpo_hpc.runtime import init_distributed\n"
+        "from dpo_hpc.trainers.engine import load_causal_lm\n"
+        "rank = init_distributed().rank\n"
+        f"model = load_causal_lm({str(dpo)!r}, 'fp32', True, partition_with={zero3!r})\n"
+        "with deepspeed.zero.GatheredParameters(list(model.parameters())):\n"
+        "    whole = {n: p.detach().clone() for n, p in model.named_parameters()}\n"
+        f"save_file(whole, {str(tmp_path)!r} + f'/rank{{rank}}.safetensors')\n")
+    result = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+                             str(script)], capture_output=True, text=True, env=clean_env(OMP_NUM_THREADS="1"),
+                            cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in (0, 1):
+        merged = load_file(tmp_path / f"rank{rank}.safetensors")
+        assert merged.keys() == expected.keys() and all(torch.equal(merged[n], expected[n]) for n in merged)
+
+    dora = saved_adapter(load(micro_model), tmp_path / "dora", str(micro_model), r=4, use_dora=True,
+                         target_modules=["q_proj"])
+    assert not lora.merges_in_slices(str(dora))
+    assert all(p.numel() > 0 for p in load(dora, zero3).parameters())
