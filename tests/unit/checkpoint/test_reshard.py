@@ -98,3 +98,23 @@ def test_a_failed_conversion_is_one_line_and_leaves_no_scratch_folder(tmp_path, 
                                strict=True, log=said.append)
     assert not (tmp_path / layout.reshard_dir_name(checkpoint.name)).exists()
     assert said[0].startswith(f"checkpoint {checkpoint.name} was written with world size 2, this run has 1")
+
+
+def test_a_rank_that_finds_no_conversion_after_rank_0_ended_says_so_and_loads_nothing(tmp_path, monkeypatch):
+    """Rank 0's failure is its own line; every other rank, let go once rank 0 ended, finds no
+    universal form and says where to look instead of loading a half-written one."""
+    from dpo_hpc.checkpoint import reshard
+
+    checkpoint = tmp_path / layout.step_dir_name(4)
+    (checkpoint / layout.ENGINE_TAG).mkdir(parents=True)
+    monkeypatch.setattr(reshard, "main_rank_first", lambda dist, work: work())  # rank 0 has ended
+    monkeypatch.setattr(reshard, "convert", lambda *_: pytest.fail("only rank 0 converts"))
+
+    class NoLoad:
+        def load_checkpoint(self, *args, **kwargs):
+            pytest.fail("nothing to load")
+
+    with pytest.raises(CheckpointError, match=re.escape(f"{checkpoint}: rank 0 did not convert it for world size 2 "
+                                                        "(see its log)")):
+        reshard.load_resharded(NoLoad(), checkpoint, DistEnv(rank=1, local_rank=1, world_size=2), saved_world=4,
+                               strict=True, log=pytest.fail)
