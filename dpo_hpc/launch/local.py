@@ -13,7 +13,7 @@ from .sbatch import stage_slurm
 from .submission import ledger_of, task_row
 
 
-def run_local(plan: Plan, runs: list[Run], statuses: dict[str, RunStatus], poll_s: float = 1.0) -> dict[str, str]:
+def run_local(plan: Plan, runs: list[Run], statuses: dict[str, RunStatus], poll_s: float = 0.5) -> dict[str, str]:
     """Through submitit's LocalExecutor: a run starts once its parent and its reference pass are
     done, as many at once as the CPUs allow at each stage's cpus_per_task (torch threads are capped
     to it). Returns run id -> 'done', 'stopped', 'failed (...)' or 'not run: ...'."""

@@ -310,7 +310,7 @@ ntasks_per_node = 1
 [stages.dpo.config]
 policy_name = "MODEL"
 dataset = { dataset_name = "DATA", val_ratio = 0.1, max_length = 96, max_prompt_length = 64 }
-dpo_training = { learning_rate = 1e-3, batch_size = 2, max_steps = 150, save_steps = 50, logging_steps = 1 }
+dpo_training = { learning_rate = 1e-3, batch_size = 2, max_steps = 90, save_steps = 30, logging_steps = 1 }
 deepspeed = { zero_stage = 3 }
 """
 
