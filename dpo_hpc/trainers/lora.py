@@ -42,8 +42,11 @@ def _peft():
     return peft
 
 
-def add_adapters(model, cfg: LoraConfig, base_name: Optional[str] = None, task_type: str = "CAUSAL_LM"):
-    """The model with fresh LoRA adapters (B = 0: the policy starts equal to its base).
+def add_adapters(model, cfg: LoraConfig, base_name: Optional[str] = None, task_type: str = "CAUSAL_LM",
+                 seed: int = 0):
+    """The model with fresh LoRA adapters (B = 0: the policy starts equal to its base; A drawn
+    from ``seed`` alone, whatever loading the base drew before: peft's merge of an adapter folder
+    draws, the ZeRO-3 merge in slices does not, and both must give a run the same adapters).
     ``base_name`` is what the saved adapter names as its base: the name the policy was loaded by
     (for a policy that was itself a LoRA run, that run's folder, not the model under it).
     ``task_type`` is peft's: ``SEQ_CLS`` (a reward model) also trains the new score head whole."""
@@ -51,7 +54,9 @@ def add_adapters(model, cfg: LoraConfig, base_name: Optional[str] = None, task_t
     config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                              target_modules=cfg.target_modules, bias="none", task_type=task_type)
     try:
-        model = peft.get_peft_model(model, config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = peft.get_peft_model(model, config)
     except ValueError as exc:  # e.g. target modules not found in the model
         raise ConfigError([f"lora.target_modules = {cfg.target_modules!r}: {exc}"]) from None
     if base_name is not None:

@@ -289,7 +289,7 @@ class Trainer:
             self.say(f"gradient checkpointing: {checkpointed} of {blocks} blocks")
         if cfg.lora is not None:
             model = lora.add_adapters(model, cfg.lora, cfg.policy_name if self.model is None else None,
-                                      task_type="SEQ_CLS" if reward_model else "CAUSAL_LM")
+                                      task_type="SEQ_CLS" if reward_model else "CAUSAL_LM", seed=training.seed)
             self.say(lora.trainable_summary(model))
         if training.torch_compile:
             self.say(f"torch.compile: {compile_blocks(model)} blocks of the policy (compiled on first use)")

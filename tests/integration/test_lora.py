@@ -111,6 +111,15 @@ def test_lora_sft_then_dpo_from_its_adapter_folder_and_merged_output(tmp_path, m
     for name, weight in merged.state_dict().items():
         torch.testing.assert_close(on_load.state_dict()[name], weight)
 
+    # Under ZeRO-3 the SFT adapter is merged in slices, not by peft, yet the run is the same: its
+    # new adapters are drawn from the seed alone (to summation order, as ZeRO-3 sums otherwise).
+    zero3 = lora_dpo(tmp_path, sft_dir, reverse_data, "dpo3", zero_stage=3)
+    assert train(validate_mapping(zero3, "dpo"), "dpo")["status"] == "completed"
+    a, b = (load_file(d / "adapter_model.safetensors") for d in (dpo_dir, Path(zero3["dpo_training"]["save_dir"])))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+
 
 def saved_adapter(model, folder: Path, base: str, **options) -> Path:
     """``model`` with fresh LoRA adapters moved off zero, saved by peft naming ``base``."""
