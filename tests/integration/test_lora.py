@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 from pathlib import Path
 
@@ -187,6 +188,24 @@ def test_zero3_loads_a_lora_chain_in_slices_equal_to_peft_merging_it_whole(tmp_p
     for rank in (0, 1):
         merged = load_file(tmp_path / f"rank{rank}.safetensors")
         assert merged.keys() == expected.keys() and all(torch.equal(merged[n], expected[n]) for n in merged)
+
+    # An adapter that does not fit its base is one line naming the folder and the layer.
+    from safetensors.torch import save_file
+
+    from dpo_hpc.config import ConfigError
+
+    tensors = load_file(dpo / "adapter_model.safetensors")
+    q_proj = "base_model.model.model.layers.0.self_attn.q_proj"
+    for other, said in (("model.layers.0.mlp.up_proj", "is for a (64, 64) weight; its base model's is (128, 64)"),
+                        ("model.layers.9.self_attn.q_proj", "which is not a layer of its base model")):
+        bad = tmp_path / f"bad-{other}"
+        bad.mkdir()
+        (bad / "adapter_config.json").write_text((dpo / "adapter_config.json").read_text())
+        save_file({key.replace(q_proj, f"base_model.model.{other}"): t for key, t in tensors.items()},
+                  bad / "adapter_model.safetensors")
+        with pytest.raises(ConfigError, match=re.escape(said)) as refused:
+            load(bad, zero3)
+        assert str(bad) in str(refused.value) and other in str(refused.value)
 
     dora = saved_adapter(load(micro_model), tmp_path / "dora", str(micro_model), r=4, use_dora=True,
                          target_modules=["q_proj"])
