@@ -23,13 +23,24 @@ import torch.nn.functional as F
 
 from ..config.schema import VARLEN_ATTN as NAME
 
-try:
-    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
-except ImportError:  # torch < 2.9
-    _varlen_attn = None
+# Set by load_kernel(), not at import: torch.nn.attention.varlen imports torch._dynamo (about a
+# second per process), which every run that does not use varlen_attn would pay.
+_varlen_attn = None
 # The keyword arguments this torch's kernel takes: 2.9 has is_causal; later ones window_size and
-# scale; 2.12 enable_gqa. Read once here, so a compiled block traces none of it.
-_KERNEL_OPTIONS = frozenset(inspect.signature(_varlen_attn).parameters) if _varlen_attn else frozenset()
+# scale; 2.12 enable_gqa. Read once, so a compiled block traces none of it.
+_KERNEL_OPTIONS: frozenset = frozenset()
+
+
+def load_kernel():
+    """Import PyTorch's kernel (idempotent); None where this torch has none (< 2.9)."""
+    global _varlen_attn, _KERNEL_OPTIONS
+    if _varlen_attn is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:  # torch < 2.9
+            return None
+        _varlen_attn, _KERNEL_OPTIONS = varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+    return _varlen_attn
 
 
 def _ampere_or_newer(device: torch.device) -> bool:
@@ -44,6 +55,7 @@ def kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
 
 def describe(device: torch.device, dtype: torch.dtype, padding_free: bool) -> str:
     """The run's line on which path its attention takes."""
+    load_kernel()
     if kernel_runs(device, dtype):
         line = "varlen_attn: PyTorch's variable-length flash-attention kernel"
     else:
@@ -112,4 +124,5 @@ def register() -> None:
     """Make ``attn_implementation = "varlen_attn"`` known to transformers (idempotent)."""
     from transformers import AttentionInterface
 
+    load_kernel()
     AttentionInterface.register(NAME, varlen_attention_forward)

@@ -110,7 +110,7 @@ def test_the_kernel_call_fits_each_torch_signature(monkeypatch, version):
     torch.testing.assert_close(out[None].double(), naive(q, k, v, lengths, 0.3), rtol=0, atol=1e-6)
 
 
-@pytest.mark.skipif(varlen_attention._varlen_attn is None, reason="this torch has no varlen_attn")
+@pytest.mark.skipif(varlen_attention.load_kernel() is None, reason="this torch has no varlen_attn")
 def test_the_kernel_path_traces_as_one_graph_for_torch_compile(monkeypatch):
     """torch_compile compiles each block whole only if the attention call does not break the graph
     (no host syncs, no device queries that dynamo cannot fold), and once for every batch only if
