@@ -188,6 +188,22 @@ def validation_prompts(run_dir: str | Path, tokenizer, limit: Optional[int] = No
     return prompts
 
 
+def load_reward_model(reward_model: str, tokenizer, device: torch.device):
+    """A reward model (``dpo-hpc train reward``, or any sequence-classification model with one
+    output) that scores the policy's tokens, so its tokenizer must be the policy's."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if AutoTokenizer.from_pretrained(reward_model).get_vocab() != tokenizer.get_vocab():
+        raise DataError(f"reward model {reward_model}: its tokenizer is not the policy's, and it scores the "
+                        "policy's tokens; use a reward model trained from the same base (dpo-hpc train reward)")
+    return AutoModelForSequenceClassification.from_pretrained(reward_model).to(device).eval()
+
+
+def judged_rows(prompts: Sequence[list[int]], replies: Sequence[list[int]], eos_id: int) -> list[list[int]]:
+    """Prompt and reply as a reward model trained on them: + EOS, unless the reply ended with it."""
+    return [prompt + reply + ([] if reply[-1:] == [eos_id] else [eos_id]) for prompt, reply in zip(prompts, replies)]
+
+
 class RewardModelJudge:
     """A training run's validation prompts; each model's greedy reply scored by a reward model
     (``dpo-hpc train reward``, or any sequence-classification model with one output and the
@@ -197,13 +213,8 @@ class RewardModelJudge:
 
     def __init__(self, reward_model: str, run_dir: str | Path, tokenizer, limit: Optional[int],
                  max_new_tokens: int, batch_size: int):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        if AutoTokenizer.from_pretrained(reward_model).get_vocab() != tokenizer.get_vocab():
-            raise DataError(f"reward model {reward_model}: its tokenizer is not the policy's, and it scores the "
-                            "policy's tokens; use a reward model trained from the same base (dpo-hpc train reward)")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.judge = AutoModelForSequenceClassification.from_pretrained(reward_model).to(self.device).eval()
+        self.judge = load_reward_model(reward_model, tokenizer, self.device)
         self.prompt_ids = validation_prompts(run_dir, tokenizer, limit)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         prompts = hashlib.sha256(json.dumps(self.prompt_ids).encode()).hexdigest()
@@ -221,10 +232,8 @@ class RewardModelJudge:
         for start in range(0, len(self.prompt_ids), self.batch_size):
             replies += greedy_completions(model, self.prompt_ids[start:start + self.batch_size], special.pad_id,
                                           stops, self.max_new_tokens)
-        # scored as the reward model trained: prompt, reply, EOS (added to a reply cut at max_new_tokens)
-        rows = [prompt + reply + ([] if reply[-1:] == [special.eos_id] else [special.eos_id])
-                for prompt, reply in zip(self.prompt_ids, replies)]
-        rewards = reward_scores(self.judge, rows, special.pad_id, self.batch_size)
+        rewards = reward_scores(self.judge, judged_rows(self.prompt_ids, replies, special.eos_id), special.pad_id,
+                                self.batch_size)
         return Scores([tokenizer.decode(r, skip_special_tokens=True) for r in replies], rewards, None, self.metric)
 
     def examples(self, scores: Scores, tokenizer) -> list[dict]:

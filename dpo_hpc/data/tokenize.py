@@ -140,6 +140,11 @@ def _ended(special: SpecialTokens, ids: list[int], add_eos: bool) -> list[int]:
     return ids if not add_eos or ids[-1:] == [special.eos_id] else ids + [special.eos_id]
 
 
+def encode_prompt(tokenizer, prompt_text: str, special: SpecialTokens) -> list[int]:
+    """A prompt's ids as training reads them: BOS (once, a chat template may write its own), then the text."""
+    return special.prefix + _without_special_ends(special, _encode(tokenizer, prompt_text))[0]
+
+
 def _prompt_and_completions(
     tokenizer, prompt_text: str, completions: tuple[str, ...], add_eos: bool, special: SpecialTokens, max_length: int,
     max_prompt_length: int, stats: Counter, truncation_mode: str,
@@ -149,7 +154,7 @@ def _prompt_and_completions(
     prompt_body = _encode(tokenizer, prompt_text)
     replies = [_ended(special, encode_completion(tokenizer, prompt_text, prompt_body, text, stats), add_eos)
                for text in completions]
-    prompt = special.prefix + _without_special_ends(special, prompt_body)[0]
+    prompt = special.prefix + _without_special_ends(special, prompt_body)[0]  # encode_prompt's, body reused
     if len(prompt) > max_prompt_length:
         prompt = prompt[-max_prompt_length:] if truncation_mode == "keep_end" else prompt[:max_prompt_length]
         stats["prompt_truncated"] += 1

@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
 from ..config.schema import VARLEN_ATTN
 from ..data.tokenize import TokenizedCompletion, TokenizedPair
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Drawing completions instead of taking the greedy one (transformers' names)."""
+
+    samples: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0: no cut (transformers' own default is 50)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,14 @@ def greedy_completions(model, prompts: Sequence[Sequence[int]], pad_id: int, sto
                        max_new_tokens: int, synced: bool = False) -> list[list[int]]:
     """Each prompt's greedy continuation, up to and including its first stop token. ``synced``:
     every rank calls with the same prompts (ZeRO-3, whose forwards gather weights from all ranks)."""
+    return completions(model, prompts, pad_id, stop_ids, max_new_tokens, synced=synced)
+
+
+@torch.no_grad()
+def completions(model, prompts: Sequence[Sequence[int]], pad_id: int, stop_ids: Sequence[int], max_new_tokens: int,
+                synced: bool = False, sampling: Optional[Sampling] = None) -> list[list[int]]:
+    """Each prompt's continuations, up to and including the first stop token: its greedy one, or
+    ``sampling.samples`` drawn from the global generator (prompt by prompt, in order)."""
     from transformers import GenerationConfig
 
     width = max(len(p) for p in prompts)
@@ -92,16 +111,20 @@ def greedy_completions(model, prompts: Sequence[Sequence[int]], pad_id: int, sto
         input_ids[i, width - len(row):] = torch.tensor(list(row))
         attention[i, width - len(row):] = 1
     device = next(model.parameters()).device
-    # A config of its own: the model's may sample (temperature, top_p), and a run's samples must not
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(stop_ids),
-                              pad_token_id=pad_id, use_cache=True)
+    # A config of its own: the model's may sample (temperature, top_p) where greedy is asked, and
+    # its top_k (transformers' default 50) would cut the distribution that sampling asks for whole
+    drawn = dict(do_sample=False) if sampling is None else dict(
+        do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+        num_return_sequences=sampling.samples)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids), pad_token_id=pad_id,
+                              use_cache=True, **drawn)
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                          generation_config=config, synced_gpus=synced)
-    completions = []
+    found = []
     for row in out[:, width:].tolist():
         end = next((i + 1 for i, token in enumerate(row) if token in stop_ids), len(row))
-        completions.append(row[:end])
-    return completions
+        found.append(row[:end])
+    return found
 
 
 def sample_rows(step: int, prompts: Sequence[SamplePrompt], completions: Sequence[list[int]], tokenizer,

@@ -22,6 +22,7 @@ LAYERS = [
     ("dpo_hpc.checkpoint",),           # run directory, checkpoint layout, checkpointer
     ("dpo_hpc.trainers",),             # engine, Trainer, metrics, the original API
     ("dpo_hpc.evaluate",),             # the verifiable benchmark's scorer
+    ("dpo_hpc.pairs",),                # on-policy preference pairs: sample, judge, keep the extremes
     ("dpo_hpc.scoreboard",),           # tables and plots of evaluate stages
     ("dpo_hpc.launch",),               # Slurm and local submission, job states, the array task
     ("dpo_hpc.submit", "dpo_hpc.status", "dpo_hpc.report", "dpo_hpc.prefetch", "dpo_hpc.reference"),  # experiment commands

@@ -1,0 +1,314 @@
+"""On-policy preference pairs: ``samples`` completions of every prompt drawn from a policy, each
+scored by a reward model or by the verifiable task's exact reward, and the best against the worst
+written as a preference dataset that the trainers read (the recipe of on-policy DPO data, as in
+SimPO's and Llama 3's: sample, judge, keep the extremes).
+
+    dpo-hpc make-pairs runs/x/sft --prompts data/prompts.jsonl --reward-model runs/x/rm --out runs/x/pairs
+
+OUT receives ``pairs.jsonl`` (TRL's prompt/chosen/rejected rows: the prompt as its row gave it,
+a string or messages, the replies as strings or as assistant messages to match, plus each side's
+reward), ``samples.jsonl`` (every sample, its reward and whether it stopped) and, last,
+``generation.json`` (settings, counts, mean rewards). The work goes into ``OUT/.make-pairs/`` in
+chunks of ``batch_size`` prompts, each drawn under a seed of its own and written aside, so a job
+killed on the way resumes at its first missing chunk and ends with the files of a job that never
+stopped (bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from .algorithms.reward import reward_scores
+from .config import ConfigError, DatasetConfig
+from .data.chat import ChatRenderer, TemplateRefused, is_messages, standard_messages
+from .data.hh import split_prompt
+from .data.sources import DataError, load_raw
+from .data.tokenize import SpecialTokens, encode_prompt
+from .data.verifiable import is_task_prompt, reward as exact_reward
+from .evaluate import judged_rows, load_reward_model
+from .fsutil import atomic_write_bytes, atomic_write_json, files_identity, remove_tree
+from .trainers.samples import Sampling, completions, stop_token_ids
+
+WORK = ".make-pairs"
+"""In OUT: the chunks made so far and the settings they were made with (removed once OUT is complete)."""
+DONE = "generation.json"
+"""In OUT, written last: a folder that has it holds a complete set of pairs."""
+PROGRESS_EVERY_S = 15.0
+
+
+@dataclass(frozen=True)
+class PairSettings:
+    samples: int = 4
+    """Completions drawn per prompt (the best and the worst of them make its pair)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0: no top-k cut."""
+    max_new_tokens: int = 128
+    max_prompt_length: int = 512
+    """Longer prompts keep their last tokens (as training truncates them, ``keep_end``)."""
+    batch_size: int = 16
+    """Prompts per generation call and per chunk (the chunks, and so the draws, depend on it)."""
+    seed: int = 0
+    limit: Optional[int] = None
+    """The first N usable prompts only."""
+
+    def problems(self) -> list[str]:
+        found = []
+        for name in ("samples", "max_new_tokens", "max_prompt_length", "batch_size"):
+            if getattr(self, name) < 1:
+                found.append(f"make-pairs: --{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.samples < 2:
+            found.append(f"make-pairs: --samples {self.samples}: a pair needs at least 2 samples of a prompt")
+        if not self.temperature > 0:
+            found.append(f"make-pairs: --temperature must be above 0 (sampling), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            found.append(f"make-pairs: --top-p must lie in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            found.append(f"make-pairs: --top-k must be 0 (off) or more, got {self.top_k}")
+        if self.limit is not None and self.limit < 1:
+            found.append(f"make-pairs: --limit must be at least 1, got {self.limit}")
+        return found
+
+
+@dataclass(frozen=True)
+class Prompt:
+    row: int
+    """Position of its row in the prompt data (``dataset[row]``)."""
+    given: Any
+    """The prompt as the row gave it: a string, or messages (TRL's role/content form)."""
+    text: str
+    """What the policy continues: the string, or the messages rendered with the generation prompt."""
+
+
+def prompt_of(row: dict[str, Any]) -> Optional[Any]:
+    """A row's prompt: its ``prompt`` (a string or messages), else the part of an HH ``chosen``
+    transcript before the last assistant turn; None if it has neither."""
+    prompt = standard_messages(row.get("prompt"))
+    if isinstance(prompt, str) and prompt.strip():
+        return prompt
+    if is_messages(prompt):
+        return prompt
+    transcript = row.get("chosen")
+    split = split_prompt(transcript) if isinstance(transcript, str) else None
+    return split[0] if split else None
+
+
+def read_prompts(source: str, subset: str, tokenizer, limit: Optional[int]) -> tuple[list[Prompt], Counter]:
+    """The usable prompts of ``source`` (a hub name or a local data file or folder), and the count
+    of rows dropped by reason."""
+    raw = load_raw(DatasetConfig(dataset_name=source, subset=subset), source="--prompts")
+    renderer = ChatRenderer(tokenizer)
+    prompts, dropped = [], Counter()
+    for i, row in enumerate(raw):
+        given = prompt_of(row)
+        if given is None:
+            dropped["no_prompt"] += 1
+            continue
+        if isinstance(given, str):
+            text = given
+        elif tokenizer.chat_template is None:
+            raise DataError(f"--prompts {source}: row {i} gives its prompt as messages, and the policy's tokenizer "
+                            "has no chat template to render them with")
+        else:
+            try:
+                text = renderer.render(given, generation_prompt=True)
+            except TemplateRefused as exc:
+                raise DataError(f"--prompts {source}: row {i}: the chat template refused its messages: {exc}") from None
+        prompts.append(Prompt(i, given, text))
+        if limit is not None and len(prompts) == limit:
+            break
+    if not prompts:
+        raise DataError(f"--prompts {source}: no row has a prompt (a 'prompt' string or messages, or an HH "
+                        f"'chosen' transcript); {sum(dropped.values())} row(s) read")
+    return prompts, dropped
+
+
+class VerifiableJudge:
+    """The verifiable task's exact reward (1 for the reversed word, else 0)."""
+
+    name = "verifiable"
+
+    def __init__(self, prompts: Sequence[Prompt]):
+        wrong = next((p for p in prompts if not is_task_prompt(p.text)), None)
+        if wrong is not None:
+            raise DataError(f"--verifiable: row {wrong.row}'s prompt is not one of the verifiable task's "
+                            f"(dpo-hpc make-data writes them): {wrong.text[:80]!r}")
+        self.identity = self.name
+
+    def scores(self, prompts: Sequence[Prompt], prompt_ids, replies: Sequence[list[int]], texts: Sequence[str]):
+        return [exact_reward(p.text, t) for p, t in zip(prompts, texts)]
+
+
+class RewardModel:
+    """A reward model's score of the prompt's tokens and the reply's (+ EOS), as it trained."""
+
+    name = "reward_model"
+
+    def __init__(self, path: str, tokenizer, device: torch.device, batch_size: int):
+        self.model = load_reward_model(path, tokenizer, device)
+        self.special, self.batch_size = SpecialTokens.of(tokenizer), batch_size
+        self.identity = files_identity(path) if Path(path).is_dir() else path
+
+    @torch.no_grad()
+    def scores(self, prompts: Sequence[Prompt], prompt_ids, replies: Sequence[list[int]], texts: Sequence[str]):
+        rows = judged_rows(prompt_ids, replies, self.special.eos_id)
+        return reward_scores(self.model, rows, self.special.pad_id, self.batch_size)
+
+
+def best_and_worst(rewards: Sequence[float]) -> Optional[tuple[int, int]]:
+    """Indices of the highest and the lowest reward (the first of equals); None when all are equal."""
+    best = max(range(len(rewards)), key=lambda i: (rewards[i], -i))
+    worst = min(range(len(rewards)), key=lambda i: (rewards[i], i))
+    return None if rewards[best] == rewards[worst] else (best, worst)
+
+
+def pair_row(prompt: Prompt, record: dict) -> Optional[dict]:
+    """The training row of a prompt's samples: its best against its worst, in the prompt's form."""
+    found = best_and_worst(record["rewards"])
+    if found is None:
+        return None
+    (best, worst), samples = found, record["samples"]
+    chosen, rejected = samples[best], samples[worst]
+    if not isinstance(prompt.given, str):  # conversational: the replies as the assistant's messages
+        chosen, rejected = ([{"role": "assistant", "content": text}] for text in (chosen, rejected))
+    return {"prompt": prompt.given, "chosen": chosen, "rejected": rejected, "chosen_reward": record["rewards"][best],
+            "rejected_reward": record["rewards"][worst], "row": prompt.row}
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The draws of chunk ``chunk``: its own seed, so a resumed job draws as an uninterrupted one."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{chunk}".encode()).digest()[:8], "little") >> 1
+
+
+def _chunk_path(work: Path, chunk: int) -> Path:
+    return work / f"chunk_{chunk:06d}.jsonl"
+
+
+def _read_chunk(path: Path, expected_rows: Sequence[int]) -> Optional[list[dict]]:
+    """The chunk's records, or None if it is missing or not what this chunk holds (then made again)."""
+    try:
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, ValueError):
+        return None
+    return records if [r.get("row") for r in records] == list(expected_rows) else None
+
+
+def make_pairs(model: str, prompts_source: str, out: str | Path, settings: PairSettings,
+               reward_model: Optional[str] = None, subset: str = "train",
+               say: Callable[[str], None] = print) -> dict:
+    """Sample, score, pair; write OUT's files and return what ``generation.json`` holds."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    problems = settings.problems()
+    if problems:
+        raise ConfigError(problems)
+    out = Path(out)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompts, dropped = read_prompts(prompts_source, subset, tokenizer, settings.limit)
+    judge = RewardModel(reward_model, tokenizer, device, settings.batch_size) if reward_model \
+        else VerifiableJudge(prompts)
+    identity = {"model": files_identity(model) if Path(model).is_dir() else model, "judge": judge.identity,
+                "prompts": hashlib.sha256(json.dumps([[p.row, p.text] for p in prompts]).encode()).hexdigest(),
+                "settings": asdict(settings), "dtype": str(dtype), "device": device.type}
+    identity = json.loads(json.dumps(identity))  # as a file holds it (tuples as lists), to compare with one
+    if (out / DONE).exists():
+        done = json.loads((out / DONE).read_text())
+        if done.get("identity") == identity:
+            say(f"[make-pairs] {out} already holds these pairs ({done['pairs']}); nothing to do")
+            return done
+        raise DataError(f"--out {out} holds pairs made from another model, prompts or settings; give another --out")
+    work = out / WORK
+    work.mkdir(parents=True, exist_ok=True)
+    settings_file = work / "identity.json"
+    if settings_file.exists() and json.loads(settings_file.read_text()) != identity:
+        raise DataError(f"--out {out}: {WORK}/ holds a partial run with another model, prompts or settings; give "
+                        f"another --out, or remove {work} to start over")
+    atomic_write_json(settings_file, identity)
+
+    policy = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
+    special, stops = SpecialTokens.of(tokenizer), stop_token_ids(tokenizer, policy)
+    sampling = Sampling(settings.samples, settings.temperature, settings.top_p, settings.top_k)
+    size = settings.batch_size
+    chunks = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+    say(f"[make-pairs] {len(prompts)} prompt(s) x {settings.samples} samples from {model} on {device.type}, "
+        f"judged by {reward_model or 'the verifiable task'}; {len(chunks)} chunk(s) of {size} in {work}")
+    records: list[dict] = []
+    started = last_line = time.monotonic()
+    made = 0
+    for c, chunk in enumerate(chunks):
+        path = _chunk_path(work, c)
+        found = _read_chunk(path, [p.row for p in chunk])
+        if found is None:
+            found = _sampled_chunk(policy, tokenizer, judge, chunk, special, stops, sampling, settings, c)
+            atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in found).encode())
+            made += len(chunk)
+        records += found
+        now = time.monotonic()
+        if now - last_line >= PROGRESS_EVERY_S or c == len(chunks) - 1:
+            last_line, done_n = now, len(records)
+            rate = made / (now - started) if made else 0.0
+            eta = f" | eta {int((len(prompts) - done_n) / rate)} s" if rate and done_n < len(prompts) else ""
+            say(f"[make-pairs] {done_n}/{len(prompts)} prompts ({100 * done_n // len(prompts)}%) | "
+                f"{rate:.2f} prompts/s{eta}")
+    return _finish(out, work, prompts, records, dropped, identity, settings, say)
+
+
+def _sampled_chunk(policy, tokenizer, judge, chunk: Sequence[Prompt], special: SpecialTokens, stops, sampling: Sampling,
+                   settings: PairSettings, index: int) -> list[dict]:
+    whole = [encode_prompt(tokenizer, p.text, special) for p in chunk]
+    ids = [i[-settings.max_prompt_length:] for i in whole]
+    torch.manual_seed(chunk_seed(settings.seed, index))
+    replies = completions(policy, ids, special.pad_id, stops, settings.max_new_tokens, sampling=sampling)
+    # the texts as training rows hold them: no stop token (the data pipeline ends a reply itself)
+    texts = [tokenizer.decode(r[:-1] if r[-1:] and r[-1] in stops else r, skip_special_tokens=True) for r in replies]
+    each = [p for p in chunk for _ in range(sampling.samples)]
+    rewards = judge.scores(each, [i for i in ids for _ in range(sampling.samples)], replies, texts)
+    k = sampling.samples
+    return [{"row": p.row, "samples": texts[i * k:(i + 1) * k], "rewards": [float(r) for r in rewards[i * k:(i + 1) * k]],
+             "stopped": [bool(r) and r[-1] in stops for r in replies[i * k:(i + 1) * k]],
+             "prompt_truncated": len(whole[i]) > settings.max_prompt_length}
+            for i, p in enumerate(chunk)]
+
+
+def _finish(out: Path, work: Path, prompts: Sequence[Prompt], records: Sequence[dict], dropped: Counter,
+            identity: dict, settings: PairSettings, say: Callable[[str], None]) -> dict:
+    rows = [pair_row(p, r) for p, r in zip(prompts, records)]
+    pairs = [row for row in rows if row is not None]
+    samples = [{"row": p.row, "prompt": p.given, **{k: r[k] for k in ("samples", "rewards", "stopped")}}
+               for p, r in zip(prompts, records)]
+    atomic_write_bytes(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples).encode())
+    if not pairs:  # no DONE, and the chunks stay: the same command again answers at once
+        raise DataError(f"make-pairs: every prompt's {settings.samples} samples scored alike, so no pair was made "
+                        f"({out / 'samples.jsonl'} has them); draw more samples or at a higher temperature, or "
+                        "start from a model that solves some of the prompts")
+    atomic_write_bytes(out / "pairs.jsonl", "".join(json.dumps(p) + "\n" for p in pairs).encode())
+    every = [x for r in records for x in r["rewards"]]
+    summary = {
+        "prompts": len(prompts), "pairs": len(pairs),
+        "skipped": {"rows_without_prompt": dropped["no_prompt"], "no_reward_spread": len(prompts) - len(pairs)},
+        "samples_per_prompt": settings.samples, "samples_cut_at_max_new_tokens":
+            sum(not s for r in records for s in r["stopped"]),
+        "prompts_truncated": sum(r["prompt_truncated"] for r in records),
+        "mean_reward": sum(every) / len(every),
+        "mean_chosen_reward": sum(p["chosen_reward"] for p in pairs) / len(pairs),
+        "mean_rejected_reward": sum(p["rejected_reward"] for p in pairs) / len(pairs),
+        "identity": identity,
+    }
+    atomic_write_json(out / DONE, summary)
+    remove_tree(work)  # the chunks this command wrote; every one of them is in samples.jsonl now
+    skipped = summary["skipped"]
+    say(f"[make-pairs] {len(pairs)} pair(s) from {len(prompts)} prompt(s) into {out / 'pairs.jsonl'}; skipped: "
+        f"{skipped['no_reward_spread']} prompt(s) whose samples all scored alike, {skipped['rows_without_prompt']} "
+        f"row(s) without a prompt; {summary['samples_cut_at_max_new_tokens']} sample(s) cut at max_new_tokens")
+    return summary
