@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import typing
 from typing import Optional, Sequence
 
 from pathlib import Path
@@ -109,18 +110,30 @@ def _cmd_make_data(args) -> int:
 
 
 def _cmd_make_pairs(args) -> int:
-    from .pairs import PairSettings, make_pairs
+    from .config import validate_as
+    from .experiment.schema import GenerationSection
+    from .pairs import make_pairs
 
-    if args.reward_model is None and not args.verifiable:
-        raise ConfigError(["make-pairs: give --reward-model (a judge of the samples) or --verifiable (the verifiable "
-                           "task's exact reward)"])
-    if args.reward_model is not None and args.verifiable:
-        raise ConfigError(["make-pairs: give --reward-model or --verifiable, not both"])
-    settings = PairSettings(samples=args.samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_new_tokens=args.max_new_tokens, max_prompt_length=args.max_prompt_length,
-                            batch_size=args.batch_size, seed=args.seed, limit=args.limit)
-    make_pairs(args.model, args.prompts, args.out, settings, reward_model=args.reward_model, subset=args.subset)
+    given = {key: value for key, value in vars(args).items()
+             if key in GenerationSection.__pydantic_fields__ and value is not None and value is not False}
+    make_pairs(args.model, validate_as(GenerationSection, given, source="make-pairs"), args.out)
     return 0
+
+
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    """``make-pairs``' options: the keys of [stages.X.generate], their meaning and defaults declared there."""
+    from .experiment.schema import GenerationSection
+
+    for key, field in GenerationSection.__pydantic_fields__.items():
+        words = (field.description or "").replace("``", "'")
+        default = "" if field.is_required() or field.default is None or field.default is False \
+            else f" (default {field.default})"
+        flag = f"--{key.replace('_', '-')}"
+        if field.annotation is bool:
+            p.add_argument(flag, action="store_true", help=words)
+        else:
+            kind = next(t for t in (int, float, str) if t in (field.annotation, *typing.get_args(field.annotation)))
+            p.add_argument(flag, type=kind, required=field.is_required(), help=words + default)
 
 
 def _accept_launcher_rank(parser: argparse.ArgumentParser) -> None:
@@ -208,21 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-pairs", help="on-policy preference pairs: samples of a model, judged, best against worst")
     p.add_argument("model", help="the policy's folder (save_pretrained; a run directory) or hub name")
-    p.add_argument("--prompts", required=True, help="data with a 'prompt' (string or messages) or HH 'chosen' "
-                   "column: a hub name or a local file or folder")
-    p.add_argument("--subset", default="train", help="split expression of --prompts (train, test, train[:1000])")
     p.add_argument("--out", required=True, help="folder for pairs.jsonl, samples.jsonl and generation.json")
-    p.add_argument("--reward-model", help="a reward model's folder (its tokenizer the policy's): it scores each sample")
-    p.add_argument("--verifiable", action="store_true", help="score by the verifiable task's exact reward instead")
-    p.add_argument("--samples", type=int, default=4, help="completions per prompt")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0: no cut")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--max-prompt-length", type=int, default=512, help="longer prompts keep their last tokens")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation call and per resumable chunk")
-    p.add_argument("--limit", type=int, help="first N prompts only")
-    p.add_argument("--seed", type=int, default=0)
+    _add_generation_options(p)
     p.set_defaults(func=_cmd_make_pairs)
     return parser
 

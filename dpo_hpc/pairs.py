@@ -27,56 +27,31 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .algorithms.reward import reward_scores
-from .config import ConfigError, DatasetConfig
+from .config import DatasetConfig
 from .data.chat import ChatRenderer, TemplateRefused, is_messages, standard_messages
 from .data.hh import split_prompt
 from .data.sources import DataError, load_raw
 from .data.tokenize import SpecialTokens, encode_prompt
 from .data.verifiable import is_task_prompt, reward as exact_reward
 from .evaluate import judged_rows, load_reward_model
+from .experiment import GENERATED_PAIRS, GENERATION_FILE
+from .experiment.schema import GENERATION_LOCATIONS, GenerationSection
 from .fsutil import atomic_write_bytes, atomic_write_json, files_identity, remove_tree
 from .trainers.samples import Sampling, completions, stop_token_ids
 
 WORK = ".make-pairs"
 """In OUT: the chunks made so far and the settings they were made with (removed once OUT is complete)."""
-DONE = "generation.json"
+DONE = GENERATION_FILE
 """In OUT, written last: a folder that has it holds a complete set of pairs."""
 PROGRESS_EVERY_S = 15.0
 
 
-@dataclass(frozen=True)
-class PairSettings:
-    samples: int = 4
-    """Completions drawn per prompt (the best and the worst of them make its pair)."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    """0: no top-k cut."""
-    max_new_tokens: int = 128
-    max_prompt_length: int = 512
-    """Longer prompts keep their last tokens (as training truncates them, ``keep_end``)."""
-    batch_size: int = 16
-    """Prompts per generation call and per chunk (the chunks, and so the draws, depend on it)."""
-    seed: int = 0
-    limit: Optional[int] = None
-    """The first N usable prompts only."""
+class PairsStopped(Exception):
+    """A stop signal (or the job's deadline) between two chunks: the chunks made so far are kept."""
 
-    def problems(self) -> list[str]:
-        found = []
-        for name in ("samples", "max_new_tokens", "max_prompt_length", "batch_size"):
-            if getattr(self, name) < 1:
-                found.append(f"make-pairs: --{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.samples < 2:
-            found.append(f"make-pairs: --samples {self.samples}: a pair needs at least 2 samples of a prompt")
-        if not self.temperature > 0:
-            found.append(f"make-pairs: --temperature must be above 0 (sampling), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            found.append(f"make-pairs: --top-p must lie in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            found.append(f"make-pairs: --top-k must be 0 (off) or more, got {self.top_k}")
-        if self.limit is not None and self.limit < 1:
-            found.append(f"make-pairs: --limit must be at least 1, got {self.limit}")
-        return found
+    def __init__(self, signal: str, chunks: int):
+        super().__init__(f"stopped by {signal} after {chunks} chunk(s)")
+        self.signal, self.chunks = signal, chunks
 
 
 @dataclass(frozen=True)
@@ -202,38 +177,38 @@ def _read_chunk(path: Path, expected_rows: Sequence[int]) -> Optional[list[dict]
     return records if [r.get("row") for r in records] == list(expected_rows) else None
 
 
-def make_pairs(model: str, prompts_source: str, out: str | Path, settings: PairSettings,
-               reward_model: Optional[str] = None, subset: str = "train",
-               say: Callable[[str], None] = print) -> dict:
-    """Sample, score, pair; write OUT's files and return what ``generation.json`` holds."""
+def make_pairs(model: str, settings: GenerationSection, out: str | Path, say: Callable[[str], None] = print,
+               stop: Callable[[float], Optional[str]] = lambda chunk_s: None) -> dict:
+    """Sample, score, pair (``settings.reward_model`` a folder or hub name here); write OUT's files
+    and return what ``generation.json`` holds. ``stop(seconds of the last chunk)``, asked after
+    each chunk, names a signal to stop for (then ``PairsStopped``), or None."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    problems = settings.problems()
-    if problems:
-        raise ConfigError(problems)
     out = Path(out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model)
-    prompts, dropped = read_prompts(prompts_source, subset, tokenizer, settings.limit)
-    judge = RewardModel(reward_model, tokenizer, device, settings.batch_size) if reward_model \
+    prompts, dropped = read_prompts(settings.prompts, settings.subset, tokenizer, settings.limit)
+    judge = RewardModel(settings.reward_model, tokenizer, device, settings.batch_size) if settings.reward_model \
         else VerifiableJudge(prompts)
     identity = {"model": files_identity(model) if Path(model).is_dir() else model, "judge": judge.identity,
                 "prompts": hashlib.sha256(json.dumps([[p.row, p.text] for p in prompts]).encode()).hexdigest(),
-                "settings": asdict(settings), "dtype": str(dtype), "device": device.type}
+                "settings": {k: v for k, v in asdict(settings).items() if k not in GENERATION_LOCATIONS},
+                "dtype": str(dtype), "device": device.type}
     identity = json.loads(json.dumps(identity))  # as a file holds it (tuples as lists), to compare with one
     if (out / DONE).exists():
         done = json.loads((out / DONE).read_text())
         if done.get("identity") == identity:
             say(f"[make-pairs] {out} already holds these pairs ({done['pairs']}); nothing to do")
             return done
-        raise DataError(f"--out {out} holds pairs made from another model, prompts or settings; give another --out")
+        raise DataError(f"{out} holds pairs made from another model, prompts or settings; write these into "
+                        "another folder (or remove that one)")
     work = out / WORK
     work.mkdir(parents=True, exist_ok=True)
     settings_file = work / "identity.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != identity:
-        raise DataError(f"--out {out}: {WORK}/ holds a partial run with another model, prompts or settings; give "
-                        f"another --out, or remove {work} to start over")
+        raise DataError(f"{work} holds part of a run with another model, prompts or settings; write these into "
+                        f"another folder (or remove {work} to start over)")
     atomic_write_json(settings_file, identity)
 
     policy = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
@@ -242,19 +217,24 @@ def make_pairs(model: str, prompts_source: str, out: str | Path, settings: PairS
     size = settings.batch_size
     chunks = [prompts[i:i + size] for i in range(0, len(prompts), size)]
     say(f"[make-pairs] {len(prompts)} prompt(s) x {settings.samples} samples from {model} on {device.type}, "
-        f"judged by {reward_model or 'the verifiable task'}; {len(chunks)} chunk(s) of {size} in {work}")
+        f"judged by {settings.judged_by}; {len(chunks)} chunk(s) of {size} in {work}")
     records: list[dict] = []
     started = last_line = time.monotonic()
     made = 0
     for c, chunk in enumerate(chunks):
         path = _chunk_path(work, c)
         found = _read_chunk(path, [p.row for p in chunk])
+        chunk_started = time.monotonic()
         if found is None:
             found = _sampled_chunk(policy, tokenizer, judge, chunk, special, stops, sampling, settings, c)
             atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in found).encode())
             made += len(chunk)
         records += found
         now = time.monotonic()
+        signal = stop(now - chunk_started) if c < len(chunks) - 1 else None
+        if signal:
+            say(f"[make-pairs] {signal}: stopping after chunk {c + 1} of {len(chunks)}; its chunks stay in {work}")
+            raise PairsStopped(signal, c + 1)
         if now - last_line >= PROGRESS_EVERY_S or c == len(chunks) - 1:
             last_line, done_n = now, len(records)
             rate = made / (now - started) if made else 0.0
@@ -265,7 +245,7 @@ def make_pairs(model: str, prompts_source: str, out: str | Path, settings: PairS
 
 
 def _sampled_chunk(policy, tokenizer, judge, chunk: Sequence[Prompt], special: SpecialTokens, stops, sampling: Sampling,
-                   settings: PairSettings, index: int) -> list[dict]:
+                   settings: GenerationSection, index: int) -> list[dict]:
     whole = [encode_prompt(tokenizer, p.text, special) for p in chunk]
     ids = [i[-settings.max_prompt_length:] for i in whole]
     torch.manual_seed(chunk_seed(settings.seed, index))
@@ -282,7 +262,7 @@ def _sampled_chunk(policy, tokenizer, judge, chunk: Sequence[Prompt], special: S
 
 
 def _finish(out: Path, work: Path, prompts: Sequence[Prompt], records: Sequence[dict], dropped: Counter,
-            identity: dict, settings: PairSettings, say: Callable[[str], None]) -> dict:
+            identity: dict, settings: GenerationSection, say: Callable[[str], None]) -> dict:
     rows = [pair_row(p, r) for p, r in zip(prompts, records)]
     pairs = [row for row in rows if row is not None]
     samples = [{"row": p.row, "prompt": p.given, **{k: r[k] for k in ("samples", "rewards", "stopped")}}
@@ -292,7 +272,7 @@ def _finish(out: Path, work: Path, prompts: Sequence[Prompt], records: Sequence[
         raise DataError(f"make-pairs: every prompt's {settings.samples} samples scored alike, so no pair was made "
                         f"({out / 'samples.jsonl'} has them); draw more samples or at a higher temperature, or "
                         "start from a model that solves some of the prompts")
-    atomic_write_bytes(out / "pairs.jsonl", "".join(json.dumps(p) + "\n" for p in pairs).encode())
+    atomic_write_bytes(out / GENERATED_PAIRS, "".join(json.dumps(p) + "\n" for p in pairs).encode())
     every = [x for r in records for x in r["rewards"]]
     summary = {
         "prompts": len(prompts), "pairs": len(pairs),
@@ -308,7 +288,37 @@ def _finish(out: Path, work: Path, prompts: Sequence[Prompt], records: Sequence[
     atomic_write_json(out / DONE, summary)
     remove_tree(work)  # the chunks this command wrote; every one of them is in samples.jsonl now
     skipped = summary["skipped"]
-    say(f"[make-pairs] {len(pairs)} pair(s) from {len(prompts)} prompt(s) into {out / 'pairs.jsonl'}; skipped: "
+    say(f"[make-pairs] {len(pairs)} pair(s) from {len(prompts)} prompt(s) into {out / GENERATED_PAIRS}; skipped: "
         f"{skipped['no_reward_spread']} prompt(s) whose samples all scored alike, {skipped['rows_without_prompt']} "
         f"row(s) without a prompt; {summary['samples_cut_at_max_new_tokens']} sample(s) cut at max_new_tokens")
     return summary
+
+
+def generate_run(config: dict, out_dir: str, stop: Callable[[float], Optional[str]] = lambda chunk_s: None,
+                 is_preemption: Callable[[str], bool] = lambda signal: False) -> dict:
+    """A generate stage's task: the pairs of ``config["model"]`` into ``out_dir``, with a run
+    manifest (running, then completed, preempted, interrupted or failed) that status and submit
+    read. A stopped task goes on from its chunks when requeued or resubmitted."""
+    from .checkpoint import RunDir
+
+    model, out = config["model"], Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = RunDir(out).manifest_path
+    atomic_write_json(manifest_path, {"status": "running", "kind": "generation", "model": model})
+    started = time.perf_counter()
+    try:
+        summary = make_pairs(model, GenerationSection(**config["generate"]), out,
+                             say=lambda line: print(line, flush=True), stop=stop)
+    except PairsStopped as stopped:
+        status = "preempted" if is_preemption(stopped.signal) else "interrupted"
+        atomic_write_json(manifest_path, {"status": status, "kind": "generation", "model": model,
+                                          "reason": stopped.signal, "chunks": stopped.chunks})
+        return {"status": status, "signal": stopped.signal, "chunks": stopped.chunks}
+    except BaseException as exc:
+        atomic_write_json(manifest_path, {"status": "failed", "kind": "generation", "model": model,
+                                          "reason": f"{type(exc).__name__}: {exc}"[:500]})
+        raise
+    final = {key: summary[key] for key in ("prompts", "pairs", "mean_chosen_reward", "mean_rejected_reward")}
+    atomic_write_json(manifest_path, {"status": "completed", "kind": "generation", "model": model,
+                                      "final_eval": final, "seconds": round(time.perf_counter() - started, 1)})
+    return {"status": "completed", **final}

@@ -33,6 +33,7 @@ _SECTIONS = [
     ("Experiment file: `[experiment]`", E.ExperimentSection, "experiment.", None),
     ("Experiment file: `[stages.NAME]`", E.StageConfig, "", None),
     ("Experiment file: `[stages.NAME.evaluate]`", E.EvaluationSection, "", None),
+    ("Experiment file: `[stages.NAME.generate]` (and `dpo-hpc make-pairs`' options)", E.GenerationSection, "", None),
     ("Experiment file: `[slurm]` and `[stages.NAME.slurm]`", E.SlurmConfig, "", None),
     ("Experiment file: `[slurm.container]`", E.ContainerConfig, "container.", None),
     ("Experiment file: `[prepare.tiny_model]`", E.TinyModelAsset, "", None),

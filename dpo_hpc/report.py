@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import statistics
 import sys
@@ -32,7 +33,7 @@ from . import scoreboard
 from .scoreboard import is_seed_axis, save_figure
 from .checkpoint import RunDir
 from .config import ALGORITHMS
-from .experiment import Plan, Run, grid_label
+from .experiment import GENERATION_FILE, Plan, Run, grid_label
 from .launch.guard import guarded
 from .launch.plans import open_plan, plan_parser
 from .launch.jobs import plan_status
@@ -117,6 +118,9 @@ def write_tables(plan: Plan, rows: dict[str, dict], out: Path) -> tuple[Path, Pa
              "Mean ± std over seeds (grid axes named `seed`); final eval metrics where the run evaluated.\n"]
     for stage in plan.stage_order:
         trainer = plan.experiment.stages[stage].trainer
+        if plan.experiment.stages[stage].generate is not None:
+            parts.append(f"## {stage} (pairs)\n\n{pairs_table(plan, stage)}\n")
+            continue
         if trainer is None:
             scores = scoreboard.read_scores(plan, stage)
             scoreboard.write_csv(scores, out / f"{stage}.csv")
@@ -125,6 +129,21 @@ def write_tables(plan: Plan, rows: dict[str, dict], out: Path) -> tuple[Path, Pa
         parts.append(f"## {stage} ({trainer})\n\n{stage_table(plan, stage, rows)}\n")
     md_path.write_text("\n".join(parts))
     return csv_path, md_path
+
+
+def pairs_table(plan: Plan, stage: str) -> str:
+    """A generate stage's pair sets, one row per model sampled (``generation.json``; not yet made: blank)."""
+    lines = ["| model | setting | prompts | pairs | all samples alike | mean reward | chosen | rejected |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run in plan.stage_runs(stage, "generate"):
+        path = run.run_dir / GENERATION_FILE
+        made = json.loads(path.read_text()) if path.exists() else None
+        cells = ["", "", "", "", "", ""] if made is None else [
+            made["prompts"], made["pairs"], made["skipped"]["no_reward_spread"], f"{made['mean_reward']:.4g}",
+            f"{made['mean_chosen_reward']:.4g}", f"{made['mean_rejected_reward']:.4g}"]
+        label = grid_label(run.grid_values.items()) or "-"
+        lines.append("| " + " | ".join(map(str, [run.parent, label, *cells])) + " |")
+    return "\n".join(lines)
 
 
 def samples_markdown(plan: Plan) -> Optional[str]:
@@ -167,6 +186,8 @@ def write_plots(plan: Plan, rows: dict[str, dict], out: Path) -> list[Path]:
     for stage in plan.stage_order:
         if plan.experiment.stages[stage].evaluate is not None:
             written += scoreboard.write_plots(plan, stage, scoreboard.read_scores(plan, stage), out)
+            continue
+        if plan.experiment.stages[stage].generate is not None:
             continue
         runs = [r for r in plan.stage_runs(stage) if r.run_dir.joinpath("tensorboard").is_dir()]
         logged = {r.run_id: read_scalars(r.run_dir / "tensorboard") for r in runs}

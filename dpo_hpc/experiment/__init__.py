@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import ALGORITHMS, ConfigError, detect_trainer, read_mapping, validate_as
-from .expand import EVALUATIONS, VARIANT, Plan, Run, expand, experiment_root, grid_label, run_id_for, stage_order
+from .expand import (EVALUATIONS, GENERATED_PAIRS, GENERATION_FILE, VARIANT, Plan, Run, expand, experiment_root,
+                     grid_label, run_id_for, stage_order)
 from .schema import REQUEUE_CAUSES, SLURM_DEFAULTS, ExperimentConfig, SlurmConfig, StageConfig, time_to_minutes
 
 
@@ -26,5 +27,6 @@ def load_plan(path: str | Path, overrides: Sequence[tuple[str, Any]] = ()) -> Pl
     return expand(load_experiment(path), path, overrides)
 
 
-__all__ = ["EVALUATIONS", "REQUEUE_CAUSES", "SLURM_DEFAULTS", "VARIANT", "ExperimentConfig", "Plan", "Run", "SlurmConfig", "StageConfig", "expand", "experiment_root", "grid_label",
-           "load_experiment", "load_plan", "run_id_for", "stage_order", "time_to_minutes"]
+__all__ = ["EVALUATIONS", "GENERATED_PAIRS", "GENERATION_FILE", "REQUEUE_CAUSES", "SLURM_DEFAULTS", "VARIANT",
+           "ExperimentConfig", "Plan", "Run", "SlurmConfig", "StageConfig", "expand", "experiment_root",
+           "grid_label", "load_experiment", "load_plan", "run_id_for", "stage_order", "time_to_minutes"]

@@ -32,6 +32,11 @@ REFERENCE_PASSES = ".ref_passes"
 EVALUATIONS = "evaluations"
 """Under a run directory: one folder per evaluate stage that scored the run (``<stage>/evaluation.json``)."""
 
+GENERATED_PAIRS = "pairs.jsonl"
+"""In a generate stage's run directory: the pairs that the training stages ``from`` it train on."""
+GENERATION_FILE = "generation.json"
+"""In a generate stage's run directory, written last: the settings and counts of its pairs."""
+
 REFERENCE_INPUTS = ("policy_name", "ref_name", "tokenizer_name", "dataset", "precision", "attn_implementation")
 """Top-level keys a reference table depends on. Runs of an experiment that agree on them (and on
 the parent, the cache folder, LD-DPO's ``ld_alpha`` and KTO's pairing), in whatever stages, read
@@ -55,11 +60,13 @@ class Run:
     role: str = "train"
     """``train``; ``reference``: a pass that computes the reference log-probs that runs of its
     stage and of later ones read; ``evaluate``: the scoring of run ``parent`` by an evaluate stage
-    (``trainer`` is "evaluate", ``grid_values`` are the scored run's)."""
+    (``trainer`` is "evaluate", ``grid_values`` are the scored run's); ``generate``: preference pairs
+    sampled from run ``parent``'s model (``trainer`` is "generate", ``grid_values`` are its)."""
     ref_pass: Optional[str] = None
     """Run id of the reference pass this run reads its reference log-probs from."""
     judge: Optional[str] = None
-    """An evaluation's: run id of the reward model that scores the replies (a reward stage's run)."""
+    """An evaluation's or a generation's: run id of the reward model that scores the replies (a
+    reward stage's run)."""
 
     @property
     def waits_for(self) -> list[str]:
@@ -94,7 +101,7 @@ class Plan:
 
     def arrays(self) -> list[tuple[str, str]]:
         """(stage, role) of every array in submission order: a stage's reference passes, then its runs."""
-        return [(stage, role) for stage in self.stage_order for role in ("reference", "train", "evaluate")
+        return [(stage, role) for stage in self.stage_order for role in ("reference", "train", "evaluate", "generate")
                 if self.stage_runs(stage, role)]
 
     def run(self, run_id: str) -> Run:
@@ -120,8 +127,9 @@ def stage_order(exp: ExperimentConfig, source: Path) -> list[str]:
                 _fail(source, f"stages.{name}.from", f"unknown stage '{parent}'; stages are {', '.join(stages)}")
     order: list[str] = []
 
-    def upstream(stage) -> list[str]:  # an evaluate stage also waits for the reward stage that judges
-        judge = stage.evaluate.reward_model if stage.evaluate is not None else None
+    def upstream(stage) -> list[str]:  # an evaluate or generate stage also waits for the reward stage that judges
+        section = stage.evaluate or stage.generate
+        judge = section.reward_model if section is not None else None
         return stage.parents + ([judge] if judge in stages else [])
 
     def visit(name: str, chain: list[str]) -> None:
@@ -232,13 +240,16 @@ def grid_label(values: Iterable[tuple[str, Any]]) -> str:
     return " ".join(f"{key.split('.')[-1]}={value}" for key, value in values)
 
 
-def run_id_for(stage: str, trainer: str, identity: dict, parent: Optional[str], parent_dir: Optional[str] = None) -> str:
+def run_id_for(stage: str, trainer: str, identity: dict, parent: Optional[str], parent_dir: Optional[str] = None,
+               pairs_file: Optional[str] = None) -> str:
     """``<stage>-<10 hex>`` over the trainer, the config's identity (``config.to_identity``) without
-    its run-dependent paths, and the parent id."""
+    its run-dependent paths (the parent's model, a generate parent's pairs), and the parent id."""
     identity = copy.deepcopy(identity)
     for key in ("policy_name", "ref_name"):
         if parent_dir is not None and identity.get(key) == parent_dir:
             identity.pop(key)
+    if pairs_file is not None and identity.get("dataset", {}).get("dataset_name") == pairs_file:
+        identity["dataset"].pop("dataset_name")
     blob = json.dumps({"trainer": trainer, "config": identity, "parent": parent}, sort_keys=True, default=str)
     return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
@@ -269,9 +280,11 @@ def expand(exp: ExperimentConfig, source: str | Path, overrides: Sequence[tuple[
     for name in order:
         stage = exp.stages[name]
         where = f"stages.{name}"
-        if stage.evaluate is not None:
-            by_stage[name] = evaluation_runs(name, stage, by_stage, runs, source)
-            runs.extend(by_stage[name])
+        if stage.evaluate is not None or stage.generate is not None:
+            made = evaluation_runs(name, stage, by_stage, runs, source) if stage.evaluate is not None \
+                else generation_runs(name, stage, by_stage, runs, source, root)
+            by_stage[name] = made
+            runs.extend(made)
             continue
         base: dict[str, Any] = for_trainer(exp.defaults, stage.trainer)
         if stage.config_file:
@@ -287,6 +300,12 @@ def expand(exp: ExperimentConfig, source: str | Path, overrides: Sequence[tuple[
         parents = by_stage[stage.from_] if stage.from_ else [None]
         if stage.from_:
             _refuse_reward_models(parents, source, f"{where}.from", "a trainer starts from a policy (a causal LM)")
+            if parents and parents[0].role == "evaluate":
+                _fail(source, f"{where}.from", f"'{stage.from_}' is an evaluate stage; start from a training stage "
+                                               "(or a generate stage, to train on its pairs)")
+            if parents and parents[0].role == "generate" and "dataset_name" in (stage.config.get("dataset") or {}):
+                _fail(source, f"{where}.config.dataset.dataset_name", f"a stage from generate stage '{stage.from_}' "
+                      "trains on its pairs; remove dataset_name here (dataset.mix adds other data)")
         if stage.from_ and "policy_name" in stage.config:
             _fail(source, f"{where}.config", f"'from = \"{stage.from_}\"' sets policy_name; remove policy_name here")
         points = _grid_points(stage)
@@ -302,10 +321,16 @@ def expand(exp: ExperimentConfig, source: str | Path, overrides: Sequence[tuple[
             config = copy.deepcopy(base)
             for key, value in _settings(stage, point).items():
                 set_dotted(config, key, value, f"{source}: {where}.grid")
+            start = start_model(parent)
+            pairs_file = str(parent.run_dir / GENERATED_PAIRS) if parent is not None and parent.role == "generate" \
+                else None
             if parent is not None:  # replaces the config file's names; an inline ref_name pins another reference
-                config["policy_name"] = str(parent.run_dir)
+                config["policy_name"] = start
                 if ALGORITHMS[stage.trainer].uses_reference:
-                    config["ref_name"] = stage.config.get("ref_name", str(parent.run_dir))
+                    config["ref_name"] = stage.config.get("ref_name", start)
+            if pairs_file is not None:  # the pairs, in place of [defaults]' or a config file's data (one file)
+                config["dataset"] = {**config.get("dataset", {}), "dataset_name": pairs_file, "subset": "train",
+                                     "eval_subset": None, "columns": {}}
             label = f"{where} (grid {json.dumps(point)})" if point else where
             config.setdefault(section, {})["save_dir"] = "<run dir>"
             try:
@@ -314,7 +339,7 @@ def expand(exp: ExperimentConfig, source: str | Path, overrides: Sequence[tuple[
                 raise ConfigError([f"{source}: {p}" for p in exc.problems]) from None
             resolved = to_dict(validated)
             run_id = run_id_for(name, stage.trainer, to_identity(validated), parent.run_id if parent else None,
-                                str(parent.run_dir) if parent else None)
+                                start, pairs_file)
             run_dir = root / name / run_id
             resolved[section]["save_dir"] = str(run_dir)
             grid_text = grid_label(point.items())
@@ -332,6 +357,14 @@ def expand(exp: ExperimentConfig, source: str | Path, overrides: Sequence[tuple[
         runs.extend(stage_runs)
     return Plan(experiment=exp, source=source, base=experiment_base(source), root=root, stage_order=order,
                 runs=with_reference_passes(runs, root))
+
+
+def start_model(parent: Optional[Run]) -> Optional[str]:
+    """The model a run ``from`` ``parent`` starts from: the parent's, or for a generate stage's run
+    the model that drew its pairs."""
+    if parent is None:
+        return None
+    return parent.config["model"] if parent.role == "generate" else str(parent.run_dir)
 
 
 def ancestor_in(run: Run, stage: str, runs: list[Run]) -> Optional[Run]:
@@ -366,33 +399,70 @@ def evaluation_runs(name: str, stage: StageConfig, by_stage: dict[str, list[Run]
             _fail(source, f"{where}.{key}", f"unknown stage '{value}'; stages are {', '.join(by_stage)}")
     if compared is not None and compared not in stage.parents:
         _fail(source, f"{where}.compare_to", f"'{compared}' is not scored here; from = {stage.parents}")
-    judges = by_stage.get(section["reward_model"] or "")
-    if judges is not None and not all(ALGORITHMS[r.trainer].model == "reward_model" for r in judges):
-        _fail(source, f"{where}.reward_model", f"stage '{section['reward_model']}' trains no reward model; name a "
-                                               "stage with trainer = \"reward\" (or a reward model's folder)")
+    judges = _judge_stage(section["reward_model"], by_stage, source, where)
     out: list[Run] = []
-    for parent_stage in stage.parents:
-        if by_stage[parent_stage] and by_stage[parent_stage][0].role == "evaluate":
-            _fail(source, f"stages.{name}.from", f"'{parent_stage}' is an evaluate stage; score training stages")
-        _refuse_reward_models(by_stage[parent_stage], source, f"stages.{name}.from",
-                              "scoring answers a policy (a causal LM) generates")
-        for target in by_stage[parent_stage]:
-            baseline = ancestor_in(target, section["baseline"], runs) if section["baseline"] else None
-            judge = _judge_of(target, judges, runs, source, f"{where}.reward_model") if judges is not None else None
-            config = {"evaluate": section, "target": str(target.run_dir),
-                      "baseline": str(baseline.run_dir) if baseline else None,
-                      "baseline_is_start": baseline is not None and baseline.run_id == target.parent,
-                      "reward_model": str(judge.run_dir) if judge else section["reward_model"]}
-            identity = {k: v for k, v in section.items() if k not in EVALUATION_REPORT_ONLY}
-            blob = json.dumps({"evaluate": identity, "target": target.run_id, "baseline": baseline.run_id if baseline
-                               else None, **({"judge": judge.run_id} if judge else {})}, sort_keys=True, default=str)
-            out.append(Run(stage=name, index=len(out), run_id=f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}",
-                           trainer="evaluate", grid_values=target.grid_values, parent=target.run_id, config=config,
-                           run_dir=target.run_dir / EVALUATIONS / name, role="evaluate",
-                           judge=judge.run_id if judge else None))
+    for target in _policy_runs(name, stage, by_stage, source, "scoring answers a policy (a causal LM) generates"):
+        baseline = ancestor_in(target, section["baseline"], runs) if section["baseline"] else None
+        judge = _judge_of(target, judges, runs, source, f"{where}.reward_model") if judges is not None else None
+        parent = next(r for r in runs if r.run_id == target.parent) if target.parent else None
+        config = {"evaluate": section, "target": str(target.run_dir),
+                  "baseline": str(baseline.run_dir) if baseline else None,
+                  "baseline_is_start": baseline is not None and str(baseline.run_dir) == start_model(parent),
+                  "reward_model": str(judge.run_dir) if judge else section["reward_model"]}
+        identity = {k: v for k, v in section.items() if k not in EVALUATION_REPORT_ONLY}
+        blob = json.dumps({"evaluate": identity, "target": target.run_id, "baseline": baseline.run_id if baseline
+                           else None, **({"judge": judge.run_id} if judge else {})}, sort_keys=True, default=str)
+        out.append(Run(stage=name, index=len(out), run_id=f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}",
+                       trainer="evaluate", grid_values=target.grid_values, parent=target.run_id, config=config,
+                       run_dir=target.run_dir / EVALUATIONS / name, role="evaluate",
+                       judge=judge.run_id if judge else None))
     if section["baseline"] and not any(r.config["baseline"] for r in out):
         _fail(source, f"{where}.baseline", f"no scored run descends from stage '{section['baseline']}'")
     return out
+
+
+def generation_runs(name: str, stage: StageConfig, by_stage: dict[str, list[Run]], runs: list[Run], source: Path,
+                    root: Path) -> list[Run]:
+    """One set of pairs per run of the ``from`` stages, sampled from its model into
+    ``<root>/<stage>/<id>/``; its id comes from the model's run, the judge and the settings."""
+    section = to_dict(stage.generate)
+    where = f"stages.{name}.generate"
+    judges = _judge_stage(section["reward_model"], by_stage, source, where)
+    out: list[Run] = []
+    for model in _policy_runs(name, stage, by_stage, source, "sampling needs a policy (a causal LM)"):
+        judge = _judge_of(model, judges, runs, source, f"{where}.reward_model") if judges is not None else None
+        blob = json.dumps({"generate": {k: v for k, v in section.items() if k != "reward_model"}, "model": model.run_id,
+                           "judge": judge.run_id if judge else section["reward_model"]}, sort_keys=True, default=str)
+        run_id = f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+        config = {"generate": {**section, "reward_model": str(judge.run_dir) if judge else section["reward_model"]},
+                  "model": str(model.run_dir)}
+        out.append(Run(stage=name, index=len(out), run_id=run_id, trainer="generate", grid_values=model.grid_values,
+                       parent=model.run_id, config=config, run_dir=root / name / run_id, role="generate",
+                       judge=judge.run_id if judge else None))
+    return out
+
+
+def _judge_stage(reward_model: Optional[str], by_stage: dict[str, list[Run]], source: Path,
+                 where: str) -> Optional[list[Run]]:
+    """The runs of the reward stage ``reward_model`` names; None when it names a folder (or nothing)."""
+    judges = by_stage.get(reward_model or "")
+    if judges is not None and not all(ALGORITHMS[r.trainer].model == "reward_model" for r in judges):
+        _fail(source, f"{where}.reward_model", f"stage '{reward_model}' trains no reward model; name a "
+                                               "stage with trainer = \"reward\" (or a reward model's folder)")
+    return judges
+
+
+def _policy_runs(name: str, stage: StageConfig, by_stage: dict[str, list[Run]], source: Path, needs: str) -> list[Run]:
+    """The training runs of the stages an evaluate or generate stage reads (refusing other stages)."""
+    found: list[Run] = []
+    for parent_stage in stage.parents:
+        role = by_stage[parent_stage][0].role if by_stage[parent_stage] else "train"
+        if role != "train":
+            _fail(source, f"stages.{name}.from", f"'{parent_stage}' is {'an' if role[0] in 'aeiou' else 'a'} {role} "
+                                                 "stage; name training stages")
+        _refuse_reward_models(by_stage[parent_stage], source, f"stages.{name}.from", needs)
+        found += by_stage[parent_stage]
+    return found
 
 
 def _judge_of(target: Run, judges: list[Run], runs: list[Run], source: Path, where: str) -> Run:

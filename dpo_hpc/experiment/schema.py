@@ -272,6 +272,60 @@ class EvaluationSection:
         return self.data or f"each run's validation split, judged by {self.reward_model}"
 
 
+@dataclass(config=STRICT, kw_only=True)
+class GenerationSection:
+    """On-policy preference pairs: ``samples`` completions of every prompt drawn from each run of
+    the ``from`` stages, each scored by a reward model or by the verifiable task's exact reward,
+    the best against the worst (``dpo-hpc make-pairs``). A training stage ``from`` this stage
+    starts from the model that drew them and trains on its pairs."""
+
+    prompts: str
+    """The prompts: a hub dataset name or a local file or folder (relative to the experiment file)
+    whose rows have a ``prompt`` (a string, or messages rendered with the chat template) or an HH
+    ``chosen`` transcript (its prompt is read)."""
+    subset: str = "train"
+    """Split expression of ``prompts`` (``train``, ``test``, ``train[:2000]``)."""
+    reward_model: Optional[str] = None
+    """A reward stage of this experiment (its run that shares the sampled run's start, or its only
+    run), or a reward model's folder: it scores each sample (prompt + sample + EOS, as it trained)."""
+    verifiable: bool = False
+    """Instead of ``reward_model``: the verifiable task's exact reward (``dpo-hpc make-data`` prompts)."""
+    samples: int = Field(4, ge=2)
+    """Completions drawn per prompt; the highest and the lowest scored make its pair, and a prompt
+    whose samples all score alike makes none (counted)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature (1: the model's own distribution)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling: draw from the smallest set of tokens whose probability reaches it (1: all)."""
+    top_k: int = Field(0, ge=0)
+    """Draw from the k likeliest tokens only (0: no cut; transformers' own default would be 50)."""
+    max_new_tokens: int = Field(128, ge=1)
+    """Longest sample; one cut there is kept, and counted."""
+    max_prompt_length: int = Field(512, ge=1)
+    """Longer prompts keep their last tokens, as training truncates them (``keep_end``)."""
+    batch_size: int = Field(16, ge=1)
+    """Prompts per generation call, and per chunk that a stopped task need not draw again (the
+    chunks, and so the draws, depend on it)."""
+    limit: Optional[int] = Field(None, ge=1)
+    """The first N usable prompts only."""
+    seed: int = 0
+    """Each chunk's draws come from (seed, chunk): a resumed task draws what an uninterrupted one did."""
+
+    @model_validator(mode="after")
+    def _one_judge(self):
+        if (self.reward_model is None) == (not self.verifiable):
+            raise ValueError("give reward_model (a judge of the samples) or verifiable = true (the verifiable task's "
+                             "exact reward), one of the two")
+        return self
+
+    @property
+    def judged_by(self) -> str:
+        return self.reward_model or "the verifiable task's reward"
+
+
+GENERATION_LOCATIONS = ("prompts", "subset", "reward_model")
+"""Keys of a generation that name where things are; its identity holds what they hold instead."""
+
 EVALUATION_REPORT_ONLY = ("compare_to", "average_over")
 """Keys of [stages.X.evaluate] that change the report, not the scores (not part of a run's id)."""
 
@@ -286,16 +340,20 @@ def _flat(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 @dataclass(config=STRICT, kw_only=True)
 class StageConfig:
     trainer: Optional[TrainerName] = None
-    """The trainer every run of the stage uses (or give ``evaluate`` instead)."""
+    """The trainer every run of the stage uses (or give ``evaluate`` or ``generate`` instead)."""
     evaluate: Optional[EvaluationSection] = None
     """Instead of a trainer: score every run of the ``from`` stages (see ``[stages.X.evaluate]``)."""
+    generate: Optional[GenerationSection] = None
+    """Instead of a trainer: preference pairs sampled from every run of the ``from`` stages (see
+    ``[stages.X.generate]``)."""
     config_file: Optional[str] = None
     """A trainer config file (TOML/YAML/JSON, the trainer CLIs' format); relative to the experiment file."""
     config: dict[str, Any] = Field(default_factory=dict)
     """Trainer config as an inline table, merged over ``config_file`` (same keys and sections)."""
     from_: Optional[Union[str, list[str]]] = Field(None, alias="from")
-    """Stage whose saved models become this stage's ``policy_name`` and ``ref_name``; for an
-    ``evaluate`` stage, the stage or list of stages whose runs it scores."""
+    """Stage whose saved models become this stage's ``policy_name`` and ``ref_name`` (a generate
+    stage: the model that drew its pairs, and the pairs become ``dataset.dataset_name``); for an
+    ``evaluate`` or ``generate`` stage, the stage or list of stages whose runs it scores or samples."""
     pairing: Literal["cross", "zip"] = "cross"
     """With ``from``: every parent run x every grid point (cross), or parent i with grid point i (zip)."""
     grid: dict[str, list[Any]] = Field(default_factory=dict)
@@ -331,17 +389,28 @@ class StageConfig:
                 raise ValueError(f"variant '{name}' sets nothing; give it \"section.key\" = value entries")
         return {name: _flat(settings) for name, settings in variants.items()}
 
+    @property
+    def kind(self) -> str:
+        """``trainer``, ``evaluate`` or ``generate``: what the stage's runs do."""
+        return "evaluate" if self.evaluate is not None else "generate" if self.generate is not None else "trainer"
+
     @model_validator(mode="after")
     def _has_config(self):
-        if (self.trainer is None) == (self.evaluate is None):
-            raise ValueError("give either 'trainer' (a training stage) or 'evaluate' (a stage that scores runs)")
-        if self.evaluate is not None:
+        kinds = [k for k in ("trainer", "evaluate", "generate") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give one of 'trainer' (a training stage), 'evaluate' (a stage that scores runs) or "
+                             f"'generate' (a stage that samples preference pairs from runs); got {kinds or 'none'}")
+        if self.kind != "trainer":
+            does = {"evaluate": "scores", "generate": "samples from"}[self.kind]
+            a = "an" if self.kind == "evaluate" else "a"
             given = [k for k, v in (("config", self.config), ("config_file", self.config_file), ("grid", self.grid),
                                     ("variants", self.variants)) if v]
             if given or self.pairing != "cross":
-                raise ValueError(f"an evaluate stage takes no {', '.join(given) or 'pairing'}; it scores the runs of 'from'")
+                raise ValueError(f"{a} {self.kind} stage takes no {', '.join(given) or 'pairing'}; it {does} the runs "
+                                 "of 'from'")
             if not self.parents:
-                raise ValueError("an evaluate stage needs 'from': the stage (or list of stages) whose runs it scores")
+                raise ValueError(f"{a} {self.kind} stage needs 'from': the stage (or list of stages) whose runs it "
+                                 f"{does}")
         elif isinstance(self.from_, list):
             raise ValueError("a training stage starts from one stage: give 'from' as a string")
         if self.pairing == "zip" and self.from_ is None:

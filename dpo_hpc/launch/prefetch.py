@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import validate_mapping
-from ..experiment import Plan
+from ..experiment import GENERATED_PAIRS, Plan
 from .sbatch import stage_slurm
 
 IGNORED_MODEL_FILES = ["original/*", "*.pth", "*.pt", "*.gguf", "*.onnx", "*.msgpack", "*.h5", "*.ot", "*.tflite"]
@@ -58,17 +58,25 @@ def looks_local(name: str, kind: str) -> bool:
 def plan_assets(plan: Plan) -> list[Asset]:
     """Each distinct input of the plan's runs, in stage order (relative paths: from the experiment's folder)."""
     found: dict[tuple, Asset] = {}
+    generated = {str(r.run_dir / GENERATED_PAIRS) for r in plan.runs if r.role == "generate"}  # made by the jobs
     for stage in plan.stage_order:
         cache = hub_cache(stage_slurm(plan, stage).get("env") or {})
+        names = []
+        generation = plan.experiment.stages[stage].generate
+        if generation is not None:  # its model is a run's; its judge may be a hub model
+            names += [("dataset", generation.prompts)]
+            if generation.reward_model and generation.reward_model not in plan.experiment.stages:
+                names += [("model", generation.reward_model)]
         for run in plan.stage_runs(stage):
             cfg = validate_mapping(run.config, run.trainer, source=run.run_id)
-            names = [("dataset", name) for name in cfg.dataset.dataset_names]
+            names += [("dataset", name) for name in cfg.dataset.dataset_names if name not in generated]
             if run.parent is None:  # a stage started from another stage's output names none of its own
                 names += [("model", n) for n in (cfg.policy_name, getattr(cfg, "ref_name", None), cfg.tokenizer_name) if n]
-            for kind, name in names:
-                path = plan.base / Path(name).expanduser()
-                asset = Asset(kind, str(path), None) if path.exists() or looks_local(name, kind) else Asset(kind, name, cache)
-                found.setdefault((asset.kind, asset.name, asset.cache), asset)
+        for kind, name in names:
+            path = plan.base / Path(name).expanduser()
+            local = path.exists() or looks_local(name, kind)
+            asset = Asset(kind, str(path), None) if local else Asset(kind, name, cache)
+            found.setdefault((asset.kind, asset.name, asset.cache), asset)
     return list(found.values())
 
 

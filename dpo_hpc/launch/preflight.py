@@ -23,6 +23,7 @@ from ..checkpoint.run_dir import SAVED_MODEL_FILES, RunDir, not_loadable
 from ..config import ALGORITHMS, ConfigError, validate_mapping
 from ..experiment import Plan
 from ..fsutil import blocking_file, existing_ancestor
+from .prefetch import looks_local
 from .sbatch import stage_slurm
 
 FIRST_ROWS = 32
@@ -261,9 +262,11 @@ def check_plan(plan: Plan, root_only: bool = False) -> Findings:
         found.notes.append(f"[prepare] makes {', '.join(map(str, pending))} at submission; runs that read them are "
                            "checked then")
 
+    generated = [r.run_dir for r in plan.runs if r.role == "generate"]  # pairs made by the jobs
+
     def made_later(name: str) -> bool:
         path = (plan.base / name).resolve()
-        return any(path == a or a in path.parents for a in pending)
+        return any(path == a or a in path.parents for a in pending + generated)
 
     here = os.getcwd()
     os.chdir(plan.base)  # paths in stage configs are relative to the experiment file's folder
@@ -279,11 +282,17 @@ def check_plan(plan: Plan, root_only: bool = False) -> Findings:
                     and not made_later(section.data):
                 found.problems.append(f"{plan.source}: stages.{stage}.evaluate.data: '{section.data}' does not exist "
                                       f"(relative to {plan.base}); `dpo-hpc make-data` writes test.jsonl and dev.jsonl")
-            judge = section.reward_model if section is not None else None
+            generation = plan.experiment.stages[stage].generate
+            if generation is not None and looks_local(generation.prompts, "dataset") \
+                    and not Path(generation.prompts).expanduser().exists() and not made_later(generation.prompts):
+                found.problems.append(f"{plan.source}: stages.{stage}.generate.prompts: '{generation.prompts}' does "
+                                      f"not exist (relative to {plan.base})")
+            judge = (section or generation).reward_model if (section or generation) is not None else None
             if judge and judge not in plan.experiment.stages and not Path(judge).exists() and "/" not in judge:
-                found.problems.append(f"{plan.source}: stages.{stage}.evaluate.reward_model: '{judge}' is neither a "
-                                      f"stage of this experiment ({', '.join(plan.experiment.stages)}) nor a folder "
-                                      f"(relative to {plan.base})")
+                kind = plan.experiment.stages[stage].kind
+                found.problems.append(f"{plan.source}: stages.{stage}.{kind}.reward_model: "
+                                      f"'{judge}' is neither a stage of this experiment "
+                                      f"({', '.join(plan.experiment.stages)}) nor a folder (relative to {plan.base})")
             ranks = slurm["nodes"] * slurm["ntasks_per_node"]
             for run in plan.stage_runs(stage):
                 cfg = validate_mapping(run.config, run.trainer, source=run.run_id)

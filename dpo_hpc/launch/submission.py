@@ -24,7 +24,7 @@ from .requeue import caps_of
 from .table import state_counts, table
 
 
-ROLE_WORDS = {"train": "run(s)", "reference": "reference pass(es)", "evaluate": "scoring(s)"}
+ROLE_WORDS = {"train": "run(s)", "reference": "reference pass(es)", "evaluate": "scoring(s)", "generate": "pair set(s)"}
 """How an array of each run role is counted in what submit prints."""
 
 
@@ -69,15 +69,18 @@ def _grid_text(run: Run) -> str:
         return "reference log-probs, read by the runs below"
     if run.role == "evaluate":
         return f"scores {run.parent}"
+    if run.role == "generate":
+        return f"samples from {run.parent}"
     return " ".join(f"{k}={v}" for k, v in run.grid_values.items())
 
 
 def print_plan(plan: Plan, statuses: Optional[dict[str, RunStatus]], decisions: dict[str, str],
                overrides: Sequence[str] = ()) -> None:
     exp = plan.experiment
-    count = {role: sum(r.role == role for r in plan.runs) for role in ("train", "reference", "evaluate")}
+    count = {role: sum(r.role == role for r in plan.runs) for role in ROLE_WORDS}
     extra = [f"{count['reference']} reference pass{'es' if count['reference'] > 1 else ''}"] if count["reference"] else []
     extra += [f"{count['evaluate']} scoring{'s' if count['evaluate'] > 1 else ''}"] if count["evaluate"] else []
+    extra += [f"{count['generate']} pair set{'s' if count['generate'] > 1 else ''}"] if count["generate"] else []
     print(f"experiment {exp.experiment.name}: {count['train']} runs in {len(plan.stage_order)} stages"
           + (f" (+ {', '.join(extra)})" if extra else "") + f" -> {plan.root}")
     if exp.defaults:
@@ -91,8 +94,11 @@ def print_plan(plan: Plan, statuses: Optional[dict[str, RunStatus]], decisions: 
         origin = f", from {cfg.from_} ({cfg.pairing})" if cfg.trainer and cfg.from_ else ""
         if role == "evaluate":
             origin = f" of {', '.join(cfg.parents)} on {cfg.evaluate.prompts}"
+        if role == "generate":
+            origin = f" from {', '.join(cfg.parents)} on {cfg.generate.prompts}, judged by {cfg.generate.judged_by}"
         what = ROLE_WORDS[role]
-        print(f"  stage {stage} [{cfg.trainer or 'evaluate'}{origin}]: {len(runs)} {what}, one array; time {slurm['time']}, "
+        print(f"  stage {stage} [{cfg.trainer or cfg.kind}{origin}]: {len(runs)} {what}, one array; "
+              f"time {slurm['time']}, "
               f"{slurm['nodes']} node(s) x {slurm['ntasks_per_node']} rank(s)")
         for run in runs:
             state = statuses[run.run_id].state if statuses else "-"

@@ -22,7 +22,8 @@ def rows(plan: Plan, statuses: dict[str, RunStatus]) -> list[dict]:
             "step": f"{s.step}/{s.total_steps}" if s.step is not None else "-",
             "checkpoint": s.checkpoint or "-",
             "eval acc": _first(s.eval, ("rewards/accuracies", "accuracy")),  # a trainer's, an evaluation's
-            "eval margin": _first(s.eval, ("rewards/margins", "loss", "reward"), labelled=("loss", "reward")),
+            "eval margin": f"{s.eval['pairs']}/{s.eval['prompts']} pairs" if run.role == "generate" and s.eval
+                           else _first(s.eval, ("rewards/margins", "loss", "reward"), labelled=("loss", "reward")),
             "detail": s.detail,
         })
     return out

@@ -90,7 +90,7 @@ def train_and_requeue(cfg, trainer: str, caps: dict[str, int], label: str,
 
 def run_task(row: dict[str, Any]) -> dict[str, Any]:
     """Train ``row`` (a line of the plan's manifest.jsonl) on this rank, every rank calling it;
-    or score a run (an evaluate stage's task, one rank)."""
+    or score a run (an evaluate stage's task, one rank), or sample pairs from one (a generate stage's)."""
     from ..config import validate_mapping
 
     # Ranks come from srun (SLURM_PROCID/SLURM_NTASKS) or are a lone local process; torch-style
@@ -112,11 +112,45 @@ def run_task(row: dict[str, Any]) -> dict[str, Any]:
         from ..evaluate import evaluate_run
 
         return {"run_id": row["run_id"], **evaluate_run(row["config"], row["run_dir"])}
+    if row.get("role") == "generate":
+        return {"run_id": row["run_id"], **generate_and_requeue(row)}
     cfg = validate_mapping(row["config"], row["trainer"], source=f"run {row['run_id']}")
     if row.get("role") == "reference":
         return {"run_id": row["run_id"], **reference_pass(cfg, row["trainer"])}
     return {"run_id": row["run_id"], **train_and_requeue(cfg, row["trainer"], row["max_requeues"], row["run_id"],
                                                           row.get("signal_lead_s") or DEFAULT_SIGNAL_LEAD_S)}
+
+
+def generate_and_requeue(row: dict[str, Any]) -> dict[str, Any]:
+    """A generate stage's task, stoppable between its chunks: on the preemption signal, or near the
+    job's time limit, it stops after the chunk it is drawing and requeues itself (within
+    ``max_requeues``); the requeued task goes on from its chunks. Ctrl-C or scancel stops it alike,
+    not requeued."""
+    import torch
+
+    from ..pairs import generate_run
+    from ..runtime.slurm import job_end_time
+    from ..runtime.stop import DEADLINE, StopSignal
+
+    lead_s = row.get("signal_lead_s") or DEFAULT_SIGNAL_LEAD_S
+    stop = StopSignal(end_time=job_end_time(), lead_s=lead_s).install()
+    try:
+        summary = generate_run(row["config"], row["run_dir"], stop=lambda chunk_s: stop.agreed(
+            1, torch.device("cpu"), step_s=chunk_s), is_preemption=stop.is_preemption)
+    finally:
+        stop.restore()
+    label, status = row["run_id"], summary["status"]
+    if status == "interrupted":
+        print(f"[dpo-hpc] {label}: stopped by {summary['signal']} after {summary['chunks']} chunk(s); they are "
+              "kept, run again to go on", flush=True)
+        sys.exit(128 + getattr(signal, summary["signal"]).value)
+    if status == "preempted":
+        cause = "time_limit" if summary["signal"] == DEADLINE else signal_cause(stop.end_time, lead_s)
+        stopped = f"[dpo-hpc] {label}: stopped after chunk {summary['chunks']} ({cause.replace('_', ' ')}); "
+        reason = requeue(Path(row["run_dir"]), cause, summary["chunks"], row["max_requeues"],
+                         lambda outcome: print(stopped + outcome, flush=True))
+        sys.exit(0 if not reason else 3)  # no return value: submitit must not record the task as finished
+    return summary
 
 
 def reference_pass(cfg, trainer: str) -> dict[str, Any]:

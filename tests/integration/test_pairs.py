@@ -5,6 +5,8 @@ of one that never stopped; and DPO trains on what it wrote, in text and in conve
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +15,22 @@ import pytest
 import torch
 
 from dpo_hpc import pairs
+from dpo_hpc.config import to_dict
 from dpo_hpc.data import DataError
 from dpo_hpc.data.tokenize import SpecialTokens, encode_prompt
-from dpo_hpc.pairs import PairSettings, RewardModel, make_pairs
+from dpo_hpc.experiment.schema import GenerationSection
+from dpo_hpc.launch.requeue import caps_of
+from dpo_hpc.launch.task import generate_and_requeue
+from dpo_hpc.pairs import RewardModel, make_pairs
 from dpo_hpc.trainers.samples import Sampling, completions, greedy_completions
 
-SETTINGS = PairSettings(samples=3, max_new_tokens=6, batch_size=4, limit=10)
+
+
+def settings(prompts, reward_model=None, **changes) -> GenerationSection:
+    """Small draws: 3 samples of up to 6 tokens, chunks of 4 prompts, the first 10 prompts."""
+    return GenerationSection(**{"prompts": str(prompts), "samples": 3, "max_new_tokens": 6, "batch_size": 4,
+                                "limit": 10, "verifiable": reward_model is None,
+                                "reward_model": str(reward_model) if reward_model else None, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +76,11 @@ def test_reward_model_scores_a_batch_as_each_row_alone(micro_model, reward_model
         assert score == pytest.approx(alone.item(), abs=1e-5)
 
 
-def test_pairs_resume_after_a_kill_to_the_same_files_and_dpo_trains_on_them(tmp_path, micro_model, reverse_data,
-                                                                              reward_model, monkeypatch):
+def test_pairs_resume_after_a_stop_to_the_same_files_and_dpo_trains_on_them(tmp_path, micro_model, reverse_data,
+                                                                              reward_model, monkeypatch, capsys):
     prompts = reverse_data.parent / "test.jsonl"
-    straight = make_pairs(str(micro_model), str(prompts), tmp_path / "straight", SETTINGS,
-                          reward_model=str(reward_model), say=lambda line: None)
+    straight = make_pairs(str(micro_model), settings(prompts, reward_model), tmp_path / "straight",
+                          say=lambda line: None)
     out = tmp_path / "straight"
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     rows = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
@@ -82,36 +94,39 @@ def test_pairs_resume_after_a_kill_to_the_same_files_and_dpo_trains_on_them(tmp_
         assert drawn["samples"][drawn["rewards"].index(max(drawn["rewards"]))] == row["chosen"]
     assert not (out / pairs.WORK).exists()
 
-    # Killed after its second chunk: the chunks made stay, and the same command goes on from the third.
+    # A USR2 during the second chunk: the task stops after it, keeps its chunks and, outside Slurm,
+    # is not requeued (exit 3); run again, it draws the third chunk alone and ends with the same files.
     made = []
     real = pairs._sampled_chunk
 
-    def killed_after_two(*args):
-        if len(made) == 2:
-            raise KeyboardInterrupt
+    def counted(*args):
         made.append(args[-1])
+        if args[-1] == 1:
+            os.kill(os.getpid(), signal.SIGUSR2)
         return real(*args)
 
-    monkeypatch.setattr(pairs, "_sampled_chunk", killed_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        make_pairs(str(micro_model), str(prompts), tmp_path / "resumed", SETTINGS, reward_model=str(reward_model),
-                   say=lambda line: None)
+    monkeypatch.setattr(pairs, "_sampled_chunk", counted)
+    row = {"run_id": "pairs-x", "run_dir": str(tmp_path / "resumed"), "max_requeues": caps_of(None),
+           "config": {"model": str(micro_model), "generate": to_dict(settings(prompts, reward_model))}}
+    with pytest.raises(SystemExit) as stopped:
+        generate_and_requeue(row)
+    manifest = json.loads((tmp_path / "resumed/run_manifest.json").read_text())
+    assert stopped.value.code == 3 and manifest["status"] == "preempted" and manifest["chunks"] == 2
+    assert "stopped after chunk 2 (preemption); not requeued: not running under Slurm" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "resumed" / pairs.WORK).glob("chunk_*")) == \
         ["chunk_000000.jsonl", "chunk_000001.jsonl"] and not (tmp_path / "resumed" / pairs.DONE).exists()
     monkeypatch.setattr(pairs, "_sampled_chunk", lambda *args: made.append(args[-1]) or real(*args))
-    make_pairs(str(micro_model), str(prompts), tmp_path / "resumed", SETTINGS, reward_model=str(reward_model),
-               say=lambda line: None)
+    assert generate_and_requeue(row)["status"] == "completed"
     assert made == [0, 1, 2]  # 10 prompts in chunks of 4: the third chunk alone was made on resume
     for name in ("pairs.jsonl", "samples.jsonl"):
         assert (tmp_path / "resumed" / name).read_bytes() == (out / name).read_bytes(), name
 
     # Done is done; other settings in the same folder are refused, not mixed in.
     lines = []
-    make_pairs(str(micro_model), str(prompts), out, SETTINGS, reward_model=str(reward_model), say=lines.append)
+    make_pairs(str(micro_model), settings(prompts, reward_model), out, say=lines.append)
     assert made == [0, 1, 2] and "already holds these pairs" in lines[-1]
     with pytest.raises(DataError, match="another model, prompts or settings"):
-        make_pairs(str(micro_model), str(prompts), out, PairSettings(samples=2, limit=10),
-                   reward_model=str(reward_model), say=lambda line: None)
+        make_pairs(str(micro_model), settings(prompts, reward_model, samples=2), out, say=lambda line: None)
 
     train_dpo_on(tmp_path, micro_model, out / "pairs.jsonl", straight["pairs"])
 
@@ -138,8 +153,8 @@ def test_conversational_prompts_give_assistant_replies_that_dpo_renders_with_the
     rows.append({"prompt": [{"from": "human", "value": "Reverse: sharegpt"}]})  # ShareGPT's form reads as TRL's
     rows.append({"text": "no prompt here"})
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    found = make_pairs(str(micro_model), str(prompts), tmp_path / "chat_pairs", SETTINGS,
-                       reward_model=str(reward_model), say=lambda line: None)
+    found = make_pairs(str(micro_model), settings(prompts, reward_model), tmp_path / "chat_pairs",
+                       say=lambda line: None)
     assert found["prompts"] == 5 and found["skipped"]["rows_without_prompt"] == 1
     written = [json.loads(line) for line in (tmp_path / "chat_pairs/pairs.jsonl").read_text().splitlines()]
     assert written and all(r["prompt"][0]["role"] == "user" and r["chosen"][0]["role"] == "assistant"
@@ -151,15 +166,14 @@ def test_verifiable_scoring_of_a_model_that_solves_nothing_is_one_line_and_keeps
                                                                                            reverse_data):
     out = tmp_path / "none"
     with pytest.raises(DataError, match="every prompt's 3 samples scored alike, so no pair was made"):
-        make_pairs(str(micro_model), str(reverse_data.parent / "test.jsonl"), out,
-                   PairSettings(samples=3, max_new_tokens=6, batch_size=4, limit=4), say=lambda line: None)
+        make_pairs(str(micro_model), settings(reverse_data.parent / "test.jsonl", limit=4), out, say=lambda line: None)
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and all(s["rewards"] == [0.0, 0.0, 0.0] for s in samples)
     assert not (out / pairs.DONE).exists() and (out / pairs.WORK / "chunk_000000.jsonl").exists()
     with pytest.raises(DataError, match="row 0's prompt is not one of the verifiable task's"):
         chat = tmp_path / "other.jsonl"
         chat.write_text(json.dumps({"prompt": "Tell me a story."}) + "\n")
-        make_pairs(str(micro_model), str(chat), tmp_path / "other", SETTINGS, say=lambda line: None)
+        make_pairs(str(micro_model), settings(chat), tmp_path / "other", say=lambda line: None)
 
 
 def test_the_command_line_refuses_bad_settings_in_one_line_each(tmp_path, micro_model, reverse_data):
@@ -168,6 +182,63 @@ def test_the_command_line_refuses_bad_settings_in_one_line_each(tmp_path, micro_
                              "--top-p", "0"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [
-        "error: make-pairs: --samples 1: a pair needs at least 2 samples of a prompt",
-        "error: make-pairs: --top-p must lie in (0, 1], got 0.0"]
+        "error: make-pairs: samples: expected greater than or equal to 2, got 1 (int)",
+        "error: make-pairs: top_p: expected greater than 0, got 0.0 (float)"]
     assert not (tmp_path / "x").exists()
+
+
+ON_POLICY = """
+[stages.rm]
+trainer = "reward"
+from = "sft"
+[stages.rm.config]
+dataset = { dataset_name = "DATA", val_ratio = 0.1, max_length = 96, max_prompt_length = 64 }
+reward_training = { learning_rate = 1e-3, batch_size = 4, max_steps = 3, logging_steps = 1 }
+
+[stages.pairs]
+from = "sft"
+generate = { prompts = "PROMPTS", reward_model = "rm", samples = 3, max_new_tokens = 8, batch_size = 4, limit = 8 }
+
+[stages.dpo]
+trainer = "dpo"
+from = "pairs"
+[stages.dpo.config]
+dataset = { val_ratio = 0.0, max_length = 96, max_prompt_length = 64 }
+dpo_training = { learning_rate = 1e-4, batch_size = 2, max_steps = 3, logging_steps = 1 }
+"""
+
+
+def test_an_experiment_samples_pairs_from_its_sft_model_and_trains_dpo_on_them(tmp_path, micro_model, reverse_data):
+    """SFT, a reward model from it, pairs sampled from the SFT model and judged by that reward
+    model, then DPO from the pairs: through the local executor, with status and the report."""
+    from test_slurm import SFT, experiment
+    from test_submit_local import run
+
+    stages = SFT + ON_POLICY.replace("PROMPTS", str(reverse_data.parent / "test.jsonl"))
+    path = experiment(tmp_path, micro_model, reverse_data, stages, name="onpolicy")
+    dry = run(tmp_path, "dpo_hpc.submit", path.name, "--dry-run")
+    assert "stage pairs [generate from sft on" in dry.stdout and "1 pair set(s)" in dry.stdout, dry.stdout
+    result = run(tmp_path, "dpo_hpc.submit", path.name, "--local")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 of 4 run(s) done" in result.stdout
+
+    root = tmp_path / "out/onpolicy"
+    (sft_dir,), (pairs_dir,), (dpo_dir,) = ((root / s).iterdir() for s in ("sft", "pairs", "dpo"))
+    made = json.loads((pairs_dir / "generation.json").read_text())
+    assert made["prompts"] == 8 and made["pairs"] + made["skipped"]["no_reward_spread"] == 8 and made["pairs"] > 0
+    assert json.loads((pairs_dir / "run_manifest.json").read_text())["status"] == "completed"
+    config = json.loads((dpo_dir / "config.resolved.json").read_text())
+    assert config["policy_name"] == config["ref_name"] == str(sft_dir)
+    assert config["dataset"]["dataset_name"] == str(pairs_dir / "pairs.jsonl")
+    assert json.loads((dpo_dir / "data_report.json").read_text())["train"]["kept"] == made["pairs"]
+
+    rows = [json.loads(line) for line in run(tmp_path, "dpo_hpc.status", path.name, "--json").stdout.splitlines()]
+    assert {r["stage"]: r["state"] for r in rows} == {"sft": "done", "rm": "done", "pairs": "done", "dpo": "done"}
+    table = run(tmp_path, "dpo_hpc.status", path.name).stdout
+    assert f"{made['pairs']}/8 pairs" in next(line for line in table.splitlines() if line.startswith("pairs")), table
+    report = run(tmp_path, "dpo_hpc.report", path.name)
+    assert report.returncode == 0, report.stdout + report.stderr
+    text = (root / "report/report.md").read_text()
+    assert "## pairs (pairs)" in text and f"| {made['prompts']} | {made['pairs']} |" in text, text
+    again = run(tmp_path, "dpo_hpc.submit", path.name, "--local")
+    assert again.returncode == 0 and "started locally" not in again.stdout, again.stdout

@@ -430,7 +430,7 @@ def test_an_evaluate_stage_scores_every_run_of_its_stages_into_their_run_dirs(tm
 @pytest.mark.parametrize("edit, expected", [
     (lambda t: t.replace('from = ["sft", "dpo"]', 'from = ["sft", "dpx"]'), "stages.eval.from: unknown stage 'dpx'"),
     (lambda t: t.replace('from = ["sft", "dpo"]\n', ''), "an evaluate stage needs 'from'"),
-    (lambda t: t.replace('[stages.eval]', '[stages.eval]\ntrainer = "dpo"'), "give either 'trainer'"),
+    (lambda t: t.replace('[stages.eval]', '[stages.eval]\ntrainer = "dpo"'), "give one of 'trainer'"),
     (lambda t: t + '[stages.eval.grid]\n"dpo_training.beta" = [0.1]\n', "an evaluate stage takes no grid"),
     (lambda t: t.replace('baseline = "sft"', 'baseline = "dpo"'), "no scored run descends from stage 'dpo'"),
     (lambda t: t.replace('compare_to = "dpo"', 'compare_to = "sftx"'), "evaluate.compare_to: unknown stage 'sftx'"),
@@ -557,3 +557,69 @@ def test_an_evaluate_stage_judged_by_a_reward_stage_waits_for_the_reward_model_o
     folder = plan_of(tmp_path, BASE + JUDGED.replace('"rm"', '"judges/rm"') + DPO)  # a model's folder
     assert {r.judge for r in folder.stage_runs("judged", "evaluate")} == {None}
     assert {r.config["reward_model"] for r in folder.stage_runs("judged", "evaluate")} == {"judges/rm"}
+
+
+GENERATE = ('[stages.pairs]\nfrom = "sft"\n'
+            'generate = { prompts = "prompts.jsonl", reward_model = "rm", samples = 4, max_new_tokens = 64 }\n')
+ON_POLICY = DPO.replace('from = "sft"', 'from = "pairs"').replace('dataset = { dataset_name = "data.jsonl" }\n', '')
+
+
+def test_a_generate_stage_samples_each_run_and_a_stage_from_it_trains_its_start_on_its_pairs(tmp_path):
+    """Two SFT seeds, a reward model from each, pairs sampled from each SFT model and judged by its
+    own reward model, DPO from the pairs: each DPO run starts from (and refers to) the SFT model that
+    drew its pairs and trains on them, with [defaults]' dataset replaced; ids do not depend on where
+    the experiment lives."""
+    sft_seeds = '[stages.sft.grid]\n"sft_training.seed" = [1, 2]\n'
+    defaults = '[defaults]\ndataset = { dataset_name = "offline.jsonl", eval_subset = "test", val_ratio = 0.05 }\n'
+    text = defaults + BASE + sft_seeds + REWARD + GENERATE + ON_POLICY
+    plan = plan_of(tmp_path, text)
+    assert plan.stage_order == ["sft", "rm", "pairs", "dpo"] and ("pairs", "generate") in plan.arrays()
+    judges = {r.parent: r for r in plan.stage_runs("rm")}
+    made = plan.stage_runs("pairs", "generate")
+    assert len(made) == 2 and not plan.stage_runs("pairs")
+    for run in made:
+        sft = plan.run(run.parent)
+        assert run.run_dir == plan.root / "pairs" / run.run_id and run.grid_values == sft.grid_values
+        assert run.waits_for == [sft.run_id, judges[sft.run_id].run_id] and run.config["model"] == str(sft.run_dir)
+        assert run.config["generate"]["reward_model"] == str(judges[sft.run_id].run_dir)
+        assert run.config["generate"]["samples"] == 4 and run.config["generate"]["prompts"] == "prompts.jsonl"
+    for run in plan.stage_runs("dpo"):
+        pairs = plan.run(run.parent)
+        assert pairs.stage == "pairs" and run.waits_for == [pairs.run_id]
+        assert run.config["policy_name"] == run.config["ref_name"] == pairs.config["model"]
+        data = run.config["dataset"]
+        assert data["dataset_name"] == str(pairs.run_dir / "pairs.jsonl") and data["subset"] == "train"
+        assert data["eval_subset"] is None and data["val_ratio"] == 0.05  # the defaults' other keys stay
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    assert [r.run_id for r in plan_of(moved, text).runs] == [r.run_id for r in plan.runs]
+    other = plan_of(tmp_path, text.replace("samples = 4", "samples = 8"))
+    assert not {r.run_id for r in other.runs if r.stage in ("pairs", "dpo")} & {r.run_id for r in plan.runs}
+
+    scored = plan_of(tmp_path, text + '[stages.eval]\nfrom = "dpo"\n'
+                                      'evaluate = { data = "t.jsonl", baseline = "sft" }\n')
+    for run in scored.stage_runs("eval", "evaluate"):  # the SFT model is the DPO run's start: step 0 of its curve
+        assert run.config["baseline_is_start"]
+    write_plan_files(plan, tmp_path / "dry")
+    script = (tmp_path / "dry" / "sbatch" / "pairs.sh").read_text()
+    assert "--dependency='afterok:<job ids of the sft tasks>:<job ids of the rm tasks>'" in script
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda t: t.replace('from = "sft"\ngenerate', 'generate'), "a generate stage needs 'from'"),
+    (lambda t: t.replace('reward_model = "rm", ', ''), "stages.pairs.generate: give reward_model"),
+    (lambda t: t.replace('reward_model = "rm", ', 'reward_model = "rm", verifiable = true, '), "one of the two"),
+    (lambda t: t.replace('samples = 4', 'samples = 1'), "stages.pairs.generate.samples"),
+    (lambda t: t.replace('reward_model = "rm"', 'reward_model = "sft"'), "stage 'sft' trains no reward model"),
+    (lambda t: t + '[stages.pairs.grid]\n"x.y" = [1]\n', "a generate stage takes no grid"),
+    (lambda t: t.replace('dpo_training = {', 'dataset = { dataset_name = "mine.jsonl" }\ndpo_training = {'),
+     "stages.dpo.config.dataset.dataset_name: a stage from generate stage 'pairs' trains on its pairs"),
+    (lambda t: t + '[stages.again]\nfrom = "pairs"\ngenerate = { prompts = "p.jsonl", verifiable = true }\n',
+     "stages.again.from: 'pairs' is a generate stage; name training stages"),
+    (lambda t: t + '[stages.eval]\nfrom = "pairs"\nevaluate = { data = "t.jsonl" }\n',
+     "stages.eval.from: 'pairs' is a generate stage"),
+    (lambda t: t + '[stages.eval]\nfrom = "sft"\nevaluate = { data = "t.jsonl" }\n[stages.late]\ntrainer = "dpo"\n'
+     'from = "eval"\n', "stages.late.from: 'eval' is an evaluate stage; start from a training stage"),
+])
+def test_bad_generate_stages_name_the_key(tmp_path, edit, expected):
+    assert expected in errors_of(tmp_path, edit(BASE + REWARD + GENERATE + ON_POLICY))
