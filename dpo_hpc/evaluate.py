@@ -188,7 +188,7 @@ def validation_prompts(run_dir: str | Path, tokenizer, limit: Optional[int] = No
     return prompts
 
 
-def load_reward_model(reward_model: str, tokenizer, device: torch.device):
+def load_reward_model(reward_model: str, tokenizer, device: torch.device, dtype: Optional[torch.dtype] = None):
     """A reward model (``dpo-hpc train reward``, or any sequence-classification model with one
     output) that scores the policy's tokens, so its tokenizer must be the policy's."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -196,7 +196,7 @@ def load_reward_model(reward_model: str, tokenizer, device: torch.device):
     if AutoTokenizer.from_pretrained(reward_model).get_vocab() != tokenizer.get_vocab():
         raise DataError(f"reward model {reward_model}: its tokenizer is not the policy's, and it scores the "
                         "policy's tokens; use a reward model trained from the same base (dpo-hpc train reward)")
-    return AutoModelForSequenceClassification.from_pretrained(reward_model).to(device).eval()
+    return AutoModelForSequenceClassification.from_pretrained(reward_model, dtype=dtype).to(device).eval()
 
 
 def judged_rows(prompts: Sequence[list[int]], replies: Sequence[list[int]], eos_id: int) -> list[list[int]]:

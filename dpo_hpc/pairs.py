@@ -80,7 +80,7 @@ def prompt_of(row: dict[str, Any]) -> Optional[Any]:
 def read_prompts(source: str, subset: str, tokenizer, limit: Optional[int]) -> tuple[list[Prompt], Counter]:
     """The usable prompts of ``source`` (a hub name or a local data file or folder), and the count
     of rows dropped by reason."""
-    raw = load_raw(DatasetConfig(dataset_name=source, subset=subset), source="--prompts")
+    raw = load_raw(DatasetConfig(dataset_name=source, subset=subset), source="prompts")
     renderer = ChatRenderer(tokenizer)
     prompts, dropped = [], Counter()
     for i, row in enumerate(raw):
@@ -91,18 +91,18 @@ def read_prompts(source: str, subset: str, tokenizer, limit: Optional[int]) -> t
         if isinstance(given, str):
             text = given
         elif tokenizer.chat_template is None:
-            raise DataError(f"--prompts {source}: row {i} gives its prompt as messages, and the policy's tokenizer "
-                            "has no chat template to render them with")
+            raise DataError(f"prompts {source}: row {i} gives its prompt as messages, and the policy's tokenizer "
+                            "has no chat template to render them with (set chat_template when training it)")
         else:
             try:
                 text = renderer.render(given, generation_prompt=True)
             except TemplateRefused as exc:
-                raise DataError(f"--prompts {source}: row {i}: the chat template refused its messages: {exc}") from None
+                raise DataError(f"prompts {source}: row {i}: the chat template refused its messages: {exc}") from None
         prompts.append(Prompt(i, given, text))
         if limit is not None and len(prompts) == limit:
             break
     if not prompts:
-        raise DataError(f"--prompts {source}: no row has a prompt (a 'prompt' string or messages, or an HH "
+        raise DataError(f"prompts {source}: no row has a prompt (a 'prompt' string or messages, or an HH "
                         f"'chosen' transcript); {sum(dropped.values())} row(s) read")
     return prompts, dropped
 
@@ -110,14 +110,12 @@ def read_prompts(source: str, subset: str, tokenizer, limit: Optional[int]) -> t
 class VerifiableJudge:
     """The verifiable task's exact reward (1 for the reversed word, else 0)."""
 
-    name = "verifiable"
-
     def __init__(self, prompts: Sequence[Prompt]):
         wrong = next((p for p in prompts if not is_task_prompt(p.text)), None)
         if wrong is not None:
-            raise DataError(f"--verifiable: row {wrong.row}'s prompt is not one of the verifiable task's "
+            raise DataError(f"verifiable: row {wrong.row}'s prompt is not one of the verifiable task's "
                             f"(dpo-hpc make-data writes them): {wrong.text[:80]!r}")
-        self.identity = self.name
+        self.identity = "verifiable"
 
     def scores(self, prompts: Sequence[Prompt], prompt_ids, replies: Sequence[list[int]], texts: Sequence[str]):
         return [exact_reward(p.text, t) for p, t in zip(prompts, texts)]
@@ -126,10 +124,8 @@ class VerifiableJudge:
 class RewardModel:
     """A reward model's score of the prompt's tokens and the reply's (+ EOS), as it trained."""
 
-    name = "reward_model"
-
-    def __init__(self, path: str, tokenizer, device: torch.device, batch_size: int):
-        self.model = load_reward_model(path, tokenizer, device)
+    def __init__(self, path: str, tokenizer, device: torch.device, dtype: torch.dtype, batch_size: int):
+        self.model = load_reward_model(path, tokenizer, device, dtype)
         self.special, self.batch_size = SpecialTokens.of(tokenizer), batch_size
         self.identity = files_identity(path) if Path(path).is_dir() else path
 
@@ -189,7 +185,7 @@ def make_pairs(model: str, settings: GenerationSection, out: str | Path, say: Ca
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts, dropped = read_prompts(settings.prompts, settings.subset, tokenizer, settings.limit)
-    judge = RewardModel(settings.reward_model, tokenizer, device, settings.batch_size) if settings.reward_model \
+    judge = RewardModel(settings.reward_model, tokenizer, device, dtype, settings.batch_size) if settings.reward_model \
         else VerifiableJudge(prompts)
     identity = {"model": files_identity(model) if Path(model).is_dir() else model, "judge": judge.identity,
                 "prompts": hashlib.sha256(json.dumps([[p.row, p.text] for p in prompts]).encode()).hexdigest(),
@@ -254,8 +250,9 @@ def _sampled_chunk(policy, tokenizer, judge, chunk: Sequence[Prompt], special: S
     texts = [tokenizer.decode(r[:-1] if r[-1:] and r[-1] in stops else r, skip_special_tokens=True) for r in replies]
     each = [p for p in chunk for _ in range(sampling.samples)]
     rewards = judge.scores(each, [i for i in ids for _ in range(sampling.samples)], replies, texts)
-    k = sampling.samples
-    return [{"row": p.row, "samples": texts[i * k:(i + 1) * k], "rewards": [float(r) for r in rewards[i * k:(i + 1) * k]],
+    k = sampling.samples  # the samples come prompt by prompt: prompt i's are [i * k, (i + 1) * k)
+    return [{"row": p.row, "samples": texts[i * k:(i + 1) * k],
+             "rewards": [float(r) for r in rewards[i * k:(i + 1) * k]],
              "stopped": [bool(r) and r[-1] in stops for r in replies[i * k:(i + 1) * k]],
              "prompt_truncated": len(whole[i]) > settings.max_prompt_length}
             for i, p in enumerate(chunk)]

@@ -65,7 +65,7 @@ def test_reward_model_scores_a_batch_as_each_row_alone(micro_model, reward_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(micro_model)
-    judge = RewardModel(str(reward_model), tok, torch.device("cpu"), batch_size=3)
+    judge = RewardModel(str(reward_model), tok, torch.device("cpu"), torch.float32, batch_size=3)
     prompt_ids, replies = [[1, 70, 71], [1, 72], [1, 73, 74, 75]], [[80, 81, tok.eos_token_id], [82], [83, 84]]
     got = judge.scores([], prompt_ids, replies, [])
     naive = AutoModelForSequenceClassification.from_pretrained(reward_model).eval()
@@ -188,16 +188,9 @@ def test_the_command_line_refuses_bad_settings_in_one_line_each(tmp_path, micro_
 
 
 ON_POLICY = """
-[stages.rm]
-trainer = "reward"
-from = "sft"
-[stages.rm.config]
-dataset = { dataset_name = "DATA", val_ratio = 0.1, max_length = 96, max_prompt_length = 64 }
-reward_training = { learning_rate = 1e-3, batch_size = 4, max_steps = 3, logging_steps = 1 }
-
 [stages.pairs]
 from = "sft"
-generate = { prompts = "PROMPTS", reward_model = "rm", samples = 3, max_new_tokens = 8, batch_size = 4, limit = 8 }
+generate = { prompts = "PROMPTS", reward_model = "RM", samples = 3, max_new_tokens = 8, batch_size = 4, limit = 8 }
 
 [stages.dpo]
 trainer = "dpo"
@@ -208,19 +201,22 @@ dpo_training = { learning_rate = 1e-4, batch_size = 2, max_steps = 3, logging_st
 """
 
 
-def test_an_experiment_samples_pairs_from_its_sft_model_and_trains_dpo_on_them(tmp_path, micro_model, reverse_data):
-    """SFT, a reward model from it, pairs sampled from the SFT model and judged by that reward
-    model, then DPO from the pairs: through the local executor, with status and the report."""
+def test_an_experiment_samples_pairs_from_its_sft_model_and_trains_dpo_on_them(tmp_path, micro_model, reverse_data,
+                                                                               reward_model):
+    """SFT, pairs sampled from the SFT model and judged by a reward model, then DPO from the
+    pairs: through the local executor, with status and the report (a reward stage as the judge is
+    expanded in tests/unit/experiment)."""
     from test_slurm import SFT, experiment
     from test_submit_local import run
 
-    stages = SFT + ON_POLICY.replace("PROMPTS", str(reverse_data.parent / "test.jsonl"))
+    prompts = reverse_data.parent / "test.jsonl"
+    stages = SFT + ON_POLICY.replace("PROMPTS", str(prompts)).replace("RM", str(reward_model))
     path = experiment(tmp_path, micro_model, reverse_data, stages, name="onpolicy")
     dry = run(tmp_path, "dpo_hpc.submit", path.name, "--dry-run")
     assert "stage pairs [generate from sft on" in dry.stdout and "1 pair set(s)" in dry.stdout, dry.stdout
     result = run(tmp_path, "dpo_hpc.submit", path.name, "--local")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "4 of 4 run(s) done" in result.stdout
+    assert "3 of 3 run(s) done" in result.stdout
 
     root = tmp_path / "out/onpolicy"
     (sft_dir,), (pairs_dir,), (dpo_dir,) = ((root / s).iterdir() for s in ("sft", "pairs", "dpo"))
@@ -233,7 +229,7 @@ def test_an_experiment_samples_pairs_from_its_sft_model_and_trains_dpo_on_them(t
     assert json.loads((dpo_dir / "data_report.json").read_text())["train"]["kept"] == made["pairs"]
 
     rows = [json.loads(line) for line in run(tmp_path, "dpo_hpc.status", path.name, "--json").stdout.splitlines()]
-    assert {r["stage"]: r["state"] for r in rows} == {"sft": "done", "rm": "done", "pairs": "done", "dpo": "done"}
+    assert {r["stage"]: r["state"] for r in rows} == {"sft": "done", "pairs": "done", "dpo": "done"}
     table = run(tmp_path, "dpo_hpc.status", path.name).stdout
     assert f"{made['pairs']}/8 pairs" in next(line for line in table.splitlines() if line.startswith("pairs")), table
     report = run(tmp_path, "dpo_hpc.report", path.name)
