@@ -37,6 +37,9 @@ GENERATED_PAIRS = "pairs.jsonl"
 GENERATION_FILE = "generation.json"
 """In a generate stage's run directory, written last: the settings and counts of its pairs."""
 
+ROLES = ("reference", "train", "evaluate", "generate")
+"""What a run does (``Run.role``), in the order a stage's arrays are submitted."""
+
 REFERENCE_INPUTS = ("policy_name", "ref_name", "tokenizer_name", "dataset", "precision", "attn_implementation")
 """Top-level keys a reference table depends on. Runs of an experiment that agree on them (and on
 the parent, the cache folder, LD-DPO's ``ld_alpha`` and KTO's pairing), in whatever stages, read
@@ -101,8 +104,7 @@ class Plan:
 
     def arrays(self) -> list[tuple[str, str]]:
         """(stage, role) of every array in submission order: a stage's reference passes, then its runs."""
-        return [(stage, role) for stage in self.stage_order for role in ("reference", "train", "evaluate", "generate")
-                if self.stage_runs(stage, role)]
+        return [(stage, role) for stage in self.stage_order for role in ROLES if self.stage_runs(stage, role)]
 
     def run(self, run_id: str) -> Run:
         for r in self.runs:
@@ -127,7 +129,7 @@ def stage_order(exp: ExperimentConfig, source: Path) -> list[str]:
                 _fail(source, f"stages.{name}.from", f"unknown stage '{parent}'; stages are {', '.join(stages)}")
     order: list[str] = []
 
-    def upstream(stage) -> list[str]:  # an evaluate or generate stage also waits for the reward stage that judges
+    def upstream(stage) -> list[str]:  # an evaluate or generate stage also waits for its judge's stage
         section = stage.evaluate or stage.generate
         judge = section.reward_model if section is not None else None
         return stage.parents + ([judge] if judge in stages else [])

@@ -24,7 +24,8 @@ from .requeue import caps_of
 from .table import state_counts, table
 
 
-ROLE_WORDS = {"train": "run(s)", "reference": "reference pass(es)", "evaluate": "scoring(s)", "generate": "pair set(s)"}
+ROLE_WORDS = {"train": "run(s)", "reference": "reference pass(es)", "evaluate": "scoring(s)",
+              "generate": "pair set(s)"}
 """How an array of each run role is counted in what submit prints."""
 
 
