@@ -116,7 +116,16 @@ def _cmd_make_pairs(args) -> int:
 
     given = {key: value for key, value in vars(args).items()
              if key in GenerationSection.__pydantic_fields__ and value is not None and value is not False}
-    make_pairs(args.model, validate_as(GenerationSection, given, source="make-pairs"), args.out)
+    settings = validate_as(GenerationSection, given, source="make-pairs")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: the ranks share the chunks
+        from .launch.task import pair_ranks
+        from .runtime import shutdown
+
+        ranks = pair_ranks()
+        make_pairs(args.model, settings, args.out, ranks=ranks, say=print if ranks.rank == 0 else lambda line: None)
+        shutdown()
+    else:
+        make_pairs(args.model, settings, args.out)
     return 0
 
 

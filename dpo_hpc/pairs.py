@@ -173,15 +173,28 @@ def _read_chunk(path: Path, expected_rows: Sequence[int]) -> Optional[list[dict]
     return records if [r.get("row") for r in records] == list(expected_rows) else None
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """The processes that share one set of pairs: rank r draws chunks r, r + world, ... (each under
+    its own seed, so the files do not depend on how many ranks drew them); rank 0 writes the set."""
+
+    rank: int = 0
+    world: int = 1
+    device: Optional[torch.device] = None
+    """None: the first GPU, else the CPU."""
+    barrier: Callable[[], None] = lambda: None
+
+
 def make_pairs(model: str, settings: GenerationSection, out: str | Path, say: Callable[[str], None] = print,
-               stop: Callable[[float], Optional[str]] = lambda chunk_s: None) -> dict:
+               stop: Callable[[float], Optional[str]] = lambda chunk_s: None, ranks: Ranks = Ranks()) -> dict:
     """Sample, score, pair (``settings.reward_model`` a folder or hub name here); write OUT's files
-    and return what ``generation.json`` holds. ``stop(seconds of the last chunk)``, asked after
-    each chunk, names a signal to stop for (then ``PairsStopped``), or None."""
+    and return what ``generation.json`` holds (on every rank). ``stop(seconds of the last chunk)``,
+    asked after each round of chunks (on every rank alike: with several ranks it is a collective),
+    names a signal to stop for (then ``PairsStopped``), or None."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = Path(out)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = ranks.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts, dropped = read_prompts(settings.prompts, settings.subset, tokenizer, settings.limit)
@@ -214,30 +227,46 @@ def make_pairs(model: str, settings: GenerationSection, out: str | Path, say: Ca
     chunks = [prompts[i:i + size] for i in range(0, len(prompts), size)]
     say(f"[make-pairs] {len(prompts)} prompt(s) x {settings.samples} samples from {model} on {device.type}, "
         f"judged by {settings.judged_by}; {len(chunks)} chunk(s) of {size} in {work}")
-    records: list[dict] = []
+    rounds = -(-len(chunks) // ranks.world)
     started = last_line = time.monotonic()
     made = 0
-    for c, chunk in enumerate(chunks):
-        path = _chunk_path(work, c)
-        found = _read_chunk(path, [p.row for p in chunk])
+    for k in range(rounds):
+        c = k * ranks.world + ranks.rank
         chunk_started = time.monotonic()
-        if found is None:
-            found = _sampled_chunk(policy, tokenizer, judge, chunk, special, stops, sampling, settings, c)
-            atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in found).encode())
-            made += len(chunk)
-        records += found
+        if c < len(chunks) and _read_chunk(_chunk_path(work, c), [p.row for p in chunks[c]]) is None:
+            found = _sampled_chunk(policy, tokenizer, judge, chunks[c], special, stops, sampling, settings, c)
+            atomic_write_bytes(_chunk_path(work, c), "".join(json.dumps(r) + "\n" for r in found).encode())
+            made += len(chunks[c])
         now = time.monotonic()
-        signal = stop(now - chunk_started) if c < len(chunks) - 1 else None
+        signal = stop(now - chunk_started) if k < rounds - 1 else None
         if signal:
-            say(f"[make-pairs] {signal}: stopping after chunk {c + 1} of {len(chunks)}; its chunks stay in {work}")
-            raise PairsStopped(signal, c + 1)
-        if now - last_line >= PROGRESS_EVERY_S or c == len(chunks) - 1:
-            last_line, done_n = now, len(records)
-            rate = made / (now - started) if made else 0.0
+            kept = len(list(work.glob("chunk_*.jsonl")))
+            say(f"[make-pairs] {signal}: stopping after round {k + 1} of {rounds}; the {kept} chunk(s) made stay "
+                f"in {work}")
+            raise PairsStopped(signal, kept)
+        if now - last_line >= PROGRESS_EVERY_S or k == rounds - 1:
+            last_line, done_n = now, min(len(prompts), (k + 1) * ranks.world * size)
+            rate = made * ranks.world / (now - started) if made else 0.0  # every rank draws at about this rate
             eta = f" | eta {int((len(prompts) - done_n) / rate)} s" if rate and done_n < len(prompts) else ""
             say(f"[make-pairs] {done_n}/{len(prompts)} prompts ({100 * done_n // len(prompts)}%) | "
                 f"{rate:.2f} prompts/s{eta}")
-    return _finish(out, work, prompts, records, dropped, identity, settings, say)
+    ranks.barrier()  # every rank's chunks written
+    if ranks.rank != 0:
+        ranks.barrier()  # rank 0 writes the set
+        if not (out / DONE).exists():
+            raise DataError(f"rank 0 did not write the pairs into {out} (see its log)")
+        return json.loads((out / DONE).read_text())
+    try:
+        records = []
+        for c, chunk in enumerate(chunks):
+            found = _read_chunk(_chunk_path(work, c), [p.row for p in chunk])
+            if found is None:  # another rank's, written before the barrier: a folder the ranks do not share
+                raise DataError(f"{_chunk_path(work, c)} is missing or damaged after every rank finished; is "
+                                f"{work} on a filesystem all ranks share? Run again to draw it anew")
+            records += found
+        return _finish(out, work, prompts, records, dropped, identity, settings, say)
+    finally:
+        ranks.barrier()
 
 
 def _sampled_chunk(policy, tokenizer, judge, chunk: Sequence[Prompt], special: SpecialTokens, stops, sampling: Sampling,
@@ -292,30 +321,33 @@ def _finish(out: Path, work: Path, prompts: Sequence[Prompt], records: Sequence[
 
 
 def generate_run(config: dict, out_dir: str, stop: Callable[[float], Optional[str]] = lambda chunk_s: None,
-                 is_preemption: Callable[[str], bool] = lambda signal: False) -> dict:
-    """A generate stage's task: the pairs of ``config["model"]`` into ``out_dir``, with a run
-    manifest (running, then completed, preempted, interrupted or failed) that status and submit
-    read. A stopped task goes on from its chunks when requeued or resubmitted."""
+                 is_preemption: Callable[[str], bool] = lambda signal: False, ranks: Ranks = Ranks()) -> dict:
+    """A generate stage's task (on every rank of it): the pairs of ``config["model"]`` into
+    ``out_dir``, with a run manifest (running, then completed, preempted, interrupted or failed),
+    written by rank 0, that status and submit read. A stopped task goes on from its chunks when
+    requeued or resubmitted."""
     from .checkpoint import RunDir
 
-    model, out = config["model"], Path(out_dir)
+    model, out, main = config["model"], Path(out_dir), ranks.rank == 0
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = RunDir(out).manifest_path
-    atomic_write_json(manifest_path, {"status": "running", "kind": "generation", "model": model})
+
+    def record(status: str, **fields) -> None:
+        if main:
+            atomic_write_json(manifest_path, {"status": status, "kind": "generation", "model": model, **fields})
+
+    record("running")
     started = time.perf_counter()
     try:
-        summary = make_pairs(model, GenerationSection(**config["generate"]), out,
-                             say=lambda line: print(line, flush=True), stop=stop)
+        summary = make_pairs(model, GenerationSection(**config["generate"]), out, stop=stop, ranks=ranks,
+                             say=lambda line: print(line, flush=True) if main else None)
     except PairsStopped as stopped:
         status = "preempted" if is_preemption(stopped.signal) else "interrupted"
-        atomic_write_json(manifest_path, {"status": status, "kind": "generation", "model": model,
-                                          "reason": stopped.signal, "chunks": stopped.chunks})
+        record(status, reason=stopped.signal, chunks=stopped.chunks)
         return {"status": status, "signal": stopped.signal, "chunks": stopped.chunks}
     except BaseException as exc:
-        atomic_write_json(manifest_path, {"status": "failed", "kind": "generation", "model": model,
-                                          "reason": f"{type(exc).__name__}: {exc}"[:500]})
+        record("failed", reason=f"{type(exc).__name__}: {exc}"[:500])
         raise
     final = {key: summary[key] for key in ("prompts", "pairs", "mean_chosen_reward", "mean_rejected_reward")}
-    atomic_write_json(manifest_path, {"status": "completed", "kind": "generation", "model": model,
-                                      "final_eval": final, "seconds": round(time.perf_counter() - started, 1)})
+    record("completed", final_eval=final, seconds=round(time.perf_counter() - started, 1))
     return {"status": "completed", **final}

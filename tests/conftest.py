@@ -57,6 +57,20 @@ def micro_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def reward_model(tmp_path_factory, micro_model) -> Path:
+    """The micro model with a seeded, untrained one-output head: scores that differ sample by sample."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("random_reward_model")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        AutoModelForSequenceClassification.from_pretrained(micro_model, num_labels=1).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(micro_model).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def reverse_data(tmp_path_factory, hf_cache) -> Path:
     from dpo_hpc.data.verifiable import write_dataset
 

@@ -305,7 +305,7 @@ class GenerationSection:
     """Longer prompts keep their last tokens, as training truncates them (``keep_end``)."""
     batch_size: int = Field(16, ge=1)
     """Prompts per generation call, and per chunk that a stopped task need not draw again (the
-    chunks, and so the draws, depend on it)."""
+    chunks, and so the draws, depend on it). The stage's ranks share the chunks."""
     limit: Optional[int] = Field(None, ge=1)
     """The first N usable prompts only."""
     seed: int = 0

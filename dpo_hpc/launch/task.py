@@ -126,31 +126,49 @@ def generate_and_requeue(row: dict[str, Any]) -> dict[str, Any]:
     job's time limit, it stops after the chunk it is drawing and requeues itself (within
     ``max_requeues``); the requeued task goes on from its chunks. Ctrl-C or scancel stops it alike,
     not requeued."""
-    import torch
-
     from ..pairs import generate_run
+    from ..runtime import barrier, shutdown
     from ..runtime.slurm import job_end_time
     from ..runtime.stop import DEADLINE, StopSignal
 
     lead_s = row.get("signal_lead_s") or DEFAULT_SIGNAL_LEAD_S
+    ranks = pair_ranks()
     stop = StopSignal(end_time=job_end_time(), lead_s=lead_s).install()
     try:
         summary = generate_run(row["config"], row["run_dir"], stop=lambda chunk_s: stop.agreed(
-            1, torch.device("cpu"), step_s=chunk_s), is_preemption=stop.is_preemption)
+            ranks.world, ranks.device, step_s=chunk_s), is_preemption=stop.is_preemption, ranks=ranks)
     finally:
         stop.restore()
-    label, status = row["run_id"], summary["status"]
+    barrier()
+    shutdown()
+    label, status, main = row["run_id"], summary["status"], ranks.rank == 0
     if status == "interrupted":
-        print(f"[dpo-hpc] {label}: stopped by {summary['signal']} after {summary['chunks']} chunk(s); they are "
-              "kept, run again to go on", flush=True)
+        if main:
+            print(f"[dpo-hpc] {label}: stopped by {summary['signal']} with {summary['chunks']} chunk(s) made; they "
+                  "are kept, run again to go on", flush=True)
         sys.exit(128 + getattr(signal, summary["signal"]).value)
     if status == "preempted":
         cause = "time_limit" if summary["signal"] == DEADLINE else signal_cause(stop.end_time, lead_s)
-        stopped = f"[dpo-hpc] {label}: stopped after chunk {summary['chunks']} ({cause.replace('_', ' ')}); "
+        stopped = f"[dpo-hpc] {label}: stopped with {summary['chunks']} chunk(s) made ({cause.replace('_', ' ')}); "
         reason = requeue(Path(row["run_dir"]), cause, summary["chunks"], row["max_requeues"],
-                         lambda outcome: print(stopped + outcome, flush=True))
+                         lambda outcome: print(stopped + outcome, flush=True)) if main else ""
         sys.exit(0 if not reason else 3)  # no return value: submitit must not record the task as finished
     return summary
+
+
+def pair_ranks():
+    """This process's place among the ranks of a generate task (srun, torchrun, or alone), each on
+    its own GPU where there are GPUs."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    from ..pairs import Ranks
+    from ..runtime import barrier, init_distributed
+
+    dist_env = init_distributed()  # its backend follows DeepSpeed's accelerator, and so does the device
+    on_gpu = get_accelerator().device_name() == "cuda"
+    device = torch.device("cuda", dist_env.local_rank) if on_gpu else torch.device("cpu")
+    return Ranks(dist_env.rank, dist_env.world_size, device, barrier)
 
 
 def reference_pass(cfg, trainer: str) -> dict[str, Any]:

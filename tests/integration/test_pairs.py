@@ -33,18 +33,6 @@ def settings(prompts, reward_model=None, **changes) -> GenerationSection:
                                 "reward_model": str(reward_model) if reward_model else None, **changes})
 
 
-@pytest.fixture(scope="module")
-def reward_model(tmp_path_factory, micro_model) -> Path:
-    """The micro model with a seeded, untrained one-output head: scores that differ sample by sample."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("rm")
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_pretrained(micro_model, num_labels=1).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(micro_model).save_pretrained(folder)
-    return folder
-
-
 def test_near_zero_temperature_samples_are_each_prompts_greedy_completion(micro_model):
     """The samples come prompt by prompt, in order, each continuing its own (left-padded) prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -112,7 +100,7 @@ def test_pairs_resume_after_a_stop_to_the_same_files_and_dpo_trains_on_them(tmp_
         generate_and_requeue(row)
     manifest = json.loads((tmp_path / "resumed/run_manifest.json").read_text())
     assert stopped.value.code == 3 and manifest["status"] == "preempted" and manifest["chunks"] == 2
-    assert "stopped after chunk 2 (preemption); not requeued: not running under Slurm" in capsys.readouterr().out
+    assert "stopped with 2 chunk(s) made (preemption); not requeued: not running under Slurm" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "resumed" / pairs.WORK).glob("chunk_*")) == \
         ["chunk_000000.jsonl", "chunk_000001.jsonl"] and not (tmp_path / "resumed" / pairs.DONE).exists()
     monkeypatch.setattr(pairs, "_sampled_chunk", lambda *args: made.append(args[-1]) or real(*args))
@@ -129,6 +117,25 @@ def test_pairs_resume_after_a_stop_to_the_same_files_and_dpo_trains_on_them(tmp_
         make_pairs(str(micro_model), settings(prompts, reward_model, samples=2), out, say=lambda line: None)
 
     train_dpo_on(tmp_path, micro_model, out / "pairs.jsonl", straight["pairs"])
+
+
+def test_two_ranks_share_the_chunks_and_write_the_files_of_one(tmp_path, micro_model, reverse_data, reward_model):
+    """Under torchrun each rank draws every other chunk (its own seeds), so two ranks write the
+    pairs one process writes, byte for byte (at one thread each, as torchrun runs them: the float
+    sums of a matmul depend on the thread count)."""
+    args = [str(micro_model), "--prompts", str(reverse_data.parent / "test.jsonl"), "--reward-model",
+            str(reward_model), "--samples", "3", "--max-new-tokens", "6", "--batch-size", "4", "--limit", "10"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    alone = subprocess.run([sys.executable, "-m", "dpo_hpc", "make-pairs", *args, "--out", str(tmp_path / "one")],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(29600 + os.getpid() % 1000), "-m", "dpo_hpc", "make-pairs", *args,
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert two.stdout.count("pair(s) from 10 prompt(s)") == 1  # rank 0 alone writes and says so
+    for name in ("pairs.jsonl", "samples.jsonl"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
 
 
 def train_dpo_on(tmp_path: Path, model: Path, data: Path, rows: int) -> None:

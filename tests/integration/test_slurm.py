@@ -374,16 +374,26 @@ dpo_training = { learning_rate = 1e-4, batch_size = 2, max_steps = 5, save_steps
 risk_test = { beta_warmup = 2 }
 beta_update = { alpha = 0.5 }
 deepspeed = { zero_stage = 3 }
+
+[stages.pairs]
+from = "sft"
+generate = { prompts = "PROMPTS", reward_model = "RM", samples = 2, max_new_tokens = 4, batch_size = 3, limit = 10 }
+[stages.pairs.slurm]
+ntasks_per_node = 2
 """
 
 
-def test_two_ranks_under_srun_in_one_array_task(tmp_path, micro_model, reverse_data):
+def test_two_ranks_under_srun_in_one_array_task(tmp_path, micro_model, reverse_data, reward_model):
     """ntasks_per_node = 2: srun starts two ranks in the array task; they train together over gloo
-    (ZeRO-2, then ZeRO-3) and hold the same dynamic beta and tau."""
-    path = experiment(tmp_path, micro_model, reverse_data, TWO_RANKS, name="ranks")
+    (ZeRO-2, then ZeRO-3) and hold the same dynamic beta and tau; two ranks of a generate stage
+    share its chunks and write the pairs that one process writes."""
+    stages = TWO_RANKS.replace("PROMPTS", str(reverse_data.parent / "test.jsonl")).replace("RM", str(reward_model))
+    path = experiment(tmp_path, micro_model, reverse_data, stages, name="ranks")
     submit(path)
     rows = wait_settled(path)
     assert {r["state"] for r in rows.values()} == {"done"}, rows
+    (pairs_job,) = [r["job"] for r in rows.values() if r["stage"] == "pairs"]
+    check_pairs_of_two_ranks(tmp_path / "out/ranks", pairs_job, reverse_data, reward_model)
     for stage in ("sft", "dyn"):
         (run_dir,) = (tmp_path / "out/ranks" / stage).iterdir()
         m = manifest(run_dir)
@@ -393,6 +403,26 @@ def test_two_ranks_under_srun_in_one_array_task(tmp_path, micro_model, reverse_d
     states = [torch.load(ckpt / layout.rank_file(r), weights_only=True)["objective"]["dynamic_beta"] for r in (0, 1)]
     assert states[0]["warmup_done"] and states[0]["beta"] != 0.1  # beta moved after the warmup
     assert (states[0]["beta"], states[0]["tau"]) == (states[1]["beta"], states[1]["tau"])
+
+
+def check_pairs_of_two_ranks(root: Path, job: str, reverse_data: Path, reward_model: Path) -> None:
+    """Both ranks of the generate task ran, and the pairs they drew equal one process's at one
+    thread (each rank's, cpus_per_task)."""
+    from dpo_hpc.experiment.schema import GenerationSection
+    from dpo_hpc.pairs import make_pairs
+
+    assert all((root / ".submit/logs" / job / f"{job}_{rank}_log.err").exists() for rank in (0, 1))
+    (sft_dir,), (pairs_dir,) = (root / "sft").iterdir(), (root / "pairs").iterdir()
+    settings = GenerationSection(prompts=str(reverse_data.parent / "test.jsonl"), reward_model=str(reward_model),
+                                 samples=2, max_new_tokens=4, batch_size=3, limit=10)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        make_pairs(str(sft_dir), settings, root / "alone", say=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("pairs.jsonl", "samples.jsonl"):
+        assert (pairs_dir / name).read_bytes() == (root / "alone" / name).read_bytes(), name
 
 
 SHAPED = """
