@@ -117,15 +117,13 @@ def _cmd_make_pairs(args) -> int:
     given = {key: value for key, value in vars(args).items()
              if key in GenerationSection.__pydantic_fields__ and value is not None and value is not False}
     settings = validate_as(GenerationSection, given, source="make-pairs")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: the ranks share the chunks
-        from .launch.task import pair_ranks
-        from .runtime import shutdown
+    from .launch.task import pair_ranks
+    from .runtime import shutdown
 
-        ranks = pair_ranks()
-        make_pairs(args.model, settings, args.out, ranks=ranks, say=print if ranks.rank == 0 else lambda line: None)
+    ranks = pair_ranks()  # under torchrun the ranks share the chunks
+    make_pairs(args.model, settings, args.out, ranks=ranks, say=print if ranks.rank == 0 else lambda line: None)
+    if ranks.world > 1:
         shutdown()
-    else:
-        make_pairs(args.model, settings, args.out)
     return 0
 
 

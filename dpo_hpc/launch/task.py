@@ -127,7 +127,7 @@ def generate_and_requeue(row: dict[str, Any]) -> dict[str, Any]:
     ``max_requeues``); the requeued task goes on from its chunks. Ctrl-C or scancel stops it alike,
     not requeued."""
     from ..pairs import generate_run
-    from ..runtime import barrier, shutdown
+    from ..runtime import shutdown
     from ..runtime.slurm import job_end_time
     from ..runtime.stop import DEADLINE, StopSignal
 
@@ -139,8 +139,9 @@ def generate_and_requeue(row: dict[str, Any]) -> dict[str, Any]:
             ranks.world, ranks.device, step_s=chunk_s), is_preemption=stop.is_preemption, ranks=ranks)
     finally:
         stop.restore()
-    barrier()
-    shutdown()
+    if ranks.world > 1:
+        ranks.barrier()
+        shutdown()
     label, status, main = row["run_id"], summary["status"], ranks.rank == 0
     if status == "interrupted":
         if main:
@@ -158,12 +159,16 @@ def generate_and_requeue(row: dict[str, Any]) -> dict[str, Any]:
 
 def pair_ranks():
     """This process's place among the ranks of a generate task (srun, torchrun, or alone), each on
-    its own GPU where there are GPUs."""
+    its own GPU where there are GPUs. A lone rank needs no process group and sets up none (nor
+    tears one down: in a process that trains too, DeepSpeed keeps its groups)."""
     import torch
-    from deepspeed.accelerator import get_accelerator
 
     from ..pairs import Ranks
-    from ..runtime import barrier, init_distributed
+    from ..runtime import barrier, init_distributed, launched_ranks
+
+    if launched_ranks().world_size == 1:
+        return Ranks()
+    from deepspeed.accelerator import get_accelerator
 
     dist_env = init_distributed()  # its backend follows DeepSpeed's accelerator, and so does the device
     on_gpu = get_accelerator().device_name() == "cuda"

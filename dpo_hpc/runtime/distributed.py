@@ -30,18 +30,26 @@ class DistEnv:
         return all_gather_cat(tensor)
 
 
-def _export_env() -> DistEnv:
+def launched_ranks() -> DistEnv:
+    """This process's rank, local rank and world size as its launcher set them (torchrun and the
+    deepspeed launcher: RANK/WORLD_SIZE; srun: SLURM_PROCID/SLURM_NTASKS; else a lone process)."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-        local = int(env.get("LOCAL_RANK", rank))
-    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-        local = int(env.get("SLURM_LOCALID", 0))
+        rank = int(env["RANK"])
+        return DistEnv(rank, int(env.get("LOCAL_RANK", rank)), int(env["WORLD_SIZE"]))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]))
+    return DistEnv(0, 0, 1)
+
+
+def _export_env() -> DistEnv:
+    env = os.environ
+    launched = launched_ranks()
+    rank, world, local = launched.rank, launched.world_size, launched.local_rank
+    if world > 1 and not ("RANK" in env and "WORLD_SIZE" in env):  # srun's
         env.setdefault("MASTER_ADDR", "127.0.0.1")  # the HPC layer sets the first node of the job
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 40000))
-    else:
-        rank, world, local = 0, 1, 0
+    elif world == 1:
         # DeepSpeed checks that these exist; nothing binds the port: a lone process rendezvouses
         # in memory (see init_distributed).
         env.setdefault("MASTER_ADDR", "127.0.0.1")
