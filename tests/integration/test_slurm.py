@@ -272,9 +272,17 @@ def test_requeues_stop_at_their_cap_and_a_resubmission_starts_counting_again(tmp
     path.write_text(path.read_text().replace("signal_lead_s = 30", "signal_lead_s = 30\nmax_requeues = { preemption = 1 }"))
     seen = 0  # the step reached so far: a new attempt is training once its steps pass it
 
+    def stopped_at() -> int:  # the step of the last requeue: the attempt that requeued never passes it
+        found = list((tmp_path / "out/caps/sft").glob("*/requeues.jsonl"))
+        return json.loads(found[0].read_text().splitlines()[-1])["step"] if found else 0
+
     def training_past(step: int, requeues: int):
-        return wait_for(path, lambda r: r["state"] == "running" and (r["step"] or 0) > step + 5
-                        and r["requeues"] == requeues, f"not training past step {step} with {requeues} requeue(s)")
+        # An attempt that has asked for its requeue still shows as running with the new count, so a
+        # new attempt is one past the step the last requeue stopped at (on a fast machine the old
+        # one trains many steps between the signal and its checkpoint).
+        return wait_for(path, lambda r: r["state"] == "running" and r["requeues"] == requeues
+                        and (r["step"] or 0) > max(step, stopped_at() if requeues else 0) + 5,
+                        f"not training past step {step} with {requeues} requeue(s)")
 
     for job_round in (1, 2):
         submit(path)
