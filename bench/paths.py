@@ -12,8 +12,10 @@ final JSON line has every variant's medians and its ratio to the plain run.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -68,6 +70,7 @@ def main() -> None:
     from dpo_hpc.tiny_model import make_tiny_model
 
     scratch = Path(tempfile.mkdtemp(prefix="dpo_hpc_paths_"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)  # this run's alone, however it ends
     text = write_dataset(scratch / "text", n_train=2000, n_test=1)["train"]
     chat = write_dataset(scratch / "chat", n_train=2000, n_test=1, data_format="conversational")["train"]
     base = make_tiny_model(scratch / "base")

@@ -11,7 +11,9 @@ the answer-token loss (nats) and the greedy exact-match accuracy on held-out pro
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +43,7 @@ def main() -> None:
     from dpo_hpc.algorithms.objectives import SFTObjective
 
     scratch = Path(tempfile.mkdtemp(prefix="dpo_hpc_curve_"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)  # this run's alone, however it ends
     rows, test, _ = generate(4000, args.eval_prompts, seed=0, spec=TaskSpec(multi_turn_ratio=args.multi_turn))
     prompts = [row["prompt"] for row in test]
     write_jsonl(rows, scratch / "train.jsonl")

@@ -11,8 +11,10 @@ of the whole command (imports and data included), and peak RSS from the run mani
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -65,6 +67,7 @@ def main() -> None:
     from dpo_hpc.tiny_model import make_tiny_model
 
     scratch = Path(tempfile.mkdtemp(prefix="dpo_hpc_bench_"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)  # this run's alone, however it ends
     data = write_dataset(scratch / "data", n_train=4000, n_test=10)["train"]
     base = make_tiny_model(scratch / "base")
     dataset = {"dataset_name": str(data), "val_ratio": 0.0, "max_length": 128, "max_prompt_length": 96}

@@ -43,9 +43,11 @@ object with every figure and the ratios (ours / TRL: below 1 is better).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -337,6 +339,7 @@ def main() -> None:
         parser.error("--trl-python is needed unless --sides ours")
 
     folder = Path(tempfile.mkdtemp(prefix="dpo_hpc_vs_trl_"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # this run's alone, however it ends
     model, data = assets(args.assets or folder, args)
     if args.trainer == "kto":
         data = unpaired(data, folder / "completions.jsonl")

@@ -115,10 +115,16 @@ class VerifiableJudge:
         if wrong is not None:
             raise DataError(f"verifiable: row {wrong.row}'s prompt is not one of the verifiable task's "
                             f"(dpo-hpc make-data writes them): {wrong.text[:80]!r}")
-        self.identity = "verifiable"
 
     def scores(self, prompts: Sequence[Prompt], prompt_ids, replies: Sequence[list[int]], texts: Sequence[str]):
         return [exact_reward(p.text, t) for p, t in zip(prompts, texts)]
+
+
+def judge_identity(reward_model: Optional[str]) -> str:
+    """What names the judge in a set's identity: a reward model's files (a folder) or hub name."""
+    if not reward_model:
+        return "verifiable"
+    return files_identity(reward_model) if Path(reward_model).is_dir() else reward_model
 
 
 class RewardModel:
@@ -127,7 +133,6 @@ class RewardModel:
     def __init__(self, path: str, tokenizer, device: torch.device, dtype: torch.dtype, batch_size: int):
         self.model = load_reward_model(path, tokenizer, device, dtype)
         self.special, self.batch_size = SpecialTokens.of(tokenizer), batch_size
-        self.identity = files_identity(path) if Path(path).is_dir() else path
 
     @torch.no_grad()
     def scores(self, prompts: Sequence[Prompt], prompt_ids, replies: Sequence[list[int]], texts: Sequence[str]):
@@ -198,9 +203,8 @@ def make_pairs(model: str, settings: GenerationSection, out: str | Path, say: Ca
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts, dropped = read_prompts(settings.prompts, settings.subset, tokenizer, settings.limit)
-    judge = RewardModel(settings.reward_model, tokenizer, device, dtype, settings.batch_size) if settings.reward_model \
-        else VerifiableJudge(prompts)
-    identity = {"model": files_identity(model) if Path(model).is_dir() else model, "judge": judge.identity,
+    identity = {"model": files_identity(model) if Path(model).is_dir() else model,
+                "judge": judge_identity(settings.reward_model),
                 "prompts": hashlib.sha256(json.dumps([[p.row, p.text] for p in prompts]).encode()).hexdigest(),
                 "settings": {k: v for k, v in asdict(settings).items() if k not in GENERATION_LOCATIONS},
                 "dtype": str(dtype), "device": device.type}
@@ -212,6 +216,9 @@ def make_pairs(model: str, settings: GenerationSection, out: str | Path, say: Ca
             return done
         raise DataError(f"{out} holds pairs made from another model, prompts or settings; write these into "
                         "another folder (or remove that one)")
+    # only now: a set already made loads no model at all
+    judge = RewardModel(settings.reward_model, tokenizer, device, dtype, settings.batch_size) if settings.reward_model \
+        else VerifiableJudge(prompts)
     work = out / WORK
     work.mkdir(parents=True, exist_ok=True)
     settings_file = work / "identity.json"

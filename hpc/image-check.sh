@@ -18,6 +18,16 @@ if ! command -v buildah >/dev/null || ! command -v debootstrap >/dev/null; then
   apt-get update -qq && apt-get install -y -qq --no-install-recommends buildah debootstrap >/dev/null
 fi
 mkdir -p "$WORK"
+# vfs keeps whole copies: the build and the run peak at about 6 GB above what the images hold.
+NEED_GB=8
+for dir in /var/lib /var/tmp; do
+  free_gb=$(( $(df -Pk "$dir" | awk 'NR == 2 {print $4}') / 1048576 ))
+  if [ "$free_gb" -lt "$NEED_GB" ]; then
+    echo "[image] $dir has $free_gb GB free; the build needs about $NEED_GB GB (free space, or remove old images:" \
+         "buildah --storage-driver vfs images)" >&2
+    exit 1
+  fi
+done
 step() { echo "[image] $1 ($(( SECONDS - START )) s so far)"; }
 START=$SECONDS
 
@@ -43,7 +53,13 @@ fi
 if [ -n "${PIP_FIND_LINKS:-}" ] && [ -d "$PIP_FIND_LINKS" ]; then
   args+=(-v "$PIP_FIND_LINKS:/opt/find-links:ro" --build-arg PIP_FIND_LINKS=/opt/find-links)
 fi
+previous=$("${BUILDAH[@]}" images -q localhost/dpo-hpc:cpu 2>/dev/null || true)
 "${BUILDAH[@]}" bud "${args[@]}" "$REPO" >"$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; exit 1; }
+# The tag moved to the new image: drop the one an earlier check built, or every check leaves 2 GB behind.
+built=$("${BUILDAH[@]}" images -q localhost/dpo-hpc:cpu)
+if [ -n "$previous" ] && [ "$previous" != "$built" ]; then
+  "${BUILDAH[@]}" rmi "$previous" >/dev/null 2>&1 || echo "[image] kept the previous image $previous (a container uses it)"
+fi
 step "image localhost/dpo-hpc:cpu built ($("${BUILDAH[@]}" images --format '{{.Size}}' localhost/dpo-hpc:cpu))"
 
 rm -rf "$WORK/run" && mkdir -p "$WORK/run" && cp -r "$REPO/experiments" "$WORK/run/"

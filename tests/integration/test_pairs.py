@@ -109,8 +109,9 @@ def test_pairs_resume_after_a_stop_to_the_same_files_and_dpo_trains_on_them(tmp_
     for name in ("pairs.jsonl", "samples.jsonl"):
         assert (tmp_path / "resumed" / name).read_bytes() == (out / name).read_bytes(), name
 
-    # Done is done; other settings in the same folder are refused, not mixed in.
+    # Done is done, without loading a model; other settings in the same folder are refused, not mixed in.
     lines = []
+    monkeypatch.setattr(pairs, "load_reward_model", lambda *args: pytest.fail("loaded the reward model"))
     make_pairs(str(micro_model), settings(prompts, reward_model), out, say=lines.append)
     assert made == [0, 1, 2] and "already holds these pairs" in lines[-1]
     with pytest.raises(DataError, match="another model, prompts or settings"):
