@@ -116,6 +116,28 @@ def paired_differences(scores: list[Scored], compare_to: str) -> dict[str, list[
     return out
 
 
+def round_differences(plan: Plan, scores: list[Scored]) -> dict[str, list[float]]:
+    """Run id -> [its score minus that of the run it continues], for the runs of a later round
+    (``rounds``) whose round-before run is scored too: the pairs drawn by a run, trained on by its
+    next round's run, share its seed and settings."""
+    metric, by_id = headline(scores), {s.target.run_id: s for s in scores}
+    out: dict[str, list[float]] = {}
+    for s in scores:
+        if s.target.stage not in plan.copies or s.target.parent is None:
+            continue
+        before = by_id.get(plan.run(s.target.parent).parent or "")  # its pairs' run: the round before
+        if before is not None:
+            out[s.target.run_id] = [s.final[metric] - before.final[metric]]
+    return out
+
+
+def _paired_cell(diffs: list[float]) -> str:
+    if not diffs:
+        return "-"
+    mean, half = mean_ci(diffs)
+    return f"{mean:+.3f}{f' ± {half:.3f}' if half is not None else ''} (n={len(diffs)})"
+
+
 def stage_table(plan: Plan, stage: str, scores: list[Scored]) -> str:
     """Markdown: one row per scored stage and setting (mean ± sd over its seeds and averaged axes)."""
     section = plan.experiment.stages[stage].evaluate
@@ -130,6 +152,9 @@ def stage_table(plan: Plan, stage: str, scores: list[Scored]) -> str:
               "win rate vs baseline"]
     if section.compare_to:
         header.append(f"Δ {metric} vs {section.compare_to} (95% CI, paired)")
+    rounds = round_differences(plan, scores)
+    if rounds:
+        header.append(f"Δ {metric} vs the round before (95% CI, paired)")
     baselines = {s.result["baseline"]["run"]: s.result["baseline"] for s in scores if s.result.get("baseline")}
     scored_dirs = {str(s.target.run_dir) for s in scores}
     rows = []
@@ -140,10 +165,9 @@ def stage_table(plan: Plan, stage: str, scores: list[Scored]) -> str:
                  _cell([m.final.get("answer_logp_change_vs_baseline") for m in members], 2, signed=True),
                  _cell([m.final.get("win_rate_vs_baseline") for m in members])]
         if section.compare_to:
-            diffs = [d for m in members for d in paired.get(m.target.run_id, [])]
-            mean, half = mean_ci(diffs) if diffs else (None, None)
-            interval = f" ± {half:.3f}" if half is not None else ""
-            cells.append("-" if mean is None else f"{mean:+.3f}{interval} (n={len(diffs)})")
+            cells.append(_paired_cell([d for m in members for d in paired.get(m.target.run_id, [])]))
+        if rounds:
+            cells.append(_paired_cell([d for m in members for d in rounds.get(m.target.run_id, [])]))
         if {str(m.target.run_dir) for m in members} <= set(baselines):
             cells[0] += " (baseline)"
         rows.append((order[target_stage], statistics.mean(means), setting, cells))
@@ -170,6 +194,8 @@ def stage_table(plan: Plan, stage: str, scores: list[Scored]) -> str:
     if section.compare_to:
         note += (f" Paired: each run against the `{section.compare_to}` run with the same grid values on "
                  "the axes both have and the same baseline; 95% t interval over the pairs.")
+    if rounds:
+        note += " The round before: each run of a later round against the run whose pairs it trained on."
     skipped: dict[str, int] = {}
     for s in scores:
         for why, n in s.result.get("checkpoints_not_scored", {}).items():

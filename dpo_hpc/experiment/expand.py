@@ -97,6 +97,8 @@ class Plan:
     """``<output_root>/<experiment name>``, absolute."""
     stage_order: list[str]
     runs: list[Run]
+    copies: dict[str, str] = field(default_factory=dict)
+    """The stages of later rounds (``rounds``), each with the stage of the file that it copies."""
 
     def stage_runs(self, stage: str, role: str = "train") -> list[Run]:
         """One array: the stage's training runs, or its reference passes (``role="reference"``)."""
@@ -275,8 +277,10 @@ def expand(exp: ExperimentConfig, source: str | Path, overrides: Sequence[tuple[
     """
     source = Path(source)
     root = experiment_root(exp, source)
-    order = stage_order(exp, source)
     patches = overrides_by_stage(exp, source, overrides)
+    exp, copies = with_rounds(exp, source)
+    patches.update((copy_name, patches[original]) for copy_name, original in copies.items())
+    order = stage_order(exp, source)
     runs: list[Run] = []
     by_stage: dict[str, list[Run]] = {}
     for name in order:
@@ -316,6 +320,8 @@ def expand(exp: ExperimentConfig, source: str | Path, overrides: Sequence[tuple[
                                            f"as runs of stage '{stage.from_}' ({len(parents)})")
         if stage.pairing == "zip":
             pairs = [(p, points[i] if len(points) > 1 else points[0]) for i, p in enumerate(parents)]
+        elif stage.pairing == "match":
+            pairs = [(p, _matching_point(points, p, source, f"{where}.pairing")) for p in parents]
         else:
             pairs = [(p, point) for p in parents for point in points]
         stage_runs: list[Run] = []
@@ -358,7 +364,65 @@ def expand(exp: ExperimentConfig, source: str | Path, overrides: Sequence[tuple[
         by_stage[name] = stage_runs
         runs.extend(stage_runs)
     return Plan(experiment=exp, source=source, base=experiment_base(source), root=root, stage_order=order,
-                runs=with_reference_passes(runs, root))
+                runs=with_reference_passes(runs, root), copies=copies)
+
+
+def with_rounds(exp: ExperimentConfig, source: Path) -> tuple[ExperimentConfig, dict[str, str]]:
+    """``exp`` with the rounds of each iterated stage as stages of their own, and the stage each new
+    one copies. Round k of stage T from generate stage G: ``T_round<k>_<G>`` draws pairs from every
+    run of round k - 1 (G's settings, its seed + k - 1, so that no two rounds draw alike) and
+    ``T_round<k>`` trains each of those runs on its pairs, with its grid values (pairing "match").
+    A stage that reads T's runs (evaluate, generate) reads every round's; a training stage from T
+    continues from the last round."""
+    stages: dict[str, StageConfig] = {}
+    copies: dict[str, str] = {}
+    rounds: dict[str, list[str]] = {}
+    for name, stage in exp.stages.items():
+        stages[name] = stage
+        if stage.rounds == 1:
+            continue
+        sampler = exp.stages.get(stage.from_)
+        if sampler is None or sampler.generate is None:
+            _fail(source, f"stages.{name}.rounds", f"each round trains on pairs from the round before, so 'from' must "
+                                                    f"be a generate stage; '{stage.from_}' is not one")
+        rounds[name] = [name]
+        for k in range(2, stage.rounds + 1):
+            drawn, trained = f"{name}_round{k}_{stage.from_}", f"{name}_round{k}"
+            for new in (drawn, trained):
+                if new in exp.stages:
+                    _fail(source, f"stages.{new}", f"round {k} of stage '{name}' has this name; rename this stage")
+            stages[drawn] = _stage_like(sampler, from_=rounds[name][-1],
+                                        generate=replace(sampler.generate, seed=sampler.generate.seed + k - 1))
+            stages[trained] = _stage_like(stage, from_=drawn, rounds=1, pairing="match")
+            copies.update({drawn: stage.from_, trained: name})
+            rounds[name].append(trained)
+    for name, stage in stages.items():
+        if name in copies or not set(stage.parents) & set(rounds):
+            continue
+        if stage.kind == "trainer":
+            stages[name] = _stage_like(stage, from_=rounds[stage.from_][-1])
+        else:
+            stages[name] = _stage_like(stage, from_=[r for p in stage.parents for r in rounds.get(p, [p])])
+    return (replace(exp, stages=stages) if copies else exp), copies
+
+
+def _stage_like(stage: StageConfig, **changes) -> StageConfig:
+    """A copy of ``stage`` with ``changes`` (valid values, made by the expansion: set, not re-read,
+    as ``from_`` cannot be passed by name)."""
+    made = copy.copy(stage)
+    for key, value in changes.items():
+        setattr(made, key, value)
+    return made
+
+
+def _matching_point(points: list[dict[str, Any]], parent: Run, source: Path, where: str) -> dict[str, Any]:
+    """The grid point that agrees with ``parent``'s grid values on the keys both have."""
+    found = [p for p in points if all(parent.grid_values.get(key, value) == value for key, value in p.items())]
+    if len(found) != 1:
+        values = grid_label(parent.grid_values.items()) or "no grid values"
+        _fail(source, where, f"pairing = 'match': run {parent.run_id} ({values}) agrees with {len(found)} of the "
+                             f"{len(points)} grid points; it needs exactly one")
+    return found[0]
 
 
 def start_model(parent: Optional[Run]) -> Optional[str]:

@@ -5,7 +5,7 @@ and out-of-range values are errors naming the key.
     [experiment]            name, output root, seed
     [prepare]               offline assets made on the submit host (tiny model, reversal data)
     [slurm]                 sbatch defaults for every stage (partition, time, GPUs, container ...)
-    [stages.NAME]           trainer, config_file and/or inline [stages.NAME.config], from, pairing
+    [stages.NAME]           trainer, config_file and/or inline [stages.NAME.config], from, pairing, rounds
     [stages.NAME.slurm]     per-stage overrides of [slurm]
     [stages.NAME.grid]      "dotted.config.key" = [values ...], expanded as a cartesian product
     [stages.NAME.variants.V]  "dotted.config.key" = value ...: named settings that go together,
@@ -354,8 +354,15 @@ class StageConfig:
     """Stage whose saved models become this stage's ``policy_name`` and ``ref_name`` (a generate
     stage: the model that drew its pairs, and the pairs become ``dataset.dataset_name``); for an
     ``evaluate`` or ``generate`` stage, the stage or list of stages whose runs it scores or samples."""
-    pairing: Literal["cross", "zip"] = "cross"
-    """With ``from``: every parent run x every grid point (cross), or parent i with grid point i (zip)."""
+    pairing: Literal["cross", "zip", "match"] = "cross"
+    """With ``from``: every parent run x every grid point (cross), parent i with grid point i (zip),
+    or each parent run with the grid point that equals its grid values on the keys both have
+    (match: a seed sweep continued seed by seed)."""
+    rounds: int = Field(1, ge=1)
+    """A training stage ``from`` a generate stage: train on pairs from the model before, then draw
+    pairs from the model just trained, this many times (iterative DPO). Round k (from 2) adds stages
+    ``<name>_round<k>_<generate stage>`` (its settings, seed + k - 1) and ``<name>_round<k>`` (each
+    run continues its own run of round k - 1, grid values kept)."""
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     """``"section.key" = [values]``; the stage runs once per combination (cartesian product)."""
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -413,8 +420,11 @@ class StageConfig:
                                  f"{does}")
         elif isinstance(self.from_, list):
             raise ValueError("a training stage starts from one stage: give 'from' as a string")
-        if self.pairing == "zip" and self.from_ is None:
-            raise ValueError("pairing = 'zip' needs 'from'")
+        if self.pairing != "cross" and self.from_ is None:
+            raise ValueError(f"pairing = '{self.pairing}' needs 'from'")
+        if self.rounds > 1 and (self.kind != "trainer" or self.from_ is None):
+            raise ValueError("rounds: only a training stage 'from' a generate stage iterates (pairs from its "
+                             "models each round)")
         for name, settings in self.variants.items():
             both = sorted(set(settings) & set(self.grid))
             if both:

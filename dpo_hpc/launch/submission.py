@@ -176,7 +176,7 @@ def _dependency(plan: Plan, stage: str, array_runs: list[Run], job_of: dict[str,
     if parents:
         jobs = [job_of[p] for p in parents]
         arrays = {j.split("_")[0] for j in jobs}
-        zipped = plan.experiment.stages[stage].pairing == "zip" and array_runs == plan.stage_runs(stage)
+        zipped = plan.experiment.stages[stage].pairing != "cross" and array_runs == plan.stage_runs(stage)
         if zipped and len(arrays) == 1 and all(p in submitted for p in parents) \
                 and all(j.endswith(f"_{r.index}") for j, r in zip(jobs, array_runs)) and len(parents) == len(array_runs):
             conditions.append(f"aftercorr:{arrays.pop()}")

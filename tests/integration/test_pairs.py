@@ -246,3 +246,14 @@ def test_an_experiment_samples_pairs_from_its_sft_model_and_trains_dpo_on_them(t
     assert "## pairs (pairs)" in text and f"| {made['prompts']} | {made['pairs']} |" in text, text
     again = run(tmp_path, "dpo_hpc.submit", path.name, "--local")
     assert again.returncode == 0 and "started locally" not in again.stdout, again.stdout
+
+    # A second round: pairs from the DPO model, DPO from it on them; the first round is not run again.
+    path.write_text(path.read_text().replace('from = "pairs"', 'from = "pairs"\nrounds = 2'))
+    second = run(tmp_path, "dpo_hpc.submit", path.name, "--local")
+    assert second.returncode == 0 and "2 of 2 run(s) done" in second.stdout, second.stdout + second.stderr
+    (drawn,), (trained,) = ((root / s).iterdir() for s in ("dpo_round2_pairs", "dpo_round2"))
+    assert json.loads((drawn / "run_manifest.json").read_text())["status"] == "completed"
+    config = json.loads((trained / "config.resolved.json").read_text())
+    assert config["policy_name"] == config["ref_name"] == str(dpo_dir)
+    assert config["dataset"]["dataset_name"] == str(drawn / "pairs.jsonl")
+    assert json.loads((drawn / "generation.json").read_text())["identity"]["settings"]["seed"] == 1

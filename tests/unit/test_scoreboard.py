@@ -79,3 +79,36 @@ evaluate = { data = "t.jsonl", baseline = "sft", checkpoints = true, compare_to 
     rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
     assert rows[0].startswith("| sft (baseline) | - | 1 | 0.400 |")  # once, not again as a baseline line
     assert "`sft-" not in table and sum(r.startswith("| dpo | label_noise=") for r in rows) == 2
+
+
+def test_a_later_round_is_paired_with_the_run_whose_pairs_it_trained_on(tmp_path):
+    """rounds = 2: each round-2 run against the round-1 run of its own seed, by hand values."""
+    from dpo_hpc.experiment import load_plan
+    from dpo_hpc.scoreboard import round_differences, stage_table
+
+    (tmp_path / "exp.toml").write_text(EXPERIMENT_BASE + """
+[stages.pairs]
+from = "sft"
+generate = { prompts = "p.jsonl", verifiable = true }
+[stages.dpo]
+trainer = "dpo"
+from = "pairs"
+rounds = 2
+[stages.dpo.config]
+dpo_training = { learning_rate = 1e-6, batch_size = 2 }
+[stages.dpo.grid]
+"dpo_training.seed" = [1, 2]
+[stages.scores]
+from = ["sft", "dpo"]
+evaluate = { data = "t.jsonl" }
+""")
+    plan = load_plan(tmp_path / "exp.toml")
+    accuracy = {"sft": [0.2], "dpo": [0.30, 0.40], "dpo_round2": [0.35, 0.38]}
+    scores = [Scored(run, {"prompts": 10, "final": {"accuracy": accuracy[stage][i]}})
+              for stage in accuracy for i, run in enumerate(plan.stage_runs(stage))]
+    second = plan.stage_runs("dpo_round2")
+    assert round_differences(plan, scores) == {second[0].run_id: [pytest.approx(0.05)],
+                                               second[1].run_id: [pytest.approx(-0.02)]}
+    rows = {line.split(" | ")[0]: line for line in stage_table(plan, "scores", scores).splitlines()}
+    mean, half = mean_ci([0.05, -0.02])
+    assert rows["| dpo_round2"].endswith(f"| {mean:+.3f} ± {half:.3f} (n=2) |") and rows["| dpo"].endswith("| - |")

@@ -14,7 +14,7 @@ import pytest
 from conftest import EXPERIMENT_BASE as BASE, EXPERIMENT_DPO as DPO, REPO
 from dpo_hpc.config import ConfigError
 from dpo_hpc.experiment import load_plan, time_to_minutes
-from dpo_hpc.launch.submission import write_plan_files
+from dpo_hpc.launch.submission import _dependency, write_plan_files
 
 GOLDEN = Path(__file__).parent / "golden"
 EXAMPLES = ["tiny", "hh_llama3_1b", "chat", "ultrafeedback_qwen"]
@@ -235,7 +235,7 @@ def test_stages_with_the_same_reference_and_data_share_one_reference_pass(tmp_pa
 
 def test_a_submitted_run_brings_its_reference_pass_and_waits_for_it(tmp_path):
     from dpo_hpc.launch.jobs import RunStatus
-    from dpo_hpc.launch.submission import _dependency, decide
+    from dpo_hpc.launch.submission import decide
 
     plan = plan_of(tmp_path, PRECOMPUTED)
     sft = plan.stage_runs("sft")
@@ -603,6 +603,67 @@ def test_a_generate_stage_samples_each_run_and_a_stage_from_it_trains_its_start_
     write_plan_files(plan, tmp_path / "dry")
     script = (tmp_path / "dry" / "sbatch" / "pairs.sh").read_text()
     assert "--dependency='afterok:<job ids of the sft tasks>:<job ids of the rm tasks>'" in script
+
+
+ROUNDS = ON_POLICY.replace('from = "pairs"', 'from = "pairs"\nrounds = 3') + \
+    '[stages.dpo.grid]\n"dpo_training.seed" = [1, 2]\n'
+
+
+def test_rounds_draw_pairs_from_the_round_before_and_continue_each_run_with_its_settings(tmp_path):
+    """Iterative DPO: round k draws pairs from each round-(k-1) run with the next seed, judged by the
+    reward model of the SFT run it descends from, and trains that run (policy and reference) on them
+    with its own grid values; an evaluate stage scores every round, a training stage from the
+    iterated one continues from the last, and --set reaches every round."""
+    text = BASE + REWARD + GENERATE + ROUNDS + '[stages.eval]\nfrom = ["sft", "dpo"]\n' \
+        'evaluate = { data = "t.jsonl", baseline = "sft" }\n[stages.more]\ntrainer = "sft"\nfrom = "dpo"\n' \
+        '[stages.more.config]\ndataset = { dataset_name = "d.jsonl" }\nsft_training = { learning_rate = 1e-5, batch_size = 2 }\n'
+    plan = plan_of(tmp_path, text)
+    assert plan.stage_order == ["sft", "rm", "pairs", "dpo", "dpo_round2_pairs", "dpo_round2", "dpo_round3_pairs",
+                                "dpo_round3", "eval", "more"]
+    assert plan.copies == {"dpo_round2_pairs": "pairs", "dpo_round2": "dpo", "dpo_round3_pairs": "pairs",
+                           "dpo_round3": "dpo"}
+    judge = plan.stage_runs("rm")[0]
+    before = plan.stage_runs("dpo")
+    for k in (2, 3):
+        drawn, trained = plan.stage_runs(f"dpo_round{k}_pairs", "generate"), plan.stage_runs(f"dpo_round{k}")
+        assert [plan.run(r.parent) for r in drawn] == before and len(trained) == 2
+        for pairs, run, previous in zip(drawn, trained, before):
+            assert pairs.config["model"] == str(previous.run_dir) and pairs.judge == judge.run_id
+            assert pairs.config["generate"]["seed"] == k - 1 and pairs.grid_values == previous.grid_values
+            assert run.parent == pairs.run_id and run.grid_values == previous.grid_values
+            assert run.config["policy_name"] == run.config["ref_name"] == str(previous.run_dir)
+            assert run.config["dpo_training"]["seed"] == previous.config["dpo_training"]["seed"]
+            assert run.config["dataset"]["dataset_name"] == str(pairs.run_dir / "pairs.jsonl")
+        before = trained
+    scored = {plan.run(r.parent).stage for r in plan.stage_runs("eval", "evaluate")}
+    assert scored == {"sft", "dpo", "dpo_round2", "dpo_round3"}
+    assert {plan.run(r.parent).stage for r in plan.stage_runs("more")} == {"dpo_round3"}
+    drawn = plan.stage_runs("dpo_round2_pairs", "generate")  # each round-2 task waits for its own pair set
+    job_of = {r.run_id: f"9_{r.index}" for r in drawn}
+    assert _dependency(plan, "dpo_round2", plan.stage_runs("dpo_round2"), job_of, job_of) == "aftercorr:9"
+
+    assert [r.run_id for r in plan_of(tmp_path, text.replace("rounds = 3", "rounds = 2")).runs
+            if r.stage in ("sft", "rm", "pairs", "dpo")] == \
+        [r.run_id for r in plan.runs if r.stage in ("sft", "rm", "pairs", "dpo")]  # more rounds keep the first
+    patched = load_plan(tmp_path / "exp.toml", [("dpo.dpo_training.beta", 0.3)])
+    assert {r.config["dpo_training"]["beta"] for r in patched.runs if r.trainer == "dpo"} == {0.3}
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda t: t.replace('from = "pairs"\nrounds = 3', 'from = "sft"\nrounds = 3'),
+     "stages.dpo.rounds: each round trains on pairs from the round before, so 'from' must be a generate stage"),
+    (lambda t: t.replace('from = "pairs"\nrounds = 3', 'rounds = 3'), "rounds: only a training stage 'from'"),
+    (lambda t: t.replace('rounds = 3', 'rounds = 0'), "stages.dpo.rounds: expected greater than or equal to 1"),
+    (lambda t: t + '[stages.dpo_round2]\ntrainer = "sft"\nfrom = "sft"\n',
+     "stages.dpo_round2: round 2 of stage 'dpo' has this name; rename this stage"),
+    (lambda t: t.replace('from = "pairs"\nrounds = 3', 'from = "pairs"\npairing = "match"'), None),
+])
+def test_bad_rounds_name_the_key(tmp_path, edit, expected):
+    text = edit(BASE + REWARD + GENERATE + ROUNDS)
+    if expected is None:  # a parent without grid values agrees with both points
+        expected = "pairing = 'match': run pairs-"
+        assert "(no grid values) agrees with 2 of the 2 grid points; it needs exactly one" in errors_of(tmp_path, text)
+    assert expected in errors_of(tmp_path, text)
 
 
 @pytest.mark.parametrize("edit, expected", [
