@@ -169,15 +169,16 @@ def decide(plan: Plan, selected: list[Run], statuses: dict[str, RunStatus]) -> d
 def _dependency(plan: Plan, stage: str, array_runs: list[Run], job_of: dict[str, str],
                 submitted: dict[str, str]) -> Optional[str]:
     """afterok on the parents, reference passes and reward models still queued or running; aftercorr
-    when a stage zips 1:1 onto a parent array submitted just now (task i then waits for parent task i only)."""
+    when task i of the whole array starts from task i of one parent array submitted just now (a zip
+    or a match, a round's pairs, an evaluation of one stage): task i then waits for parent task i only."""
     conditions = []
     after_ok = {job_of[w] for r in array_runs for w in r.waits_for if w != r.parent and w in job_of}
     parents = [r.parent for r in array_runs if r.parent and r.parent in job_of]
     if parents:
         jobs = [job_of[p] for p in parents]
         arrays = {j.split("_")[0] for j in jobs}
-        zipped = plan.experiment.stages[stage].pairing != "cross" and array_runs == plan.stage_runs(stage)
-        if zipped and len(arrays) == 1 and all(p in submitted for p in parents) \
+        whole = len(array_runs) > 1 and array_runs == plan.stage_runs(stage, array_runs[0].role)  # one: afterok
+        if whole and len(arrays) == 1 and all(p in submitted for p in parents) \
                 and all(j.endswith(f"_{r.index}") for j, r in zip(jobs, array_runs)) and len(parents) == len(array_runs):
             conditions.append(f"aftercorr:{arrays.pop()}")
         else:

@@ -638,9 +638,12 @@ def test_rounds_draw_pairs_from_the_round_before_and_continue_each_run_with_its_
     scored = {plan.run(r.parent).stage for r in plan.stage_runs("eval", "evaluate")}
     assert scored == {"sft", "dpo", "dpo_round2", "dpo_round3"}
     assert {plan.run(r.parent).stage for r in plan.stage_runs("more")} == {"dpo_round3"}
-    drawn = plan.stage_runs("dpo_round2_pairs", "generate")  # each round-2 task waits for its own pair set
+    drawn = plan.stage_runs("dpo_round2_pairs", "generate")  # each round-2 task waits for its own pair set,
     job_of = {r.run_id: f"9_{r.index}" for r in drawn}
     assert _dependency(plan, "dpo_round2", plan.stage_runs("dpo_round2"), job_of, job_of) == "aftercorr:9"
+    job_of = {r.run_id: f"8_{r.index}" for r in plan.stage_runs("dpo_round2")}  # and pairs from each round-2 run
+    assert _dependency(plan, "dpo_round3_pairs", plan.stage_runs("dpo_round3_pairs", "generate"), job_of, job_of) \
+        == "aftercorr:8"
 
     assert [r.run_id for r in plan_of(tmp_path, text.replace("rounds = 3", "rounds = 2")).runs
             if r.stage in ("sft", "rm", "pairs", "dpo")] == \
