@@ -20,14 +20,14 @@ import hashlib
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from .algorithms.reward import reward_scores
-from .config import DatasetConfig
+from .config import DatasetConfig, to_identity
 from .data.chat import ChatRenderer, TemplateRefused, is_messages, standard_messages
 from .data.hh import split_prompt
 from .data.sources import DataError, load_raw
@@ -77,16 +77,20 @@ def prompt_of(row: dict[str, Any]) -> Optional[Any]:
     return split[0] if split else None
 
 
-def read_prompts(source: str, subset: str, tokenizer, limit: Optional[int]) -> tuple[list[Prompt], Counter]:
-    """The usable prompts of ``source`` (a hub name or a local data file or folder), and the count
-    of rows dropped by reason."""
+def read_prompts(source: str, subset: str, tokenizer, limit: Optional[int],
+                 offset: int = 0) -> tuple[list[Prompt], Counter]:
+    """The usable prompts of ``source`` (a hub name or a local data file or folder) after the first
+    ``offset`` of them, and the count of rows dropped by reason."""
     raw = load_raw(DatasetConfig(dataset_name=source, subset=subset), source="prompts")
     renderer = ChatRenderer(tokenizer)
-    prompts, dropped = [], Counter()
+    prompts, dropped, skipped = [], Counter(), 0
     for i, row in enumerate(raw):
         given = prompt_of(row)
         if given is None:
             dropped["no_prompt"] += 1
+            continue
+        if skipped < offset:
+            skipped += 1
             continue
         if isinstance(given, str):
             text = given
@@ -101,6 +105,9 @@ def read_prompts(source: str, subset: str, tokenizer, limit: Optional[int]) -> t
         prompts.append(Prompt(i, given, text))
         if limit is not None and len(prompts) == limit:
             break
+    if not prompts and skipped:
+        raise DataError(f"prompts {source}: {skipped} usable prompt(s), none after the first {offset} (offset; "
+                        "round_prompts = 'next' takes the next `limit` each round): use more prompts or fewer rounds")
     if not prompts:
         raise DataError(f"prompts {source}: no row has a prompt (a 'prompt' string or messages, or an HH "
                         f"'chosen' transcript); {sum(dropped.values())} row(s) read")
@@ -202,11 +209,11 @@ def make_pairs(model: str, settings: GenerationSection, out: str | Path, say: Ca
     device = ranks.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model)
-    prompts, dropped = read_prompts(settings.prompts, settings.subset, tokenizer, settings.limit)
+    prompts, dropped = read_prompts(settings.prompts, settings.subset, tokenizer, settings.limit, settings.offset)
     identity = {"model": files_identity(model) if Path(model).is_dir() else model,
                 "judge": judge_identity(settings.reward_model),
                 "prompts": hashlib.sha256(json.dumps([[p.row, p.text] for p in prompts]).encode()).hexdigest(),
-                "settings": {k: v for k, v in asdict(settings).items() if k not in GENERATION_LOCATIONS},
+                "settings": {k: v for k, v in to_identity(settings).items() if k not in GENERATION_LOCATIONS},
                 "dtype": str(dtype), "device": device.type}
     identity = json.loads(json.dumps(identity))  # as a file holds it (tuples as lists), to compare with one
     if (out / DONE).exists():

@@ -370,7 +370,8 @@ def expand(exp: ExperimentConfig, source: str | Path, overrides: Sequence[tuple[
 def with_rounds(exp: ExperimentConfig, source: Path) -> tuple[ExperimentConfig, dict[str, str]]:
     """``exp`` with the rounds of each iterated stage as stages of their own, and the stage each new
     one copies. Round k of stage T from generate stage G: ``T_round<k>_<G>`` draws pairs from every
-    run of round k - 1 (G's settings, its seed + k - 1, so that no two rounds draw alike) and
+    run of round k - 1 (G's settings, its seed + k - 1, so that no two rounds draw alike; with
+    ``round_prompts = "next"`` the k-th ``limit`` of its prompts) and
     ``T_round<k>`` trains each of those runs on its pairs, with its grid values (pairing "match").
     A stage that reads T's runs (evaluate, generate) reads every round's; a training stage from T
     continues from the last round."""
@@ -385,14 +386,20 @@ def with_rounds(exp: ExperimentConfig, source: Path) -> tuple[ExperimentConfig, 
         if sampler is None or sampler.generate is None:
             _fail(source, f"stages.{name}.rounds", f"each round trains on pairs from the round before, so 'from' must "
                                                     f"be a generate stage; '{stage.from_}' is not one")
+        drawn_from = sampler.generate
+        if stage.round_prompts == "next" and drawn_from.limit is None:
+            _fail(source, f"stages.{name}.round_prompts", f"'next' takes the next `limit` prompts each round; set "
+                                                           f"stages.{stage.from_}.generate.limit (prompts per round)")
         rounds[name] = [name]
         for k in range(2, stage.rounds + 1):
             drawn, trained = f"{name}_round{k}_{stage.from_}", f"{name}_round{k}"
             for new in (drawn, trained):
                 if new in exp.stages:
                     _fail(source, f"stages.{new}", f"round {k} of stage '{name}' has this name; rename this stage")
+            offset = drawn_from.offset + (k - 1) * drawn_from.limit if stage.round_prompts == "next" \
+                else drawn_from.offset
             stages[drawn] = _stage_like(sampler, from_=rounds[name][-1],
-                                        generate=replace(sampler.generate, seed=sampler.generate.seed + k - 1))
+                                        generate=replace(drawn_from, seed=drawn_from.seed + k - 1, offset=offset))
             stages[trained] = _stage_like(stage, from_=drawn, rounds=1, pairing="match")
             copies.update({drawn: stage.from_, trained: name})
             rounds[name].append(trained)
@@ -494,10 +501,11 @@ def generation_runs(name: str, stage: StageConfig, by_stage: dict[str, list[Run]
     section = to_dict(stage.generate)
     where = f"stages.{name}.generate"
     judges = _judge_stage(section["reward_model"], by_stage, source, where)
+    settings = {k: v for k, v in to_identity(stage.generate).items() if k != "reward_model"}  # defaults vanish
     out: list[Run] = []
     for model in _policy_runs(name, stage, by_stage, source, "sampling needs a policy (a causal LM)"):
         judge = _judge_of(model, judges, runs, source, f"{where}.reward_model") if judges is not None else None
-        blob = json.dumps({"generate": {k: v for k, v in section.items() if k != "reward_model"}, "model": model.run_id,
+        blob = json.dumps({"generate": settings, "model": model.run_id,
                            "judge": judge.run_id if judge else section["reward_model"]}, sort_keys=True, default=str)
         run_id = f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
         config = {"generate": {**section, "reward_model": str(judge.run_dir) if judge else section["reward_model"]},

@@ -307,7 +307,9 @@ class GenerationSection:
     """Prompts per generation call, and per chunk that a stopped task need not draw again (the
     chunks, and so the draws, depend on it). The stage's ranks share the chunks."""
     limit: Optional[int] = Field(None, ge=1)
-    """The first N usable prompts only."""
+    """The first N usable prompts only (after ``offset``)."""
+    offset: int = Field(0, ge=0)
+    """Skip the first N usable prompts: with ``limit``, a window of the set."""
     seed: int = 0
     """Each chunk's draws come from (seed, chunk): a resumed task draws what an uninterrupted one did."""
 
@@ -324,7 +326,9 @@ class GenerationSection:
 
 
 GENERATION_LOCATIONS = ("prompts", "subset", "reward_model")
-"""Keys of a generation that name where things are; its identity holds what they hold instead."""
+"""Keys of a generation that name where things are; its identity holds what they hold instead.
+Its other keys are part of it where they differ from their defaults (``config.to_identity``), so
+that a key added later keeps the ids of the sets made before."""
 
 EVALUATION_REPORT_ONLY = ("compare_to", "average_over")
 """Keys of [stages.X.evaluate] that change the report, not the scores (not part of a run's id)."""
@@ -363,6 +367,9 @@ class StageConfig:
     pairs from the model just trained, this many times (iterative DPO). Round k (from 2) adds stages
     ``<name>_round<k>_<generate stage>`` (its settings, seed + k - 1) and ``<name>_round<k>`` (each
     run continues its own run of round k - 1, grid values kept)."""
+    round_prompts: Literal["same", "next"] = "same"
+    """With ``rounds``: every round samples the generate stage's prompts (same), or round k the
+    k-th ``limit`` of them (next: fresh prompts each round, a prompt set split by round)."""
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     """``"section.key" = [values]``; the stage runs once per combination (cartesian product)."""
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict)

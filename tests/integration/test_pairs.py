@@ -184,6 +184,18 @@ def test_verifiable_scoring_of_a_model_that_solves_nothing_is_one_line_and_keeps
         make_pairs(str(micro_model), settings(chat), tmp_path / "other", say=lambda line: None)
 
 
+def test_offset_and_limit_read_a_window_of_the_usable_prompts(micro_model, reverse_data):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(micro_model)
+    first, _ = pairs.read_prompts(str(reverse_data), "train", tokenizer, limit=5)
+    window, _ = pairs.read_prompts(str(reverse_data), "train", tokenizer, limit=3, offset=2)
+    assert [(p.row, p.text) for p in window] == [(p.row, p.text) for p in first[2:5]]
+    total = len(pairs.read_prompts(str(reverse_data), "train", tokenizer, limit=None)[0])
+    with pytest.raises(DataError, match=f"{total} usable prompt\\(s\\), none after the first {total} \\(offset"):
+        pairs.read_prompts(str(reverse_data), "train", tokenizer, limit=3, offset=total)
+
+
 def test_the_command_line_refuses_bad_settings_in_one_line_each(tmp_path, micro_model, reverse_data):
     result = subprocess.run([sys.executable, "-m", "dpo_hpc", "make-pairs", str(micro_model), "--prompts",
                              str(reverse_data), "--out", str(tmp_path / "x"), "--verifiable", "--samples", "1",

@@ -651,6 +651,22 @@ def test_rounds_draw_pairs_from_the_round_before_and_continue_each_run_with_its_
     patched = load_plan(tmp_path / "exp.toml", [("dpo.dpo_training.beta", 0.3)])
     assert {r.config["dpo_training"]["beta"] for r in patched.runs if r.trainer == "dpo"} == {0.3}
 
+    # Fresh prompts each round: round k samples the k-th `limit` of them.
+    fresh = plan_of(tmp_path, text.replace("rounds = 3", 'rounds = 3\nround_prompts = "next"')
+                    .replace("max_new_tokens = 64", "max_new_tokens = 64, limit = 500, offset = 100"))
+    windows = [{(r.config["generate"]["offset"], r.config["generate"]["limit"]) for r in fresh.stage_runs(s, "generate")}
+               for s in ("pairs", "dpo_round2_pairs", "dpo_round3_pairs")]
+    assert windows == [{(100, 500)}, {(600, 500)}, {(1100, 500)}]
+
+
+def test_settings_at_their_defaults_leave_a_generate_runs_id_as_it_is(tmp_path):
+    """A key written at its default (as a later version's new key would be) keeps the set's id."""
+    ids = [[r.run_id for r in plan_of(tmp_path, BASE + REWARD + generate + ON_POLICY).runs]
+           for generate in (GENERATE, GENERATE.replace("samples = 4", "samples = 4, top_k = 0, offset = 0"))]
+    assert ids[0] == ids[1]
+    assert ids[0] != [r.run_id for r in plan_of(tmp_path, BASE + REWARD + GENERATE.replace(
+        "samples = 4", "samples = 4, offset = 1") + ON_POLICY).runs]
+
 
 @pytest.mark.parametrize("edit, expected", [
     (lambda t: t.replace('from = "pairs"\nrounds = 3', 'from = "sft"\nrounds = 3'),
@@ -660,6 +676,8 @@ def test_rounds_draw_pairs_from_the_round_before_and_continue_each_run_with_its_
     (lambda t: t + '[stages.dpo_round2]\ntrainer = "sft"\nfrom = "sft"\n',
      "stages.dpo_round2: round 2 of stage 'dpo' has this name; rename this stage"),
     (lambda t: t.replace('from = "pairs"\nrounds = 3', 'from = "pairs"\npairing = "match"'), None),
+    (lambda t: t.replace('rounds = 3', 'rounds = 3\nround_prompts = "next"'),
+     "stages.dpo.round_prompts: 'next' takes the next `limit` prompts each round; set stages.pairs.generate.limit"),
 ])
 def test_bad_rounds_name_the_key(tmp_path, edit, expected):
     text = edit(BASE + REWARD + GENERATE + ROUNDS)
