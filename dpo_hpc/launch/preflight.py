@@ -277,13 +277,13 @@ def check_plan(plan: Plan, root_only: bool = False) -> Findings:
             if container and not Path(container["image"]).expanduser().exists() and "$" not in container["image"]:
                 found.once(("image", container["image"]), lambda: found.problems.append(
                     f"stages.{stage}.slurm.container.image: '{container['image']}' does not exist"))
-            checked = stage in plan.copies  # as the stage it copies, whose key the file has
-            section = None if checked else plan.experiment.stages[stage].evaluate
+            copied = stage in plan.copies  # a later round: checked as the stage it copies, whose key the file has
+            section = None if copied else plan.experiment.stages[stage].evaluate
             if section is not None and section.data and not Path(section.data).exists() \
                     and not made_later(section.data):
                 found.problems.append(f"{plan.source}: stages.{stage}.evaluate.data: '{section.data}' does not exist "
                                       f"(relative to {plan.base}); `dpo-hpc make-data` writes test.jsonl and dev.jsonl")
-            generation = None if checked else plan.experiment.stages[stage].generate
+            generation = None if copied else plan.experiment.stages[stage].generate
             if generation is not None and looks_local(generation.prompts, "dataset") \
                     and not Path(generation.prompts).expanduser().exists() and not made_later(generation.prompts):
                 found.problems.append(f"{plan.source}: stages.{stage}.generate.prompts: '{generation.prompts}' does "
