@@ -675,16 +675,13 @@ def test_settings_at_their_defaults_leave_a_generate_runs_id_as_it_is(tmp_path):
     (lambda t: t.replace('rounds = 3', 'rounds = 0'), "stages.dpo.rounds: expected greater than or equal to 1"),
     (lambda t: t + '[stages.dpo_round2]\ntrainer = "sft"\nfrom = "sft"\n',
      "stages.dpo_round2: round 2 of stage 'dpo' has this name; rename this stage"),
-    (lambda t: t.replace('from = "pairs"\nrounds = 3', 'from = "pairs"\npairing = "match"'), None),
+    (lambda t: t.replace('from = "pairs"\nrounds = 3', 'from = "pairs"\npairing = "match"'),  # no values to match
+     "(no grid values) agrees with 2 of the 2 grid points; it needs exactly one"),
     (lambda t: t.replace('rounds = 3', 'rounds = 3\nround_prompts = "next"'),
      "stages.dpo.round_prompts: 'next' takes the next `limit` prompts each round; set stages.pairs.generate.limit"),
 ])
 def test_bad_rounds_name_the_key(tmp_path, edit, expected):
-    text = edit(BASE + REWARD + GENERATE + ROUNDS)
-    if expected is None:  # a parent without grid values agrees with both points
-        expected = "pairing = 'match': run pairs-"
-        assert "(no grid values) agrees with 2 of the 2 grid points; it needs exactly one" in errors_of(tmp_path, text)
-    assert expected in errors_of(tmp_path, text)
+    assert expected in errors_of(tmp_path, edit(BASE + REWARD + GENERATE + ROUNDS))
 
 
 @pytest.mark.parametrize("edit, expected", [
