@@ -121,11 +121,12 @@ def round_differences(plan: Plan, scores: list[Scored]) -> dict[str, list[float]
     (``rounds``) whose round-before run is scored too: the pairs drawn by a run, trained on by its
     next round's run, share its seed and settings."""
     metric, by_id = headline(scores), {s.target.run_id: s for s in scores}
+    parent_of = {r.run_id: r.parent for r in plan.runs}
     out: dict[str, list[float]] = {}
     for s in scores:
         if s.target.stage not in plan.copies or s.target.parent is None:
             continue
-        before = by_id.get(plan.run(s.target.parent).parent or "")  # its pairs' run: the round before
+        before = by_id.get(parent_of.get(s.target.parent) or "")  # its pairs' run: the round before
         if before is not None:
             out[s.target.run_id] = [s.final[metric] - before.final[metric]]
     return out
