@@ -148,6 +148,14 @@ def _accept_launcher_rank(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
+def _cmd_model_card(args) -> int:
+    from .checkpoint.model_card import rewrite_model_card
+
+    for run_dir in args.run_dir:
+        print(rewrite_model_card(run_dir))
+    return 0
+
+
 def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate
 
@@ -231,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for pairs.jsonl, samples.jsonl and generation.json")
     _add_generation_options(p)
     p.set_defaults(func=_cmd_make_pairs)
+
+    p = sub.add_parser("model-card", help="write a completed run's model card (README.md) again from its records")
+    p.add_argument("run_dir", nargs="+")
+    p.set_defaults(func=_cmd_model_card)
     return parser
 
 

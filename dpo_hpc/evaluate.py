@@ -25,6 +25,7 @@ import torch
 from .data.collate import pad_rows
 from .data.tokenize import SpecialTokens, encode_completion
 from .algorithms.logprobs import sequence_logps
+from .checkpoint.run_dir import RESOLVED_CONFIG
 from .data.sources import DataError
 from .data.verifiable import is_task_prompt, prompt_for, reward
 from .experiment import EVALUATIONS
@@ -169,7 +170,7 @@ def validation_prompts(run_dir: str | Path, tokenizer, limit: Optional[int] = No
     from .data.pipeline import load_splits
     from .trainers.samples import sample_prompts
 
-    path = Path(run_dir) / "config.resolved.json"
+    path = Path(run_dir) / RESOLVED_CONFIG
     try:
         resolved = json.loads(path.read_text())
     except (OSError, ValueError) as exc:

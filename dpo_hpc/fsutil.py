@@ -103,6 +103,14 @@ def seal_tree(root: Path) -> None:
         fsync_dir(Path(folder))
 
 
+def looks_local(name: str, file_suffixes: tuple[str, ...] = ()) -> bool:
+    """Whether ``name`` is a path rather than a hub id (``org/name``), as the hub loaders tell them
+    apart when no such path exists: it starts with ``.``, ``/`` or ``~``, has more than one ``/``,
+    or ends with one of ``file_suffixes`` (a data file's)."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1
+            or bool(file_suffixes) and name.lower().endswith(file_suffixes))
+
+
 def existing_ancestor(folder: str | Path) -> Path:
     """``folder`` if it exists, else its nearest ancestor that does."""
     probe = Path(folder).absolute()

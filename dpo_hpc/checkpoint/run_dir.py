@@ -12,6 +12,7 @@
       samples/step_*.jsonl   the policy's completions of validation prompts (generate_during_eval)
       checkpoints/step_*/    resumable training state (see dpo_hpc.checkpoint.layout)
       config.json, model.safetensors, tokenizer files   the final model (save_pretrained)
+      README.md              its model card (see dpo_hpc.checkpoint.model_card)
 """
 
 from __future__ import annotations
@@ -31,13 +32,24 @@ from ..fsutil import atomic_write_json, blocking_file
 from . import provenance
 
 MANIFEST = "run_manifest.json"
+RESOLVED_CONFIG = "config.resolved.json"
+DATA_REPORT = "data_report.json"
 SAMPLES = "samples"
 PROGRESS = "progress.json"
 MODEL_CONFIG, ADAPTER_CONFIG = "config.json", "adapter_config.json"
 SAVED_MODEL_FILES = (MODEL_CONFIG, ADAPTER_CONFIG)
 """A folder is a saved model when it holds one of these (a full model's config, a LoRA adapter's)."""
+MERGED = "merged"
+"""Subfolder of a LoRA run's directory with the merged model (beside the adapter, transformers
+would load the adapter from the same folder)."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT", "SLURM_JOB_NODELIST")
+
+
+def is_adapter_folder(name: str) -> bool:
+    """Whether ``name`` is a folder holding a LoRA adapter alone (no model of its own)."""
+    path = Path(name)
+    return path.is_dir() and (path / ADAPTER_CONFIG).exists() and not (path / MODEL_CONFIG).exists()
 
 
 def config_hash(cfg) -> str:
@@ -98,7 +110,7 @@ class RunDir:
         """Create the folder, write the resolved config and a 'running' manifest (rank 0 only);
         ``device`` names where it runs (device and process-group backend)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.root / "config.resolved.json", {"trainer": trainer, **to_dict(cfg)})
+        atomic_write_json(self.root / RESOLVED_CONFIG, {"trainer": trainer, **to_dict(cfg)})
         previous = self.read_manifest() or {}
         manifest = {
             "status": "running",

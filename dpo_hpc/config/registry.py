@@ -38,6 +38,8 @@ class Algorithm:
     """The original framework's console command for this trainer, if it had one."""
     model: Literal["causal_lm", "reward_model"] = "causal_lm"
     """What it trains: a causal LM (a policy), or a reward model (a scalar score head on the last token)."""
+    method: str = ""
+    """The method in a phrase, with its source: the model card's description of how a model was trained."""
 
     @property
     def reads_margins(self) -> bool:
@@ -53,18 +55,26 @@ class Algorithm:
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("sft", "sft", SFTRunConfig, "sft_training", "sft", marker_sections=("sft_training",),
-              legacy_command="train-sft"),
+              legacy_command="train-sft", method="supervised fine-tuning on the assistant replies"),
     Algorithm("dpo", "dpo", DPORunConfig, "dpo_training", "preference",
-              beta_policy="dpo_hpc.algorithms.beta.fixed:FixedBeta"),
+              beta_policy="dpo_hpc.algorithms.beta.fixed:FixedBeta",
+              method="Direct Preference Optimization with a fixed beta (DPO; Rafailov et al., 2023)"),
     # The original framework's `train-dpo` is Dynamic-Beta DPO.
     Algorithm("dynamic_beta_dpo", "dynamic-beta-dpo", DynamicBetaDPORunConfig, "dpo_training", "preference",
               marker_sections=("risk_test", "beta_update"),
-              beta_policy="dpo_hpc.algorithms.beta.dynamic_beta:DynamicBetaPolicy", legacy_command="train-dpo"),
+              beta_policy="dpo_hpc.algorithms.beta.dynamic_beta:DynamicBetaPolicy", legacy_command="train-dpo",
+              method="Dynamic-Beta DPO: DPO whose beta a risk test on the reward margin steers (quantile warmup, "
+                     "EMA of tau, tanh step, clip)"),
     Algorithm("beta_dpo", "beta-dpo", BetaDPORunConfig, "dpo_training", "preference", marker_sections=("beta_dpo",),
-              beta_policy="dpo_hpc.algorithms.beta.beta_dpo:BetaDPOPolicy", legacy_command="train-beta-dpo"),
-    Algorithm("kto", "kto", KTORunConfig, "kto_training", "unpaired", marker_sections=("kto_training",)),
+              beta_policy="dpo_hpc.algorithms.beta.beta_dpo:BetaDPOPolicy", legacy_command="train-beta-dpo",
+              method="Beta-DPO (Wu et al., 2024): a beta per batch from reward-gap statistics, with Gaussian-weighted "
+                     "filtering of the pairs"),
+    Algorithm("kto", "kto", KTORunConfig, "kto_training", "unpaired", marker_sections=("kto_training",),
+              method="KTO (Ethayarajh et al., 2024) on completions labelled desirable or not"),
     Algorithm("reward", "reward", RewardRunConfig, "reward_training", "preference",
-              marker_sections=("reward_training",), model="reward_model"),
+              marker_sections=("reward_training",), model="reward_model",
+              method="a Bradley-Terry reward model: a scalar score head trained to rank the chosen reply above the "
+                     "rejected one (Ouyang et al., 2022)"),
 )}
 
 TrainerName = Literal[tuple(ALGORITHMS)]  # type: ignore[valid-type]  # for schemas that name a trainer

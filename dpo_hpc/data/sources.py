@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DatasetConfig
+from ..fsutil import looks_local
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -56,7 +57,7 @@ def load_raw(cfg: DatasetConfig, source: str = "dataset.dataset_name", split_key
                     loaded = loaded[split_name]
                 return _slice(loaded, subset)
             return datasets.load_dataset(str(path), split=subset)
-        if name.startswith((".", "/", "~")) or name.endswith(tuple(FILE_BUILDERS)):
+        if looks_local(name, tuple(FILE_BUILDERS)):
             raise DataError(f"{source}: local path '{name}' does not exist")
         snapshot = _offline_snapshot(name)
         if snapshot is not None:  # fetched by `dpo-hpc prefetch`: the repository's files, read as a folder
@@ -72,7 +73,7 @@ def load_raw(cfg: DatasetConfig, source: str = "dataset.dataset_name", split_key
         if _offline() and not path.exists() and "offline" in f"{type(exc).__name__} {exc}".lower():
             raise DataError(f"{source}: '{name}' is not in the Hugging Face cache and the job runs offline "
                             "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); run `dpo-hpc prefetch EXPERIMENT` on a login "
-                            f"node (or `huggingface-cli download --repo-type dataset {name}` with the jobs' HF_HOME)"
+                            f"node (or `hf download --repo-type dataset {name}` with the jobs' HF_HOME)"
                             ) from exc
         detail = " ".join(str(exc).split())[:400]
         raise DataError(f"{source}: could not load '{name}' ({split_key} '{subset}'): {type(exc).__name__}: "

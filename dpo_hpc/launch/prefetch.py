@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .. import fsutil
 from ..config import validate_mapping
 from ..experiment import GENERATED_PAIRS, Plan
 from .sbatch import stage_slurm
@@ -51,8 +52,7 @@ def looks_local(name: str, kind: str) -> bool:
     """A path, not a hub id (``org/name``): as the loaders tell them apart."""
     from ..data.sources import FILE_BUILDERS
 
-    return (name.startswith((".", "/", "~")) or name.count("/") > 1
-            or kind == "dataset" and name.lower().endswith(tuple(FILE_BUILDERS)))
+    return fsutil.looks_local(name, tuple(FILE_BUILDERS) if kind == "dataset" else ())
 
 
 def plan_assets(plan: Plan) -> list[Asset]:

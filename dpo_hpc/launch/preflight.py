@@ -55,8 +55,7 @@ def check_model(name: str, what: str, env: dict[str, str], found: Findings, wher
         if problem is not None:
             found.problems.append(f"{where}: {problem}")
         return problem is None
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
-    if looks_local:
+    if looks_local(name, "model"):
         found.problems.append(f"{where}: {what} '{name}': no such local folder")
         return False
     from huggingface_hub import try_to_load_from_cache
@@ -64,7 +63,7 @@ def check_model(name: str, what: str, env: dict[str, str], found: Findings, wher
     cached = try_to_load_from_cache(name, "config.json")
     if isinstance(cached, str):
         return True
-    fetch = f"`dpo-hpc prefetch EXPERIMENT` on a login node (or `huggingface-cli download {name}` with the jobs' HF_HOME)"
+    fetch = f"`dpo-hpc prefetch EXPERIMENT` on a login node (or `hf download {name}` with the jobs' HF_HOME)"
     if _offline(env):
         found.problems.append(f"{where}: {what} '{name}' is not in the Hugging Face cache and the job runs with "
                               f"HF_HUB_OFFLINE=1; run {fetch}")

@@ -12,6 +12,8 @@ import errno
 import os
 import shutil
 
+from ..fsutil import looks_local
+
 
 class RunFailure(RuntimeError):
     """A failure already worded for the user (what failed, what to do)."""
@@ -20,16 +22,16 @@ class RunFailure(RuntimeError):
 def model_not_found(name: str) -> RunFailure:
     """A model or tokenizer that could not be loaded by ``name``: a local path that does not
     exist, or a hub name that is neither cached (offline) nor reachable."""
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.isdir(os.path.dirname(name) or "\0")
-    if looks_local and not os.path.exists(name):
+    local = looks_local(name) or os.path.isdir(os.path.dirname(name) or "\0")  # "runs/sft" beside runs/
+    if local and not os.path.exists(name):
         return RunFailure(f"model or tokenizer '{name}': no such local folder; check policy_name / ref_name / "
                           "tokenizer_name (relative paths are relative to the working directory, or to the "
                           "experiment file's folder in an experiment)")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         return RunFailure(f"model or tokenizer '{name}' is not in the Hugging Face cache and HF_HUB_OFFLINE=1; on a "
-                          f"login node run `huggingface-cli download {name}` with the jobs' HF_HOME, or fix the name")
+                          f"login node run `hf download {name}` with the jobs' HF_HOME, or fix the name")
     return RunFailure(f"model or tokenizer '{name}' could not be loaded: not a local folder, and not fetched from the "
-                      f"hub (no network, or no such repository); check the name, or run `huggingface-cli download "
+                      f"hub (no network, or no such repository); check the name, or run `hf download "
                       f"{name}` where there is network")
 
 

@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..checkpoint.run_dir import SAVED_MODEL_FILES, TOKENIZER_FILES, not_loadable
+from ..checkpoint.run_dir import SAVED_MODEL_FILES, TOKENIZER_FILES, is_adapter_folder, not_loadable
 from ..config import ConfigError, DeepSpeedConfig, TrainingConfig
 from ..runtime.failures import RunFailure, model_not_found
 from . import lora, varlen_attention
@@ -153,10 +153,10 @@ def load_causal_lm(name_or_model, precision: str, trainable: bool, attn_implemen
     # an adapter folder (a LoRA run's output) is merged into its base: in slices when it is plain
     # LoRA, else by peft, which needs the base whole
     partition = partition_with is not None and isinstance(name_or_model, str) and (
-        not lora.is_adapter_folder(name_or_model) or lora.merges_in_slices(name_or_model))
+        not is_adapter_folder(name_or_model) or lora.merges_in_slices(name_or_model))
 
     def from_pretrained(name: str):
-        if lora.is_adapter_folder(name):  # its base may be another run's adapter folder
+        if is_adapter_folder(name):  # its base may be another run's adapter folder
             return lora.load_merged(name, from_pretrained, in_slices=partition)
         return _loading(name, "model", SAVED_MODEL_FILES, lambda: auto_class.from_pretrained(
             name, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, **extra))

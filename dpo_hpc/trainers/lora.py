@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint.run_dir import ADAPTER_CONFIG, MODEL_CONFIG
+from ..checkpoint.run_dir import ADAPTER_CONFIG, MERGED, is_adapter_folder
 from ..config import ConfigError
 from ..config.schema import LoraConfig
 
@@ -28,9 +28,6 @@ NOT_PLAIN_LORA = ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern"
                   "trainable_token_indices")
 """Adapter options that make a merge more than ``W += B @ A x scaling`` (or add whole layers):
 such an adapter is merged by peft, which needs its base whole."""
-MERGED = "merged"
-"""Subfolder of a LoRA run's directory with the merged model (beside the adapter, transformers
-would load the adapter from the same folder)."""
 
 
 def _peft():
@@ -63,11 +60,6 @@ def add_adapters(model, cfg: LoraConfig, base_name: Optional[str] = None, task_t
         model.peft_config["default"].base_model_name_or_path = str(Path(base_name).resolve()) \
             if Path(base_name).exists() else base_name
     return model
-
-
-def is_adapter_folder(name: str) -> bool:
-    path = Path(name)
-    return path.is_dir() and (path / ADAPTER_CONFIG).exists() and not (path / MODEL_CONFIG).exists()
 
 
 def load_merged(folder: str, load_base, in_slices: bool = False):

@@ -24,6 +24,8 @@ from ..algorithms.kto import weight_advice
 from ..algorithms.objectives import batch_layout, build_objective, build_scorer
 from ..checkpoint import CheckpointError, RunDir, config_hash
 from ..checkpoint.manager import Checkpointer, peek_shared, shared_state
+from ..checkpoint.model_card import write_model_card
+from ..checkpoint.run_dir import DATA_REPORT
 from ..config import Algorithm, ConfigError, algorithm, to_dict, to_identity
 from ..config.losses import is_reference_free, loss_types
 from ..data.collate import collate_completions, collate_pairs, to_device
@@ -167,7 +169,7 @@ class Trainer:
         self.manifest = self.run.start(self.cfg, self.algo.name, self.dist.world_size, describe_device(self.device)) \
             if self.dist.is_main else {}
         if self.dist.is_main:
-            write_report(report, self.run.root / "data_report.json")
+            write_report(report, self.run.root / DATA_REPORT)
         barrier()
         self.started = time.time()
 
@@ -578,6 +580,9 @@ class Trainer:
         }
         self.logger.close()
         if self.dist.is_main:
+            left = write_model_card(self.run, self.cfg, self.algo.name, {**self.manifest, **summary})
+            if left:
+                self.say(left)
             self.run.finish(self.manifest, **summary)
             self.say(f"done in {summary['train_seconds']:.0f} s; model: {self.run.root}; "
                      f"TensorBoard: tensorboard --logdir {self.run.tensorboard}")

@@ -61,6 +61,12 @@ def test_report_tables_and_plots_of_a_finished_experiment(tmp_path, micro_model,
         throughput = [summary for summary, _ in THROUGHPUT.values() if summary in manifest]
         assert "median_tokens_per_sec" in throughput
         assert all(float(row[summary]) == manifest[summary] for summary in throughput)
+    run = tmp_path / "out/rep/dpo" / next(r["run_id"] for r in rows if r["stage"] == "dpo")
+    card = (run / "README.md").read_text()  # the model card names the SFT run it started from
+    sft_run = json.loads((run / "config.resolved.json").read_text())["policy_name"]
+    assert f"| started from | `{sft_run}` (a dpo-hpc sft run), from `" in card
+    again = dpo_hpc(tmp_path, "model-card", str(run))
+    assert again.returncode == 0 and (run / "README.md").read_text() == card, again.stderr
     markdown = (out / "report.md").read_text()
     table = markdown.split("## dpo (dpo)")[1]
     assert "| beta | runs done |" in table and table.count("| 2/2 |") == 2 and " ± " in table  # 2 seeds each
@@ -145,7 +151,7 @@ sft_training = {{ learning_rate = 1e-3, batch_size = 2, global_batch_size = 6 }}
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     expected = [f"policy_name '{micro_model}-typo': no such local folder",
                 "policy_name 'meta-llama/Llama-3.2-1B' is not in the Hugging Face cache and the job runs with "
-                "HF_HUB_OFFLINE=1; run `dpo-hpc prefetch EXPERIMENT` on a login node (or `huggingface-cli download "
+                "HF_HUB_OFFLINE=1; run `dpo-hpc prefetch EXPERIMENT` on a login node (or `hf download "
                 "meta-llama/Llama-3.2-1B` with the jobs' HF_HOME)",
                 f"local path '{tmp_path / 'missing.jsonl'}' does not exist",
                 "none of the first 32 rows is usable (dropped: not_messages=32); expected format 'conversational'",

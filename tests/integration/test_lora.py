@@ -111,6 +111,20 @@ def test_lora_sft_then_dpo_from_its_adapter_folder_and_merged_output(tmp_path, m
     on_load = load_causal_lm(str(dpo_dir), "fp32", trainable=True)  # the adapter folder, merged when loaded
     for name, weight in merged.state_dict().items():
         torch.testing.assert_close(on_load.state_dict()[name], weight)
+    # The model cards say how each folder loads, and it loads so: the SFT adapter with peft (the
+    # card replaces peft's blank one), the DPO run (an adapter on an adapter) from merged/.
+    from peft import AutoPeftModelForCausalLM
+
+    from dpo_hpc.checkpoint.model_card import PEFT_TEMPLATE
+
+    sft_card, dpo_card = ((d / "README.md").read_text() for d in (sft_dir, dpo_dir))
+    assert PEFT_TEMPLATE not in sft_card
+    assert f'AutoPeftModelForCausalLM.from_pretrained("{sft_dir.resolve()}")' in sft_card
+    assert f'AutoModelForCausalLM.from_pretrained("{(dpo_dir / "merged").resolve()}")' in dpo_card
+    tokens = torch.tensor([[1, 5, 9, 20, 33, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(AutoPeftModelForCausalLM.from_pretrained(sft_dir).eval()(input_ids=tokens).logits,
+                                   load_causal_lm(str(sft_dir), "fp32", trainable=False)(input_ids=tokens).logits)
 
     # Under ZeRO-3 the SFT adapter is merged in slices, not by peft, yet the run is the same: its
     # new adapters are drawn from the seed alone (to summation order, as ZeRO-3 sums otherwise).

@@ -54,6 +54,8 @@ def test_a_reward_model_trains_and_scores_as_it_trained_when_loaded_by_transform
     manifest = json.loads((run / "run_manifest.json").read_text())
     assert manifest["status"] == "completed" and "reference" not in manifest
     assert {"rewards/accuracies", "rewards/margins"} <= set(manifest["final_eval"])
+    card = (run / "README.md").read_text()
+    assert "pipeline_tag: text-classification" in card and "AutoModelForSequenceClassification.from_pretrained" in card
 
     model = AutoModelForSequenceClassification.from_pretrained(run).eval()
     tokenizer = AutoTokenizer.from_pretrained(run)

@@ -129,6 +129,10 @@ def test_sft_lowers_loss_on_a_fixed_batch_and_saves_a_loadable_model(tmp_path, m
     assert report["train"]["kept"] == 9 and report["validation"]["kept"] == 1
     resolved = json.loads((run / "config.resolved.json").read_text())
     assert resolved["trainer"] == "sft" and resolved["sft_training"]["max_steps"] == 8
+    card = (run / "README.md").read_text()  # the model card, from the same records
+    assert yaml.safe_load(card.split("---\n")[1])["tags"] == ["dpo-hpc", "sft"]
+    assert f'AutoModelForCausalLM.from_pretrained("{run.resolve()}")' in card
+    assert f"| loss | {manifest['final_eval']['loss']:.4g} |" in card and "8 optimizer steps of 8 sequences" in card
 
 
 def test_zero3_loads_the_policy_and_reference_straight_into_slices(tmp_path, micro_model, capsys):

@@ -35,7 +35,7 @@ def test_a_model_that_is_not_there_says_where_it_looked(monkeypatch, tmp_path):
     assert "no such local folder" in explain(model_not_found(str(tmp_path / "nope")))
     hub = explain(model_not_found("meta-llama/Llama-3.2-1B"))
     assert "not in the Hugging Face cache and HF_HUB_OFFLINE=1" in hub
-    assert "`huggingface-cli download meta-llama/Llama-3.2-1B`" in hub
+    assert "`hf download meta-llama/Llama-3.2-1B`" in hub
 
 
 def test_out_of_memory_names_the_micro_batch_and_what_is_not_on_yet():
