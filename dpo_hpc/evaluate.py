@@ -29,7 +29,7 @@ from .checkpoint.run_dir import RESOLVED_CONFIG
 from .data.sources import DataError
 from .data.verifiable import is_task_prompt, prompt_for, reward
 from .experiment import EVALUATIONS
-from .fsutil import atomic_write_json, files_identity, remove_tree, sha256_file
+from .fsutil import atomic_write_json, files_identity, model_identity, remove_tree, sha256_file
 from .trainers.samples import greedy_completions
 
 
@@ -219,8 +219,7 @@ class RewardModelJudge:
         self.prompt_ids = validation_prompts(run_dir, tokenizer, limit)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         prompts = hashlib.sha256(json.dumps(self.prompt_ids).encode()).hexdigest()
-        self.identity = {"reward_model": files_identity(Path(reward_model)) if Path(reward_model).is_dir()
-                         else reward_model, "prompts": prompts}
+        self.identity = {"reward_model": model_identity(reward_model), "prompts": prompts}
 
     @torch.no_grad()
     def score(self, model, tokenizer) -> Scores:

@@ -89,6 +89,12 @@ def files_identity(folder: str | Path) -> list:
     return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).iterdir() if p.is_file())
 
 
+def model_identity(name: str) -> list | str:
+    """What names a model in a key of values computed with it: a local folder's files
+    (``files_identity``: retrained in place, it is another model), else its hub name."""
+    return files_identity(name) if Path(name).is_dir() else name
+
+
 def seal_tree(root: Path) -> None:
     """Before publishing a tree by rename: fsync every file and folder under root, each file with
     the mode the umask allows (``as_umask_allows``)."""

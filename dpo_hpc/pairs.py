@@ -36,7 +36,7 @@ from .data.verifiable import is_task_prompt, reward as exact_reward
 from .evaluate import judged_rows, load_reward_model
 from .experiment import GENERATED_PAIRS, GENERATION_FILE
 from .experiment.schema import GENERATION_LOCATIONS, GenerationSection
-from .fsutil import atomic_write_bytes, atomic_write_json, files_identity, remove_tree
+from .fsutil import atomic_write_bytes, atomic_write_json, model_identity, remove_tree
 from .trainers.samples import Sampling, completions, stop_token_ids
 
 WORK = ".make-pairs"
@@ -127,11 +127,11 @@ class VerifiableJudge:
         return [exact_reward(p.text, t) for p, t in zip(prompts, texts)]
 
 
-def judge_identity(reward_model: Optional[str]) -> str:
+def judge_identity(reward_model: Optional[str]) -> list | str:
     """What names the judge in a set's identity: a reward model's files (a folder) or hub name."""
     if not reward_model:
         return "verifiable"
-    return files_identity(reward_model) if Path(reward_model).is_dir() else reward_model
+    return model_identity(reward_model)
 
 
 class RewardModel:
@@ -210,7 +210,7 @@ def make_pairs(model: str, settings: GenerationSection, out: str | Path, say: Ca
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts, dropped = read_prompts(settings.prompts, settings.subset, tokenizer, settings.limit, settings.offset)
-    identity = {"model": files_identity(model) if Path(model).is_dir() else model,
+    identity = {"model": model_identity(model),
                 "judge": judge_identity(settings.reward_model),
                 "prompts": hashlib.sha256(json.dumps([[p.row, p.text] for p in prompts]).encode()).hexdigest(),
                 "settings": {k: v for k, v in to_identity(settings).items() if k not in GENERATION_LOCATIONS},

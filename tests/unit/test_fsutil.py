@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpo_hpc.fsutil import seal_tree, umask_mode, write_aside
+from dpo_hpc.fsutil import looks_local, model_identity, seal_tree, umask_mode, write_aside
 
 
 @pytest.fixture(params=[0o022, 0o002, 0o077])
@@ -67,3 +67,18 @@ def test_a_filesystem_that_refuses_modes_does_not_fail_the_write(tmp_path, monke
     write_aside(tmp_path / "a.json", lambda tmp: tmp.write_text("{}"))
     seal_tree(tmp_path)
     assert (tmp_path / "a.json").read_text() == "{}"
+
+
+def test_a_model_is_named_by_its_folders_files_or_its_hub_name(tmp_path):
+    assert model_identity("meta-llama/Llama-3.2-1B") == "meta-llama/Llama-3.2-1B"
+    (tmp_path / "model.safetensors").write_bytes(b"1")
+    before = model_identity(str(tmp_path))
+    assert before == [("model.safetensors", 1, (tmp_path / "model.safetensors").stat().st_mtime_ns)]
+    (tmp_path / "model.safetensors").write_bytes(b"22")  # retrained in place: another model
+    assert model_identity(str(tmp_path)) != before
+
+
+def test_hub_ids_and_paths_are_told_apart_as_the_loaders_do():
+    assert not looks_local("meta-llama/Llama-3.2-1B") and not looks_local("gpt2")
+    assert all(looks_local(p) for p in ("./m", "/abs/m", "~/m", "runs/sft/abc"))
+    assert looks_local("pairs.JSONL", (".jsonl",)) and not looks_local("pairs.jsonl")
