@@ -11,11 +11,12 @@ import copy
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from ..config import ALGORITHMS, ConfigError, read_mapping, set_dotted, to_dict, to_identity, validate_mapping
+from ..config import (ALGORITHMS, ConfigError, read_mapping, set_dotted, to_dict, to_identity, validate_as,
+                      validate_mapping)
 from ..config.losses import is_reference_free
 from .schema import EVALUATION_REPORT_ONLY, ExperimentConfig, StageConfig
 
@@ -414,12 +415,11 @@ def with_rounds(exp: ExperimentConfig, source: Path) -> tuple[ExperimentConfig, 
 
 
 def _stage_like(stage: StageConfig, **changes) -> StageConfig:
-    """A copy of ``stage`` with ``changes`` (valid values, made by the expansion: set, not re-read,
-    as ``from_`` cannot be passed by name)."""
-    made = copy.copy(stage)
+    """A copy of ``stage`` with ``changes`` (by field name), validated as the file's stages are."""
+    data = to_dict(stage)  # the file's key names: ``from``, not ``from_``
     for key, value in changes.items():
-        setattr(made, key, value)
-    return made
+        data[StageConfig.__pydantic_fields__[key].alias or key] = to_dict(value) if is_dataclass(value) else value
+    return validate_as(StageConfig, data)
 
 
 def _matching_point(points: list[dict[str, Any]], parent: Run, source: Path, where: str) -> dict[str, Any]:
