@@ -482,7 +482,7 @@ def evaluation_runs(name: str, stage: StageConfig, by_stage: dict[str, list[Run]
                   "baseline": str(baseline.run_dir) if baseline else None,
                   "baseline_is_start": baseline is not None and str(baseline.run_dir) == start_model(parent),
                   "reward_model": str(judge.run_dir) if judge else section["reward_model"]}
-        identity = {k: v for k, v in section.items() if k not in EVALUATION_REPORT_ONLY}
+        identity = {k: v for k, v in to_identity(stage.evaluate).items() if k not in EVALUATION_REPORT_ONLY}
         blob = json.dumps({"evaluate": identity, "target": target.run_id, "baseline": baseline.run_id if baseline
                            else None, **({"judge": judge.run_id} if judge else {})}, sort_keys=True, default=str)
         out.append(Run(stage=name, index=len(out), run_id=f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}",

@@ -3,6 +3,7 @@ stable ids, errors), and the dry run's sbatch scripts and manifest against golde
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -666,6 +667,17 @@ def test_settings_at_their_defaults_leave_a_generate_runs_id_as_it_is(tmp_path):
     assert ids[0] == ids[1]
     assert ids[0] != [r.run_id for r in plan_of(tmp_path, BASE + REWARD + GENERATE.replace(
         "samples = 4", "samples = 4, offset = 1") + ON_POLICY).runs]
+
+
+def test_an_evaluations_id_hashes_only_the_settings_away_from_their_defaults(tmp_path):
+    """As for generate sets and training runs: a later version's new key, at its default, keeps
+    every evaluation's id (and its scores), and so do the report-only keys."""
+    for evaluate in (EVALUATE, EVALUATE.replace("checkpoints = true", "checkpoints = true, max_new_tokens = 16")):
+        for run in plan_of(tmp_path, BASE + DPO + evaluate).stage_runs("eval", "evaluate"):
+            baseline = run.config["baseline"] and Path(run.config["baseline"]).name
+            blob = json.dumps({"evaluate": {"data": "test.jsonl", "baseline": "sft", "checkpoints": True},
+                               "target": run.parent, "baseline": baseline}, sort_keys=True)
+            assert run.run_id == f"eval-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
 @pytest.mark.parametrize("edit, expected", [
