@@ -350,10 +350,12 @@ def _drop_stale_scores(folder: Path, model: dict) -> None:
             continue
 
 
-def evaluate_run(config: dict, out_dir: str) -> dict:
+def evaluate_run(config: dict, out_dir: str, run_id: Optional[str] = None) -> dict:
     """An evaluate stage's task: score run ``config["target"]`` (its final model, and with
     ``checkpoints`` each checkpoint it kept) and its baseline, into ``out_dir`` (evaluation.json,
-    a manifest, TensorBoard scalars); rewriting on a rerun."""
+    a manifest, TensorBoard scalars); rewriting on a rerun. The manifest keeps ``run_id`` (the
+    scoring's id, a hash of its settings): the folder is the stage's, so a scoring under other
+    settings is told from this one by it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .checkpoint import RunDir, published_checkpoints
@@ -363,7 +365,8 @@ def evaluate_run(config: dict, out_dir: str) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = RunDir(out).manifest_path
-    atomic_write_json(manifest_path, {"status": "running", "kind": "evaluation", "target": str(target)})
+    recorded = {"kind": "evaluation", "target": str(target), **({"run_id": run_id} if run_id else {})}
+    atomic_write_json(manifest_path, {"status": "running", **recorded})
     started = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(target)
@@ -408,12 +411,11 @@ def evaluate_run(config: dict, out_dir: str) -> dict:
         atomic_write_json(out / EVALUATION_FILE, result)
         _write_curve(out / "tensorboard", result["by_step"])
     except BaseException as exc:
-        atomic_write_json(manifest_path, {"status": "failed", "kind": "evaluation", "target": str(target),
+        atomic_write_json(manifest_path, {"status": "failed", **recorded,
                                           "reason": f"{type(exc).__name__}: {exc}"[:500]})
         raise
-    atomic_write_json(manifest_path, {"status": "completed", "kind": "evaluation", "target": str(target),
-                                      "final_step": final_step, "final_eval": result["final"],
-                                      "seconds": result["seconds"]})
+    atomic_write_json(manifest_path, {"status": "completed", **recorded, "final_step": final_step,
+                                      "final_eval": result["final"], "seconds": result["seconds"]})
     skipped = sum(result["checkpoints_not_scored"].values())
     print(f"[evaluate] {target.name}: {final.metric} {result['final'][final.metric]:.3f} on {len(final.rewards)} "
           "prompts, "

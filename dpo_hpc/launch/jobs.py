@@ -112,16 +112,22 @@ def _pid_alive(pid: int) -> bool:
 
 def run_status(plan: Plan, run: Run, entry: Optional[dict[str, Any]], slurm: dict[str, tuple[str, str]]) -> RunStatus:
     """The run's state, with the reason its run directory recorded for stopping or failing."""
-    status = _state_of(plan, run, entry, slurm)
-    reason = (RunDir(run.run_dir).read_manifest() or {}).get("reason")
+    manifest = RunDir(run.run_dir).read_manifest() or {}
+    other = manifest.get("run_id", run.run_id)  # a scoring's folder is its stage's, whatever its settings
+    if other != run.run_id:
+        manifest = {}  # another scoring's record: this one is as its ledger entry says
+    status = _state_of(plan, run, manifest, entry, slurm)
+    if other != run.run_id and status.state == "not submitted":
+        status.detail = f"scored under other settings ({other}): submitting scores it again"
+    reason = manifest.get("reason")
     if reason and status.state != "done" and reason not in status.detail:
         status.detail = f"{status.detail}; {reason}" if status.detail else reason
     return status
 
 
-def _state_of(plan: Plan, run: Run, entry: Optional[dict[str, Any]], slurm: dict[str, tuple[str, str]]) -> RunStatus:
+def _state_of(plan: Plan, run: Run, manifest: dict[str, Any], entry: Optional[dict[str, Any]],
+              slurm: dict[str, tuple[str, str]]) -> RunStatus:
     run_dir = RunDir(run.run_dir)
-    manifest = run_dir.read_manifest() or {}
     progress = run_dir.read_progress() or {}
     checkpoints = published_checkpoints(run_dir.checkpoints)
     status = RunStatus(state="not submitted", job_id=entry.get("job_id") if entry else None,

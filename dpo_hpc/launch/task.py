@@ -111,7 +111,7 @@ def run_task(row: dict[str, Any]) -> dict[str, Any]:
     if row.get("role") == "evaluate":
         from ..evaluate import evaluate_run
 
-        return {"run_id": row["run_id"], **evaluate_run(row["config"], row["run_dir"])}
+        return {"run_id": row["run_id"], **evaluate_run(row["config"], row["run_dir"], row["run_id"])}
     if row.get("role") == "generate":
         return {"run_id": row["run_id"], **generate_and_requeue(row)}
     cfg = validate_mapping(row["config"], row["trainer"], source=f"run {row['run_id']}")

@@ -125,3 +125,14 @@ def test_a_reward_model_judges_each_runs_replies_to_its_validation_prompts(tmp_p
     assert "judged by" in text
     table = list(csv.DictReader((root / "report/judged.csv").open()))
     assert len(table) == 3 and all(row["reward"] for row in table)
+
+    # Changed settings make other scorings in the same folders: submitted again, they are redone
+    # (only they: the trained runs stay done).
+    path.write_text(path.read_text().replace("limit = 6", "limit = 4"))
+    before = run(tmp_path, "dpo_hpc.status", path.name).stdout
+    assert before.count("scored under other settings") == 3, before
+    again = run(tmp_path, "dpo_hpc.submit", path.name, "--local")
+    assert again.returncode == 0 and "3 of 3 run(s) done" in again.stdout, again.stdout + again.stderr
+    assert again.stdout.count("skip: done") == 4 and again.stdout.count("not submitted submit") == 3
+    for run_dir in (root / "dpo").iterdir():
+        assert json.loads((run_dir / "evaluations/judged/evaluation.json").read_text())["prompts"] == 4

@@ -680,6 +680,24 @@ def test_an_evaluations_id_hashes_only_the_settings_away_from_their_defaults(tmp
             assert run.run_id == f"eval-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
+def test_a_scoring_under_other_settings_is_not_done(tmp_path):
+    """A scoring's folder is its stage's (``<run>/evaluations/<stage>``) whatever its settings, so
+    its manifest's run id says which settings it was made with: changed ones are scored again."""
+    from dpo_hpc.launch.jobs import run_status
+
+    plan = plan_of(tmp_path, BASE + DPO + EVALUATE)
+    changed = plan_of(tmp_path, BASE + DPO + EVALUATE.replace("checkpoints = true", "checkpoints = true, limit = 9"))
+    run, other = plan.stage_runs("eval", "evaluate")[0], changed.stage_runs("eval", "evaluate")[0]
+    assert run.run_dir == other.run_dir and run.run_id != other.run_id
+    run.run_dir.mkdir(parents=True)
+    for recorded in ({}, {"run_id": run.run_id}):  # scorings from before ids were recorded count as done
+        (run.run_dir / "run_manifest.json").write_text(json.dumps({"status": "completed", **recorded}))
+        assert run_status(plan, run, None, {}).state == "done"
+    status = run_status(changed, other, None, {})
+    assert status.state == "not submitted"
+    assert status.detail == f"scored under other settings ({run.run_id}): submitting scores it again"
+
+
 @pytest.mark.parametrize("edit, expected", [
     (lambda t: t.replace('from = "pairs"\nrounds = 3', 'from = "sft"\nrounds = 3'),
      "stages.dpo.rounds: each round trains on pairs from the round before, so 'from' must be a generate stage"),
