@@ -124,13 +124,16 @@ def _snippet(module: str, loader: str, folder: Path, tokenizer: Path, load: str 
             f'model = {loader}("{folder}"{load})' if load else f'model = {loader}.from_pretrained("{folder}")', "```"]
 
 
-def _use(folder: Path, model: str, cfg) -> list[str]:
+def _use(folder: Path, model: str, cfg, merged: bool) -> list[str]:
     """How the run's model loads: the folder with transformers; a LoRA run's adapter with peft, or
     its merged model. peft cannot load an adapter whose base is another run's adapter folder (it
     would not merge the base's adapter in): such a model loads through dpo-hpc."""
     loader = LOADERS[model]
     if cfg.lora is None:
         return _snippet("transformers", loader, folder, folder)
+    if merged:
+        return _snippet("transformers", loader, folder, folder) + [
+            "", "The LoRA adapter merged into this model is in the folder above, with the run's records."]
     if cfg.lora.merge:
         return _snippet("transformers", loader, folder / MERGED, folder) + [
             "", f"`{MERGED}/` holds the model with the LoRA adapter merged in; the folder itself holds the adapter."]
@@ -146,10 +149,10 @@ def _use(folder: Path, model: str, cfg) -> list[str]:
         + list(note)
 
 
-def _metadata(cfg, algo, root: str, name: str) -> dict[str, Any]:
+def _metadata(cfg, algo, root: str, name: str, adapter: bool) -> dict[str, Any]:
     """The hub's YAML header: what the model is, what it came from and what it read."""
     meta: dict[str, Any] = {"base_model": hub_name(root)} if hub_name(root) else {}
-    meta.update(library_name="peft" if cfg.lora else "transformers", model_name=name,
+    meta.update(library_name="peft" if adapter else "transformers", model_name=name,
                 pipeline_tag=PIPELINES[algo.model], tags=["dpo-hpc", algo.command] + (["lora"] if cfg.lora else []))
     datasets = [d for d in dict.fromkeys(cfg.dataset.dataset_names) if hub_name(d)]
     return {**meta, "datasets": datasets} if datasets else meta
@@ -209,29 +212,34 @@ def _versions(manifest: dict[str, Any]) -> list[str]:
 
 
 def model_card(cfg, trainer: str, manifest: dict[str, Any], data_report: Optional[dict[str, Any]],
-               run_dir: Path, name: str) -> str:
-    """The card of a run of ``trainer`` with config ``cfg``, from its manifest and data report."""
+               folder: Path, name: str, merged: bool = False) -> str:
+    """The card of a run of ``trainer`` with config ``cfg``, from its manifest and data report, for
+    the model in ``folder``: the run directory, or (``merged``) a LoRA run's merged model."""
     algo = ALGORITHMS[trainer]
     chain = lineage(cfg.policy_name)
-    lines = ["---", yaml.safe_dump(_metadata(cfg, algo, chain[-1][0], name), sort_keys=False).rstrip(), "---",
+    meta = _metadata(cfg, algo, chain[-1][0], name, adapter=cfg.lora is not None and not merged)
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---",
              MARK, "", f"# {name}", "",
              f"Trained with dpo-hpc {manifest.get('package_version', __version__)}: {algo.method}.", "",
-             "## Use", "", *_use(run_dir.resolve(), algo.model, cfg), "",
+             "## Use", "", *_use(folder.resolve(), algo.model, cfg, merged), "",
              *_training(cfg, algo, manifest, data_report, chain), *_settings(cfg), *_results(manifest),
              *_versions(manifest)]
     return "\n".join(lines) + "\n"
 
 
 def write_model_card(run: RunDir, cfg, trainer: str, manifest: dict[str, Any]) -> Optional[str]:
-    """Write the card into the run directory (atomically); a message instead when a README.md that
-    is not ours is there."""
-    path = run.root / CARD
-    if path.exists() and not any(mark in path.read_text(errors="replace") for mark in (MARK, PEFT_TEMPLATE)):
-        return f"left {path} as it is (not a model card dpo-hpc wrote)"
-    card = model_card(cfg, trainer, manifest, _read_json(run.root / DATA_REPORT), run.root,
-                      cfg.training.run_name or run.root.name)
-    atomic_write_bytes(path, card.encode())
-    return None
+    """Write the card into the run directory, and into a LoRA run's merged model (atomically); a
+    message for each README.md that is not ours, which stays."""
+    report, name, left = _read_json(run.root / DATA_REPORT), cfg.training.run_name or run.root.name, []
+    merged = run.root / MERGED
+    for folder in [run.root] + ([merged] if cfg.lora is not None and cfg.lora.merge and merged.is_dir() else []):
+        path = folder / CARD
+        if path.exists() and not any(mark in path.read_text(errors="replace") for mark in (MARK, PEFT_TEMPLATE)):
+            left.append(f"left {path} as it is (not a model card dpo-hpc wrote)")
+            continue
+        card = model_card(cfg, trainer, manifest, report, folder, name, merged=folder == merged)
+        atomic_write_bytes(path, card.encode())
+    return "; ".join(left) or None
 
 
 def rewrite_model_card(run_dir: str | Path) -> str:

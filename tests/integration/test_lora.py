@@ -121,6 +121,7 @@ def test_lora_sft_then_dpo_from_its_adapter_folder_and_merged_output(tmp_path, m
     assert PEFT_TEMPLATE not in sft_card
     assert f'AutoPeftModelForCausalLM.from_pretrained("{sft_dir.resolve()}")' in sft_card
     assert f'AutoModelForCausalLM.from_pretrained("{(dpo_dir / "merged").resolve()}")' in dpo_card
+    assert "library_name: transformers" in (dpo_dir / "merged/README.md").read_text()  # the folder people push
     tokens = torch.tensor([[1, 5, 9, 20, 33, 7]])
     with torch.no_grad():
         torch.testing.assert_close(AutoPeftModelForCausalLM.from_pretrained(sft_dir).eval()(input_ids=tokens).logits,

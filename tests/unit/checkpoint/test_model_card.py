@@ -107,6 +107,10 @@ def test_an_adapter_and_a_reward_model_say_how_they_load(tmp_path):
     assert "LoRA r = 8, alpha = 32" in lora
     merged = model_card(dpo_config(lora={"r": 8, "merge": True}), "dpo", MANIFEST_DONE, None, tmp_path, "r")
     assert f'AutoModelForCausalLM.from_pretrained("{tmp_path.resolve()}/merged")' in merged
+    inside = model_card(dpo_config(lora={"r": 8, "merge": True}), "dpo", MANIFEST_DONE, None, tmp_path / "merged",
+                        "r", merged=True)  # the card of the merged model's own folder: a plain transformers model
+    assert front_matter(inside)["library_name"] == "transformers" and "peft" not in inside
+    assert f'AutoModelForCausalLM.from_pretrained("{(tmp_path / "merged").resolve()}")' in inside
     reward = validate_mapping({"policy_name": "m", "dataset": {"dataset_name": "d.jsonl"},
                                "reward_training": {"learning_rate": 1e-5, "batch_size": 8, "save_dir": "/o"}}, "reward")
     card = model_card(reward, "reward", {**MANIFEST_DONE, "world_size": 1}, None, tmp_path, "rm")
