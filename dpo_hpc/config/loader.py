@@ -196,6 +196,8 @@ TRL_NAMES = {
 """TRL's names of settings this schema names otherwise (the original framework's names, or a
 section of their own), for the error a TRL config meets: said, never read as aliases."""
 
+_PUSH_FROM_A_LOGIN_NODE = ("compute nodes are offline; save_dir holds the final model (save_pretrained) with its model "
+                           "card, to push from a login node: hf upload ORG/NAME SAVE_DIR --exclude 'checkpoints/*'")
 TRL_LEFT_OUT = {
     "activation_offloading": "not offered; gradient_checkpointing cuts activation memory",
     "gradient_checkpointing_kwargs": "gradient_checkpointing is always non-reentrant here; "
@@ -203,10 +205,8 @@ TRL_LEFT_OUT = {
     "resume_from_checkpoint": "a run resumes by itself from its save_dir's newest verified checkpoint",
     "fsdp": "sharding here is DeepSpeed ZeRO (the top-level deepspeed.zero_stage = 3)",
     "fsdp_config": "sharding here is DeepSpeed ZeRO (the top-level deepspeed.zero_stage = 3)",
-    "push_to_hub": "compute nodes are offline; save_dir holds the final model in save_pretrained form, to push "
-                   "from a login node",
-    "hub_model_id": "compute nodes are offline; save_dir holds the final model in save_pretrained form, to push "
-                    "from a login node",
+    "push_to_hub": _PUSH_FROM_A_LOGIN_NODE,
+    "hub_model_id": _PUSH_FROM_A_LOGIN_NODE,
     "use_liger_kernel": "not needed: the log-probs come from a chunked head at completion tokens, never from "
                         "full-vocabulary logits",
     "torch_compile_mode": "torch_compile compiles each transformer block with inductor's default mode",

@@ -102,6 +102,10 @@ def test_a_trl_config_is_told_each_settings_name_here():
         "router_aux_loss_coef",
         "f.yaml: dpo_training.truncation_mode: unknown key; that is TRL's name: here it is dataset.truncation_mode",
     ]
+    assert errors(with_("dpo_training", push_to_hub=True)) == [
+        "f.yaml: dpo_training.push_to_hub: unknown key; that is TRL's option: compute nodes are offline; save_dir "
+        "holds the final model (save_pretrained) with its model card, to push from a login node: hf upload ORG/NAME "
+        "SAVE_DIR --exclude 'checkpoints/*'"]
 
 
 def test_tr_dpo_needs_a_reference_model_that_can_move():
