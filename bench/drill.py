@@ -340,6 +340,7 @@ def links_planted(d: Drill):
     run = Path(raw["dpo_training"]["save_dir"])
     (run / "checkpoints").mkdir(parents=True)
     (run / "data_report.json").symlink_to(outside / "precious")
+    (run / "README.md").symlink_to(outside / "precious")  # the model card's place
     (run / ".final-model.tmp").symlink_to(outside)
     (run / "checkpoints" / layout.tmp_dir_name(1)).symlink_to(outside)
     outcome = d.train(d.write(where, raw))
@@ -460,7 +461,8 @@ CASES = [
     Case("checkpoint", "resume with half the micro-batch (another global batch)", batch_changed(split=False)),
     Case("checkpoint", "resume with half the micro-batch and twice the accumulation", batch_changed(split=True),
          succeeds=True),
-    Case("checkpoint", "links planted at data_report.json, .final-model.tmp, .tmp-step_*", links_planted, succeeds=True),
+    Case("checkpoint", "links planted at data_report.json, README.md, .final-model.tmp, .tmp-step_*", links_planted,
+         succeeds=True),
     Case("checkpoint", "a link planted as the only checkpoint (step_*)", link_as_the_only_checkpoint),
     Case("runtime", "a second trainer on a running run's save_dir", second_writer),
     Case("runtime", "disk full during a checkpoint save", full_disk),

@@ -233,8 +233,9 @@ def write_model_card(run: RunDir, cfg, trainer: str, manifest: dict[str, Any]) -
     report, name, left = _read_json(run.root / DATA_REPORT), cfg.training.run_name or run.root.name, []
     merged = run.root / MERGED
     for folder in [run.root] + ([merged] if cfg.lora is not None and cfg.lora.merge and merged.is_dir() else []):
-        path = folder / CARD
-        if path.exists() and not any(mark in path.read_text(errors="replace") for mark in (MARK, PEFT_TEMPLATE)):
+        path = folder / CARD  # a link planted there is replaced, never read or written through
+        if path.is_file() and not path.is_symlink() \
+                and not any(mark in path.read_text(errors="replace") for mark in (MARK, PEFT_TEMPLATE)):
             left.append(f"left {path} as it is (not a model card dpo-hpc wrote)")
             continue
         card = model_card(cfg, trainer, manifest, report, folder, name, merged=folder == merged)

@@ -167,3 +167,13 @@ def test_an_adapter_on_another_runs_adapter_loads_through_dpo_hpc(tmp_path):
     card = model_card(dpo_config(policy_name=str(sft), lora={"r": 8}), "dpo", MANIFEST_DONE, None, tmp_path, "r")
     assert f'model = load_causal_lm("{tmp_path.resolve()}", "fp32", trainable=False)' in card
     assert f"whose base, `{sft}`, is another run's adapter" in card and "AutoPeft" not in card
+
+
+def test_a_link_planted_at_the_cards_place_is_replaced_not_written_through(tmp_path):
+    cfg = dpo_config()
+    run = completed_run(tmp_path / "run", cfg)
+    (tmp_path / "precious").write_text("keep")
+    (run.root / CARD).symlink_to(tmp_path / "precious")
+    assert write_model_card(run, cfg, "dpo", MANIFEST_DONE) is None
+    assert not (run.root / CARD).is_symlink() and MARK in (run.root / CARD).read_text()
+    assert (tmp_path / "precious").read_text() == "keep"
