@@ -96,15 +96,22 @@ def _number(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
 
 
+def _shown(name: str) -> str:
+    """A local path as an absolute one (an experiment's are relative to its file's folder), else
+    the name as given."""
+    path = Path(name).expanduser()
+    return f"`{path.resolve() if path.exists() else name}`"
+
+
 def _starts(chain: list[tuple[str, Optional[str]]]) -> str:
-    parts = [f"`{name}`" + (f" (a dpo-hpc {trainer} run)" if trainer else "") for name, trainer in chain]
+    parts = [_shown(name) + (f" (a dpo-hpc {trainer} run)" if trainer else "") for name, trainer in chain]
     return ", from ".join(parts)
 
 
 def _data_line(cfg, report: Optional[dict[str, Any]], unit: str) -> str:
     data = cfg.dataset
-    names = [f"`{data.dataset_name}` ({data.subset})"] + [f"`{m.dataset_name}` ({m.fraction:g} of it)"
-                                                          for m in data.mix]
+    names = [f"{_shown(data.dataset_name)} ({data.subset})"] + [f"{_shown(m.dataset_name)} ({m.fraction:g} of it)"
+                                                                for m in data.mix]
     line = " with ".join(names)
     if report:
         counts = []
@@ -166,7 +173,7 @@ def _training(cfg, algo, manifest: dict[str, Any], report: Optional[dict[str, An
         rows.append(("loss", "; ".join(f"`{t}`: {LOSSES[t].source}" for t in loss_types(training.loss_type))))
     rows.append(("started from", _starts(chain)))
     if getattr(cfg, "ref_name", None):
-        rows.append(("reference", f"`{cfg.ref_name}`"))
+        rows.append(("reference", _shown(cfg.ref_name)))
     rows.append(("data", _data_line(cfg, report, unit)))
     if manifest.get("final_step") is not None:
         world = manifest.get("world_size") or 1

@@ -7,6 +7,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from dpo_hpc.trainers.metrics import THROUGHPUT
 from conftest import REPO
@@ -64,7 +65,7 @@ def test_report_tables_and_plots_of_a_finished_experiment(tmp_path, micro_model,
     run = tmp_path / "out/rep/dpo" / next(r["run_id"] for r in rows if r["stage"] == "dpo")
     card = (run / "README.md").read_text()  # the model card names the SFT run it started from
     sft_run = json.loads((run / "config.resolved.json").read_text())["policy_name"]
-    assert f"| started from | `{sft_run}` (a dpo-hpc sft run), from `" in card
+    assert f"| started from | `{Path(sft_run).resolve()}` (a dpo-hpc sft run), from `" in card
     again = dpo_hpc(tmp_path, "model-card", str(run))
     assert again.returncode == 0 and (run / "README.md").read_text() == card, again.stderr
     markdown = (out / "report.md").read_text()
