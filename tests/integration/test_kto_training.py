@@ -138,4 +138,4 @@ def test_padding_free_kto_trains_as_padded(tmp_path, micro_model):
         assert train(validate_mapping(raw, "kto"), "kto")["status"] == "completed"
         weights[name] = load_file(tmp_path / name / "run" / "model.safetensors")
     for key in weights["padded"]:
-        torch.testing.assert_close(weights["padded"][key], weights["packed"][key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(weights["packed"][key], weights["padded"][key], rtol=1e-5, atol=1e-4)  # as SFT/DPO
