@@ -234,6 +234,15 @@ def model_card(cfg, trainer: str, manifest: dict[str, Any], data_report: Optiona
     return "\n".join(lines) + "\n"
 
 
+def _ours(path: Path) -> bool:
+    """Whether the README.md at ``path`` is a card the run wrote (ours, or peft's blank one)."""
+    try:
+        text = path.read_text(errors="replace") if path.is_file() else ""
+    except OSError:
+        return False
+    return any(mark in text for mark in (MARK, PEFT_TEMPLATE))
+
+
 def write_model_card(run: RunDir, cfg, trainer: str, manifest: dict[str, Any]) -> Optional[str]:
     """Write the card into the run directory, and into a LoRA run's merged model (atomically); a
     message for each README.md that is not ours, which stays."""
@@ -241,8 +250,7 @@ def write_model_card(run: RunDir, cfg, trainer: str, manifest: dict[str, Any]) -
     merged = run.root / MERGED
     for folder in [run.root] + ([merged] if cfg.lora is not None and cfg.lora.merge and merged.is_dir() else []):
         path = folder / CARD  # a link planted there is replaced, never read or written through
-        if path.is_file() and not path.is_symlink() \
-                and not any(mark in path.read_text(errors="replace") for mark in (MARK, PEFT_TEMPLATE)):
+        if not path.is_symlink() and path.exists() and not _ours(path):
             left.append(f"left {path} as it is (not a model card dpo-hpc wrote)")
             continue
         card = model_card(cfg, trainer, manifest, report, folder, name, merged=folder == merged)

@@ -177,3 +177,11 @@ def test_a_link_planted_at_the_cards_place_is_replaced_not_written_through(tmp_p
     assert write_model_card(run, cfg, "dpo", MANIFEST_DONE) is None
     assert not (run.root / CARD).is_symlink() and MARK in (run.root / CARD).read_text()
     assert (tmp_path / "precious").read_text() == "keep"
+
+
+def test_a_folder_at_the_cards_place_is_left_and_said(tmp_path):
+    cfg = dpo_config()
+    run = completed_run(tmp_path / "run", cfg)
+    (run.root / CARD).mkdir()
+    assert write_model_card(run, cfg, "dpo", MANIFEST_DONE) == f"left {run.root / CARD} as it is (not a model " \
+                                                                "card dpo-hpc wrote)"
