@@ -24,6 +24,7 @@ EXPERIMENT_COMMANDS = {
     "status": "where every run of an experiment stands",
     "report": "tables and plots of an experiment's results",
     "prefetch": "fill the Hugging Face cache with what an experiment reads (on a login node)",
+    "cancel": "stop an experiment's queued and running Slurm jobs (running runs checkpoint first)",
 }
 """``dpo-hpc <command> EXPERIMENT``: each is its module ``dpo_hpc.<command>``, which parses its own arguments."""
 

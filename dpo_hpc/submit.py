@@ -28,7 +28,7 @@ from .launch.jobs import plan_status
 from .launch.layout import submit_dir
 from .launch.local import run_local
 from .launch.guard import error_lines, guarded
-from .launch.plans import open_plan, record_overrides
+from .launch.plans import add_selection, open_plan, record_overrides, selection
 from .launch.preflight import check_plan
 from .launch.submission import (decide, ledger_of, prepare_assets, print_plan, select_runs, submit_slurm, wait_for,
                                 write_plan_files)
@@ -41,8 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan and write the sbatch scripts and manifest.jsonl; submit nothing")
     parser.add_argument("--out", help="with --dry-run: write the scripts and manifest here instead of <root>/.submit")
-    parser.add_argument("--only", action="append", default=[], metavar="STAGE", help="submit only this stage (repeatable)")
-    parser.add_argument("--runs", default="", metavar="ID,...", help="submit only these run ids")
+    add_selection(parser, "submit")
     parser.add_argument("--local", action="store_true", help="run through the local executor even if sbatch exists")
     parser.add_argument("--set", "-s", action="append", default=[], metavar="[STAGE.]KEY.PATH=VALUE",
                         help="override a trainer config value of every stage that has it (or of STAGE only), "
@@ -77,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
     plan, overrides = open_plan(args.experiment, args.set)
-    selected = select_runs(plan, args.only, [r for r in args.runs.split(",") if r])
+    selected = select_runs(plan, *selection(args))
     if args.dry_run:
         statuses = plan_status(plan, ledger_of(plan).latest())  # read only: what a submission would skip
         decisions = {rid: "would submit" if d == "submit" else d for rid, d in decide(plan, selected, statuses).items()}

@@ -49,3 +49,15 @@ def plan_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--set", "-s", action="append", default=[], metavar="[STAGE.]KEY.PATH=VALUE",
                         help="the plan with these overrides (default: those of the last submission)")
     return parser
+
+
+def add_selection(parser: argparse.ArgumentParser, verb: str) -> None:
+    """``--only STAGE`` and ``--runs ID,...``: the part of a plan a command acts on (``selection``)."""
+    parser.add_argument("--only", action="append", default=[], metavar="STAGE",
+                        help=f"{verb} only this stage (repeatable)")
+    parser.add_argument("--runs", default="", metavar="ID,...", help=f"{verb} only these run ids")
+
+
+def selection(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(stages, run ids) of ``add_selection``'s options."""
+    return args.only, [r for r in args.runs.split(",") if r]

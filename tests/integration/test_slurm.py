@@ -266,7 +266,8 @@ def wait_for(path: Path, ready, what: str, timeout: float = 180) -> dict:
 def test_requeues_stop_at_their_cap_and_a_resubmission_starts_counting_again(tmp_path, micro_model, reverse_data):
     """max_requeues = { preemption = 1 }: the first USR2 requeues, the second stops the run with
     its reason; a resubmission is a new job (its first USR2 requeues again), and a plain scancel
-    (SIGTERM, which submitit would otherwise ignore) checkpoints and stops at once."""
+    (SIGTERM, which submitit would otherwise ignore; sent by ``dpo_hpc.cancel``) checkpoints and
+    stops at once."""
     long_sft = SFT.replace("max_steps = 4, logging_steps = 1", "max_steps = 100000, logging_steps = 1")
     path = experiment(tmp_path, micro_model, reverse_data, long_sft, name="caps")
     path.write_text(path.read_text().replace("signal_lead_s = 30", "signal_lead_s = 30\nmax_requeues = { preemption = 1 }"))
@@ -300,8 +301,12 @@ def test_requeues_stop_at_their_cap_and_a_resubmission_starts_counting_again(tmp
     (run_dir,) = (tmp_path / "out/caps/sft").iterdir()
     assert [e["cause"] for e in map(json.loads, (run_dir / "requeues.jsonl").read_text().splitlines())] == \
         ["preemption", "preemption"]
+    cancel = [sys.executable, "-m", "dpo_hpc.cancel", path.name]  # scancel on the experiment's own jobs
+    dry = subprocess.run([*cancel, "--dry-run"], cwd=path.parent, capture_output=True, text=True, timeout=60)
+    assert f"{run_dir.name}: Slurm job {job} (running) would be cancelled" in dry.stdout, dry.stdout + dry.stderr
     started = time.time()
-    subprocess.run(["scancel", job], check=True)
+    done = subprocess.run(cancel, cwd=path.parent, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "[cancel] 1 run(s) cancelled" in done.stdout, done.stdout + done.stderr
     row = wait_for(path, lambda r: r["state"] == "stopped", "scancel did not stop the run", timeout=60)
     assert time.time() - started < 30 and "stopped by SIGTERM" in row["detail"], row
     m = manifest(run_dir)

@@ -25,7 +25,8 @@ LAYERS = [
     ("dpo_hpc.pairs",),                # on-policy preference pairs: sample, judge, keep the extremes
     ("dpo_hpc.scoreboard",),           # tables and plots of evaluate stages
     ("dpo_hpc.launch",),               # Slurm and local submission, job states, the array task
-    ("dpo_hpc.submit", "dpo_hpc.status", "dpo_hpc.report", "dpo_hpc.prefetch", "dpo_hpc.reference"),  # experiment commands
+    ("dpo_hpc.submit", "dpo_hpc.status", "dpo_hpc.report", "dpo_hpc.prefetch", "dpo_hpc.reference",
+     "dpo_hpc.cancel"),  # experiment commands
     ("dpo_hpc.cli",),                  # dpo-hpc: train, validate, and the experiment commands
     ("dpo_hpc.__main__",),
 ]
