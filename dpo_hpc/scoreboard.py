@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from .checkpoint.run_dir import RunDir
 from .evaluate import EVALUATION_FILE
 from .experiment import VARIANT, Plan, Run
 
@@ -68,10 +69,12 @@ def headline(scores: list[Scored]) -> str:
 
 
 def read_scores(plan: Plan, stage: str) -> list[Scored]:
+    """The stage's scorings that are done under its present settings (one made under others is
+    left out: ``stage_table`` counts them)."""
     scored = []
     for run in plan.stage_runs(stage, "evaluate"):
         path = run.run_dir / EVALUATION_FILE
-        if path.is_file():
+        if path.is_file() and not RunDir(run.run_dir).other_run(run.run_id):
             scored.append(Scored(plan.run(run.parent), json.loads(path.read_text())))
     return scored
 
@@ -191,7 +194,8 @@ def stage_table(plan: Plan, stage: str, scores: list[Scored]) -> str:
     lines += ["| " + " | ".join(cells) + " |" for *_, cells in rows]
     prompts = sorted({s.result["prompts"] for s in scores})
     note = (f"\n\n{len(scores)} runs scored on {', '.join(map(str, prompts))} prompts ({section.prompts}); "
-            "mean ± sample sd over seeds" + (f" and {', '.join(map(short, averaged))}" if averaged else "") + ".")
+            "mean ± sample sd over seeds" + (f" and {', '.join(map(short, averaged))}" if averaged else "") + "."
+            ) if scores else "\n\nNo run of this stage scored yet."
     if section.compare_to:
         note += (f" Paired: each run against the `{section.compare_to}` run with the same grid values on "
                  "the axes both have and the same baseline; 95% t interval over the pairs.")
@@ -203,6 +207,10 @@ def stage_table(plan: Plan, stage: str, scores: list[Scored]) -> str:
             skipped[why] = skipped.get(why, 0) + n
     if skipped:
         note += " Checkpoints not scored: " + "; ".join(f"{n} ({why})" for why, n in skipped.items()) + "."
+    stale = sum(bool(RunDir(r.run_dir).other_run(r.run_id)) for r in plan.stage_runs(stage, "evaluate"))
+    if stale:
+        note += (f" Left out: {stale} scoring(s) made under other settings of this stage (submit the experiment "
+                 "to score them again).")
     return "\n".join(lines) + note
 
 

@@ -106,6 +106,13 @@ class RunDir:
     def read_manifest(self) -> dict[str, Any] | None:
         return _read_json(self.manifest_path)
 
+    def other_run(self, run_id: str) -> Optional[str]:
+        """The id of another run whose record this folder holds, else None (the record is this
+        run's, records no id, or is missing). A scoring's folder is its stage's, whatever its
+        settings: its manifest's id says which settings it was made with."""
+        recorded = (self.read_manifest() or {}).get("run_id")
+        return recorded if recorded not in (None, run_id) else None
+
     def start(self, cfg, trainer: str, world_size: int, device: str = "") -> dict[str, Any]:
         """Create the folder, write the resolved config and a 'running' manifest (rank 0 only);
         ``device`` names where it runs (device and process-group backend)."""

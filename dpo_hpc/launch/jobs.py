@@ -112,12 +112,11 @@ def _pid_alive(pid: int) -> bool:
 
 def run_status(plan: Plan, run: Run, entry: Optional[dict[str, Any]], slurm: dict[str, tuple[str, str]]) -> RunStatus:
     """The run's state, with the reason its run directory recorded for stopping or failing."""
-    manifest = RunDir(run.run_dir).read_manifest() or {}
-    other = manifest.get("run_id", run.run_id)  # a scoring's folder is its stage's, whatever its settings
-    if other != run.run_id:
-        manifest = {}  # another scoring's record: this one is as its ledger entry says
+    run_dir = RunDir(run.run_dir)
+    other = run_dir.other_run(run.run_id)  # another scoring's record: this one is as its ledger entry says
+    manifest = {} if other else run_dir.read_manifest() or {}
     status = _state_of(plan, run, manifest, entry, slurm)
-    if other != run.run_id and status.state == "not submitted":
+    if other and status.state == "not submitted":
         status.detail = f"scored under other settings ({other}): submitting scores it again"
     reason = manifest.get("reason")
     if reason and status.state != "done" and reason not in status.detail:

@@ -130,6 +130,8 @@ def test_a_reward_model_judges_each_runs_replies_to_its_validation_prompts(tmp_p
     path.write_text(path.read_text().replace("limit = 6", "limit = 4"))
     before = run(tmp_path, "dpo_hpc.status", path.name).stdout
     assert before.count("scored under other settings") == 3, before
+    assert run(tmp_path, "dpo_hpc.report", path.name).returncode == 0  # their old scores are not shown as these
+    assert "Left out: 3 scoring(s) made under other settings" in (root / "report/report.md").read_text()
     again = run(tmp_path, "dpo_hpc.submit", path.name, "--local")
     assert again.returncode == 0 and "3 of 3 run(s) done" in again.stdout, again.stdout + again.stderr
     assert again.stdout.count("skip: done") == 4 and again.stdout.count("not submitted submit") == 3

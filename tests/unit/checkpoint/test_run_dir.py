@@ -79,3 +79,14 @@ def test_a_started_run_records_its_provenance(tmp_path):
     assert {"git_sha", "git_dirty", "git_diff_sha256", "libraries", "environment", "container"} <= set(manifest)
     assert "torch" in manifest["libraries"] and manifest["environment"]["packages"] > 10
     assert json.loads((tmp_path / MANIFEST).read_text())["environment"] == manifest["environment"]
+
+
+def test_a_folder_holding_another_runs_record_names_it(tmp_path):
+    from dpo_hpc.checkpoint import RunDir
+
+    run = RunDir(tmp_path)
+    assert run.other_run("eval-1") is None  # nothing recorded
+    (tmp_path / MANIFEST).write_text(json.dumps({"status": "completed"}))
+    assert run.other_run("eval-1") is None  # records no id: made before ids were recorded
+    (tmp_path / MANIFEST).write_text(json.dumps({"status": "completed", "run_id": "eval-1"}))
+    assert run.other_run("eval-1") is None and run.other_run("eval-2") == "eval-1"
