@@ -150,10 +150,25 @@ def _accept_launcher_rank(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_model_card(args) -> int:
+    from .checkpoint import RunDir
     from .checkpoint.model_card import rewrite_model_card
+    from .launch.plans import open_plan
 
-    for run_dir in args.run_dir:
-        print(rewrite_model_card(run_dir))
+    for target in args.target:
+        if Path(target).is_file():  # an experiment file: each of its training runs that completed
+            plan, _ = open_plan(target)
+            trained = [r.run_dir for r in plan.runs if r.role == "train"]
+            done = [d for d in trained if (RunDir(d).read_manifest() or {}).get("status") == "completed"]
+            print(f"[model-card] {target}: {len(done)} of its {len(trained)} training run(s) completed")
+            here = os.getcwd()
+            os.chdir(plan.base)  # where its jobs ran: the relative paths in their configs are from there
+            try:
+                for run_dir in done:
+                    print(rewrite_model_card(run_dir))
+            finally:
+                os.chdir(here)
+        else:
+            print(rewrite_model_card(target))
     return 0
 
 
@@ -242,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_make_pairs)
 
     p = sub.add_parser("model-card", help="write a completed run's model card (README.md) again from its records")
-    p.add_argument("run_dir", nargs="+")
+    p.add_argument("target", nargs="+", metavar="RUN_DIR_OR_EXPERIMENT",
+                   help="a run directory, or an experiment file (each of its completed training runs)")
     p.set_defaults(func=_cmd_model_card)
     return parser
 

@@ -66,8 +66,9 @@ def test_report_tables_and_plots_of_a_finished_experiment(tmp_path, micro_model,
     card = (run / "README.md").read_text()  # the model card names the SFT run it started from
     sft_run = json.loads((run / "config.resolved.json").read_text())["policy_name"]
     assert f"| started from | `{Path(sft_run).resolve()}` (a dpo-hpc sft run), from `" in card
-    again = dpo_hpc(tmp_path, "model-card", str(run))
-    assert again.returncode == 0 and (run / "README.md").read_text() == card, again.stderr
+    again = dpo_hpc(tmp_path, "model-card", path.name)  # every completed run of the experiment, the same cards
+    assert again.returncode == 0 and "5 of its 5 training run(s) completed" in again.stdout, again.stderr
+    assert (run / "README.md").read_text() == card
     markdown = (out / "report.md").read_text()
     table = markdown.split("## dpo (dpo)")[1]
     assert "| beta | runs done |" in table and table.count("| 2/2 |") == 2 and " ± " in table  # 2 seeds each
