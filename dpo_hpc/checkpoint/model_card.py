@@ -156,8 +156,11 @@ def _use(folder: Path, model: str, cfg, merged: bool) -> list[str]:
         + list(note)
 
 
-def _metadata(cfg, algo, root: str, name: str, adapter: bool) -> dict[str, Any]:
-    """The hub's YAML header: what the model is, what it came from and what it read."""
+def _metadata(cfg, algo, chain: list[tuple[str, Optional[str]]], name: str, adapter: bool) -> dict[str, Any]:
+    """The hub's YAML header: what the model is, what it came from and what it read. ``base_model``
+    is the hub model at the root of the lineage; for an adapter, only the model it applies to (the
+    hub reads an adapter's base_model as that), so none when that is another run's model."""
+    root = chain[-1][0] if not adapter or len(chain) == 1 else None
     meta: dict[str, Any] = {"base_model": hub_name(root)} if hub_name(root) else {}
     meta.update(library_name="peft" if adapter else "transformers", model_name=name,
                 pipeline_tag=PIPELINES[algo.model], tags=["dpo-hpc", algo.command] + (["lora"] if cfg.lora else []))
@@ -224,7 +227,7 @@ def model_card(cfg, trainer: str, manifest: dict[str, Any], data_report: Optiona
     the model in ``folder``: the run directory, or (``merged``) a LoRA run's merged model."""
     algo = ALGORITHMS[trainer]
     chain = lineage(cfg.policy_name)
-    meta = _metadata(cfg, algo, chain[-1][0], name, adapter=cfg.lora is not None and not merged)
+    meta = _metadata(cfg, algo, chain, name, adapter=cfg.lora is not None and not merged)
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---",
              MARK, "", f"# {name}", "",
              f"Trained with dpo-hpc {manifest.get('package_version', __version__)}: {algo.method}.", "",

@@ -84,6 +84,11 @@ def test_the_lineage_runs_back_through_run_directories_to_the_hub_model(tmp_path
     assert lineage(dpo) == [(dpo, "dpo"), (sft, "sft"), ("Qwen/Qwen2.5-0.5B", None)]
     card = model_card(dpo_config(policy_name=dpo), "dpo", MANIFEST_DONE, None, tmp_path, "round 2")
     assert front_matter(card)["base_model"] == "Qwen/Qwen2.5-0.5B"
+    # an adapter applies to the SFT run's model, not to the hub model: the hub would read it so
+    adapter = model_card(dpo_config(policy_name=sft, lora={"r": 8}), "dpo", MANIFEST_DONE, None, tmp_path, "a")
+    assert "base_model" not in front_matter(adapter)
+    on_hub = model_card(dpo_config(lora={"r": 8}), "dpo", MANIFEST_DONE, None, tmp_path, "a")
+    assert front_matter(on_hub)["base_model"] == "meta-llama/Llama-3.2-1B"
     assert (f"| started from | `{dpo}` (a dpo-hpc dpo run), from `{sft}` (a dpo-hpc sft run), from "
             "`Qwen/Qwen2.5-0.5B` |") in card
 
