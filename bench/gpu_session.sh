@@ -94,9 +94,8 @@ best_variants() {  # best's options compiled (perf.md section 7: compile took th
 }
 profile() {  # where the headline configuration's step goes: the phase table and the costliest kernels
     record profile "${bench[@]}" --sides ours --batch 16 --precompute --steps 14 --warmup 8 "${fast[@]}" \
-        --set "dpo_training.profile_steps=[12, 13]" || return
-    "$python" -c "import json, shutil, sys; shutil.copy(json.loads(sys.argv[1])['dpo_hpc']['profile'], sys.argv[2])" \
-        "$(tail -n 1 /tmp/profile.out)" "$out/profile_best.txt"
+        --set "dpo_training.profile_steps=[12, 13]" --profile-out "$out/profile_best.txt" || return
+    [ -s "$out/profile_best.txt" ] || { echo "profile: no table written" >&2; return 1; }
 }
 max_batch() {  # at ~1,000 tokens a pair, 64 pairs' activations outgrow 80 GB without checkpointing;
     # best's options (one flat row: no padding to hold) with every block checkpointed

@@ -187,6 +187,8 @@ def run_ours(folder: Path, model: Path, data: Path, args, tag: str, precompute: 
     logged = read_scalars(run_dir / "tensorboard")
     manifest = json.loads((run_dir / "run_manifest.json").read_text())
     profiles = sorted((run_dir / "profile").glob("*.txt"))  # with --set dpo_training.profile_steps=[a, b]
+    if profiles and args.profile_out:  # the scratch folder goes when this process ends
+        profiles = [Path(shutil.copy(profiles[0], args.profile_out))]
     for weights in run_dir.glob("*.safetensors"):  # the trained model is not what is measured, and a GPU
         weights.unlink()                           # machine's disk holds few copies of a 1B model
     return {"side": "dpo-hpc", "profile": str(profiles[0]) if profiles else None,
@@ -334,6 +336,9 @@ def main() -> None:
                         help="an option of TRL's DPOConfig and dpo-hpc's dpo_training alike, e.g. ld_alpha=0.5")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="dpo-hpc config override for an ablation, e.g. dpo_training.group_by_length=true")
+    parser.add_argument("--profile-out", type=Path, metavar="FILE",
+                        help="with --set dpo_training.profile_steps=[a, b]: keep dpo-hpc's profile table here (the "
+                             "run's scratch folder is removed at exit)")
     args = parser.parse_args()
     if args.sides == "both" and not args.trl_python:
         parser.error("--trl-python is needed unless --sides ours")
