@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 
 from ..fsutil import looks_local
@@ -61,6 +62,12 @@ def disk_full(exc: BaseException, folder: str | os.PathLike) -> bool:
 def no_space(folder: str | os.PathLike, what: str) -> RunFailure:
     return RunFailure(f"no space left on the device holding {folder} while {what}: free space, lower "
                       "save_total_limit, or move save_dir (what was half-written has been removed)")
+
+
+def _name_in(text: str) -> str:
+    """The path an error message quotes (``... Permission denied: '/shared/out'``), or ""."""
+    found = re.search(r"'([^']+)'", text)
+    return found.group(1) if found else ""
 
 
 def explain(exc: BaseException) -> str:

@@ -19,6 +19,8 @@ def test_each_known_failure_is_one_line_with_what_to_do(monkeypatch):
         (RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos: basic_ios::clear: iostream error"),
          "no space left on the device"),
         (PermissionError(errno.EACCES, "Permission denied", "/shared/out"), "permission denied: /shared/out"),
+        (RuntimeError("File /x.py: [Errno 13] Permission denied: '/shared/out/ckpt'"),  # wrapped by a library
+         "permission denied: /shared/out/ckpt; choose a save_dir"),
         (KeyboardInterrupt(), "interrupted"),
         (ValueError("something else"), "ValueError: something else"),
     ]
