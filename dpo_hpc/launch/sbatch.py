@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 import shlex
 import sys
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..config import to_dict

@@ -162,7 +162,7 @@ def test_reference_pass_runs_as_its_own_job_before_the_runs_that_read_it(tmp_pat
     sft_job = out.split("stage sft: 1 run(s) as Slurm job ")[1].split()[0]
     pass_job = out.split("stage dpo: 1 reference pass(es) as Slurm job ")[1].split()[0]
     assert f"Slurm job {pass_job} (afterok:{sft_job})" in out, out
-    assert f"2 run(s) as Slurm job" in out and f"(afterok:{sft_job}:{pass_job})" in out, out
+    assert "2 run(s) as Slurm job" in out and f"(afterok:{sft_job}:{pass_job})" in out, out
     rows = status(path)
     assert [r["state"] for r in rows.values()] == ["done"] * 4
     assert [r["role"] for r in rows.values()].count("reference") == 1

@@ -15,7 +15,7 @@ from dpo_hpc.algorithms.beta.dynamic_beta import DynamicBetaController, DynamicB
 from dpo_hpc.algorithms.beta.fixed import FixedBeta
 from dpo_hpc.algorithms.logprobs import CompletionScorer
 from dpo_hpc.algorithms.losses import ORPO, LengthAveragedMargin, Sigmoid
-from dpo_hpc.algorithms.objectives import PreferenceObjective, resolve
+from dpo_hpc.algorithms.objectives import PreferenceObjective
 from dpo_hpc.config import BetaDPOSectionConfig, BetaUpdateConfig, RiskTestConfig
 from dpo_hpc.config.losses import LOSSES
 from dpo_hpc.data.tokenize import TokenizedPair

@@ -5,7 +5,6 @@ micro-batches the sampler draws."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import numpy as np

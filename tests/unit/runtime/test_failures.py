@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 
-import pytest
 import torch
 
 from dpo_hpc.runtime.failures import explain
