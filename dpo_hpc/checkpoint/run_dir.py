@@ -68,6 +68,14 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return found if isinstance(found, dict) else None
 
 
+def other_run(manifest: dict[str, Any], run_id: str) -> Optional[str]:
+    """The id of another run whose record ``manifest`` is, else None (the record is this run's,
+    records no id, or is empty). A scoring's folder is its stage's, whatever its settings: its
+    manifest's id says which settings it was made with."""
+    recorded = manifest.get("run_id")
+    return recorded if recorded not in (None, run_id) else None
+
+
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -107,11 +115,8 @@ class RunDir:
         return _read_json(self.manifest_path)
 
     def other_run(self, run_id: str) -> Optional[str]:
-        """The id of another run whose record this folder holds, else None (the record is this
-        run's, records no id, or is missing). A scoring's folder is its stage's, whatever its
-        settings: its manifest's id says which settings it was made with."""
-        recorded = (self.read_manifest() or {}).get("run_id")
-        return recorded if recorded not in (None, run_id) else None
+        """``other_run`` of this folder's manifest."""
+        return other_run(self.read_manifest() or {}, run_id)
 
     def start(self, cfg, trainer: str, world_size: int, device: str = "") -> dict[str, Any]:
         """Create the folder, write the resolved config and a 'running' manifest (rank 0 only);

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..checkpoint import RunDir, published_checkpoints
+from ..checkpoint.run_dir import other_run
 from ..experiment import Plan, Run
 from .layout import job_log
 from .requeue import read_requeues
@@ -112,9 +113,10 @@ def _pid_alive(pid: int) -> bool:
 
 def run_status(plan: Plan, run: Run, entry: Optional[dict[str, Any]], slurm: dict[str, tuple[str, str]]) -> RunStatus:
     """The run's state, with the reason its run directory recorded for stopping or failing."""
-    run_dir = RunDir(run.run_dir)
-    other = run_dir.other_run(run.run_id)  # another scoring's record: this one is as its ledger entry says
-    manifest = {} if other else run_dir.read_manifest() or {}
+    manifest = RunDir(run.run_dir).read_manifest() or {}
+    other = other_run(manifest, run.run_id)
+    if other:
+        manifest = {}  # another scoring's record: this one is as its ledger entry says
     status = _state_of(plan, run, manifest, entry, slurm)
     if other and status.state == "not submitted":
         status.detail = f"scored under other settings ({other}): submitting scores it again"
